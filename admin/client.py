@@ -1,0 +1,338 @@
+"""A small blocking MSMP client, shared by the admin shell, the tests and the Locust load tests.
+
+It uses the plain `socket` module, looked up at call time, so it works both in a normal
+process and in one that gevent has monkey-patched (Locust does that): the same code then
+blocks only its own greenlet.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 4321
+
+# Commands whose +OK response carries a dot-terminated body (both forms of LIST).
+MULTILINE_COMMANDS = frozenset({"LIST", "STAT", "LOGS", "HELP", "CAPA"})
+
+# The protocol caps a response line at 512 octets; allow slack, but never buffer without bound.
+_MAX_LINE = 64 * 1024
+
+
+class MsmpError(Exception):
+    """The server answered -ERR; `text` is what followed it."""
+
+    def __init__(self, text: str, command: str = "") -> None:
+        super().__init__(text)
+        self.text = text
+        self.command = command
+
+
+class MsmpAuthError(MsmpError):
+    """USER/PASS was refused (the server does not say which of the two was wrong)."""
+
+
+class MsmpConnectionError(ConnectionError):
+    """Network trouble: refused, reset, closed by the server, unresolvable host."""
+
+
+class MsmpTimeout(MsmpConnectionError, TimeoutError):
+    """The server did not answer within the client's timeout."""
+
+
+class MsmpProtocolError(MsmpConnectionError):
+    """The peer does not speak MSMP (bad greeting, garbage, endless line); the connection is dropped."""
+
+
+@dataclass
+class Response:
+    """One MSMP response: status, the text after +OK/-ERR, and the un-dot-stuffed body lines."""
+
+    ok: bool
+    text: str
+    lines: list[str] = field(default_factory=list)
+
+
+def is_multiline(command_line: str) -> bool:
+    """Whether a +OK answer to this command line is followed by a body ending in `.`."""
+    words = command_line.split(None, 1)
+    return bool(words) and words[0].upper() in MULTILINE_COMMANDS
+
+
+def parse_stat(lines: list[str]) -> dict[str, str]:
+    """`Name: value` lines to a dict, in server order; lines without a colon are skipped."""
+    result: dict[str, str] = {}
+    for line in lines:
+        name, sep, value = line.partition(":")
+        if sep:
+            result[name.strip()] = value.strip()
+    return result
+
+
+def parse_user_line(line: str) -> dict[str, str]:
+    """One `LIST <user>` line, e.g. `alice 3 logs 2 messages 1024 octets logged-in=yes`, to a dict.
+
+    The protocol fixes only `<user> <n> logs`; further fields are read as `<number> <word>`
+    pairs, `key=value` or `key: value` tokens, and bare words (kept as "yes").
+    """
+    tokens = line.split()
+    if not tokens:
+        return {}
+    info = {"name": tokens[0]}
+    i = 1
+    while i < len(tokens):
+        token = tokens[i]
+        if "=" in token:
+            key, _, value = token.partition("=")
+            info[key] = value
+        elif token.endswith(":") and i + 1 < len(tokens):
+            info[token[:-1]] = tokens[i + 1]
+            i += 1
+        elif _is_number(token) and i + 1 < len(tokens) and not _is_number(tokens[i + 1]):
+            info[tokens[i + 1].rstrip(",")] = token
+            i += 1
+        else:
+            info[token.rstrip(",")] = "yes"
+        i += 1
+    return info
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class MsmpClient:
+    """One MSMP connection. Use as a context manager, or call connect() and close() yourself.
+
+    command() returns a Response whatever the status; the typed helpers raise MsmpError on
+    -ERR. Network trouble raises MsmpConnectionError (a ConnectionError). A command cut short
+    (e.g. by Ctrl-C) leaves the stream out of step, so the client then refuses to go on.
+    """
+
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float | None = 10.0) -> None:
+        # Accept "[::1]" as people write IPv6 addresses in URLs.
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        self.host = host
+        self.port = port
+        self.timeout = timeout
+        self.greeting = ""
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+        self._in_step = True
+
+    # -- connection ---------------------------------------------------------------------
+
+    def connect(self) -> str:
+        """Open the connection and read the greeting; returns the greeting text."""
+        if self._sock is not None:
+            return self.greeting
+        try:
+            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        except TimeoutError as exc:
+            raise MsmpTimeout(f"timed out connecting to {self.where}") from exc
+        except OSError as exc:
+            raise MsmpConnectionError(f"cannot connect to {self.where}: {_reason(exc)}") from exc
+        self._buffer = b""
+        self._in_step = True
+        line = self._read_line()
+        if not line.startswith("+OK"):
+            self.close()
+            if line.startswith("-ERR"):
+                raise MsmpConnectionError(f"server refused the connection: {line[4:].strip() or line}")
+            raise MsmpProtocolError(f"not an MSMP server at {self.where}: {line[:80]!r}")
+        self.greeting = line[3:].strip()
+        return self.greeting
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    @property
+    def usable(self) -> bool:
+        """Connected, and no command was cut short: the next command() can go ahead."""
+        return self._sock is not None and self._in_step
+
+    def close(self) -> None:
+        """Drop the connection without a QUIT; safe to call twice."""
+        sock, self._sock = self._sock, None
+        self._buffer = b""
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def __enter__(self) -> Self:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            if self._sock is not None and self._in_step:
+                self.quit()
+        except (MsmpError, OSError):
+            pass
+        finally:
+            self.close()
+
+    # -- commands -----------------------------------------------------------------------
+
+    def command(self, line: str) -> Response:
+        """Send one command line and read its whole response."""
+        return self.pipeline([line])[0]
+
+    def pipeline(self, lines: list[str]) -> list[Response]:
+        """Send several commands in one write, then read their responses in order."""
+        for line in lines:
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise ValueError("a command must be a single line")
+        sock = self._require()
+        if not self._in_step:
+            self.close()
+            raise MsmpConnectionError("connection out of step after an interrupted command; reconnect")
+        self._in_step = False
+        data = b"".join(line.encode("utf-8") + b"\r\n" for line in lines)
+        try:
+            sock.sendall(data)
+        except TimeoutError as exc:
+            self.close()
+            raise MsmpTimeout(f"timed out sending to {self.where}") from exc
+        except OSError as exc:
+            self.close()
+            raise MsmpConnectionError(f"connection to {self.where} lost: {_reason(exc)}") from exc
+        responses = [self._read_response(line) for line in lines]
+        self._in_step = True
+        return responses
+
+    def _read_response(self, command_line: str) -> Response:
+        status = self._read_line()
+        if status.startswith("+OK"):
+            ok, text = True, status[3:]
+        elif status.startswith("-ERR"):
+            ok, text = False, status[4:]
+        else:
+            self.close()
+            raise MsmpProtocolError(f"unexpected response from {self.where}: {status[:80]!r}")
+        response = Response(ok, text.strip())
+        if ok and is_multiline(command_line):
+            while True:
+                line = self._read_line()
+                if line == ".":
+                    break
+                response.lines.append(line.removeprefix("."))
+        return response
+
+    def login(self, user: str, password: str) -> None:
+        """USER then PASS; raises MsmpAuthError when refused."""
+        if not user or not password or any(c.isspace() for c in user + password):
+            raise MsmpAuthError("Invalid credentials", "PASS")
+        self.connect()
+        for line in (f"USER {user}", f"PASS {password}"):
+            response = self.command(line)
+            if not response.ok:
+                raise MsmpAuthError(response.text or "Invalid credentials", line.split()[0])
+
+    def _checked(self, line: str) -> Response:
+        response = self.command(line)
+        if not response.ok:
+            raise MsmpError(response.text, line.split()[0].upper())
+        return response
+
+    # -- typed helpers (raise MsmpError on -ERR) ------------------------------------------
+
+    def stat(self) -> dict[str, str]:
+        return parse_stat(self._checked("STAT").lines)
+
+    def list_users(self) -> list[str]:
+        return [line.strip() for line in self._checked("LIST").lines if line.strip()]
+
+    def user_info(self, name: str) -> dict[str, str]:
+        """`LIST <name>` parsed (see parse_user_line); the raw line is under "line"."""
+        lines = self._checked(f"LIST {name}").lines
+        if not lines:
+            return {"name": name, "line": ""}
+        info = parse_user_line(lines[0])
+        info["line"] = lines[0]
+        return info
+
+    def logs(self, user: str, n: int | None = None) -> list[str]:
+        line = f"LOGS {user}" if n is None else f"LOGS {user} {int(n)}"
+        return self._checked(line).lines
+
+    def get(self, key: str) -> str:
+        return self._checked(f"GET {key}").text
+
+    def set(self, key: str, value: str) -> str:
+        return self._checked(f"SET {key} {value}").text
+
+    def add_user(self, name: str, password: str) -> str:
+        return self._checked(f"ADD {name} {password}").text
+
+    def delete_user(self, name: str) -> str:
+        return self._checked(f"DELE {name}").text
+
+    def help(self) -> list[str]:
+        return self._checked("HELP").lines
+
+    def capa(self) -> list[str]:
+        return self._checked("CAPA").lines
+
+    def quit(self) -> str:
+        """QUIT, then close; returns the server's farewell text (empty if it was already gone)."""
+        if self._sock is None:
+            return ""
+        try:
+            return self._checked("QUIT").text
+        except MsmpConnectionError:
+            return ""
+        finally:
+            self.close()
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _require(self) -> socket.socket:
+        if self._sock is None:
+            raise MsmpConnectionError(f"not connected to {self.where}")
+        return self._sock
+
+    def _read_line(self) -> str:
+        sock = self._require()
+        while True:
+            end = self._buffer.find(b"\n")
+            if end >= 0:
+                raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+                return raw.rstrip(b"\r").decode("utf-8", "replace")
+            if len(self._buffer) > _MAX_LINE:
+                self.close()
+                raise MsmpProtocolError(f"response line from {self.where} too long")
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError as exc:
+                self.close()
+                raise MsmpTimeout(f"no answer from {self.where} within {self.timeout:g} s") from exc
+            except OSError as exc:
+                self.close()
+                raise MsmpConnectionError(f"connection to {self.where} lost: {_reason(exc)}") from exc
+            if not chunk:
+                self.close()
+                raise MsmpConnectionError(f"connection closed by {self.where}")
+            self._buffer += chunk
+
+    @property
+    def where(self) -> str:
+        """host:port as people write it ([::1]:4321 for IPv6), for messages."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _reason(exc: OSError) -> str:
+    return exc.strerror or str(exc) or type(exc).__name__

@@ -1,0 +1,146 @@
+"""Wires the server together: state, users, listeners, signals and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import socket
+import sys
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.server import StreamServer
+
+from geventpop3 import maildir
+from geventpop3.cli import Config
+from geventpop3.context import ServerContext
+from geventpop3.pop3.session import make_handler
+from geventpop3.users import UserDirectory, UserError, hash_password
+
+log = logging.getLogger("geventpop3")
+
+LISTEN_BACKLOG = 4096
+SHUTDOWN_GRACE = 5.0
+DEMO_USER = ("demo", "demo")
+DEMO_MESSAGE = (
+    b"From: geventpop3 <postmaster@localhost>\n"
+    b"To: demo@localhost\n"
+    b"Subject: Welcome to geventpop3\n"
+    b"\n"
+    b"This message was delivered into ./mail/demo/new by geventpop3 --demo.\n"
+    b"Fetch it with any POP3 client, then deliver your own with a rename into new/.\n"
+)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s geventpop3[%(process)d] %(levelname)s %(message)s",
+    )
+
+
+def raise_file_limit() -> None:
+    """Each session is a descriptor: use all the descriptors the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def make_listeners(addresses: list[str] | None, port: int) -> list[socket.socket]:
+    """Listening sockets: one dual-stack socket by default, else one per address.
+
+    A host name binds every address it resolves to. With port 0 every listener
+    shares the port the first one got.
+    """
+    if not addresses:
+        if socket.has_dualstack_ipv6():
+            return [socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
+                                         backlog=LISTEN_BACKLOG)]
+        return [socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)]
+    endpoints: list[tuple[int, str]] = []
+    for host in addresses:
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        except socket.gaierror as exc:
+            raise OSError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+        for family, _, _, _, sockaddr in infos:
+            if (family, sockaddr[0]) not in endpoints:
+                endpoints.append((family, sockaddr[0]))
+    listeners = []
+    for family, host in endpoints:
+        listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
+        listeners.append(listener)
+        port = port or listener.getsockname()[1]
+    return listeners
+
+
+class App:
+    """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = Event()
+        self.servers: list[StreamServer] = []
+        self.sessions = Pool()
+        self.ctx: ServerContext | None = None
+
+    def run(self) -> int:
+        config = self.config
+        settings = config.settings
+        configure_logging(settings.log_level)
+        settings.subscribe(self._on_setting)
+        raise_file_limit()
+        users = list(config.users)
+        if config.demo:
+            users.append(DEMO_USER)
+        try:
+            directory = UserDirectory()
+            directory.add_configured(users)
+        except UserError as exc:
+            print(f"geventpop3: {exc}", file=sys.stderr)
+            return 2
+        ctx = ServerContext(settings=settings, users=directory)
+        ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
+        self.ctx = ctx
+        if config.demo:
+            demo_dir = maildir.user_maildir(settings.maildir, DEMO_USER[0])
+            maildir.ensure_maildir(demo_dir)
+            if not maildir.snapshot(demo_dir):
+                maildir.deliver(demo_dir, DEMO_MESSAGE)
+        try:
+            for listener in make_listeners(config.pop3_addresses, config.pop3_port):
+                server = StreamServer(listener, make_handler(ctx), spawn=self.sessions)
+                server.start()
+                self.servers.append(server)
+                log.info("pop3 listening on %s port %d", *listener.getsockname()[:2])
+        except OSError as exc:
+            print(f"geventpop3: cannot listen for POP3: {exc.strerror or exc}", file=sys.stderr)
+            self._close_servers()
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self.stopping.set)
+        log.info("geventpop3 ready: maildir=%s users=%d", settings.maildir, len(directory))
+        self.stopping.wait()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        """Stop accepting, end open sessions (no UPDATE without QUIT), flush state."""
+        log.info("shutting down: %d open sessions", len(self.sessions))
+        self._close_servers()
+        self.sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
+        log.info("stopped")
+
+    def _close_servers(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    def _on_setting(self, key: str, old: object, new: object) -> None:
+        if key == "log_level":
+            logging.getLogger().setLevel(str(new))

@@ -1,0 +1,26 @@
+"""What every session of either protocol shares: one instance per server process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from geventpop3.metrics import AccessLog, Metrics
+from geventpop3.settings import Settings
+from geventpop3.users import UserDirectory
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    users: UserDirectory
+    metrics: Metrics = field(default_factory=Metrics)
+    access_log: AccessLog = field(default_factory=AccessLog)
+    # The persistent store (geventpop3.store.Store) when state is kept; None in unit tests.
+    store: Any = None
+    # Filters for retrieved mail (geventpop3.transform), None until configured.
+    transformers: Any = None
+    # POP3 users with an open session in this process -> number of sessions.
+    logged_in: dict[str, int] = field(default_factory=dict)
+    # MSMP administrators: name -> scrypt hash. Separate from POP3 users.
+    admins: dict[str, str] = field(default_factory=dict)

@@ -1,0 +1,334 @@
+"""Maildir access: snapshot with cached CRLF sizes, the mailbox lock, streaming, UPDATE.
+
+Sizes: RFC 1939 wants the octets RETR really sends (CRLF line ends, no dot-stuffing).
+Files may use bare LF, so the size is computed once by reading the message and kept
+in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size; a later
+login only stats the files (Dovecot keeps the same fact in its index).
+
+Lock: `flock()` on `geventpop3.lock` in the user's Maildir. The kernel drops it when
+the descriptor closes, however the process ends, so it is never stale after a crash,
+and it works across processes sharing the Maildir root.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import gevent
+
+from geventpop3.users import valid_username
+
+CHUNK_SIZE = 64 * 1024
+SIZE_CACHE = "geventpop3.sizes"
+LOCK_FILE = "geventpop3.lock"
+# Past this many files, stat and size work moves to the thread pool so a big
+# mailbox does not stall the other sessions.
+THREADPOOL_THRESHOLD = 256
+
+
+class MaildirError(Exception):
+    """The mailbox cannot be opened (missing root, permissions...)."""
+
+
+@dataclass(slots=True)
+class Message:
+    """One message of a session's snapshot."""
+
+    uid: str  # the Maildir base name before ':' (what Dovecot's %f gives)
+    path: str  # the file RETR/TOP stream: the original, or a filter's output
+    size: int  # octets RETR sends: CRLF line ends, no dot-stuffing
+    source: str  # the file in the Maildir, what UPDATE deletes
+    error: str | None = None  # set when the message cannot be sent (a failed filter)
+
+
+def user_maildir(root: str, user: str) -> str:
+    """The user's Maildir under `root`; refuses any name that could leave it."""
+    if not valid_username(user):
+        raise MaildirError("unsafe user name")
+    root = os.path.abspath(root)
+    path = os.path.join(root, user)
+    if os.path.dirname(path) != root:
+        raise MaildirError("unsafe user name")
+    return path
+
+
+def ensure_maildir(path: str) -> None:
+    """Create `cur`, `new` and `tmp` (mode 0700) if they are missing."""
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+
+
+class MailboxLock:
+    """An exclusive, cross-process lock on one Maildir, never stale after a crash."""
+
+    __slots__ = ("_fd", "path")
+
+    def __init__(self, maildir: str) -> None:
+        self.path = os.path.join(maildir, LOCK_FILE)
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        """True if we now hold the lock; False at once if someone else does."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                return False
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+def mailbox_in_use(maildir: str) -> bool:
+    """True if some session (in any process) holds the mailbox lock."""
+    if not os.path.isdir(maildir):
+        return False
+    lock = MailboxLock(maildir)
+    try:
+        if lock.acquire():
+            lock.release()
+            return False
+    except OSError:
+        return False
+    return True
+
+
+# -- snapshot ----------------------------------------------------------------
+
+def _load_size_cache(maildir: str) -> dict[str, tuple[int, int]]:
+    cache: dict[str, tuple[int, int]] = {}
+    try:
+        with open(os.path.join(maildir, SIZE_CACHE), encoding="utf-8", errors="replace") as handle:
+            for line in handle:
+                parts = line.split()
+                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+                    cache[parts[0]] = (int(parts[1]), int(parts[2]))
+    except OSError:
+        pass
+    return cache
+
+
+def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
+    """Write to a temporary name and rename, so a crash never leaves half a file."""
+    final = os.path.join(maildir, SIZE_CACHE)
+    temp = f"{final}.{os.getpid()}.tmp"
+    try:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.writelines(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items())
+        os.replace(temp, final)
+    except OSError:
+        try:
+            os.unlink(temp)
+        except OSError:
+            pass
+
+
+def _list_files(maildir: str) -> list[tuple[str, str]]:
+    """(uid, path) of every message in new/ and cur/, sorted by uid (delivery order)."""
+    found: dict[str, str] = {}
+    for sub in ("new", "cur"):
+        try:
+            entries = os.scandir(os.path.join(maildir, sub))
+        except FileNotFoundError:
+            continue
+        with entries:
+            for entry in entries:
+                name = entry.name
+                if name.startswith("."):
+                    continue
+                uid = name.split(":", 1)[0]
+                if uid and uid not in found and " " not in uid and len(uid) <= 70:
+                    found[uid] = entry.path
+    return sorted(found.items())
+
+
+def _build_snapshot(maildir: str, files: list[tuple[str, str]]) -> list[Message]:
+    cache = _load_size_cache(maildir)
+    fresh: dict[str, tuple[int, int]] = {}
+    messages = []
+    for uid, path in files:
+        try:
+            raw = os.stat(path).st_size
+            cached = cache.get(uid)
+            if cached is not None and cached[0] == raw:
+                size = cached[1]
+            else:
+                size = crlf_size(path)
+        except OSError:
+            continue  # vanished between listing and stat: not part of the snapshot
+        fresh[uid] = (raw, size)
+        messages.append(Message(uid, path, size, path))
+    if fresh != cache:
+        _save_size_cache(maildir, fresh)
+    return messages
+
+
+def snapshot(maildir: str) -> list[Message]:
+    """The mailbox as a session sees it for its whole life."""
+    files = _list_files(maildir)
+    if len(files) > THREADPOOL_THRESHOLD:
+        return gevent.get_hub().threadpool.apply(_build_snapshot, (maildir, files))
+    return _build_snapshot(maildir, files)
+
+
+# -- content -----------------------------------------------------------------
+
+def _crlf_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The file with every line ending CRLF and a final CRLF if it lacked one.
+
+    A CR at the end of a chunk is held back, so a CRLF split across two reads is
+    recognised; a lone LF becomes CRLF; a lone CR is left alone.
+    """
+    held_cr = False
+    last = b"\n"
+    while True:
+        chunk = handle.read(chunk_size)
+        if not chunk:
+            break
+        if held_cr:
+            chunk = b"\r" + chunk
+        held_cr = chunk.endswith(b"\r")
+        if held_cr:
+            chunk = chunk[:-1]
+            if not chunk:
+                continue
+        data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        last = data[-1:]
+        yield data
+    if held_cr:
+        yield b"\r\r\n"  # a trailing lone CR, then the final line end
+    elif last != b"\n":
+        yield b"\r\n"
+
+
+def crlf_size(path: str) -> int:
+    """Octets RETR sends for this file (CRLF line ends, before dot-stuffing)."""
+    with open(path, "rb") as handle:
+        return sum(len(chunk) for chunk in _crlf_chunks(handle))
+
+
+def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
+    """The headers, the blank line, then at most `body_lines` lines of the body."""
+    in_header = True
+    at_line_start = True
+    for data in chunks:
+        start = 0
+        if in_header:
+            if at_line_start and data.startswith(b"\r\n"):
+                start = 2
+            else:
+                found = data.find(b"\r\n\r\n")
+                if found < 0:
+                    at_line_start = data.endswith(b"\n")
+                    yield data
+                    continue
+                start = found + 4
+            in_header = False
+        end = start
+        while body_lines > 0:
+            found = data.find(b"\n", end)
+            if found < 0:
+                break
+            end = found + 1
+            body_lines -= 1
+        if body_lines > 0:
+            at_line_start = data.endswith(b"\n")
+            yield data
+            continue
+        yield data[:end]
+        return
+
+
+def message_chunks(handle: BinaryIO, body_lines: int | None = None) -> Iterator[bytes]:
+    """RETR (body_lines None) or TOP content: CRLF, dot-stuffed, ending in CRLF.
+
+    The terminating `.` line is the caller's. Memory is one chunk whatever the size.
+    """
+    chunks = _crlf_chunks(handle)
+    if body_lines is not None:
+        chunks = _top_chunks(chunks, body_lines)
+    at_line_start = True
+    ends_with_newline = True
+    for data in chunks:
+        if not data:
+            continue
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
+        if at_line_start and data[:1] == b".":
+            data = b"." + data
+        at_line_start = ends_with_newline = data.endswith(b"\n")
+        yield data
+    if not ends_with_newline:
+        yield b"\r\n"  # TOP may stop inside a line only if the file itself does
+
+
+# -- UPDATE ------------------------------------------------------------------
+
+def delete_messages(maildir: str, messages: list[Message]) -> list[Message]:
+    """Remove the files of `messages`; returns those that could not be removed.
+
+    A file that another program renamed (flags changed) is looked up by its UIDL;
+    one that is already gone counts as deleted.
+    """
+    failed = []
+    for message in messages:
+        try:
+            os.unlink(message.source)
+        except FileNotFoundError:
+            moved = _find_by_uid(maildir, message.uid)
+            if moved is not None:
+                try:
+                    os.unlink(moved)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    failed.append(message)
+        except OSError:
+            failed.append(message)
+    return failed
+
+
+def _find_by_uid(maildir: str, uid: str) -> str | None:
+    for sub in ("cur", "new"):
+        directory = os.path.join(maildir, sub)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name == uid or name.startswith(uid + ":"):
+                return os.path.join(directory, name)
+    return None
+
+
+def deliver(maildir: str, content: bytes) -> str:
+    """Deliver one message the Maildir way: write into tmp/, then rename into new/."""
+    ensure_maildir(maildir)
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    name = f"{int(time.time())}.M{time.time_ns() // 1000 % 1_000_000}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
+    temp = os.path.join(maildir, "tmp", name)
+    with open(temp, "wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    final = os.path.join(maildir, "new", name)
+    os.rename(temp, final)
+    return final

@@ -1,0 +1,187 @@
+"""The MSMP backend of the real server: what ADD, DELE, LIST, SET, GET, STAT and LOGS do.
+
+It owns no state of its own: every fact lives in the `ServerContext` (settings, users,
+metrics, access log, store), so what an admin changes is what the POP3 sessions see.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import gevent
+
+from geventpop3.context import ServerContext
+from geventpop3.maildir import ensure_maildir, mailbox_in_use, user_maildir
+from geventpop3.metrics import AccessEntry
+from geventpop3.store import StoreError
+from geventpop3.users import DEFAULT_COST, UserError, hash_password, valid_password, valid_username, verify_password
+
+log = logging.getLogger("geventpop3.management")
+
+DELETED_DIR = ".deleted"  # under the Maildir root: where DELE moves mail aside
+
+
+def _cost_of(encoded: str) -> tuple[int, int, int] | None:
+    """The scrypt (n, r, p) of an encoded hash, or None if it does not parse."""
+    try:
+        params = encoded.split("$")[2]
+        fields = dict(item.split("=") for item in params.split(","))
+        return int(fields["n"]), int(fields["r"]), int(fields["p"])
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
+class ManagementBackend:
+    """Implements geventpop3.msmp.protocol.Backend over a ServerContext."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        # An unknown admin is checked against this, at the cost of the real ones,
+        # so a wrong name and a wrong password take the same time.
+        cost = next(filter(None, map(_cost_of, ctx.admins.values())), None) or DEFAULT_COST
+        self._dummy_hash = hash_password(os.urandom(8).hex(), cost=cost)
+
+    # -- admins ---------------------------------------------------------------
+    def check_admin(self, name: str, password: str) -> bool:
+        encoded = self.ctx.admins.get(name)
+        ok = gevent.get_hub().threadpool.apply(verify_password, (password, encoded or self._dummy_hash))
+        return bool(ok) and encoded is not None
+
+    # -- users ----------------------------------------------------------------
+    def _root(self) -> str | None:
+        return self.ctx.settings.maildir
+
+    def add_user(self, name: str, password: str) -> bool:
+        if not valid_username(name):
+            raise UserError("Unsafe username")
+        if not valid_password(password):
+            raise UserError("Invalid password")
+        users = self.ctx.users
+        if name not in users and len(users) >= self.ctx.settings.user_limit:
+            raise UserError("User limit reached")
+        root = self._root()
+        if root is not None:
+            # Maildir first: an account is never left without a place for its mail.
+            path = user_maildir(root, name)
+            try:
+                if not os.path.isdir(path):
+                    os.mkdir(path, mode=0o700)  # not makedirs: a vanished root is an error
+                ensure_maildir(path)
+            except OSError as exc:
+                log.error("cannot create Maildir %s: %s", path, exc)
+                raise UserError("Cannot create Maildir") from None
+        created = users.set_password(name, password)
+        log.info("MSMP: %s user %s", "added" if created else "changed password of", name)
+        return created
+
+    def delete_user(self, name: str) -> None:
+        if name not in self.ctx.users:
+            raise UserError("User does not exist")
+        root = self._root()
+        path = user_maildir(root, name) if root is not None else None
+        if self.ctx.logged_in.get(name) or (path is not None and mailbox_in_use(path)):
+            raise UserError("User is currently logged in")
+        if path is not None and os.path.isdir(path):
+            self._move_aside(root, path, name)
+        self.ctx.users.delete(name)
+        log.info("MSMP: deleted user %s", name)
+
+    @staticmethod
+    def _move_aside(root: str, path: str, name: str) -> str:
+        """Rename the Maildir to `<root>/.deleted/<user>.<YYYYmmddHHMMSS>[-k]`."""
+        attic = os.path.join(root, DELETED_DIR)
+        stamp = time.strftime("%Y%m%d%H%M%S")
+        try:
+            os.makedirs(attic, mode=0o700, exist_ok=True)
+            for k in range(1000):
+                target = os.path.join(attic, f"{name}.{stamp}" + (f"-{k}" if k else ""))
+                if not os.path.exists(target):
+                    os.rename(path, target)
+                    log.info("MSMP: moved Maildir of %s to %s", name, target)
+                    return target
+        except OSError as exc:
+            log.error("cannot move Maildir %s aside: %s", path, exc)
+        raise UserError("Cannot move Maildir aside; user kept")
+
+    def list_users(self) -> list[str]:
+        return self.ctx.users.names()
+
+    def user_info(self, name: str) -> str:
+        if name not in self.ctx.users:
+            raise UserError("User does not exist")
+        entries = self._log_count(name)
+        messages, octets = self._mailbox_size(name)
+        logged_in = "yes" if self.ctx.logged_in.get(name) else "no"
+        return f"{name} {entries} logs messages={messages} octets={octets} logged-in={logged_in}"
+
+    def _mailbox_size(self, name: str) -> tuple[int, int]:
+        """Files and octets in new/ and cur/: a directory scan, no reading."""
+        root = self._root()
+        if root is None:
+            return 0, 0
+        path = user_maildir(root, name)
+        count = size = 0
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(os.path.join(path, sub)) as entries:
+                    for entry in entries:
+                        if entry.name.startswith("."):
+                            continue
+                        try:
+                            if entry.is_file():
+                                size += entry.stat().st_size
+                                count += 1
+                        except OSError:
+                            continue  # fetched or deleted meanwhile
+            except OSError:
+                continue
+        return count, size
+
+    # -- access log -----------------------------------------------------------
+    def _unsaved(self, name: str) -> list[AccessEntry]:
+        """Entries recorded but not yet in the store (all of them without a store)."""
+        persister = getattr(self.ctx, "persister", None)
+        if persister is not None:
+            return persister.unsaved(name)
+        return [entry for entry in self.ctx.access_log.pending if entry.user == name]
+
+    def _log_count(self, name: str) -> int:
+        persister = getattr(self.ctx, "persister", None)
+        if persister is not None:
+            persister.flush()
+        stored = 0
+        if self.ctx.store is not None:
+            try:
+                stored = self.ctx.store.access_count(name)
+            except StoreError as exc:
+                log.warning("cannot count access-log entries of %s: %s", name, exc)
+        return stored + len(self._unsaved(name))
+
+    def logs(self, user: str, n: int) -> list[str]:
+        persister = getattr(self.ctx, "persister", None)
+        if persister is not None:
+            entries = persister.logs(user, n)  # flushes first; falls back to memory
+        else:
+            entries = []
+            if self.ctx.store is not None:
+                try:
+                    entries.extend(self.ctx.store.query_access(user, n))
+                except StoreError as exc:
+                    log.warning("cannot read access-log entries of %s: %s", user, exc)
+            entries.extend(self._unsaved(user))
+        if not entries and user not in self.ctx.users:
+            raise UserError("Invalid user")
+        return [entry.line() for entry in entries[-n:]]
+
+    # -- settings and statistics ----------------------------------------------
+    def set_setting(self, key: str, value: str) -> None:
+        self.ctx.settings.set(key, value, source="msmp")
+
+    def get_setting(self, key: str) -> str:
+        return self.ctx.settings.get(key)
+
+    def stat_lines(self) -> list[str]:
+        return self.ctx.metrics.stat_lines()
+

@@ -1,0 +1,309 @@
+"""MSMP (the management protocol) as a pure state machine: bytes in, bytes out, no I/O.
+
+The session module feeds received bytes and writes what comes back; everything a
+client can say, right or wrong, is decided here, so it is tested without sockets.
+The work itself (users, settings, counters, logs) is done by a `Backend`, which the
+server implements over its `ServerContext` (geventpop3.management) and the tests
+implement in memory. See docs/msmp.md for the protocol as implemented.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+from geventpop3 import IMPLEMENTATION
+from geventpop3.lines import LINE_TOO_LONG, MAX_RESPONSE_LINE, LineBuffer, dot_stuff_lines, response_line
+from geventpop3.settings import KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, SettingError
+from geventpop3.users import UserError, valid_username
+
+log = logging.getLogger("geventpop3.msmp")
+
+# msmp.md: "after 3 failures on one connection it closes the connection". A fixed
+# number, not the POP3 `max_login_failures` setting, so the admin port behaves as
+# documented whatever the POP3 side is tuned to.
+MAX_LOGIN_FAILURES = 3
+DEFAULT_LOGS = 100  # LOGS without n
+MAX_LOGS = 10_000  # LOGS n is clamped to this
+
+# Data lines are cut so that, even dot-stuffed, they fit the 512-octet response limit.
+_MAX_DATA_OCTETS = MAX_RESPONSE_LINE - 3
+
+
+class Backend(Protocol):
+    """What the protocol asks of the server. UserError/SettingError carry the -ERR text."""
+
+    def check_admin(self, name: str, password: str) -> bool:
+        """True for a known admin with this password; same cost for an unknown name."""
+
+    def add_user(self, name: str, password: str) -> bool:
+        """Create the user (and Maildir) or update its password; True when created."""
+
+    def delete_user(self, name: str) -> None:
+        """Remove the account, moving its mail aside (never destroying it)."""
+
+    def list_users(self) -> list[str]: ...
+
+    def user_info(self, name: str) -> str:
+        """The LIST <user> line: `<user> <n> logs ...`; UserError if unknown."""
+
+    def set_setting(self, key: str, value: str) -> None: ...
+
+    def get_setting(self, key: str) -> str: ...
+
+    def stat_lines(self) -> list[str]: ...
+
+    def logs(self, user: str, n: int) -> list[str]:
+        """The user's last n access-log lines, oldest first; UserError('Invalid user')."""
+
+
+HELP_LINES = (
+    "USER <name>            start logging in",
+    "PASS <password>        finish logging in",
+    "ADD <user> <password>  create a POP3 user, or change its password",
+    "DELE <user>            delete a POP3 user (its mail is kept aside)",
+    "LIST                   list POP3 users",
+    "LIST <user>            one user: access-log entries, messages, octets, logged in",
+    "SET <key> <value>      change a setting at once",
+    "GET <key>              read a setting",
+    "STAT                   server statistics",
+    "LOGS <user> [<n>]      a user's last n access-log entries (default 100)",
+    "HELP                   this list",
+    "CAPA                   capabilities",
+    "QUIT                   end the session",
+)
+
+# Commands allowed before login (msmp.md, Session 3) besides USER and PASS.
+_OPEN_COMMANDS = frozenset({"QUIT", "HELP", "CAPA"})
+
+# Fixed arity of each command after login: (least, most) arguments.
+_ARITY = {
+    "USER": (1, 1),
+    "PASS": (1, 1),
+    "ADD": (2, 2),
+    "DELE": (1, 1),
+    "LIST": (0, 1),
+    "SET": (2, 2),
+    "GET": (1, 1),
+    "STAT": (0, 0),
+    "LOGS": (1, 2),
+    "HELP": (0, 0),
+    "CAPA": (0, 0),
+    "QUIT": (0, 0),
+}
+
+
+def _ok(text: str = "") -> bytes:
+    return response_line(f"+OK {text}" if text else "+OK")
+
+
+def _err(text: str) -> bytes:
+    return response_line(f"-ERR {text}")
+
+
+def _clip(line: str) -> str:
+    """One data line made safe to send: no line breaks, short enough once stuffed."""
+    if "\r" in line or "\n" in line:
+        line = line.replace("\r", " ").replace("\n", " ")
+    data = line.encode("utf-8", "replace")
+    if len(data) > _MAX_DATA_OCTETS:
+        line = data[:_MAX_DATA_OCTETS].decode("utf-8", "ignore")
+    return line
+
+
+def _multi(lines: list[str]) -> bytes:
+    return _ok() + dot_stuff_lines(_clip(line) for line in lines)
+
+
+def _printable_token(text: str) -> bool:
+    return text.isprintable() and not any(ch.isspace() for ch in text)
+
+
+class MsmpProtocol:
+    """One MSMP connection's state. Not thread-safe; one per connection.
+
+    Use: send `greeting()`; for each received chunk, for each item of `feed(data)`,
+    send `handle_line(item)`. After a failed PASS `failed_login_pending` is True: wait
+    the failure delay before sending that answer. Once `closing` is True, send what
+    is due and close. `receive(data)` does it all without the delay (for tests).
+    """
+
+    def __init__(self, backend: Backend, max_login_failures: int = MAX_LOGIN_FAILURES) -> None:
+        self.backend = backend
+        self.max_login_failures = max_login_failures
+        self.closing = False
+        self.failed_login_pending = False
+        self.authenticated = False
+        self.admin: str | None = None  # the admin's name once logged in
+        self.login_failures = 0
+        self._user: str | None = None  # name given by USER, waiting for PASS
+        self._lines = LineBuffer()
+
+    @staticmethod
+    def greeting() -> bytes:
+        return _ok(f"MSMP1 {IMPLEMENTATION} ready")
+
+    def feed(self, data: bytes) -> list[object]:
+        """Frame received bytes into command lines (bytes) or LINE_TOO_LONG."""
+        return self._lines.feed(data)
+
+    def receive(self, data: bytes) -> bytes:
+        """Every answer due for `data`, in order; nothing after QUIT or the last failure."""
+        out = []
+        for item in self.feed(data):
+            if self.closing:
+                break
+            out.append(self.handle_line(item))
+        return b"".join(out)
+
+    def handle_line(self, item: object) -> bytes:
+        """The answer to one framed line; never raises for any input."""
+        self.failed_login_pending = False
+        if self.closing:
+            return b""
+        if item is LINE_TOO_LONG:
+            return _err("Line too long")
+        assert isinstance(item, bytes)
+        try:
+            text = item.decode("utf-8")
+        except UnicodeDecodeError:
+            return _err("Invalid command: not UTF-8 text")
+        if "\x00" in text:
+            return _err("Invalid command: contains NUL")
+        words = [word for word in text.split(" ") if word]
+        if not words:
+            return _err("Unknown command")
+        command, args = words[0].upper(), words[1:]
+        try:
+            return self._dispatch(command, args)
+        except Exception:  # a backend failure is an answer, not a crash
+            log.exception("MSMP %s failed", command)
+            return _err("Internal error, see the server log")
+
+    # -- dispatch -------------------------------------------------------------
+    def _dispatch(self, command: str, args: list[str]) -> bytes:
+        arity = _ARITY.get(command)
+        if not self.authenticated and command not in _OPEN_COMMANDS and command not in ("USER", "PASS"):
+            return _err("Not authenticated")
+        if arity is None:
+            return _err("Unknown command")
+        if not arity[0] <= len(args) <= arity[1]:
+            return _err("Syntax error")
+        return getattr(self, "_cmd_" + command.lower())(*args)
+
+    # -- authorization --------------------------------------------------------
+    def _cmd_user(self, name: str) -> bytes:
+        if self.authenticated:
+            return _err("Already logged in")
+        self._user = name  # always +OK: whether the name exists is not told
+        return _ok()
+
+    def _cmd_pass(self, password: str) -> bytes:
+        if self.authenticated:
+            return _err("Already logged in")
+        if self._user is None:
+            return _err("USER first")
+        name, self._user = self._user, None
+        if self.backend.check_admin(name, password):
+            self.authenticated = True
+            self.admin = name
+            return _ok("Logged in")
+        self.login_failures += 1
+        self.failed_login_pending = True
+        if self.login_failures >= self.max_login_failures:
+            self.closing = True
+        return _err("Invalid credentials")
+
+    def _cmd_quit(self) -> bytes:
+        self.closing = True
+        return _ok("Bye")
+
+    def _cmd_help(self) -> bytes:
+        return _multi(list(HELP_LINES))
+
+    def _cmd_capa(self) -> bytes:
+        return _multi([
+            "MSMP1",
+            f"IMPLEMENTATION {IMPLEMENTATION}",
+            "USER",
+            "PIPELINING",
+            "COMMANDS " + " ".join(_ARITY),
+            "KEYS " + " ".join(KEYS),
+        ])
+
+    # -- users ----------------------------------------------------------------
+    def _cmd_add(self, name: str, password: str) -> bytes:
+        try:
+            if not valid_username(name):
+                raise UserError("Unsafe username")
+            created = self.backend.add_user(name, password)
+        except UserError as exc:
+            return _err(str(exc))
+        return _ok("Added user" if created else "Updated password")
+
+    def _cmd_dele(self, name: str) -> bytes:
+        try:
+            if not valid_username(name):
+                raise UserError("User does not exist")
+            self.backend.delete_user(name)
+        except UserError as exc:
+            return _err(str(exc))
+        return _ok("Deleted user")
+
+    def _cmd_list(self, name: str | None = None) -> bytes:
+        if name is None:
+            return _multi(self.backend.list_users())
+        try:
+            if not valid_username(name):
+                raise UserError("User does not exist")
+            line = self.backend.user_info(name)
+        except UserError as exc:
+            return _err(str(exc))
+        return _multi([line])
+
+    def _cmd_logs(self, name: str, count: str | None = None) -> bytes:
+        n = DEFAULT_LOGS
+        if count is not None:
+            if not count.isascii() or not count.isdigit() or int(count) < 1:
+                return _err("Invalid number: n must be a positive integer")
+            n = min(int(count), MAX_LOGS)
+        try:
+            if not valid_username(name):
+                raise UserError("Invalid user")
+            lines = self.backend.logs(name, n)
+        except UserError as exc:
+            return _err(str(exc))
+        return _multi(lines)
+
+    # -- settings and statistics ----------------------------------------------
+    def _cmd_set(self, key: str, value: str) -> bytes:
+        if len(key) > MAX_KEY_LENGTH or key not in KEYS:
+            return _err("Invalid key")
+        if len(value) > MAX_VALUE_LENGTH:
+            return _err(f"Invalid value: longer than {MAX_VALUE_LENGTH} characters")
+        if not _printable_token(value):
+            return _err("Invalid value: not printable")
+        try:
+            self.backend.set_setting(key, value)
+        except SettingError as exc:
+            return _err(_setting_error(exc))
+        return _ok("Changed value")
+
+    def _cmd_get(self, key: str) -> bytes:
+        if len(key) > MAX_KEY_LENGTH or key not in KEYS:
+            return _err("Invalid key")
+        try:
+            value = self.backend.get_setting(key)
+        except SettingError as exc:
+            return _err(_setting_error(exc))
+        return _ok(_clip(value))
+
+    def _cmd_stat(self) -> bytes:
+        return _multi(self.backend.stat_lines())
+
+
+def _setting_error(exc: SettingError) -> str:
+    why = str(exc)
+    if why == "Invalid key":
+        return why
+    return f"Invalid value: {why}"

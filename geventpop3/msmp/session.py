@@ -1,0 +1,153 @@
+"""One MSMP connection over a socket, and the loopback listeners that accept them.
+
+Thin on purpose: read, feed the protocol core, write its answers (one write per
+received chunk, so pipelined commands cost one syscall), wait the failure delay
+before a failed PASS answer, close on QUIT, after the last allowed failure, or when
+idle. Timeouts and delays are read from `ctx.settings` each time, so `SET` applies
+to open sessions too.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.server import StreamServer
+
+from geventpop3.context import ServerContext
+from geventpop3.management import ManagementBackend
+from geventpop3.msmp.protocol import MsmpProtocol
+
+log = logging.getLogger("geventpop3.msmp")
+
+DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
+RECV_SIZE = 16 * 1024
+BACKLOG = 128
+
+Handler = Callable[[Any, Any], None]
+
+
+def serve_admin(ctx: ServerContext) -> Handler:
+    """A StreamServer handler serving MSMP sessions against `ctx`."""
+    backend = ManagementBackend(ctx)
+
+    def handle(sock: socket.socket, address: Any) -> None:
+        peer = _peer(address)
+        log.debug("MSMP connection from %s", peer)
+        try:
+            _session(ctx, MsmpProtocol(backend), sock, peer)
+        except OSError as exc:  # reset, broken pipe: the client went away
+            log.debug("MSMP %s: %s", peer, exc)
+        except Exception:  # never let an exception reach gevent's handler
+            log.exception("MSMP session %s failed", peer)
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(b"-ERR Internal error, closing\r\n")
+            except Exception:  # noqa: BLE001 - best effort on a broken session
+                log.debug("MSMP %s: could not send the error", peer)
+        finally:
+            sock.close()
+
+    return handle
+
+
+def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, peer: str) -> None:
+    settings = ctx.settings
+    sock.settimeout(settings.admin_idle_timeout)
+    sock.sendall(protocol.greeting())
+    while not protocol.closing:
+        sock.settimeout(settings.admin_idle_timeout)
+        try:
+            data = sock.recv(RECV_SIZE)
+        except TimeoutError:
+            log.info("MSMP %s: idle timeout", peer)
+            sock.sendall(b"-ERR Idle timeout, closing\r\n")
+            return
+        if not data:
+            return
+        out: list[bytes] = []
+        for item in protocol.feed(data):
+            answer = protocol.handle_line(item)
+            if protocol.failed_login_pending:
+                log.info("MSMP %s: failed admin login", peer)
+                if out:
+                    sock.sendall(b"".join(out))
+                    out = []
+                gevent.sleep(settings.login_failure_delay)
+            out.append(answer)
+            if protocol.closing:
+                break
+        if out:
+            sock.sendall(b"".join(out))
+    if protocol.login_failures >= protocol.max_login_failures and not protocol.authenticated:
+        log.warning("MSMP %s: closed after %d failed logins", peer, protocol.login_failures)
+
+
+def _peer(address: Any) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return str(address)
+
+
+def _listener(address: str, port: int) -> socket.socket:
+    """A listening socket with SO_REUSEADDR (and IPV6_V6ONLY for IPv6)."""
+    infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    family, kind, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _ipv6_unavailable(exc: OSError) -> bool:
+    return isinstance(exc, socket.gaierror) or exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+
+
+def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int) -> list[StreamServer]:
+    """Start MSMP listeners on `addresses` (default: 127.0.0.1 and ::1) and `port`.
+
+    With port 0 the first listener picks a free port and the others reuse it, so
+    one number reaches every address. Without IPv6, the default ::1 is skipped
+    quietly; an address given explicitly that cannot be bound raises OSError.
+    """
+    handler = serve_admin(ctx)
+    defaults = not addresses
+    requested = port
+    servers: list[StreamServer] = []
+    try:
+        for address in (DEFAULT_ADDRESSES if defaults else addresses):
+            try:
+                try:
+                    listener = _listener(address, port)
+                except OSError as exc:
+                    if requested != 0 or port == 0 or exc.errno != errno.EADDRINUSE:
+                        raise
+                    listener = _listener(address, 0)  # the shared ephemeral port is taken here
+            except OSError as exc:
+                if defaults and ":" in address and _ipv6_unavailable(exc):
+                    log.info("MSMP: IPv6 loopback unavailable (%s), listening on IPv4 only", exc)
+                    continue
+                raise OSError(exc.errno, f"cannot listen for MSMP on {address} port {port}: {exc.strerror or exc}") from exc
+            if port == 0:
+                port = listener.getsockname()[1]
+            server = StreamServer(listener, handler)
+            server.start()
+            servers.append(server)
+            log.info("MSMP listening on %s", _peer(listener.getsockname()))
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers

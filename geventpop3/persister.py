@@ -1,0 +1,217 @@
+"""Moves the in-memory state of the hot path into the store, from one background greenlet.
+
+Sessions only append to `context.access_log` and bump `context.metrics`; every
+`interval` seconds the persister writes the new access-log entries (one transaction)
+and the counters, so a kill -9 loses about a second of counters and nothing else.
+A failing store (disk full, read-only, locked) is logged loudly but rarely, the
+unsaved entries wait in memory (bounded: the oldest go first) for the next try, and
+POP3 service never stops because of it.
+
+Also here: `restore_settings` and `persist_settings`, which keep MSMP `SET` changes
+across restarts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Collection
+from typing import Any
+
+import gevent
+from gevent.event import Event
+from gevent.lock import Semaphore
+
+from geventpop3.context import ServerContext
+from geventpop3.metrics import AccessEntry
+from geventpop3.settings import Listener, SettingError, Settings, format_value
+from geventpop3.store import Store, StoreError
+
+log = logging.getLogger("geventpop3.store")
+
+
+class Persister:
+    """The one writer of access-log entries and counters to the store."""
+
+    def __init__(
+        self,
+        context: ServerContext,
+        store: Store,
+        interval: float = 1.0,
+        prune_interval: float = 300.0,
+        max_backlog: int = 100_000,
+        error_interval: float = 60.0,
+    ) -> None:
+        self.context = context
+        self.store = store
+        self.interval = interval
+        self.prune_interval = prune_interval
+        self.max_backlog = max_backlog
+        self.error_interval = error_interval
+        self.dropped = 0  # entries lost because the store failed for too long
+        self.failures = 0  # consecutive failed flushes
+        self._backlog: list[AccessEntry] = []  # taken from the access log, not yet stored
+        self._saved_counters: dict[str, int] | None = None
+        self._flushing = Semaphore()
+        self._stopping = Event()
+        self._greenlet: gevent.Greenlet | None = None
+        self._pruner: gevent.Greenlet | None = None
+        self._last_report = float("-inf")
+        self._suppressed = 0
+
+    # -- lifetime -------------------------------------------------------------
+    def start(self) -> None:
+        if self._greenlet is None:
+            self._stopping.clear()
+            self._greenlet = gevent.spawn(self._run)
+
+    def stop(self, timeout: float | None = 10.0) -> bool:
+        """End the background greenlet and persist what is pending; True if all of it was."""
+        self._stopping.set()
+        if self._greenlet is not None:
+            self._greenlet.join(timeout)
+            self._greenlet.kill(block=False)
+            self._greenlet = None
+        if self._pruner is not None:
+            self._pruner.kill(block=False)
+            self._pruner = None
+        return self.flush()
+
+    @property
+    def running(self) -> bool:
+        return self._greenlet is not None and not self._greenlet.dead
+
+    def _run(self) -> None:
+        next_prune = time.monotonic()  # once soon after start: retention may have been lowered
+        while not self._stopping.wait(self.interval):
+            self.flush()
+            if time.monotonic() >= next_prune and (self._pruner is None or self._pruner.dead):
+                next_prune = time.monotonic() + self.prune_interval
+                self._pruner = gevent.spawn(self.prune)
+
+    # -- work -------------------------------------------------------------------
+    def flush(self) -> bool:
+        """Persist pending entries and changed counters now; True when nothing is left unsaved.
+
+        Never raises: failures are logged (rate-limited) and retried next time."""
+        with self._flushing:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> bool:
+        try:
+            self._take()
+            if self._backlog:
+                self.store.append_access(self._backlog)
+                self._backlog = []
+            counters = self.context.metrics.snapshot()
+            if counters != self._saved_counters:
+                self.store.save_counters(counters)
+                self._saved_counters = counters
+        except Exception as exc:  # noqa: BLE001 - the store must never take POP3 down
+            self._failed(exc)
+            return False
+        if self.failures:
+            log.warning(
+                "state database %s writable again after %d failed attempts", self.store.path, self.failures
+            )
+            self.failures = 0
+            self._last_report = float("-inf")
+        return True
+
+    def prune(self) -> int:
+        """Apply the retention settings; returns the rows removed (0 on failure, logged)."""
+        settings = self.context.settings
+        try:
+            removed = self.store.prune(settings.log_retention_count, settings.log_retention_days)
+        except Exception as exc:  # noqa: BLE001 - logged, retried later
+            self._failed(exc)
+            return 0
+        if removed:
+            log.info("pruned %d access-log entries", removed)
+        return removed
+
+    def unsaved(self, user: str) -> list[AccessEntry]:
+        """Entries of `user` still only in memory, oldest first."""
+        return [entry for entry in self._backlog + self.context.access_log.pending if entry.user == user]
+
+    def logs(self, user: str, limit: int) -> list[AccessEntry]:
+        """What MSMP LOGS shows: flush, then the last `limit` entries, including any the
+        store could not take yet; if the store cannot be read, the in-memory ones."""
+        if limit <= 0:
+            return []
+        with self._flushing:  # no flush in between: an entry is either stored or unsaved
+            self._flush_locked()
+            try:
+                stored = self.store.query_access(user, limit)
+            except StoreError as exc:
+                self._failed(exc)
+                stored = []
+            return (stored + self.unsaved(user))[-limit:]
+
+    def _take(self) -> None:
+        self._backlog.extend(self.context.access_log.take_pending())
+        excess = len(self._backlog) - self.max_backlog
+        if excess > 0:
+            del self._backlog[:excess]
+            self.dropped += excess
+            log.error("state database unavailable: dropped the %d oldest unsaved access-log entries", excess)
+
+    def _failed(self, exc: Exception) -> None:
+        """Log loudly, but at most once per `error_interval` seconds."""
+        self.failures += 1
+        now = time.monotonic()
+        if now - self._last_report < self.error_interval:
+            self._suppressed += 1
+            return
+        self._last_report = now
+        extra = f" ({self._suppressed} similar errors suppressed)" if self._suppressed else ""
+        self._suppressed = 0
+        exc_info: Any = None if isinstance(exc, StoreError) else exc  # a traceback only for bugs
+        log.error(
+            "state database %s: %s; %d access-log entries kept in memory for retry%s",
+            self.store.path,
+            exc,
+            len(self._backlog),
+            extra,
+            exc_info=exc_info,
+        )
+
+
+# -- settings -----------------------------------------------------------------------
+def restore_settings(settings: Settings, store: Store, skip: Collection[str] = ()) -> dict[str, str]:
+    """Apply the values saved by earlier MSMP `SET`s (source 'store'), except keys in
+    `skip` (e.g. ones given explicitly on the command line, if those should win).
+    A saved value that no longer validates is skipped with a warning. Returns what was applied.
+
+    Call before `persist_settings`, or the restored values are written back (harmless)."""
+    applied = {}
+    for key, text in sorted(store.load_settings().items()):
+        if key in skip:
+            continue
+        try:
+            value = settings.parse(key, text)
+        except SettingError as exc:
+            log.warning("ignoring saved setting %s=%r: %s", key, text, exc)
+            continue
+        settings.apply(key, value, "store")
+        applied[key] = text
+    return applied
+
+
+def persist_settings(settings: Settings, store: Store) -> Listener:
+    """Save every later change of `settings` to the store (durably, before `SET` answers).
+
+    Settings listeners do not learn the source of a change, so subscribe this once
+    start-up configuration is applied; from then on MSMP `SET` is the only writer.
+    A store failure is logged; the change still takes effect for this run."""
+
+    def listener(key: str, old: Any, new: Any) -> None:
+        if format_value(old) == format_value(new):
+            return
+        try:
+            store.save_setting(key, settings.get(key))
+        except StoreError as exc:
+            log.error("setting %s changed but not saved, it will not survive a restart: %s", key, exc)
+
+    settings.subscribe(listener)
+    return listener

@@ -1,0 +1,252 @@
+"""One POP3 connection: socket <-> protocol core <-> Maildir.
+
+Responses to a batch of pipelined commands are gathered and written with one
+`sendall`; message content is streamed in chunks and flushed once the batch holds
+more than `FLUSH_THRESHOLD` octets, so memory per session stays bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from typing import Any
+
+import gevent
+
+from geventpop3 import maildir
+from geventpop3.context import ServerContext
+from geventpop3.lines import LineBuffer
+from geventpop3.metrics import AccessEntry
+from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, Update
+
+log = logging.getLogger("geventpop3.pop3")
+
+RECV_SIZE = 4096
+FLUSH_THRESHOLD = 128 * 1024
+TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
+_UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
+
+
+def loggable(name: str | None) -> str:
+    """A user name safe to put in a log line (no spaces, no control characters)."""
+    if name is None:
+        return "-"
+    return _UNSAFE_LOG_CHARS.sub("?", name)[:64] or "?"
+
+
+class Pop3Session:
+    """Drives one `Pop3Protocol` over one socket."""
+
+    __slots__ = (
+        "ctx", "sock", "address", "port", "protocol", "lock", "maildir", "sent", "received",
+        "started", "ended", "_out", "_out_size", "deleted_count", "transform_failures",
+    )
+
+    def __init__(self, ctx: ServerContext, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        host = str(address[0])
+        # Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
+        self.address = host[7:] if host.startswith("::ffff:") and "." in host else host
+        self.port = int(address[1])
+        self.protocol = Pop3Protocol(ctx.settings.max_login_failures)
+        self.lock: maildir.MailboxLock | None = None
+        self.maildir: str | None = None
+        self.sent = 0
+        self.received = 0
+        self.started = time.time()
+        self.ended = "disconnect"
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self.deleted_count = 0
+        self.transform_failures = 0
+
+    # -- output --------------------------------------------------------------
+    def _queue(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= FLUSH_THRESHOLD:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._out:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._out_size = 0
+        self.sock.sendall(data)
+        self.sent += len(data)
+        self.ctx.metrics.bytes_sent += len(data)
+
+    # -- main loop -----------------------------------------------------------
+    def run(self) -> None:
+        settings = self.ctx.settings
+        protocol = self.protocol
+        buffer = LineBuffer()
+        metrics = self.ctx.metrics
+        try:
+            self._queue(protocol.greeting())
+            self._flush()
+            while not protocol.closing:
+                self.sock.settimeout(settings.idle_timeout)
+                try:
+                    data = self.sock.recv(RECV_SIZE)
+                except TimeoutError:
+                    self.ended = "timeout"
+                    self._queue(b"-ERR Idle timeout, closing connection\r\n")
+                    self._flush()
+                    return
+                if not data:
+                    return
+                self.received += len(data)
+                metrics.bytes_received += len(data)
+                for line in buffer.feed(data):
+                    self._dispatch(protocol.handle(line))
+                    if protocol.closing:
+                        break
+                self._flush()
+            if self.ended == "disconnect":
+                self.ended = "closed"
+        except gevent.GreenletExit:
+            self.ended = "shutdown"
+        except OSError:
+            self.ended = "disconnect"  # reset by peer, broken pipe: nothing to answer
+        except Exception:  # never let one session take the server down
+            self.ended = "error"
+            log.exception("pop3 session error: rip=%s", self.address)
+
+    def _dispatch(self, action: object) -> None:
+        if type(action) is bytes:
+            self._queue(action)
+        elif isinstance(action, Retrieve):
+            self._retrieve(action)
+        elif isinstance(action, Login):
+            self._queue(self._login(action))
+        elif isinstance(action, Update):
+            self._queue(self._update(action))
+
+    # -- actions -------------------------------------------------------------
+    def _login(self, action: Login) -> bytes:
+        ctx = self.ctx
+        user = action.user
+        if not ctx.users.verify(user, action.password):
+            return self._login_failed(user, "auth")
+        try:
+            path = maildir.user_maildir(ctx.settings.maildir, user)
+            maildir.ensure_maildir(path)
+            lock = maildir.MailboxLock(path)
+            if not lock.acquire():
+                return self._login_failed(user, "in-use", delay=False)
+        except (OSError, maildir.MaildirError) as exc:
+            log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
+            return self._login_failed(user, "temp", delay=False)
+        try:
+            messages = maildir.snapshot(path)
+            if ctx.transformers is not None:
+                messages = ctx.transformers.prepare(messages, user=user, address=self.address, port=self.port)
+                self.transform_failures = sum(1 for m in messages if m.error is not None)
+        except Exception as exc:
+            lock.release()
+            log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
+            return self._login_failed(user, "temp", delay=False)
+        self.lock = lock
+        self.maildir = path
+        ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
+        ctx.metrics.logins_ok += 1
+        log.info("pop3 login: user=%s rip=%s rport=%d messages=%d", loggable(user), self.address, self.port,
+                 len(messages))
+        self._record("login", user)
+        return self.protocol.login_succeeded(user, messages)
+
+    def _login_failed(self, user: str, reason: str, delay: bool = True) -> bytes:
+        self.ctx.metrics.logins_failed += 1
+        log.warning("pop3 login failed: user=%s rip=%s rport=%d reason=%s", loggable(user), self.address,
+                    self.port, reason)
+        self._record("login-failed", user, detail=f"reason={reason}")
+        if delay:
+            # The answer is sent only after the delay: slows password guessing.
+            self._flush()
+            gevent.sleep(self.ctx.settings.login_failure_delay)
+        return self.protocol.login_failed(reason)
+
+    def _retrieve(self, action: Retrieve) -> None:
+        try:
+            handle = open(action.message.path, "rb")  # noqa: SIM115 - closed below
+        except OSError:
+            self._queue(self.protocol.retrieve_failed())
+            return
+        with handle:
+            self._queue(action.header)
+            # Past the +OK line a read error can only end the connection (OSError).
+            for chunk in maildir.message_chunks(handle, action.body_lines):
+                self._queue(chunk)
+        self._queue(b".\r\n")
+        if action.body_lines is None:
+            self.ctx.metrics.messages_retrieved += 1
+
+    def _update(self, action: Update) -> bytes:
+        self.ended = "quit"
+        deleted = action.deleted
+        if not deleted:
+            return self.protocol.update_done(0)
+        assert self.maildir is not None
+        if len(deleted) > maildir.THREADPOOL_THRESHOLD:
+            failed = gevent.get_hub().threadpool.apply(maildir.delete_messages, (self.maildir, deleted))
+        else:
+            failed = maildir.delete_messages(self.maildir, deleted)
+        self.deleted_count = len(deleted) - len(failed)
+        self.ctx.metrics.messages_deleted += self.deleted_count
+        if failed:
+            log.error("pop3 update: user=%s could not delete %d messages", loggable(self.protocol.user), len(failed))
+        return self.protocol.update_done(len(failed))
+
+    # -- end -----------------------------------------------------------------
+    def finish(self) -> None:
+        """Release the lock and log the logout, however the session ended."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+            user = self.protocol.user or ""
+            count = self.ctx.logged_in.get(user, 0) - 1
+            if count > 0:
+                self.ctx.logged_in[user] = count
+            else:
+                self.ctx.logged_in.pop(user, None)
+            log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
+                     loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
+                     self.protocol.tops, self.sent, self.ended)
+            detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
+            self._record("logout", user, detail=detail)
+
+    def _record(self, event: str, user: str, detail: str = "") -> None:
+        self.ctx.access_log.record(AccessEntry(
+            time=time.time(), user=loggable(user), address=self.address, port=self.port, event=event,
+            retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.sent,
+            duration=time.time() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
+        ))
+
+
+def make_handler(ctx: ServerContext):  # noqa: ANN201 - a StreamServer handle callable
+    """The StreamServer handler: enforce the connection limit, run, always clean up."""
+    metrics = ctx.metrics
+
+    def handle(sock: socket.socket, address: tuple[Any, ...]) -> None:
+        if metrics.current_connections >= ctx.settings.max_connections:
+            try:
+                sock.sendall(TOO_MANY)
+            except OSError:
+                pass
+            sock.close()
+            return
+        metrics.connection_opened()
+        session = Pop3Session(ctx, sock, address)
+        try:
+            session.run()
+        finally:
+            metrics.connection_closed()
+            session.finish()
+            sock.close()
+
+    return handle

@@ -1,0 +1,188 @@
+"""The user directory: name rules, password hashing, verification, add and delete.
+
+Passwords are kept only as scrypt hashes (`$scrypt$n=..,r=..,p=..$salt$hash`). The
+slow hash runs in gevent's thread pool so it never stalls other sessions. After one
+successful slow verification a keyed fast digest of the password is cached in memory
+(as Dovecot's auth cache does), so a client polling every minute does not cost 50 ms of
+CPU per login; a wrong password or an unknown user always pays the full slow hash, so
+the two cannot be told apart by their timing.
+
+Persistence is a `UserStore` (the SQLite store of the management plane, or nothing):
+the POP3 side only ever talks to `UserDirectory`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import re
+from collections.abc import Iterable
+from typing import Protocol
+
+import gevent
+
+USERNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,39}\Z")
+DEFAULT_COST = (2**14, 8, 1)  # scrypt n, r, p: about 50 ms and 16 MiB per hash
+_MAXMEM = 128 * 1024 * 1024
+
+
+class UserError(Exception):
+    """A user operation that cannot be done; str() is the MSMP reason."""
+
+
+def valid_username(name: str) -> bool:
+    """1-40 of letters, digits, `.`, `_`, `-`; never starting with `.` or `-`."""
+    return USERNAME_RE.match(name) is not None
+
+
+def valid_password(password: str) -> bool:
+    """1-100 printable characters without whitespace."""
+    return 0 < len(password) <= 100 and password.isprintable() and not any(c.isspace() for c in password)
+
+
+def hash_password(password: str, cost: tuple[int, int, int] = DEFAULT_COST) -> str:
+    n, r, p = cost
+    salt = os.urandom(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM)
+    return "$scrypt$n={},r={},p={}${}${}".format(
+        n, r, p, base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
+    )
+
+
+def is_password_hash(text: str) -> bool:
+    return text.startswith("$scrypt$")
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time check of `password` against an encoded scrypt hash."""
+    try:
+        _, scheme, params, salt_b64, digest_b64 = encoded.split("$")
+        fields = dict(item.split("=") for item in params.split(","))
+        n, r, p = int(fields["n"]), int(fields["r"]), int(fields["p"])
+        salt = base64.b64decode(salt_b64)
+        expected = base64.b64decode(digest_b64)
+    except (ValueError, KeyError):
+        return False
+    if scheme != "scrypt":
+        return False
+    secret = password.encode("utf-8", "surrogateescape")
+    try:
+        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected))
+    except ValueError:  # impossible parameters in a hand-edited entry
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+class UserStore(Protocol):
+    """Where users added at run time persist (the SQLite store implements this)."""
+
+    def load_users(self) -> dict[str, str]: ...
+
+    def save_user(self, name: str, password_hash: str) -> None: ...
+
+    def delete_user(self, name: str) -> None: ...
+
+
+class UserDirectory:
+    """Every POP3 user: from flags and the users file, and from the store."""
+
+    def __init__(self, store: UserStore | None = None) -> None:
+        self._hashes: dict[str, str] = {}
+        self._store = store
+        self._cache_key = os.urandom(32)
+        self._fast: dict[str, bytes] = {}
+        # Unknown users are checked against this, so they cost the same time.
+        self._dummy_hash = hash_password(os.urandom(8).hex())
+        if store is not None:
+            self._hashes.update(store.load_users())
+
+    # -- start-up -----------------------------------------------------------
+    def add_configured(self, entries: Iterable[tuple[str, str]]) -> None:
+        """Users from `-u` and the users file: plain passwords are hashed here,
+        in parallel in the thread pool, and never kept."""
+        entries = list(entries)
+        for name, _ in entries:
+            if not valid_username(name):
+                raise UserError(f"unsafe user name: {name!r}")
+        plain = [(name, secret) for name, secret in entries if not is_password_hash(secret)]
+        pool = gevent.get_hub().threadpool
+        hashed = pool.imap(hash_password, [secret for _, secret in plain]) if plain else []
+        for (name, _), digest in zip(plain, hashed, strict=True):
+            self._hashes[name] = digest
+        for name, secret in entries:
+            if is_password_hash(secret):
+                self._hashes[name] = secret
+
+    # -- queries ------------------------------------------------------------
+    def __contains__(self, name: object) -> bool:
+        return name in self._hashes
+
+    def __len__(self) -> int:
+        return len(self._hashes)
+
+    def names(self) -> list[str]:
+        return sorted(self._hashes)
+
+    def verify(self, name: str, password: str) -> bool:
+        """True only for a known user with this password; same cost otherwise."""
+        encoded = self._hashes.get(name)
+        fast = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), "sha256").digest()
+        cached = self._fast.get(name)
+        if encoded is not None and cached is not None and hmac.compare_digest(cached, fast):
+            return True
+        ok = gevent.get_hub().threadpool.apply(verify_password, (password, encoded or self._dummy_hash))
+        ok = ok and encoded is not None and self._hashes.get(name) == encoded
+        if ok:
+            self._fast[name] = fast
+        return ok
+
+    # -- changes ------------------------------------------------------------
+    def set_password(self, name: str, password: str) -> bool:
+        """Create or update a user (persisted); True when the user is new."""
+        if not valid_username(name):
+            raise UserError("Unsafe username")
+        if not valid_password(password):
+            raise UserError("Invalid password")
+        digest = gevent.get_hub().threadpool.apply(hash_password, (password,))
+        created = name not in self._hashes
+        if self._store is not None:
+            self._store.save_user(name, digest)
+        self._hashes[name] = digest
+        self._fast.pop(name, None)
+        return created
+
+    def delete(self, name: str) -> None:
+        if name not in self._hashes:
+            raise UserError("User does not exist")
+        if self._store is not None:
+            self._store.delete_user(name)
+        del self._hashes[name]
+        self._fast.pop(name, None)
+
+
+def parse_users_file(path: str) -> list[tuple[str, str]]:
+    """`name:password` or `name:$scrypt$...` lines; `#` comments and blank lines skipped."""
+    entries = []
+    with open(path, encoding="utf-8") as handle:
+        for number, raw in enumerate(handle, 1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            name, sep, secret = line.partition(":")
+            if not sep or not secret:
+                raise UserError(f"{path}:{number}: expected name:password")
+            if not valid_username(name):
+                raise UserError(f"{path}:{number}: unsafe user name {name!r}")
+            entries.append((name, secret))
+    return entries
+
+
+def parse_user_flag(text: str) -> tuple[str, str]:
+    name, sep, secret = text.partition(":")
+    if not sep or not secret:
+        raise UserError(f"expected NAME:PASS, got {text.split(':')[0]!r}...")
+    if not valid_username(name):
+        raise UserError(f"unsafe user name {name!r}")
+    return name, secret

@@ -1,0 +1,34 @@
+"""Packaging for geventpop3: the server, the admin client and their test extras."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="geventpop3",
+    version="0.1.0",
+    description="A POP3 server on gevent for Maildir, with live management (MSMP), filters and load tests",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["geventpop3", "geventpop3.*", "admin", "admin.*"]),
+    install_requires=[
+        "gevent>=24.2,<26",
+        "prometheus-client>=0.19,<1",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8,<10",
+            "pexpect>=4.8,<5",
+            "getmail6>=6.19,<7",
+            "ruff>=0.5",
+        ],
+        "load": [
+            "locust>=2.20,<3",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "geventpop3 = geventpop3.__main__:main",
+            "geventpop3-admin = admin.shell:main",
+        ],
+    },
+)

@@ -1,0 +1,404 @@
+"""The SQLite store and the persister, on real database files (and real SIGKILLs)."""
+
+import logging
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+from gevent import monkey
+
+from geventpop3.context import ServerContext
+from geventpop3.metrics import AccessEntry
+from geventpop3.persister import Persister, persist_settings, restore_settings
+from geventpop3.settings import Settings
+from geventpop3.store import Store, StoreError
+from geventpop3.users import UserDirectory
+
+# TEMPORARY, until the lead's tests/conftest.py patches for the whole suite. After the
+# imports (so no E402), which changes nothing: pytest imported these modules earlier anyway.
+monkey.patch_all()
+
+REPO = Path(__file__).resolve().parent.parent
+FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
+
+
+def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
+    """Poll (cooperatively) until `condition()` is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {timeout}s")
+        gevent.sleep(0.01)
+
+
+def entry(user: str = "alice", when: float | None = None, port: int = 40000, event: str = "login") -> AccessEntry:
+    return AccessEntry(time=time.time() if when is None else when, user=user, address="127.0.0.1", port=port,
+                       event=event)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> str:
+    return str(tmp_path / "state.sqlite3")
+
+
+@pytest.fixture
+def store(db_path: str) -> Iterator[Store]:
+    opened = Store(db_path)
+    yield opened
+    opened.close()
+
+
+class WriteLock:
+    """Another process's connection holding the write lock: writes of the store fail
+    with 'database is locked' after its busy timeout, even as root."""
+
+    def __init__(self, path: str) -> None:
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.db.execute("BEGIN EXCLUSIVE")
+
+    def release(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+        self.db.close()
+
+
+def make_context() -> ServerContext:
+    return ServerContext(settings=Settings(), users=UserDirectory())
+
+
+def run_child(code: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+# -- users, settings, counters -------------------------------------------------------
+def test_users_survive_reopen(db_path: str) -> None:
+    first = Store(db_path)
+    first.save_user("alice", FAKE_HASH)
+    first.save_user("bob", FAKE_HASH)
+    first.save_user("alice", FAKE_HASH + "x")  # replace
+    first.delete_user("bob")
+    first.close()
+    again = Store(db_path)
+    assert again.load_users() == {"alice": FAKE_HASH + "x"}
+    again.close()
+
+
+def test_user_directory_uses_store(db_path: str) -> None:
+    first = Store(db_path)
+    directory = UserDirectory(first)
+    directory.set_password("carol", "s3cret")
+    first.close()
+    again = Store(db_path)
+    assert UserDirectory(again).verify("carol", "s3cret")
+    again.close()
+
+
+def test_user_survives_kill_9_mid_stream(db_path: str) -> None:
+    child = run_child(
+        """
+        import sys, time
+        from geventpop3.metrics import AccessEntry
+        from geventpop3.store import Store
+        store = Store(sys.argv[1])
+        store.save_user("alice", "$scrypt$saved-before-kill")
+        print("saved", flush=True)
+        i = 0
+        while True:  # stream writes until killed
+            batch = [AccessEntry(time.time(), "alice", "127.0.0.1", 1000 + n, "login") for n in range(50)]
+            store.append_access(batch)
+            store.save_counters({"total_connections": i})
+            i += 1
+            if i == 20:
+                print("streaming", flush=True)
+        """,
+        db_path,
+    )
+    try:
+        assert child.stdout.readline().strip() == "saved"
+        assert child.stdout.readline().strip() == "streaming"
+    finally:
+        child.kill()  # SIGKILL: no close, no checkpoint, no atexit
+        child.communicate(timeout=10)
+    assert child.returncode == -9
+    reopened = Store(db_path)
+    try:
+        assert reopened.load_users() == {"alice": "$scrypt$saved-before-kill"}
+        assert reopened.access_count("alice") >= 20 * 50
+        assert reopened.load_counters()["total_connections"] >= 19
+    finally:
+        reopened.close()
+    assert sqlite3.connect(db_path).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_settings_round_trip(store: Store) -> None:
+    store.save_setting("idle_timeout", "42")
+    store.save_setting("idle_timeout", "43")
+    store.save_setting("log_level", "DEBUG")
+    store.delete_setting("log_level")
+    assert store.load_settings() == {"idle_timeout": "43"}
+
+
+def test_counters_round_trip(db_path: str) -> None:
+    first = Store(db_path)
+    first.save_counters({"total_connections": 5, "bytes_sent": 2**40})
+    first.save_counters({"total_connections": 7})
+    first.close()
+    again = Store(db_path)
+    assert again.load_counters() == {"total_connections": 7, "bytes_sent": 2**40}
+    again.close()
+
+
+# -- access log ---------------------------------------------------------------------
+def test_query_access_last_n_oldest_first(store: Store) -> None:
+    store.append_access([entry("alice", port=p) for p in range(10)] + [entry("bob", port=99)])
+    store.append_access([entry("alice", port=10, event="logout")])
+    got = store.query_access("alice", 3)
+    assert [e.port for e in got] == [8, 9, 10]
+    assert got[-1].event == "logout"
+    assert [e.port for e in store.query_access("alice", 100)] == list(range(11))
+    assert store.query_access("alice", 0) == []
+    assert store.query_access("nobody", 5) == []
+    assert store.access_count("alice") == 11
+    assert store.access_count("bob") == 1
+    assert store.last_access("alice") == got[-1]
+    assert store.last_access("nobody") is None
+
+
+def test_access_entry_fields_round_trip(store: Store) -> None:
+    original = AccessEntry(time=1700000000.25, user="alice", address="::1", port=1234, event="logout", retr=3,
+                           dele=1, top=2, bytes=12345, duration=1.5, ended="quit", detail="transformer failed x1")
+    store.append_access([original])
+    assert store.query_access("alice", 1) == [original]
+
+
+def test_prune_by_count(store: Store) -> None:
+    store.append_access([entry("alice", port=p) for p in range(5)] + [entry("bob", port=p) for p in range(2)])
+    assert store.prune(keep_per_user=3, max_age_days=36500) == 2
+    assert [e.port for e in store.query_access("alice", 10)] == [2, 3, 4]
+    assert store.access_count("bob") == 2
+
+
+def test_prune_by_age(store: Store) -> None:
+    now = time.time()
+    store.append_access([entry("alice", when=now - 100 * 86400, port=1), entry("bob", when=now - 91 * 86400, port=2),
+                         entry("alice", when=now - 10 * 86400, port=3), entry("alice", when=now, port=4)])
+    assert store.prune(keep_per_user=1000, max_age_days=90) == 2
+    assert [e.port for e in store.query_access("alice", 10)] == [3, 4]
+    assert store.access_count("bob") == 0
+
+
+# -- failures -----------------------------------------------------------------------
+def test_path_that_is_a_directory_raises_store_error(tmp_path: Path) -> None:
+    (tmp_path / "db").mkdir()
+    with pytest.raises(StoreError, match="cannot open"):
+        Store(str(tmp_path / "db"))
+
+
+def test_missing_directory_and_garbage_file_raise_store_error(tmp_path: Path) -> None:
+    with pytest.raises(StoreError):
+        Store(str(tmp_path / "gone" / "state.sqlite3"))
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StoreError):
+        Store(str(garbage))
+
+
+def test_closed_store_raises_store_error(db_path: str) -> None:
+    closing = Store(db_path)
+    closing.close()
+    closing.close()  # idempotent
+    with pytest.raises(StoreError, match="closed"):
+        closing.save_user("alice", FAKE_HASH)
+
+
+def test_locked_database_raises_store_error(db_path: str, capfd: pytest.CaptureFixture[str]) -> None:
+    blocked = Store(db_path, busy_timeout=0.05)
+    lock = WriteLock(db_path)
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            blocked.save_user("alice", FAKE_HASH)
+        with pytest.raises(StoreError):
+            blocked.save_setting("idle_timeout", "5")
+        with pytest.raises(StoreError):
+            blocked.append_access([entry()])
+        with pytest.raises(StoreError):
+            blocked.save_counters({"total_connections": 1})
+    finally:
+        lock.release()
+    blocked.save_user("alice", FAKE_HASH)  # recovers once the lock is gone
+    assert blocked.load_users() == {"alice": FAKE_HASH}
+    blocked.close()
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_waiting_store_does_not_stall_other_greenlets(db_path: str) -> None:
+    slow = Store(db_path, busy_timeout=1.0)
+    lock = WriteLock(db_path)
+    ticks = []
+    ticker = gevent.spawn(lambda: [ticks.append(gevent.sleep(0.01)) for _ in range(1000)])
+    try:
+        with pytest.raises(StoreError):
+            slow.save_user("alice", FAKE_HASH)  # waits ~1 s for the lock, in a pool thread
+        assert len(ticks) >= 20  # the event loop kept running meanwhile
+    finally:
+        ticker.kill()
+        lock.release()
+        slow.close()
+
+
+def test_disk_full_raises_store_error(db_path: str) -> None:
+    """RLIMIT_FSIZE applies to root too: a real 'file too large' from the kernel."""
+    child = run_child(
+        """
+        import resource, signal, sys, time
+        from geventpop3.metrics import AccessEntry
+        from geventpop3.store import Store, StoreError
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        store = Store(sys.argv[1])
+        store.save_user("alice", "h")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (256 * 1024, resource.RLIM_INFINITY))
+        try:
+            for _ in range(1000):
+                store.append_access([AccessEntry(time.time(), "alice", "127.0.0.1", 1, "login", detail="x" * 2000)
+                                     for _ in range(20)])
+            print("no error")
+        except StoreError as exc:
+            print("StoreError:", exc)
+        print("users:", sorted(store.load_users()))
+        """,
+        db_path,
+    )
+    out, err = child.communicate(timeout=60)
+    assert child.returncode == 0, err
+    assert "StoreError: cannot write state database" in out
+    assert "users: ['alice']" in out
+    assert "Traceback" not in err  # a clear error, not a pool thread's traceback on stderr
+
+
+# -- persister ----------------------------------------------------------------------
+def test_persister_flushes_within_deadline(store: Store) -> None:
+    context = make_context()
+    persister = Persister(context, store, interval=0.05)
+    persister.start()
+    try:
+        context.access_log.record(entry("alice"))
+        context.metrics.connection_opened()
+        wait_for(lambda: store.access_count("alice") == 1 and store.load_counters().get("total_connections") == 1)
+    finally:
+        persister.stop()
+
+
+def test_flush_makes_entry_visible_now_and_stop_flushes(store: Store) -> None:
+    context = make_context()
+    persister = Persister(context, store, interval=3600)
+    persister.start()
+    context.access_log.record(entry("alice", port=1))
+    assert persister.flush()
+    assert [e.port for e in store.query_access("alice", 5)] == [1]
+    context.access_log.record(entry("alice", port=2))
+    assert [e.port for e in persister.logs("alice", 5)] == [1, 2]
+    context.access_log.record(entry("alice", port=3))
+    assert persister.stop()
+    assert not persister.running
+    assert [e.port for e in store.query_access("alice", 5)] == [1, 2, 3]
+
+
+def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(db_path, busy_timeout=0.02)
+    context = make_context()
+    persister = Persister(context, store, interval=0.02, error_interval=60)
+    caplog.set_level(logging.WARNING, logger="geventpop3.store")
+    lock = WriteLock(db_path)
+    persister.start()
+    try:
+        for port in range(3):
+            context.access_log.record(entry("alice", port=port))
+        wait_for(lambda: persister.failures >= 3)
+        assert persister.running
+        errors = [r for r in caplog.records if r.name == "geventpop3.store" and r.levelno == logging.ERROR]
+        assert len(errors) == 1  # loud, but not flooding
+        assert "locked" in errors[0].getMessage()
+        assert [e.port for e in persister.logs("alice", 10)] == [0, 1, 2]  # still shown by LOGS
+    finally:
+        lock.release()
+    try:
+        wait_for(lambda: store.access_count("alice") == 3)
+        assert persister.failures == 0
+        assert any("writable again" in r.getMessage() for r in caplog.records)
+    finally:
+        persister.stop()
+        store.close()
+
+
+def test_persister_bounds_unsaved_entries(db_path: str) -> None:
+    store = Store(db_path, busy_timeout=0.02)
+    context = make_context()
+    persister = Persister(context, store, max_backlog=5)
+    lock = WriteLock(db_path)
+    try:
+        for port in range(8):
+            context.access_log.record(entry("alice", port=port))
+        assert not persister.flush()
+        assert persister.dropped == 3
+    finally:
+        lock.release()
+    assert persister.flush()
+    assert [e.port for e in store.query_access("alice", 10)] == [3, 4, 5, 6, 7]
+    store.close()
+
+
+def test_persister_prunes_with_retention_settings(store: Store) -> None:
+    context = make_context()
+    context.settings.set("log_retention_count", "2")
+    store.append_access([entry("alice", port=p) for p in range(5)])
+    persister = Persister(context, store, interval=0.02)
+    persister.start()
+    try:
+        wait_for(lambda: store.access_count("alice") == 2)
+        assert [e.port for e in store.query_access("alice", 10)] == [3, 4]
+    finally:
+        persister.stop()
+
+
+# -- settings persistence ---------------------------------------------------------
+def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    live = Settings()
+    persist_settings(live, store)
+    live.set("idle_timeout", "42")
+    live.set("transformer_failure", "passthrough")
+    assert store.load_settings() == {"idle_timeout": "42", "transformer_failure": "passthrough"}
+
+    store.save_setting("max_connections", "0")  # no longer valid
+    store.save_setting("no_such_key", "1")
+    caplog.set_level(logging.WARNING, logger="geventpop3.store")
+    fresh = Settings()
+    applied = restore_settings(fresh, store, skip={"transformer_failure"})
+    assert applied == {"idle_timeout": "42"}
+    assert fresh.idle_timeout == 42.0
+    assert fresh.transformer_failure == "tempfail"
+    assert fresh.max_connections == 10_000
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    assert "max_connections" in warnings and "no_such_key" in warnings
+
+
+def test_setting_change_applies_even_if_store_fails(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    store = Store(db_path, busy_timeout=0.02)
+    live = Settings()
+    persist_settings(live, store)
+    lock = WriteLock(db_path)
+    try:
+        live.set("idle_timeout", "42")
+    finally:
+        lock.release()
+    assert live.idle_timeout == 42.0
+    assert any("not saved" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    store.close()
