@@ -1,12 +1,14 @@
 """Packaging for geventpop3: the server, the admin client and their test extras."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="geventpop3",
     version="0.1.0",
     description="A POP3 server on gevent for Maildir, with live management (MSMP), filters and load tests",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["geventpop3", "geventpop3.*", "admin", "admin.*"]),

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Debian packages the test suite drives as real clients and filters:
+# curl and fetchmail (POP3 clients), spamassassin/spamc and renattach (filters).
+# Installs only what is missing; uses sudo when not root.
+set -euo pipefail
+need=()
+command -v curl >/dev/null || need+=(curl)
+command -v fetchmail >/dev/null || need+=(fetchmail)
+command -v spamassassin >/dev/null || need+=(spamassassin)
+command -v spamc >/dev/null || need+=(spamc)
+command -v renattach >/dev/null || need+=(renattach)
+[ ${#need[@]} -eq 0 ] && exit 0
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
