@@ -12,6 +12,7 @@ and it works across processes sharing the Maildir root.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -135,10 +136,8 @@ def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
             handle.writelines(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items())
         os.replace(temp, final)
     except OSError:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(temp)
-        except OSError:
-            pass
 
 
 def _list_files(maildir: str) -> list[tuple[str, str]]:
@@ -168,10 +167,7 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str]]) -> list[Message]
         try:
             raw = os.stat(path).st_size
             cached = cache.get(uid)
-            if cached is not None and cached[0] == raw:
-                size = cached[1]
-            else:
-                size = crlf_size(path)
+            size = cached[1] if cached is not None and cached[0] == raw else crlf_size(path)
         except OSError:
             continue  # vanished between listing and stat: not part of the snapshot
         fresh[uid] = (raw, size)

@@ -46,9 +46,7 @@ def hash_password(password: str, cost: tuple[int, int, int] = DEFAULT_COST) -> s
     n, r, p = cost
     salt = os.urandom(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM)
-    return "$scrypt$n={},r={},p={}${}${}".format(
-        n, r, p, base64.b64encode(salt).decode(), base64.b64encode(digest).decode()
-    )
+    return f"$scrypt$n={n},r={r},p={p}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
 def is_password_hash(text: str) -> bool:

@@ -7,6 +7,7 @@ more than `FLUSH_THRESHOLD` octets, so memory per session stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -234,10 +235,8 @@ def make_handler(ctx: ServerContext):  # noqa: ANN201 - a StreamServer handle ca
 
     def handle(sock: socket.socket, address: tuple[Any, ...]) -> None:
         if metrics.current_connections >= ctx.settings.max_connections:
-            try:
+            with contextlib.suppress(OSError):
                 sock.sendall(TOO_MANY)
-            except OSError:
-                pass
             sock.close()
             return
         metrics.connection_opened()
