@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import resource
 import signal
 import socket
@@ -17,13 +18,18 @@ from gevent.server import StreamServer
 from geventpop3 import maildir
 from geventpop3.cli import Config
 from geventpop3.context import ServerContext
+from geventpop3.metrics import start_prometheus_server
+from geventpop3.msmp.session import start_admin_servers
+from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.pop3.session import make_handler
+from geventpop3.store import Store, StoreError
 from geventpop3.users import UserDirectory, UserError, hash_password
 
 log = logging.getLogger("geventpop3")
 
 LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 5.0
+STATE_DB = "geventpop3.db"
 DEMO_USER = ("demo", "demo")
 DEMO_MESSAGE = (
     b"From: geventpop3 <postmaster@localhost>\n"
@@ -79,6 +85,18 @@ def make_listeners(addresses: list[str] | None, port: int) -> list[socket.socket
     return listeners
 
 
+def open_store(state_dir: str | None) -> Store | None:
+    """The SQLite state store; without one the server still serves POP3 (logged loudly)."""
+    if state_dir is None:
+        return None
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        return Store(os.path.join(state_dir, STATE_DB))
+    except (OSError, StoreError) as exc:
+        log.error("cannot open the state database in %s, running WITHOUT persistent state: %s", state_dir, exc)
+        return None
+
+
 class App:
     """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0."""
 
@@ -88,6 +106,8 @@ class App:
         self.servers: list[StreamServer] = []
         self.sessions = Pool()
         self.ctx: ServerContext | None = None
+        self.store: Store | None = None
+        self.persister: Persister | None = None
 
     def run(self) -> int:
         config = self.config
@@ -95,18 +115,21 @@ class App:
         configure_logging(settings.log_level)
         settings.subscribe(self._on_setting)
         raise_file_limit()
+        self.store = open_store(config.state_dir)
         users = list(config.users)
         if config.demo:
             users.append(DEMO_USER)
         try:
-            directory = UserDirectory()
+            directory = UserDirectory(self.store)
             directory.add_configured(users)
         except UserError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
             return 2
-        ctx = ServerContext(settings=settings, users=directory)
+        ctx = ServerContext(settings=settings, users=directory, store=self.store)
         ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
         self.ctx = ctx
+        if self.store is not None:
+            self._restore_state(ctx, self.store)
         if config.demo:
             demo_dir = maildir.user_maildir(settings.maildir, DEMO_USER[0])
             maildir.ensure_maildir(demo_dir)
@@ -118,22 +141,43 @@ class App:
                 server.start()
                 self.servers.append(server)
                 log.info("pop3 listening on %s port %d", *listener.getsockname()[:2])
+            self.servers.extend(start_admin_servers(ctx, config.admin_addresses, config.admin_port))
+            if config.metrics_port is not None:
+                self.servers.append(start_prometheus_server(ctx.metrics, config.metrics_address, config.metrics_port))
+                log.info("prometheus metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
         except OSError as exc:
-            print(f"geventpop3: cannot listen for POP3: {exc.strerror or exc}", file=sys.stderr)
+            print(f"geventpop3: cannot listen: {exc.strerror or exc}", file=sys.stderr)
             self._close_servers()
             return 2
         for signum in (signal.SIGTERM, signal.SIGINT):
             gevent.signal_handler(signum, self.stopping.set)
-        log.info("geventpop3 ready: maildir=%s users=%d", settings.maildir, len(directory))
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s", settings.maildir, len(directory),
+                 config.state_dir if self.store is not None else "none")
         self.stopping.wait()
         self.shutdown()
         return 0
+
+    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
+        """Counters and SET values of earlier runs; flags given now still win."""
+        try:
+            ctx.metrics.restore(store.load_counters())
+            restore_settings(ctx.settings, store, skip=self.config.explicit)
+        except StoreError as exc:
+            log.error("state database unreadable, starting from defaults: %s", exc)
+        persist_settings(ctx.settings, store)
+        self.persister = Persister(ctx, store)
+        ctx.persister = self.persister
+        self.persister.start()
 
     def shutdown(self) -> None:
         """Stop accepting, end open sessions (no UPDATE without QUIT), flush state."""
         log.info("shutting down: %d open sessions", len(self.sessions))
         self._close_servers()
         self.sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
+        if self.persister is not None:
+            self.persister.stop()
+        if self.store is not None:
+            self.store.close()
         log.info("stopped")
 
     def _close_servers(self) -> None:

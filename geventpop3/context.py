@@ -18,6 +18,8 @@ class ServerContext:
     access_log: AccessLog = field(default_factory=AccessLog)
     # The persistent store (geventpop3.store.Store) when state is kept; None in unit tests.
     store: Any = None
+    # The background writer of counters and access logs (geventpop3.persister.Persister).
+    persister: Any = None
     # Filters for retrieved mail (geventpop3.transform), None until configured.
     transformers: Any = None
     # POP3 users with an open session in this process -> number of sessions.

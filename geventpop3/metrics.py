@@ -137,3 +137,48 @@ class AccessLog:
     def take_pending(self) -> list[AccessEntry]:
         taken, self.pending = self.pending, []
         return taken
+
+
+class PrometheusCollector:
+    """Exposes `Metrics` to prometheus-client, reading the same counters MSMP STAT shows."""
+
+    _COUNTERS = (
+        ("connections", "total_connections", "POP3 connections accepted"),
+        ("bytes_sent", "bytes_sent", "octets sent on POP3"),
+        ("bytes_received", "bytes_received", "octets received on POP3"),
+        ("logins_ok", "logins_ok", "successful POP3 logins"),
+        ("logins_failed", "logins_failed", "failed POP3 logins"),
+        ("messages_retrieved", "messages_retrieved", "messages sent by RETR"),
+        ("messages_deleted", "messages_deleted", "messages removed in UPDATE"),
+        ("transformer_runs", "transformer_runs", "filter runs"),
+        ("transformer_failures", "transformer_failures", "filter runs that failed"),
+        ("transformer_timeouts", "transformer_timeouts", "filter runs killed after the timeout"),
+        ("transformer_cache_hits", "transformer_cache_hits", "filtered messages served from the cache"),
+        ("transformer_seconds", "transformer_seconds", "seconds spent running filters"),
+    )
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def collect(self):  # noqa: ANN201 - prometheus-client's collector protocol
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        m = self.metrics
+        for name, attribute, doc in self._COUNTERS:
+            yield CounterMetricFamily(f"geventpop3_{name}", doc, value=getattr(m, attribute))
+        yield GaugeMetricFamily("geventpop3_current_connections", "open POP3 connections", value=m.current_connections)
+        yield GaugeMetricFamily("geventpop3_max_concurrent_connections", "most simultaneous POP3 connections",
+                                value=m.max_concurrent)
+        yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
+
+
+def start_prometheus_server(metrics: Metrics, address: str, port: int):  # noqa: ANN201 - a gevent WSGIServer
+    """Serve the OpenMetrics/Prometheus text format on http://address:port/metrics."""
+    from gevent.pywsgi import WSGIServer
+    from prometheus_client import CollectorRegistry, make_wsgi_app
+
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PrometheusCollector(metrics))
+    server = WSGIServer((address, port), make_wsgi_app(registry), log=None)
+    server.start()
+    return server

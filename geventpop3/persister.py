@@ -107,13 +107,11 @@ class Persister:
             if counters != self._saved_counters:
                 self.store.save_counters(counters)
                 self._saved_counters = counters
-        except Exception as exc:  # noqa: BLE001 - the store must never take POP3 down
+        except Exception as exc:  # the store must never take POP3 down
             self._failed(exc)
             return False
         if self.failures:
-            log.warning(
-                "state database %s writable again after %d failed attempts", self.store.path, self.failures
-            )
+            log.warning("state database %s writable again after %d failed attempts", self.store.path, self.failures)
             self.failures = 0
             self._last_report = float("-inf")
         return True
@@ -123,7 +121,7 @@ class Persister:
         settings = self.context.settings
         try:
             removed = self.store.prune(settings.log_retention_count, settings.log_retention_days)
-        except Exception as exc:  # noqa: BLE001 - logged, retried later
+        except Exception as exc:  # logged, retried later
             self._failed(exc)
             return 0
         if removed:
@@ -147,6 +145,17 @@ class Persister:
                 self._failed(exc)
                 stored = []
             return (stored + self.unsaved(user))[-limit:]
+
+    def log_count(self, user: str) -> int:
+        """How many entries `user` has, stored or not (for MSMP LIST), without double counting."""
+        with self._flushing:
+            self._flush_locked()
+            try:
+                stored = self.store.access_count(user)
+            except StoreError as exc:
+                self._failed(exc)
+                stored = 0
+            return stored + len(self.unsaved(user))
 
     def _take(self) -> None:
         self._backlog.extend(self.context.access_log.take_pending())

@@ -12,6 +12,7 @@ process) becomes a `StoreError` with a readable message; the callers decide what
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -121,9 +122,7 @@ class Store:
 
     def _open(self) -> None:
         try:
-            db = sqlite3.connect(
-                self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
-            )
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
         try:
@@ -153,10 +152,8 @@ class Store:
                 return func(db)
             except sqlite3.Error as exc:
                 if db.in_transaction:
-                    try:
+                    with contextlib.suppress(sqlite3.Error):
                         db.rollback()
-                    except sqlite3.Error:
-                        pass
                 raise StoreError(f"cannot {action} state database {self.path}: {exc}") from exc
 
     def _read(self, func: Callable[[sqlite3.Connection], T]) -> T:
@@ -206,7 +203,8 @@ class Store:
     def save_setting(self, key: str, value_text: str) -> None:
         self._write(
             lambda db: db.execute(
-                "INSERT INTO settings (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 (key, value_text),
             ),
             durable=True,
@@ -224,7 +222,8 @@ class Store:
         rows = [(str(name), int(value)) for name, value in values.items()]
         self._write(
             lambda db: db.executemany(
-                "INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                "INSERT INTO counters (name, value) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 rows,
             )
         )
@@ -249,7 +248,9 @@ class Store:
         return [_entry(row) for row in reversed(rows)]
 
     def access_count(self, user: str) -> int:
-        return self._read(lambda db: db.execute("SELECT count(*) FROM access_log WHERE user = ?", (user,)).fetchone()[0])
+        return self._read(
+            lambda db: db.execute("SELECT count(*) FROM access_log WHERE user = ?", (user,)).fetchone()[0]
+        )
 
     def last_access(self, user: str) -> AccessEntry | None:
         entries = self.query_access(user, 1)
@@ -317,7 +318,7 @@ class _Failure:
 def _capture(func: Callable[..., T], args: tuple[Any, ...]) -> T | _Failure:
     try:
         return func(*args)
-    except Exception as exc:  # noqa: BLE001 - re-raised in the calling greenlet
+    except Exception as exc:  # re-raised in the calling greenlet
         return _Failure(exc)
 
 

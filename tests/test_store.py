@@ -12,7 +12,6 @@ from pathlib import Path
 
 import gevent
 import pytest
-from gevent import monkey
 
 from geventpop3.context import ServerContext
 from geventpop3.metrics import AccessEntry
@@ -20,10 +19,6 @@ from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.settings import Settings
 from geventpop3.store import Store, StoreError
 from geventpop3.users import UserDirectory
-
-# TEMPORARY, until the lead's tests/conftest.py patches for the whole suite. After the
-# imports (so no E402), which changes nothing: pytest imported these modules earlier anyway.
-monkey.patch_all()
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
@@ -39,8 +34,9 @@ def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
 
 
 def entry(user: str = "alice", when: float | None = None, port: int = 40000, event: str = "login") -> AccessEntry:
-    return AccessEntry(time=time.time() if when is None else when, user=user, address="127.0.0.1", port=port,
-                       event=event)
+    return AccessEntry(
+        time=time.time() if when is None else when, user=user, address="127.0.0.1", port=port, event=event
+    )
 
 
 @pytest.fixture
@@ -75,8 +71,13 @@ def make_context() -> ServerContext:
 
 def run_child(code: str, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 # -- users, settings, counters -------------------------------------------------------
@@ -174,8 +175,20 @@ def test_query_access_last_n_oldest_first(store: Store) -> None:
 
 
 def test_access_entry_fields_round_trip(store: Store) -> None:
-    original = AccessEntry(time=1700000000.25, user="alice", address="::1", port=1234, event="logout", retr=3,
-                           dele=1, top=2, bytes=12345, duration=1.5, ended="quit", detail="transformer failed x1")
+    original = AccessEntry(
+        time=1700000000.25,
+        user="alice",
+        address="::1",
+        port=1234,
+        event="logout",
+        retr=3,
+        dele=1,
+        top=2,
+        bytes=12345,
+        duration=1.5,
+        ended="quit",
+        detail="transformer failed x1",
+    )
     store.append_access([original])
     assert store.query_access("alice", 1) == [original]
 
@@ -189,8 +202,14 @@ def test_prune_by_count(store: Store) -> None:
 
 def test_prune_by_age(store: Store) -> None:
     now = time.time()
-    store.append_access([entry("alice", when=now - 100 * 86400, port=1), entry("bob", when=now - 91 * 86400, port=2),
-                         entry("alice", when=now - 10 * 86400, port=3), entry("alice", when=now, port=4)])
+    store.append_access(
+        [
+            entry("alice", when=now - 100 * 86400, port=1),
+            entry("bob", when=now - 91 * 86400, port=2),
+            entry("alice", when=now - 10 * 86400, port=3),
+            entry("alice", when=now, port=4),
+        ]
+    )
     assert store.prune(keep_per_user=1000, max_age_days=90) == 2
     assert [e.port for e in store.query_access("alice", 10)] == [3, 4]
     assert store.access_count("bob") == 0
@@ -306,6 +325,7 @@ def test_flush_makes_entry_visible_now_and_stop_flushes(store: Store) -> None:
     assert [e.port for e in store.query_access("alice", 5)] == [1]
     context.access_log.record(entry("alice", port=2))
     assert [e.port for e in persister.logs("alice", 5)] == [1, 2]
+    assert persister.log_count("alice") == 2
     context.access_log.record(entry("alice", port=3))
     assert persister.stop()
     assert not persister.running
@@ -328,11 +348,11 @@ def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptur
         assert len(errors) == 1  # loud, but not flooding
         assert "locked" in errors[0].getMessage()
         assert [e.port for e in persister.logs("alice", 10)] == [0, 1, 2]  # still shown by LOGS
+        assert persister.log_count("alice") == 3
     finally:
         lock.release()
     try:
-        wait_for(lambda: store.access_count("alice") == 3)
-        assert persister.failures == 0
+        wait_for(lambda: store.access_count("alice") == 3 and persister.failures == 0)
         assert any("writable again" in r.getMessage() for r in caplog.records)
     finally:
         persister.stop()
