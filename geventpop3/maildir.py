@@ -319,7 +319,9 @@ def deliver(maildir: str, content: bytes) -> str:
     """Deliver one message the Maildir way: write into tmp/, then rename into new/."""
     ensure_maildir(maildir)
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
-    name = f"{int(time.time())}.M{time.time_ns() // 1000 % 1_000_000}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
+    # One clock reading, microseconds zero-padded: names sort in delivery order.
+    now = time.time_ns()
+    name = f"{now // 10**9}.M{now // 1000 % 1_000_000:06d}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
     temp = os.path.join(maildir, "tmp", name)
     with open(temp, "wb") as handle:
         handle.write(content)

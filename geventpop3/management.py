@@ -142,13 +142,13 @@ class ManagementBackend:
     # -- access log -----------------------------------------------------------
     def _unsaved(self, name: str) -> list[AccessEntry]:
         """Entries recorded but not yet in the store (all of them without a store)."""
-        persister = getattr(self.ctx, "persister", None)
+        persister = self.ctx.persister
         if persister is not None:
             return persister.unsaved(name)
         return [entry for entry in self.ctx.access_log.pending if entry.user == name]
 
     def _log_count(self, name: str) -> int:
-        persister = getattr(self.ctx, "persister", None)
+        persister = self.ctx.persister
         if persister is not None:
             persister.flush()
         stored = 0
@@ -160,7 +160,7 @@ class ManagementBackend:
         return stored + len(self._unsaved(name))
 
     def logs(self, user: str, n: int) -> list[str]:
-        persister = getattr(self.ctx, "persister", None)
+        persister = self.ctx.persister
         if persister is not None:
             entries = persister.logs(user, n)  # flushes first; falls back to memory
         else:

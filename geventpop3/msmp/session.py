@@ -27,6 +27,8 @@ log = logging.getLogger("geventpop3.msmp")
 DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
 RECV_SIZE = 16 * 1024
 BACKLOG = 128
+LINGER_SECONDS = 1.0  # at most this long, and this much input, read after our last answer
+LINGER_OCTETS = 64 * 1024
 
 Handler = Callable[[Any, Any], None]
 
@@ -40,6 +42,7 @@ def serve_admin(ctx: ServerContext) -> Handler:
         log.debug("MSMP connection from %s", peer)
         try:
             _session(ctx, MsmpProtocol(backend), sock, peer)
+            _linger(sock)
         except OSError as exc:  # reset, broken pipe: the client went away
             log.debug("MSMP %s: %s", peer, exc)
         except Exception:  # never let an exception reach gevent's handler
@@ -87,6 +90,19 @@ def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, pe
         log.warning("MSMP %s: closed after %d failed logins", peer, protocol.login_failures)
 
 
+def _linger(sock: socket.socket) -> None:
+    """Send FIN, then read what the client still sends, briefly: closing with unread
+    input would reset the connection and could lose our last answer (`+OK Bye`)."""
+    sock.shutdown(socket.SHUT_WR)
+    sock.settimeout(LINGER_SECONDS)
+    drained = 0
+    while drained < LINGER_OCTETS:
+        data = sock.recv(RECV_SIZE)
+        if not data:
+            return
+        drained += len(data)
+
+
 def _peer(address: Any) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
@@ -94,21 +110,48 @@ def _peer(address: Any) -> str:
     return str(address)
 
 
-def _listener(address: str, port: int) -> socket.socket:
+def _endpoints(address: str) -> list[tuple[int, str]]:
+    """(family, host) to bind for an address or host name: every address it resolves to."""
+    infos = socket.getaddrinfo(address, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    found: list[tuple[int, str]] = []
+    for family, _, _, _, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in found:
+            found.append((family, sockaddr[0]))
+    return found
+
+
+def _listener(family: int, host: str, port: int) -> socket.socket:
     """A listening socket with SO_REUSEADDR (and IPV6_V6ONLY for IPv6)."""
-    infos = socket.getaddrinfo(address, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    family, kind, proto, _, sockaddr = infos[0]
-    sock = socket.socket(family, kind, proto)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
+        sock.bind((host, port))
         sock.listen(BACKLOG)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _bind(address: str, port: int, shared_port: bool) -> list[socket.socket]:
+    """Listeners for one address; with `shared_port` (an ephemeral port picked for an
+    earlier address) fall back to a fresh ephemeral port if that one is taken here."""
+    listeners: list[socket.socket] = []
+    try:
+        for family, host in _endpoints(address):
+            try:
+                listeners.append(_listener(family, host, port))
+            except OSError as exc:
+                if not shared_port or exc.errno != errno.EADDRINUSE:
+                    raise
+                listeners.append(_listener(family, host, 0))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 def _ipv6_unavailable(exc: OSError) -> bool:
@@ -118,9 +161,10 @@ def _ipv6_unavailable(exc: OSError) -> bool:
 def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int) -> list[StreamServer]:
     """Start MSMP listeners on `addresses` (default: 127.0.0.1 and ::1) and `port`.
 
-    With port 0 the first listener picks a free port and the others reuse it, so
-    one number reaches every address. Without IPv6, the default ::1 is skipped
-    quietly; an address given explicitly that cannot be bound raises OSError.
+    A host name binds every address it resolves to. With port 0 the first listener
+    picks a free port and the others reuse it, so one number reaches every address.
+    Without IPv6, the default ::1 is skipped quietly; an address given explicitly
+    that cannot be bound raises OSError, with the address in its message.
     """
     handler = serve_admin(ctx)
     defaults = not addresses
@@ -129,23 +173,20 @@ def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: i
     try:
         for address in (DEFAULT_ADDRESSES if defaults else addresses):
             try:
-                try:
-                    listener = _listener(address, port)
-                except OSError as exc:
-                    if requested != 0 or port == 0 or exc.errno != errno.EADDRINUSE:
-                        raise
-                    listener = _listener(address, 0)  # the shared ephemeral port is taken here
+                listeners = _bind(address, port, shared_port=requested == 0 and port != 0)
             except OSError as exc:
                 if defaults and ":" in address and _ipv6_unavailable(exc):
                     log.info("MSMP: IPv6 loopback unavailable (%s), listening on IPv4 only", exc)
                     continue
-                raise OSError(exc.errno, f"cannot listen for MSMP on {address} port {port}: {exc.strerror or exc}") from exc
-            if port == 0:
-                port = listener.getsockname()[1]
-            server = StreamServer(listener, handler)
-            server.start()
-            servers.append(server)
-            log.info("MSMP listening on %s", _peer(listener.getsockname()))
+                why = exc.strerror or exc
+                raise OSError(exc.errno, f"cannot listen for MSMP on {address} port {port}: {why}") from exc
+            for listener in listeners:
+                if port == 0:
+                    port = listener.getsockname()[1]
+                server = StreamServer(listener, handler)
+                server.start()
+                servers.append(server)
+                log.info("MSMP listening on %s", _peer(listener.getsockname()))
     except BaseException:
         for server in servers:
             server.stop()

@@ -80,6 +80,7 @@ ERR_NO_SUCH = b"-ERR No such message\r\n"
 ERR_DELETED = b"-ERR Message is deleted\r\n"
 ERR_UNAVAILABLE = b"-ERR [SYS/TEMP] Message is no longer available\r\n"
 ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
+ERR_ENDING = b"-ERR Session is ending\r\n"
 
 LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN}
 
@@ -111,6 +112,8 @@ class Pop3Protocol:
     def handle(self, line: bytes | object) -> Action:
         if line is LINE_TOO_LONG:
             return ERR_TOO_LONG
+        if self.state is State.UPDATE:
+            return ERR_ENDING  # QUIT was taken: no second Update, no more marks
         assert isinstance(line, bytes)
         keyword, _, rest = line.partition(b" ")
         keyword = keyword.upper()
