@@ -3,18 +3,27 @@
 Responses to a batch of pipelined commands are gathered and written with one
 `sendall`; message content is streamed in chunks and flushed once the batch holds
 more than `FLUSH_THRESHOLD` octets, so memory per session stays bounded.
+
+Parking: a session waiting for its client holds no greenlet. When a read would
+block, the session starts an I/O watcher and an idle timer on the event loop and
+its greenlet ends; data (or the timer) spawns a fresh greenlet that carries on. A
+greenlet blocked in recv() keeps its saved stack (about 6 KiB with gevent's frames),
+so parking is what lets one process hold 10,000 idle sessions at a few KiB each.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import socket
 import time
 from typing import Any
 
 import gevent
+from gevent.pool import Pool
+from gevent.server import StreamServer
 
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
@@ -43,11 +52,19 @@ class Pop3Session:
     __slots__ = (
         "ctx", "sock", "address", "port", "protocol", "lock", "maildir", "sent", "received",
         "started", "ended", "_out", "_out_size", "deleted_count", "transform_failures",
+        "service", "fd", "buffer", "_watcher", "_timer", "_done",
     )
 
-    def __init__(self, ctx: ServerContext, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(self, service: Pop3Service, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        ctx = service.ctx
+        self.service = service
         self.ctx = ctx
         self.sock = sock
+        self.fd = sock.fileno()
+        self.buffer = LineBuffer()
+        self._watcher: Any = None
+        self._timer: Any = None
+        self._done = False
         host = str(address[0])
         # Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
         self.address = host[7:] if host.startswith("::ffff:") and "." in host else host
@@ -82,41 +99,100 @@ class Pop3Session:
         self.ctx.metrics.bytes_sent += len(data)
 
     # -- main loop -----------------------------------------------------------
-    def run(self) -> None:
-        settings = self.ctx.settings
-        protocol = self.protocol
-        buffer = LineBuffer()
-        metrics = self.ctx.metrics
+    def greet(self) -> None:
+        self._queue(self.protocol.greeting())
+        self.serve()
+
+    def serve(self) -> None:
+        """Answer what the client sent; park when it goes quiet, end when it is over."""
+        if self._done:
+            return
         try:
-            self._queue(protocol.greeting())
+            self.sock.settimeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
             self._flush()
-            while not protocol.closing:
-                self.sock.settimeout(settings.idle_timeout)
-                try:
-                    data = self.sock.recv(RECV_SIZE)
-                except TimeoutError:
-                    self.ended = "timeout"
-                    self._queue(b"-ERR Idle timeout, closing connection\r\n")
-                    self._flush()
-                    return
-                if not data:
-                    return
-                self.received += len(data)
-                metrics.bytes_received += len(data)
-                for line in buffer.feed(data):
-                    self._dispatch(protocol.handle(line))
-                    if protocol.closing:
-                        break
-                self._flush()
-            if self.ended == "disconnect":
-                self.ended = "closed"
+            over = self._pump()
         except gevent.GreenletExit:
-            self.ended = "shutdown"
+            self.ended, over = "shutdown", True
         except OSError:
-            self.ended = "disconnect"  # reset by peer, broken pipe: nothing to answer
+            self.ended, over = "disconnect", True  # reset by peer, broken pipe: nothing to answer
         except Exception:  # never let one session take the server down
-            self.ended = "error"
+            self.ended, over = "error", True
             log.exception("pop3 session error: rip=%s", self.address)
+        if over:
+            self.close()
+        else:
+            self._park()
+
+    def _pump(self) -> bool:
+        """Read and answer until a read would block (False) or the session is over (True)."""
+        protocol = self.protocol
+        metrics = self.ctx.metrics
+        while not protocol.closing:
+            try:
+                data = os.read(self.fd, RECV_SIZE)
+            except BlockingIOError:
+                return False
+            if not data:
+                return True
+            self.received += len(data)
+            metrics.bytes_received += len(data)
+            for line in self.buffer.feed(data):
+                self._dispatch(protocol.handle(line))
+                if protocol.closing:
+                    break
+            self._flush()
+        if self.ended == "disconnect":
+            self.ended = "closed"
+        return True
+
+    def _park(self) -> None:
+        loop = gevent.get_hub().loop
+        if self._watcher is None:
+            self._watcher = loop.io(self.fd, 1)
+        self._watcher.start(self._wake)
+        self._timer = loop.timer(self.ctx.settings.idle_timeout)
+        self._timer.start(self._idle)
+        self.service.parked.add(self)
+
+    def _unpark(self) -> None:
+        self.service.parked.discard(self)
+        if self._watcher is not None:
+            self._watcher.stop()
+        if self._timer is not None:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+    def _wake(self) -> None:
+        """Event-loop callback: the client sent something (or closed)."""
+        self._unpark()
+        self.service.pool.spawn(self.serve)
+
+    def _idle(self) -> None:
+        """Event-loop callback: the client was silent for idle_timeout seconds."""
+        self._unpark()
+        self.ended = "timeout"
+        self._queue(b"-ERR Idle timeout, closing connection\r\n")
+        self.service.pool.spawn(self.close)
+
+    def close(self) -> None:
+        """End the session once, however it ended: lock, logs, counters, socket."""
+        if self._done:
+            return
+        self._done = True
+        self._unpark()
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None
+        try:
+            if self.ended in ("timeout", "shutdown"):
+                with contextlib.suppress(OSError):
+                    self.sock.settimeout(1.0)
+                    self._flush()
+        finally:
+            self.finish()
+            self.ctx.metrics.connection_closed()
+            self.sock.close()
 
     def _dispatch(self, action: object) -> None:
         if type(action) is bytes:
@@ -229,23 +305,39 @@ class Pop3Session:
         ))
 
 
-def make_handler(ctx: ServerContext):  # noqa: ANN201 - a StreamServer handle callable
-    """The StreamServer handler: enforce the connection limit, run, always clean up."""
-    metrics = ctx.metrics
+class Pop3Service:
+    """All POP3 sessions of one process: the StreamServer handler and shutdown."""
 
-    def handle(sock: socket.socket, address: tuple[Any, ...]) -> None:
-        if metrics.current_connections >= ctx.settings.max_connections:
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.pool = Pool()  # greenlets of sessions that are doing something
+        self.parked: set[Pop3Session] = set()  # sessions waiting for their client
+
+    def handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """StreamServer handler: enforce the connection limit, then greet and serve."""
+        metrics = self.ctx.metrics
+        if metrics.current_connections >= self.ctx.settings.max_connections:
             with contextlib.suppress(OSError):
                 sock.sendall(TOO_MANY)
             sock.close()
             return
         metrics.connection_opened()
-        session = Pop3Session(ctx, sock, address)
-        try:
-            session.run()
-        finally:
-            metrics.connection_closed()
-            session.finish()
-            sock.close()
+        Pop3Session(self, sock, address).greet()
 
-    return handle
+    def __len__(self) -> int:
+        return len(self.pool) + len(self.parked)
+
+    def shutdown(self, timeout: float) -> None:
+        """End every session without UPDATE: busy ones are killed, parked ones closed."""
+        for session in list(self.parked):
+            session.ended = "shutdown"
+            session.close()
+        self.pool.kill(block=True, timeout=timeout)
+
+
+class Pop3Server(StreamServer):
+    """A StreamServer whose sessions close their own sockets: a parked session
+    outlives the greenlet that accepted it."""
+
+    def do_close(self, *args: Any) -> None:
+        pass
