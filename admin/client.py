@@ -7,6 +7,7 @@ blocks only its own greenlet.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -165,10 +166,8 @@ class MsmpClient:
         sock, self._sock = self._sock, None
         self._buffer = b""
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     def __enter__(self) -> Self:
         self.connect()

@@ -9,6 +9,7 @@ never a traceback. The password never appears on the command line: it comes from
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
@@ -118,7 +119,8 @@ def read_password(args: argparse.Namespace, where: str) -> str:
             with open(args.password_file, encoding="utf-8") as handle:
                 password = handle.readline().rstrip("\r\n")
         except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"cannot read password file {args.password_file}: {getattr(exc, 'strerror', exc)}")
+            why = getattr(exc, "strerror", None) or exc
+            raise UsageError(f"cannot read password file {args.password_file}: {why}") from None
         if not password:
             raise UsageError(f"password file {args.password_file} is empty")
         return password
@@ -387,10 +389,8 @@ class Shell:
         except ImportError:  # e.g. a Python built without it: plain input() still works
             return
         self._readline = readline
-        try:
+        with contextlib.suppress(OSError, UnicodeDecodeError):
             readline.read_history_file(self.history_path)
-        except (OSError, UnicodeDecodeError):
-            pass
         readline.set_history_length(1000)
         readline.set_auto_history(False)  # we add lines ourselves, leaving out passwords
         readline.set_completer(self.complete)

@@ -12,7 +12,6 @@ import sys
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from geventpop3 import maildir
@@ -21,8 +20,9 @@ from geventpop3.context import ServerContext
 from geventpop3.metrics import start_prometheus_server
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.persister import Persister, persist_settings, restore_settings
-from geventpop3.pop3.session import make_handler
+from geventpop3.pop3.session import Pop3Server, Pop3Service
 from geventpop3.store import Store, StoreError
+from geventpop3.transform import Transformers
 from geventpop3.users import UserDirectory, UserError, hash_password
 
 log = logging.getLogger("geventpop3")
@@ -104,7 +104,7 @@ class App:
         self.config = config
         self.stopping = Event()
         self.servers: list[StreamServer] = []
-        self.sessions = Pool()
+        self.pop3: Pop3Service | None = None
         self.ctx: ServerContext | None = None
         self.store: Store | None = None
         self.persister: Persister | None = None
@@ -128,8 +128,10 @@ class App:
         ctx = ServerContext(settings=settings, users=directory, store=self.store)
         ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
         self.ctx = ctx
+        self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
+        ctx.transformers = Transformers(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
         if config.demo:
             demo_dir = maildir.user_maildir(settings.maildir, DEMO_USER[0])
             maildir.ensure_maildir(demo_dir)
@@ -137,7 +139,7 @@ class App:
                 maildir.deliver(demo_dir, DEMO_MESSAGE)
         try:
             for listener in make_listeners(config.pop3_addresses, config.pop3_port):
-                server = StreamServer(listener, make_handler(ctx), spawn=self.sessions)
+                server = Pop3Server(listener, self.pop3.handle, spawn=self.pop3.pool)
                 server.start()
                 self.servers.append(server)
                 log.info("pop3 listening on %s port %d", *listener.getsockname()[:2])
@@ -171,9 +173,10 @@ class App:
 
     def shutdown(self) -> None:
         """Stop accepting, end open sessions (no UPDATE without QUIT), flush state."""
-        log.info("shutting down: %d open sessions", len(self.sessions))
+        log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
         self._close_servers()
-        self.sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
+        if self.pop3 is not None:
+            self.pop3.shutdown(SHUTDOWN_GRACE)
         if self.persister is not None:
             self.persister.stop()
         if self.store is not None:

@@ -97,6 +97,8 @@ def _load_toml(path: str) -> dict[str, Any]:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path}: not UTF-8 text") from None
 
 
 _FLAG_SETTINGS = {
@@ -109,6 +111,25 @@ _FILE_ONLY_KEYS = {
     "pop3_address", "pop3_port", "admin_address", "admin_port", "users", "admins", "users_file",
     "state_dir", "metrics_address", "metrics_port", "transformers",
 }
+# TOML types of the keys used as they are (settings keys go through their parsers instead).
+_FILE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
+    "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str, "maildir": str,
+    "metrics_address": str, "transformers": dict,
+}
+
+
+def _check_file_types(values: dict[str, Any]) -> None:
+    """A value of the wrong TOML type is one clear line, not a traceback later on."""
+    for key, kinds in _FILE_TYPES.items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds) or (
+                isinstance(value, list) and not all(isinstance(item, str) for item in value)):
+            raise UsageError(f"config file: {key} has the wrong type")
+        if key.endswith("_port") and not 0 <= value <= 65535:
+            raise UsageError(f"config file: invalid port {value!r}")
 
 
 def parse_config(argv: list[str]) -> Config:
@@ -117,6 +138,7 @@ def parse_config(argv: list[str]) -> Config:
     unknown = set(file_values) - set(KEYS) - _FILE_ONLY_KEYS
     if unknown:
         raise UsageError(f"config file: unknown key {sorted(unknown)[0]!r}")
+    _check_file_types(file_values)
 
     settings = Settings()
     for name, spec in file_values.get("transformers", {}).items():

@@ -45,7 +45,8 @@ def valid_password(password: str) -> bool:
 def hash_password(password: str, cost: tuple[int, int, int] = DEFAULT_COST) -> str:
     n, r, p = cost
     salt = os.urandom(16)
-    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM)
+    # surrogateescape as in verify_password: a non-UTF-8 password from argv hashes, not crashes
+    digest = hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM)
     return f"$scrypt$n={n},r={r},p={p}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
 
 
@@ -163,17 +164,20 @@ class UserDirectory:
 def parse_users_file(path: str) -> list[tuple[str, str]]:
     """`name:password` or `name:$scrypt$...` lines; `#` comments and blank lines skipped."""
     entries = []
-    with open(path, encoding="utf-8") as handle:
-        for number, raw in enumerate(handle, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            name, sep, secret = line.partition(":")
-            if not sep or not secret:
-                raise UserError(f"{path}:{number}: expected name:password")
-            if not valid_username(name):
-                raise UserError(f"{path}:{number}: unsafe user name {name!r}")
-            entries.append((name, secret))
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, raw in enumerate(handle, 1):
+                line = raw.strip()
+                if not line or line.startswith("#"):
+                    continue
+                name, sep, secret = line.partition(":")
+                if not sep or not secret:
+                    raise UserError(f"{path}:{number}: expected name:password")
+                if not valid_username(name):
+                    raise UserError(f"{path}:{number}: unsafe user name {name!r}")
+                entries.append((name, secret))
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text") from None
     return entries
 
 

@@ -104,15 +104,13 @@ def start_server(tmp: Path, admin_host: str = "127.0.0.1") -> Server:
     maildir, state_dir = tmp / "mail", tmp / "state"
     maildir.mkdir(parents=True)
     state_dir.mkdir()
-    config = tmp / "geventpop3.toml"
-    config.write_text("login_failure_delay = 0.1\n")
     pop3_port, admin_port = free_port(), free_port(admin_host)
     log_path = tmp / "server.log"
     argv = [
         sys.executable, "-m", "geventpop3",
         "-p", str(pop3_port), "-l", "127.0.0.1",
         "-P", str(admin_port), "-L", admin_host,
-        "-d", str(maildir), "--state-dir", str(state_dir), "--config", str(config),
+        "-d", str(maildir), "--state-dir", str(state_dir), "--login-failure-delay", "0.1",
         "-u", f"{ALICE}:{ALICE_PASSWORD}", "-a", f"{ADMIN}:{ADMIN_PASSWORD}",
     ]
     with open(log_path, "wb") as log_file:

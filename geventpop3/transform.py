@@ -1,0 +1,376 @@
+"""External mail filters ("transformers"): every message of a snapshot, through a program.
+
+Sizes rule: at login, before `+OK`, every message of the snapshot that has no cached
+output is filtered (in parallel, at most `transformer_concurrency` filter processes
+in the whole server), so STAT, LIST, RETR and TOP all see the filtered message and
+its exact size. The output is cached under the state directory, keyed by (UIDL, size
+of the original, filter identity = hash of the argv chain): a message is filtered
+once per filter, and a second login only lists one directory.
+
+No pipe carries a message: the filter's stdin is the stored file itself (opened
+read-only) and its stdout a spool file beside the cache, so a message of any size can
+neither deadlock nor pass through the server's memory. Only stderr is a pipe, drained
+by a greenlet that keeps the first 4 KiB for the log. A spool file becomes a cache
+entry (by rename) only after the filter exited 0 with a non-empty output; every other
+outcome removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import signal
+import tempfile
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from subprocess import PIPE, TimeoutExpired
+from typing import Any, BinaryIO
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.subprocess import Popen
+
+from geventpop3 import maildir
+from geventpop3.maildir import Message
+from geventpop3.users import valid_username
+
+log = logging.getLogger("geventpop3.transform")
+
+STDERR_KEEP = 4096  # bytes of a filter's stderr kept for the log
+STDERR_GRACE = 1.0  # seconds to wait for stderr EOF after the filter exited
+THREADPOOL_BYTES = 1 << 20  # outputs past this are sized and synced off the event loop
+TEMP_PREFIX = ".tmp-"
+ENV_PASSED = ("PATH", "LANG", "HOME")
+FAILED_ERROR = "message filter failed, try again later"
+
+
+class FilterFailed(Exception):
+    """One run went wrong; `kind` says how (exit code 1, timeout, not found, empty output...)."""
+
+    def __init__(self, kind: str, stderr: bytes = b"") -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.stderr = stderr
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What the `transformer` setting names, resolved to the programs to run in order."""
+
+    name: str
+    steps: tuple[tuple[str, ...], ...]
+    identity: str  # names the cache: same argv chain, same cache
+
+    @classmethod
+    def of(cls, name: str, steps: Sequence[Sequence[str]]) -> Filter:
+        steps = tuple(tuple(argv) for argv in steps)
+        if not steps or not all(steps):
+            raise ValueError("empty command")
+        digest = hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:32]
+        return cls(name, steps, digest)
+
+
+def resolve(settings: Any, value: str) -> Filter | None:
+    """The filter `value` names: `none`, a chain or named command of the config file, or a command line.
+
+    A chain (`settings.transformer_chains`: name -> names of commands) runs its
+    commands in order, each reading the previous one's output.
+    """
+    if value == "none":
+        return None
+    named: dict[str, list[str]] = settings.named_transformers
+    chains: dict[str, list[str]] = getattr(settings, "transformer_chains", None) or {}
+    if value in chains:
+        missing = [step for step in chains[value] if step not in named]
+        if missing:
+            raise ValueError(f"chain {value} names an unknown transformer: {missing[0]}")
+        return Filter.of(value, [named[step] for step in chains[value]])
+    if value in named:
+        return Filter.of(value, [named[value]])
+    return Filter.of(value, [shlex.split(value)])
+
+
+def filter_env(user: str, uid: str, address: str, port: int) -> dict[str, str]:
+    """The filter's whole environment: built from scratch so no secret of the server leaks."""
+    env = {name: os.environ[name] for name in ENV_PASSED if name in os.environ}
+    env.setdefault("PATH", os.defpath)
+    env["GEVENTPOP3_USER"] = user
+    env["GEVENTPOP3_UIDL"] = uid
+    env["GEVENTPOP3_CLIENT_ADDRESS"] = address
+    env["GEVENTPOP3_CLIENT_PORT"] = str(port)
+    return env
+
+
+class Limiter:
+    """A counting semaphore whose size can change while greenlets wait on it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+        self._waiters: deque[Event] = deque()
+
+    def __enter__(self) -> Limiter:
+        while self.active >= self.limit:
+            waiter = Event()
+            self._waiters.append(waiter)
+            try:
+                waiter.wait()
+            finally:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+        self.active += 1
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active -= 1
+        self._wake()
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        self._wake()
+
+    def _wake(self) -> None:
+        for waiter in list(self._waiters)[: max(self.limit - self.active, 0)]:
+            waiter.set()
+
+
+def _drain(pipe: BinaryIO) -> bytes:
+    """Read a pipe to its end (so the writer never blocks), keeping only the first bytes."""
+    kept = bytearray()
+    while True:
+        chunk = pipe.read(65536)
+        if not chunk:
+            return bytes(kept)
+        if len(kept) < STDERR_KEEP:
+            kept += chunk[: STDERR_KEEP - len(kept)]
+
+
+def _kill_group(proc: Popen) -> None:
+    """SIGKILL the filter and whatever it started (it leads its own session), then reap it."""
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.kill()
+    proc.wait()
+
+
+def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float) -> None:
+    """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed."""
+    with open(source, "rb") as stdin:
+        out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                proc = Popen(list(argv), stdin=stdin, stdout=out_fd, stderr=PIPE, env=env, close_fds=True,
+                             start_new_session=True)
+            except FileNotFoundError:
+                raise FilterFailed("not found") from None
+            except PermissionError:
+                raise FilterFailed("not executable") from None
+            except OSError as exc:
+                raise FilterFailed(f"cannot start: {exc.strerror or exc}") from None
+        finally:
+            os.close(out_fd)
+    assert proc.stderr is not None
+    reader = gevent.spawn(_drain, proc.stderr)
+    kind = None
+    try:
+        try:
+            code = proc.wait(timeout=timeout)
+        except TimeoutExpired:
+            _kill_group(proc)
+            kind = "timeout"
+            code = proc.returncode
+        except BaseException:  # the session was killed (shutdown): never leave the child behind
+            _kill_group(proc)
+            raise
+        reader.join(timeout=STDERR_GRACE)  # a grandchild may still hold stderr open
+        _kill_group(proc)  # nothing it left behind may write into the output after this
+    finally:
+        reader.kill()
+        proc.stderr.close()
+    stderr = reader.value or b""
+    if kind is None and code != 0:
+        kind = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+    if kind is None and os.stat(output).st_size == 0:
+        kind = "empty output"
+    if kind is not None:
+        raise FilterFailed(kind, stderr)
+    if stderr:
+        log.info("transformer stderr: argv0=%s stderr=%r", argv[0], stderr)
+
+
+def _seal(path: str) -> int:
+    """Sync a finished output to disk and return its CRLF size (what RETR sends)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return maildir.crlf_size(path)
+
+
+def _entry_name(uid: str, source_size: int, size: int) -> str:
+    return f"{uid}.{source_size}.{size}"
+
+
+def _parse_entry(name: str) -> tuple[str, int, int] | None:
+    parts = name.rsplit(".", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit() or name.startswith("."):
+        return None
+    return parts[0], int(parts[1]), int(parts[2])
+
+
+class Transformers:
+    """The server's filter runner and output cache; `ctx.transformers` of the sessions."""
+
+    def __init__(self, ctx: Any, cache_dir: str | None) -> None:
+        """`cache_dir`: normally <state-dir>/filtered; None (no state dir) uses a private temporary one."""
+        self.ctx = ctx
+        try:
+            if cache_dir is None:
+                raise OSError("no state directory")
+            self.cache_dir = os.path.abspath(cache_dir)
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+        except OSError as exc:  # filters still work, only the cache does not outlive the process
+            self.cache_dir = tempfile.mkdtemp(prefix="geventpop3-filtered-")
+            log.warning("transformer cache in %s (%s): outputs will not be kept across restarts", self.cache_dir,
+                        getattr(exc, "strerror", None) or exc)
+        self.limiter = Limiter(ctx.settings.transformer_concurrency)
+        ctx.settings.subscribe(self._on_setting)
+
+    def _on_setting(self, key: str, old: object, new: Any) -> None:
+        if key == "transformer_concurrency":
+            self.limiter.resize(int(new))
+
+    # -- login ---------------------------------------------------------------
+    def prepare(self, messages: list[Message], *, user: str, address: str, port: int) -> list[Message]:
+        """The snapshot as the session must see it: each message filtered, failed, or passed through.
+
+        Called at login with the mailbox lock held, so nobody else touches this user's cache.
+        """
+        settings = self.ctx.settings
+        try:
+            flt = resolve(settings, settings.transformer)
+        except ValueError as exc:
+            log.error("transformer %r unusable: %s", settings.transformer, exc)
+            return [self._failed(message, user, "unusable", None, quiet=True) for message in messages]
+        if flt is None:
+            return messages
+        if not valid_username(user):
+            raise ValueError("unsafe user name")
+        user_root = os.path.join(self.cache_dir, user)
+        directory = os.path.join(user_root, flt.identity)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        self._drop_other_filters(user_root, flt.identity)
+        cached = self._scan(directory, messages)
+
+        result: list[Message] = list(messages)
+        misses: list[int] = []
+        for index, message in enumerate(messages):
+            hit = cached.get((message.uid, message.size))
+            if hit is not None:
+                result[index] = replace(message, path=hit[0], size=hit[1])
+                self.ctx.metrics.transformer_cache_hits += 1
+            else:
+                misses.append(index)
+        if misses:
+            def work(index: int) -> tuple[int, Message]:
+                return index, self._filter_message(flt, messages[index], directory, user, address, port)
+
+            pool = Pool(max(1, min(len(misses), self.limiter.limit)))
+            try:
+                for index, message in pool.imap_unordered(work, misses):
+                    result[index] = message
+            finally:
+                pool.kill()  # if the session dies mid-way (shutdown), so do its filters
+        return result
+
+    def _drop_other_filters(self, user_root: str, identity: str) -> None:
+        """A user's outputs of earlier filters are useless now: the cache holds one filter per user."""
+        with contextlib.suppress(OSError), os.scandir(user_root) as entries:
+            for entry in entries:
+                if entry.name != identity:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+
+    def _scan(self, directory: str, messages: list[Message]) -> dict[tuple[str, int], tuple[str, int]]:
+        """Cached outputs still wanted, by (uid, source size); removes the others and stale temporaries."""
+        wanted = {(message.uid, message.size) for message in messages}
+        found: dict[tuple[str, int], tuple[str, int]] = {}
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                parsed = _parse_entry(entry.name)
+                key = (parsed[0], parsed[1]) if parsed is not None else None
+                if key is not None and key in wanted and key not in found:
+                    found[key] = (entry.path, parsed[2])  # type: ignore[index]
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+        return found
+
+    # -- one message ---------------------------------------------------------
+    def _filter_message(self, flt: Filter, message: Message, directory: str, user: str, address: str,
+                        port: int) -> Message:
+        try:
+            path, size = self._run_chain(flt, message, directory, filter_env(user, message.uid, address, port))
+        except FilterFailed as failure:
+            return self._failed(message, user, failure.kind, flt, failure.stderr)
+        return replace(message, path=path, size=size)
+
+    def _run_chain(self, flt: Filter, message: Message, directory: str, env: dict[str, str]) -> tuple[str, int]:
+        settings = self.ctx.settings
+        metrics = self.ctx.metrics
+        temps: list[str] = []
+        current = message.source
+        try:
+            for argv in flt.steps:
+                output = os.path.join(directory, TEMP_PREFIX + os.urandom(8).hex())
+                temps.append(output)
+                with self.limiter:
+                    started = time.monotonic()
+                    metrics.transformer_runs += 1
+                    try:
+                        run_program(argv, current, output, env, settings.transformer_timeout)
+                    except FilterFailed as failure:
+                        metrics.transformer_failures += 1
+                        if failure.kind == "timeout":
+                            metrics.transformer_timeouts += 1
+                        raise
+                    except OSError as exc:  # the stored message vanished, the spool is unwritable...
+                        metrics.transformer_failures += 1
+                        raise FilterFailed(f"spool error: {exc.strerror or exc}") from None
+                    finally:
+                        metrics.transformer_seconds += time.monotonic() - started
+                current = output
+            try:
+                if os.stat(current).st_size > THREADPOOL_BYTES:
+                    size = gevent.get_hub().threadpool.apply(_seal, (current,))
+                else:
+                    size = _seal(current)
+                final = os.path.join(directory, _entry_name(message.uid, message.size, size))
+                os.replace(current, final)
+            except OSError as exc:
+                raise FilterFailed(f"spool error: {exc.strerror or exc}") from None
+            temps.remove(current)
+            return final, size
+        finally:
+            for temp in temps:
+                with contextlib.suppress(OSError):
+                    os.unlink(temp)
+
+    def _failed(self, message: Message, user: str, kind: str, flt: Filter | None, stderr: bytes = b"",
+                quiet: bool = False) -> Message:
+        policy = self.ctx.settings.transformer_failure
+        if not quiet:
+            log.warning("transformer failed: user=%s uid=%s filter=%s kind=%s policy=%s stderr=%r", user,
+                        message.uid, flt.name if flt else "-", kind, policy, stderr)
+        if policy == "passthrough":
+            return message  # the original file and its size
+        return replace(message, error=FAILED_ERROR)

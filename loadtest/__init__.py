@@ -1,0 +1,1 @@
+"""Load tests and benchmarks of geventpop3 (run from the repository root)."""

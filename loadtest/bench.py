@@ -1,0 +1,421 @@
+"""Speed and memory of geventpop3 beside Dovecot, on loopback (issue 2).
+
+Starts each server itself on a Maildir tree it builds, runs each phase against a
+fresh server process, checks every byte it reads, and writes medians and ratios to
+Dovecot into a Markdown file. Every phase is bounded (a duration, a count and
+socket timeouts), so the whole run ends by itself.
+
+    python -m loadtest.bench                    # all phases, 3 runs, with Dovecot
+    python -m loadtest.bench --only pipeline --runs 5 --no-dovecot
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+from gevent.pool import Pool  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from loadtest.benchlib import (  # noqa: E402
+    BenchError,
+    Dataset,
+    Dovecot,
+    GeventPop3,
+    Pop3Client,
+    Server,
+    build_dataset,
+    memory,
+    parse_listing,
+    reset_indexes,
+    reset_peak,
+    status_kib,
+)
+
+PHASES = ("sessions", "pipeline", "login", "retr", "held")
+NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench-core.md")
+
+Result = dict[str, float]
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# -- phases --------------------------------------------------------------------
+
+def one_session(port: int, user: str, expected: dict[str, bytes]) -> None:
+    """Login, STAT, LIST, UIDL, RETR every message, QUIT; checks every answer."""
+    client = Pop3Client(port, timeout=30)
+    try:
+        client.login(user)
+        stat = client.command("STAT").split()
+        total = sum(map(len, expected.values()))
+        if stat[1:3] != [str(len(expected)).encode(), str(total).encode()]:
+            raise BenchError(f"{user}: STAT {stat!r}, expected {len(expected)} {total}")
+        client.command("LIST")
+        sizes = parse_listing(client.multiline())
+        client.command("UIDL")
+        uids = parse_listing(client.multiline())
+        if sorted(u.decode() for u in uids.values()) != sorted(expected):
+            raise BenchError(f"{user}: UIDL does not match the delivered files")
+        for number, uid in sorted(uids.items()):
+            client.command(f"RETR {number}")
+            body = client.multiline()
+            want = expected[uid.decode()]
+            if body != want or int(sizes[number]) != len(want):
+                raise BenchError(f"{user}: RETR {number} differs from the delivered file")
+        client.quit()
+    finally:
+        client.close()
+
+
+def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """Full sessions per second, one client per user, for a fixed duration."""
+    done = [0]
+    in_use = [0]
+    errors: list[str] = []
+    start = time.perf_counter()
+    deadline = start + opts.duration
+
+    def worker(user: str) -> None:
+        while time.perf_counter() < deadline and not errors:
+            try:
+                one_session(server.port, user, data.expected[user])
+                done[0] += 1
+            except BenchError as exc:
+                if "IN-USE" in str(exc):
+                    in_use[0] += 1  # the previous session's lock not yet gone: try again
+                    gevent.sleep(0.001)
+                    continue
+                errors.append(str(exc))
+            except OSError as exc:
+                errors.append(f"{user}: {exc}")
+
+    greenlets = [gevent.spawn(worker, user) for user in data.session_users[:opts.clients]]
+    gevent.joinall(greenlets, timeout=opts.duration + 60)
+    gevent.killall(greenlets, timeout=5)
+    elapsed = time.perf_counter() - start
+    if errors:
+        raise BenchError(f"{len(errors)} failed sessions, first: {errors[0]}")
+    return {"sessions_per_s": done[0] / elapsed, "sessions": done[0], "in_use_retries": in_use[0]}
+
+
+def phase_pipeline(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """1,000 commands (NOOP, LIST 1, UIDL 1, STAT) in one write: time to the last answer."""
+    client = Pop3Client(server.port, timeout=30)
+    client.login("pipe")
+    expected = data.expected["pipe"]
+    client.command("UIDL")
+    uids = parse_listing(client.multiline())
+    client.command("LIST")
+    sizes = parse_listing(client.multiline())
+    total = sum(map(len, expected.values()))
+    commands = [b"NOOP", b"LIST 1", b"UIDL 1", b"STAT"]
+    answers = [None, b"+OK 1 " + sizes[1], b"+OK 1 " + uids[1], b"+OK %d %d" % (len(expected), total)]
+    payload = b"".join(commands[i % 4] + b"\r\n" for i in range(opts.pipeline))
+    times = []
+    for _ in range(opts.pipeline_reps):
+        begin = time.perf_counter()
+        client.sock.sendall(payload)
+        lines = [client.line() for _ in range(opts.pipeline)]
+        times.append(time.perf_counter() - begin)
+        for index, line in enumerate(lines):
+            want = answers[index % 4]
+            if (want is None and not line.startswith(b"+OK")) or (want is not None and line != want):
+                raise BenchError(f"pipelined answer {index}: {line[:60]!r}, expected {want!r}")
+    client.quit()
+    return {"pipeline_ms": statistics.median(times) * 1000, "pipeline_best_ms": min(times) * 1000}
+
+
+def phase_login(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """Login to the 10,000-message mailbox with no cache (first), then again (second)."""
+    reset_indexes(os.path.join(data.root, "many"))
+    result: Result = {}
+    for which in ("first", "second"):
+        client = Pop3Client(server.port, timeout=120)
+        client.command("USER many")
+        begin = time.perf_counter()
+        client.command("PASS pw-many")
+        logged_in = time.perf_counter()
+        stat = client.command("STAT").split()
+        stated = time.perf_counter()
+        if stat[1:3] != [str(data.many_count).encode(), str(data.many_total).encode()]:
+            raise BenchError(f"many: STAT {stat!r}, expected {data.many_count} {data.many_total}")
+        client.quit()
+        result[f"{which}_login_ms"] = (logged_in - begin) * 1000
+        result[f"{which}_login_stat_ms"] = (stated - begin) * 1000
+    return result
+
+
+def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """RETR of the big message: throughput and the serving process's peak RSS growth."""
+    client = Pop3Client(server.port, timeout=120)
+    client.login("big")
+    size = int(client.command("LIST 1").split()[2])
+    if size != len(data.big_expected):
+        raise BenchError(f"big: LIST says {size}, expected {len(data.big_expected)}")
+    if isinstance(server, Dovecot):
+        pids = server.pop3_pids()
+        if len(pids) != 1:
+            raise BenchError(f"expected one dovecot pop3 process, found {len(pids)}")
+        pid = pids[0]
+    else:
+        pid = server.pids()[0]
+    rss_before = status_kib(pid, "VmRSS")
+    reset_peak(pid)
+    begin = time.perf_counter()
+    client.sock.sendall(b"RETR 1\r\n")
+    client.ok()
+    body = client.multiline(chunk=1 << 20)
+    elapsed = client.finished - begin
+    peak = status_kib(pid, "VmHWM")
+    if body != data.big_expected:
+        raise BenchError("big: RETR differs from the delivered file")
+    client.quit()
+    return {"retr_mb_per_s": len(data.big_expected) / elapsed / 1e6, "retr_s": elapsed,
+            "peak_growth_kib": peak - rss_before, "rss_before_kib": rss_before}
+
+
+def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """N sessions logged in at once, answering NOOP in rounds; server memory before and during."""
+    users = data.held_users[:opts.held]
+    gevent.sleep(0.5)
+    before_pss, before_rss = memory(server.pids())
+    clients: list[Pop3Client] = []
+    errors: list[str] = []
+
+    def open_one(user: str) -> None:
+        try:
+            client = Pop3Client(server.port, timeout=120)
+            clients.append(client)
+            client.login(user)
+        except (OSError, BenchError) as exc:
+            errors.append(f"{user}: {exc}")
+
+    begin = time.perf_counter()
+    pool = Pool(opts.held_concurrency)
+    for user in users:
+        if time.perf_counter() - begin > opts.held_timeout or errors:
+            break
+        pool.spawn(open_one, user)
+    pool.join(timeout=max(1.0, opts.held_timeout - (time.perf_counter() - begin)))
+    pool.kill(timeout=5)
+    established = time.perf_counter() - begin
+    result: Result = {"sessions": len(clients) - len(errors), "establish_s": established,
+                      "before_pss_kib": before_pss, "before_rss_kib": before_rss}
+    try:
+        if errors or len(clients) < len(users):
+            raise BenchError(f"only {len(clients) - len(errors)} of {len(users)} sessions logged in"
+                             + (f"; first error: {errors[0]}" if errors else ""))
+        samples = [memory(server.pids())]
+        round_times = []
+
+        def noop(client: Pop3Client) -> None:
+            try:
+                client.command("NOOP")
+            except (OSError, BenchError) as exc:
+                errors.append(str(exc))
+
+        for _ in range(opts.noop_rounds):
+            start = time.perf_counter()
+            pool = Pool(2000)
+            pool.map(noop, clients)
+            round_times.append(time.perf_counter() - start)
+            if errors:
+                raise BenchError(f"{len(errors)} NOOPs failed, first: {errors[0]}")
+            samples.append(memory(server.pids()))
+        during_pss = max(s[0] for s in samples)
+        during_rss = max(s[1] for s in samples)
+        result.update({
+            "during_pss_kib": during_pss, "during_rss_kib": during_rss,
+            "kib_per_session_pss": (during_pss - before_pss) / len(users),
+            "kib_per_session_rss": (during_rss - before_rss) / len(users),
+            "noop_round_s": statistics.median(round_times),
+        })
+    finally:
+        for client in clients:
+            client.close()
+    return result
+
+
+PHASE_FUNCS: dict[str, Callable[[Server, Dataset, argparse.Namespace], Result]] = {
+    "sessions": phase_sessions, "pipeline": phase_pipeline, "login": phase_login,
+    "retr": phase_retr, "held": phase_held,
+}
+
+# phase -> (metric, higher is better, description, target check on (geventpop3, dovecot) -> (met, text))
+TargetCheck = Callable[[float, float | None], tuple[bool | None, str]]
+HEADLINE: dict[str, tuple[str, str, TargetCheck]] = {
+    "sessions": ("sessions_per_s", "full sessions/s, 50 clients",
+                 lambda g, d: (None, "needs Dovecot") if d is None else (g >= 3 * d, ">= 3x Dovecot")),
+    "held": ("kib_per_session_pss", "server PSS KiB per held session",
+             lambda g, d: (g <= 8, "<= 8 KiB/session")),
+    "retr": ("retr_mb_per_s", "RETR 64 MiB, MB/s",
+             lambda g, d: (None, "needs Dovecot") if d is None else (g >= d, ">= Dovecot")),
+    "pipeline": ("pipeline_ms", "1,000 pipelined commands, ms",
+                 lambda g, d: (None, "needs Dovecot") if d is None else (g <= 2 * d, "<= 2x Dovecot")),
+    "login": ("second_login_ms", "second login, 10,000 messages, ms", lambda g, d: (g < 200, "< 200 ms")),
+}
+
+
+# -- driver --------------------------------------------------------------------
+
+def start_server(kind: str, port: int, data: Dataset, workdir: str) -> Server:
+    if kind == "geventpop3":
+        return GeventPop3(port, data, workdir)
+    return Dovecot(port, data)
+
+
+def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """phase -> server -> metric -> one value per run."""
+    workdir = opts.workdir or tempfile.mkdtemp(prefix="geventpop3-bench.")
+    os.makedirs(workdir, exist_ok=True)
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    try:
+        log(f"building the Maildir tree in {workdir}")
+        needs_held = "held" in opts.only
+        data = build_dataset(workdir, held=opts.held if needs_held else 0, sessions_users=opts.clients,
+                             many=opts.many if "login" in opts.only else 0,
+                             big_size=(opts.big_mib << 20) if "retr" in opts.only else 4096, log=log)
+        kinds = ["geventpop3"] + ([] if opts.no_dovecot else ["dovecot"])
+        for run in range(opts.runs):
+            for phase in opts.only:
+                for offset, kind in enumerate(kinds):
+                    log(f"run {run + 1}/{opts.runs}: {phase} on {kind}")
+                    port = opts.port_base + offset
+                    server = start_server(kind, port, data, workdir)
+                    try:
+                        values = PHASE_FUNCS[phase](server, data, opts)
+                    except BenchError as exc:
+                        log(f"  FAILED: {exc}")
+                        values = {"failed": 1.0}
+                    finally:
+                        server.stop()
+                    log("  " + ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
+                                         for k, v in values.items()))
+                    slot = results.setdefault(phase, {}).setdefault(kind, {})
+                    for key, value in values.items():
+                        slot.setdefault(key, []).append(float(value))
+    finally:
+        if not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return results
+
+
+def median(values: list[float] | None) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.2f}"
+
+
+def machine() -> list[str]:
+    dovecot = subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout.strip() or "-"
+    import gevent as g
+
+    return [f"- nproc: {os.cpu_count()}", f"- uname -a: `{' '.join(platform.uname())}`",
+            f"- Python {platform.python_version()}, gevent {g.__version__}, Dovecot {dovecot}"]
+
+
+def report(results: dict[str, Any], opts: argparse.Namespace) -> str:
+    lines = ["# Benchmark of the POP3 core (issue 2): geventpop3 beside Dovecot", "",
+             f"Written by `python -m loadtest.bench` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
+             f"runs={opts.runs}, phases={','.join(opts.only)}.", "", "## Machine", *machine(), "",
+             "## Headline (medians of the runs; ratio = geventpop3 / Dovecot)", "",
+             "| phase | metric | geventpop3 | Dovecot | ratio | target | met |",
+             "|---|---|---:|---:|---:|---|---|"]
+    for phase in opts.only:
+        if phase not in results:
+            continue
+        metric, text, check = HEADLINE[phase]
+        g = median(results[phase].get("geventpop3", {}).get(metric))
+        d = median(results[phase].get("dovecot", {}).get(metric))
+        ratio = f"{g / d:.2f}" if g is not None and d else "-"
+        met, target = check(g, d) if g is not None else (None, "-")
+        mark = {True: "yes", False: "**no**", None: "-"}[met]
+        lines.append(f"| {phase} | {text} | {fmt(g)} | {fmt(d)} | {ratio} | {target} | {mark} |")
+    lines += ["", "## Every figure (median, and each run)", ""]
+    for phase in opts.only:
+        if phase not in results:
+            continue
+        lines += [f"### {phase}", "", "| server | metric | median | runs |", "|---|---|---:|---|"]
+        for kind, metrics in results[phase].items():
+            for key, values in metrics.items():
+                lines.append(f"| {kind} | {key} | {fmt(median(values))} | {', '.join(fmt(v) for v in values)} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(text: str, path: str) -> None:
+    notes = ""
+    if os.path.exists(path):
+        with open(path) as handle:
+            old = handle.read()
+        if NOTES_MARKER in old:
+            notes = old[old.index(NOTES_MARKER):]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        handle.write(text + "\n" + (notes or NOTES_MARKER + "\n"))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--only", action="append", choices=PHASES, help="run only this phase (repeatable)")
+    add("--runs", type=int, default=3, help="runs per phase and server; medians are reported (default 3)")
+    add("--no-dovecot", action="store_true", help="measure geventpop3 alone")
+    add("--port-base", type=int, default=21110, help="geventpop3 listens here, Dovecot on the next port")
+    add("--duration", type=float, default=10.0, help="seconds of the sessions phase (default 10)")
+    add("--clients", type=int, default=50, help="concurrent clients of the sessions phase (default 50)")
+    add("--held", type=int, default=10_000, help="sessions held at once (default 10000)")
+    add("--held-concurrency", type=int, default=200, help="logins in flight while opening them (default 200)")
+    add("--held-timeout", type=float, default=300.0, help="seconds allowed to open the held sessions")
+    add("--noop-rounds", type=int, default=3, help="NOOP rounds over the held sessions (default 3)")
+    add("--pipeline", type=int, default=1000, help="commands in the pipelined write (default 1000)")
+    add("--pipeline-reps", type=int, default=5, help="pipelined writes per run; their median counts")
+    add("--many", type=int, default=10_000, help="messages of the login phase's mailbox (default 10000)")
+    add("--big-mib", type=int, default=64, help="size of the RETR phase's message in MiB (default 64)")
+    add("--workdir", help="where to build the Maildir tree (default: a new temporary directory)")
+    add("--keep", action="store_true", help="keep the work directory")
+    add("--out", default=DEFAULT_OUT, help=f"Markdown result file (default {DEFAULT_OUT})")
+    opts = parser.parse_args(argv)
+    opts.only = [p for p in PHASES if p in (opts.only or PHASES)]
+    if opts.held > 19_000 or opts.runs < 1 or opts.duration <= 0:
+        parser.error("--held at most 19000, --runs and --duration positive")
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = parse_args(argv)
+    if not opts.no_dovecot and shutil.which("dovecot") is None:
+        log("dovecot is not installed: measuring geventpop3 alone")
+        opts.no_dovecot = True
+    results = run_all(opts)
+    text = report(results, opts)
+    write_report(text, opts.out)
+    print(text)
+    log(f"written to {opts.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Helpers of the benchmark: test data, the two servers, memory readings, a POP3 client.
+
+Kept apart from `bench.py` so the phases read as measurements, not plumbing. The
+client is gevent-based (the caller monkey-patches) and verifies every byte it reads
+against what was delivered, so a fast but wrong server cannot win.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import psutil
+
+from geventpop3.users import hash_password
+
+BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
+DOVECOT_START = "/work/shared/tools/dovecot-peer-start.sh"
+DOVECOT_STOP = "/work/shared/tools/dovecot-peer-stop.sh"
+MAX_LINE = 1 << 20
+
+
+class BenchError(Exception):
+    """A server answered wrongly or too slowly: the run's figure is not valid."""
+
+
+# -- test data ---------------------------------------------------------------
+
+def crlf(raw: bytes) -> bytes:
+    """What RETR must send (before dot-stuffing) for a file stored with LF ends."""
+    data = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return data if data.endswith(b"\r\n") else data + b"\r\n"
+
+
+def make_message(seed: str, size: int) -> bytes:
+    """A deterministic LF-ended message of about `size` octets, with dot lines to stuff."""
+    head = (f"From: bench <bench@localhost>\nTo: {seed}@localhost\nSubject: benchmark {seed}\n"
+            f"Message-ID: <{seed}@bench>\n\n").encode()
+    lines = [head, b".a line starting with a dot\n", b".\n.. two dots\n"]
+    total = sum(map(len, lines))
+    counter = 0
+    while total < size:
+        digest = hashlib.sha256(f"{seed}/{counter}".encode()).digest() * 2
+        line = base64.b64encode(digest)[:75] + b"\n"
+        if counter % 17 == 5:
+            line = b"." + line[1:]
+        lines.append(line)
+        total += len(line)
+        counter += 1
+    return b"".join(lines)[:size - 1] + b"\n"
+
+
+def make_big_message(size: int) -> bytes:
+    """`size` octets of LF-ended lines (some starting with '.'), built from a 1 MiB block."""
+    block = make_message("big", 1 << 20)
+    body = block[block.index(b"\n\n") + 2:]
+    head = block[:block.index(b"\n\n") + 2]
+    parts = [head]
+    total = len(head)
+    while total < size:
+        parts.append(body)
+        total += len(body)
+    return b"".join(parts)[:size - 1] + b"\n"
+
+
+def deliver(maildir: str, name: str, content: bytes) -> None:
+    """Write a message straight into new/ (the benchmark owns the tree, no race to fear)."""
+    with open(os.path.join(maildir, "new", name), "wb") as handle:
+        handle.write(content)
+
+
+def make_maildir(root: str, user: str) -> str:
+    path = os.path.join(root, user)
+    for sub in ("cur", "new", "tmp"):
+        os.makedirs(os.path.join(path, sub), exist_ok=True)
+    return path
+
+
+def password(user: str) -> str:
+    return f"pw-{user}"
+
+
+@dataclass
+class Dataset:
+    """The Maildir tree both servers serve, the users files and the expected content."""
+
+    root: str
+    session_users: list[str]
+    held_users: list[str]
+    expected: dict[str, dict[str, bytes]] = field(default_factory=dict)  # user -> uid -> CRLF bytes
+    big_expected: bytes = b""
+    many_count: int = 0
+    many_total: int = 0
+    users_gevent: str = ""
+    users_dovecot: str = ""
+
+
+def build_dataset(workdir: str, held: int, sessions_users: int, many: int, big_size: int,
+                  log: Callable[[str], None]) -> Dataset:
+    root = os.path.join(workdir, "mail")
+    os.makedirs(root, exist_ok=True)
+    data = Dataset(root=root, session_users=[f"s{i:03d}" for i in range(sessions_users)],
+                   held_users=[f"h{i:05d}" for i in range(held)])
+    stamp = 1700000000
+    for user in data.session_users + ["pipe"]:
+        path = make_maildir(root, user)
+        data.expected[user] = {}
+        for index in range(10):
+            uid = f"{stamp + index}.M{index:06d}P1.bench-{user}"
+            content = make_message(f"{user}-{index}", 4096)
+            deliver(path, uid, content)
+            data.expected[user][uid] = crlf(content)
+    for user in data.held_users:
+        make_maildir(root, user)
+    log(f"delivering 1 message of {big_size >> 20} MiB and {many} small messages")
+    big = make_big_message(big_size)
+    deliver(make_maildir(root, "big"), f"{stamp}.M0P1.bench-big", big)
+    data.big_expected = crlf(big)
+    path = make_maildir(root, "many")
+    for index in range(many):
+        content = make_message(f"many-{index}", 1024 + index % 512)
+        deliver(path, f"{stamp + index}.M{index:06d}P1.bench-many", content)
+        data.many_total += len(crlf(content))
+    data.many_count = many
+    users = data.session_users + data.held_users + ["pipe", "big", "many"]
+    log(f"hashing {len(users)} passwords with the cheap benchmark cost n=2**8")
+    data.users_gevent = os.path.join(workdir, "users-geventpop3.txt")
+    data.users_dovecot = os.path.join(workdir, "users-dovecot.txt")
+    with open(data.users_gevent, "w") as gp, open(data.users_dovecot, "w") as dc:
+        for user in users:
+            gp.write(f"{user}:{hash_password(password(user), cost=BENCH_HASH_COST)}\n")
+            dc.write(f"{user}:{password(user)}\n")
+    return data
+
+
+def reset_indexes(maildir: str) -> None:
+    """Forget both servers' per-mailbox caches, so the next login is a first login."""
+    for name in os.listdir(maildir):
+        if name.startswith(("dovecot", "geventpop3.sizes")):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(maildir, name))
+
+
+# -- servers -----------------------------------------------------------------
+
+def wait_port(port: int, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            if sock.recv(512).startswith(b"+OK"):
+                return
+        time.sleep(0.05)
+    raise BenchError(f"server on port {port} did not greet in time")
+
+
+class Server:
+    """A started server: its name, port and the processes whose memory counts."""
+
+    name = "?"
+    port = 0
+
+    def pids(self) -> list[int]:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class GeventPop3(Server):
+    name = "geventpop3"
+
+    def __init__(self, port: int, data: Dataset, workdir: str) -> None:
+        self.port = port
+        config = os.path.join(workdir, "geventpop3.toml")
+        with open(config, "w") as handle:
+            handle.write("max_connections = 20000\n")
+        self.log_path = os.path.join(workdir, f"geventpop3-{port}.log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1", "-d", data.root,
+             "--users-file", data.users_gevent, "--config", config, "--state-dir", os.path.join(workdir, "state")],
+            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
+        try:
+            wait_port(port, time.monotonic() + 60)
+        except BenchError:
+            self.stop()
+            raise
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+class Dovecot(Server):
+    name = "dovecot"
+
+    def __init__(self, port: int, data: Dataset) -> None:
+        self.port = port
+        out = subprocess.run([DOVECOT_START, str(port), data.root, data.users_dovecot],
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise BenchError(f"dovecot peer did not start: {out.stderr.strip()[-300:]}")
+        self.run_dir = out.stdout.strip().splitlines()[-1]
+        with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
+            self.master = int(handle.read().strip())
+        wait_port(port, time.monotonic() + 60)
+
+    def pids(self) -> list[int]:
+        try:
+            master = psutil.Process(self.master)
+            return [self.master] + [child.pid for child in master.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def pop3_pids(self) -> list[int]:
+        found = []
+        for pid in self.pids():
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/comm") as handle:
+                if handle.read().strip() == "pop3":
+                    found.append(pid)
+        return found
+
+    def stop(self) -> None:
+        subprocess.run([DOVECOT_STOP, self.run_dir], capture_output=True, timeout=120)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and psutil.pid_exists(self.master):
+            time.sleep(0.1)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# -- memory ------------------------------------------------------------------
+
+def rollup(pid: int) -> tuple[int, int]:
+    """(PSS, RSS) in KiB of one process, (0, 0) if it is gone."""
+    pss = rss = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as handle:
+            for line in handle:
+                if line.startswith("Pss:"):
+                    pss = int(line.split()[1])
+                elif line.startswith("Rss:"):
+                    rss = int(line.split()[1])
+    except OSError:
+        pass
+    return pss, rss
+
+
+def memory(pids: list[int]) -> tuple[int, int]:
+    """Summed (PSS, RSS) in KiB over `pids` (RSS double-counts shared pages; PSS does not)."""
+    pss = rss = 0
+    for pid in pids:
+        p, r = rollup(pid)
+        pss += p
+        rss += r
+    return pss, rss
+
+
+def status_kib(pid: int, field_name: str) -> int:
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {field_name} for pid {pid}")
+
+
+def reset_peak(pid: int) -> None:
+    """Make VmHWM start again from the current RSS (clear_refs 5, Linux 4.0+)."""
+    with open(f"/proc/{pid}/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+# -- client ------------------------------------------------------------------
+
+class Pop3Client:
+    """A minimal POP3 client that checks what it reads; raises BenchError on anything wrong."""
+
+    __slots__ = ("sock", "buf", "finished")
+
+    def __init__(self, port: int, timeout: float = 60.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.finished = 0.0  # perf_counter() when the last multi-line terminator arrived
+        self.ok()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self, size: int = 65536) -> None:
+        data = self.sock.recv(size)
+        if not data:
+            raise BenchError("server closed the connection")
+        self.buf += data
+
+    def line(self) -> bytes:
+        scan = 0
+        while True:
+            end = self.buf.find(b"\r\n", scan)
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) > MAX_LINE:
+                raise BenchError("response line too long")
+            scan = max(0, len(self.buf) - 1)
+            self._fill()
+
+    def ok(self) -> bytes:
+        line = self.line()
+        if not line.startswith(b"+OK"):
+            raise BenchError(f"expected +OK, got {line[:80]!r}")
+        return line
+
+    def command(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + b"\r\n")
+        return self.ok()
+
+    def multiline(self, chunk: int = 65536) -> bytes:
+        """The body of a multi-line response (status already read), un-dot-stuffed."""
+        scan = 0
+        while True:
+            if self.buf[:3] == b".\r\n":
+                self.finished = time.perf_counter()
+                del self.buf[:3]
+                return b""
+            end = self.buf.find(b"\r\n.\r\n", scan)
+            if end >= 0:
+                self.finished = time.perf_counter()
+                body = bytes(self.buf[:end + 2])
+                del self.buf[:end + 5]
+                if body.startswith(b".."):
+                    body = body[1:]
+                return body.replace(b"\r\n..", b"\r\n.")
+            scan = max(0, len(self.buf) - 4)
+            self._fill(chunk)
+
+    def login(self, user: str) -> None:
+        self.command(f"USER {user}")
+        self.command(f"PASS {password(user)}")
+
+    def quit(self) -> None:
+        """QUIT, then wait for the server to close: its mailbox lock is released by then."""
+        self.command("QUIT")
+        with contextlib.suppress(OSError):
+            while self.sock.recv(4096):
+                pass
+        self.sock.close()
+
+
+def parse_listing(body: bytes) -> dict[int, bytes]:
+    result = {}
+    for row in body.split(b"\r\n"):
+        if row:
+            number, value = row.split(b" ", 1)
+            result[int(number)] = value
+    return result

@@ -1,0 +1,533 @@
+"""Maildir: snapshot, exact sizes and their cache, streaming RETR/TOP, the lock, UPDATE deletes."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from geventpop3 import maildir
+from geventpop3.maildir import Message
+
+REPO = str(Path(__file__).resolve().parent.parent)
+
+
+# -- reference implementation ------------------------------------------------
+
+def ref_crlf(raw: bytes) -> bytes:
+    """What RETR sends before dot-stuffing: CRLF line ends, a final line end added if missing."""
+    data = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and not data.endswith(b"\n"):
+        data += b"\r\n"
+    return data
+
+
+def ref_stuff(data: bytes) -> bytes:
+    return (b"\n" + data).replace(b"\n.", b"\n..")[1:]
+
+
+def ref_top(raw: bytes, body_lines: int) -> bytes:
+    """The headers, the blank line, then `body_lines` lines (the whole message if no blank line)."""
+    data = ref_crlf(raw)
+    lines = [part + b"\n" for part in data.split(b"\n")[:-1]]
+    if b"\r\n" not in lines:
+        return data
+    blank = lines.index(b"\r\n")
+    return b"".join(lines[: blank + 1 + body_lines])
+
+
+# -- helpers -----------------------------------------------------------------
+
+class ShortReads(io.RawIOBase):
+    """A file whose reads return at most a few octets, as raw I/O may: forces tiny chunks."""
+
+    def __init__(self, data: bytes, sizes: Iterator[int]) -> None:
+        self._data = data
+        self._position = 0
+        self._sizes = sizes
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        step = next(self._sizes)
+        if size >= 0:
+            step = min(step, size)
+        chunk = self._data[self._position:self._position + step]
+        self._position += len(chunk)
+        return chunk
+
+
+def fixed(size: int) -> Iterator[int]:
+    while True:
+        yield size
+
+
+def randomly(rng: random.Random, high: int) -> Iterator[int]:
+    while True:
+        yield rng.randint(1, high)
+
+
+def crlf(raw: bytes, chunk_size: int) -> bytes:
+    return b"".join(maildir._crlf_chunks(io.BytesIO(raw), chunk_size=chunk_size))
+
+
+def stream(raw: bytes, body_lines: int | None = None, sizes: Iterator[int] | None = None) -> bytes:
+    handle = ShortReads(raw, sizes) if sizes is not None else io.BytesIO(raw)
+    chunks = list(maildir.message_chunks(handle, body_lines))  # type: ignore[arg-type]
+    assert all(chunks), "no empty chunks"
+    return b"".join(chunks)
+
+
+def make_maildir(root: Path, user: str = "alice") -> Path:
+    path = root / user
+    maildir.ensure_maildir(str(path))
+    return path
+
+
+def put(box: Path, sub: str, name: str, content: bytes) -> Path:
+    path = box / sub / name
+    path.write_bytes(content)
+    return path
+
+
+# -- CRLF conversion and dot-stuffing -----------------------------------------
+
+CASES = {
+    "lf": (b"A: 1\nB: 2\n\nbody\n", b"A: 1\r\nB: 2\r\n\r\nbody\r\n"),
+    "crlf": (b"A: 1\r\n\r\nbody\r\n", b"A: 1\r\n\r\nbody\r\n"),
+    "mixed": (b"A: 1\r\nB: 2\n\r\nx\ny\r\n", b"A: 1\r\nB: 2\r\n\r\nx\r\ny\r\n"),
+    "no final newline": (b"A: 1\n\nlast", b"A: 1\r\n\r\nlast\r\n"),
+    "empty": (b"", b""),
+    "only newline": (b"\n", b"\r\n"),
+    "lone cr kept": (b"a\rb\n", b"a\rb\r\n"),
+    "trailing cr": (b"a\r", b"a\r\r\n"),
+    "cr cr lf": (b"a\r\r\nb\n", b"a\r\r\nb\r\n"),
+    "nul and binary": (b"\x00\xff\n\x80\x00", b"\x00\xff\r\n\x80\x00\r\n"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, maildir.CHUNK_SIZE])
+def test_crlf_conversion(name: str, chunk_size: int) -> None:
+    raw, expected = CASES[name]
+    assert ref_crlf(raw) == expected
+    assert crlf(raw, chunk_size) == expected
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 5])
+def test_cr_at_chunk_end_followed_by_lf(chunk_size: int) -> None:
+    raw = b"ab\r\ncd\r\n\r\n.x\r\n"
+    assert crlf(raw, chunk_size) == raw
+    assert stream(raw, sizes=fixed(chunk_size)) == b"ab\r\ncd\r\n\r\n..x\r\n"
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    (b".", b"..\r\n"),
+    (b".\n", b"..\r\n"),
+    (b"a\n.\nb\n", b"a\r\n..\r\nb\r\n"),
+    (b"a\n..b\n", b"a\r\n...b\r\n"),
+    (b"a.b\n .c\n", b"a.b\r\n .c\r\n"),
+    (b"a\r\n.\r\n", b"a\r\n..\r\n"),
+    (b"\n.\n.\n", b"\r\n..\r\n..\r\n"),
+    (b"x\n.", b"x\r\n..\r\n"),  # a `.` line after a bare LF, at the very end, no final newline
+])
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 1000])
+def test_dot_stuffing(raw: bytes, expected: bytes, chunk_size: int) -> None:
+    assert stream(raw, sizes=fixed(chunk_size)) == expected
+
+
+def test_dot_at_chunk_start() -> None:
+    raw = b"abc\n.def\n"
+    for size in range(1, len(raw) + 1):
+        assert stream(raw, sizes=fixed(size)) == b"abc\r\n..def\r\n", size
+
+
+def test_body_never_ends_the_response_early() -> None:
+    """Whatever the file, the stream never contains CRLF.CRLF (the end marker)."""
+    rng = random.Random(7)
+    for _ in range(200):
+        raw = bytes(rng.choice(b".\r\nab") for _ in range(rng.randint(0, 60)))
+        out = stream(raw, sizes=randomly(rng, 5))
+        assert b"\r\n.\r\n" not in b"\r\n" + out
+        assert out == b"" or out.endswith(b"\r\n")
+
+
+def test_property_against_reference() -> None:
+    """Random contents (binary, NUL, dots, CR, LF) and random read sizes: RETR, TOP and sizes match."""
+    rng = random.Random(20240601)
+    alphabet = b"\r\n.\r\n.a \x00\xff:"
+    for _ in range(400):
+        length = rng.choice([0, 1, 2, 5, 20, 100, 600])
+        raw = bytes(rng.choice(alphabet) for _ in range(length))
+        high = rng.choice([1, 2, 3, 8, 64])
+        expected = ref_crlf(raw)
+        assert crlf(raw, rng.randint(1, high)) == expected, raw
+        assert stream(raw, sizes=randomly(rng, high)) == ref_stuff(expected), raw
+        body_lines = rng.choice([0, 1, 2, 5, 1000])
+        assert stream(raw, body_lines, sizes=randomly(rng, high)) == ref_stuff(ref_top(raw, body_lines)), (
+            raw, body_lines)
+
+
+# -- TOP ---------------------------------------------------------------------
+
+MESSAGE = b"From: a@example.org\nSubject: hi\n\nline 1\n.line 2\nline 3\n"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 5, 1000])
+def test_top_zero_sends_headers_and_blank_line_only(chunk_size: int) -> None:
+    assert stream(MESSAGE, 0, fixed(chunk_size)) == b"From: a@example.org\r\nSubject: hi\r\n\r\n"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_top_with_lines(chunk_size: int) -> None:
+    head = b"From: a@example.org\r\nSubject: hi\r\n\r\n"
+    assert stream(MESSAGE, 1, fixed(chunk_size)) == head + b"line 1\r\n"
+    assert stream(MESSAGE, 2, fixed(chunk_size)) == head + b"line 1\r\n..line 2\r\n"
+    assert stream(MESSAGE, 3, fixed(chunk_size)) == stream(MESSAGE)
+    assert stream(MESSAGE, 99, fixed(chunk_size)) == stream(MESSAGE)
+    assert stream(MESSAGE, 2**62, fixed(chunk_size)) == stream(MESSAGE)
+
+
+def test_top_of_message_without_blank_line_is_the_whole_message() -> None:
+    raw = b"From: a\nSubject: no body\n"
+    assert stream(raw, 0) == b"From: a\r\nSubject: no body\r\n"
+    assert stream(b"From: a", 0) == b"From: a\r\n"
+
+
+def test_top_of_message_starting_with_blank_line() -> None:
+    assert stream(b"\nbody\nmore\n", 0) == b"\r\n"
+    assert stream(b"\r\nbody\nmore\n", 1, fixed(1)) == b"\r\nbody\r\n"
+
+
+def test_top_of_empty_message() -> None:
+    assert stream(b"", 0) == b""
+
+
+def test_top_body_without_final_newline() -> None:
+    assert stream(b"A: 1\n\nonly", 5, fixed(2)) == b"A: 1\r\n\r\nonly\r\n"
+
+
+def test_blank_line_split_across_chunks() -> None:
+    raw = b"A: 1\r\nB: 2\r\n\r\nbody\r\nmore\r\n"
+    for size in range(1, len(raw) + 1):
+        assert stream(raw, 0, fixed(size)) == b"A: 1\r\nB: 2\r\n\r\n", size
+        assert stream(raw, 1, fixed(size)) == b"A: 1\r\nB: 2\r\n\r\nbody\r\n", size
+
+
+def test_large_message_streams_in_bounded_chunks(tmp_path: Path) -> None:
+    path = tmp_path / "big"
+    raw = b".\n" * (maildir.CHUNK_SIZE * 2) + b"end"  # every line dot-stuffed and converted
+    path.write_bytes(raw)
+    total = 0
+    with open(path, "rb") as handle:
+        for chunk in maildir.message_chunks(handle):
+            assert len(chunk) <= 2 * maildir.CHUNK_SIZE + 8
+            total += len(chunk)
+    assert total == len(ref_stuff(ref_crlf(raw)))
+    assert maildir.crlf_size(str(path)) == len(ref_crlf(raw))
+
+
+# -- snapshot and sizes --------------------------------------------------------
+
+def test_snapshot_new_and_cur_uidl_is_base_name(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.M1P1.host", b"A: 1\n\nnew\n")
+    put(box, "cur", "1001.M2P1.host:2,S", b"A: 2\r\n\r\ncur\r\n")
+    put(box, "cur", "1002.M3P1.host:2,", b"x")
+    put(box, "new", ".hidden", b"ignored")
+    put(box, "tmp", "1003.M4P1.host", b"not delivered yet")
+    messages = maildir.snapshot(str(box))
+    assert [m.uid for m in messages] == ["1000.M1P1.host", "1001.M2P1.host", "1002.M3P1.host"]
+    assert [os.path.basename(m.path) for m in messages] == ["1000.M1P1.host", "1001.M2P1.host:2,S",
+                                                             "1002.M3P1.host:2,"]
+    assert all(m.source == m.path and m.error is None for m in messages)
+    assert [m.size for m in messages] == [len(b"A: 1\r\n\r\nnew\r\n"), len(b"A: 2\r\n\r\ncur\r\n"), 3]
+
+
+def test_snapshot_ignores_odd_names_and_duplicates(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "dup.host", b"in new")
+    put(box, "cur", "dup.host:2,S", b"in cur")
+    put(box, "new", "has space", b"x")
+    put(box, "new", "x" * 71, b"x")
+    put(box, "new", ":2,S", b"no base name")
+    messages = maildir.snapshot(str(box))
+    assert [m.uid for m in messages] == ["dup.host"]
+    assert len({m.uid for m in messages}) == len(messages)
+
+
+def test_snapshot_of_missing_subdirectories_is_empty(tmp_path: Path) -> None:
+    (tmp_path / "bare").mkdir()
+    assert maildir.snapshot(str(tmp_path / "bare")) == []
+
+
+def test_sizes_equal_stream_minus_dot_stuffing(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    contents = [b"", b"a", b".\n.\n", b"x\r\ny\nz", b"\x00\r\r\n\xff.\n", b"A: 1\n\n" + b".dots\n" * 500]
+    for number, content in enumerate(contents):
+        put(box, "new", f"{1000 + number}.host", content)
+    for message, content in zip(maildir.snapshot(str(box)), contents, strict=True):
+        with open(message.path, "rb") as handle:
+            sent = b"".join(maildir.message_chunks(handle))
+        unstuffed = (b"\r\n" + sent).replace(b"\r\n..", b"\r\n.")[2:]
+        assert message.size == len(unstuffed) == len(ref_crlf(content)), content
+
+
+def _count_message_opens(monkeypatch: pytest.MonkeyPatch, box: Path) -> list[str]:
+    opened: list[str] = []
+
+    def counting_open(file, *args, **kwargs):  # noqa: ANN001, ANN202 - mirrors builtins.open
+        if os.path.dirname(os.path.dirname(str(file))) == str(box):
+            opened.append(str(file))
+        return open(file, *args, **kwargs)
+
+    monkeypatch.setattr(maildir, "open", counting_open, raising=False)
+    return opened
+
+
+def test_second_snapshot_reads_no_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_maildir(tmp_path)
+    for number in range(20):
+        put(box, "new", f"{1000 + number}.host", b"A: 1\n\nbody\n" * (number + 1))
+    opened = _count_message_opens(monkeypatch, box)
+    first = maildir.snapshot(str(box))
+    assert len(opened) == 20
+    opened.clear()
+    second = maildir.snapshot(str(box))
+    assert opened == []
+    assert first == second
+
+
+def test_size_cache_content_and_use(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    path = put(box, "new", "1000.host", b"\n\n\n\n")  # 4 raw octets, 8 on the wire
+    put(box, "cur", "1001.host:2,S", b"ab\n")
+    assert [m.size for m in maildir.snapshot(str(box))] == [8, 4]
+    cache = (box / maildir.SIZE_CACHE).read_text().split("\n")
+    assert sorted(line for line in cache if line) == ["1000.host 4 8", "1001.host 3 4"]
+    # Same raw length, different content: the cached size is used (no re-read).
+    path.write_bytes(b"abcd")
+    assert [m.size for m in maildir.snapshot(str(box))] == [8, 4]
+
+
+def test_changed_raw_size_is_measured_again(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    path = put(box, "new", "1000.host", b"\n\n\n\n")
+    assert maildir.snapshot(str(box))[0].size == 8
+    path.write_bytes(b"abcde")
+    assert maildir.snapshot(str(box))[0].size == 7
+    assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 5 7\n"
+
+
+def test_size_cache_forgets_removed_messages(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    gone = put(box, "new", "1000.host", b"a\n")
+    put(box, "new", "1001.host", b"b\n")
+    maildir.snapshot(str(box))
+    gone.unlink()
+    assert [m.uid for m in maildir.snapshot(str(box))] == ["1001.host"]
+    assert (box / maildir.SIZE_CACHE).read_text() == "1001.host 2 3\n"
+
+
+def test_corrupt_size_cache_is_ignored(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")
+    (box / maildir.SIZE_CACHE).write_bytes(b"garbage\n1000.host x y\n\xff\xfe\x00\n1000.host 4\n")
+    assert maildir.snapshot(str(box))[0].size == 6
+    assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 4 6\n"
+    assert not [name for name in os.listdir(box) if name.endswith(".tmp")]
+
+
+def test_big_snapshot_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
+    box = make_maildir(tmp_path)
+    for number in range(10):
+        put(box, "new", f"{1000 + number}.host", b"x\n" * number)
+    messages = maildir.snapshot(str(box))
+    assert [m.size for m in messages] == [3 * number for number in range(10)]
+
+
+# -- lock --------------------------------------------------------------------
+
+def test_lock_is_exclusive_between_two_objects(tmp_path: Path) -> None:
+    box = str(make_maildir(tmp_path))
+    first, second = maildir.MailboxLock(box), maildir.MailboxLock(box)
+    assert not maildir.mailbox_in_use(box)
+    assert first.acquire() and first.held
+    assert not second.acquire() and not second.held
+    assert maildir.mailbox_in_use(box)
+    first.release()
+    assert not first.held
+    assert not maildir.mailbox_in_use(box)
+    assert second.acquire()
+    assert not first.acquire()
+    second.release()
+    second.release()  # releasing twice is harmless
+
+
+def test_mailbox_in_use_of_missing_maildir(tmp_path: Path) -> None:
+    assert not maildir.mailbox_in_use(str(tmp_path / "nobody"))
+    assert not (tmp_path / "nobody").exists()
+
+
+HOLDER = textwrap.dedent("""
+    import sys
+    from geventpop3.maildir import MailboxLock
+    lock = MailboxLock(sys.argv[1])
+    print("locked" if lock.acquire() else "busy", flush=True)
+    sys.stdin.read()
+""")
+
+
+def _holder(box: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, box], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, env=env)
+    assert process.stdout is not None
+    assert process.stdout.readline() == b"locked\n"
+    return process
+
+
+def test_lock_across_processes_released_on_exit(tmp_path: Path) -> None:
+    box = str(make_maildir(tmp_path))
+    process = _holder(box)
+    try:
+        assert maildir.mailbox_in_use(box)
+        assert not maildir.MailboxLock(box).acquire()
+    finally:
+        process.communicate(b"")  # the holder exits normally
+    assert not maildir.mailbox_in_use(box)
+
+
+def test_lock_never_stale_after_kill_9(tmp_path: Path) -> None:
+    box = str(make_maildir(tmp_path))
+    process = _holder(box)
+    try:
+        lock = maildir.MailboxLock(box)
+        assert not lock.acquire()
+    finally:
+        process.kill()
+        process.wait()
+        process.stdin.close()  # type: ignore[union-attr]
+        process.stdout.close()  # type: ignore[union-attr]
+    assert lock.acquire()
+    lock.release()
+
+
+def test_lock_held_here_is_seen_by_other_process(tmp_path: Path) -> None:
+    box = str(make_maildir(tmp_path))
+    lock = maildir.MailboxLock(box)
+    assert lock.acquire()
+    env = dict(os.environ, PYTHONPATH=REPO)
+    check = "import sys; from geventpop3.maildir import mailbox_in_use; print(mailbox_in_use(sys.argv[1]))"
+    try:
+        out = subprocess.run([sys.executable, "-c", check, box], capture_output=True, env=env, check=True).stdout
+        assert out == b"True\n"
+    finally:
+        lock.release()
+
+
+# -- UPDATE ------------------------------------------------------------------
+
+def test_delete_messages(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    for number in range(4):
+        put(box, "new", f"{1000 + number}.host", b"x\n")
+    messages = maildir.snapshot(str(box))
+    assert maildir.delete_messages(str(box), [messages[0], messages[2]]) == []
+    assert [m.uid for m in maildir.snapshot(str(box))] == ["1001.host", "1003.host"]
+
+
+def test_delete_finds_a_renamed_file_and_tolerates_a_gone_one(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"moved\n")
+    put(box, "cur", "1001.host:2,", b"flags changed\n")
+    gone = put(box, "new", "1002.host", b"gone\n")
+    put(box, "new", "1000.hostX", b"a uid with the other as prefix: kept\n")
+    messages = maildir.snapshot(str(box))
+    os.rename(box / "new" / "1000.host", box / "cur" / "1000.host:2,S")  # a client or MUA marked it seen
+    os.rename(box / "cur" / "1001.host:2,", box / "cur" / "1001.host:2,RS")
+    gone.unlink()
+    doomed = [m for m in messages if m.uid != "1000.hostX"]
+    assert len(doomed) == 3
+    assert maildir.delete_messages(str(box), doomed) == []
+    assert [m.uid for m in maildir.snapshot(str(box))] == ["1000.hostX"]
+
+
+def test_delete_failure_is_reported(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"x\n")
+    messages = maildir.snapshot(str(box))
+    blocked = box / "cur" / "1001.host"
+    blocked.mkdir()  # unlink() of a directory fails with something other than "not found"
+    stuck = Message("1001.host", str(blocked), 1, str(blocked))
+    failed = maildir.delete_messages(str(box), [messages[0], stuck])
+    assert failed == [stuck]
+    assert not (box / "new" / "1000.host").exists()
+
+
+# -- names and delivery --------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["alice", "a", "Bob_1", "x.y-z", "0", "_", "a" * 40])
+def test_user_maildir_accepts_safe_names(tmp_path: Path, name: str) -> None:
+    assert maildir.user_maildir(str(tmp_path), name) == os.path.join(str(tmp_path), name)
+
+
+def test_user_maildir_is_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert maildir.user_maildir("mail", "alice") == str(tmp_path / "mail" / "alice")
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", ".hidden", "-x", "a/b", "/etc", "a" * 41, "a\n", "a\x00",
+                                  "a b", "\u00e9", "a\\b"])
+def test_user_maildir_refuses_unsafe_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(maildir.MaildirError):
+        maildir.user_maildir(str(tmp_path), name)
+
+
+def test_ensure_maildir(tmp_path: Path) -> None:
+    box = tmp_path / "alice"
+    maildir.ensure_maildir(str(box))
+    maildir.ensure_maildir(str(box))  # idempotent
+    assert sorted(os.listdir(box)) == ["cur", "new", "tmp"]
+
+
+def test_deliver(tmp_path: Path) -> None:
+    box = tmp_path / "alice"
+    paths = [maildir.deliver(str(box), b"Subject: %d\n\nbody\n" % number) for number in range(5)]
+    assert len(set(paths)) == 5
+    assert all(os.path.dirname(path) == str(box / "new") for path in paths)
+    assert os.listdir(box / "tmp") == []
+    assert Path(paths[2]).read_bytes() == b"Subject: 2\n\nbody\n"
+    messages = maildir.snapshot(str(box))
+    assert [m.uid for m in messages] == [os.path.basename(path) for path in paths]  # name order = delivery order
+    assert all(":" not in m.uid and "/" not in m.uid for m in messages)
+
+
+def test_deliver_names_sort_in_delivery_order_across_digit_counts(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Microseconds 99999 then 100001 within one second: the names must still sort in that order."""
+    stamps = iter([1_700_000_000_099_999_000, 1_700_000_000_100_001_000, 1_700_000_001_000_000_000])
+
+    class FakeClock:
+        @staticmethod
+        def time_ns() -> int:
+            return next(stamps)
+
+        @staticmethod
+        def time() -> float:
+            raise AssertionError("one clock reading per name: use time_ns()")
+
+    monkeypatch.setattr(maildir, "time", FakeClock)
+    box = str(tmp_path / "alice")
+    paths = [maildir.deliver(box, b"x\n") for _ in range(3)]
+    assert [m.uid for m in maildir.snapshot(box)] == [os.path.basename(path) for path in paths]
+    assert os.path.basename(paths[0]).startswith("1700000000.M099999P")

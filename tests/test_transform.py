@@ -1,0 +1,478 @@
+"""External filters with real programs: the runner in-process, then through the real server.
+
+In-process tests drive `Transformers.prepare` exactly as a session does at login (real
+Maildir, real child processes under gevent); the others start `python -m geventpop3`
+and talk POP3 over loopback, so sizes, TOP, failures and the concurrency bound are
+checked on the wire.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import socket
+import stat
+import textwrap
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import gevent
+import pytest
+from conftest import ADMIN, ServerProcess, wait_until
+
+from admin.client import MsmpClient, MsmpConnectionError, MsmpError
+from geventpop3 import maildir
+from geventpop3.context import ServerContext
+from geventpop3.settings import Settings
+from geventpop3.transform import FAILED_ERROR, STDERR_KEEP, Filter, Transformers, resolve
+from geventpop3.users import UserDirectory, hash_password
+
+CRLF = b"\r\n"
+ROT23 = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"xyzabcdefghijklmnopqrstuvw")
+HAM = b"From: a@example.org\nTo: alice@example.org\nSubject: hello\n\nfirst line\n.leading dot\nlast line\n"
+
+
+def crlf(content: bytes) -> bytes:
+    """What RETR sends for `content` (before dot-stuffing)."""
+    text = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return text if text.endswith(CRLF) else text + CRLF
+
+
+def script(directory: Path, name: str, body: str) -> str:
+    """An executable /bin/sh filter; returns its path."""
+    path = directory / name
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return str(path)
+
+
+# -- in-process: the runner and the cache --------------------------------------
+
+class Box:
+    """A context, a Transformers and one user's Maildir: what a login sees."""
+
+    def __init__(self, root: Path, transformer: str = "none", **settings: str) -> None:
+        self.root = root
+        self.settings = Settings()
+        for key, value in settings.items():
+            self.settings.set(key, value)
+        self.ctx = ServerContext(settings=self.settings, users=UserDirectory())
+        self.cache = root / "state" / "filtered"
+        self.transformers = Transformers(self.ctx, str(self.cache))
+        self.maildir = str(root / "mail" / "alice")
+        maildir.ensure_maildir(self.maildir)
+        self.use(transformer)
+
+    def use(self, transformer: str) -> None:
+        """Set the filter as the config file does (no program check, so broken ones can be tested)."""
+        self.settings.apply("transformer", transformer, "test")
+
+    def deliver(self, *contents: bytes) -> list[str]:
+        return [maildir.deliver(self.maildir, content) for content in contents]
+
+    def login(self) -> list[maildir.Message]:
+        messages = maildir.snapshot(self.maildir)
+        return self.transformers.prepare(messages, user="alice", address="127.0.0.1", port=40000)
+
+    def cached_files(self) -> list[str]:
+        return sorted(str(p) for p in self.cache.rglob("*") if p.is_file())
+
+
+def read(message: maildir.Message) -> bytes:
+    with open(message.path, "rb") as handle:
+        return handle.read()
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Box:
+    return Box(tmp_path)
+
+
+@pytest.mark.parametrize(("command", "expected"), [
+    ("cat", HAM),
+    ("tr a-z A-Z", HAM.upper()),
+    ("sed -e s/line/LINE/g", HAM.replace(b"line", b"LINE")),
+])
+def test_simple_programs(box: Box, command: str, expected: bytes) -> None:
+    (source,) = box.deliver(HAM)
+    box.use(command)
+    (message,) = box.login()
+    assert message.error is None
+    assert read(message) == expected
+    assert message.size == len(crlf(expected)) == maildir.crlf_size(message.path)
+    assert message.source == source and message.path != source
+    assert message.uid == os.path.basename(source)
+    with open(source, "rb") as handle:
+        assert handle.read() == HAM  # the stored message is never changed
+    assert box.ctx.metrics.transformer_runs == 1
+
+
+def test_script_adding_a_header_and_wc(box: Box, tmp_path: Path) -> None:
+    box.deliver(HAM)
+    box.use(script(tmp_path, "tag.sh", 'printf "X-Filtered: yes\\n"; exec cat\n'))
+    (message,) = box.login()
+    assert read(message) == b"X-Filtered: yes\n" + HAM
+    box.use("wc")  # the seed's example: the client gets wc's report instead of the mail
+    (message,) = box.login()
+    assert read(message).split() == [b"7", str(len(HAM.split())).encode(), str(len(HAM)).encode()]
+
+
+@pytest.mark.parametrize(("body", "kind"), [
+    ("cat >/dev/null; exit 1\n", "exit code 1"),
+    ("head -c 20; exit 3\n", "exit code 3"),  # writes half, then dies
+    ("head -c 20; kill -9 $$\n", "killed by signal 9"),
+    ("cat >/dev/null\n", "empty output"),  # writes nothing
+    ("exit 0\n", "empty output"),  # reads nothing, writes nothing
+])
+def test_failures_never_reach_the_client(box: Box, tmp_path: Path, body: str, kind: str,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    (source,) = box.deliver(HAM)
+    box.use(script(tmp_path, "bad.sh", body))
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR
+    assert message.path == source and message.size == len(crlf(HAM))  # STAT stays sane
+    assert box.ctx.metrics.transformer_failures == 1
+    assert box.cached_files() == []  # partial output is never kept, temporaries are gone
+    assert f"kind={kind}" in caplog.text and "user=alice" in caplog.text
+
+
+def test_reads_nothing_but_writes_a_message(box: Box, tmp_path: Path) -> None:
+    box.deliver(HAM * 10_000)  # far bigger than a pipe: the filter never reads it
+    box.use(script(tmp_path, "replace.sh", 'printf "Subject: replaced\\n\\nnothing\\n"\n'))
+    (message,) = box.login()
+    assert read(message) == b"Subject: replaced\n\nnothing\n"
+
+
+def test_program_not_found(box: Box, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    box.deliver(HAM)
+    box.use(str(tmp_path / "no-such-filter"))
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR
+    assert "kind=not found" in caplog.text
+
+
+def test_timeout_kills_the_filter_and_its_children(tmp_path: Path) -> None:
+    box = Box(tmp_path, transformer_timeout="0.3")
+    pids = tmp_path / "pids"
+    box.deliver(HAM)
+    box.use(script(tmp_path, "hang.sh", f"sleep 30 & echo $! > {pids}; wait\n"))
+    started = time.monotonic()
+    (message,) = box.login()
+    assert time.monotonic() - started < 5
+    assert message.error == FAILED_ERROR
+    assert box.ctx.metrics.transformer_timeouts == 1 and box.ctx.metrics.transformer_failures == 1
+    child = int(pids.read_text())
+    wait_until(lambda: not os.path.exists(f"/proc/{child}") or "State:\tZ" in Path(f"/proc/{child}/status").read_text())
+    assert box.cached_files() == []
+
+
+def test_passthrough_policy_sends_the_original(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    box = Box(tmp_path, transformer_failure="passthrough")
+    (source,) = box.deliver(HAM)
+    box.use("false")
+    (message,) = box.login()
+    assert message.error is None and message.path == source and message.size == len(crlf(HAM))
+    assert "policy=passthrough" in caplog.text
+
+
+def test_environment_has_context_and_nothing_else(box: Box, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEVENTPOP3_TEST_SECRET", "hunter2")
+    (source,) = box.deliver(HAM)
+    box.use(script(tmp_path, "env.sh", "cat >/dev/null; env\n"))
+    (message,) = box.login()
+    env = dict(line.split("=", 1) for line in read(message).decode().splitlines())
+    env.pop("PWD", None)  # the shell adds these itself
+    env.pop("SHLVL", None)
+    env.pop("_", None)
+    assert env.pop("GEVENTPOP3_USER") == "alice"
+    assert env.pop("GEVENTPOP3_UIDL") == os.path.basename(source)
+    assert env.pop("GEVENTPOP3_CLIENT_ADDRESS") == "127.0.0.1"
+    assert env.pop("GEVENTPOP3_CLIENT_PORT") == "40000"
+    assert set(env) <= {"PATH", "LANG", "HOME"}
+    assert "hunter2" not in read(message).decode()
+
+
+def test_stderr_is_logged_bounded_and_never_blocks(box: Box, tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    box.deliver(HAM)
+    # 1 MiB on stderr: more than a pipe holds, so an undrained pipe would hang the filter.
+    box.use(script(tmp_path, "noisy.sh", "head -c 1048576 /dev/zero | tr '\\0' E >&2; cat; exit 2\n"))
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR
+    (record,) = [r for r in caplog.records if "transformer failed" in r.getMessage()]
+    assert "E" * STDERR_KEEP in record.getMessage() and "E" * (STDERR_KEEP + 1) not in record.getMessage()
+
+
+def test_cache_hit_on_second_login_and_cleanup(box: Box) -> None:
+    first, second = box.deliver(HAM, HAM.replace(b"hello", b"again"))
+    box.use("tr a-z A-Z")
+    messages = box.login()
+    assert box.ctx.metrics.transformer_runs == 2
+    mtimes = {m.path: os.stat(m.path).st_mtime_ns for m in messages}
+    again = box.login()
+    assert [(m.path, m.size) for m in again] == [(m.path, m.size) for m in messages]
+    assert box.ctx.metrics.transformer_runs == 2 and box.ctx.metrics.transformer_cache_hits == 2
+    assert {m.path: os.stat(m.path).st_mtime_ns for m in again} == mtimes
+    os.unlink(first)  # deleted by a session: its output goes at the next login
+    (left,) = box.login()
+    assert box.cached_files() == [left.path] and read(left) == HAM.replace(b"hello", b"again").upper()
+    box.use("tr a-z x-za-w")  # another filter: its own cache, the old one is dropped
+    (other,) = box.login()
+    assert box.cached_files() == [other.path] and read(other) == HAM.replace(b"hello", b"again").translate(ROT23)
+
+
+def test_stale_temporaries_are_removed(box: Box) -> None:
+    box.deliver(HAM)
+    box.use("cat")
+    (message,) = box.login()
+    stale = Path(message.path).parent / ".tmp-leftover-of-a-crash"
+    stale.write_bytes(b"partial")
+    box.login()
+    assert not stale.exists()
+
+
+def test_chain_runs_in_order(box: Box) -> None:
+    box.deliver(HAM)
+    box.settings.named_transformers.update(upper=["tr", "a-z", "A-Z"], tag=["sed", "-e", "1i X-Tag: t"])
+    box.settings.transformer_chains = {"both": ["upper", "tag"]}
+    box.use("both")
+    (message,) = box.login()
+    assert read(message) == b"X-Tag: t\n" + HAM.upper()
+    assert box.ctx.metrics.transformer_runs == 2
+    assert box.cached_files() == [message.path]
+    box.settings.transformer_chains["broken"] = ["upper", "missing"]
+    box.use("broken")
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR
+
+
+def test_filter_identity_and_resolution() -> None:
+    settings = Settings()
+    settings.named_transformers["spam"] = ["spamc", "-x"]
+    assert resolve(settings, "none") is None
+    assert resolve(settings, "spam") == Filter.of("spam", [["spamc", "-x"]])
+    assert resolve(settings, "spamc -x").identity == resolve(settings, "spam").identity  # same argv, same cache
+    assert resolve(settings, "spamc").identity != resolve(settings, "spam").identity
+    with pytest.raises(ValueError):
+        resolve(settings, "'unbalanced")
+
+
+def test_concurrency_setting_resizes_the_bound(box: Box) -> None:
+    assert box.transformers.limiter.limit == 4
+    box.settings.set("transformer_concurrency", "9")
+    assert box.transformers.limiter.limit == 9
+
+
+def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    box.deliver(HAM, HAM)
+    box.use(script(tmp_path, "hang.sh", f"echo $$ > {pids}/$$; exec sleep 30\n"))
+    login = gevent.spawn(box.login)
+    wait_until(lambda: len(list(pids.iterdir())) == 2)
+    login.kill()  # what shutdown does to a session in the middle of its login
+    for pid_file in pids.iterdir():
+        pid = int(pid_file.read_text())
+        wait_until(lambda pid=pid: not os.path.exists(f"/proc/{pid}"))
+    assert box.cached_files() == []
+
+
+# -- through the real server -----------------------------------------------------
+
+class Pop3:
+    """A POP3 client on a plain socket that shows exact wire octets."""
+
+    def __init__(self, port: int, user: str = "alice", password: str = "alicepw") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.file = self.sock.makefile("rb")
+        assert self.line().startswith(b"+OK")
+        assert self.cmd(f"USER {user}").startswith(b"+OK")
+        self.greeting = self.cmd(f"PASS {password}")
+        assert self.greeting.startswith(b"+OK"), self.greeting
+
+    def line(self) -> bytes:
+        line = self.file.readline()
+        assert line.endswith(CRLF), line
+        return line[:-2]
+
+    def cmd(self, text: str) -> bytes:
+        self.sock.sendall(text.encode() + CRLF)
+        return self.line()
+
+    def multi(self, text: str) -> bytes | None:
+        """The body (un-dot-stuffed, CRLF kept), or None after an -ERR (kept in self.error)."""
+        first = self.cmd(text)
+        if first.startswith(b"-ERR"):
+            self.error = first
+            return None
+        lines = []
+        while (line := self.file.readline()) != b".\r\n":
+            assert line.endswith(CRLF), line
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return b"".join(lines)
+
+    def close(self) -> None:
+        """QUIT, then wait for the server to close: it releases the mailbox lock just before."""
+        assert self.cmd("QUIT").startswith(b"+OK")
+        assert self.file.read() == b""
+        self.sock.close()
+
+
+def admin(server: ServerProcess) -> MsmpClient:
+    """A logged-in MSMP client (the admin listener may start a moment after the POP3 one)."""
+
+    def connected() -> MsmpClient | None:
+        client = MsmpClient("127.0.0.1", server.admin_port)
+        try:
+            client.connect()
+        except MsmpConnectionError:
+            return None
+        return client
+
+    client = wait_until(connected)
+    assert isinstance(client, MsmpClient)
+    client.login(*ADMIN)
+    return client
+
+
+def test_sizes_uidl_top_and_stored_files_on_the_wire(start_server: Callable[..., ServerProcess],
+                                                      tmp_path: Path) -> None:
+    tag = script(tmp_path, "tag.sh", 'printf "X-Filtered: yes\\n"; sed -e "s/line/LINE/"\n')
+    server = start_server(extra_args=["-t", tag])
+    contents = [HAM, b"Subject: two\r\n\r\n.\r\nline\r\n", b"Subject: three\n\nno final newline"]
+    for content in contents:
+        server.deliver("alice", content)
+    files = {path: Path(path).read_bytes() for path in server.message_files("alice")}
+    uids = sorted(os.path.basename(path) for path in files)
+    expected = [crlf(b"X-Filtered: yes\n" + b"\n".join(x.replace(b"line", b"LINE", 1) for x in c.split(b"\n")))
+                for c in contents]
+
+    client = Pop3(server.port)
+    assert client.cmd("STAT") == f"+OK 3 {sum(map(len, expected))}".encode()
+    assert client.multi("LIST") == b"".join(f"{i} {len(e)}\r\n".encode() for i, e in enumerate(expected, 1))
+    assert client.multi("UIDL") == b"".join(f"{i} {u}\r\n".encode() for i, u in enumerate(uids, 1))
+    for number, body in enumerate(expected, 1):
+        assert client.multi(f"RETR {number}") == body
+    assert client.multi("TOP 1 1") == b"X-Filtered: yes\r\n" + crlf(HAM.split(b"\n\n")[0]) + b"\r\nfirst LINE\r\n"
+    client.close()
+    assert {path: Path(path).read_bytes() for path in server.message_files("alice")} == files
+
+
+def test_failures_and_timeouts_answer_temp_and_the_session_goes_on(start_server: Callable[..., ServerProcess],
+                                                                    tmp_path: Path) -> None:
+    picky = script(tmp_path, "picky.sh", """\
+        data=$(cat)
+        case "$data" in
+          *FAIL*) echo "no thanks" >&2; exit 1 ;;
+          *SLOW*) exec sleep 30 ;;
+        esac
+        printf '%s\\n' "$data"
+    """)
+    config = f'transformer_timeout = 1\ntransformer = "picky"\n[transformers.picky]\ncommand = ["{picky}"]\n'
+    server = start_server(config=config)
+    for content in (HAM, b"Subject: FAIL\n\nx\n", b"Subject: SLOW\n\nx\n"):
+        server.deliver("alice", content)
+    client = Pop3(server.port)
+    assert client.multi("RETR 1") == crlf(HAM)
+    for number in (2, 3):
+        assert client.multi(f"RETR {number}") is None
+        assert client.error.startswith(b"-ERR [SYS/TEMP]")
+        assert client.multi(f"TOP {number} 0") is None
+    assert client.cmd("STAT").startswith(b"+OK 3 ")
+    assert client.multi("RETR 1") == crlf(HAM)  # the session goes on
+    client.close()
+    with admin(server) as msmp:
+        stats = msmp.stat()
+        assert stats["Transformer failures"] == "2" and stats["Transformer timeouts"] == "1"
+        wait_until(lambda: any("filter_failures=2" in line for line in msmp.logs("alice")))
+    assert "kind=timeout" in server.log() and "kind=exit code 1" in server.log() and "no thanks" in server.log()
+
+
+def test_passthrough_policy_on_the_wire(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(config='transformer_failure = "passthrough"\n', extra_args=["-t", "false"])
+    server.deliver("alice", HAM)
+    client = Pop3(server.port)
+    assert client.multi("RETR 1") == crlf(HAM)
+    client.close()
+
+
+def test_cache_hit_on_second_session_and_set_applies_to_new_sessions(start_server: Callable[..., ServerProcess],
+                                                                       tmp_path: Path) -> None:
+    server = start_server()
+    server.deliver("alice", HAM)
+    server.deliver("bob", HAM)
+    upper = script(tmp_path, "upper.sh", "exec tr a-z A-Z\n")
+    with admin(server) as msmp:
+        old = Pop3(server.port, "bob", "bobpw")  # logged in before the change: keeps its (no) filter
+        msmp.set("transformer", upper)
+        with pytest.raises(MsmpError, match="not found"):
+            msmp.set("transformer", str(tmp_path / "missing"))
+        for _ in range(2):
+            client = Pop3(server.port)
+            assert client.multi("RETR 1") == crlf(HAM.upper())
+            client.close()
+        stats = msmp.stat()
+        assert stats["Transformer runs"] == "1" and stats["Transformer cache hits"] == "1"
+        assert old.multi("RETR 1") == crlf(HAM)
+        old.close()
+        assert msmp.get("transformer") == upper
+
+
+def test_64_mib_through_cat_no_deadlock_bounded_memory(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(extra_args=["-t", "cat"])
+    line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-+\n"  # 76 octets
+    count = 64 * 1024 * 1024 // len(line)
+    server.deliver("alice", b"Subject: big\n\n" + line * count)
+    expected = len(b"Subject: big\r\n\r\n") + count * (len(line) + 1)
+    status = Path(f"/proc/{server.process.pid}/status")
+
+    def hwm() -> int:
+        return int(next(x for x in status.read_text().splitlines() if x.startswith("VmHWM:")).split()[1])
+
+    before = hwm()
+    client = Pop3(server.port)
+    assert client.cmd("LIST 1") == f"+OK 1 {expected}".encode()
+    client.sock.sendall(b"RETR 1\r\n")
+    assert client.line() == f"+OK {expected} octets".encode()
+    received = 0
+    while (chunk := client.file.readline()) != b".\r\n":
+        received += len(chunk)
+    assert received == expected
+    client.close()
+    after = hwm()
+    assert after - before < 32 * 1024, (before, after)  # KiB: far less than the 64 MiB message
+
+
+def test_fifty_sessions_through_a_slow_filter_never_exceed_the_bound(start_server: Callable[..., ServerProcess],
+                                                                      tmp_path: Path) -> None:
+    running = tmp_path / "running"
+    running.mkdir()
+    seen = tmp_path / "seen"
+    slow = script(tmp_path, "slow.sh", f"""\
+        touch {running}/$$
+        ls {running} | wc -l >> {seen}
+        sleep 0.1
+        tr a-z A-Z
+        rm {running}/$$
+    """)
+    digest = hash_password("pw")
+    users = {f"user{i}": "pw" for i in range(50)}
+    server = start_server(users={name: digest for name in users}, extra_args=["-t", slow],
+                          config="transformer_concurrency = 4\n")
+    for i, name in enumerate(users):
+        server.deliver(name, HAM.replace(b"hello", f"hello {i}".encode()))
+
+    def session(i: int) -> bytes | None:
+        client = Pop3(server.port, f"user{i}", "pw")
+        body = client.multi("RETR 1")
+        client.close()
+        return body
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        bodies = list(pool.map(session, range(50)))
+    assert bodies == [crlf(HAM.replace(b"hello", f"hello {i}".encode()).upper()) for i in range(50)]
+    counts = [int(x) for x in seen.read_text().split()]
+    assert len(counts) == 50 and max(counts) <= 4
+    assert max(counts) >= 2  # they did run in parallel
