@@ -189,7 +189,7 @@ def test_second_login_is_in_use_until_first_session_ends(
     started = time.monotonic()
     reply = second.cmd("PASS alicepw")
     assert reply.startswith(b"-ERR [IN-USE]"), reply
-    assert time.monotonic() - started < 1.0  # at once, no waiting on the lock
+    assert time.monotonic() - started < 3.0  # at once: a wait for the lock would hit the 10 s read timeout
     # The failed attempt does not end the second session, nor block other mailboxes.
     assert second.login("bob", "bobpw").startswith(b"+OK")
     end(first)

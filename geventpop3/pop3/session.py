@@ -212,7 +212,8 @@ class Pop3Session:
             return self._login_failed(user, "auth")
         try:
             path = maildir.user_maildir(ctx.settings.maildir, user)
-            maildir.ensure_maildir(path)
+            if not os.path.isdir(os.path.join(path, "new")):
+                maildir.ensure_maildir(path)  # first login of a user without a Maildir yet
             lock = maildir.MailboxLock(path)
             if not lock.acquire():
                 return self._login_failed(user, "in-use", delay=False)

@@ -1,0 +1,244 @@
+"""The server as a process: signals, its log, listen addresses and start-up errors."""
+
+from __future__ import annotations
+
+import contextlib
+import poplib
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ServerProcess, free_port, wait_until
+from test_pop3_wire import RawClient, can_login, crlf, logged_in
+
+
+def without_listen_flags(args: list[str]) -> list[str]:
+    """`args` with every `-l ADDR` pair removed."""
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "-l":
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def launch(server: ServerProcess, hosts: list[str]) -> ServerProcess:
+    """Start `server` with its current args and wait until it accepts on every one of `hosts`."""
+    server._log = open(server.log_path, "ab")  # noqa: SIM115 - closed by server.stop()
+    server.process = subprocess.Popen(server.args, stdout=server._log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        if server.process.poll() is not None:
+            raise AssertionError(f"server exited {server.process.returncode}: {server.log()}")
+        try:
+            for host in hosts:
+                socket.create_connection((host, server.port), timeout=0.5).close()
+            return server
+        except OSError:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server did not start: {server.log()}") from None
+            time.sleep(0.02)
+
+
+@pytest.fixture
+def custom_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """Factory: a ServerProcess whose listen flags the test chooses; stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def make(listen: list[str], hosts: list[str]) -> ServerProcess:
+        server = ServerProcess(tmp_path / f"custom{len(started)}")
+        server.args = without_listen_flags(server.args) + [arg for host in listen for arg in ("-l", host)]
+        started.append(server)
+        return launch(server, hosts)
+
+    yield make
+    for server in started:
+        if server.process is not None and server.process.poll() is None:
+            server.stop()
+
+
+def drained(client: RawClient) -> bool:
+    """True once the server has closed `client` (an RST counts as closed)."""
+    with contextlib.suppress(ConnectionResetError):
+        client.read_until_closed(timeout=10)
+    return True
+
+
+# -- signals -------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly_without_update(start_server: Callable[..., ServerProcess], sig: int) -> None:
+    server = start_server()
+    messages = [b"Subject: %d\n\nbody %d\n" % (i, i) for i in range(3)]
+    for content in messages:
+        server.deliver("alice", content)
+    server.deliver("bob", b"Subject: big\n\n" + b"a line of a big message\n" * 700_000)
+    before = {user: server.message_files(user) for user in ("alice", "bob")}
+
+    deleting = logged_in(server, "alice")
+    assert deleting.cmd("DELE 1").startswith(b"+OK")
+    assert deleting.cmd("DELE 3").startswith(b"+OK")
+    stalled = logged_in(server, "bob", "::1")
+    assert stalled.cmd("DELE 1").startswith(b"+OK")
+    stalled.send(b"RETR 1\r\n")  # a response larger than the socket buffers, never read
+    waiting = RawClient(server.port)
+    assert waiting.cmd("USER carol") == b"+OK"
+    silent = RawClient(server.port, "::1", greet=False)
+
+    started = time.monotonic()
+    assert server.stop(sig) == 0
+    assert time.monotonic() - started < 10
+    for client in (deleting, waiting, silent):
+        assert drained(client)
+    stalled.close()
+    assert {user: server.message_files(user) for user in ("alice", "bob")} == before
+    log = server.log()
+    assert "Traceback" not in log, log
+
+
+def test_restart_after_stop_serves_the_same_mail(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    server.deliver("alice", b"Subject: kept\n\nstill here\n")
+    session = logged_in(server, "alice")
+    assert session.cmd("DELE 1").startswith(b"+OK")
+    assert server.stop() == 0
+    session.close()
+    server.start()  # same Maildir, same ports; the lock of the killed session is not stale
+    again = logged_in(server, "alice", "::1")
+    assert again.retr(1) == crlf(b"Subject: kept\n\nstill here\n")
+    assert again.cmd("QUIT").startswith(b"+OK")
+
+
+# -- the log -------------------------------------------------------------------
+
+def events(log: str, user: str) -> dict[str, list[str]]:
+    """The log lines about `user`, by event: login, failed, logout."""
+    found: dict[str, list[str]] = {"login": [], "failed": [], "logout": []}
+    for line in log.splitlines():
+        if not re.search(rf"\buser={re.escape(user)}(\s|$)", line):
+            continue
+        if "fail" in line:
+            found["failed"].append(line)
+        elif "logout" in line:
+            found["logout"].append(line)
+        elif "login" in line:
+            found["login"].append(line)
+    return found
+
+
+def test_log_has_one_line_per_login_failure_and_logout_never_a_password(server: ServerProcess) -> None:
+    secrets = ["alicepw", "bobpw", "carolpw", "Wr0ng-Secret", "an0ther secret"]
+    alice = logged_in(server, "alice", "127.0.0.1")
+    assert alice.cmd("QUIT").startswith(b"+OK")
+    alice.close()
+    intruder = RawClient(server.port, "::1")
+    assert intruder.login("bob", "Wr0ng-Secret").startswith(b"-ERR [AUTH]")
+    assert intruder.login("mallory", "an0ther secret").startswith(b"-ERR [AUTH]")
+    intruder.close()
+    carol = logged_in(server, "carol", "::1")
+    carol.reset()  # gone without QUIT: still one logout line
+
+    def complete() -> dict[str, dict[str, list[str]]] | None:
+        log = server.log()
+        per_user = {user: events(log, user) for user in ("alice", "bob", "mallory", "carol")}
+        return per_user if per_user["carol"]["logout"] and per_user["alice"]["logout"] else None
+
+    per_user = wait_until(complete)
+    assert isinstance(per_user, dict)
+    expected = {
+        "alice": {"login": 1, "failed": 0, "logout": 1},
+        "bob": {"login": 0, "failed": 1, "logout": 0},
+        "mallory": {"login": 0, "failed": 1, "logout": 0},
+        "carol": {"login": 1, "failed": 0, "logout": 1},
+    }
+    assert {user: {k: len(v) for k, v in found.items()} for user, found in per_user.items()} == expected
+    for user, address in (("alice", "127.0.0.1"), ("bob", "::1"), ("mallory", "::1"), ("carol", "::1")):
+        for line in sum(per_user[user].values(), []):
+            assert re.search(rf"\brip={re.escape(address)}(\s|$)", line), line
+    log = server.log()
+    for secret in secrets:
+        assert secret not in log
+
+
+# -- listen addresses ----------------------------------------------------------
+
+def localhost_addresses() -> list[str]:
+    infos = socket.getaddrinfo("localhost", None, type=socket.SOCK_STREAM)
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def test_listen_on_host_name(custom_server: Callable[..., ServerProcess]) -> None:
+    addresses = localhost_addresses()
+    server = custom_server(["localhost"], addresses)
+    server.deliver("alice", b"Subject: by name\n\nhello\n")
+    for host in addresses + ["localhost"]:
+        client = poplib.POP3(host, server.port, timeout=10)
+        client.user("alice")
+        client.pass_("alicepw")
+        assert client.retr(1)[1] == [b"Subject: by name", b"", b"hello"]
+        client.quit()
+
+
+def test_default_listen_takes_ipv4_and_ipv6(custom_server: Callable[..., ServerProcess]) -> None:
+    server = custom_server([], ["127.0.0.1", "::1"])
+    assert "-l" not in server.args
+    for host in ("127.0.0.1", "::1"):
+        client = logged_in(server, "alice", host)
+        assert client.cmd("STAT") == b"+OK 0 0"
+        assert client.cmd("QUIT").startswith(b"+OK")
+        client.close()
+    wait_until(lambda: can_login(server, "alice"))
+    # One dual-stack socket sees IPv4 clients as ::ffff:127.0.0.1; the log must say 127.0.0.1.
+    logins = events(server.log(), "alice")["login"]
+    assert any(re.search(r"\brip=127\.0\.0\.1\s", line) for line in logins), logins
+    assert any(re.search(r"\brip=::1\s", line) for line in logins), logins
+
+
+# -- start-up errors -----------------------------------------------------------
+
+LOG_RECORD = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ geventpop3\[\d+\] [A-Z]+ ")
+
+
+@pytest.mark.parametrize("listen", [["-l", "127.0.0.1"], []], ids=["ipv4", "default"])
+def test_pop3_port_in_use_is_one_line_and_exit_2(tmp_path: Path, listen: list[str]) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "geventpop3", *listen, "-p", str(port), "-P", str(free_port()),
+             "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"), "-u", "alice:alicepw"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "in use" in lines[0] and "Traceback" not in result.stderr
+
+
+def test_admin_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        admin_port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(free_port()), "-P", str(admin_port),
+             "-L", "127.0.0.1", "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"),
+             "-u", "alice:alicepw", "-a", "admin:adminpw"],
+            capture_output=True, text=True, timeout=30,
+        )
+    assert result.returncode == 2
+    # The POP3 listener may have logged its start before MSMP failed; the error itself is one line.
+    lines = [line for line in result.stderr.strip().splitlines() if not LOG_RECORD.match(line)]
+    assert len(lines) == 1, result.stderr
+    assert "in use" in lines[0] and "Traceback" not in result.stderr
