@@ -72,7 +72,11 @@ class ManagementBackend:
             except OSError as exc:
                 log.error("cannot create Maildir %s: %s", path, exc)
                 raise UserError("Cannot create Maildir") from None
-        created = users.set_password(name, password)
+        try:
+            created = users.set_password(name, password)
+        except StoreError as exc:
+            log.error("MSMP: user %s not saved: %s", name, exc)
+            raise UserError("Cannot save user, state database unavailable") from None
         log.info("MSMP: %s user %s", "added" if created else "changed password of", name)
         return created
 
@@ -85,7 +89,11 @@ class ManagementBackend:
             raise UserError("User is currently logged in")
         if path is not None and os.path.isdir(path):
             self._move_aside(root, path, name)
-        self.ctx.users.delete(name)
+        try:
+            self.ctx.users.delete(name)
+        except StoreError as exc:
+            log.error("MSMP: user %s not deleted (its Maildir is already moved aside): %s", name, exc)
+            raise UserError("Cannot delete user, state database unavailable") from None
         log.info("MSMP: deleted user %s", name)
 
     @staticmethod
@@ -150,7 +158,9 @@ class ManagementBackend:
     def _log_count(self, name: str) -> int:
         persister = self.ctx.persister
         if persister is not None:
-            persister.flush()
+            # Counts under the persister's lock: an entry flushed between the count of the
+            # stored ones and of the unsaved ones would otherwise be missed.
+            return persister.log_count(name)
         stored = 0
         if self.ctx.store is not None:
             try:

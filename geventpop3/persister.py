@@ -138,7 +138,7 @@ class Persister:
         if limit <= 0:
             return []
         with self._flushing:  # no flush in between: an entry is either stored or unsaved
-            self._flush_locked()
+            self._flush_if_healthy()
             try:
                 stored = self.store.query_access(user, limit)
             except StoreError as exc:
@@ -149,13 +149,20 @@ class Persister:
     def log_count(self, user: str) -> int:
         """How many entries `user` has, stored or not (for MSMP LIST), without double counting."""
         with self._flushing:
-            self._flush_locked()
+            self._flush_if_healthy()
             try:
                 stored = self.store.access_count(user)
             except StoreError as exc:
                 self._failed(exc)
                 stored = 0
             return stored + len(self.unsaved(user))
+
+    def _flush_if_healthy(self) -> None:
+        """Flush before a query, unless the last flush failed: a failing write costs the
+        store's busy timeout, and the background greenlet retries anyway; the query
+        then shows stored plus unsaved entries, which is the same answer."""
+        if not self.failures:
+            self._flush_locked()
 
     def _take(self) -> None:
         self._backlog.extend(self.context.access_log.take_pending())

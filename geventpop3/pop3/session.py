@@ -318,6 +318,7 @@ class Pop3Service:
         """StreamServer handler: enforce the connection limit, then greet and serve."""
         metrics = self.ctx.metrics
         if metrics.current_connections >= self.ctx.settings.max_connections:
+            metrics.total_connections += 1  # accepted, then refused: still a connection
             with contextlib.suppress(OSError):
                 sock.sendall(TOO_MANY)
             sock.close()
