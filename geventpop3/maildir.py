@@ -5,9 +5,11 @@ Files may use bare LF, so the size is computed once by reading the message and k
 in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size; a later
 login only stats the files (Dovecot keeps the same fact in its index).
 
-Lock: `flock()` on `geventpop3.lock` in the user's Maildir. The kernel drops it when
-the descriptor closes, however the process ends, so it is never stale after a crash,
-and it works across processes sharing the Maildir root.
+Lock: a one-byte record lock (Linux OFD lock) per user in one shared file per
+Maildir root, `.geventpop3.locks`: no descriptor per session, so 10,000 held sessions
+need 10,000 descriptors, not 20,000. The kernel drops the locks when the process ends,
+however it ends, so they are never stale after a crash, and they work across processes
+sharing the Maildir root.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import socket
+import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -28,7 +32,7 @@ from geventpop3.users import valid_username
 
 CHUNK_SIZE = 64 * 1024
 SIZE_CACHE = "geventpop3.sizes"
-LOCK_FILE = "geventpop3.lock"
+LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 # Past this many files, stat and size work moves to the thread pool so a big
 # mailbox does not stall the other sessions.
 THREADPOOL_THRESHOLD = 256
@@ -67,35 +71,75 @@ def ensure_maildir(path: str) -> None:
 
 
 class MailboxLock:
-    """An exclusive, cross-process lock on one Maildir, never stale after a crash."""
+    """An exclusive, cross-process lock on one Maildir, never stale after a crash.
 
-    __slots__ = ("_fd", "path")
+    It costs no descriptor per session: a process opens one shared lock file per
+    Maildir root (`<root>/.geventpop3.locks`) and takes a one-byte record lock at an
+    offset derived from the user name (Linux OFD locks, else POSIX locks). The kernel
+    drops a process's locks when it exits, however it ends; inside the process a table
+    keeps two sessions of one user apart (record locks never conflict with their owner).
+    """
+
+    __slots__ = ("_key", "_root", "_offset", "path")
 
     def __init__(self, maildir: str) -> None:
-        self.path = os.path.join(maildir, LOCK_FILE)
-        self._fd: int | None = None
+        self._key = os.path.abspath(maildir)
+        self._root, name = os.path.split(self._key)
+        self._offset = _lock_offset(name)
+        self.path = os.path.join(self._root, LOCK_FILE)
 
     def acquire(self) -> bool:
         """True if we now hold the lock; False at once if someone else does."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                return False
-            raise
-        self._fd = fd
+        if self._key in _HELD:
+            return False
+        if not _record_lock(_lock_fd(self._root), self._offset, fcntl.F_WRLCK):
+            return False
+        _HELD[self._key] = self
         return True
 
     def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
-            self._fd = None
+        if _HELD.get(self._key) is self:
+            del _HELD[self._key]
+            with contextlib.suppress(OSError):
+                _record_lock(_lock_fd(self._root), self._offset, fcntl.F_UNLCK)
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return _HELD.get(self._key) is self
+
+
+# One descriptor per Maildir root for the whole process, and the locks this process holds.
+_LOCK_FDS: dict[str, int] = {}
+_HELD: dict[str, MailboxLock] = {}
+_OFD = hasattr(fcntl, "F_OFD_SETLK")
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid
+
+
+def _lock_offset(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 2
+
+
+def _lock_fd(root: str) -> int:
+    fd = _LOCK_FDS.get(root)
+    if fd is None:
+        fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        _LOCK_FDS[root] = fd
+    return fd
+
+
+def _record_lock(fd: int, offset: int, kind: int) -> bool:
+    """Set or clear one byte's lock without waiting; False if another process holds it."""
+    try:
+        if _OFD:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0))
+        else:
+            mode = fcntl.LOCK_UN if kind == fcntl.F_UNLCK else fcntl.LOCK_EX | fcntl.LOCK_NB
+            fcntl.lockf(fd, mode, 1, offset, os.SEEK_SET)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
 
 
 def mailbox_in_use(maildir: str) -> bool:
