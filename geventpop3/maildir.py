@@ -250,7 +250,12 @@ def _crlf_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[byt
             chunk = chunk[:-1]
             if not chunk:
                 continue
-        data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        if b"\r" not in chunk:  # LF-only, the usual Maildir file: one pass
+            data = chunk.replace(b"\n", b"\r\n")
+        elif chunk.count(b"\n") == chunk.count(b"\r\n"):  # already CRLF throughout
+            data = chunk
+        else:
+            data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
         last = data[-1:]
         yield data
     if held_cr:

@@ -41,6 +41,7 @@ def serve_admin(ctx: ServerContext) -> Handler:
         peer = _peer(address)
         log.debug("MSMP connection from %s", peer)
         try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are batched already
             _session(ctx, MsmpProtocol(backend), sock, peer)
             _linger(sock)
         except OSError as exc:  # reset, broken pipe: the client went away

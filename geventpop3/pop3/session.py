@@ -94,7 +94,13 @@ class Pop3Session:
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_size = 0
-        self.sock.sendall(data)
+        # Usually the kernel takes it all at once: one write(2), no gevent machinery.
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        if written < len(data):
+            self.sock.sendall(memoryview(data)[written:])  # waits for room, honours the timeout
         self.sent += len(data)
         self.ctx.metrics.bytes_sent += len(data)
 
@@ -324,6 +330,10 @@ class Pop3Service:
             sock.close()
             return
         metrics.connection_opened()
+        # Answers are already batched per read; Nagle would only hold the next batch
+        # back until the client's delayed ACK (40 ms per pipelined write).
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         Pop3Session(self, sock, address).greet()
 
     def __len__(self) -> int:
