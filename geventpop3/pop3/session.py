@@ -130,7 +130,8 @@ class Pop3Session:
             self._park()
 
     def _pump(self) -> bool:
-        """Read and answer until a read would block (False) or the session is over (True)."""
+        """Read and answer until the client has nothing more for now (False: park)
+        or the session is over (True)."""
         protocol = self.protocol
         metrics = self.ctx.metrics
         while not protocol.closing:
@@ -147,6 +148,10 @@ class Pop3Session:
                 if protocol.closing:
                     break
             self._flush()
+            if len(data) < RECV_SIZE and not protocol.closing:
+                # A short read took all the client had sent; it is now waiting for
+                # these answers. Park without a read that would only say EAGAIN.
+                return False
         if self.ended == "disconnect":
             self.ended = "closed"
         return True
