@@ -1,7 +1,8 @@
 """`geventpop3-admin`: the interactive MSMP shell, the one-shot mode for scripts, the live view.
 
 Exit status: 0 on +OK (and on Ctrl-C in the live view), 1 on -ERR or a refused login,
-2 on a usage error or when the server cannot be reached. Errors are one line on stderr,
+2 on a usage error or when the server cannot be reached (commands piped into the shell:
+1 if any of them got -ERR). Errors are one line on stderr,
 never a traceback. The password never appears on the command line: it comes from
 --password-file, $GEVENTPOP3_ADMIN_PASSWORD, or a prompt without echo.
 """
@@ -184,7 +185,13 @@ def render(command_line: str, response: Response, as_json: bool, interactive: bo
     return response.text or ("OK" if interactive else "")
 
 
-def _rate(old: str | None, new: str, elapsed: float) -> str:
+# STAT lines that are not counters (gauges, clocks): a rate of change means nothing for them.
+_NO_RATE = ("current", "maximum", "uptime", "seconds")
+
+
+def _rate(name: str, old: str | None, new: str, elapsed: float) -> str:
+    if any(word in name.lower() for word in _NO_RATE):
+        return ""
     try:
         delta = float(new) - float(old) if old is not None else 0.0
     except ValueError:
@@ -215,7 +222,7 @@ def live_view(client: MsmpClient, out: TextIO, interval: float = 1.0, as_json: b
                 out.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stat": stats}) + "\n")
             else:
                 elapsed = now - previous_time
-                rows = [(f"{name}:", f"{value:<12} {_rate(previous.get(name), value, elapsed)}")
+                rows = [(f"{name}:", f"{value:<12} {_rate(name, previous.get(name), value, elapsed)}")
                         for name, value in stats.items()]
                 header = f"geventpop3 {where}  {time.strftime('%H:%M:%S')}  refresh {frame}  (Ctrl-C to stop)"
                 out.write((CLEAR if redraw else "") + header + "\n\n" + table(rows) + "\n" + ("" if redraw else "\n"))
@@ -316,6 +323,7 @@ class Shell:
         self._keys: list[str] | None = None
         self._matches: list[str] = []
         self._readline: Any = None
+        self.failures = 0  # -ERR answers; piped input (a script) then exits 1
 
     def run(self) -> int:
         interactive = sys.stdin.isatty()
@@ -329,20 +337,21 @@ class Shell:
                 except EOFError:
                     if interactive:
                         _out("")
-                    return EXIT_OK
+                    return EXIT_ERR if self.failures and not interactive else EXIT_OK
                 except KeyboardInterrupt:  # like a shell: drop the line, new prompt
                     _out("")
                     continue
                 self._remember(line)
                 try:
                     if self.handle(line):
-                        return EXIT_OK
+                        return EXIT_ERR if self.failures and not interactive else EXIT_OK
                 except KeyboardInterrupt:
                     _out("")
                     _err("interrupted")
                 except MsmpAuthError:
                     raise
                 except MsmpError as exc:
+                    self.failures += 1
                     _err(f"error: {exc.text}")
                 except MsmpConnectionError as exc:
                     _err(f"connection lost: {exc}")
@@ -377,6 +386,8 @@ class Shell:
         text = render(line, response, self.args.json, interactive=True)
         if text:
             (_out if response.ok or self.args.json else _err)(text)
+        if not response.ok:
+            self.failures += 1
         if response.ok and keyword in ("ADD", "DELE"):
             self._users = None  # refreshed at the next completion
         return False

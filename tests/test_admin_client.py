@@ -397,14 +397,15 @@ def scripted_peer() -> Iterator[Callable[[Script], int]]:
 
 
 def test_dot_unstuffing(scripted_peer: Callable[[Script], int]) -> None:
-    port = scripted_peer([b"+OK MSMP1 test ready\r\n", None, b"+OK\r\n..hidden\r\nplain\r\n...\r\n.\r\n"])
+    port = scripted_peer([b"+OK MSMP1 test ready\r\n", None, b"+OK\r\n..hidden\r\nplain\r\n...\r\n.\r\n",
+                          None, b"+OK Bye\r\n"])
     with MsmpClient("127.0.0.1", port, timeout=5) as client:
         response = client.command("HELP")
         assert response.lines == [".hidden", "plain", ".."]
 
 
 def test_bare_lf_and_split_writes(scripted_peer: Callable[[Script], int]) -> None:
-    port = scripted_peer([b"+OK MSMP1 ", b"ready\n", None, b"+OK 4", b"2\n"])
+    port = scripted_peer([b"+OK MSMP1 ", b"ready\n", None, b"+OK 4", b"2\n", None, b"+OK Bye\n"])
     with MsmpClient("127.0.0.1", port, timeout=5) as client:
         assert client.greeting == "MSMP1 ready"
         assert client.get("answer") == "42"

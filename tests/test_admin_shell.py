@@ -3,12 +3,14 @@ and the interactive shell in a real pseudo-terminal (pexpect)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -61,11 +63,37 @@ def run_admin(server: Server, home: Path, *args: str, password: str | None = ADM
                           capture_output=True, text=True, timeout=60, start_new_session=True)
 
 
+@contextlib.contextmanager
+def _unpatched_close() -> Iterator[None]:
+    """tests/conftest.py monkey-patches with gevent, whose os.close defers the real close to the
+    hub. ptyprocess closes its exec-error pipe and then blocks reading it, so the hub never runs
+    and pexpect.spawn hangs. The original os.close while spawning avoids that."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        yield
+        return
+    if not monkey.is_object_patched("os", "close"):
+        yield
+        return
+    patched = os.close
+    os.close = monkey.get_original("os", "close")
+    try:
+        yield
+    finally:
+        os.close = patched
+
+
+def spawn(args: list[str], home: Path, password: str | None = None) -> pexpect.spawn:
+    """`python -m admin ARGS` in a pseudo-terminal."""
+    with _unpatched_close():
+        return pexpect.spawn(sys.executable, ["-m", "admin", *args], cwd=str(REPO), env=admin_env(home, password),
+                             encoding="utf-8", timeout=EXPECT_TIMEOUT, dimensions=(40, 200))
+
+
 def spawn_shell(server: Server, home: Path, *flags: str, password: str | None = None) -> pexpect.spawn:
     """The interactive shell in a pseudo-terminal; by default the password is typed at the prompt."""
-    child = pexpect.spawn(sys.executable, ["-m", "admin", *server_flags(server), *flags], cwd=str(REPO),
-                          env=admin_env(home, password), encoding="utf-8", timeout=EXPECT_TIMEOUT,
-                          dimensions=(40, 200))
+    child = spawn([*server_flags(server), *flags], home, password)
     if password is None:
         child.expect_exact(f"Password for {ADMIN}@")
         child.sendline(ADMIN_PASSWORD)
@@ -104,8 +132,7 @@ def test_shell_prompts_for_password_and_prints_tables(msmp_server: Server, home:
 
 
 def test_shell_wrong_password(msmp_server: Server, home: Path) -> None:
-    child = pexpect.spawn(sys.executable, ["-m", "admin", *server_flags(msmp_server)], cwd=str(REPO),
-                          env=admin_env(home, None), encoding="utf-8", timeout=EXPECT_TIMEOUT)
+    child = spawn(server_flags(msmp_server), home)
     child.expect_exact("Password for")
     child.sendline("not-the-password")
     child.expect_exact("login failed: Invalid credentials")
@@ -154,7 +181,7 @@ def test_history_persists_without_passwords(msmp_server: Server, home: Path) -> 
     child.sendline(f"ADD {name} secret{name}")
     child.expect_exact("Added user")
     child.expect_exact("msmp> ")
-    child.sendline("quit")
+    child.sendeof()  # Ctrl-D: leaves nothing more in the history
     assert finish(child) == 0
 
     history = home / "history"
@@ -191,8 +218,7 @@ def test_watch_in_shell_returns_to_prompt(msmp_server: Server, home: Path) -> No
 
 
 def test_live_view_until_ctrl_c(msmp_server: Server, home: Path) -> None:
-    child = pexpect.spawn(sys.executable, ["-m", "admin", *server_flags(msmp_server), "--watch"], cwd=str(REPO),
-                          env=admin_env(home), encoding="utf-8", timeout=EXPECT_TIMEOUT, dimensions=(40, 200))
+    child = spawn([*server_flags(msmp_server), "--watch"], home, ADMIN_PASSWORD)
     child.expect(r"refresh 1\s")
     child.expect(r"Total connections: +\d+")
     child.expect(r"refresh 2\s")
@@ -208,6 +234,10 @@ def test_piped_commands(msmp_server: Server, home: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert "Total connections" in done.stdout
     assert f"\n{ALICE}\n" in done.stdout
+    done = subprocess.run(argv, cwd=REPO, env=admin_env(home), input="GET no_such_key\nSTAT\n", capture_output=True,
+                          text=True, timeout=60, start_new_session=True)
+    assert done.returncode == 1  # a script learns that a command failed
+    assert "error: Invalid key" in done.stderr and "Total connections" in done.stdout
 
 
 # -- one-shot mode ------------------------------------------------------------------------
