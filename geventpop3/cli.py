@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--users-file", metavar="FILE", help="name:password (or name:$scrypt$...) lines")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
     add("--config", metavar="FILE", help="TOML config file")
+    add("--no-state", action="store_true",
+        help="keep no persistent state: users from flags and files only, counters and access logs in memory")
     add("--max-connections", metavar="N", help="POP3 connection limit (default 10000)")
     add("--idle-timeout", metavar="SECONDS", help="close idle POP3 sessions after this (default 600)")
     add("--login-failure-delay", metavar="SECONDS", help="delay before a failed login is answered (default 2)")
@@ -178,7 +180,9 @@ def parse_config(argv: list[str]) -> Config:
     admins = _pairs(args.admin + list(file_values.get("admins", [])), "admin")
 
     state_dir = args.state_dir or file_values.get("state_dir")
-    if state_dir is None:
+    if args.no_state:
+        state_dir = None
+    elif state_dir is None:
         root = os.path.abspath(maildir)
         state_dir = os.path.join(os.path.dirname(root), os.path.basename(root) + ".state")
 
