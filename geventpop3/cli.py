@@ -144,12 +144,22 @@ def parse_config(argv: list[str]) -> Config:
 
     settings = Settings()
     for name, spec in file_values.get("transformers", {}).items():
+        chain = spec.get("chain") if isinstance(spec, dict) else None
+        if chain is not None:
+            if not isinstance(chain, list) or not chain or not all(isinstance(w, str) for w in chain):
+                raise UsageError(f"config file: transformers.{name}.chain must be a list of transformer names")
+            settings.transformer_chains[name] = chain
+            continue
         command = spec.get("command") if isinstance(spec, dict) else None
         if isinstance(command, str):
             command = shlex.split(command)
         if not isinstance(command, list) or not command or not all(isinstance(w, str) for w in command):
             raise UsageError(f"config file: transformers.{name}.command must be a list of words")
         settings.named_transformers[name] = command
+    for name, chain in settings.transformer_chains.items():
+        missing = [step for step in chain if step not in settings.named_transformers]
+        if missing:
+            raise UsageError(f"config file: transformers.{name}.chain names no command: {missing[0]}")
 
     maildir = args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR
     try:

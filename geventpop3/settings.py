@@ -118,6 +118,8 @@ class Settings:
         self._listeners: list[Listener] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
         self.named_transformers: dict[str, list[str]] = {}
+        # Named chains: name -> names of named_transformers run in order (geventpop3.transform).
+        self.transformer_chains: dict[str, list[str]] = {}
         # Extra validation hooks, e.g. the transformer module checking a program.
         self._validators: dict[str, Callable[[Any], None]] = {"transformer": self._check_transformer}
 
@@ -171,7 +173,7 @@ class Settings:
         return {key: self.get(key) for key in KEYS}
 
     def _check_transformer(self, value: str) -> None:
-        if value == "none" or value in self.named_transformers:
+        if value == "none" or value in self.named_transformers or value in self.transformer_chains:
             return
         try:
             argv = shlex.split(value)

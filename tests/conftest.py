@@ -91,7 +91,11 @@ class ServerProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
-        while not (_accepts("127.0.0.1", self.port) and _accepts("::1", self.port)):
+        def ready() -> bool:
+            ports = [self.port] + ([self.admin_port] if "-a" in self.args else [])
+            return all(_accepts(host, port) for port in ports for host in ("127.0.0.1", "::1"))
+
+        while not ready():
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited {self.process.returncode}: {self.log()}")
             if time.monotonic() > deadline:

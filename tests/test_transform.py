@@ -76,7 +76,7 @@ class Box:
         return self.transformers.prepare(messages, user="alice", address="127.0.0.1", port=40000)
 
     def cached_files(self) -> list[str]:
-        return sorted(str(p) for p in self.cache.rglob("*") if p.is_file())
+        return sorted(str(p) for p in self.cache.glob("*/*/*"))  # <user>/<filter>/<entry or temporary>
 
 
 def read(message: maildir.Message) -> bytes:
@@ -221,6 +221,28 @@ def test_cache_hit_on_second_login_and_cleanup(box: Box) -> None:
     box.use("tr a-z x-za-w")  # another filter: its own cache, the old one is dropped
     (other,) = box.login()
     assert box.cached_files() == [other.path] and read(other) == HAM.replace(b"hello", b"again").translate(ROT23)
+
+
+def test_cache_survives_a_restart_but_not_a_reboot(box: Box) -> None:
+    box.deliver(HAM)
+    box.use("cat")
+    (message,) = box.login()
+    assert box.transformers.sync is False  # this boot's entries need no fsync
+    box.transformers = Transformers(box.ctx, str(box.cache))  # a server restart, same boot
+    assert box.login() == [message] and box.ctx.metrics.transformer_runs == 1
+    (box.cache / ".boot-id").write_text("an-earlier-boot\n")  # entries may be torn by a crash
+    box.transformers = Transformers(box.ctx, str(box.cache))
+    wait_until(lambda: not Path(message.path).exists() and not list(box.cache.glob(".trash-*")))
+    (again,) = box.login()
+    assert box.ctx.metrics.transformer_runs == 2 and read(again) == HAM
+
+
+def test_unwritable_cache_fails_the_messages_not_the_login(box: Box) -> None:
+    (source,) = box.deliver(HAM)
+    box.use("cat")
+    (box.cache / "alice").write_text("not a directory")  # makedirs of alice/<filter> fails
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR and message.path == source
 
 
 def test_stale_temporaries_are_removed(box: Box) -> None:

@@ -279,6 +279,7 @@ class Pop3Session:
         self.ended = "quit"
         deleted = action.deleted
         if not deleted:
+            self._release_mailbox()
             return self.protocol.update_done(0)
         assert self.maildir is not None
         if len(deleted) > maildir.THREADPOOL_THRESHOLD:
@@ -289,25 +290,33 @@ class Pop3Session:
         self.ctx.metrics.messages_deleted += self.deleted_count
         if failed:
             log.error("pop3 update: user=%s could not delete %d messages", loggable(self.protocol.user), len(failed))
+        self._release_mailbox()  # before the answer: a client may reconnect the moment it reads it
         return self.protocol.update_done(len(failed))
 
     # -- end -----------------------------------------------------------------
+    def _release_mailbox(self) -> None:
+        if self.lock is None:
+            return
+        self.lock.release()
+        self.lock = None
+        user = self.protocol.user or ""
+        count = self.ctx.logged_in.get(user, 0) - 1
+        if count > 0:
+            self.ctx.logged_in[user] = count
+        else:
+            self.ctx.logged_in.pop(user, None)
+
     def finish(self) -> None:
         """Release the lock and log the logout, however the session ended."""
-        if self.lock is not None:
-            self.lock.release()
-            self.lock = None
-            user = self.protocol.user or ""
-            count = self.ctx.logged_in.get(user, 0) - 1
-            if count > 0:
-                self.ctx.logged_in[user] = count
-            else:
-                self.ctx.logged_in.pop(user, None)
-            log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
-                     loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
-                     self.protocol.tops, self.sent, self.ended)
-            detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
-            self._record("logout", user, detail=detail)
+        self._release_mailbox()
+        user = self.protocol.user
+        if user is None:
+            return
+        log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
+                 loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
+                 self.protocol.tops, self.sent, self.ended)
+        detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
+        self._record("logout", user, detail=detail)
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
         self.ctx.access_log.record(AccessEntry(
