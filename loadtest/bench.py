@@ -16,7 +16,9 @@ monkey.patch_all()
 import argparse  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import shlex  # noqa: E402
 import shutil  # noqa: E402
+import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -203,26 +205,36 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
     def open_one(user: str) -> None:
         try:
             client = Pop3Client(server.port, timeout=120)
-            clients.append(client)
+        except OSError as exc:
+            errors.append(f"{user}: {exc}")
+            return
+        try:
             client.login(user)
+            clients.append(client)
         except (OSError, BenchError) as exc:
+            client.close()
             errors.append(f"{user}: {exc}")
 
     begin = time.perf_counter()
     pool = Pool(opts.held_concurrency)
     for user in users:
-        if time.perf_counter() - begin > opts.held_timeout or errors:
+        if time.perf_counter() - begin > opts.held_timeout:
             break
         pool.spawn(open_one, user)
     pool.join(timeout=max(1.0, opts.held_timeout - (time.perf_counter() - begin)))
     pool.kill(timeout=5)
     established = time.perf_counter() - begin
-    result: Result = {"sessions": len(clients) - len(errors), "establish_s": established,
+    held = len(clients)
+    result: Result = {"sessions": held, "failed_logins": len(errors), "establish_s": established,
                       "before_pss_kib": before_pss, "before_rss_kib": before_rss}
     try:
-        if errors or len(clients) < len(users):
-            raise BenchError(f"only {len(clients) - len(errors)} of {len(users)} sessions logged in"
-                             + (f"; first error: {errors[0]}" if errors else ""))
+        if held < len(users):
+            # Measured anyway over the sessions that did log in, and reported as such.
+            log(f"  only {held} of {len(users)} sessions logged in"
+                + (f"; first error: {errors[0]}" if errors else ""))
+            if held < len(users) // 2:
+                raise BenchError(f"only {held} of {len(users)} sessions logged in")
+            errors.clear()
         samples = [memory(server.pids())]
         round_times = []
 
@@ -244,8 +256,8 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
         during_rss = max(s[1] for s in samples)
         result.update({
             "during_pss_kib": during_pss, "during_rss_kib": during_rss,
-            "kib_per_session_pss": (during_pss - before_pss) / len(users),
-            "kib_per_session_rss": (during_rss - before_rss) / len(users),
+            "kib_per_session_pss": (during_pss - before_pss) / held,
+            "kib_per_session_rss": (during_rss - before_rss) / held,
             "noop_round_s": statistics.median(round_times),
         })
     finally:
@@ -270,15 +282,16 @@ HEADLINE: dict[str, tuple[str, str, TargetCheck]] = {
              lambda g, d: (None, "needs Dovecot") if d is None else (g >= d, ">= Dovecot")),
     "pipeline": ("pipeline_ms", "1,000 pipelined commands, ms",
                  lambda g, d: (None, "needs Dovecot") if d is None else (g <= 2 * d, "<= 2x Dovecot")),
-    "login": ("second_login_ms", "second login, 10,000 messages, ms", lambda g, d: (g < 200, "< 200 ms")),
+    "login": ("second_login_stat_ms", "second login + STAT, 10,000 messages, ms",
+              lambda g, d: (g < 200, "< 200 ms")),
 }
 
 
 # -- driver --------------------------------------------------------------------
 
-def start_server(kind: str, port: int, data: Dataset, workdir: str) -> Server:
+def start_server(kind: str, port: int, data: Dataset, workdir: str, opts: argparse.Namespace) -> Server:
     if kind == "geventpop3":
-        return GeventPop3(port, data, workdir)
+        return GeventPop3(port, data, workdir, shlex.split(opts.gp_command) if opts.gp_command else None)
     return Dovecot(port, data)
 
 
@@ -286,6 +299,7 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
     """phase -> server -> metric -> one value per run."""
     workdir = opts.workdir or tempfile.mkdtemp(prefix="geventpop3-bench.")
     os.makedirs(workdir, exist_ok=True)
+    os.chmod(workdir, 0o755)  # Dovecot's mail processes run as vmail and must reach the tree
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     try:
         log(f"building the Maildir tree in {workdir}")
@@ -299,7 +313,7 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
                 for offset, kind in enumerate(kinds):
                     log(f"run {run + 1}/{opts.runs}: {phase} on {kind}")
                     port = opts.port_base + offset
-                    server = start_server(kind, port, data, workdir)
+                    server = start_server(kind, port, data, workdir, opts)
                     try:
                         values = PHASE_FUNCS[phase](server, data, opts)
                     except BenchError as exc:
@@ -329,7 +343,10 @@ def fmt(value: float | None) -> str:
 
 
 def machine() -> list[str]:
-    dovecot = subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout.strip() or "-"
+    try:
+        dovecot = subprocess.run(["dovecot", "--version"], capture_output=True, text=True).stdout.strip() or "-"
+    except OSError:
+        dovecot = "-"
     import gevent as g
 
     return [f"- nproc: {os.cpu_count()}", f"- uname -a: `{' '.join(platform.uname())}`",
@@ -339,7 +356,8 @@ def machine() -> list[str]:
 def report(results: dict[str, Any], opts: argparse.Namespace) -> str:
     lines = ["# Benchmark of the POP3 core (issue 2): geventpop3 beside Dovecot", "",
              f"Written by `python -m loadtest.bench` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
-             f"runs={opts.runs}, phases={','.join(opts.only)}.", "", "## Machine", *machine(), "",
+             f"runs={opts.runs}, phases={','.join(opts.only)}.", "", "## Machine",
+             *(getattr(opts, "machine", None) or machine()), "",
              "## Headline (medians of the runs; ratio = geventpop3 / Dovecot)", "",
              "| phase | metric | geventpop3 | Dovecot | ratio | target | met |",
              "|---|---|---:|---:|---:|---|---|"]
@@ -396,6 +414,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--big-mib", type=int, default=64, help="size of the RETR phase's message in MiB (default 64)")
     add("--workdir", help="where to build the Maildir tree (default: a new temporary directory)")
     add("--keep", action="store_true", help="keep the work directory")
+    add("--gp-command", help="command that starts geventpop3, for A/B tests of a change "
+        "(default: this Python -m geventpop3); the benchmark appends the flags")
     add("--out", default=DEFAULT_OUT, help=f"Markdown result file (default {DEFAULT_OUT})")
     opts = parser.parse_args(argv)
     opts.only = [p for p in PHASES if p in (opts.only or PHASES)]
@@ -406,9 +426,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     opts = parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C, so the servers started so far are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     if not opts.no_dovecot and shutil.which("dovecot") is None:
         log("dovecot is not installed: measuring geventpop3 alone")
         opts.no_dovecot = True
+    opts.machine = machine()  # before the phases: afterwards the client may be short of descriptors
     results = run_all(opts)
     text = report(results, opts)
     write_report(text, opts.out)

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -184,7 +185,7 @@ class Server:
 class GeventPop3(Server):
     name = "geventpop3"
 
-    def __init__(self, port: int, data: Dataset, workdir: str) -> None:
+    def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None) -> None:
         self.port = port
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
@@ -192,7 +193,7 @@ class GeventPop3(Server):
         self.log_path = os.path.join(workdir, f"geventpop3-{port}.log")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1", "-d", data.root,
+            [*(command or [sys.executable, "-m", "geventpop3"]), "-p", str(port), "-l", "127.0.0.1", "-d", data.root,
              "--users-file", data.users_gevent, "--config", config, "--state-dir", os.path.join(workdir, "state")],
             stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
         try:
@@ -220,11 +221,16 @@ class Dovecot(Server):
 
     def __init__(self, port: int, data: Dataset) -> None:
         self.port = port
-        out = subprocess.run([DOVECOT_START, str(port), data.root, data.users_dovecot],
-                             capture_output=True, text=True, timeout=300)
-        if out.returncode != 0:
-            raise BenchError(f"dovecot peer did not start: {out.stderr.strip()[-300:]}")
-        self.run_dir = out.stdout.strip().splitlines()[-1]
+        # Output to a file, not a pipe: the daemon inherits the descriptor and keeps it open.
+        with tempfile.TemporaryFile("w+") as out:
+            code = subprocess.run([DOVECOT_START, str(port), data.root, data.users_dovecot],
+                                  stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                  timeout=300).returncode
+            out.seek(0)
+            text = out.read().strip()
+        if code != 0 or not text:
+            raise BenchError(f"dovecot peer did not start: {text[-300:]}")
+        self.run_dir = text.splitlines()[-1]
         with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
             self.master = int(handle.read().strip())
         wait_port(port, time.monotonic() + 60)
@@ -245,7 +251,8 @@ class Dovecot(Server):
         return found
 
     def stop(self) -> None:
-        subprocess.run([DOVECOT_STOP, self.run_dir], capture_output=True, timeout=120)
+        subprocess.run([DOVECOT_STOP, self.run_dir], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL, timeout=120)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and psutil.pid_exists(self.master):
             time.sleep(0.1)
@@ -301,7 +308,14 @@ class Pop3Client:
     __slots__ = ("sock", "buf", "finished")
 
     def __init__(self, port: int, timeout: float = 60.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        # Not create_connection(): its getaddrinfo goes through gevent's thread pool.
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(("127.0.0.1", port))
+        except OSError:
+            self.sock.close()
+            raise
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.finished = 0.0  # perf_counter() when the last multi-line terminator arrived

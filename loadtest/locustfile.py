@@ -20,6 +20,7 @@ every N-th pool user. Typical use is through `python -m loadtest.run`, or direct
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import sys
@@ -32,7 +33,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from locust import User, between, constant, events, task  # noqa: E402
+from locust import User, events, task  # noqa: E402
 from locust.exception import StopUser  # noqa: E402
 from locust.runners import MasterRunner, WorkerRunner  # noqa: E402
 
@@ -63,6 +64,9 @@ def _options(parser) -> None:  # noqa: ANN001 - locust's argparse wrapper
                        help="exact user counts, e.g. IdleHolderUser=10000,DownloadDeleteUser=50")
     group.add_argument("--pool-shards", type=int, default=0,
                        help="load generators sharing the pool (default: --processes, else 1)")
+    group.add_argument("--reset-when-held", type=int, default=0, metavar="N",
+                       help="reset the statistics once N idle sessions are held (single process only): "
+                            "the figures then describe the steady state, not the ramp")
     group.add_argument("--summary-file", default="", help="write the suite's own counters here as JSON")
 
 
@@ -85,6 +89,8 @@ class Suite:
     def __init__(self) -> None:
         self.pool: Pool | None = None
         self.free: dict[str, deque[str]] = {}
+        self.split_done = False
+        self.environment = None
         self.refill = True
         self.counters = {"held": 0, "held_max": 0, "idle_logged_in": 0, "idle_noop_ok": 0,
                          "idle_reconnects": 0, "sessions_dd": 0, "sessions_poll": 0,
@@ -92,6 +98,8 @@ class Suite:
         self.noop_users: set[int] = set()
         self.held_at_stop: int | None = None
         self.spawn_complete_at: float | None = None
+        self.held_complete_at: float | None = None
+        self.stopping_at: float | None = None
         self.worker_reports: dict[str, dict] = {}
 
     def setup(self, environment) -> None:  # noqa: ANN001
@@ -100,14 +108,24 @@ class Suite:
             raise SystemExit("locustfile: --pool DIR is required (python -m loadtest.setup_pool makes one)")
         self.pool = load_pool(opts.pool)
         self.refill = not opts.no_refill
+        self.environment = environment
+
+    def _split(self) -> None:
+        """This process's share of the pool; a worker learns its index only once the master
+        acknowledged it, so this runs at the first take(), not at init."""
+        assert self.pool is not None
+        opts = _opts(self.environment)
         index, shards = 0, 1
-        runner = environment.runner
+        runner = self.environment.runner
         if isinstance(runner, WorkerRunner):
             index = max(runner.worker_index, 0)
             shards = opts.pool_shards or getattr(opts, "processes", 0) or 1
         self.free = {group: deque(names[index::shards]) for group, names in self.pool.users.items()}
+        self.split_done = True
 
     def take(self, group: str) -> str | None:
+        if not self.split_done:
+            self._split()
         names = self.free.get(group)
         if not names:
             self.counters["pool_exhausted"] += 1
@@ -154,6 +172,7 @@ def _spawned(user_count: int, **_kwargs) -> None:
 @events.test_stopping.add_listener
 def _stopping(**_kwargs) -> None:
     SUITE.held_at_stop = SUITE.counters["held"]  # sessions still held when the run time was up
+    SUITE.stopping_at = time.time()
 
 
 @events.report_to_master.add_listener
@@ -181,6 +200,8 @@ def _quitting(environment, **_kwargs) -> None:  # noqa: ANN001
     else:
         summary = SUITE.snapshot()
     summary["spawn_complete_at"] = SUITE.spawn_complete_at
+    summary["held_complete_at"] = SUITE.held_complete_at
+    summary["stopping_at"] = SUITE.stopping_at
     Path(opts.summary_file).write_text(json.dumps(summary, indent=1))
 
 
@@ -228,10 +249,8 @@ class Pop3User(User):
     def _drop(self) -> None:
         if self.client is not None:
             if self.client.connected:
-                try:
+                with contextlib.suppress(POOL_ERRORS):
                     self.client.quit()
-                except POOL_ERRORS:
-                    pass
             self.client.close()
             self.client = None
 
@@ -347,6 +366,7 @@ class IdleHolderUser(Pop3User):
                 SUITE.counters["idle_logged_in"] += 1
                 SUITE.held_changed(+1)
                 self._holding = True
+                self._maybe_reset()
             assert self.client is not None
             self.client.noop()
             SUITE.noop_users.add(id(self))
@@ -354,6 +374,13 @@ class IdleHolderUser(Pop3User):
             self._release_hold()
             if self.client is not None:
                 self.client.close()
+
+    def _maybe_reset(self) -> None:
+        target = _opts(self.environment).reset_when_held
+        if target and SUITE.held_complete_at is None and SUITE.counters["held"] >= target:
+            SUITE.held_complete_at = time.time()
+            if not isinstance(self.environment.runner, WorkerRunner):
+                self.environment.stats.reset_all()
 
     def _release_hold(self) -> None:
         if getattr(self, "_holding", False):

@@ -13,6 +13,7 @@ message bodies are not un-dot-stuffed (the octet count is what a load test needs
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -122,10 +123,8 @@ class Pop3Client:
         sock, self.sock = self.sock, None
         self._buf.clear()
         if sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 sock.close()
-            except OSError:
-                pass
 
     @property
     def connected(self) -> bool:

@@ -69,10 +69,10 @@ SCENARIOS = {
     # Throughput: download-and-delete sessions back to back.
     "dd": Scenario(["DownloadDeleteUser"], 50, 50, "30s", {"dd": 50}),
     # Held sessions only: memory per session.
-    "hold": Scenario(["IdleHolderUser"], 10000, 1000, "60s", {"idle": 10000}, ["--noop-interval", "30"]),
+    "hold": Scenario(["IdleHolderUser"], 10000, 500, "60s", {"idle": 10000}, ["--noop-interval", "30"]),
     # The stress scenario: N held sessions answering NOOP while 50 users download and delete.
-    "stress": Scenario(["IdleHolderUser", "DownloadDeleteUser"], 10050, 1000, "60s", {"idle": 10000, "dd": 50},
-                       ["--noop-interval", "30", "--reset-stats"]),
+    "stress": Scenario(["IdleHolderUser", "DownloadDeleteUser"], 10050, 500, "80s", {"idle": 10000, "dd": 50},
+                       ["--noop-interval", "30"]),
 }
 
 
@@ -107,7 +107,9 @@ class Geventpop3Server:
 
     kind = "geventpop3"
 
-    def __init__(self, pool, out: Path, settings: dict[str, str], extra: list[str]) -> None:  # noqa: ANN001
+    def __init__(self, pool, out: Path, settings: dict[str, str], extra: list[str],  # noqa: ANN001
+                 source: Path = REPO) -> None:
+        self.source = source
         self.port, self.admin_port = free_port(), free_port()
         self.admin = ("loadadmin", secrets.token_urlsafe(12))
         config = out / "server.toml"
@@ -120,7 +122,7 @@ class Geventpop3Server:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO)
+        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.source)
         wait_port(self.port, lambda: self.process.poll() is None)
 
     def pids(self) -> list[int]:
@@ -137,8 +139,8 @@ class Geventpop3Server:
         self.log.close()
 
     def locust_args(self) -> list[str]:
-        return ["--msmp", f"127.0.0.1:{self.admin_port}", "--msmp-user", self.admin[0],
-                "--msmp-password", self.admin[1]]
+        return ["--msmp", f"127.0.0.1:{self.admin_port}", f"--msmp-user={self.admin[0]}",
+                f"--msmp-password={self.admin[1]}"]  # the = form: a token may begin with "-"
 
 
 class DovecotServer:
@@ -152,11 +154,16 @@ class DovecotServer:
         self.rundir: Path | None = None
 
     def start(self) -> None:
-        done = subprocess.run(["bash", str(self.tools / DOVECOT_START), str(self.port), str(self.pool.maildir),
-                               str(self.pool.users_plain)], capture_output=True, text=True, timeout=600)
-        if done.returncode != 0:
-            raise RuntimeError(f"dovecot peer did not start: {done.stderr.strip()[-400:]}")
-        self.rundir = Path(done.stdout.strip().splitlines()[-1])
+        # Dovecot daemonizes with the script's stdout still open: read a file, not a pipe.
+        output = self.out / "dovecot-start.txt"
+        with open(output, "w") as handle:
+            code = subprocess.run(["bash", str(self.tools / DOVECOT_START), str(self.port), str(self.pool.maildir),
+                                   str(self.pool.users_plain)], stdout=handle, stderr=subprocess.STDOUT,
+                                  timeout=600).returncode
+        lines = output.read_text().strip().splitlines()
+        if code != 0 or not lines:
+            raise RuntimeError(f"dovecot peer did not start: {' '.join(lines[-3:])}")
+        self.rundir = Path(lines[-1])
         wait_port(self.port, lambda: True, timeout=30)
 
     def pids(self) -> list[int]:
@@ -221,6 +228,20 @@ def proc_numbers(pid: int, pss: bool) -> tuple[int, float, int, int]:
     return rss, cpu, pss_kb, 0
 
 
+def machine_busy() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat), to see other load on the machine."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return round((sum(fields[:8]) - idle) / CLOCK, 2)
+
+
+def available_kb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 1 << 40
+
+
 class Sampler(threading.Thread):
     """Once a second: server RSS, PSS, CPU, descriptors and processes; the load generator's CPU."""
 
@@ -230,6 +251,8 @@ class Sampler(threading.Thread):
         self.rows: list[dict] = []
         self.stopped = threading.Event()
         self.locust_pid: int | None = None
+        self.min_available_kb = 2 * 1024 * 1024
+        self.low_memory = False
 
     def sample(self) -> dict:
         pids = self.server.pids() if self.server else []
@@ -246,16 +269,21 @@ class Sampler(threading.Thread):
                 fds = len(os.listdir(f"/proc/{pids[0]}/fd"))
         gen_cpu = 0.0
         if self.locust_pid:
-            for pid in process_tree(self.locust_pid) if many or True else [self.locust_pid]:
+            for pid in process_tree(self.locust_pid):  # with --processes: the workers too
                 with contextlib.suppress(OSError, IndexError, ValueError):
                     gen_cpu += proc_numbers(pid, pss=False)[1]
-        return {"time": time.time(), "rss_kb": rss, "pss_kb": pss, "cpu_s": round(cpu, 2), "fds": fds,
+        return {"time": time.time(), "machine_busy_s": machine_busy(), "rss_kb": rss, "pss_kb": pss,
+                "cpu_s": round(cpu, 2), "fds": fds,
                 "processes": len(pids), "loadgen_cpu_s": round(gen_cpu, 2)}
 
     def run(self) -> None:
         while not self.stopped.is_set():
             started = time.monotonic()
             self.rows.append(self.sample())
+            if self.locust_pid and available_kb() < self.min_available_kb and not self.low_memory:
+                self.low_memory = True  # protect the machine: end the run early, it fails its gate
+                with contextlib.suppress(OSError):
+                    os.kill(self.locust_pid, signal.SIGTERM)
             self.stopped.wait(max(self.interval - (time.monotonic() - started), 0.05))
 
     def stop(self) -> None:
@@ -314,8 +342,14 @@ def summarize(out: Path, rows: list[dict], samples: list[dict], suite: dict, arg
                     "run_time": args.run_time, "passed": passed, "reasons": reasons, "steps": steps,
                     "dd_sessions_per_s": dd.get("rps"), "suite": suite, "duration_s": round(duration, 1)}
     if samples:
-        held_from = suite.get("spawn_complete_at") or samples[0]["time"]
-        steady = [s for s in samples if s["time"] >= held_from] or samples
+        # The steady state: from the moment every idle session was held (stress) to the stop;
+        # else the last samples before the stop, when `held_at_stop` sessions were held.
+        stop = suite.get("stopping_at") or samples[-1]["time"]
+        before_stop = [s for s in samples if s["time"] <= stop] or samples
+        if suite.get("held_complete_at"):
+            steady = [s for s in before_stop if s["time"] >= suite["held_complete_at"]] or before_stop[-3:]
+        else:
+            steady = before_stop[-3:]
         mem_key = "pss_kb" if args.server == "dovecot" else "rss_kb"
         result["server_rss_max_kb"] = max(s["rss_kb"] for s in samples)
         result["server_pss_max_kb"] = max(s["pss_kb"] for s in samples)
@@ -326,6 +360,9 @@ def summarize(out: Path, rows: list[dict], samples: list[dict], suite: dict, arg
             result["server_cpu_percent"] = round(100 * (samples[-1]["cpu_s"] - samples[0]["cpu_s"]) / span, 1)
             result["loadgen_cpu_percent"] = round(
                 100 * (samples[-1]["loadgen_cpu_s"] - samples[0]["loadgen_cpu_s"]) / span, 1)
+            result["machine_cpu_percent"] = round(
+                100 * (samples[-1]["machine_busy_s"] - samples[0]["machine_busy_s"]) / span, 1)
+            result["machine_cores"] = os.cpu_count()
         if len(steady) > 1 and steady[-1]["time"] > steady[0]["time"]:
             result["server_cpu_percent_steady"] = round(
                 100 * (steady[-1]["cpu_s"] - steady[0]["cpu_s"]) / (steady[-1]["time"] - steady[0]["time"]), 1)
@@ -353,7 +390,8 @@ def render(result: dict) -> str:
     for key in ("users", "run_time", "duration_s", "dd_sessions_per_s", "held_sessions", "held_max",
                 "memory_per_held_session_kb", "memory_basis", "memory_baseline_kb", "memory_steady_kb",
                 "server_rss_max_kb", "server_pss_max_kb", "server_fds_max", "server_processes_max",
-                "server_cpu_percent", "server_cpu_percent_steady", "loadgen_cpu_percent"):
+                "server_cpu_percent", "server_cpu_percent_steady", "loadgen_cpu_percent", "machine_cpu_percent",
+                "machine_cores"):
         if result.get(key) is not None:
             lines.append(f"- {key}: {result[key]}")
     lines += ["", "| step | count | failures | p50 ms | p95 ms | per s |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -373,7 +411,8 @@ def median_report(results: list[dict]) -> str:
     lines = [f"# {first['scenario']} against {first['server']}: medians of {len(results)} runs", "",
              f"- verdicts: {', '.join('PASS' if r['passed'] else 'FAIL' for r in results)}"]
     for key in ("dd_sessions_per_s", "held_sessions", "memory_per_held_session_kb", "server_rss_max_kb",
-                "server_pss_max_kb", "server_cpu_percent", "server_cpu_percent_steady", "loadgen_cpu_percent"):
+                "server_pss_max_kb", "server_cpu_percent", "server_cpu_percent_steady", "loadgen_cpu_percent",
+                "machine_cpu_percent"):
         value = med([r.get(key) for r in results])
         if value is not None:
             lines.append(f"- {key}: {value} (runs: {', '.join(str(r.get(key)) for r in results)})")
@@ -415,7 +454,7 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
     if args.server == "geventpop3":
         settings = {"max_connections": "20000", "log_level": args.log_level, "login_failure_delay": "0.05"}
         settings.update(dict(item.split("=", 1) for item in args.set))
-        server = Geventpop3Server(pool, out, settings, args.server_arg)
+        server = Geventpop3Server(pool, out, settings, args.server_arg, Path(args.server_source).resolve())
     elif args.server == "dovecot":
         server = DovecotServer(pool, out, Path(args.tools))
         classes = [c for c in classes if c != "AdminWatcherUser"]  # Dovecot has no MSMP
@@ -443,6 +482,10 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
                "--summary-file", str(suite_file), "--loglevel", "WARNING", *scenario.locust_args]
     if fixed:
         command += ["--fixed", ",".join(fixed)]
+    if args.scenario == "stress":
+        # Figures of the steady state: from the moment every idle session is held (one process),
+        # else from the end of spawning (Locust's own reset, which --processes supports).
+        command += ["--reset-stats"] if args.processes else ["--reset-when-held", str(pool_counts.get("idle", 0))]
     if args.processes:
         command += ["--processes", str(args.processes), "--pool-shards", str(args.processes)]
     if args.no_refill:
@@ -477,6 +520,9 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
     rows = read_stats(out / "locust_stats.csv")
     suite = json.loads(suite_file.read_text()) if suite_file.exists() else {}
     passed, reasons = gate(rows, args.max_fail_ratio, args.max_p95)
+    if sampler.low_memory:
+        passed = False
+        reasons.append("stopped early: the machine ran low on memory")
     return summarize(out, rows, sampler.rows, suite, argparse.Namespace(**{**vars(args), "users": users}), passed,
                      reasons, baseline, duration)
 
@@ -502,6 +548,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--no-refill", action="store_true", help="do not re-deliver mail (the server's disk is elsewhere)")
     add("--log-level", default="WARNING", help="geventpop3 log level during the run")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="geventpop3 setting for the run")
+    add("--server-source", default=str(REPO), help="run geventpop3 from this source tree (e.g. a patched copy)")
     add("--server-arg", action="append", default=[], help="extra geventpop3 flag")
     add("--locust-arg", action="append", default=[], help="extra Locust argument")
     add("--tools", default=str(REPO.parent / "shared" / "tools"), help="folder of the Dovecot peer scripts")

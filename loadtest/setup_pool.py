@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import json
 import os
 import random
@@ -173,10 +174,8 @@ def deliver_link(maildir: Path, source: Path) -> None:
 def count_messages(maildir: Path) -> int:
     total = 0
     for sub in ("new", "cur"):
-        try:
+        with contextlib.suppress(FileNotFoundError):
             total += sum(1 for name in os.listdir(maildir / sub) if not name.startswith("."))
-        except FileNotFoundError:
-            pass
     return total
 
 
@@ -259,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, type=Path, help="pool directory (created)")
     for group in GROUPS:
-        parser.add_argument(f"--{group}", type=int, default=None, help=f"{group} users (default {DEFAULT_COUNTS[group]})")
+        parser.add_argument(f"--{group}", type=int, default=None,
+                            help=f"{group} users (default {DEFAULT_COUNTS[group]})")
         parser.add_argument(f"--{group}-messages", type=int, default=DEFAULT_MESSAGES[group],
                             help=f"messages in a full {group} mailbox (default {DEFAULT_MESSAGES[group]})")
     parser.add_argument("--refill", action="store_true", help="only top every mailbox up")
