@@ -14,7 +14,7 @@ import gevent
 from gevent.event import Event
 from gevent.server import StreamServer
 
-from geventpop3 import maildir
+from geventpop3 import listen, maildir
 from geventpop3.cli import Config
 from geventpop3.context import ServerContext
 from geventpop3.metrics import start_prometheus_server
@@ -61,28 +61,37 @@ def make_listeners(addresses: list[str] | None, port: int) -> list[socket.socket
     """Listening sockets: one dual-stack socket by default, else one per address.
 
     A host name binds every address it resolves to. With port 0 every listener
-    shares the port the first one got.
+    shares the port the first one got (a fresh one where that port is taken).
     """
     if not addresses:
-        if socket.has_dualstack_ipv6():
-            return [socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True,
-                                         backlog=LISTEN_BACKLOG)]
-        return [socket.create_server(("0.0.0.0", port), backlog=LISTEN_BACKLOG)]
-    endpoints: list[tuple[int, str]] = []
-    for host in addresses:
+        dualstack = socket.has_dualstack_ipv6()
+        family, host = (socket.AF_INET6, "::") if dualstack else (socket.AF_INET, "0.0.0.0")
         try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        except socket.gaierror as exc:
-            raise OSError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
-        for family, _, _, _, sockaddr in infos:
-            if (family, sockaddr[0]) not in endpoints:
-                endpoints.append((family, sockaddr[0]))
-    listeners = []
-    for family, host in endpoints:
-        listener = socket.create_server((host, port), family=family, backlog=LISTEN_BACKLOG)
-        listeners.append(listener)
-        port = port or listener.getsockname()[1]
+            return [listen.listener(family, host, port, LISTEN_BACKLOG, dualstack=dualstack)]
+        except OSError as exc:
+            raise _listen_error(host, port, exc) from exc
+    requested = port
+    listeners: list[socket.socket] = []
+    try:
+        for host in addresses:
+            try:
+                bound = listen.bind(host, port, LISTEN_BACKLOG, shared_port=requested == 0 and port != 0)
+            except socket.gaierror as exc:
+                raise OSError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
+            except OSError as exc:
+                raise _listen_error(host, port, exc) from exc
+            listeners.extend(bound)
+            if bound and not port:
+                port = bound[0].getsockname()[1]
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
     return listeners
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> OSError:
+    return OSError(exc.errno, f"cannot listen for POP3 on {host} port {port}: {exc.strerror or exc}")
 
 
 def open_store(state_dir: str | None) -> Store | None:
@@ -125,7 +134,7 @@ class App:
         except UserError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
             return 2
-        ctx = ServerContext(settings=settings, users=directory, store=self.store)
+        ctx = ServerContext(settings=settings, users=directory)
         ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
         self.ctx = ctx
         self.pop3 = Pop3Service(ctx)
@@ -148,7 +157,8 @@ class App:
                 self.servers.append(start_prometheus_server(ctx.metrics, config.metrics_address, config.metrics_port))
                 log.info("prometheus metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
         except OSError as exc:
-            print(f"geventpop3: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+            why = exc.strerror or str(exc)
+            print(f"geventpop3: {why if why.startswith('cannot ') else 'cannot listen: ' + why}", file=sys.stderr)
             self._close_servers()
             return 2
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -16,9 +16,8 @@ class ServerContext:
     users: UserDirectory
     metrics: Metrics = field(default_factory=Metrics)
     access_log: AccessLog = field(default_factory=AccessLog)
-    # The persistent store (geventpop3.store.Store) when state is kept; None in unit tests.
-    store: Any = None
-    # The background writer of counters and access logs (geventpop3.persister.Persister).
+    # The background writer of counters and access logs (geventpop3.persister.Persister),
+    # the one user of the persistent store; None when no state is kept.
     persister: Any = None
     # Filters for retrieved mail (geventpop3.transform), None until configured.
     transformers: Any = None

@@ -82,13 +82,12 @@ class MailboxLock:
     keeps two sessions of one user apart (record locks never conflict with their owner).
     """
 
-    __slots__ = ("_key", "_root", "_offset", "path")
+    __slots__ = ("_key", "_root", "_offset")
 
     def __init__(self, maildir: str) -> None:
         self._key = os.path.abspath(maildir)
         self._root, name = os.path.split(self._key)
         self._offset = _lock_offset(name)
-        self.path = os.path.join(self._root, LOCK_FILE)
 
     def acquire(self) -> bool:
         """True if we now hold the lock; False at once if someone else does."""

@@ -148,11 +148,9 @@ class ManagementBackend:
         return count, size
 
     # -- access log -----------------------------------------------------------
-    def _unsaved(self, name: str) -> list[AccessEntry]:
-        """Entries recorded but not yet in the store (all of them without a store)."""
-        persister = self.ctx.persister
-        if persister is not None:
-            return persister.unsaved(name)
+    # With a store there is always a persister (app.py), the one reader and writer of
+    # the stored access log; without one, the entries live only in memory.
+    def _in_memory(self, name: str) -> list[AccessEntry]:
         return [entry for entry in self.ctx.access_log.pending if entry.user == name]
 
     def _log_count(self, name: str) -> int:
@@ -161,26 +159,12 @@ class ManagementBackend:
             # Counts under the persister's lock: an entry flushed between the count of the
             # stored ones and of the unsaved ones would otherwise be missed.
             return persister.log_count(name)
-        stored = 0
-        if self.ctx.store is not None:
-            try:
-                stored = self.ctx.store.access_count(name)
-            except StoreError as exc:
-                log.warning("cannot count access-log entries of %s: %s", name, exc)
-        return stored + len(self._unsaved(name))
+        return len(self._in_memory(name))
 
     def logs(self, user: str, n: int) -> list[str]:
         persister = self.ctx.persister
-        if persister is not None:
-            entries = persister.logs(user, n)  # flushes first; falls back to memory
-        else:
-            entries = []
-            if self.ctx.store is not None:
-                try:
-                    entries.extend(self.ctx.store.query_access(user, n))
-                except StoreError as exc:
-                    log.warning("cannot read access-log entries of %s: %s", user, exc)
-            entries.extend(self._unsaved(user))
+        # The persister flushes first and falls back to memory if the store cannot be read.
+        entries = persister.logs(user, n) if persister is not None else self._in_memory(user)
         if not entries and user not in self.ctx.users:
             raise UserError("Invalid user")
         return [entry.line() for entry in entries[-n:]]

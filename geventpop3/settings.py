@@ -120,17 +120,12 @@ class Settings:
         self.named_transformers: dict[str, list[str]] = {}
         # Named chains: name -> names of named_transformers run in order (geventpop3.transform).
         self.transformer_chains: dict[str, list[str]] = {}
-        # Extra validation hooks, e.g. the transformer module checking a program.
-        self._validators: dict[str, Callable[[Any], None]] = {"transformer": self._check_transformer}
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self.__dict__["_values"][name]
         except KeyError:
             raise AttributeError(name) from None
-
-    def keys(self) -> list[str]:
-        return list(KEYS)
 
     def parse(self, key: str, text: str) -> Any:
         """Validate `text` for `key` without changing anything."""
@@ -139,9 +134,8 @@ class Settings:
         if not text:
             raise SettingError("empty value")
         value = KEYS[key].parse(text)
-        check = self._validators.get(key)
-        if check is not None:
-            check(value)
+        if key == "transformer":
+            self._check_transformer(value)  # the program must exist: caught at SET, not at RETR
         return value
 
     def set(self, key: str, text: str, source: str = "msmp") -> Any:
@@ -165,12 +159,6 @@ class Settings:
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
-
-    def add_validator(self, key: str, check: Callable[[Any], None]) -> None:
-        self._validators[key] = check
-
-    def as_dict(self) -> dict[str, str]:
-        return {key: self.get(key) for key in KEYS}
 
     def _check_transformer(self, value: str) -> None:
         if value == "none" or value in self.named_transformers or value in self.transformer_chains:

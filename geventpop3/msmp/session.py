@@ -18,6 +18,7 @@ import gevent
 from gevent import socket
 from gevent.server import StreamServer
 
+from geventpop3 import listen
 from geventpop3.context import ServerContext
 from geventpop3.management import ManagementBackend
 from geventpop3.msmp.protocol import MsmpProtocol
@@ -111,50 +112,6 @@ def _peer(address: Any) -> str:
     return str(address)
 
 
-def _endpoints(address: str) -> list[tuple[int, str]]:
-    """(family, host) to bind for an address or host name: every address it resolves to."""
-    infos = socket.getaddrinfo(address, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
-    found: list[tuple[int, str]] = []
-    for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in found:
-            found.append((family, sockaddr[0]))
-    return found
-
-
-def _listener(family: int, host: str, port: int) -> socket.socket:
-    """A listening socket with SO_REUSEADDR (and IPV6_V6ONLY for IPv6)."""
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind((host, port))
-        sock.listen(BACKLOG)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _bind(address: str, port: int, shared_port: bool) -> list[socket.socket]:
-    """Listeners for one address; with `shared_port` (an ephemeral port picked for an
-    earlier address) fall back to a fresh ephemeral port if that one is taken here."""
-    listeners: list[socket.socket] = []
-    try:
-        for family, host in _endpoints(address):
-            try:
-                listeners.append(_listener(family, host, port))
-            except OSError as exc:
-                if not shared_port or exc.errno != errno.EADDRINUSE:
-                    raise
-                listeners.append(_listener(family, host, 0))
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    return listeners
-
-
 def _ipv6_unavailable(exc: OSError) -> bool:
     return isinstance(exc, socket.gaierror) or exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
 
@@ -174,7 +131,7 @@ def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: i
     try:
         for address in (DEFAULT_ADDRESSES if defaults else addresses):
             try:
-                listeners = _bind(address, port, shared_port=requested == 0 and port != 0)
+                listeners = listen.bind(address, port, BACKLOG, shared_port=requested == 0 and port != 0)
             except OSError as exc:
                 if defaults and ":" in address and _ipv6_unavailable(exc):
                     log.info("MSMP: IPv6 loopback unavailable (%s), listening on IPv4 only", exc)

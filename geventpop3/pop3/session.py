@@ -191,6 +191,7 @@ class Pop3Session:
         if self._done:
             return
         self._done = True
+        self.service.sessions.discard(self)
         self._unpark()
         if self._watcher is not None:
             self._watcher.close()
@@ -333,6 +334,7 @@ class Pop3Service:
         self.ctx = ctx
         self.pool = Pool()  # greenlets of sessions that are doing something
         self.parked: set[Pop3Session] = set()  # sessions waiting for their client
+        self.sessions: set[Pop3Session] = set()  # every session not yet closed
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """StreamServer handler: enforce the connection limit, then greet and serve."""
@@ -348,7 +350,9 @@ class Pop3Service:
         # back until the client's delayed ACK (40 ms per pipelined write).
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Pop3Session(self, sock, address).greet()
+        session = Pop3Session(self, sock, address)
+        self.sessions.add(session)
+        session.greet()
 
     def __len__(self) -> int:
         return len(self.pool) + len(self.parked)
@@ -359,6 +363,12 @@ class Pop3Service:
             session.ended = "shutdown"
             session.close()
         self.pool.kill(block=True, timeout=timeout)
+        if not self.pool:
+            # Woken (data or idle timer) but killed before their greenlet started:
+            # nothing else would close them.
+            for session in list(self.sessions):
+                session.ended = "shutdown"
+                session.close()
 
 
 class Pop3Server(StreamServer):
