@@ -127,6 +127,7 @@ class MsmpClient:
         self.greeting = ""
         self._sock: socket.socket | None = None
         self._buffer = b""
+        self._pos = 0  # start of the unread part of _buffer
         self._in_step = True
 
     # -- connection ---------------------------------------------------------------------
@@ -142,6 +143,7 @@ class MsmpClient:
         except OSError as exc:
             raise MsmpConnectionError(f"cannot connect to {self.where}: {_reason(exc)}") from exc
         self._buffer = b""
+        self._pos = 0  # start of the unread part of _buffer
         self._in_step = True
         line = self._read_line()
         if not line.startswith("+OK"):
@@ -165,6 +167,7 @@ class MsmpClient:
         """Drop the connection without a QUIT; safe to call twice."""
         sock, self._sock = self._sock, None
         self._buffer = b""
+        self._pos = 0  # start of the unread part of _buffer
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()
@@ -307,10 +310,12 @@ class MsmpClient:
     def _read_line(self) -> str:
         sock = self._require()
         while True:
-            end = self._buffer.find(b"\n")
+            end = self._buffer.find(b"\n", self._pos)
             if end >= 0:
-                raw, self._buffer = self._buffer[:end], self._buffer[end + 1:]
+                raw, self._pos = self._buffer[self._pos:end], end + 1
                 return raw.rstrip(b"\r").decode("utf-8", "replace")
+            # Drop what was read once per receive, not once per line (a long LOGS stays linear).
+            self._buffer, self._pos = self._buffer[self._pos:], 0
             if len(self._buffer) > _MAX_LINE:
                 self.close()
                 raise MsmpProtocolError(f"response line from {self.where} too long")
