@@ -132,6 +132,8 @@ def _check_file_types(values: dict[str, Any]) -> None:
             raise UsageError(f"config file: {key} has the wrong type")
         if key.endswith("_port") and not 0 <= value <= 65535:
             raise UsageError(f"config file: invalid port {value!r}")
+        if key.endswith("_address") and not value:
+            raise UsageError(f"config file: {key} is empty")
 
 
 def parse_config(argv: list[str]) -> Config:

@@ -84,5 +84,6 @@ def response_line(text: str) -> bytes:
     """One response line, truncated so that it never exceeds MAX_RESPONSE_LINE."""
     data = text.encode("utf-8", "replace")
     if len(data) > MAX_RESPONSE_LINE - 2:
-        data = data[: MAX_RESPONSE_LINE - 2]
+        # Cut, then drop a character the cut split in two: the line stays valid UTF-8.
+        data = data[: MAX_RESPONSE_LINE - 2].decode("utf-8", "ignore").encode("utf-8")
     return data + b"\r\n"

@@ -175,6 +175,8 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     ('metrics_port = "abc"', "metrics_port"),
     ("pop3_port = true", "pop3_port"),
     ("pop3_address = 5", "pop3_address"),
+    ("pop3_address = []", "pop3_address"),
+    ("admin_address = []", "admin_address"),
     ("admin_address = [1]", "admin_address"),
     ('transformers = "x"', "transformers"),
     ("transformers = {a = 5}", "transformers.a"),

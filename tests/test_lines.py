@@ -162,3 +162,10 @@ def test_response_line() -> None:
     assert len(exact) == MAX_RESPONSE_LINE
     assert response_line("\u00e9" * 600).endswith(b"\r\n")
     assert len(response_line("\u00e9" * 600)) <= MAX_RESPONSE_LINE
+
+
+def test_response_line_never_splits_a_character() -> None:
+    line = response_line("+OK" + "é" * 400)  # two octets each after 3: the cut falls inside one
+    assert len(line) <= MAX_RESPONSE_LINE
+    assert line.endswith(b"\r\n")
+    line[:-2].decode("utf-8")  # strict: raises if a character was cut in two
