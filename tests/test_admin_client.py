@@ -13,13 +13,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import count
 from pathlib import Path
 
 import pytest
+from conftest import wait_until
 
 from admin.client import (
     MsmpAuthError,
@@ -59,18 +59,6 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
-
-
-def wait_for(predicate: Callable[[], object], deadline: float = 10.0, interval: float = 0.05) -> object:
-    """Poll until predicate() is truthy; its last value, or an AssertionError at the deadline."""
-    end = time.monotonic() + deadline
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not met within {deadline} s")
-        time.sleep(interval)
 
 
 @dataclass
@@ -127,7 +115,7 @@ def start_server(tmp: Path, admin_host: str = "127.0.0.1") -> Server:
             return False
 
     try:
-        wait_for(ready, STARTUP_DEADLINE)
+        wait_until(ready, STARTUP_DEADLINE)
     except BaseException:
         stop_server(server)
         raise
@@ -281,7 +269,7 @@ def test_logs_show_a_pop3_login(admin: MsmpClient, msmp_server: Server) -> None:
         pop.pass_(ALICE_PASSWORD)
     finally:
         pop.quit()
-    entries = wait_for(lambda: [e for e in admin.logs(ALICE) if " login" in e], deadline=15)
+    entries = wait_until(lambda: [e for e in admin.logs(ALICE) if " login" in e], timeout=15)
     assert "IP: 127.0.0.1" in entries[-1]
     assert len(admin.logs(ALICE, 1)) == 1
     with pytest.raises(MsmpError):

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import gevent
 import pytest
+from conftest import wait_until
 
 from geventpop3.context import ServerContext
 from geventpop3.metrics import AccessEntry
@@ -22,15 +23,6 @@ from geventpop3.users import UserDirectory
 
 REPO = Path(__file__).resolve().parent.parent
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
-
-
-def wait_for(condition: Callable[[], object], timeout: float = 5.0) -> None:
-    """Poll (cooperatively) until `condition()` is true; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s")
-        gevent.sleep(0.01)
 
 
 def entry(user: str = "alice", when: float | None = None, port: int = 40000, event: str = "login") -> AccessEntry:
@@ -311,7 +303,7 @@ def test_persister_flushes_within_deadline(store: Store) -> None:
     try:
         context.access_log.record(entry("alice"))
         context.metrics.connection_opened()
-        wait_for(lambda: store.access_count("alice") == 1 and store.load_counters().get("total_connections") == 1)
+        wait_until(lambda: store.access_count("alice") == 1 and store.load_counters().get("total_connections") == 1)
     finally:
         persister.stop()
 
@@ -342,7 +334,7 @@ def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptur
     try:
         for port in range(3):
             context.access_log.record(entry("alice", port=port))
-        wait_for(lambda: persister.failures >= 3)
+        wait_until(lambda: persister.failures >= 3)
         assert persister.running
         errors = [r for r in caplog.records if r.name == "geventpop3.store" and r.levelno == logging.ERROR]
         assert len(errors) == 1  # loud, but not flooding
@@ -352,7 +344,7 @@ def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptur
     finally:
         lock.release()
     try:
-        wait_for(lambda: store.access_count("alice") == 3 and persister.failures == 0)
+        wait_until(lambda: store.access_count("alice") == 3 and persister.failures == 0)
         assert any("writable again" in r.getMessage() for r in caplog.records)
     finally:
         persister.stop()
@@ -383,7 +375,7 @@ def test_persister_prunes_with_retention_settings(store: Store) -> None:
     persister = Persister(context, store, interval=0.02)
     persister.start()
     try:
-        wait_for(lambda: store.access_count("alice") == 2)
+        wait_until(lambda: store.access_count("alice") == 2)
         assert [e.port for e in store.query_access("alice", 10)] == [3, 4]
     finally:
         persister.stop()
