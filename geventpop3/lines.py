@@ -8,12 +8,25 @@ one place means both servers treat hostile input the same way.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 MAX_COMMAND_LINE = 255  # octets, CRLF included (RFC 2449 section 4)
 MAX_RESPONSE_LINE = 512  # octets, CRLF included
 
 # Sentinel handed out instead of a line that exceeded the limit.
 LINE_TOO_LONG = object()
+
+
+@dataclass(frozen=True, slots=True)
+class Delayed:
+    """A response the session sends only after `seconds`: the answer to a failed login.
+
+    Both protocol cores decide the delay (it slows password guessing); the sessions
+    only flush what came before, wait, and send `data`.
+    """
+
+    seconds: float
+    data: bytes
 
 
 class LineBuffer:

@@ -31,7 +31,7 @@ from admin.client import (
     parse_user_line,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ADMIN, ADMIN_PASSWORD = "admin", "adminpw"
 ALICE, ALICE_PASSWORD = "alice", "alicepw"
 STARTUP_DEADLINE = 30.0

@@ -17,7 +17,7 @@ import pytest
 from geventpop3 import __version__
 from geventpop3.cli import UsageError, parse_config
 
-REPO = str(Path(__file__).resolve().parent.parent)
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

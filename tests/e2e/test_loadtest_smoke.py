@@ -17,7 +17,7 @@ from pathlib import Path
 from loadtest.run import gate
 from loadtest.setup_pool import corpus_sizes, create_pool, load_pool
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_smoke_run_passes_its_gates(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from geventpop3.settings import Settings
 from geventpop3.store import Store, StoreError
 from geventpop3.users import UserDirectory
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
 
 

@@ -16,7 +16,7 @@ import pytest
 from geventpop3 import maildir
 from geventpop3.maildir import Message
 
-REPO = str(Path(__file__).resolve().parent.parent)
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 # -- reference implementation ------------------------------------------------
