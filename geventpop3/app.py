@@ -7,15 +7,16 @@ import logging
 import os
 import resource
 import signal
-import socket
 import sys
 
 import gevent
 from gevent.event import Event
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 
 from geventpop3 import listen, maildir
-from geventpop3.cli import Config
+from geventpop3.config import Config
 from geventpop3.context import ServerContext
 from geventpop3.metrics import start_prometheus_server
 from geventpop3.msmp.session import start_admin_servers
@@ -25,9 +26,8 @@ from geventpop3.store import Store, StoreError
 from geventpop3.transform import Transformers
 from geventpop3.users import UserDirectory, UserError, hash_password
 
-log = logging.getLogger("geventpop3")
+log = logging.getLogger(__name__)
 
-LISTEN_BACKLOG = 4096
 SHUTDOWN_GRACE = 5.0
 STATE_DB = "geventpop3.db"
 DEMO_USER = ("demo", "demo")
@@ -57,43 +57,6 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def make_listeners(addresses: list[str] | None, port: int) -> list[socket.socket]:
-    """Listening sockets: one dual-stack socket by default, else one per address.
-
-    A host name binds every address it resolves to. With port 0 every listener
-    shares the port the first one got (a fresh one where that port is taken).
-    """
-    if not addresses:
-        dualstack = socket.has_dualstack_ipv6()
-        family, host = (socket.AF_INET6, "::") if dualstack else (socket.AF_INET, "0.0.0.0")
-        try:
-            return [listen.listener(family, host, port, LISTEN_BACKLOG, dualstack=dualstack)]
-        except OSError as exc:
-            raise _listen_error(host, port, exc) from exc
-    requested = port
-    listeners: list[socket.socket] = []
-    try:
-        for host in addresses:
-            try:
-                bound = listen.bind(host, port, LISTEN_BACKLOG, shared_port=requested == 0 and port != 0)
-            except socket.gaierror as exc:
-                raise OSError(f"cannot resolve listen address {host!r}: {exc.strerror}") from None
-            except OSError as exc:
-                raise _listen_error(host, port, exc) from exc
-            listeners.extend(bound)
-            if bound and not port:
-                port = bound[0].getsockname()[1]
-    except BaseException:
-        for listener in listeners:
-            listener.close()
-        raise
-    return listeners
-
-
-def _listen_error(host: str, port: int, exc: OSError) -> OSError:
-    return OSError(exc.errno, f"cannot listen for POP3 on {host} port {port}: {exc.strerror or exc}")
-
-
 def open_store(state_dir: str | None) -> Store | None:
     """The SQLite state store; without one the server still serves POP3 (logged loudly)."""
     if state_dir is None:
@@ -106,24 +69,53 @@ def open_store(state_dir: str | None) -> Store | None:
         return None
 
 
+class StartupError(Exception):
+    """The server cannot start: one line for the operator, exit status 2."""
+
+
 class App:
-    """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0."""
+    """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
         self.stopping = Event()
-        self.servers: list[StreamServer] = []
+        self.pop3_servers: list[StreamServer] = []
+        self.admin_servers: list[StreamServer] = []
+        self.admin_sessions = Pool()  # MSMP handlers: ended at shutdown before the state closes
+        self.metrics_servers: list[WSGIServer] = []
         self.pop3: Pop3Service | None = None
         self.ctx: ServerContext | None = None
         self.store: Store | None = None
         self.persister: Persister | None = None
 
     def run(self) -> int:
+        configure_logging(self.config.settings.log_level)
+        self.config.settings.subscribe(self._on_setting)
+        raise_file_limit()
+        try:
+            self.ctx = self._prepare()
+            self._listen(self.ctx)
+        except StartupError as exc:
+            print(f"geventpop3: {exc}", file=sys.stderr)
+            self._close_listeners()
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            gevent.signal_handler(signum, self.stopping.set)
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
+                 self.config.state_dir if self.store is not None else "none")
+        self.stopping.wait()
+        self.shutdown()
+        return 0
+
+    def _prepare(self) -> ServerContext:
+        """Maildir root, state store, users and the shared context, before any listener opens."""
         config = self.config
         settings = config.settings
-        configure_logging(settings.log_level)
-        settings.subscribe(self._on_setting)
-        raise_file_limit()
+        try:
+            os.makedirs(config.maildir, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
+        settings.apply("maildir", config.maildir, "config")
         self.store = open_store(config.state_dir)
         users = list(config.users)
         if config.demo:
@@ -132,11 +124,9 @@ class App:
             directory = UserDirectory(self.store)
             directory.add_configured(users)
         except UserError as exc:
-            print(f"geventpop3: {exc}", file=sys.stderr)
-            return 2
+            raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory)
         ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
-        self.ctx = ctx
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
@@ -146,28 +136,27 @@ class App:
             maildir.ensure_maildir(demo_dir)
             if not maildir.snapshot(demo_dir):
                 maildir.deliver(demo_dir, DEMO_MESSAGE)
+        return ctx
+
+    def _listen(self, ctx: ServerContext) -> None:
+        """Bind and start every listener: POP3, MSMP, and metrics if asked for."""
+        config = self.config
+        assert self.pop3 is not None
         try:
-            for listener in make_listeners(config.pop3_addresses, config.pop3_port):
-                server = Pop3Server(listener, self.pop3.handle, spawn=self.pop3.pool)
+            for listener in listen.open_listeners(config.pop3_addresses, config.pop3_port, "POP3"):
+                server = Pop3Server(listener, self.pop3.handle)
                 server.start()
-                self.servers.append(server)
-                log.info("pop3 listening on %s port %d", *listener.getsockname()[:2])
-            self.servers.extend(start_admin_servers(ctx, config.admin_addresses, config.admin_port))
+                self.pop3_servers.append(server)
+                log.info("pop3 listening on %s", listen.describe(listener))
+            self.admin_servers = start_admin_servers(ctx, config.admin_addresses, config.admin_port,
+                                                     spawn=self.admin_sessions)
             if config.metrics_port is not None:
-                self.servers.append(start_prometheus_server(ctx.metrics, config.metrics_address, config.metrics_port))
-                log.info("prometheus metrics on http://%s:%d/metrics", config.metrics_address, config.metrics_port)
+                for listener in listen.open_listeners([config.metrics_address], config.metrics_port, "metrics"):
+                    self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
+                    log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
         except OSError as exc:
             why = exc.strerror or str(exc)
-            print(f"geventpop3: {why if why.startswith('cannot ') else 'cannot listen: ' + why}", file=sys.stderr)
-            self._close_servers()
-            return 2
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(signum, self.stopping.set)
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s", settings.maildir, len(directory),
-                 config.state_dir if self.store is not None else "none")
-        self.stopping.wait()
-        self.shutdown()
-        return 0
+            raise StartupError(why if why.startswith("cannot ") else "cannot listen: " + why) from None
 
     def _restore_state(self, ctx: ServerContext, store: Store) -> None:
         """Counters and SET values of earlier runs; flags given now still win."""
@@ -182,9 +171,14 @@ class App:
         self.persister.start()
 
     def shutdown(self) -> None:
-        """Stop accepting, end open sessions (no UPDATE without QUIT), flush state."""
+        """Stop accepting, end admin and POP3 sessions (no UPDATE without QUIT), then flush state.
+
+        The order matters: every session has ended (and logged its logout) before the
+        persister writes its last batch and the store closes.
+        """
         log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
-        self._close_servers()
+        self._close_listeners()
+        self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
         if self.pop3 is not None:
             self.pop3.shutdown(SHUTDOWN_GRACE)
         if self.persister is not None:
@@ -193,8 +187,8 @@ class App:
             self.store.close()
         log.info("stopped")
 
-    def _close_servers(self) -> None:
-        for server in self.servers:
+    def _close_listeners(self) -> None:
+        for server in [*self.pop3_servers, *self.admin_servers, *self.metrics_servers]:
             server.close()
 
     def _on_setting(self, key: str, old: object, new: object) -> None:

@@ -7,8 +7,13 @@ background greenlet, so no command ever waits for a database write.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gevent.pywsgi import WSGIServer
 
 # Counters that persist across restarts (totals), as opposed to gauges.
 PERSISTED_COUNTERS = (
@@ -172,13 +177,13 @@ class PrometheusCollector:
         yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
 
 
-def start_prometheus_server(metrics: Metrics, address: str, port: int):  # noqa: ANN201 - a gevent WSGIServer
-    """Serve the OpenMetrics/Prometheus text format on http://address:port/metrics."""
+def start_prometheus_server(metrics: Metrics, listener: socket.socket) -> WSGIServer:
+    """Serve the OpenMetrics/Prometheus text format on http://<listener>/metrics."""
     from gevent.pywsgi import WSGIServer
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PrometheusCollector(metrics))
-    server = WSGIServer((address, port), make_wsgi_app(registry), log=None)
+    server = WSGIServer(listener, make_wsgi_app(registry), log=None)
     server.start()
     return server

@@ -147,7 +147,7 @@ class Settings:
     def apply(self, key: str, value: Any, source: str) -> None:
         old = self._values[key]
         self._values[key] = value
-        if old != value:
+        if old != value and source != "config":  # start-up values are not changes
             log.info("setting %s changed from %s to %s (by %s)", key, format_value(old), format_value(value), source)
         for listener in list(self._listeners):
             listener(key, old, value)

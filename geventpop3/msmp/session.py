@@ -9,13 +9,13 @@ to open sessions too.
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent import socket
+from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from geventpop3 import listen
@@ -23,11 +23,9 @@ from geventpop3.context import ServerContext
 from geventpop3.management import ManagementBackend
 from geventpop3.msmp.protocol import MsmpProtocol
 
-log = logging.getLogger("geventpop3.msmp")
+log = logging.getLogger(__name__)
 
-DEFAULT_ADDRESSES = ("127.0.0.1", "::1")
 RECV_SIZE = 16 * 1024
-BACKLOG = 128
 LINGER_SECONDS = 1.0  # at most this long, and this much input, read after our last answer
 LINGER_OCTETS = 64 * 1024
 
@@ -112,41 +110,18 @@ def _peer(address: Any) -> str:
     return str(address)
 
 
-def _ipv6_unavailable(exc: OSError) -> bool:
-    return isinstance(exc, socket.gaierror) or exc.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL)
+def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int,
+                        spawn: Pool | None = None) -> list[StreamServer]:
+    """MSMP servers on `addresses` (default: the loopback addresses) and `port`, started.
 
-
-def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int) -> list[StreamServer]:
-    """Start MSMP listeners on `addresses` (default: 127.0.0.1 and ::1) and `port`.
-
-    A host name binds every address it resolves to. With port 0 the first listener
-    picks a free port and the others reuse it, so one number reaches every address.
-    Without IPv6, the default ::1 is skipped quietly; an address given explicitly
-    that cannot be bound raises OSError, with the address in its message.
+    Their handlers run in `spawn`, so shutdown can end the admin sessions (and wait for
+    them) before the state they use is flushed and closed.
     """
     handler = serve_admin(ctx)
-    defaults = not addresses
-    requested = port
     servers: list[StreamServer] = []
-    try:
-        for address in (DEFAULT_ADDRESSES if defaults else addresses):
-            try:
-                listeners = listen.bind(address, port, BACKLOG, shared_port=requested == 0 and port != 0)
-            except OSError as exc:
-                if defaults and ":" in address and _ipv6_unavailable(exc):
-                    log.info("MSMP: IPv6 loopback unavailable (%s), listening on IPv4 only", exc)
-                    continue
-                why = exc.strerror or exc
-                raise OSError(exc.errno, f"cannot listen for MSMP on {address} port {port}: {why}") from exc
-            for listener in listeners:
-                if port == 0:
-                    port = listener.getsockname()[1]
-                server = StreamServer(listener, handler)
-                server.start()
-                servers.append(server)
-                log.info("MSMP listening on %s", _peer(listener.getsockname()))
-    except BaseException:
-        for server in servers:
-            server.stop()
-        raise
+    for listener in listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK):
+        server = StreamServer(listener, handler, spawn=spawn or "default")
+        server.start()
+        servers.append(server)
+        log.info("MSMP listening on %s", listen.describe(listener))
     return servers

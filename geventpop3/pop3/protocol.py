@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from geventpop3 import IMPLEMENTATION
-from geventpop3.lines import LINE_TOO_LONG
+from geventpop3.lines import LINE_TOO_LONG, Delayed
 from geventpop3.maildir import Message
 
 
@@ -49,7 +49,7 @@ class Update:
     deleted: list[Message]
 
 
-Action = bytes | Login | Retrieve | Update
+Action = bytes | Login | Retrieve | Update | Delayed
 
 CAPABILITIES = (
     "TOP",
@@ -90,10 +90,10 @@ class Pop3Protocol:
 
     __slots__ = (
         "state", "closing", "messages", "deleted", "user", "failures", "max_failures",
-        "retrieved", "tops", "_pending_user",
+        "retrieved", "tops", "_pending_user", "failure_delay",
     )
 
-    def __init__(self, max_failures: int = 3) -> None:
+    def __init__(self, max_failures: int = 3, failure_delay: float = 0.0) -> None:
         self.state = State.AUTHORIZATION
         self.closing = False  # the session closes the connection after sending
         self.messages: list[Message] = []
@@ -101,6 +101,7 @@ class Pop3Protocol:
         self.user: str | None = None
         self.failures = 0
         self.max_failures = max_failures
+        self.failure_delay = failure_delay  # seconds before a wrong password is answered
         self.retrieved = 0
         self.tops = 0
         self._pending_user: str | None = None
@@ -151,11 +152,16 @@ class Pop3Protocol:
         self.messages = messages
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
-    def login_failed(self, reason: str) -> bytes:
-        """`reason`: auth, in-use, temp or perm. Counts toward the close-after limit."""
+    def login_failed(self, reason: str) -> bytes | Delayed:
+        """`reason`: auth, in-use, temp or perm. Counts toward the close-after limit.
+
+        A wrong password (or unknown user) is answered only after `failure_delay`,
+        which slows password guessing; a busy or broken mailbox is answered at once."""
         self.failures += 1
         if self.failures >= self.max_failures:
             self.closing = True
+        if reason == "auth" and self.failure_delay > 0:
+            return Delayed(self.failure_delay, ERR_AUTH)
         return LOGIN_FAILURES[reason]
 
     def _quit_auth(self, args: list[bytes]) -> Action:

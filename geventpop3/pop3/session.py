@@ -1,14 +1,11 @@
-"""One POP3 connection: socket <-> protocol core <-> Maildir.
+"""One POP3 session: transport <-> protocol core <-> Maildir, blocking style per burst.
 
-Responses to a batch of pipelined commands are gathered and written with one
-`sendall`; message content is streamed in chunks and flushed once the batch holds
-more than `FLUSH_THRESHOLD` octets, so memory per session stays bounded.
-
-Parking: a session waiting for its client holds no greenlet. When a read would
-block, the session starts an I/O watcher and an idle timer on the event loop and
-its greenlet ends; data (or the timer) spawns a fresh greenlet that carries on. A
-greenlet blocked in recv() keeps its saved stack (about 6 KiB with gevent's frames),
-so parking is what lets one process hold 10,000 idle sessions at a few KiB each.
+`serve()` is the handler for one burst of client input: read what the client sent,
+feed each line to the protocol core, carry out the actions it asks for (login,
+retrieve, update) and write the answers, then park until the client speaks again.
+The socket side, write batching and parking live in `geventpop3.transport`; the
+rules of POP3 in `geventpop3.pop3.protocol`. The service keeps the one registry of
+open sessions and ends them all at shutdown.
 """
 
 from __future__ import annotations
@@ -22,20 +19,19 @@ import time
 from typing import Any
 
 import gevent
-from gevent.pool import Pool
 from gevent.server import StreamServer
 
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
-from geventpop3.lines import LineBuffer
+from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
 from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, Update
+from geventpop3.transport import Transport
 
-log = logging.getLogger("geventpop3.pop3")
+log = logging.getLogger(__name__)
 
-RECV_SIZE = 4096
-FLUSH_THRESHOLD = 128 * 1024
 TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
+IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
@@ -47,66 +43,38 @@ def loggable(name: str | None) -> str:
 
 
 class Pop3Session:
-    """Drives one `Pop3Protocol` over one socket."""
+    """Drives one `Pop3Protocol` over one `Transport`."""
 
     __slots__ = (
-        "ctx", "sock", "address", "port", "protocol", "lock", "maildir", "sent", "received",
-        "started", "ended", "_out", "_out_size", "deleted_count", "transform_failures",
-        "service", "fd", "buffer", "_watcher", "_timer", "_done",
+        "ctx", "service", "transport", "buffer", "address", "port", "protocol", "lock", "maildir",
+        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
     )
 
     def __init__(self, service: Pop3Service, sock: socket.socket, address: tuple[Any, ...]) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
-        self.sock = sock
-        self.fd = sock.fileno()
+        self.transport = Transport(sock, on_sent=service.count_sent)
         self.buffer = LineBuffer()
-        self._watcher: Any = None
-        self._timer: Any = None
-        self._done = False
         host = str(address[0])
         # Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
         self.address = host[7:] if host.startswith("::ffff:") and "." in host else host
         self.port = int(address[1])
-        self.protocol = Pop3Protocol(ctx.settings.max_login_failures)
+        settings = ctx.settings
+        self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay)
         self.lock: maildir.MailboxLock | None = None
         self.maildir: str | None = None
-        self.sent = 0
-        self.received = 0
         self.started = time.time()
         self.ended = "disconnect"
-        self._out: list[bytes] = []
-        self._out_size = 0
         self.deleted_count = 0
         self.transform_failures = 0
+        self.greenlet: gevent.Greenlet | None = None  # None while parked: no greenlet waits for the client
+        self._done = False
 
-    # -- output --------------------------------------------------------------
-    def _queue(self, data: bytes) -> None:
-        self._out.append(data)
-        self._out_size += len(data)
-        if self._out_size >= FLUSH_THRESHOLD:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._out:
-            return
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._out_size = 0
-        # Usually the kernel takes it all at once: one write(2), no gevent machinery.
-        try:
-            written = os.write(self.fd, data)
-        except BlockingIOError:
-            written = 0
-        if written < len(data):
-            self.sock.sendall(memoryview(data)[written:])  # waits for room, honours the timeout
-        self.sent += len(data)
-        self.ctx.metrics.bytes_sent += len(data)
-
-    # -- main loop -----------------------------------------------------------
-    def greet(self) -> None:
-        self._queue(self.protocol.greeting())
+    # -- one burst ------------------------------------------------------------
+    def start(self) -> None:
+        """Greet, then serve the first burst (in the greenlet that accepted the connection)."""
+        self.transport.write(self.protocol.greeting())
         self.serve()
 
     def serve(self) -> None:
@@ -114,9 +82,9 @@ class Pop3Session:
         if self._done:
             return
         try:
-            self.sock.settimeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
-            self._flush()
-            over = self._pump()
+            self.transport.set_timeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
+            self.transport.flush()
+            over = self._answer_burst()
         except gevent.GreenletExit:
             self.ended, over = "shutdown", True
         except OSError:
@@ -124,100 +92,72 @@ class Pop3Session:
         except Exception:  # never let one session take the server down
             self.ended, over = "error", True
             log.exception("pop3 session error: rip=%s", self.address)
+        self.greenlet = None
         if over:
             self.close()
         else:
-            self._park()
+            self.transport.park(self._on_ready, self._on_idle, self.ctx.settings.idle_timeout)
 
-    def _pump(self) -> bool:
+    def _answer_burst(self) -> bool:
         """Read and answer until the client has nothing more for now (False: park)
         or the session is over (True)."""
         protocol = self.protocol
+        transport = self.transport
         metrics = self.ctx.metrics
         while not protocol.closing:
-            try:
-                data = os.read(self.fd, RECV_SIZE)
-            except BlockingIOError:
+            data = transport.read()
+            if data is None:
                 return False
             if not data:
                 return True
-            self.received += len(data)
             metrics.bytes_received += len(data)
             for line in self.buffer.feed(data):
                 self._dispatch(protocol.handle(line))
                 if protocol.closing:
                     break
-            self._flush()
-            if len(data) < RECV_SIZE and not protocol.closing:
-                # A short read took all the client had sent; it is now waiting for
-                # these answers. Park without a read that would only say EAGAIN.
-                return False
+            transport.flush()
         if self.ended == "disconnect":
             self.ended = "closed"
         return True
 
-    def _park(self) -> None:
-        loop = gevent.get_hub().loop
-        if self._watcher is None:
-            self._watcher = loop.io(self.fd, 1)
-        self._watcher.start(self._wake)
-        self._timer = loop.timer(self.ctx.settings.idle_timeout)
-        self._timer.start(self._idle)
-        self.service.parked.add(self)
-
-    def _unpark(self) -> None:
-        self.service.parked.discard(self)
-        if self._watcher is not None:
-            self._watcher.stop()
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
-
-    def _wake(self) -> None:
+    def _on_ready(self) -> None:
         """Event-loop callback: the client sent something (or closed)."""
-        self._unpark()
-        self.service.pool.spawn(self.serve)
+        self.greenlet = gevent.spawn(self.serve)
 
-    def _idle(self) -> None:
+    def _on_idle(self) -> None:
         """Event-loop callback: the client was silent for idle_timeout seconds."""
-        self._unpark()
         self.ended = "timeout"
-        self._queue(b"-ERR Idle timeout, closing connection\r\n")
-        self.service.pool.spawn(self.close)
+        self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
 
-    def close(self) -> None:
+    def close(self, last_words: bytes = b"") -> None:
         """End the session once, however it ended: lock, logs, counters, socket."""
         if self._done:
             return
         self._done = True
         self.service.sessions.discard(self)
-        self._unpark()
-        if self._watcher is not None:
-            self._watcher.close()
-            self._watcher = None
         try:
-            if self.ended in ("timeout", "shutdown"):
-                with contextlib.suppress(OSError):
-                    self.sock.settimeout(1.0)
-                    self._flush()
-        finally:
             self.finish()
+        finally:
             self.ctx.metrics.connection_closed()
-            self.sock.close()
+            self.transport.close(last_words)
 
     def _dispatch(self, action: object) -> None:
         if type(action) is bytes:
-            self._queue(action)
+            self.transport.write(action)
         elif isinstance(action, Retrieve):
             self._retrieve(action)
         elif isinstance(action, Login):
-            self._queue(self._login(action))
+            self._dispatch(self._login(action))
         elif isinstance(action, Update):
-            self._queue(self._update(action))
+            self.transport.write(self._update(action))
+        elif isinstance(action, Delayed):
+            # A failed login: its answer leaves only after the delay (slows guessing).
+            self.transport.flush()
+            gevent.sleep(action.seconds)
+            self.transport.write(action.data)
 
     # -- actions -------------------------------------------------------------
-    def _login(self, action: Login) -> bytes:
+    def _login(self, action: Login) -> bytes | Delayed:
         ctx = self.ctx
         user = action.user
         if not ctx.users.verify(user, action.password):
@@ -228,10 +168,10 @@ class Pop3Session:
                 maildir.ensure_maildir(path)  # first login of a user without a Maildir yet
             lock = maildir.MailboxLock(path)
             if not lock.acquire():
-                return self._login_failed(user, "in-use", delay=False)
+                return self._login_failed(user, "in-use")
         except (OSError, maildir.MaildirError) as exc:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp", delay=False)
+            return self._login_failed(user, "temp")
         try:
             messages = maildir.snapshot(path)
             if ctx.transformers is not None:
@@ -240,7 +180,7 @@ class Pop3Session:
         except Exception as exc:
             lock.release()
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp", delay=False)
+            return self._login_failed(user, "temp")
         self.lock = lock
         self.maildir = path
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
@@ -250,29 +190,26 @@ class Pop3Session:
         self._record("login", user)
         return self.protocol.login_succeeded(user, messages)
 
-    def _login_failed(self, user: str, reason: str, delay: bool = True) -> bytes:
+    def _login_failed(self, user: str, reason: str) -> bytes | Delayed:
         self.ctx.metrics.logins_failed += 1
         log.warning("pop3 login failed: user=%s rip=%s rport=%d reason=%s", loggable(user), self.address,
                     self.port, reason)
         self._record("login-failed", user, detail=f"reason={reason}")
-        if delay:
-            # The answer is sent only after the delay: slows password guessing.
-            self._flush()
-            gevent.sleep(self.ctx.settings.login_failure_delay)
         return self.protocol.login_failed(reason)
 
     def _retrieve(self, action: Retrieve) -> None:
         try:
             handle = open(action.message.path, "rb")  # noqa: SIM115 - closed below
         except OSError:
-            self._queue(self.protocol.retrieve_failed())
+            self.transport.write(self.protocol.retrieve_failed())
             return
+        write = self.transport.write
         with handle:
-            self._queue(action.header)
+            write(action.header)
             # Past the +OK line a read error can only end the connection (OSError).
             for chunk in maildir.message_chunks(handle, action.body_lines):
-                self._queue(chunk)
-        self._queue(b".\r\n")
+                write(chunk)
+        write(b".\r\n")
         if action.body_lines is None:
             self.ctx.metrics.messages_retrieved += 1
 
@@ -315,26 +252,26 @@ class Pop3Session:
             return
         log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
                  loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
-                 self.protocol.tops, self.sent, self.ended)
+                 self.protocol.tops, self.transport.sent, self.ended)
         detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
         self._record("logout", user, detail=detail)
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
         self.ctx.access_log.record(AccessEntry(
             time=time.time(), user=loggable(user), address=self.address, port=self.port, event=event,
-            retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.sent,
+            retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.transport.sent,
             duration=time.time() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
         ))
 
 
 class Pop3Service:
-    """All POP3 sessions of one process: the StreamServer handler and shutdown."""
+    """All POP3 sessions of one process: the StreamServer handler, the one registry of
+    open sessions, and shutdown."""
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        self.pool = Pool()  # greenlets of sessions that are doing something
-        self.parked: set[Pop3Session] = set()  # sessions waiting for their client
-        self.sessions: set[Pop3Session] = set()  # every session not yet closed
+        self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
+        self.count_sent = self._count_sent  # one bound method shared by every transport
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
         """StreamServer handler: enforce the connection limit, then greet and serve."""
@@ -346,29 +283,36 @@ class Pop3Service:
             sock.close()
             return
         metrics.connection_opened()
-        # Answers are already batched per read; Nagle would only hold the next batch
-        # back until the client's delayed ACK (40 ms per pipelined write).
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         session = Pop3Session(self, sock, address)
         self.sessions.add(session)
-        session.greet()
+        session.greenlet = gevent.getcurrent()  # type: ignore[assignment] - the server spawned a Greenlet
+        session.start()
+
+    def _count_sent(self, octets: int) -> None:
+        self.ctx.metrics.bytes_sent += octets
 
     def __len__(self) -> int:
-        return len(self.pool) + len(self.parked)
+        return len(self.sessions)
 
     def shutdown(self, timeout: float) -> None:
-        """End every session without UPDATE: busy ones are killed, parked ones closed."""
-        for session in list(self.parked):
+        """End every session without UPDATE, each with its logout logged.
+
+        Parked sessions are closed at once; busy ones are killed (their greenlet ends
+        the session). Whatever is still open after `timeout` (a greenlet that did not
+        die in time, or one woken but killed before it started) is closed here, so
+        every logout is recorded before the state is flushed.
+        """
+        busy = []
+        for session in list(self.sessions):
+            session.ended = "shutdown"
+            if session.greenlet is None:
+                session.close()
+            else:
+                busy.append(session.greenlet)
+        gevent.killall(busy, block=True, timeout=timeout)
+        for session in list(self.sessions):
             session.ended = "shutdown"
             session.close()
-        self.pool.kill(block=True, timeout=timeout)
-        if not self.pool:
-            # Woken (data or idle timer) but killed before their greenlet started:
-            # nothing else would close them.
-            for session in list(self.sessions):
-                session.ended = "shutdown"
-                session.close()
 
 
 class Pop3Server(StreamServer):

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from geventpop3 import __version__
-from geventpop3.cli import UsageError, parse_config
+from geventpop3.cli import parse_config
+from geventpop3.config import UsageError
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -214,7 +215,7 @@ def test_flags_override_config_file(tmp_path: Path) -> None:
                            "-u", "alice:pw", "-p", "2110"])
     assert parsed.settings.idle_timeout == 45
     assert parsed.settings.log_level == "DEBUG"
-    assert parsed.settings.maildir == str(tmp_path / "mail")
+    assert parsed.maildir == str(tmp_path / "mail")
     assert parsed.pop3_port == 2110
     assert parsed.explicit["idle_timeout"] == "45"
     assert ("alice", "pw") in parsed.users and ("carol", "carolpw") in parsed.users
@@ -233,9 +234,10 @@ def test_defaults(tmp_path: Path) -> None:
     parsed = parse_config(["-d", str(tmp_path / "mail")])
     assert parsed.pop3_addresses is None  # all interfaces, both families
     assert parsed.pop3_port == 110
-    assert parsed.admin_addresses == ["127.0.0.1", "::1"]
+    assert parsed.admin_addresses is None  # the loopback addresses, IPv6 skipped where it is missing
     assert parsed.settings.idle_timeout == 600
     assert parsed.users == []
-    assert (tmp_path / "mail").is_dir()
+    assert parsed.maildir == str(tmp_path / "mail")
+    assert not (tmp_path / "mail").exists()  # parsing creates nothing; start-up does
     assert parsed.state_dir == str(tmp_path / "mail.state")
 

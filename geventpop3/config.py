@@ -1,0 +1,234 @@
+"""The start-up configuration: flags and the TOML file, layered and validated once.
+
+Precedence, lowest first: built-in defaults, the `--config` file, values changed over
+MSMP `SET` and persisted in the state store (applied by the app once the store is
+open), then flags given on the command line. A flag is the operator's explicit word
+for this start; a persisted SET is the operator's latest word otherwise.
+
+Every value is checked here, in one place: ports, listen addresses, filter commands
+and chains, settings (through `Settings.parse`), users and admins. Nothing here
+touches the disk beyond reading the files named: creating the Maildir root and the
+state directory is start-up's job (`app.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from geventpop3.settings import KEYS, SettingError, Settings
+from geventpop3.users import UserError, parse_user_flag, parse_users_file
+
+DEFAULT_POP3_PORT = 110
+DEFAULT_ADMIN_PORT = 4321
+DEFAULT_MAILDIR = "./mail"
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+
+# Flags that set a live setting of the same name (`--idle-timeout` -> idle_timeout).
+FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level")
+
+# Keys of the config file that are not live settings, with their TOML types.
+FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
+    "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
+    "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
+    "metrics_address": str, "transformers": dict,
+}
+# Live settings the file gives as TOML values; they are checked by Settings.parse, only `maildir` by type here.
+_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str}
+
+
+class UsageError(Exception):
+    """One line for the operator; the process exits 2."""
+
+
+@dataclass
+class Config:
+    """Everything the app needs to start, resolved from flags and the config file."""
+
+    pop3_addresses: list[str] | None  # None: all interfaces, both families
+    pop3_port: int
+    admin_addresses: list[str] | None  # None: the loopback addresses (listen.ADMIN_DEFAULTS)
+    admin_port: int
+    maildir: str  # absolute; created at start-up if missing
+    users: list[tuple[str, str]]
+    admins: list[tuple[str, str]]
+    state_dir: str | None  # None: no persistent state (--no-state)
+    settings: Settings
+    explicit: dict[str, str] = field(default_factory=dict)  # setting -> value given as a flag
+    metrics_address: str = DEFAULT_METRICS_ADDRESS
+    metrics_port: int | None = None
+    demo: bool = False
+
+
+def parse_port(value: object) -> int:
+    """A TCP port from a flag (text) or the config file (an integer); UsageError otherwise."""
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
+        raise UsageError(f"invalid port: {value!r}")
+    return value
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """The Config for parsed flags `args` (see cli.build_parser): each step validates its part."""
+    file_values = read_config_file(args.config) if args.config else {}
+    settings = Settings()
+    settings.named_transformers, settings.transformer_chains = filters_from_file(file_values.get("transformers", {}))
+    maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
+    explicit = explicit_settings(args)
+    apply_settings(settings, file_values, explicit)
+    return Config(
+        pop3_addresses=args.pop3_address or _as_list(file_values.get("pop3_address")),
+        pop3_port=_first_port(args.pop3_port, file_values.get("pop3_port"), DEFAULT_POP3_PORT),
+        admin_addresses=args.admin_address or _as_list(file_values.get("admin_address")),
+        admin_port=_first_port(args.admin_port, file_values.get("admin_port"), DEFAULT_ADMIN_PORT),
+        maildir=maildir,
+        users=load_users(args.user + list(file_values.get("users", [])),
+                         args.users_file or file_values.get("users_file")),
+        admins=_pairs(args.admin + list(file_values.get("admins", [])), "admin"),
+        state_dir=state_dir_for(args, file_values, maildir),
+        settings=settings,
+        explicit=explicit,
+        metrics_address=args.metrics_address or file_values.get("metrics_address", DEFAULT_METRICS_ADDRESS),
+        metrics_port=_optional_port(args.metrics_port, file_values.get("metrics_port")),
+        demo=args.demo,
+    )
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The TOML file, with its keys known and its non-setting values of the right type."""
+    try:
+        with open(path, "rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path}: not UTF-8 text") from None
+    unknown = set(values) - set(KEYS) - set(FILE_ONLY_KEYS)
+    if unknown:
+        raise UsageError(f"config file: unknown key {sorted(unknown)[0]!r}")
+    for key, kinds in (FILE_ONLY_KEYS | _SETTING_TYPES).items():
+        value = values.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, kinds) or (
+                isinstance(value, list) and not all(isinstance(item, str) for item in value)):
+            raise UsageError(f"config file: {key} has the wrong type")
+        if key.endswith("_address") and not value:
+            raise UsageError(f"config file: {key} is empty")
+        if key.endswith("_port"):
+            parse_port(value)
+    return values
+
+
+def filters_from_file(table: dict[str, Any]) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Named filter commands and chains of `[transformers]`: (name -> argv, name -> step names).
+
+    The one place they are checked: every command is a non-empty list of words (a
+    string is split like a shell would, without running one) and every chain step
+    names a command, so nothing later needs to check again.
+    """
+    commands: dict[str, list[str]] = {}
+    chains: dict[str, list[str]] = {}
+    for name, spec in table.items():
+        chain = spec.get("chain") if isinstance(spec, dict) else None
+        if chain is not None:
+            if not isinstance(chain, list) or not chain or not all(isinstance(w, str) for w in chain):
+                raise UsageError(f"config file: transformers.{name}.chain must be a list of transformer names")
+            chains[name] = chain
+            continue
+        command = spec.get("command") if isinstance(spec, dict) else None
+        if isinstance(command, str):
+            try:
+                command = shlex.split(command)
+            except ValueError as exc:
+                raise UsageError(f"config file: transformers.{name}.command: {exc}") from None
+        if not isinstance(command, list) or not command or not all(isinstance(w, str) for w in command):
+            raise UsageError(f"config file: transformers.{name}.command must be a list of words")
+        commands[name] = command
+    for name, chain in chains.items():
+        missing = [step for step in chain if step not in commands]
+        if missing:
+            raise UsageError(f"config file: transformers.{name}.chain names no command: {missing[0]}")
+    return commands, chains
+
+
+def explicit_settings(args: argparse.Namespace) -> dict[str, str]:
+    """Settings given as flags: they win over the file and over persisted SET values."""
+    explicit: dict[str, str] = {}
+    if args.maildir:
+        explicit["maildir"] = os.path.abspath(args.maildir)
+    if args.transformer:
+        explicit["transformer"] = args.transformer
+    for key in FLAG_SETTINGS:
+        if getattr(args, key) is not None:
+            explicit[key] = getattr(args, key)
+    return explicit
+
+
+def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: dict[str, str]) -> None:
+    """Defaults < config file < flags, each value through the parser MSMP SET uses.
+
+    `maildir` is left to start-up: its parser wants an existing directory, and
+    creating it is not the parser's business.
+    """
+    layered = {key: str(value) for key, value in file_values.items() if key in KEYS and key != "maildir"}
+    layered.update((key, value) for key, value in explicit.items() if key != "maildir")
+    for key, text in layered.items():
+        try:
+            settings.apply(key, settings.parse(key, text), "config")
+        except SettingError as exc:
+            raise UsageError(f"invalid {key} {text!r}: {exc}") from None
+
+
+def load_users(entries: list[str], users_file: str | None) -> list[tuple[str, str]]:
+    """POP3 users from `-u`, the file's `users` list and the users file, in that order."""
+    users = _pairs(entries, "user")
+    if users_file:
+        try:
+            users.extend(parse_users_file(users_file))
+        except OSError as exc:
+            raise UsageError(f"cannot read users file {users_file}: {exc.strerror}") from None
+        except UserError as exc:
+            raise UsageError(str(exc)) from None
+    return users
+
+
+def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir: str) -> str | None:
+    """Where state lives: as given, none with --no-state, else `<maildir>.state` beside the root."""
+    if args.no_state:
+        return None
+    given = args.state_dir or file_values.get("state_dir")
+    if given:
+        return os.path.abspath(given)
+    return os.path.join(os.path.dirname(maildir), os.path.basename(maildir) + ".state")
+
+
+def _as_list(value: str | list[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _first_port(flag: int | None, from_file: object, default: int) -> int:
+    port = _optional_port(flag, from_file)
+    return default if port is None else port
+
+
+def _optional_port(flag: int | None, from_file: object) -> int | None:
+    if flag is not None:
+        return flag
+    return None if from_file is None else parse_port(from_file)
+
+
+def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
+    try:
+        return [parse_user_flag(item) for item in items]
+    except UserError as exc:
+        raise UsageError(f"invalid {what}: {exc}") from None
