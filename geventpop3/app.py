@@ -99,12 +99,13 @@ class App:
             print(f"geventpop3: {exc}", file=sys.stderr)
             self._close_listeners()
             return 2
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            gevent.signal_handler(signum, self.stopping.set)
+        handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
         self.stopping.wait()
         self.shutdown()
+        for handler in handlers:
+            handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
         return 0
 
     def _prepare(self) -> ServerContext:

@@ -21,6 +21,7 @@ written, not what the session does with them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 from collections.abc import Callable
@@ -88,6 +89,9 @@ class Transport:
         """Send everything queued; waits (this greenlet only) while the client is slow."""
         if not self._out:
             return
+        if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
+            self._out.clear()
+            raise OSError(errno.EBADF, "connection closed")
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_size = 0
@@ -138,7 +142,6 @@ class Transport:
         """Send `last_words` and anything queued (briefly, best effort), then close. Idempotent."""
         if self.closed:
             return
-        self.closed = True
         self.unpark()
         if self._watcher is not None:
             self._watcher.close()
@@ -149,5 +152,6 @@ class Transport:
             with contextlib.suppress(OSError):
                 self.sock.settimeout(CLOSE_FLUSH_TIMEOUT)
                 self.flush()
+        self.closed = True
         self._out.clear()
         self.sock.close()

@@ -120,7 +120,7 @@ def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: i
     handler = serve_admin(ctx)
     servers: list[StreamServer] = []
     for listener in listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK):
-        server = StreamServer(listener, handler, spawn=spawn or "default")
+        server = StreamServer(listener, handler, spawn=spawn if spawn is not None else "default")
         server.start()
         servers.append(server)
         log.info("MSMP listening on %s", listen.describe(listener))

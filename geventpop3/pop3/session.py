@@ -309,7 +309,8 @@ class Pop3Service:
                 session.close()
             else:
                 busy.append(session.greenlet)
-        gevent.killall(busy, block=True, timeout=timeout)
+        gevent.killall(busy, block=False)
+        gevent.joinall(busy, timeout=timeout)
         for session in list(self.sessions):
             session.ended = "shutdown"
             session.close()

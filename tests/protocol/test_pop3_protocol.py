@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from geventpop3 import IMPLEMENTATION
-from geventpop3.lines import LINE_TOO_LONG
+from geventpop3.lines import LINE_TOO_LONG, Delayed
 from geventpop3.maildir import Message
 from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
 
@@ -453,3 +453,14 @@ def test_every_response_line_is_crlf_terminated_and_short() -> None:
         for part in response.split(b"\r\n")[:-1]:
             assert len(part) + 2 <= 512
             assert b"\r" not in part and b"\n" not in part
+
+
+def test_a_wrong_password_is_answered_after_the_delay_the_core_decides() -> None:
+    protocol = Pop3Protocol(max_failures=3, failure_delay=2.5)
+    answer = protocol.login_failed("auth")
+    assert isinstance(answer, Delayed)
+    assert answer.seconds == 2.5
+    assert answer.data.startswith(b"-ERR [AUTH]")
+    # A busy or broken mailbox is no guess: answered at once.
+    assert protocol.login_failed("in-use").startswith(b"-ERR [IN-USE]")
+    assert protocol.login_failed("temp").startswith(b"-ERR [SYS/TEMP]")
