@@ -74,8 +74,9 @@ def _endpoints(address: str) -> list[tuple[int, str]]:
     infos = socket.getaddrinfo(address, None, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     found: list[tuple[int, str]] = []
     for family, _, _, _, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and (family, sockaddr[0]) not in found:
-            found.append((family, sockaddr[0]))
+        host = str(sockaddr[0])
+        if family in (socket.AF_INET, socket.AF_INET6) and (family, host) not in found:
+            found.append((family, host))
     return found
 
 

@@ -16,7 +16,7 @@ import os
 import re
 import socket
 import time
-from typing import Any
+from typing import Any, cast
 
 import gevent
 from gevent.server import StreamServer
@@ -285,7 +285,7 @@ class Pop3Service:
         metrics.connection_opened()
         session = Pop3Session(self, sock, address)
         self.sessions.add(session)
-        session.greenlet = gevent.getcurrent()  # type: ignore[assignment] - the server spawned a Greenlet
+        session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
         session.start()
 
     def _count_sent(self, octets: int) -> None:
