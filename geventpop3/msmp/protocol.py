@@ -3,7 +3,7 @@
 The session module feeds received bytes and writes what comes back; everything a
 client can say, right or wrong, is decided here, so it is tested without sockets.
 The work itself (users, settings, counters, logs) is done by a `Backend`, which the
-server implements over its `ServerContext` (geventpop3.management) and the tests
+server implements over its `ServerContext` (geventpop3.msmp.backend) and the tests
 implement in memory. See docs/msmp.md for the protocol as implemented.
 """
 

@@ -20,7 +20,7 @@ from gevent.server import StreamServer
 
 from geventpop3 import listen
 from geventpop3.context import ServerContext
-from geventpop3.management import ManagementBackend
+from geventpop3.msmp.backend import ManagementBackend
 from geventpop3.msmp.protocol import MsmpProtocol
 
 log = logging.getLogger("geventpop3.msmp")

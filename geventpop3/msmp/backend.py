@@ -18,7 +18,7 @@ from geventpop3.metrics import AccessEntry
 from geventpop3.store import StoreError
 from geventpop3.users import DEFAULT_COST, UserError, hash_password, valid_password, valid_username, verify_password
 
-log = logging.getLogger("geventpop3.management")
+log = logging.getLogger(__name__)
 
 DELETED_DIR = ".deleted"  # under the Maildir root: where DELE moves mail aside
 
