@@ -10,27 +10,15 @@ import logging
 import os
 import time
 
-import gevent
-
 from geventpop3.context import ServerContext
 from geventpop3.maildir import ensure_maildir, mailbox_in_use, user_maildir
 from geventpop3.metrics import AccessEntry
 from geventpop3.store import StoreError
-from geventpop3.users import DEFAULT_COST, UserError, hash_password, valid_password, valid_username, verify_password
+from geventpop3.users import UserError, valid_password, valid_username
 
 log = logging.getLogger(__name__)
 
 DELETED_DIR = ".deleted"  # under the Maildir root: where DELE moves mail aside
-
-
-def _cost_of(encoded: str) -> tuple[int, int, int] | None:
-    """The scrypt (n, r, p) of an encoded hash, or None if it does not parse."""
-    try:
-        params = encoded.split("$")[2]
-        fields = dict(item.split("=") for item in params.split(","))
-        return int(fields["n"]), int(fields["r"]), int(fields["p"])
-    except (IndexError, ValueError, KeyError):
-        return None
 
 
 class ManagementBackend:
@@ -38,16 +26,11 @@ class ManagementBackend:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        # An unknown admin is checked against this, at the cost of the real ones,
-        # so a wrong name and a wrong password take the same time.
-        cost = next(filter(None, map(_cost_of, ctx.admins.values())), None) or DEFAULT_COST
-        self._dummy_hash = hash_password(os.urandom(8).hex(), cost=cost)
 
     # -- admins ---------------------------------------------------------------
     def check_admin(self, name: str, password: str) -> bool:
-        encoded = self.ctx.admins.get(name)
-        ok = gevent.get_hub().threadpool.apply(verify_password, (password, encoded or self._dummy_hash))
-        return bool(ok) and encoded is not None
+        """Same cost for an unknown name as for a wrong password (users.Credentials)."""
+        return self.ctx.admins.verify(name, password)
 
     # -- users ----------------------------------------------------------------
     def _root(self) -> str | None:

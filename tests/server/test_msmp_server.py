@@ -101,7 +101,7 @@ def ctx(tmp_path) -> ServerContext:
     root = tmp_path / "mail"
     root.mkdir()
     context = ServerContext(settings=Settings(), users=UserDirectory())
-    context.admins = {"admin": users.hash_password("pw", cost=(2**8, 8, 1))}
+    context.admins.add_configured([("admin", users.hash_password("pw", cost=(2**8, 8, 1)))])
     context.settings.apply("maildir", str(root), "test")
     context.settings.apply("login_failure_delay", 0.05, "test")
     return context
