@@ -21,7 +21,8 @@ import hmac
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import gevent
@@ -213,6 +214,7 @@ class UserDirectory(Credentials):
     def __init__(self, store: UserStore | None = None) -> None:
         super().__init__()
         self._store = store
+        self._deleting: set[str] = set()  # withdrawn, waiting for the store write
         if store is not None:
             for name, encoded in store.load_users().items():
                 self._put(name, encoded)
@@ -226,6 +228,8 @@ class UserDirectory(Credentials):
         if not valid_password(password):
             raise UserError("Invalid password")
         digest = gevent.get_hub().threadpool.apply(hash_password, (password,))
+        if name in self._deleting:  # checked after the hash, which yields
+            raise UserError("User is being deleted, try again")
         created = name not in self._hashes
         if self._store is not None:
             self._store.save_user(name, digest)
@@ -233,13 +237,30 @@ class UserDirectory(Credentials):
         self._refresh_dummy()
         return created
 
-    def delete(self, name: str) -> None:
-        if name not in self._hashes:
+    @contextmanager
+    def deleting(self, name: str) -> Iterator[None]:
+        """Delete `name`: withdrawn at once, before anything can yield, so no login
+        succeeds from here on; then the block runs (the caller's own steps, such as
+        moving mail aside), then the store write. If the block or the store write
+        raises, the user is put back as it was and the exception goes on."""
+        encoded = self._pop(name)
+        if encoded is None:
             raise UserError("User does not exist")
-        if self._store is not None:
-            self._store.delete_user(name)
-        self._pop(name)
+        self._deleting.add(name)
+        try:
+            yield
+            if self._store is not None:
+                self._store.delete_user(name)
+        except BaseException:
+            self._put(name, encoded)
+            raise
+        finally:
+            self._deleting.discard(name)
         self._refresh_dummy()
+
+    def delete(self, name: str) -> None:
+        with self.deleting(name):
+            pass
 
 
 def parse_users_file(path: str) -> list[tuple[str, str]]:

@@ -64,18 +64,28 @@ class ManagementBackend:
         return created
 
     def delete_user(self, name: str) -> None:
-        if name not in self.ctx.users:
+        """Withdraw the user, move its Maildir aside, then forget it in the store.
+
+        The user is withdrawn first, before anything can yield, so no POP3 login slips in
+        (and recreates an empty Maildir) while the store write waits for the disk. If the
+        move or the write fails, the user and its mail are put back and the answer is -ERR.
+        """
+        users = self.ctx.users
+        if name not in users:
             raise UserError("User does not exist")
         root = self._root()
         path = user_maildir(root, name) if root is not None else None
         if self.ctx.logged_in.get(name) or (path is not None and mailbox_in_use(path)):
             raise UserError("User is currently logged in")
-        if path is not None and os.path.isdir(path):
-            self._move_aside(root, path, name)
+        moved: str | None = None
         try:
-            self.ctx.users.delete(name)
+            with users.deleting(name):
+                if root is not None and path is not None and os.path.isdir(path):
+                    moved = self._move_aside(root, path, name)
         except StoreError as exc:
-            log.error("MSMP: user %s not deleted (its Maildir is already moved aside): %s", name, exc)
+            if moved is not None and path is not None:
+                self._move_back(moved, path, name)
+            log.error("MSMP: user %s not deleted: %s", name, exc)
             raise UserError("Cannot delete user, state database unavailable") from None
         log.info("MSMP: deleted user %s", name)
 
@@ -95,6 +105,17 @@ class ManagementBackend:
         except OSError as exc:
             log.error("cannot move Maildir %s aside: %s", path, exc)
         raise UserError("Cannot move Maildir aside; user kept")
+
+    @staticmethod
+    def _move_back(moved: str, path: str, name: str) -> None:
+        """Undo `_move_aside` for a user kept after all. Should that fail, the mail stays
+        where it was moved (never lost, never merged into a new Maildir) and the log says where."""
+        try:
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists")
+            os.rename(moved, path)
+        except OSError as exc:
+            log.error("MSMP: user %s kept, but its Maildir stays at %s: %s", name, moved, exc)
 
     def list_users(self) -> list[str]:
         return self.ctx.users.names()

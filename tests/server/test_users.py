@@ -257,6 +257,23 @@ def test_unknown_user_pays_the_cost_of_the_entries_in_use() -> None:
     assert unknown >= one_hash / 2, (unknown, one_hash)
 
 
+class FailingStore(MemoryStore):
+    def delete_user(self, name: str) -> None:
+        raise OSError("disk full")
+
+
+def test_delete_withdraws_at_once_and_restores_when_the_store_fails() -> None:
+    store = FailingStore({"alice": users.hash_password("pw", CHEAP)})
+    directory = UserDirectory(store)
+    assert directory.verify("alice", "pw")
+    with pytest.raises(OSError, match="disk full"), directory.deleting("alice"):
+        assert "alice" not in directory and not directory.verify("alice", "pw")
+    assert "alice" in directory and directory.verify("alice", "pw")
+    with pytest.raises(RuntimeError), directory.deleting("alice"):
+        raise RuntimeError("the caller's step failed")
+    assert directory.names() == ["alice"] and store.users.keys() == {"alice"}
+
+
 def test_admins_are_credentials_without_a_store() -> None:
     admins = users.Credentials()
     admins.add_configured([("admin", "plain"), ("root", users.hash_password("hashed", CHEAP))])
