@@ -32,6 +32,10 @@ class ManagementBackend:
         """Same cost for an unknown name as for a wrong password (users.Credentials)."""
         return self.ctx.admins.verify(name, password)
 
+    def login_failure_delay(self) -> float:
+        """Read at each failure, so `SET login_failure_delay` applies to open sessions."""
+        return self.ctx.settings.login_failure_delay
+
     # -- users ----------------------------------------------------------------
     def _root(self) -> str | None:
         return self.ctx.settings.maildir

@@ -434,3 +434,19 @@ def test_dele_with_the_store_failing_keeps_the_user_and_its_mail(ctx: ServerCont
     attic = os.path.join(ctx.settings.maildir, ".deleted")
     assert not os.path.exists(attic) or not os.listdir(attic)  # the one copy is back in place
     assert list(held_store.store.load_users()) == ["bob"]
+
+
+def test_answers_before_a_failed_login_go_out_before_its_delay(ctx: ServerContext, connect) -> None:
+    """The session flushes what is queued, waits the Delayed's seconds, then sends it."""
+    ctx.settings.apply("login_failure_delay", 2.0, "test")
+    client = connect(login=False)
+    started = time.monotonic()
+    client.send(b"CAPA\r\nUSER admin\r\nPASS wrong\r\nUSER admin\r\nPASS pw\r\n")
+    assert client.line() == "+OK"
+    assert client.body()[0] == "MSMP1"
+    assert client.line() == "+OK"
+    assert time.monotonic() - started < 1.5  # not held back by the delay that follows
+    assert client.line() == "-ERR Invalid credentials"
+    assert time.monotonic() - started >= 2.0 * 0.9
+    assert client.line() == "+OK"
+    assert client.line() == "+OK Logged in"
