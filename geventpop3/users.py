@@ -119,7 +119,7 @@ class Credentials:
                 raise UserError(f"unsafe user name: {name!r}")
         plain = [(name, secret) for name, secret in entries if not is_password_hash(secret)]
         pool = gevent.get_hub().threadpool
-        hashed = pool.imap(hash_password, [secret for _, secret in plain]) if plain else []
+        hashed: Iterable[str] = pool.imap(hash_password, [secret for _, secret in plain]) if plain else []
         for (name, _), digest in zip(plain, hashed, strict=True):
             self._put(name, digest)
         for name, secret in entries:
