@@ -24,7 +24,7 @@ from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.pop3.session import Pop3Server, Pop3Service
 from geventpop3.store import Store, StoreError
 from geventpop3.transform import Transformers
-from geventpop3.users import UserDirectory, UserError, hash_password
+from geventpop3.users import UserDirectory, UserError
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class App:
         except UserError as exc:
             raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory)
-        ctx.admins = {name: hash_password(secret) for name, secret in config.admins}
+        ctx.admins.add_configured(config.admins)
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)

@@ -7,7 +7,7 @@ from typing import Any
 
 from geventpop3.metrics import AccessLog, Metrics
 from geventpop3.settings import Settings
-from geventpop3.users import UserDirectory
+from geventpop3.users import Credentials, UserDirectory
 
 
 @dataclass
@@ -23,5 +23,5 @@ class ServerContext:
     transformers: Any = None
     # POP3 users with an open session in this process -> number of sessions.
     logged_in: dict[str, int] = field(default_factory=dict)
-    # MSMP administrators: name -> scrypt hash. Separate from POP3 users.
-    admins: dict[str, str] = field(default_factory=dict)
+    # MSMP administrators, checked like POP3 users but a separate set.
+    admins: Credentials = field(default_factory=Credentials)

@@ -1,14 +1,16 @@
-"""The user directory: name rules, password hashing, verification, add and delete.
+"""Credentials: name and password rules, scrypt hashing and verification, for POP3
+users and MSMP admins alike.
 
 Passwords are kept only as scrypt hashes (`$scrypt$n=..,r=..,p=..$salt$hash`). The
 slow hash runs in gevent's thread pool so it never stalls other sessions. After one
 successful slow verification a keyed fast digest of the password is cached in memory
 (as Dovecot's auth cache does), so a client polling every minute does not cost 50 ms of
-CPU per login; a wrong password or an unknown user always pays the full slow hash, so
-the two cannot be told apart by their timing.
+CPU per login; a wrong password or an unknown name always pays the full slow hash, at
+the cost most entries use, so the two cannot be told apart by their timing.
 
-Persistence is a `UserStore` (the SQLite store of the management plane, or nothing):
-the POP3 side only ever talks to `UserDirectory`.
+`Credentials` is a fixed set (the MSMP admins); `UserDirectory` adds run-time changes
+persisted in a `UserStore` (the SQLite store of the management plane, or nothing): the
+POP3 side only ever talks to `UserDirectory`.
 """
 
 from __future__ import annotations
@@ -18,13 +20,16 @@ import hashlib
 import hmac
 import os
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Protocol
 
 import gevent
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,39}\Z")
-DEFAULT_COST = (2**14, 8, 1)  # scrypt n, r, p: about 50 ms and 16 MiB per hash
+Cost = tuple[int, int, int]  # scrypt n, r, p
+DEFAULT_COST: Cost = (2**14, 8, 1)  # about 50 ms and 16 MiB per hash
 _MAXMEM = 128 * 1024 * 1024
 
 
@@ -42,7 +47,7 @@ def valid_password(password: str) -> bool:
     return 0 < len(password) <= 100 and password.isprintable() and not any(c.isspace() for c in password)
 
 
-def hash_password(password: str, cost: tuple[int, int, int] = DEFAULT_COST) -> str:
+def hash_password(password: str, cost: Cost = DEFAULT_COST) -> str:
     n, r, p = cost
     salt = os.urandom(16)
     # surrogateescape as in verify_password: a non-UTF-8 password from argv hashes, not crashes
@@ -54,18 +59,31 @@ def is_password_hash(text: str) -> bool:
     return text.startswith("$scrypt$")
 
 
-def verify_password(password: str, encoded: str) -> bool:
-    """Constant-time check of `password` against an encoded scrypt hash."""
+def _decode(encoded: str) -> tuple[Cost, bytes, bytes] | None:
+    """(cost, salt, digest) of an encoded scrypt hash, or None if it does not parse."""
     try:
         _, scheme, params, salt_b64, digest_b64 = encoded.split("$")
         fields = dict(item.split("=") for item in params.split(","))
-        n, r, p = int(fields["n"]), int(fields["r"]), int(fields["p"])
+        cost = int(fields["n"]), int(fields["r"]), int(fields["p"])
         salt = base64.b64decode(salt_b64)
-        expected = base64.b64decode(digest_b64)
+        digest = base64.b64decode(digest_b64)
     except (ValueError, KeyError):
+        return None
+    return (cost, salt, digest) if scheme == "scrypt" else None
+
+
+def hash_cost(encoded: str) -> Cost | None:
+    """The scrypt (n, r, p) an encoded hash names, or None if it does not parse."""
+    decoded = _decode(encoded)
+    return decoded[0] if decoded is not None else None
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time check of `password` against an encoded scrypt hash."""
+    decoded = _decode(encoded)
+    if decoded is None:
         return False
-    if scheme != "scrypt":
-        return False
+    (n, r, p), salt, expected = decoded
     secret = password.encode("utf-8", "surrogateescape")
     try:
         digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected))
@@ -74,45 +92,40 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-class UserStore(Protocol):
-    """Where users added at run time persist (the SQLite store implements this)."""
+class Credentials:
+    """Names and their password hashes, verified at equal cost for unknown names.
 
-    def load_users(self) -> dict[str, str]: ...
+    Used as is for the MSMP admins (fixed at start-up) and, through `UserDirectory`,
+    for the POP3 users. Every change of the entries goes through `_put`/`_pop`, which
+    keep the count of costs from which the dummy hash takes its cost.
+    """
 
-    def save_user(self, name: str, password_hash: str) -> None: ...
-
-    def delete_user(self, name: str) -> None: ...
-
-
-class UserDirectory:
-    """Every POP3 user: from flags and the users file, and from the store."""
-
-    def __init__(self, store: UserStore | None = None) -> None:
+    def __init__(self) -> None:
         self._hashes: dict[str, str] = {}
-        self._store = store
+        self._costs: Counter[Cost] = Counter()
         self._cache_key = os.urandom(32)
         self._fast: dict[str, bytes] = {}
-        # Unknown users are checked against this, so they cost the same time.
-        self._dummy_hash = hash_password(os.urandom(8).hex())
-        if store is not None:
-            self._hashes.update(store.load_users())
+        # Unknown names are checked against this, so they cost what a wrong password costs.
+        # Made when first needed, remade when the entries move to another cost.
+        self._dummy: tuple[Cost, str] | None = None
 
     # -- start-up -----------------------------------------------------------
     def add_configured(self, entries: Iterable[tuple[str, str]]) -> None:
-        """Users from `-u` and the users file: plain passwords are hashed here,
-        in parallel in the thread pool, and never kept."""
+        """Entries from the command line or a file: `$scrypt$` hashes are kept as they
+        are; plain passwords are hashed here, in parallel in the thread pool, and never kept."""
         entries = list(entries)
         for name, _ in entries:
             if not valid_username(name):
                 raise UserError(f"unsafe user name: {name!r}")
         plain = [(name, secret) for name, secret in entries if not is_password_hash(secret)]
         pool = gevent.get_hub().threadpool
-        hashed = pool.imap(hash_password, [secret for _, secret in plain]) if plain else []
+        hashed: Iterable[str] = pool.imap(hash_password, [secret for _, secret in plain]) if plain else []
         for (name, _), digest in zip(plain, hashed, strict=True):
-            self._hashes[name] = digest
+            self._put(name, digest)
         for name, secret in entries:
             if is_password_hash(secret):
-                self._hashes[name] = secret
+                self._put(name, secret)
+        self._refresh_dummy()
 
     # -- queries ------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
@@ -125,19 +138,89 @@ class UserDirectory:
         return sorted(self._hashes)
 
     def verify(self, name: str, password: str) -> bool:
-        """True only for a known user with this password; same cost otherwise."""
+        """True only for a known name with this password; same cost otherwise."""
         encoded = self._hashes.get(name)
         fast = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), "sha256").digest()
         cached = self._fast.get(name)
         if encoded is not None and cached is not None and hmac.compare_digest(cached, fast):
             return True
-        ok = gevent.get_hub().threadpool.apply(verify_password, (password, encoded or self._dummy_hash))
-        ok = ok and encoded is not None and self._hashes.get(name) == encoded
+        against = encoded if encoded is not None else self._dummy_hash()
+        ok = gevent.get_hub().threadpool.apply(verify_password, (password, against))
+        # The slow hash yields: the entry may have changed or gone meanwhile.
+        ok = bool(ok) and encoded is not None and self._hashes.get(name) == encoded
         if ok:
             self._fast[name] = fast
         return ok
 
-    # -- changes ------------------------------------------------------------
+    # -- the entries and the dummy hash -------------------------------------
+    def _put(self, name: str, encoded: str) -> None:
+        self._pop(name)
+        self._hashes[name] = encoded
+        cost = hash_cost(encoded)
+        if cost is not None:
+            self._costs[cost] += 1
+
+    def _pop(self, name: str) -> str | None:
+        """Withdraw `name` at once (no yield): from here on it cannot log in."""
+        encoded = self._hashes.pop(name, None)
+        self._fast.pop(name, None)
+        cost = hash_cost(encoded) if encoded is not None else None
+        if cost is not None:
+            self._costs[cost] -= 1
+            if self._costs[cost] <= 0:
+                del self._costs[cost]
+        return encoded
+
+    def _dummy_cost(self) -> Cost:
+        """The cost most entries use (the dearer on a tie); the default when there are none."""
+        if not self._costs:
+            return DEFAULT_COST
+        return max(self._costs.items(), key=lambda item: (item[1], item[0]))[0]
+
+    def _refresh_dummy(self) -> None:
+        """Make the dummy hash now if the entries call for another cost: done at changes,
+        so the first unknown name does not pay for making it."""
+        cost = self._dummy_cost()
+        if self._dummy is not None and self._dummy[0] == cost:
+            return
+        secret = os.urandom(8).hex()
+        try:
+            encoded = gevent.get_hub().threadpool.apply(hash_password, (secret, cost))
+        except ValueError:  # a hand-edited cost scrypt cannot run: such entries never log in
+            cost = DEFAULT_COST
+            encoded = gevent.get_hub().threadpool.apply(hash_password, (secret, cost))
+        self._dummy = (cost, encoded)
+
+    def _dummy_hash(self) -> str:
+        if self._dummy is None:
+            self._refresh_dummy()
+        assert self._dummy is not None
+        return self._dummy[1]
+
+
+class UserStore(Protocol):
+    """Where users added at run time persist (the SQLite store implements this)."""
+
+    def load_users(self) -> dict[str, str]: ...
+
+    def save_user(self, name: str, password_hash: str) -> None: ...
+
+    def delete_user(self, name: str) -> None: ...
+
+
+class UserDirectory(Credentials):
+    """Every POP3 user: from flags and the users file, and from the store."""
+
+    def __init__(self, store: UserStore | None = None) -> None:
+        super().__init__()
+        self._store = store
+        self._deleting: set[str] = set()  # withdrawn, waiting for the store write
+        if store is not None:
+            for name, encoded in store.load_users().items():
+                self._put(name, encoded)
+            if self._hashes:
+                self._refresh_dummy()
+
     def set_password(self, name: str, password: str) -> bool:
         """Create or update a user (persisted); True when the user is new."""
         if not valid_username(name):
@@ -145,20 +228,39 @@ class UserDirectory:
         if not valid_password(password):
             raise UserError("Invalid password")
         digest = gevent.get_hub().threadpool.apply(hash_password, (password,))
+        if name in self._deleting:  # checked after the hash, which yields
+            raise UserError("User is being deleted, try again")
         created = name not in self._hashes
         if self._store is not None:
             self._store.save_user(name, digest)
-        self._hashes[name] = digest
-        self._fast.pop(name, None)
+        self._put(name, digest)
+        self._refresh_dummy()
         return created
 
-    def delete(self, name: str) -> None:
-        if name not in self._hashes:
+    @contextmanager
+    def deleting(self, name: str) -> Iterator[None]:
+        """Delete `name`: withdrawn at once, before anything can yield, so no login
+        succeeds from here on; then the block runs (the caller's own steps, such as
+        moving mail aside), then the store write. If the block or the store write
+        raises, the user is put back as it was and the exception goes on."""
+        encoded = self._pop(name)
+        if encoded is None:
             raise UserError("User does not exist")
-        if self._store is not None:
-            self._store.delete_user(name)
-        del self._hashes[name]
-        self._fast.pop(name, None)
+        self._deleting.add(name)
+        try:
+            yield
+            if self._store is not None:
+                self._store.delete_user(name)
+        except BaseException:
+            self._put(name, encoded)
+            raise
+        finally:
+            self._deleting.discard(name)
+        self._refresh_dummy()
+
+    def delete(self, name: str) -> None:
+        with self.deleting(name):
+            pass
 
 
 def parse_users_file(path: str) -> list[tuple[str, str]]:

@@ -3,21 +3,22 @@
 The session module feeds received bytes and writes what comes back; everything a
 client can say, right or wrong, is decided here, so it is tested without sockets.
 The work itself (users, settings, counters, logs) is done by a `Backend`, which the
-server implements over its `ServerContext` (geventpop3.management) and the tests
+server implements over its `ServerContext` (geventpop3.msmp.backend) and the tests
 implement in memory. See docs/msmp.md for the protocol as implemented.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 from geventpop3 import IMPLEMENTATION
-from geventpop3.lines import LINE_TOO_LONG, MAX_RESPONSE_LINE, LineBuffer, dot_stuff_lines, response_line
+from geventpop3.lines import LINE_TOO_LONG, MAX_RESPONSE_LINE, Delayed, LineBuffer, dot_stuff_lines, response_line
 from geventpop3.settings import KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, SettingError
 from geventpop3.users import UserError, valid_username
 
-log = logging.getLogger("geventpop3.msmp")
+log = logging.getLogger(__name__)
 
 # msmp.md: "after 3 failures on one connection it closes the connection". A fixed
 # number, not the POP3 `max_login_failures` setting, so the admin port behaves as
@@ -35,6 +36,9 @@ class Backend(Protocol):
 
     def check_admin(self, name: str, password: str) -> bool:
         """True for a known admin with this password; same cost for an unknown name."""
+
+    def login_failure_delay(self) -> float:
+        """Seconds to wait before answering a failed PASS (slows password guessing)."""
 
     def add_user(self, name: str, password: str) -> bool:
         """Create the user (and Maildir) or update its password; True when created."""
@@ -73,24 +77,7 @@ HELP_LINES = (
     "QUIT                   end the session",
 )
 
-# Commands allowed before login (msmp.md, Session 3) besides USER and PASS.
-_OPEN_COMMANDS = frozenset({"QUIT", "HELP", "CAPA"})
-
-# Fixed arity of each command after login: (least, most) arguments.
-_ARITY = {
-    "USER": (1, 1),
-    "PASS": (1, 1),
-    "ADD": (2, 2),
-    "DELE": (1, 1),
-    "LIST": (0, 1),
-    "SET": (2, 2),
-    "GET": (1, 1),
-    "STAT": (0, 0),
-    "LOGS": (1, 2),
-    "HELP": (0, 0),
-    "CAPA": (0, 0),
-    "QUIT": (0, 0),
-}
+Answer = bytes | Delayed  # a Delayed only for a failed PASS
 
 
 def _ok(text: str = "") -> bytes:
@@ -123,16 +110,19 @@ class MsmpProtocol:
     """One MSMP connection's state. Not thread-safe; one per connection.
 
     Use: send `greeting()`; for each received chunk, for each item of `feed(data)`,
-    send `handle_line(item)`. After a failed PASS `failed_login_pending` is True: wait
-    the failure delay before sending that answer. Once `closing` is True, send what
-    is due and close. `receive(data)` does it all without the delay (for tests).
+    send `handle_line(item)`. That answer is bytes, or for a failed PASS a `Delayed`:
+    send what is queued, wait its `seconds`, then send its `data`. Once `closing` is
+    True, send what is due and close. `receive(data)` does it all without the delay
+    (for tests).
+
+    Commands dispatch through one table per state (`_AUTHORIZATION_COMMANDS` before
+    login, `_ADMIN_COMMANDS` after), each entry naming its handler and its arity.
     """
 
     def __init__(self, backend: Backend, max_login_failures: int = MAX_LOGIN_FAILURES) -> None:
         self.backend = backend
         self.max_login_failures = max_login_failures
         self.closing = False
-        self.failed_login_pending = False
         self.authenticated = False
         self.admin: str | None = None  # the admin's name once logged in
         self.login_failures = 0
@@ -148,17 +138,18 @@ class MsmpProtocol:
         return self._lines.feed(data)
 
     def receive(self, data: bytes) -> bytes:
-        """Every answer due for `data`, in order; nothing after QUIT or the last failure."""
+        """Every answer due for `data`, in order, delays skipped; nothing after QUIT or
+        the last failure."""
         out = []
         for item in self.feed(data):
             if self.closing:
                 break
-            out.append(self.handle_line(item))
+            answer = self.handle_line(item)
+            out.append(answer.data if isinstance(answer, Delayed) else answer)
         return b"".join(out)
 
-    def handle_line(self, item: object) -> bytes:
+    def handle_line(self, item: object) -> Answer:
         """The answer to one framed line; never raises for any input."""
-        self.failed_login_pending = False
         if self.closing:
             return b""
         if item is LINE_TOO_LONG:
@@ -181,26 +172,22 @@ class MsmpProtocol:
             return _err("Internal error, see the server log")
 
     # -- dispatch -------------------------------------------------------------
-    def _dispatch(self, command: str, args: list[str]) -> bytes:
-        arity = _ARITY.get(command)
-        if not self.authenticated and command not in _OPEN_COMMANDS and command not in ("USER", "PASS"):
-            return _err("Not authenticated")
-        if arity is None:
-            return _err("Unknown command")
-        if not arity[0] <= len(args) <= arity[1]:
+    def _dispatch(self, command: str, args: list[str]) -> Answer:
+        table = _ADMIN_COMMANDS if self.authenticated else _AUTHORIZATION_COMMANDS
+        entry = table.get(command)
+        if entry is None:
+            # Before login every other word is refused alike: nothing is told about commands.
+            return _err("Unknown command" if self.authenticated else "Not authenticated")
+        if not entry.least <= len(args) <= entry.most:
             return _err("Syntax error")
-        return getattr(self, "_cmd_" + command.lower())(*args)
+        return entry.handler(self, *args)
 
     # -- authorization --------------------------------------------------------
-    def _cmd_user(self, name: str) -> bytes:
-        if self.authenticated:
-            return _err("Already logged in")
+    def _cmd_user(self, name: str) -> Answer:
         self._user = name  # always +OK: whether the name exists is not told
         return _ok()
 
-    def _cmd_pass(self, password: str) -> bytes:
-        if self.authenticated:
-            return _err("Already logged in")
+    def _cmd_pass(self, password: str) -> Answer:
         if self._user is None:
             return _err("USER first")
         name, self._user = self._user, None
@@ -209,10 +196,12 @@ class MsmpProtocol:
             self.admin = name
             return _ok("Logged in")
         self.login_failures += 1
-        self.failed_login_pending = True
         if self.login_failures >= self.max_login_failures:
             self.closing = True
-        return _err("Invalid credentials")
+        return Delayed(self.backend.login_failure_delay(), _err("Invalid credentials"))
+
+    def _cmd_already(self, _argument: str) -> Answer:
+        return _err("Already logged in")
 
     def _cmd_quit(self) -> bytes:
         self.closing = True
@@ -227,7 +216,7 @@ class MsmpProtocol:
             f"IMPLEMENTATION {IMPLEMENTATION}",
             "USER",
             "PIPELINING",
-            "COMMANDS " + " ".join(_ARITY),
+            "COMMANDS " + " ".join(_ADMIN_COMMANDS),
             "KEYS " + " ".join(KEYS),
         ])
 
@@ -299,6 +288,39 @@ class MsmpProtocol:
 
     def _cmd_stat(self) -> bytes:
         return _multi(self.backend.stat_lines())
+
+
+class _Command(NamedTuple):
+    """One table entry: the handler and how many arguments it takes (least, most)."""
+
+    handler: Callable[..., Answer]
+    least: int
+    most: int
+
+
+# Before login (msmp.md, Session 3): USER, PASS and the commands that reveal nothing.
+_AUTHORIZATION_COMMANDS: dict[str, _Command] = {
+    "USER": _Command(MsmpProtocol._cmd_user, 1, 1),
+    "PASS": _Command(MsmpProtocol._cmd_pass, 1, 1),
+    "HELP": _Command(MsmpProtocol._cmd_help, 0, 0),
+    "CAPA": _Command(MsmpProtocol._cmd_capa, 0, 0),
+    "QUIT": _Command(MsmpProtocol._cmd_quit, 0, 0),
+}
+# After login; the order is the one CAPA lists.
+_ADMIN_COMMANDS: dict[str, _Command] = {
+    "USER": _Command(MsmpProtocol._cmd_already, 1, 1),
+    "PASS": _Command(MsmpProtocol._cmd_already, 1, 1),
+    "ADD": _Command(MsmpProtocol._cmd_add, 2, 2),
+    "DELE": _Command(MsmpProtocol._cmd_dele, 1, 1),
+    "LIST": _Command(MsmpProtocol._cmd_list, 0, 1),
+    "SET": _Command(MsmpProtocol._cmd_set, 2, 2),
+    "GET": _Command(MsmpProtocol._cmd_get, 1, 1),
+    "STAT": _Command(MsmpProtocol._cmd_stat, 0, 0),
+    "LOGS": _Command(MsmpProtocol._cmd_logs, 1, 2),
+    "HELP": _Command(MsmpProtocol._cmd_help, 0, 0),
+    "CAPA": _Command(MsmpProtocol._cmd_capa, 0, 0),
+    "QUIT": _Command(MsmpProtocol._cmd_quit, 0, 0),
+}
 
 
 def _setting_error(exc: SettingError) -> str:

@@ -1,17 +1,16 @@
 """One MSMP connection over a socket, and the loopback listeners that accept them.
 
 Thin on purpose: read, feed the protocol core, write its answers (one write per
-received chunk, so pipelined commands cost one syscall), wait the failure delay
-before a failed PASS answer, close on QUIT, after the last allowed failure, or when
-idle. Timeouts and delays are read from `ctx.settings` each time, so `SET` applies
-to open sessions too.
+received chunk, so pipelined commands cost one syscall), wait before an answer the
+core hands back as `Delayed` (a failed PASS: the core says how long), close on QUIT,
+after the last allowed failure, or when idle. Timeouts and delays are read from
+`ctx.settings` each time, so `SET` applies to open sessions too.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
 import gevent
 from gevent import socket
@@ -20,7 +19,8 @@ from gevent.server import StreamServer
 
 from geventpop3 import listen
 from geventpop3.context import ServerContext
-from geventpop3.management import ManagementBackend
+from geventpop3.lines import Delayed
+from geventpop3.msmp.backend import ManagementBackend
 from geventpop3.msmp.protocol import MsmpProtocol
 
 log = logging.getLogger(__name__)
@@ -29,14 +29,14 @@ RECV_SIZE = 16 * 1024
 LINGER_SECONDS = 1.0  # at most this long, and this much input, read after our last answer
 LINGER_OCTETS = 64 * 1024
 
-Handler = Callable[[Any, Any], None]
+Handler = Callable[[socket.socket, object], None]  # (connection, peer address)
 
 
 def serve_admin(ctx: ServerContext) -> Handler:
     """A StreamServer handler serving MSMP sessions against `ctx`."""
     backend = ManagementBackend(ctx)
 
-    def handle(sock: socket.socket, address: Any) -> None:
+    def handle(sock: socket.socket, address: object) -> None:
         peer = _peer(address)
         log.debug("MSMP connection from %s", peer)
         try:
@@ -75,12 +75,13 @@ def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, pe
         out: list[bytes] = []
         for item in protocol.feed(data):
             answer = protocol.handle_line(item)
-            if protocol.failed_login_pending:
+            if isinstance(answer, Delayed):  # a failed login: what came before goes out first
                 log.info("MSMP %s: failed admin login", peer)
                 if out:
                     sock.sendall(b"".join(out))
                     out = []
-                gevent.sleep(settings.login_failure_delay)
+                gevent.sleep(answer.seconds)
+                answer = answer.data
             out.append(answer)
             if protocol.closing:
                 break
@@ -103,7 +104,7 @@ def _linger(sock: socket.socket) -> None:
         drained += len(data)
 
 
-def _peer(address: Any) -> str:
+def _peer(address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"

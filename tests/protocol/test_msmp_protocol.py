@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from geventpop3 import IMPLEMENTATION
+from geventpop3.lines import Delayed
 from geventpop3.msmp.protocol import DEFAULT_LOGS, MAX_LOGIN_FAILURES, MAX_LOGS, MsmpProtocol
 from geventpop3.settings import KEYS, SettingError, Settings
 from geventpop3.users import UserError, valid_password
@@ -24,6 +25,10 @@ class MemoryBackend:
         self.logs_asked: list[tuple[str, int]] = []
         self.admin_checks: list[tuple[str, str]] = []
         self.explode = False
+        self.failure_delay = 0.25
+
+    def login_failure_delay(self) -> float:
+        return self.failure_delay
 
     def check_admin(self, name: str, password: str) -> bool:
         self.admin_checks.append((name, password))
@@ -124,7 +129,6 @@ def test_login_then_quit(proto: MsmpProtocol) -> None:
 def test_user_is_always_ok_and_failures_are_indistinguishable(proto: MsmpProtocol, backend: MemoryBackend) -> None:
     assert say(proto, "USER nobody") == b"+OK\r\n"
     unknown = say(proto, "PASS secret")
-    assert proto.failed_login_pending
     assert say(proto, "USER admin") == b"+OK\r\n"
     wrong = say(proto, "PASS wrong")
     assert unknown == wrong == b"-ERR Invalid credentials\r\n"
@@ -140,7 +144,7 @@ def test_user_with_an_unsafe_name_is_still_ok(proto: MsmpProtocol) -> None:
 
 def test_pass_without_user_is_an_error_not_a_failure(proto: MsmpProtocol, backend: MemoryBackend) -> None:
     assert say(proto, "PASS secret") == b"-ERR USER first\r\n"
-    assert proto.login_failures == 0 and not proto.failed_login_pending
+    assert proto.login_failures == 0
     assert backend.admin_checks == []
 
 
@@ -161,7 +165,6 @@ def test_three_failures_close_the_connection(proto: MsmpProtocol) -> None:
     for attempt in range(1, 4):
         assert say(proto, "USER admin") == b"+OK\r\n"
         assert say(proto, f"PASS wrong{attempt}") == b"-ERR Invalid credentials\r\n"
-        assert proto.failed_login_pending
         assert proto.closing == (attempt == 3)
     # Nothing more is answered once closing, not even a correct login.
     assert proto.receive(b"USER admin\r\nPASS secret\r\n") == b""
@@ -174,13 +177,30 @@ def test_pipelined_failures_stop_at_the_third(proto: MsmpProtocol) -> None:
     assert proto.closing and not proto.authenticated
 
 
-def test_failed_login_flag_is_only_for_that_answer(proto: MsmpProtocol) -> None:
-    items = proto.feed(b"USER admin\r\nPASS wrong\r\nUSER admin\r\n")
-    flags = []
-    for item in items:
-        proto.handle_line(item)
-        flags.append(proto.failed_login_pending)
-    assert flags == [False, True, False]
+def test_only_a_failed_pass_is_delayed(proto: MsmpProtocol, backend: MemoryBackend) -> None:
+    """The core says how long to wait, reading the delay at each failure (SET applies at once)."""
+    items = proto.feed(b"USER admin\r\nPASS wrong\r\nUSER admin\r\nPASS wrong\r\nUSER admin\r\n")
+    answers = []
+    for number, item in enumerate(items):
+        if number == 3:
+            backend.failure_delay = 1.5
+        answers.append(proto.handle_line(item))
+    assert answers == [b"+OK\r\n", Delayed(0.25, b"-ERR Invalid credentials\r\n"), b"+OK\r\n",
+                       Delayed(1.5, b"-ERR Invalid credentials\r\n"), b"+OK\r\n"]
+
+
+def test_unknown_name_and_wrong_password_wait_alike(proto: MsmpProtocol) -> None:
+    unknown = [proto.handle_line(item) for item in proto.feed(b"USER nobody\r\nPASS secret\r\n")][1]
+    wrong = [proto.handle_line(item) for item in proto.feed(b"USER admin\r\nPASS wrong\r\n")][1]
+    assert unknown == wrong == Delayed(0.25, b"-ERR Invalid credentials\r\n")
+
+
+def test_successful_and_refused_commands_are_never_delayed(proto: MsmpProtocol) -> None:
+    lines = [b"PASS secret", b"FROB", b"USER admin", b"PASS", b"PASS secret", b"USER admin", b"ADD bob pw",
+             b"LIST", b"QUIT"]
+    answers = [proto.handle_line(line) for line in lines]
+    assert all(isinstance(answer, bytes) for answer in answers), answers
+    assert proto.authenticated
 
 
 @pytest.mark.parametrize("line", ["ADD bob pw", "DELE alice", "LIST", "LIST alice", "SET maildir /tmp",

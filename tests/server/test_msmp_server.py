@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from gevent import socket as gsocket
+from gevent.event import Event
 
 from geventpop3 import IMPLEMENTATION, users
 from geventpop3.context import ServerContext
@@ -20,6 +21,7 @@ from geventpop3.maildir import MailboxLock
 from geventpop3.metrics import AccessEntry
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import Settings
+from geventpop3.store import Store, StoreError
 from geventpop3.users import UserDirectory
 
 TIMEOUT = 10.0
@@ -101,7 +103,7 @@ def ctx(tmp_path) -> ServerContext:
     root = tmp_path / "mail"
     root.mkdir()
     context = ServerContext(settings=Settings(), users=UserDirectory())
-    context.admins = {"admin": users.hash_password("pw", cost=(2**8, 8, 1))}
+    context.admins.add_configured([("admin", users.hash_password("pw", cost=(2**8, 8, 1)))])
     context.settings.apply("maildir", str(root), "test")
     context.settings.apply("login_failure_delay", 0.05, "test")
     return context
@@ -356,3 +358,95 @@ def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tm
         assert client.cmd("LOGS ghost") == "-ERR Invalid user"
     finally:
         ctx.store.close()
+
+
+class HeldStore:
+    """The real SQLite store, with user deletes held open until released: the window in
+    which a DELE waits for the disk while POP3 logins go on."""
+
+    def __init__(self, store: Store, fail: bool = False) -> None:
+        self.store = store
+        self.fail = fail
+        self.entered = Event()
+        self.release = Event()
+
+    def load_users(self) -> dict[str, str]:
+        return self.store.load_users()
+
+    def save_user(self, name: str, password_hash: str) -> None:
+        self.store.save_user(name, password_hash)
+
+    def delete_user(self, name: str) -> None:
+        self.entered.set()
+        assert self.release.wait(TIMEOUT)
+        if self.fail:
+            raise StoreError("disk full")
+        self.store.delete_user(name)
+
+
+@pytest.fixture
+def held_store(ctx: ServerContext, tmp_path) -> Iterator[HeldStore]:
+    store = Store(str(tmp_path / "state.db"))
+    held = HeldStore(store)
+    ctx.users = UserDirectory(held)
+    yield held
+    store.close()
+
+
+def _add_bob_with_mail(ctx: ServerContext, client: Client) -> str:
+    assert client.cmd("ADD bob pw") == "+OK Added user"
+    message = os.path.join(ctx.settings.maildir, "bob", "cur", "1.msg:2,S")
+    with open(message, "wb") as handle:
+        handle.write(b"keep me\r\n")
+    assert ctx.users.verify("bob", "pw")  # a POP3 login: its password is now cached
+    return message
+
+
+def test_no_pop3_login_while_dele_writes_the_store(ctx: ServerContext, connect, held_store: HeldStore) -> None:
+    """Regression: the user could still log in while DELE waited for the store, and the
+    POP3 session then recreated an empty Maildir for a user whose mail was moved aside."""
+    client = connect()
+    _add_bob_with_mail(ctx, client)
+    client.send(b"DELE bob\r\n")
+    assert held_store.entered.wait(TIMEOUT)
+    assert not ctx.users.verify("bob", "pw")  # a POP3 login now is refused
+    assert "bob" not in ctx.users
+    held_store.release.set()
+    assert client.line() == "+OK Deleted user"
+    root = ctx.settings.maildir
+    assert not os.path.exists(os.path.join(root, "bob"))
+    (kept,) = os.listdir(os.path.join(root, ".deleted"))
+    assert os.listdir(os.path.join(root, ".deleted", kept, "cur")) == ["1.msg:2,S"]
+    assert held_store.store.load_users() == {}
+
+
+def test_dele_with_the_store_failing_keeps_the_user_and_its_mail(ctx: ServerContext, connect,
+                                                                 held_store: HeldStore) -> None:
+    """Regression: the Maildir was moved aside before the store failed, leaving a user without mail."""
+    held_store.fail = True
+    held_store.release.set()
+    client = connect()
+    message = _add_bob_with_mail(ctx, client)
+    assert client.cmd("DELE bob") == "-ERR Cannot delete user, state database unavailable"
+    assert "bob" in ctx.users and ctx.users.verify("bob", "pw")
+    with open(message, "rb") as handle:
+        assert handle.read() == b"keep me\r\n"
+    attic = os.path.join(ctx.settings.maildir, ".deleted")
+    assert not os.path.exists(attic) or not os.listdir(attic)  # the one copy is back in place
+    assert list(held_store.store.load_users()) == ["bob"]
+
+
+def test_answers_before_a_failed_login_go_out_before_its_delay(ctx: ServerContext, connect) -> None:
+    """The session flushes what is queued, waits the Delayed's seconds, then sends it."""
+    ctx.settings.apply("login_failure_delay", 2.0, "test")
+    client = connect(login=False)
+    started = time.monotonic()
+    client.send(b"CAPA\r\nUSER admin\r\nPASS wrong\r\nUSER admin\r\nPASS pw\r\n")
+    assert client.line() == "+OK"
+    assert client.body()[0] == "MSMP1"
+    assert client.line() == "+OK"
+    assert time.monotonic() - started < 1.5  # not held back by the delay that follows
+    assert client.line() == "-ERR Invalid credentials"
+    assert time.monotonic() - started >= 2.0 * 0.9
+    assert client.line() == "+OK"
+    assert client.line() == "+OK Logged in"

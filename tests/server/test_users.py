@@ -243,3 +243,41 @@ def test_parse_user_flag_error_never_shows_the_password() -> None:
         with pytest.raises(UserError) as info:
             users.parse_user_flag(text)
         assert "hunter2" not in str(info.value)
+
+
+def test_unknown_user_pays_the_cost_of_the_entries_in_use() -> None:
+    """Regression: unknown names were checked at the default cost whatever the entries used,
+    so with dearer (or cheaper) hashes a wrong name answered faster than a wrong password."""
+    dear = (2**16, 8, 1)  # four times the default cost
+    encoded = users.hash_password("pw", dear)
+    one_hash = min(_seconds(lambda: users.verify_password("pw", encoded)) for _ in range(2))
+    directory = UserDirectory()
+    directory.add_configured([("alice", encoded)])
+    unknown = min(_seconds(lambda: directory.verify("nobody", "pw")) for _ in range(2))
+    assert unknown >= one_hash / 2, (unknown, one_hash)
+
+
+class FailingStore(MemoryStore):
+    def delete_user(self, name: str) -> None:
+        raise OSError("disk full")
+
+
+def test_delete_withdraws_at_once_and_restores_when_the_store_fails() -> None:
+    store = FailingStore({"alice": users.hash_password("pw", CHEAP)})
+    directory = UserDirectory(store)
+    assert directory.verify("alice", "pw")
+    with pytest.raises(OSError, match="disk full"), directory.deleting("alice"):
+        assert "alice" not in directory and not directory.verify("alice", "pw")
+    assert "alice" in directory and directory.verify("alice", "pw")
+    with pytest.raises(RuntimeError), directory.deleting("alice"):
+        raise RuntimeError("the caller's step failed")
+    assert directory.names() == ["alice"] and store.users.keys() == {"alice"}
+
+
+def test_admins_are_credentials_without_a_store() -> None:
+    admins = users.Credentials()
+    admins.add_configured([("admin", "plain"), ("root", users.hash_password("hashed", CHEAP))])
+    assert admins.verify("admin", "plain") and admins.verify("root", "hashed")
+    assert not admins.verify("root", users.hash_password("hashed", CHEAP))
+    assert not admins.verify("nobody", "plain")
+    assert not hasattr(admins, "set_password") and not hasattr(admins, "delete")

@@ -10,27 +10,15 @@ import logging
 import os
 import time
 
-import gevent
-
 from geventpop3.context import ServerContext
 from geventpop3.maildir import ensure_maildir, mailbox_in_use, user_maildir
 from geventpop3.metrics import AccessEntry
 from geventpop3.store import StoreError
-from geventpop3.users import DEFAULT_COST, UserError, hash_password, valid_password, valid_username, verify_password
+from geventpop3.users import UserError, valid_password, valid_username
 
-log = logging.getLogger("geventpop3.management")
+log = logging.getLogger(__name__)
 
 DELETED_DIR = ".deleted"  # under the Maildir root: where DELE moves mail aside
-
-
-def _cost_of(encoded: str) -> tuple[int, int, int] | None:
-    """The scrypt (n, r, p) of an encoded hash, or None if it does not parse."""
-    try:
-        params = encoded.split("$")[2]
-        fields = dict(item.split("=") for item in params.split(","))
-        return int(fields["n"]), int(fields["r"]), int(fields["p"])
-    except (IndexError, ValueError, KeyError):
-        return None
 
 
 class ManagementBackend:
@@ -38,16 +26,15 @@ class ManagementBackend:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        # An unknown admin is checked against this, at the cost of the real ones,
-        # so a wrong name and a wrong password take the same time.
-        cost = next(filter(None, map(_cost_of, ctx.admins.values())), None) or DEFAULT_COST
-        self._dummy_hash = hash_password(os.urandom(8).hex(), cost=cost)
 
     # -- admins ---------------------------------------------------------------
     def check_admin(self, name: str, password: str) -> bool:
-        encoded = self.ctx.admins.get(name)
-        ok = gevent.get_hub().threadpool.apply(verify_password, (password, encoded or self._dummy_hash))
-        return bool(ok) and encoded is not None
+        """Same cost for an unknown name as for a wrong password (users.Credentials)."""
+        return self.ctx.admins.verify(name, password)
+
+    def login_failure_delay(self) -> float:
+        """Read at each failure, so `SET login_failure_delay` applies to open sessions."""
+        return self.ctx.settings.login_failure_delay
 
     # -- users ----------------------------------------------------------------
     def _root(self) -> str | None:
@@ -81,18 +68,28 @@ class ManagementBackend:
         return created
 
     def delete_user(self, name: str) -> None:
-        if name not in self.ctx.users:
+        """Withdraw the user, move its Maildir aside, then forget it in the store.
+
+        The user is withdrawn first, before anything can yield, so no POP3 login slips in
+        (and recreates an empty Maildir) while the store write waits for the disk. If the
+        move or the write fails, the user and its mail are put back and the answer is -ERR.
+        """
+        users = self.ctx.users
+        if name not in users:
             raise UserError("User does not exist")
         root = self._root()
         path = user_maildir(root, name) if root is not None else None
         if self.ctx.logged_in.get(name) or (path is not None and mailbox_in_use(path)):
             raise UserError("User is currently logged in")
-        if path is not None and os.path.isdir(path):
-            self._move_aside(root, path, name)
+        moved: str | None = None
         try:
-            self.ctx.users.delete(name)
+            with users.deleting(name):
+                if root is not None and path is not None and os.path.isdir(path):
+                    moved = self._move_aside(root, path, name)
         except StoreError as exc:
-            log.error("MSMP: user %s not deleted (its Maildir is already moved aside): %s", name, exc)
+            if moved is not None and path is not None:
+                self._move_back(moved, path, name)
+            log.error("MSMP: user %s not deleted: %s", name, exc)
             raise UserError("Cannot delete user, state database unavailable") from None
         log.info("MSMP: deleted user %s", name)
 
@@ -112,6 +109,17 @@ class ManagementBackend:
         except OSError as exc:
             log.error("cannot move Maildir %s aside: %s", path, exc)
         raise UserError("Cannot move Maildir aside; user kept")
+
+    @staticmethod
+    def _move_back(moved: str, path: str, name: str) -> None:
+        """Undo `_move_aside` for a user kept after all. Should that fail, the mail stays
+        where it was moved (never lost, never merged into a new Maildir) and the log says where."""
+        try:
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists")
+            os.rename(moved, path)
+        except OSError as exc:
+            log.error("MSMP: user %s kept, but its Maildir stays at %s: %s", name, moved, exc)
 
     def list_users(self) -> list[str]:
         return self.ctx.users.names()
