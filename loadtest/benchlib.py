@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from geventpop3.users import hash_password
-from loadtest.launch import Geventpop3Process, greets
+from loadtest.launch import Geventpop3Process, wait_greeting
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
 DOVECOT_START = "/work/shared/tools/dovecot-peer-start.sh"
@@ -153,13 +153,6 @@ def reset_indexes(maildir: str) -> None:
 
 # -- servers -----------------------------------------------------------------
 
-def wait_port(port: int, deadline: float) -> None:
-    while not greets(port):
-        if time.monotonic() > deadline:
-            raise BenchError(f"server on port {port} did not greet in time")
-        time.sleep(0.05)
-
-
 class Server:
     """A started server: its name, port and the processes whose memory counts."""
 
@@ -220,7 +213,10 @@ class Dovecot(Server):
         self.run_dir = text.splitlines()[-1]
         with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
             self.master = int(handle.read().strip())
-        wait_port(port, time.monotonic() + 60)
+        try:
+            wait_greeting(port, 60)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
 
     def pids(self) -> list[int]:
         try:

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 GEVENTPOP3 = (sys.executable, "-m", "geventpop3")
 
@@ -31,6 +31,17 @@ def greets(port: int, host: str = "127.0.0.1") -> bool:
     with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1) as sock:
         return sock.recv(512).startswith(b"+OK")
     return False
+
+
+def wait_greeting(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Return once the server on 127.0.0.1:`port` greets; RuntimeError if `alive()` turns false or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not greets(port):
+        if not alive():
+            raise RuntimeError(f"the server on port {port} exited during start-up")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not greet within {timeout:g} s")
+        time.sleep(0.05)
 
 
 class Geventpop3Process:
@@ -51,14 +62,12 @@ class Geventpop3Process:
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, cwd=self.cwd)
-        deadline = time.monotonic() + timeout
-        while not greets(self.port):
-            if self.process.poll() is not None:
-                raise RuntimeError(f"geventpop3 exited with {self.process.returncode}; see {self.log_path}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"geventpop3 did not greet on port {self.port} within {timeout:g} s")
-            time.sleep(0.05)
+        process = self.process
+        try:
+            wait_greeting(self.port, timeout, lambda: process.poll() is None)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"geventpop3: {exc}; see {self.log_path}") from None
         return self
 
     def pids(self) -> list[int]:

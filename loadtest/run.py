@@ -40,7 +40,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from loadtest.launch import Geventpop3Process, free_port, greets  # noqa: E402
+from loadtest.launch import Geventpop3Process, free_port, wait_greeting  # noqa: E402
 from loadtest.setup_pool import ensure_pool  # noqa: E402
 
 DOVECOT_START = "dovecot-peer-start.sh"
@@ -77,14 +77,6 @@ SCENARIOS = {
 
 
 # -- servers -------------------------------------------------------------------------
-
-def wait_greeting(port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not greets(port):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server did not greet on port {port} within {timeout:g} s")
-        time.sleep(0.05)
-
 
 class Geventpop3Server:
     """geventpop3 in a subprocess, as an operator starts it."""
