@@ -15,22 +15,28 @@ Every RETR is checked against the expected octet count, so a wrong answer cannot
 
 from __future__ import annotations
 
-import argparse
-import os
-import shutil
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Callable
+from gevent import monkey
 
-import gevent
-from gevent import socket  # cooperative sockets, without monkey-patching the benchmark
-from gevent.pool import Pool
+monkey.patch_all()  # the benchmark client's sockets cooperate with the session pool
 
-from geventpop3 import maildir
-from geventpop3.users import hash_password
+import argparse  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+from gevent.pool import Pool  # noqa: E402
+
+if __package__ in (None, ""):  # run as a script: make `loadtest` importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from geventpop3 import maildir  # noqa: E402
+from geventpop3.users import hash_password  # noqa: E402
+from loadtest.benchlib import Pop3Client  # noqa: E402
+from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
 
 CRLF = b"\r\n"
 CHEAP_COST = (2**8, 8, 1)  # benchmark users only: the login cost is not what we measure
@@ -44,89 +50,31 @@ def message(seed: int, size: int) -> bytes:
     return head + line * ((size - len(head)) // len(line))
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class Server(Geventpop3Process):
+    """One of the two servers compared, with its own state directory (the filter cache)."""
 
-
-class Client:
-    """Just enough POP3; RETR counts the octets up to the terminating dot line (no line splitting)."""
-
-    def __init__(self, port: int, user: str) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
-        self.buffer = b""
-        self.line()
-        self.cmd(f"USER {user}")
-        self.cmd(f"PASS pw-{user}")
-
-    def _fill(self) -> None:
-        data = self.sock.recv(1 << 18)
-        if not data:
-            raise RuntimeError("server closed the connection")
-        self.buffer += data
-
-    def line(self) -> bytes:
-        while CRLF not in self.buffer:
-            self._fill()
-        line, self.buffer = self.buffer.split(CRLF, 1)
-        if not line.startswith(b"+OK"):
-            raise RuntimeError(f"server answered {line!r}")
-        return line
-
-    def cmd(self, text: str) -> bytes:
-        self.sock.sendall(text.encode() + CRLF)
-        return self.line()
-
-    def retr(self, number: int) -> int:
-        """Octets of the body; the benchmark's messages have no line to dot-stuff."""
-        self.cmd(f"RETR {number}")
-        total = 0
-        while True:
-            end = self.buffer.find(b"\r\n.\r\n")
-            if end >= 0:
-                total += end + 2
-                self.buffer = self.buffer[end + 5:]
-                return total
-            keep = min(len(self.buffer), 4)  # the terminator may straddle two reads
-            total += len(self.buffer) - keep
-            self.buffer = self.buffer[len(self.buffer) - keep:]
-            self._fill()
-
-    def close(self) -> None:
-        """QUIT, then wait for the server to close: it releases the mailbox lock just before."""
-        self.cmd("QUIT")
-        while self.sock.recv(4096):
-            pass
-        self.sock.close()
-
-
-class Server:
     def __init__(self, workdir: str, root: str, users_file: str, extra: list[str], name: str) -> None:
-        self.port = free_port()
         self.state = os.path.join(workdir, f"state-{name}")
-        self.log = open(os.path.join(workdir, f"server-{name}.log"), "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "geventpop3", "-p", str(self.port), "-P", str(free_port()), "-l", "127.0.0.1",
-             "-d", root, "--users-file", users_file, "--state-dir", self.state, "--log-level", "WARNING", *extra],
-            stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                return
-            except OSError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("server did not start") from None
-                gevent.sleep(0.05)
+        super().__init__(free_port(), ["-P", str(free_port()), "-d", root, "--users-file", users_file,
+                                       "--state-dir", self.state, "--log-level", "WARNING", *extra],
+                         os.path.join(workdir, f"server-{name}.log"))
+        self.start()
 
     def drop_cache(self, user: str) -> None:
         shutil.rmtree(os.path.join(self.state, "filtered", user), ignore_errors=True)
 
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
+
+def session(port: int, user: str) -> Pop3Client:
+    """A logged-in session of the benchmark client (which checks every answer)."""
+    client = Pop3Client(port, timeout=120)
+    client.login(user)
+    return client
+
+
+def retr(client: Pop3Client, number: int) -> int:
+    """Octets of the body; the benchmark's messages have no line to dot-stuff."""
+    client.command(f"RETR {number}")
+    return len(client.multiline(chunk=1 << 18))
 
 
 def build(root: str, users_file: str) -> dict[str, list[int]]:
@@ -155,25 +103,25 @@ class Bench:
         self.runs = runs
 
     def retr_all(self, user: str) -> tuple[float, int]:
-        client = Client(self.server.port, user)
+        client = session(self.server.port, user)
         started = time.perf_counter()
         total = 0
         for number, size in enumerate(self.expected[user], 1):
-            got = client.retr(number)
+            got = retr(client, number)
             if got != size:
                 raise RuntimeError(f"{user} {number}: {got} octets, expected {size}")
             total += got
         elapsed = time.perf_counter() - started
-        client.close()
+        client.quit()
         return elapsed, total
 
     def login_seconds(self, user: str, cold: bool) -> float:
         if cold:
             self.server.drop_cache(user)
         started = time.perf_counter()
-        client = Client(self.server.port, user)
+        client = session(self.server.port, user)
         elapsed = time.perf_counter() - started
-        client.close()
+        client.quit()
         return elapsed
 
     def sessions_per_second(self) -> float:

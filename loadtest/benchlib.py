@@ -12,10 +12,8 @@ import contextlib
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +22,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from geventpop3.users import hash_password
+from loadtest.launch import Geventpop3Process, wait_greeting
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
 DOVECOT_START = "/work/shared/tools/dovecot-peer-start.sh"
@@ -154,15 +153,6 @@ def reset_indexes(maildir: str) -> None:
 
 # -- servers -----------------------------------------------------------------
 
-def wait_port(port: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            if sock.recv(512).startswith(b"+OK"):
-                return
-        time.sleep(0.05)
-    raise BenchError(f"server on port {port} did not greet in time")
-
-
 class Server:
     """A started server: its name, port and the processes whose memory counts."""
 
@@ -190,30 +180,20 @@ class GeventPop3(Server):
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
             handle.write("max_connections = 20000\n")
-        self.log_path = os.path.join(workdir, f"geventpop3-{port}.log")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [*(command or [sys.executable, "-m", "geventpop3"]), "-p", str(port), "-l", "127.0.0.1", "-d", data.root,
-             "--users-file", data.users_gevent, "--config", config, "--state-dir", os.path.join(workdir, "state")],
-            stdout=self._log, stderr=self._log, stdin=subprocess.DEVNULL)
+        self.server = Geventpop3Process(
+            port, ["-d", data.root, "--users-file", data.users_gevent, "--config", config,
+                   "--state-dir", os.path.join(workdir, "state")],
+            os.path.join(workdir, f"geventpop3-{port}.log"), command, stop_timeout=20)
         try:
-            wait_port(port, time.monotonic() + 60)
-        except BenchError:
-            self.stop()
-            raise
+            self.server.start()
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
 
     def pids(self) -> list[int]:
-        return [self.proc.pid]
+        return self.server.pids()
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        self.server.stop()
 
 
 class Dovecot(Server):
@@ -233,7 +213,10 @@ class Dovecot(Server):
         self.run_dir = text.splitlines()[-1]
         with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
             self.master = int(handle.read().strip())
-        wait_port(port, time.monotonic() + 60)
+        try:
+            wait_greeting(port, 60)
+        except RuntimeError as exc:
+            raise BenchError(str(exc)) from exc
 
     def pids(self) -> list[int]:
         try:

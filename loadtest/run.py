@@ -27,7 +27,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +40,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from loadtest.launch import Geventpop3Process, free_port, wait_greeting  # noqa: E402
 from loadtest.setup_pool import ensure_pool  # noqa: E402
 
 DOVECOT_START = "dovecot-peer-start.sh"
@@ -78,30 +78,6 @@ SCENARIOS = {
 
 # -- servers -------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def accepts(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_port(port: int, alive, timeout: float = 60.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not accepts(port):
-        if not alive():
-            raise RuntimeError("server exited during start-up")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"server did not accept on port {port} within {timeout:g} s")
-        time.sleep(0.05)
-
-
 class Geventpop3Server:
     """geventpop3 in a subprocess, as an operator starts it."""
 
@@ -109,34 +85,25 @@ class Geventpop3Server:
 
     def __init__(self, pool, out: Path, settings: dict[str, str], extra: list[str],  # noqa: ANN001
                  source: Path = REPO) -> None:
-        self.source = source
         self.port, self.admin_port = free_port(), free_port()
         self.admin = ("loadadmin", secrets.token_urlsafe(12))
         config = out / "server.toml"
         config.write_text("".join(f"{key} = {_toml(value)}\n" for key, value in settings.items()))
-        self.log = open(out / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        self.args = [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(self.port),
-                     "-L", "127.0.0.1", "-P", str(self.admin_port), "-d", str(pool.maildir),
-                     "--users-file", str(pool.users_hashed), "--state-dir", str(out / "state"),
-                     "--config", str(config), "-a", f"{self.admin[0]}:{self.admin[1]}", *extra]
-        self.process: subprocess.Popen | None = None
+        (out / "server.log").unlink(missing_ok=True)
+        self.server = Geventpop3Process(
+            self.port, ["-L", "127.0.0.1", "-P", str(self.admin_port), "-d", str(pool.maildir),
+                        "--users-file", str(pool.users_hashed), "--state-dir", str(out / "state"),
+                        "--config", str(config), "-a", f"{self.admin[0]}:{self.admin[1]}", *extra],
+            out / "server.log", cwd=source)
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.args, stdout=self.log, stderr=subprocess.STDOUT, cwd=self.source)
-        wait_port(self.port, lambda: self.process.poll() is None)
+        self.server.start()
 
     def pids(self) -> list[int]:
-        return [self.process.pid] if self.process and self.process.poll() is None else []
+        return self.server.pids()
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.log.close()
+        self.server.stop()
 
     def locust_args(self) -> list[str]:
         return ["--msmp", f"127.0.0.1:{self.admin_port}", f"--msmp-user={self.admin[0]}",
@@ -164,7 +131,7 @@ class DovecotServer:
         if code != 0 or not lines:
             raise RuntimeError(f"dovecot peer did not start: {' '.join(lines[-3:])}")
         self.rundir = Path(lines[-1])
-        wait_port(self.port, lambda: True, timeout=30)
+        wait_greeting(self.port, timeout=30)
 
     def pids(self) -> list[int]:
         try:

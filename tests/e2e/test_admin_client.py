@@ -1,25 +1,23 @@
 """admin.client against the real server, started as a subprocess the way users start it.
 
-The `msmp_server` fixture here is shared with test_admin_shell.py. A few tests use a
+The server is conftest's module-wide `msmp_server`. A few tests use a
 scripted peer on a loopback socket for what the real server never sends (dot-stuffed
 data, silence, a foreign greeting); the client itself is never mocked.
 """
 
 from __future__ import annotations
 
-import os
 import poplib
 import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from itertools import count
 from pathlib import Path
 
 import pytest
-from conftest import wait_until
+from helpers import ADMIN as ADMIN_ACCOUNT
+from helpers import REPO, ServerProcess, free_port, ipv6_loopback, started_servers, unique_name, wait_until
 
 from admin.client import (
     MsmpAuthError,
@@ -31,118 +29,13 @@ from admin.client import (
     parse_user_line,
 )
 
-REPO = Path(__file__).resolve().parents[2]
-ADMIN, ADMIN_PASSWORD = "admin", "adminpw"
+ADMIN, ADMIN_PASSWORD = ADMIN_ACCOUNT
 ALICE, ALICE_PASSWORD = "alice", "alicepw"
-STARTUP_DEADLINE = 30.0
-_names = count(1)
-
-
-def unique_name(prefix: str = "u") -> str:
-    """A user name no other test uses, so tests never depend on each other's leftovers."""
-    return f"{prefix}{os.getpid()}x{next(_names)}"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def ipv6_loopback() -> bool:
-    if not socket.has_ipv6:
-        return False
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@dataclass
-class Server:
-    """A running geventpop3 process and where to reach it."""
-
-    proc: subprocess.Popen
-    host: str
-    pop3_port: int
-    admin_port: int
-    maildir: Path
-    state_dir: Path
-    log_path: Path
-
-    def client(self, timeout: float = 10.0) -> MsmpClient:
-        return MsmpClient(self.host, self.admin_port, timeout)
-
-    def admin(self) -> MsmpClient:
-        """A connected, logged-in client; the caller closes it."""
-        client = self.client()
-        client.connect()
-        client.login(ADMIN, ADMIN_PASSWORD)
-        return client
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
-def start_server(tmp: Path, admin_host: str = "127.0.0.1") -> Server:
-    """Start `python -m geventpop3` on free loopback ports; wait until MSMP answers."""
-    maildir, state_dir = tmp / "mail", tmp / "state"
-    maildir.mkdir(parents=True)
-    state_dir.mkdir()
-    pop3_port, admin_port = free_port(), free_port(admin_host)
-    log_path = tmp / "server.log"
-    argv = [
-        sys.executable, "-m", "geventpop3",
-        "-p", str(pop3_port), "-l", "127.0.0.1",
-        "-P", str(admin_port), "-L", admin_host,
-        "-d", str(maildir), "--state-dir", str(state_dir), "--login-failure-delay", "0.1",
-        "-u", f"{ALICE}:{ALICE_PASSWORD}", "-a", f"{ADMIN}:{ADMIN_PASSWORD}",
-    ]
-    with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
-    server = Server(proc, admin_host, pop3_port, admin_port, maildir, state_dir, log_path)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}:\n{server.log()}")
-        try:
-            with socket.create_connection((admin_host, admin_port), timeout=1.0) as sock:
-                return sock.recv(100).startswith(b"+OK")
-        except OSError:
-            return False
-
-    try:
-        wait_until(ready, STARTUP_DEADLINE)
-    except BaseException:
-        stop_server(server)
-        raise
-    return server
-
-
-def stop_server(server: Server) -> None:
-    if server.proc.poll() is None:
-        server.proc.terminate()
-        try:
-            server.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.proc.kill()
-            server.proc.wait()
-
-
-@pytest.fixture(scope="module")
-def msmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """One real server per test module; tests use unique user names and restore settings."""
-    server = start_server(tmp_path_factory.mktemp("geventpop3"))
-    yield server
-    stop_server(server)
 
 
 @pytest.fixture
-def admin(msmp_server: Server) -> Iterator[MsmpClient]:
-    client = msmp_server.admin()
+def admin(msmp_server: ServerProcess) -> Iterator[MsmpClient]:
+    client = msmp_server.admin_client()
     yield client
     client.close()
 
@@ -150,8 +43,8 @@ def admin(msmp_server: Server) -> Iterator[MsmpClient]:
 # -- the real server ----------------------------------------------------------------------
 
 
-def test_connect_reads_greeting(msmp_server: Server) -> None:
-    client = msmp_server.client()
+def test_connect_reads_greeting(msmp_server: ServerProcess) -> None:
+    client = msmp_server.msmp_client()
     try:
         greeting = client.connect()
         assert greeting.startswith("MSMP1")
@@ -161,8 +54,8 @@ def test_connect_reads_greeting(msmp_server: Server) -> None:
     assert not client.connected
 
 
-def test_commands_before_login_are_refused(msmp_server: Server) -> None:
-    with msmp_server.client() as client:
+def test_commands_before_login_are_refused(msmp_server: ServerProcess) -> None:
+    with msmp_server.msmp_client() as client:
         response = client.command("STAT")
         assert not response.ok
         assert response.text == "Not authenticated"
@@ -172,8 +65,8 @@ def test_commands_before_login_are_refused(msmp_server: Server) -> None:
         assert client.help()  # allowed before login
 
 
-def test_wrong_password_raises_auth_error(msmp_server: Server) -> None:
-    with msmp_server.client() as client:
+def test_wrong_password_raises_auth_error(msmp_server: ServerProcess) -> None:
+    with msmp_server.msmp_client() as client:
         with pytest.raises(MsmpAuthError) as info:
             client.login(ADMIN, "wrong")
         assert info.value.text == "Invalid credentials"
@@ -181,8 +74,8 @@ def test_wrong_password_raises_auth_error(msmp_server: Server) -> None:
         assert "Total connections" in client.stat()
 
 
-def test_pop3_user_cannot_log_in(msmp_server: Server) -> None:
-    with msmp_server.client() as client, pytest.raises(MsmpAuthError):
+def test_pop3_user_cannot_log_in(msmp_server: ServerProcess) -> None:
+    with msmp_server.msmp_client() as client, pytest.raises(MsmpAuthError):
         client.login(ALICE, ALICE_PASSWORD)
 
 
@@ -193,7 +86,7 @@ def test_stat_parses_required_lines(admin: MsmpClient) -> None:
         assert stats[name].isdigit(), (name, stats)
 
 
-def test_user_lifecycle(admin: MsmpClient, msmp_server: Server) -> None:
+def test_user_lifecycle(admin: MsmpClient, msmp_server: ServerProcess) -> None:
     name = unique_name("bob")
     assert name not in admin.list_users()
     assert admin.add_user(name, "s3cret") == "Added user"
@@ -262,8 +155,8 @@ def test_pipeline_answers_in_order(admin: MsmpClient) -> None:
     assert any(line.startswith("Total connections:") for line in responses[3].lines)
 
 
-def test_logs_show_a_pop3_login(admin: MsmpClient, msmp_server: Server) -> None:
-    pop = poplib.POP3("127.0.0.1", msmp_server.pop3_port, timeout=10)
+def test_logs_show_a_pop3_login(admin: MsmpClient, msmp_server: ServerProcess) -> None:
+    pop = poplib.POP3("127.0.0.1", msmp_server.port, timeout=10)
     try:
         pop.user(ALICE)
         pop.pass_(ALICE_PASSWORD)
@@ -276,8 +169,8 @@ def test_logs_show_a_pop3_login(admin: MsmpClient, msmp_server: Server) -> None:
         admin.logs("../etc")
 
 
-def test_quit_closes(msmp_server: Server) -> None:
-    client = msmp_server.admin()
+def test_quit_closes(msmp_server: ServerProcess) -> None:
+    client = msmp_server.admin_client()
     assert client.quit() == "Bye"
     assert not client.connected
     assert client.quit() == ""  # twice is harmless
@@ -285,8 +178,8 @@ def test_quit_closes(msmp_server: Server) -> None:
         client.command("STAT")
 
 
-def test_context_manager_quits(msmp_server: Server) -> None:
-    with msmp_server.client() as client:
+def test_context_manager_quits(msmp_server: ServerProcess) -> None:
+    with msmp_server.msmp_client() as client:
         client.login(ADMIN, ADMIN_PASSWORD)
         assert client.list_users()
     assert not client.connected
@@ -307,17 +200,15 @@ def test_connection_refused() -> None:
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback")
 def test_ipv6(tmp_path: Path) -> None:
-    server = start_server(tmp_path, admin_host="::1")
-    try:
+    with started_servers(tmp_path) as start:
+        server = start(users={ALICE: ALICE_PASSWORD}, listen=["127.0.0.1"], admin_listen=["::1"])
         with MsmpClient("::1", server.admin_port) as client:
             client.login(ADMIN, ADMIN_PASSWORD)
             assert "Total connections" in client.stat()
             assert client.where == f"[::1]:{server.admin_port}"
-    finally:
-        stop_server(server)
 
 
-def test_works_under_gevent_monkey_patching(msmp_server: Server) -> None:
+def test_works_under_gevent_monkey_patching(msmp_server: ServerProcess) -> None:
     """Locust monkey-patches: several greenlets each drive their own client at once."""
     script = f"""
 from gevent import monkey; monkey.patch_all()

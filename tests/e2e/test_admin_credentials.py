@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 
 from admin.client import MsmpAuthError, MsmpClient
 from geventpop3.users import hash_password

@@ -15,22 +15,11 @@ from pathlib import Path
 
 import pexpect
 import pytest
+from helpers import ADMIN as ADMIN_ACCOUNT
+from helpers import REPO, ServerProcess, free_port, unique_name
 
-try:  # the shared server fixture lives in test_admin_client.py
-    from test_admin_client import ADMIN, ADMIN_PASSWORD, ALICE, REPO, Server, free_port, msmp_server, unique_name
-except ImportError:  # tests/ imported as a package
-    from tests.test_admin_client import (
-        ADMIN,
-        ADMIN_PASSWORD,
-        ALICE,
-        REPO,
-        Server,
-        free_port,
-        msmp_server,
-        unique_name,
-    )
-
-__all__ = ["msmp_server"]  # a fixture, imported for pytest to find
+ADMIN, ADMIN_PASSWORD = ADMIN_ACCOUNT
+ALICE = "alice"
 
 EXPECT_TIMEOUT = 15
 
@@ -51,11 +40,11 @@ def admin_env(home: Path, password: str | None = ADMIN_PASSWORD) -> dict[str, st
     return env
 
 
-def server_flags(server: Server) -> list[str]:
-    return ["-L", server.host, "-P", str(server.admin_port), "-u", ADMIN]
+def server_flags(server: ServerProcess) -> list[str]:
+    return ["-L", server.admin_host, "-P", str(server.admin_port), "-u", ADMIN]
 
 
-def run_admin(server: Server, home: Path, *args: str, password: str | None = ADMIN_PASSWORD,
+def run_admin(server: ServerProcess, home: Path, *args: str, password: str | None = ADMIN_PASSWORD,
               flags: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """One-shot mode, as a script would run it: no terminal."""
     argv = [sys.executable, "-m", "admin", *(server_flags(server) if flags is None else flags), *args]
@@ -91,7 +80,7 @@ def spawn(args: list[str], home: Path, password: str | None = None) -> pexpect.s
                              encoding="utf-8", timeout=EXPECT_TIMEOUT, dimensions=(40, 200))
 
 
-def spawn_shell(server: Server, home: Path, *flags: str, password: str | None = None) -> pexpect.spawn:
+def spawn_shell(server: ServerProcess, home: Path, *flags: str, password: str | None = None) -> pexpect.spawn:
     """The interactive shell in a pseudo-terminal; by default the password is typed at the prompt."""
     child = spawn([*server_flags(server), *flags], home, password)
     if password is None:
@@ -110,7 +99,7 @@ def finish(child: pexpect.spawn) -> int | None:
 # -- the interactive shell ----------------------------------------------------------------
 
 
-def test_shell_prompts_for_password_and_prints_tables(msmp_server: Server, home: Path) -> None:
+def test_shell_prompts_for_password_and_prints_tables(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn_shell(msmp_server, home)
     assert ADMIN_PASSWORD not in child.before  # typed without echo
     child.sendline("STAT")
@@ -131,7 +120,7 @@ def test_shell_prompts_for_password_and_prints_tables(msmp_server: Server, home:
     assert finish(child) == 0
 
 
-def test_shell_wrong_password(msmp_server: Server, home: Path) -> None:
+def test_shell_wrong_password(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn(server_flags(msmp_server), home)
     child.expect_exact("Password for")
     child.sendline("not-the-password")
@@ -140,7 +129,7 @@ def test_shell_wrong_password(msmp_server: Server, home: Path) -> None:
     assert "Traceback" not in child.before
 
 
-def test_tab_completion(msmp_server: Server, home: Path) -> None:
+def test_tab_completion(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn_shell(msmp_server, home)
     child.send("ST\t")
     child.expect_exact("STAT")
@@ -173,7 +162,7 @@ def test_tab_completion(msmp_server: Server, home: Path) -> None:
     assert finish(child) == 0
 
 
-def test_history_persists_without_passwords(msmp_server: Server, home: Path) -> None:
+def test_history_persists_without_passwords(msmp_server: ServerProcess, home: Path) -> None:
     name = unique_name("hist")
     child = spawn_shell(msmp_server, home)
     child.sendline("GET transformer")
@@ -202,7 +191,7 @@ def test_history_persists_without_passwords(msmp_server: Server, home: Path) -> 
     assert finish(child) == 0
 
 
-def test_watch_in_shell_returns_to_prompt(msmp_server: Server, home: Path) -> None:
+def test_watch_in_shell_returns_to_prompt(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn_shell(msmp_server, home, "--interval", "0.2")
     child.sendline("watch")
     child.expect(r"refresh 1\s")
@@ -217,7 +206,7 @@ def test_watch_in_shell_returns_to_prompt(msmp_server: Server, home: Path) -> No
     assert finish(child) == 0
 
 
-def test_live_view_until_ctrl_c(msmp_server: Server, home: Path) -> None:
+def test_live_view_until_ctrl_c(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn([*server_flags(msmp_server), "--watch"], home, ADMIN_PASSWORD)
     child.expect(r"refresh 1\s")
     child.expect(r"Total connections: +\d+")
@@ -227,7 +216,7 @@ def test_live_view_until_ctrl_c(msmp_server: Server, home: Path) -> None:
     assert "Traceback" not in child.before
 
 
-def test_piped_commands(msmp_server: Server, home: Path) -> None:
+def test_piped_commands(msmp_server: ServerProcess, home: Path) -> None:
     argv = [sys.executable, "-m", "admin", *server_flags(msmp_server)]
     done = subprocess.run(argv, cwd=REPO, env=admin_env(home), input="STAT\nLIST\n", capture_output=True,
                           text=True, timeout=60, start_new_session=True)
@@ -243,7 +232,7 @@ def test_piped_commands(msmp_server: Server, home: Path) -> None:
 # -- one-shot mode ------------------------------------------------------------------------
 
 
-def test_one_shot_ok_and_err(msmp_server: Server, home: Path) -> None:
+def test_one_shot_ok_and_err(msmp_server: ServerProcess, home: Path) -> None:
     done = run_admin(msmp_server, home, "STAT")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -268,7 +257,7 @@ def test_one_shot_ok_and_err(msmp_server: Server, home: Path) -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_one_shot_set(msmp_server: Server, home: Path) -> None:
+def test_one_shot_set(msmp_server: ServerProcess, home: Path) -> None:
     old = run_admin(msmp_server, home, "GET", "transformer_timeout").stdout.strip()
     try:
         done = run_admin(msmp_server, home, "SET", "transformer_timeout", "17")
@@ -278,7 +267,7 @@ def test_one_shot_set(msmp_server: Server, home: Path) -> None:
         assert run_admin(msmp_server, home, "SET", "transformer_timeout", old).returncode == 0
 
 
-def test_one_shot_json(msmp_server: Server, home: Path) -> None:
+def test_one_shot_json(msmp_server: ServerProcess, home: Path) -> None:
     stats = json.loads(run_admin(msmp_server, home, "--json", "STAT").stdout)
     assert stats["Total connections"].isdigit()
     users = json.loads(run_admin(msmp_server, home, "--json", "LIST").stdout)
@@ -294,7 +283,7 @@ def test_one_shot_json(msmp_server: Server, home: Path) -> None:
     assert json.loads(done.stdout) == {"ok": False, "message": "Invalid key"}
 
 
-def test_login_failure_exits_1(msmp_server: Server, home: Path) -> None:
+def test_login_failure_exits_1(msmp_server: ServerProcess, home: Path) -> None:
     done = run_admin(msmp_server, home, "STAT", password="wrong")
     assert done.returncode == 1
     assert done.stderr.splitlines() == ["geventpop3-admin: login failed: Invalid credentials"]
@@ -320,7 +309,7 @@ def test_usage_errors_exit_2(home: Path, args: list[str]) -> None:
     assert "Traceback" not in done.stderr
 
 
-def test_password_file(msmp_server: Server, home: Path) -> None:
+def test_password_file(msmp_server: ServerProcess, home: Path) -> None:
     secret = home / "password"
     secret.write_text(ADMIN_PASSWORD + "\n")
     done = run_admin(msmp_server, home, "--password-file", str(secret), "STAT", password=None)
@@ -330,13 +319,13 @@ def test_password_file(msmp_server: Server, home: Path) -> None:
     assert "cannot read password file" in done.stderr
 
 
-def test_no_password_without_terminal_exits_2(msmp_server: Server, home: Path) -> None:
+def test_no_password_without_terminal_exits_2(msmp_server: ServerProcess, home: Path) -> None:
     done = run_admin(msmp_server, home, "STAT", password=None)  # new session: no terminal to prompt on
     assert done.returncode == 2
     assert "no password given" in done.stderr
 
 
-def test_json_watch_lines(msmp_server: Server, home: Path) -> None:
+def test_json_watch_lines(msmp_server: ServerProcess, home: Path) -> None:
     argv = [sys.executable, "-m", "admin", *server_flags(msmp_server), "--watch", "--json", "--interval", "0.2"]
     proc = subprocess.Popen(argv, cwd=REPO, env=admin_env(home), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL)

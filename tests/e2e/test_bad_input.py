@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from conftest import ServerProcess
-from test_pop3_wire import CRLF, RawClient, can_login, crlf, logged_in
+from helpers import CRLF, LineClient, ServerProcess, can_login, crlf, logged_in
 
 ALICE = [
     b"From: a@example.org\nSubject: one\n\nfirst\n.dot\n",
@@ -38,7 +37,7 @@ def junk(size: int, seed: int) -> bytes:
     return random.Random(seed).randbytes(size)
 
 
-def keepalive_wait(good: RawClient, predicate: Callable[[], object], timeout: float = 20.0) -> None:
+def keepalive_wait(good: LineClient, predicate: Callable[[], object], timeout: float = 20.0) -> None:
     """Poll `predicate`, sending NOOP on the good session meanwhile (it must stay answered)."""
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -47,20 +46,20 @@ def keepalive_wait(good: RawClient, predicate: Callable[[], object], timeout: fl
         time.sleep(0.05)
 
 
-def closed_by_server(bad: RawClient) -> Callable[[], bool]:
+def closed_by_server(bad: LineClient) -> Callable[[], bool]:
     """A predicate: has the server closed `bad`? (reads what arrives meanwhile)"""
     bad.sock.settimeout(0.05)
 
     def check() -> bool:
         try:
-            return not bad._fill()
+            return not bad.fill()
         except TimeoutError:
             return False
 
     return check
 
 
-def responses_until(bad: RawClient, last: bytes) -> list[bytes]:
+def responses_until(bad: LineClient, last: bytes) -> list[bytes]:
     lines = []
     while True:
         line = bad.line()
@@ -71,15 +70,15 @@ def responses_until(bad: RawClient, last: bytes) -> list[bytes]:
 
 # -- the bad sessions ---------------------------------------------------------
 
-def binary_junk_before_login(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port)
+def binary_junk_before_login(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port)
     bad.send(junk(64 * 1024, 1) + b"\r\nQUIT\r\n")
     lines = bad.read_until_closed().split(CRLF)
     assert lines[-2:] == [b"+OK Bye", b""]
     assert lines[:-2] and all(line.startswith(b"-ERR ") for line in lines[:-2])
 
 
-def binary_junk_in_session(server: ServerProcess, good: RawClient) -> None:
+def binary_junk_in_session(server: ServerProcess, good: LineClient) -> None:
     bad = logged_in(server, "alice")
     assert bad.cmd("DELE 1").startswith(b"+OK")
     bad.send(junk(64 * 1024, 2) + b"\r\nNOOP\r\n")
@@ -89,8 +88,8 @@ def binary_junk_in_session(server: ServerProcess, good: RawClient) -> None:
     bad.close()  # without QUIT: DELE 1 must not happen
 
 
-def nul_bytes(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port)
+def nul_bytes(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port)
     assert bad.cmd(b"\x00" * 200).startswith(b"-ERR")
     assert bad.cmd(b"NOOP\x00").startswith(b"-ERR")
     assert bad.cmd(b"USER al\x00ice") == b"+OK"
@@ -107,8 +106,8 @@ def nul_bytes(server: ServerProcess, good: RawClient) -> None:
     bad.close()
 
 
-def invalid_utf8(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port, "::1")
+def invalid_utf8(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port, "::1")
     assert bad.cmd(b"\xff\xfe\xfd").startswith(b"-ERR")
     assert bad.cmd(b"USER \xc3\x28") == b"+OK"
     assert bad.cmd(b"PASS \xa0\xa1").startswith(b"-ERR [AUTH]")
@@ -124,8 +123,8 @@ def invalid_utf8(server: ServerProcess, good: RawClient) -> None:
     bad.close()
 
 
-def mebibyte_lines(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port)
+def mebibyte_lines(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port)
     assert bad.cmd(b"A" * MIB) == b"-ERR Line too long"
     assert bad.cmd(b"USER " + b"u" * MIB) == b"-ERR Line too long"
     assert bad.cmd("PASS alicepw") == b"-ERR Send USER first"
@@ -142,19 +141,19 @@ def mebibyte_lines(server: ServerProcess, good: RawClient) -> None:
     bad.close()
 
 
-def silent_before_login(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port, greet=False)
+def silent_before_login(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port, greet=False)
     keepalive_wait(good, closed_by_server(bad))
     assert bad.buffer.startswith(b"+OK")  # the greeting, then maybe an idle notice, then EOF
 
 
-def silent_after_dele(server: ServerProcess, good: RawClient) -> None:
+def silent_after_dele(server: ServerProcess, good: LineClient) -> None:
     bad = logged_in(server, "alice", "::1")
     assert bad.cmd("DELE 2").startswith(b"+OK")
     keepalive_wait(good, closed_by_server(bad))
 
 
-def stalled_reader_mid_retr(server: ServerProcess, good: RawClient) -> None:
+def stalled_reader_mid_retr(server: ServerProcess, good: LineClient) -> None:
     bad = logged_in(server, "alice")
     assert bad.cmd("DELE 1").startswith(b"+OK")
     bad.send(b"RETR 4\r\n")  # 16 MiB, more than the socket buffers hold; never read
@@ -162,13 +161,13 @@ def stalled_reader_mid_retr(server: ServerProcess, good: RawClient) -> None:
     bad.close()
 
 
-def vanish_mid_retr(reset: bool) -> Callable[[ServerProcess, RawClient], None]:
-    def run(server: ServerProcess, good: RawClient) -> None:
+def vanish_mid_retr(reset: bool) -> Callable[[ServerProcess, LineClient], None]:
+    def run(server: ServerProcess, good: LineClient) -> None:
         bad = logged_in(server, "alice")
         assert bad.cmd("DELE 1").startswith(b"+OK")
         bad.send(b"RETR 4\r\n")
         while len(bad.buffer) < 256 * 1024:
-            assert bad._fill()
+            assert bad.fill()
         assert bad.buffer.startswith(b"+OK ")
         if reset:
             bad.reset()
@@ -178,17 +177,17 @@ def vanish_mid_retr(reset: bool) -> Callable[[ServerProcess, RawClient], None]:
     return run
 
 
-def half_command_then_gone(server: ServerProcess, good: RawClient) -> None:
+def half_command_then_gone(server: ServerProcess, good: LineClient) -> None:
     bad = logged_in(server, "alice")
     assert bad.cmd("DELE 3").startswith(b"+OK")
     bad.send(b"QUI")  # never completed: no UPDATE
     bad.reset()
-    early = RawClient(server.port, greet=False)
+    early = LineClient(server.port, greet=False)
     early.reset()  # gone before even reading the greeting
 
 
-def lowercase_commands(server: ServerProcess, good: RawClient) -> None:
-    bad = RawClient(server.port)
+def lowercase_commands(server: ServerProcess, good: LineClient) -> None:
+    bad = LineClient(server.port)
     assert bad.cmd("capa").startswith(b"+OK")
     assert b"PIPELINING" in bad.body()
     assert bad.cmd("user alice") == b"+OK"
@@ -210,7 +209,7 @@ def lowercase_commands(server: ServerProcess, good: RawClient) -> None:
 
 @dataclass(frozen=True)
 class Case:
-    run: Callable[[ServerProcess, RawClient], None]
+    run: Callable[[ServerProcess, LineClient], None]
     config: str = ""
     big: int = 0  # size of a 4th message for alice
 

@@ -7,26 +7,21 @@ precedence of flags over the config file.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_server
 
 from geventpop3 import __version__
 from geventpop3.cli import parse_config
 from geventpop3.config import UsageError
 
-REPO = str(Path(__file__).resolve().parents[2])
-
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     """Run the server command; loopback and ephemeral ports in case a bad case starts it anyway."""
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    argv = [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-L", "127.0.0.1", "-p", "0", "-P", "0",
-            "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"), *args]
-    return subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
+    return run_server("-l", "127.0.0.1", "-L", "127.0.0.1", "-p", "0", "-P", "0", "-d", str(tmp_path / "mail"),
+                      "--state-dir", str(tmp_path / "state"), *args, cwd=tmp_path)
 
 
 def assert_usage_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:

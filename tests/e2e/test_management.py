@@ -5,88 +5,33 @@ MSMP reports (STAT counters, access logs). Real sockets, IPv4 and IPv6 loopback.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import poplib
 import re
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ADMIN, ServerProcess, wait_until
-from test_pop3_wire import RawClient, crlf
+from helpers import (
+    ADMIN,
+    LineClient,
+    ServerProcess,
+    admin,
+    counters,
+    crlf,
+    login_error,
+    logs_with,
+    pop3,
+    quiet_stat,
+    retr,
+    wait_until,
+)
 
 from admin.client import MsmpClient, MsmpConnectionError, Response
 from geventpop3 import maildir
 
 HOSTS = ["127.0.0.1", "::1"]
 AUTH_FAILED = b"-ERR [AUTH]"
-
-
-# -- helpers -------------------------------------------------------------------
-
-@contextlib.contextmanager
-def admin(server: ServerProcess, host: str = "127.0.0.1") -> Iterator[MsmpClient]:
-    """A logged-in MSMP session (the MSMP listener may come up a moment after POP3's)."""
-    client = MsmpClient(host, server.admin_port, timeout=15)
-
-    def connected() -> bool:
-        try:
-            client.connect()
-        except MsmpConnectionError:
-            return False
-        return True
-
-    wait_until(connected)
-    client.login(*ADMIN)
-    try:
-        yield client
-    finally:
-        with contextlib.suppress(OSError):
-            client.quit()
-        client.close()
-
-
-def pop3(server: ServerProcess, user: str, password: str, host: str = "127.0.0.1") -> poplib.POP3:
-    """A POP3 session logged in with poplib (fails the test if the login is refused)."""
-    session = poplib.POP3(host, server.port, timeout=10)
-    session.user(user)
-    session.pass_(password)
-    return session
-
-
-def login_error(server: ServerProcess, user: str, password: str, host: str = "127.0.0.1") -> bytes:
-    """The -ERR a POP3 login gets (fails the test if it succeeds)."""
-    session = poplib.POP3(host, server.port, timeout=10)
-    try:
-        session.user(user)
-        with pytest.raises(poplib.error_proto) as refused:
-            session.pass_(password)
-        return refused.value.args[0]
-    finally:
-        session.close()
-
-
-def retr(session: poplib.POP3, number: int) -> bytes:
-    _, lines, _ = session.retr(number)
-    return b"".join(line + b"\r\n" for line in lines)
-
-
-def counters(client: MsmpClient) -> dict[str, int]:
-    return {name: int(float(value)) for name, value in client.stat().items()}
-
-
-def quiet_stat(client: MsmpClient) -> dict[str, int]:
-    """STAT once no POP3 connection is open (closing is asynchronous in the server)."""
-    return wait_until(lambda: (stat := counters(client))["Current connections"] == 0 and stat)  # type: ignore[return-value]
-
-
-def logs_with(client: MsmpClient, user: str, needle: str, count: int = 1) -> list[str]:
-    """LOGS user, polled until `count` lines contain `needle` (a logout is logged after QUIT is answered)."""
-    return wait_until(lambda: (lines := client.logs(user)) and sum(needle in line for line in lines) >= count
-                      and lines)  # type: ignore[return-value]
 
 
 # -- users ---------------------------------------------------------------------
@@ -285,13 +230,13 @@ def test_max_connections_applies_to_new_connections(server: ServerProcess) -> No
     with admin(server) as client:
         quiet_stat(client)
         assert client.set("max_connections", "1") == "Changed value"
-        first = RawClient(server.port)
+        first = LineClient(server.port)
         assert first.greeting.startswith(b"+OK")
-        second = RawClient(server.port, "::1")
+        second = LineClient(server.port, "::1")
         assert second.greeting.startswith(b"-ERR"), second.greeting
         assert second.read_until_closed() == b""
         assert client.set("max_connections", "2") == "Changed value"
-        third = RawClient(server.port, "::1")
+        third = LineClient(server.port, "::1")
         assert third.greeting.startswith(b"+OK")
         assert first.cmd("QUIT").startswith(b"+OK") and third.cmd("QUIT").startswith(b"+OK")
 
@@ -299,7 +244,7 @@ def test_max_connections_applies_to_new_connections(server: ServerProcess) -> No
 def test_idle_timeout_applies_to_new_sessions(server: ServerProcess) -> None:
     with admin(server) as client:
         assert client.set("idle_timeout", "1") == "Changed value"
-    silent = RawClient(server.port)
+    silent = LineClient(server.port)
     started = time.monotonic()
     tail = silent.read_until_closed(timeout=10)
     assert tail.startswith(b"-ERR Idle timeout"), tail
@@ -314,7 +259,7 @@ def test_stat_counters_rise_after_pop3_sessions(server: ServerProcess) -> None:
     server.deliver("alice", second)
     with admin(server) as client:
         before = quiet_stat(client)
-        session = RawClient(server.port, "::1")
+        session = LineClient(server.port, "::1")
         received = session.greeting + b"\r\n"
         sent = b""
         for command in ("USER alice", "PASS alicepw", "RETR 1", "DELE 2"):
@@ -326,7 +271,7 @@ def test_stat_counters_rise_after_pop3_sessions(server: ServerProcess) -> None:
         sent += b"QUIT\r\n"
         session.send(b"QUIT\r\n")
         received += session.read_until_closed()
-        failed = RawClient(server.port)
+        failed = LineClient(server.port)
         refusal = failed.login("bob", "wrong")
         assert refusal.startswith(AUTH_FAILED)
         sent += b"USER bob\r\nPASS wrong\r\n"
@@ -349,7 +294,7 @@ def test_stat_counters_rise_after_pop3_sessions(server: ServerProcess) -> None:
 def test_historical_maximum_traffic(server: ServerProcess) -> None:
     with admin(server, "::1") as client:
         base = quiet_stat(client)
-        clients = [RawClient(server.port, host) for host in HOSTS + HOSTS]
+        clients = [LineClient(server.port, host) for host in HOSTS + HOSTS]
         stat = wait_until(lambda: (s := counters(client))["Current connections"] == 4 and s)
         assert stat["Historical maximum traffic"] == max(base["Historical maximum traffic"], 4)
         for raw in clients:
@@ -401,36 +346,11 @@ def test_logs_n_limits_and_list_counts(server: ServerProcess) -> None:
 
 # -- bad input on MSMP -------------------------------------------------------------
 
-class RawMsmp:
-    """MSMP on a plain socket, to send what no client library would."""
-
-    def __init__(self, port: int, host: str) -> None:
-        self.sock = socket.create_connection((host, port), timeout=10)
-        self.buffer = b""
-        self.greeting = self.line()
-
-    def line(self) -> bytes:
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        return line
-
-    def cmd(self, data: bytes) -> bytes:
-        self.sock.sendall(data + b"\r\n")
-        return self.line()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.mark.parametrize("host", HOSTS)
 def test_bad_msmp_input_gets_an_error_and_the_session_goes_on(server: ServerProcess, host: str) -> None:
     with admin(server):  # wait for the MSMP listener
         pass
-    raw = RawMsmp(server.admin_port, host)
+    raw = LineClient(server.admin_port, host)
     assert raw.greeting.startswith(b"+OK MSMP1")
     checks: list[tuple[bytes, Callable[[bytes], bool]]] = [
         (b"STAT", lambda r: r == b"-ERR Not authenticated"),

@@ -15,18 +15,16 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 
-from conftest import ServerProcess, wait_until
-from test_management import admin, counters, login_error, logs_with, pop3, quiet_stat, retr
-from test_pop3_wire import crlf
+from helpers import ServerProcess, admin, counters, crlf, login_error, logs_with, pop3, quiet_stat, retr, wait_until
 
 STATE_DB = "geventpop3.db"  # geventpop3.app.STATE_DB
 
 
 def restart(server: ServerProcess, sig: int = signal.SIGTERM) -> ServerProcess:
     """Stop with `sig` and start again: same flags, Maildir, state directory and ports."""
-    code = server.stop(sig)
+    code = server.restart(sig)
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), code
-    return server.start()
+    return server
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess
+from helpers import ServerProcess
 
 MESSAGES = [
     b"From: a@example.org\nTo: alice@example.org\nSubject: lf\n\nbody\n.dot line\n..two dots\n.\nend\n",

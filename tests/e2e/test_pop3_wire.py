@@ -1,112 +1,17 @@
 """POP3 over raw sockets against the real server process: pipelining, the lock, UPDATE, limits.
 
-`RawClient` is also used by test_bad_input.py and test_server_process.py: it reads
-exactly what the server sends, so the tests see the wire, not a library's view of it.
+`LineClient` (helpers.py) reads exactly what the server sends, so the tests see the
+wire, not a library's view of it.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import struct
 import time
 from collections.abc import Callable
 
 import pytest
-from conftest import ServerProcess, wait_until
-
-CRLF = b"\r\n"
-
-
-class RawClient:
-    """A POP3 client on a plain socket; every read has a timeout, so a hang fails fast."""
-
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, greet: bool = True) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
-        self.buffer = b""
-        self.greeting = self.line() if greet else b""
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def _fill(self) -> bool:
-        data = self.sock.recv(65536)
-        self.buffer += data
-        return bool(data)
-
-    def line(self) -> bytes:
-        """One response line without its CRLF; raises EOFError if the server closed."""
-        while CRLF not in self.buffer:
-            if not self._fill():
-                raise EOFError(f"connection closed, pending {self.buffer[:80]!r}")
-        line, self.buffer = self.buffer.split(CRLF, 1)
-        return line
-
-    def cmd(self, text: str | bytes) -> bytes:
-        self.send((text.encode() if isinstance(text, str) else text) + CRLF)
-        return self.line()
-
-    def body(self) -> bytes:
-        """A multi-line body after its +OK line: un-dot-stuffed, CRLF line ends kept."""
-        lines = []
-        while True:
-            line = self.line()
-            if line == b".":
-                return b"".join(part + CRLF for part in lines)
-            lines.append(line[1:] if line.startswith(b".") else line)
-
-    def multi(self, text: str) -> tuple[bytes, bytes]:
-        first = self.cmd(text)
-        assert first.startswith(b"+OK"), first
-        return first, self.body()
-
-    def login(self, user: str, password: str) -> bytes:
-        assert self.cmd(f"USER {user}") == b"+OK"
-        return self.cmd(f"PASS {password}")
-
-    def retr(self, number: int) -> bytes:
-        return self.multi(f"RETR {number}")[1]
-
-    def read_until_closed(self, timeout: float = 10.0) -> bytes:
-        """Everything until the server closes the connection (fails after `timeout`)."""
-        self.sock.settimeout(timeout)
-        while self._fill():
-            pass
-        data, self.buffer = self.buffer, b""
-        return data
-
-    def reset(self) -> None:
-        """Close with an RST (SO_LINGER 0) instead of a FIN."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def crlf(content: bytes) -> bytes:
-    """What RETR must send for a stored message (before dot-stuffing)."""
-    text = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return text if text.endswith(CRLF) else text + CRLF
-
-
-def logged_in(server: ServerProcess, user: str = "alice", host: str = "127.0.0.1") -> RawClient:
-    client = RawClient(server.port, host)
-    reply = client.login(user, server.users[user])
-    assert reply.startswith(b"+OK"), reply
-    return client
-
-
-def can_login(server: ServerProcess, user: str) -> bool:
-    """True if a fresh session logs in (then QUITs at once)."""
-    client = RawClient(server.port)
-    try:
-        ok = client.login(user, server.users[user]).startswith(b"+OK")
-        client.cmd("QUIT")
-        return ok
-    finally:
-        client.close()
-
+from helpers import CRLF, LineClient, ServerProcess, can_login, crlf, logged_in, wait_until
 
 MESSAGES = [
     b"From: a@example.org\nSubject: one\n\nfirst body\n.leading dot\n",
@@ -140,7 +45,7 @@ def test_pipelining_1000_commands_in_one_write(server: ServerProcess) -> None:
     commands += [b"STAT", b"QUIT"]
     expected += [f"+OK 3 {sum(sizes)}".encode(), b"+OK Bye, 0 messages deleted"]
     assert len(commands) == 1000
-    client = RawClient(server.port)
+    client = LineClient(server.port)
     client.send(b"".join(c + CRLF for c in commands))
     data = client.read_until_closed()
     assert data.split(CRLF) == expected + [b""]
@@ -166,25 +71,25 @@ def test_pipelined_retr_and_multiline_answers_keep_order(server: ServerProcess) 
     client.close()
 
 
-def _end_quit(client: RawClient) -> None:
+def _end_quit(client: LineClient) -> None:
     assert client.cmd("QUIT").startswith(b"+OK")
     client.close()
 
 
-def _end_close(client: RawClient) -> None:
+def _end_close(client: LineClient) -> None:
     client.close()
 
 
-def _end_reset(client: RawClient) -> None:
+def _end_reset(client: LineClient) -> None:
     client.reset()
 
 
 @pytest.mark.parametrize("end", [_end_quit, _end_close, _end_reset], ids=["quit", "close", "rst"])
 def test_second_login_is_in_use_until_first_session_ends(
-    server: ServerProcess, end: Callable[[RawClient], None]
+    server: ServerProcess, end: Callable[[LineClient], None]
 ) -> None:
     first = logged_in(server, "alice", "::1")
-    second = RawClient(server.port)
+    second = LineClient(server.port)
     assert second.cmd("USER alice") == b"+OK"
     started = time.monotonic()
     reply = second.cmd("PASS alicepw")
@@ -200,7 +105,7 @@ def test_second_login_is_in_use_until_first_session_ends(
 def test_lock_is_per_mailbox_and_holds_across_families(server: ServerProcess) -> None:
     first = logged_in(server, "alice", "127.0.0.1")
     assert logged_in(server, "bob", "::1").cmd("STAT").startswith(b"+OK")
-    other = RawClient(server.port, "::1")
+    other = LineClient(server.port, "::1")
     assert other.login("alice", "alicepw").startswith(b"-ERR [IN-USE]")
     first.close()
     other.close()
@@ -326,7 +231,7 @@ def test_idle_timeout_closes_silent_client_only(start_server: Callable[..., Serv
     while time.monotonic() - started < 10:
         assert busy.cmd("NOOP") == b"+OK"
         try:
-            if not silent._fill():
+            if not silent.fill():
                 closed = silent.buffer
                 break
         except TimeoutError:
@@ -342,15 +247,15 @@ def test_idle_timeout_closes_silent_client_only(start_server: Callable[..., Serv
 
 def test_connection_limit(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config="max_connections = 3\n")
-    clients = [RawClient(server.port, host) for host in ("127.0.0.1", "::1", "127.0.0.1")]
+    clients = [LineClient(server.port, host) for host in ("127.0.0.1", "::1", "127.0.0.1")]
     assert all(c.greeting.startswith(b"+OK") for c in clients)
-    extra = RawClient(server.port, greet=False)
+    extra = LineClient(server.port, greet=False)
     assert extra.read_until_closed() == b"-ERR [SYS/TEMP] too many connections\r\n"
     assert clients[0].cmd("NOOP").startswith(b"-ERR")  # the others still work (not logged in)
     clients.pop().close()
 
     def greeted() -> bool:
-        probe = RawClient(server.port, greet=False)
+        probe = LineClient(server.port, greet=False)
         try:
             return probe.line().startswith(b"+OK")
         finally:
@@ -363,7 +268,7 @@ def test_connection_limit(start_server: Callable[..., ServerProcess]) -> None:
 
 def test_failed_logins_are_delayed_and_closed_after_three(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(extra_args=["--login-failure-delay", "0.3"])
-    client = RawClient(server.port)
+    client = LineClient(server.port)
     answers = []
     for user, password in (("alice", "wrong"), ("nosuchuser", "alicepw"), ("alice", "Alicepw")):
         assert client.cmd(f"USER {user}") == b"+OK"
@@ -379,7 +284,7 @@ def test_failed_logins_are_delayed_and_closed_after_three(start_server: Callable
 def test_unknown_user_and_wrong_password_same_answer(server: ServerProcess) -> None:
     answers = set()
     for user, password in (("alice", "nope"), ("mallory", "nope"), ("mallory", "alicepw"), ("ALICE", "alicepw")):
-        client = RawClient(server.port, "::1")
+        client = LineClient(server.port, "::1")
         assert client.cmd(f"USER {user}") == b"+OK"
         answers.add(client.cmd(f"PASS {password}"))
         client.close()
@@ -392,7 +297,7 @@ def test_path_user_names_are_refused(server: ServerProcess) -> None:
     inside = sorted(os.listdir(server.maildir))
     tmp_x = os.path.exists("/tmp/x")
     for name in ("../bob", "../../escape", "bob/../alice", "..", ".", "a/b", "/tmp/x", "../server0/mail/bob"):
-        client = RawClient(server.port)
+        client = LineClient(server.port)
         assert client.cmd(f"USER {name}") == b"+OK"
         reply = client.cmd("PASS bobpw" if "bob" in name else "PASS alicepw")
         assert reply == b"-ERR [AUTH] Invalid user name or password", name

@@ -5,17 +5,15 @@ enabled, the same numbers as MSMP STAT, in both text formats prometheus-client s
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, free_port, wait_until
+from helpers import ServerProcess, accepts, admin, counters, free_port, login_error, pop3, quiet_stat, retr, wait_until
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_prometheus
-from test_management import admin, counters, login_error, pop3, quiet_stat, retr
 
 OPENMETRICS = "application/openmetrics-text"
 
@@ -55,14 +53,6 @@ def samples(body: str, openmetrics: bool = False) -> dict[str, float]:
 
 def scrape(host: str, port: int) -> dict[str, float]:
     return samples(fetch(host, port)[1])
-
-
-def accepts(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture

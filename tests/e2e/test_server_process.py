@@ -7,67 +7,21 @@ import poplib
 import re
 import signal
 import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ServerProcess, free_port, wait_until
-from test_pop3_wire import RawClient, can_login, crlf, logged_in
-
-
-def without_listen_flags(args: list[str]) -> list[str]:
-    """`args` with every `-l ADDR` pair removed."""
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == "-l":
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
-def launch(server: ServerProcess, hosts: list[str]) -> ServerProcess:
-    """Start `server` with its current args and wait until it accepts on every one of `hosts`."""
-    server._log = open(server.log_path, "ab")  # noqa: SIM115 - closed by server.stop()
-    server.process = subprocess.Popen(server.args, stdout=server._log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 20
-    while True:
-        if server.process.poll() is not None:
-            raise AssertionError(f"server exited {server.process.returncode}: {server.log()}")
-        try:
-            for host in hosts:
-                socket.create_connection((host, server.port), timeout=0.5).close()
-            return server
-        except OSError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"server did not start: {server.log()}") from None
-            time.sleep(0.02)
+from helpers import LineClient, ServerProcess, can_login, crlf, free_port, logged_in, run_server, wait_until
 
 
 @pytest.fixture
-def custom_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: a ServerProcess whose listen flags the test chooses; stopped at the end."""
-    started: list[ServerProcess] = []
-
-    def make(listen: list[str], hosts: list[str]) -> ServerProcess:
-        server = ServerProcess(tmp_path / f"custom{len(started)}")
-        server.args = without_listen_flags(server.args) + [arg for host in listen for arg in ("-l", host)]
-        started.append(server)
-        return launch(server, hosts)
-
-    yield make
-    for server in started:
-        if server.process is not None and server.process.poll() is None:
-            server.stop()
+def custom_server(start_server: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    """Factory: a server with the listen flags the test chooses, ready once it accepts on every one of `hosts`."""
+    return lambda listen, hosts: start_server(listen=listen, ready_hosts=hosts)
 
 
-def drained(client: RawClient) -> bool:
+def drained(client: LineClient) -> bool:
     """True once the server has closed `client` (an RST counts as closed)."""
     with contextlib.suppress(ConnectionResetError):
         client.read_until_closed(timeout=10)
@@ -91,9 +45,9 @@ def test_signal_stops_cleanly_without_update(start_server: Callable[..., ServerP
     stalled = logged_in(server, "bob", "::1")
     assert stalled.cmd("DELE 1").startswith(b"+OK")
     stalled.send(b"RETR 1\r\n")  # a response larger than the socket buffers, never read
-    waiting = RawClient(server.port)
+    waiting = LineClient(server.port)
     assert waiting.cmd("USER carol") == b"+OK"
-    silent = RawClient(server.port, "::1", greet=False)
+    silent = LineClient(server.port, "::1", greet=False)
 
     started = time.monotonic()
     assert server.stop(sig) == 0
@@ -141,7 +95,7 @@ def test_log_has_one_line_per_login_failure_and_logout_never_a_password(server: 
     alice = logged_in(server, "alice", "127.0.0.1")
     assert alice.cmd("QUIT").startswith(b"+OK")
     alice.close()
-    intruder = RawClient(server.port, "::1")
+    intruder = LineClient(server.port, "::1")
     assert intruder.login("bob", "Wr0ng-Secret").startswith(b"-ERR [AUTH]")
     assert intruder.login("mallory", "an0ther secret").startswith(b"-ERR [AUTH]")
     intruder.close()
@@ -215,11 +169,8 @@ def test_pop3_port_in_use_is_one_line_and_exit_2(tmp_path: Path, listen: list[st
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "geventpop3", *listen, "-p", str(port), "-P", str(free_port()),
-             "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"), "-u", "alice:alicepw"],
-            capture_output=True, text=True, timeout=30,
-        )
+        result = run_server(*listen, "-p", str(port), "-P", str(free_port()), "-d", str(tmp_path / "mail"),
+                            "--state-dir", str(tmp_path / "state"), "-u", "alice:alicepw")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -231,12 +182,9 @@ def test_admin_port_in_use_is_one_line_and_exit_2(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         admin_port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(free_port()), "-P", str(admin_port),
-             "-L", "127.0.0.1", "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"),
-             "-u", "alice:alicepw", "-a", "admin:adminpw"],
-            capture_output=True, text=True, timeout=30,
-        )
+        result = run_server("-l", "127.0.0.1", "-p", str(free_port()), "-P", str(admin_port), "-L", "127.0.0.1",
+                            "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"),
+                            "-u", "alice:alicepw", "-a", "admin:adminpw")
     assert result.returncode == 2
     # The POP3 listener may have logged its start before MSMP failed; the error itself is one line.
     lines = [line for line in result.stderr.strip().splitlines() if not LOG_RECORD.match(line)]

@@ -6,13 +6,11 @@ what the project promises.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import ServerProcess
+from helpers import LineClient, ServerProcess
 
-CRLF = b"\r\n"
 GTUBE = (
     b"From: Spammer <spam@example.net>\nTo: alice@example.org\nSubject: Buy now\n"
     b"Date: Mon, 1 Jan 2024 10:00:00 +0000\nMessage-ID: <20240101100000.666@example.net>\n\n"
@@ -45,30 +43,13 @@ TVqQAAMAAAAEAAAA//8AALgAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
 
 def retrieve_all(server: ServerProcess, user: str = "alice") -> tuple[list[int], list[bytes]]:
     """LIST sizes and RETR bodies (un-dot-stuffed, CRLF kept) of one session."""
-    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as sock, sock.makefile("rb") as wire:
-        def cmd(text: str) -> bytes:
-            sock.sendall(text.encode() + CRLF)
-            line = wire.readline()
-            assert line.startswith(b"+OK"), line
-            return line
-
-        def body() -> bytes:
-            lines = []
-            while (line := wire.readline()) != b".\r\n":
-                lines.append(line[1:] if line.startswith(b".") else line)
-            return b"".join(lines)
-
-        assert wire.readline().startswith(b"+OK")
-        cmd(f"USER {user}")
-        count = int(cmd(f"PASS {server.users[user]}").split()[3])
-        cmd("LIST")
-        sizes = [int(line.split()[1]) for line in body().splitlines()]
-        bodies = []
-        for number in range(1, count + 1):
-            cmd(f"RETR {number}")
-            bodies.append(body())
-        cmd("QUIT")
-        assert wire.read() == b""  # closed by the server once the mailbox is unlocked
+    with LineClient(server.port, timeout=60) as client:
+        assert client.greeting.startswith(b"+OK")
+        count = int(client.login(user, server.users[user]).split()[3])
+        sizes = [int(line.split()[1]) for line in client.multi("LIST")[1].splitlines()]
+        bodies = [client.retr(number) for number in range(1, count + 1)]
+        assert client.cmd("QUIT").startswith(b"+OK")
+        assert client.read_until_closed(timeout=60) == b""  # closed by the server once the mailbox is unlocked
     return sizes, bodies
 
 

@@ -12,8 +12,9 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from gevent import socket as gsocket
 from gevent.event import Event
+from helpers import LineClient
+from helpers import ipv6_loopback as _ipv6_loopback
 
 from geventpop3 import IMPLEMENTATION, users
 from geventpop3.context import ServerContext
@@ -27,50 +28,29 @@ from geventpop3.users import UserDirectory
 TIMEOUT = 10.0
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with gsocket.socket(gsocket.AF_INET6, gsocket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
 HOSTS = ["127.0.0.1", pytest.param("::1", marks=pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6"))]
 
 
 class Client:
-    """A minimal line client: send raw bytes, read lines and multi-line answers."""
+    """An MSMP session as text, on helpers' LineClient: every line within 512 octets."""
 
     def __init__(self, host: str, port: int) -> None:
-        self.sock = gsocket.create_connection((host, port), timeout=TIMEOUT)
-        self.buffer = b""
+        self.wire = LineClient(port, host, timeout=TIMEOUT, greet=False, max_line=512)
 
     def close(self) -> None:
-        self.sock.close()
+        self.wire.close()
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self.wire.send(data)
 
     def line(self) -> str:
-        while b"\r\n" not in self.buffer:
-            data = self.sock.recv(65536)
-            if not data:
-                raise EOFError(self.buffer)
-            self.buffer += data
-        line, self.buffer = self.buffer.split(b"\r\n", 1)
-        assert len(line) + 2 <= 512
-        return line.decode()
+        return self.wire.line().decode()
 
     def cmd(self, text: str) -> str:
-        self.send(text.encode() + b"\r\n")
-        return self.line()
+        return self.wire.cmd(text).decode()
 
     def body(self) -> list[str]:
-        lines = []
-        while (line := self.line()) != ".":
-            lines.append(line[1:] if line.startswith(".") else line)
-        return lines
+        return [line.decode() for line in self.wire.body_lines()]
 
     def multi(self, text: str) -> list[str]:
         assert self.cmd(text) == "+OK"
@@ -81,21 +61,8 @@ class Client:
         assert self.cmd("PASS pw") == "+OK Logged in"
 
     def wait_closed(self, deadline: float = TIMEOUT) -> bytes:
-        """Everything received until the server closes; fails past the deadline."""
-        end = time.monotonic() + deadline
-        received = self.buffer
-        while time.monotonic() < end:
-            self.sock.settimeout(max(0.01, end - time.monotonic()))
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            except ConnectionResetError:
-                return received
-            if not data:
-                return received
-            received += data
-        raise AssertionError(f"connection still open after {deadline}s: {received!r}")
+        """Everything received until the server closes (or resets); fails past the deadline."""
+        return self.wire.read_until_closed(deadline, reset_ok=True)
 
 
 @pytest.fixture

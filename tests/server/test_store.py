@@ -12,7 +12,7 @@ from pathlib import Path
 
 import gevent
 import pytest
-from conftest import wait_until
+from helpers import wait_until
 
 from geventpop3.context import ServerContext
 from geventpop3.metrics import AccessEntry

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import socket
 import stat
 import textwrap
 import time
@@ -19,24 +18,17 @@ from pathlib import Path
 
 import gevent
 import pytest
-from conftest import ADMIN, ServerProcess, wait_until
+from helpers import LineClient, ServerProcess, admin, crlf, wait_until
 
-from admin.client import MsmpClient, MsmpConnectionError, MsmpError
+from admin.client import MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
 from geventpop3.settings import Settings
 from geventpop3.transform import FAILED_ERROR, STDERR_KEEP, Filter, Transformers, resolve
 from geventpop3.users import UserDirectory, hash_password
 
-CRLF = b"\r\n"
 ROT23 = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"xyzabcdefghijklmnopqrstuvw")
 HAM = b"From: a@example.org\nTo: alice@example.org\nSubject: hello\n\nfirst line\n.leading dot\nlast line\n"
-
-
-def crlf(content: bytes) -> bytes:
-    """What RETR sends for `content` (before dot-stuffing)."""
-    text = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-    return text if text.endswith(CRLF) else text + CRLF
 
 
 def script(directory: Path, name: str, body: str) -> str:
@@ -303,60 +295,29 @@ def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:
 
 # -- through the real server -----------------------------------------------------
 
-class Pop3:
-    """A POP3 client on a plain socket that shows exact wire octets."""
+class Pop3(LineClient):
+    """A logged-in POP3 session on helpers' LineClient, which shows exact wire octets."""
 
     def __init__(self, port: int, user: str = "alice", password: str = "alicepw") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.file = self.sock.makefile("rb")
-        assert self.line().startswith(b"+OK")
-        assert self.cmd(f"USER {user}").startswith(b"+OK")
-        self.greeting = self.cmd(f"PASS {password}")
+        super().__init__(port, timeout=30)
+        self.file = self  # readline() as on the socket file this client once read from
+        assert self.greeting.startswith(b"+OK")
+        self.greeting = self.login(user, password)
         assert self.greeting.startswith(b"+OK"), self.greeting
 
-    def line(self) -> bytes:
-        line = self.file.readline()
-        assert line.endswith(CRLF), line
-        return line[:-2]
-
-    def cmd(self, text: str) -> bytes:
-        self.sock.sendall(text.encode() + CRLF)
-        return self.line()
-
-    def multi(self, text: str) -> bytes | None:
+    def multi(self, text: str) -> bytes | None:  # type: ignore[override]
         """The body (un-dot-stuffed, CRLF kept), or None after an -ERR (kept in self.error)."""
         first = self.cmd(text)
         if first.startswith(b"-ERR"):
             self.error = first
             return None
-        lines = []
-        while (line := self.file.readline()) != b".\r\n":
-            assert line.endswith(CRLF), line
-            lines.append(line[1:] if line.startswith(b".") else line)
-        return b"".join(lines)
+        return self.body()
 
     def close(self) -> None:
         """QUIT, then wait for the server to close: it releases the mailbox lock just before."""
         assert self.cmd("QUIT").startswith(b"+OK")
-        assert self.file.read() == b""
-        self.sock.close()
-
-
-def admin(server: ServerProcess) -> MsmpClient:
-    """A logged-in MSMP client (the admin listener may start a moment after the POP3 one)."""
-
-    def connected() -> MsmpClient | None:
-        client = MsmpClient("127.0.0.1", server.admin_port)
-        try:
-            client.connect()
-        except MsmpConnectionError:
-            return None
-        return client
-
-    client = wait_until(connected)
-    assert isinstance(client, MsmpClient)
-    client.login(*ADMIN)
-    return client
+        assert self.read_until_closed(timeout=30) == b""
+        super().close()
 
 
 def test_sizes_uidl_top_and_stored_files_on_the_wire(start_server: Callable[..., ServerProcess],

@@ -1,0 +1,83 @@
+"""The one way the load tools start geventpop3: `python -m geventpop3` on loopback, logged to a file.
+
+Used by the benchmark (`bench.py`, `bench_transform.py`) and by `run.py`. `command`
+replaces `python -m geventpop3` (bench's --gp-command, for A/B tests of a change).
+Stopping is SIGTERM, then SIGKILL after `stop_timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+GEVENTPOP3 = (sys.executable, "-m", "geventpop3")
+
+
+def free_port() -> int:
+    """A loopback port free right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def greets(port: int, host: str = "127.0.0.1") -> bool:
+    """True if a server on host:port answers a new connection with +OK."""
+    with contextlib.suppress(OSError), socket.create_connection((host, port), timeout=1) as sock:
+        return sock.recv(512).startswith(b"+OK")
+    return False
+
+
+def wait_greeting(port: int, timeout: float, alive: Callable[[], bool] = lambda: True) -> None:
+    """Return once the server on 127.0.0.1:`port` greets; RuntimeError if `alive()` turns false or time runs out."""
+    deadline = time.monotonic() + timeout
+    while not greets(port):
+        if not alive():
+            raise RuntimeError(f"the server on port {port} exited during start-up")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the server on port {port} did not greet within {timeout:g} s")
+        time.sleep(0.05)
+
+
+class Geventpop3Process:
+    """geventpop3 in a subprocess, as an operator starts it, POP3 on 127.0.0.1:`port`."""
+
+    def __init__(self, port: int, args: Sequence[str], log_path: str | os.PathLike[str],
+                 command: Sequence[str] | None = None, cwd: str | os.PathLike[str] | None = None,
+                 stop_timeout: float = 30) -> None:
+        self.port = port
+        self.args = [*(command or GEVENTPOP3), "-l", "127.0.0.1", "-p", str(port), *args]
+        self.log_path = log_path
+        self.cwd = cwd
+        self.stop_timeout = stop_timeout
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60) -> Geventpop3Process:
+        """Launch; return once the server greets (RuntimeError if it exits or stays silent)."""
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, cwd=self.cwd)
+        process = self.process
+        try:
+            wait_greeting(self.port, timeout, lambda: process.poll() is None)
+        except RuntimeError as exc:
+            self.stop()
+            raise RuntimeError(f"geventpop3: {exc}; see {self.log_path}") from None
+        return self
+
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process and self.process.poll() is None else []
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()

@@ -1,0 +1,425 @@
+"""What the tests share: free ports, polling, the server process, a raw line client.
+
+Imported as `from helpers import ...`: pytest puts tests/ on sys.path when it loads
+tests/conftest.py (rootdir-relative "prepend" import mode, no __init__.py files), both
+for `python -m pytest` at the repo root and for one file (`python -m pytest tests/e2e/x.py`).
+No test module imports another test module; conftest.py holds only fixtures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import poplib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from admin.client import MsmpClient, MsmpConnectionError
+from geventpop3 import maildir
+
+REPO = Path(__file__).resolve().parents[1]
+GEVENTPOP3 = [sys.executable, "-m", "geventpop3"]
+LOOPBACKS = ("127.0.0.1", "::1")
+DEFAULT_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw"}
+ADMIN = ("admin", "adminpw")
+CRLF = b"\r\n"
+
+T = TypeVar("T")
+_names = itertools.count(1)
+
+
+# -- ports and polling ---------------------------------------------------------
+
+def free_port() -> int:
+    """A port free on both loopback families right now."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe6:
+                probe6.bind(("::1", port))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port")
+
+
+def ipv6_loopback() -> bool:
+    """True if this host can bind ::1."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
+    """True if something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
+    """Poll `predicate` until it returns something true, or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+
+
+def unique_name(prefix: str = "u") -> str:
+    """A user name no other test uses, so tests on a shared server never see each other's leftovers."""
+    return f"{prefix}{os.getpid()}x{next(_names)}"
+
+
+def crlf(content: bytes) -> bytes:
+    """What RETR must send for a stored message (before dot-stuffing)."""
+    text = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    return text if text.endswith(CRLF) else text + CRLF
+
+
+# -- the server process ----------------------------------------------------------
+
+def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a server subprocess: this checkout first on PYTHONPATH."""
+    merged = dict(os.environ, **(env or {}))
+    merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH", "")]))
+    return merged
+
+
+def run_server(*args: str, cwd: Path | str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """`python -m geventpop3 ARGS` to completion (start-up errors, --help): output captured."""
+    return subprocess.run([*GEVENTPOP3, *args], cwd=cwd or REPO, env=server_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+class ServerProcess:
+    """`python -m geventpop3 ...` in a subprocess, with its Maildir, state, config file and log.
+
+    `listen` and `admin_listen` become -l and -L flags (None: the server's default loopback
+    pair, no flag). start() waits until the POP3 port (and the MSMP port, with an admin)
+    accepts on every host in `ready_hosts` / `admin_listen`. stop() and start() again
+    restart on the same directories and ports; `args` may be edited in between.
+    """
+
+    def __init__(self, root: Path, users: dict[str, str] | None = None, config: str = "",
+                 extra_args: Sequence[str] = (), admin: bool = True,
+                 listen: Sequence[str] | None = LOOPBACKS, admin_listen: Sequence[str] | None = None,
+                 ready_hosts: Sequence[str] | None = None, login_failure_delay: float = 0.05,
+                 env: dict[str, str] | None = None) -> None:
+        self.root = root
+        self.maildir = root / "mail"
+        self.state_dir = root / "state"
+        self.maildir.mkdir(parents=True, exist_ok=True)
+        self.users = dict(DEFAULT_USERS if users is None else users)
+        self.port = free_port()
+        self.admin_port = free_port()
+        self.admin_hosts = list(admin_listen or LOOPBACKS) if admin else []
+        self.admin_host = self.admin_hosts[0] if admin else ""
+        self.ready_hosts = list(ready_hosts or listen or LOOPBACKS)
+        self.config_path = root / "server.toml"
+        self.config_path.write_text(f"login_failure_delay = {login_failure_delay}\n" + config)
+        self.log_path = root / "server.log"
+        self.env = server_env(env)
+        args = [*GEVENTPOP3, *(arg for host in listen or () for arg in ("-l", host)), "-p", str(self.port),
+                "-P", str(self.admin_port), *(arg for host in admin_listen or () for arg in ("-L", host)),
+                "-d", str(self.maildir), "--state-dir", str(self.state_dir), "--config", str(self.config_path)]
+        for name, password in self.users.items():
+            args += ["-u", f"{name}:{password}"]
+        if admin:
+            args += ["-a", f"{ADMIN[0]}:{ADMIN[1]}"]
+        self.args = args + list(extra_args)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 30) -> ServerProcess:
+        """Launch `args`; return once every listener accepts (fails with the log if it exits)."""
+        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        endpoints = [(host, self.port) for host in self.ready_hosts]
+        endpoints += [(host, self.admin_port) for host in self.admin_hosts]
+        deadline = time.monotonic() + timeout
+        while not all(accepts(host, port) for host, port in endpoints):
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited {self.process.returncode}: {self.log()}")
+            if time.monotonic() > deadline:
+                self.stop(signal.SIGKILL)
+                raise AssertionError(f"server did not start: {self.log()}")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Send `sig` (SIGKILL after `timeout`) and return the exit status."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+    def restart(self, sig: int = signal.SIGTERM) -> int:
+        """Stop with `sig` and start again on the same flags, directories and ports; the exit status."""
+        code = self.stop(sig)
+        self.start()
+        return code
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def user_dir(self, user: str) -> str:
+        return str(self.maildir / user)
+
+    def deliver(self, user: str, content: bytes) -> str:
+        return maildir.deliver(self.user_dir(user), content)
+
+    def message_files(self, user: str) -> list[str]:
+        found = []
+        for sub in ("new", "cur"):
+            path = os.path.join(self.user_dir(user), sub)
+            if os.path.isdir(path):
+                found += sorted(os.path.join(path, name) for name in os.listdir(path))
+        return found
+
+    def msmp_client(self, host: str | None = None, timeout: float = 10.0) -> MsmpClient:
+        """An MSMP client for this server, not yet connected."""
+        return MsmpClient(host or self.admin_host, self.admin_port, timeout)
+
+    def admin_client(self, host: str | None = None, timeout: float = 15.0) -> MsmpClient:
+        """A connected, logged-in MSMP client; the caller closes it."""
+        client = self.msmp_client(host, timeout)
+
+        def connected() -> bool:
+            try:
+                client.connect()
+            except MsmpConnectionError:
+                return False
+            return True
+
+        wait_until(connected)
+        client.login(*ADMIN)
+        return client
+
+
+@contextlib.contextmanager
+def started_servers(root: Path) -> Iterator[Callable[..., ServerProcess]]:
+    """start(**ServerProcess arguments) -> a running server under `root`; all stopped at the end."""
+    started: list[ServerProcess] = []
+
+    def start(**kwargs: object) -> ServerProcess:
+        server = ServerProcess(root / f"server{len(started)}", **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            if server.running:
+                server.stop()
+
+
+# -- sessions on the real server -------------------------------------------------
+
+@contextlib.contextmanager
+def admin(server: ServerProcess, host: str = "127.0.0.1") -> Iterator[MsmpClient]:
+    """A logged-in MSMP session, QUIT at the end."""
+    client = server.admin_client(host)
+    try:
+        yield client
+    finally:
+        with contextlib.suppress(OSError):
+            client.quit()
+        client.close()
+
+
+def counters(client: MsmpClient) -> dict[str, int]:
+    return {name: int(float(value)) for name, value in client.stat().items()}
+
+
+def quiet_stat(client: MsmpClient) -> dict[str, int]:
+    """STAT once no POP3 connection is open (closing is asynchronous in the server)."""
+    return wait_until(lambda: (stat := counters(client))["Current connections"] == 0 and stat)
+
+
+def logs_with(client: MsmpClient, user: str, needle: str, count: int = 1) -> list[str]:
+    """LOGS user, polled until `count` lines contain `needle` (a logout is logged after QUIT is answered)."""
+    return wait_until(lambda: (lines := client.logs(user)) and sum(needle in line for line in lines) >= count
+                      and lines)
+
+
+def pop3(server: ServerProcess, user: str, password: str, host: str = "127.0.0.1") -> poplib.POP3:
+    """A POP3 session logged in with poplib (fails the test if the login is refused)."""
+    session = poplib.POP3(host, server.port, timeout=10)
+    session.user(user)
+    session.pass_(password)
+    return session
+
+
+def login_error(server: ServerProcess, user: str, password: str, host: str = "127.0.0.1") -> bytes:
+    """The -ERR a POP3 login gets (fails the test if it succeeds)."""
+    session = poplib.POP3(host, server.port, timeout=10)
+    try:
+        session.user(user)
+        with pytest.raises(poplib.error_proto) as refused:
+            session.pass_(password)
+        return refused.value.args[0]
+    finally:
+        session.close()
+
+
+def retr(session: poplib.POP3, number: int) -> bytes:
+    _, lines, _ = session.retr(number)
+    return b"".join(line + b"\r\n" for line in lines)
+
+
+def logged_in(server: ServerProcess, user: str = "alice", host: str = "127.0.0.1") -> LineClient:
+    """A raw POP3 session, logged in."""
+    client = LineClient(server.port, host)
+    reply = client.login(user, server.users[user])
+    assert reply.startswith(b"+OK"), reply
+    return client
+
+
+def can_login(server: ServerProcess, user: str) -> bool:
+    """True if a fresh session logs in (then QUITs at once)."""
+    with LineClient(server.port) as client:
+        ok = client.login(user, server.users[user]).startswith(b"+OK")
+        client.cmd("QUIT")
+        return ok
+
+
+# -- the raw line client ---------------------------------------------------------
+
+class LineClient:
+    """POP3 or MSMP on a plain socket (IPv4 or IPv6): raw bytes out, exact lines in.
+
+    Every read has a timeout, so a hang fails fast; `max_line` (octets with CRLF) is
+    asserted on every line read when given.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, greet: bool = True,
+                 max_line: int | None = None) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self._buffer = bytearray()  # deleting its front is cheap: a 64 MiB answer reads in linear time
+        self.max_line = max_line
+        self.greeting = self.line() if greet else b""
+
+    def __enter__(self) -> LineClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def buffer(self) -> bytes:
+        """What arrived and is not read yet."""
+        return bytes(self._buffer)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def fill(self) -> bool:
+        """Read what arrives into `buffer`; False once the server has closed."""
+        data = self.sock.recv(65536)
+        self._buffer += data
+        return bool(data)
+
+    def readline(self) -> bytes:
+        """One line with its CRLF, as a socket file gives it; the rest (b"" at the end) once closed."""
+        scan = 0
+        while (end := self._buffer.find(CRLF, scan)) < 0:
+            scan = max(0, len(self._buffer) - 1)
+            if not self.fill():
+                rest = bytes(self._buffer)
+                self._buffer.clear()
+                return rest
+        line = bytes(self._buffer[:end + 2])
+        del self._buffer[:end + 2]
+        return line
+
+    def line(self) -> bytes:
+        """One line without its CRLF; raises EOFError if the server closed."""
+        line = self.readline()
+        if not line.endswith(CRLF):
+            raise EOFError(f"connection closed, pending {line[:80]!r}")
+        if self.max_line is not None:
+            assert len(line) <= self.max_line, line[:80]
+        return line[:-2]
+
+    def cmd(self, text: str | bytes) -> bytes:
+        """Send one command line, return the first answer line."""
+        self.send((text.encode() if isinstance(text, str) else text) + CRLF)
+        return self.line()
+
+    def body_lines(self) -> list[bytes]:
+        """The lines of a multi-line body after its +OK line, up to the lone dot, un-dot-stuffed."""
+        lines = []
+        while (line := self.line()) != b".":
+            lines.append(line[1:] if line.startswith(b".") else line)
+        return lines
+
+    def body(self) -> bytes:
+        """A multi-line body after its +OK line: un-dot-stuffed, CRLF line ends kept."""
+        return b"".join(part + CRLF for part in self.body_lines())
+
+    def multi(self, text: str) -> tuple[bytes, bytes]:
+        """A multi-line command: (its +OK line, its body)."""
+        first = self.cmd(text)
+        assert first.startswith(b"+OK"), first
+        return first, self.body()
+
+    def login(self, user: str, password: str) -> bytes:
+        """USER (must be +OK) then PASS; the answer to PASS."""
+        assert self.cmd(f"USER {user}") == b"+OK"
+        return self.cmd(f"PASS {password}")
+
+    def retr(self, number: int) -> bytes:
+        return self.multi(f"RETR {number}")[1]
+
+    def read_until_closed(self, timeout: float = 10.0, reset_ok: bool = False) -> bytes:
+        """Everything until the server closes (a reset counts with `reset_ok`); fails if `timeout` s pass silent."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.fill():
+                pass
+        except ConnectionResetError:
+            if not reset_ok:
+                raise
+        except TimeoutError:
+            raise AssertionError(f"connection still open after {timeout} s: {self.buffer[-80:]!r}") from None
+        data = bytes(self._buffer)
+        self._buffer.clear()
+        return data
+
+    def reset(self) -> None:
+        """Close with an RST (SO_LINGER 0) instead of a FIN."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def close(self) -> None:
+        self.sock.close()
