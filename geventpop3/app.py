@@ -142,10 +142,10 @@ class App:
             self._restore_state(ctx, self.store)
         ctx.transformers = Transformers(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
         if config.demo:
-            demo_dir = maildir.user_maildir(settings.maildir, DEMO_USER[0])
-            maildir.ensure_maildir(demo_dir)
-            if not maildir.snapshot(demo_dir):
-                maildir.deliver(demo_dir, DEMO_MESSAGE)
+            demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
+            demo.open()
+            if demo.size()[0] == 0:
+                maildir.deliver(demo.path, DEMO_MESSAGE)
         try:
             for listener in make_listeners(config.pop3_addresses, config.pop3_port):
                 server = Pop3Server(listener, self.pop3.handle, spawn=self.pop3.pool)

@@ -50,7 +50,7 @@ class Pop3Session:
     """Drives one `Pop3Protocol` over one socket."""
 
     __slots__ = (
-        "ctx", "sock", "address", "port", "protocol", "lock", "maildir", "sent", "received",
+        "ctx", "sock", "address", "port", "protocol", "mailbox", "sent", "received",
         "started", "ended", "_out", "_out_size", "deleted_count", "transform_failures",
         "service", "fd", "buffer", "_watcher", "_timer", "_done",
     )
@@ -70,8 +70,7 @@ class Pop3Session:
         self.address = host[7:] if host.startswith("::ffff:") and "." in host else host
         self.port = int(address[1])
         self.protocol = Pop3Protocol(ctx.settings.max_login_failures)
-        self.lock: maildir.MailboxLock | None = None
-        self.maildir: str | None = None
+        self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.sent = 0
         self.received = 0
         self.started = time.time()
@@ -223,26 +222,23 @@ class Pop3Session:
         if not ctx.users.verify(user, action.password):
             return self._login_failed(user, "auth")
         try:
-            path = maildir.user_maildir(ctx.settings.maildir, user)
-            if not os.path.isdir(os.path.join(path, "new")):
-                maildir.ensure_maildir(path)  # first login of a user without a Maildir yet
-            lock = maildir.MailboxLock(path)
-            if not lock.acquire():
+            mailbox = maildir.Mailbox(ctx.settings.maildir, user)
+            mailbox.open()  # creates the Maildir at a user's first login
+            if not mailbox.lock():
                 return self._login_failed(user, "in-use", delay=False)
         except (OSError, maildir.MaildirError) as exc:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp", delay=False)
         try:
-            messages = maildir.snapshot(path)
+            messages = mailbox.snapshot()
             if ctx.transformers is not None:
                 messages = ctx.transformers.prepare(messages, user=user, address=self.address, port=self.port)
                 self.transform_failures = sum(1 for m in messages if m.error is not None)
         except Exception as exc:
-            lock.release()
+            mailbox.release()
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp", delay=False)
-        self.lock = lock
-        self.maildir = path
+        self.mailbox = mailbox
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
         ctx.metrics.logins_ok += 1
         log.info("pop3 login: user=%s rip=%s rport=%d messages=%d", loggable(user), self.address, self.port,
@@ -282,11 +278,8 @@ class Pop3Session:
         if not deleted:
             self._release_mailbox()
             return self.protocol.update_done(0)
-        assert self.maildir is not None
-        if len(deleted) > maildir.THREADPOOL_THRESHOLD:
-            failed = gevent.get_hub().threadpool.apply(maildir.delete_messages, (self.maildir, deleted))
-        else:
-            failed = maildir.delete_messages(self.maildir, deleted)
+        assert self.mailbox is not None
+        failed = self.mailbox.delete(deleted)
         self.deleted_count = len(deleted) - len(failed)
         self.ctx.metrics.messages_deleted += self.deleted_count
         if failed:
@@ -296,10 +289,10 @@ class Pop3Session:
 
     # -- end -----------------------------------------------------------------
     def _release_mailbox(self) -> None:
-        if self.lock is None:
+        if self.mailbox is None:
             return
-        self.lock.release()
-        self.lock = None
+        self.mailbox.release()
+        self.mailbox = None
         user = self.protocol.user or ""
         count = self.ctx.logged_in.get(user, 0) - 1
         if count > 0:

@@ -16,7 +16,7 @@ from gevent import socket as gsocket
 
 from geventpop3 import IMPLEMENTATION, users
 from geventpop3.context import ServerContext
-from geventpop3.maildir import MailboxLock
+from geventpop3.maildir import Mailbox
 from geventpop3.metrics import AccessEntry
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import Settings
@@ -244,12 +244,12 @@ def test_dele_refuses_a_logged_in_user(ctx: ServerContext, connect) -> None:
     assert client.cmd("DELE bob") == "-ERR User is currently logged in"
     ctx.logged_in.pop("bob")
     # The cross-process mailbox lock counts too (another server process).
-    lock = MailboxLock(os.path.join(ctx.settings.maildir, "bob"))
-    assert lock.acquire()
+    mailbox = Mailbox(ctx.settings.maildir, "bob")
+    assert mailbox.lock()
     try:
         assert client.cmd("DELE bob") == "-ERR User is currently logged in"
     finally:
-        lock.release()
+        mailbox.release()
     assert client.cmd("DELE bob") == "+OK Deleted user"
 
 

@@ -24,6 +24,7 @@ from conftest import ADMIN, ServerProcess, wait_until
 from admin.client import MsmpClient, MsmpConnectionError, MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
+from geventpop3.message import Message
 from geventpop3.settings import Settings
 from geventpop3.transform import FAILED_ERROR, STDERR_KEEP, Filter, Transformers, resolve
 from geventpop3.users import UserDirectory, hash_password
@@ -60,8 +61,10 @@ class Box:
         self.ctx = ServerContext(settings=self.settings, users=UserDirectory())
         self.cache = root / "state" / "filtered"
         self.transformers = Transformers(self.ctx, str(self.cache))
-        self.maildir = str(root / "mail" / "alice")
-        maildir.ensure_maildir(self.maildir)
+        (root / "mail").mkdir(parents=True, exist_ok=True)
+        self.mailbox = maildir.Mailbox(str(root / "mail"), "alice")
+        self.mailbox.open()
+        self.maildir = self.mailbox.path
         self.use(transformer)
 
     def use(self, transformer: str) -> None:
@@ -71,15 +74,15 @@ class Box:
     def deliver(self, *contents: bytes) -> list[str]:
         return [maildir.deliver(self.maildir, content) for content in contents]
 
-    def login(self) -> list[maildir.Message]:
-        messages = maildir.snapshot(self.maildir)
+    def login(self) -> list[Message]:
+        messages = self.mailbox.snapshot()
         return self.transformers.prepare(messages, user="alice", address="127.0.0.1", port=40000)
 
     def cached_files(self) -> list[str]:
         return sorted(str(p) for p in self.cache.glob("*/*/*"))  # <user>/<filter>/<entry or temporary>
 
 
-def read(message: maildir.Message) -> bytes:
+def read(message: Message) -> bytes:
     with open(message.path, "rb") as handle:
         return handle.read()
 
