@@ -17,12 +17,12 @@ from gevent.server import StreamServer
 from geventpop3 import listen, maildir
 from geventpop3.cli import Config
 from geventpop3.context import ServerContext
+from geventpop3.filters import FilterRunner
 from geventpop3.metrics import start_prometheus_server
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.pop3.session import Pop3Server, Pop3Service
 from geventpop3.store import Store, StoreError
-from geventpop3.transform import Transformers
 from geventpop3.users import UserDirectory, UserError, hash_password
 
 log = logging.getLogger("geventpop3")
@@ -140,7 +140,7 @@ class App:
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
-        ctx.transformers = Transformers(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
+        ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
         if config.demo:
             demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
             demo.open()

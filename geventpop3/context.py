@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from geventpop3.metrics import AccessLog, Metrics
 from geventpop3.settings import Settings
 from geventpop3.users import UserDirectory
+
+if TYPE_CHECKING:  # for the types only: they use this module, and would bring gevent in
+    from geventpop3.filters import FilterRunner
 
 
 @dataclass
@@ -19,8 +22,8 @@ class ServerContext:
     # The background writer of counters and access logs (geventpop3.persister.Persister),
     # the one user of the persistent store; None when no state is kept.
     persister: Any = None
-    # Filters for retrieved mail (geventpop3.transform), None until configured.
-    transformers: Any = None
+    # Filters for retrieved mail, None until configured.
+    filters: FilterRunner | None = None
     # POP3 users with an open session in this process -> number of sessions.
     logged_in: dict[str, int] = field(default_factory=dict)
     # MSMP administrators: name -> scrypt hash. Separate from POP3 users.

@@ -231,8 +231,8 @@ class Pop3Session:
             return self._login_failed(user, "temp", delay=False)
         try:
             messages = mailbox.snapshot()
-            if ctx.transformers is not None:
-                messages = ctx.transformers.prepare(messages, user=user, address=self.address, port=self.port)
+            if ctx.filters is not None:
+                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port)
                 self.transform_failures = sum(1 for m in messages if m.error is not None)
         except Exception as exc:
             mailbox.release()

@@ -1,6 +1,6 @@
 """External filters with real programs: the runner in-process, then through the real server.
 
-In-process tests drive `Transformers.prepare` exactly as a session does at login (real
+In-process tests drive `FilterRunner.prepare` exactly as a session does at login (real
 Maildir, real child processes under gevent); the others start `python -m geventpop3`
 and talk POP3 over loopback, so sizes, TOP, failures and the concurrency bound are
 checked on the wire.
@@ -24,9 +24,9 @@ from conftest import ADMIN, ServerProcess, wait_until
 from admin.client import MsmpClient, MsmpConnectionError, MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
+from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, Filter, FilterRunner, resolve
 from geventpop3.message import Message
 from geventpop3.settings import Settings
-from geventpop3.transform import FAILED_ERROR, STDERR_KEEP, Filter, Transformers, resolve
 from geventpop3.users import UserDirectory, hash_password
 
 CRLF = b"\r\n"
@@ -51,7 +51,7 @@ def script(directory: Path, name: str, body: str) -> str:
 # -- in-process: the runner and the cache --------------------------------------
 
 class Box:
-    """A context, a Transformers and one user's Maildir: what a login sees."""
+    """A context, a FilterRunner and one user's Maildir: what a login sees."""
 
     def __init__(self, root: Path, transformer: str = "none", **settings: str) -> None:
         self.root = root
@@ -60,7 +60,7 @@ class Box:
             self.settings.set(key, value)
         self.ctx = ServerContext(settings=self.settings, users=UserDirectory())
         self.cache = root / "state" / "filtered"
-        self.transformers = Transformers(self.ctx, str(self.cache))
+        self.runner = FilterRunner(self.ctx, str(self.cache))
         (root / "mail").mkdir(parents=True, exist_ok=True)
         self.mailbox = maildir.Mailbox(str(root / "mail"), "alice")
         self.mailbox.open()
@@ -76,7 +76,7 @@ class Box:
 
     def login(self) -> list[Message]:
         messages = self.mailbox.snapshot()
-        return self.transformers.prepare(messages, user="alice", address="127.0.0.1", port=40000)
+        return self.runner.prepare(messages, user="alice", address="127.0.0.1", port=40000)
 
     def cached_files(self) -> list[str]:
         return sorted(str(p) for p in self.cache.glob("*/*/*"))  # <user>/<filter>/<entry or temporary>
@@ -230,11 +230,11 @@ def test_cache_survives_a_restart_but_not_a_reboot(box: Box) -> None:
     box.deliver(HAM)
     box.use("cat")
     (message,) = box.login()
-    assert box.transformers.sync is False  # this boot's entries need no fsync
-    box.transformers = Transformers(box.ctx, str(box.cache))  # a server restart, same boot
+    assert box.runner.sync is False  # this boot's entries need no fsync
+    box.runner = FilterRunner(box.ctx, str(box.cache))  # a server restart, same boot
     assert box.login() == [message] and box.ctx.metrics.transformer_runs == 1
     (box.cache / ".boot-id").write_text("an-earlier-boot\n")  # entries may be torn by a crash
-    box.transformers = Transformers(box.ctx, str(box.cache))
+    box.runner = FilterRunner(box.ctx, str(box.cache))
     wait_until(lambda: not Path(message.path).exists() and not list(box.cache.glob(".trash-*")))
     (again,) = box.login()
     assert box.ctx.metrics.transformer_runs == 2 and read(again) == HAM
@@ -285,9 +285,9 @@ def test_filter_identity_and_resolution() -> None:
 
 
 def test_concurrency_setting_resizes_the_bound(box: Box) -> None:
-    assert box.transformers.limiter.limit == 4
+    assert box.runner.limiter.limit == 4
     box.settings.set("transformer_concurrency", "9")
-    assert box.transformers.limiter.limit == 9
+    assert box.runner.limiter.limit == 9
 
 
 def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:
