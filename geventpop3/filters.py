@@ -117,7 +117,12 @@ def filter_env(user: str, uid: str, address: str, port: int) -> dict[str, str]:
 
 
 class Limiter:
-    """A counting semaphore whose size can change while greenlets wait on it."""
+    """A counting semaphore whose size can change while greenlets wait on it.
+
+    A release wakes as many waiters as there are free slots; a waiter killed after its
+    wake-up but before it ran (a session ended by shutdown) hands the wake-up on, or
+    the slot meant for it would stay free while the others wait.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -130,9 +135,12 @@ class Limiter:
             self._waiters.append(waiter)
             try:
                 waiter.wait()
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            except BaseException:
+                self._waiters.remove(waiter)
+                if waiter.is_set():
+                    self._wake()
+                raise
+            self._waiters.remove(waiter)
         self.active += 1
         return self
 

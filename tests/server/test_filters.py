@@ -24,7 +24,7 @@ from conftest import ADMIN, ServerProcess, wait_until
 from admin.client import MsmpClient, MsmpConnectionError, MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
-from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, Filter, FilterRunner, resolve
+from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, Filter, FilterRunner, Limiter, resolve
 from geventpop3.message import Message
 from geventpop3.settings import Settings
 from geventpop3.users import UserDirectory, hash_password
@@ -288,6 +288,29 @@ def test_concurrency_setting_resizes_the_bound(box: Box) -> None:
     assert box.runner.limiter.limit == 4
     box.settings.set("transformer_concurrency", "9")
     assert box.runner.limiter.limit == 9
+
+
+def test_limiter_passes_on_the_wake_up_of_a_killed_waiter() -> None:
+    """Regression: a waiter woken by a release but killed before it ran took the free
+    slot with it, and the next waiter slept although nobody held the limiter."""
+    limiter = Limiter(1)
+    entered: list[str] = []
+
+    def take(name: str) -> None:
+        with limiter:
+            entered.append(name)
+
+    limiter.__enter__()  # the test holds the only slot
+    first, second = gevent.spawn(take, "first"), gevent.spawn(take, "second")
+    try:
+        wait_until(lambda: len(limiter._waiters) == 2)
+        first.kill(block=False)  # shutdown kills a session; the kill lands before...
+        limiter.__exit__(None, None, None)  # ...the wake-up this release gives it
+        wait_until(lambda: entered == ["second"], timeout=5)
+        second.join(5)
+        assert first.dead and second.successful() and limiter.active == 0
+    finally:
+        gevent.killall([first, second])
 
 
 def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:
