@@ -20,9 +20,11 @@ from geventpop3.context import ServerContext
 from geventpop3.filters import FilterRunner
 from geventpop3.metrics import start_prometheus_server
 from geventpop3.msmp.session import start_admin_servers
-from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.pop3.session import Pop3Server, Pop3Service
 from geventpop3.store import Store, StoreError
+from geventpop3.store.persister import Persister
+from geventpop3.store.settings import persist_settings, restore_settings
+from geventpop3.store.sqlite import SqliteStore
 from geventpop3.users import UserDirectory, UserError, hash_password
 
 log = logging.getLogger("geventpop3")
@@ -100,7 +102,7 @@ def open_store(state_dir: str | None) -> Store | None:
         return None
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        return Store(os.path.join(state_dir, STATE_DB))
+        return SqliteStore(os.path.join(state_dir, STATE_DB))
     except (OSError, StoreError) as exc:
         log.error("cannot open the state database in %s, running WITHOUT persistent state: %s", state_dir, exc)
         return None

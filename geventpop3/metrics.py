@@ -8,7 +8,13 @@ background greenlet, so no command ever waits for a database write.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # both are imported only when Prometheus metrics are asked for
+    from gevent.pywsgi import WSGIServer
+    from prometheus_client.metrics_core import Metric
 
 # Counters that persist across restarts (totals), as opposed to gauges.
 PERSISTED_COUNTERS = (
@@ -160,7 +166,8 @@ class PrometheusCollector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self):  # noqa: ANN201 - prometheus-client's collector protocol
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's collector protocol."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         m = self.metrics
@@ -172,7 +179,7 @@ class PrometheusCollector:
         yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
 
 
-def start_prometheus_server(metrics: Metrics, address: str, port: int):  # noqa: ANN201 - a gevent WSGIServer
+def start_prometheus_server(metrics: Metrics, address: str, port: int) -> WSGIServer:
     """Serve the OpenMetrics/Prometheus text format on http://address:port/metrics."""
     from gevent.pywsgi import WSGIServer
     from prometheus_client import CollectorRegistry, make_wsgi_app

@@ -333,10 +333,10 @@ def test_host_name_binds_what_it_resolves_to(ctx: ServerContext) -> None:
 
 
 def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tmp_path) -> None:
-    from geventpop3.persister import Persister
-    from geventpop3.store import Store
+    from geventpop3.store.persister import Persister
+    from geventpop3.store.sqlite import SqliteStore
 
-    ctx.store = Store(str(tmp_path / "state.db"))
+    ctx.store = SqliteStore(str(tmp_path / "state.db"))
     ctx.persister = Persister(ctx, ctx.store)  # not started: LIST and LOGS flush themselves
     try:
         client = connect()
