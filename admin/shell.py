@@ -125,9 +125,9 @@ def read_password(args: argparse.Namespace, where: str) -> str:
         if not password:
             raise UsageError(f"password file {args.password_file} is empty")
         return password
-    password = os.environ.get(ENV_PASSWORD)
-    if password:
-        return password
+    from_env = os.environ.get(ENV_PASSWORD)
+    if from_env:
+        return from_env
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", getpass.GetPassWarning)
         try:

@@ -18,12 +18,14 @@ from gevent.server import StreamServer
 from geventpop3 import listen, maildir
 from geventpop3.config import Config
 from geventpop3.context import ServerContext
+from geventpop3.filters import FilterRunner
 from geventpop3.metrics import start_prometheus_server
 from geventpop3.msmp.session import start_admin_servers
-from geventpop3.persister import Persister, persist_settings, restore_settings
 from geventpop3.pop3.session import Pop3Server, Pop3Service
 from geventpop3.store import Store, StoreError
-from geventpop3.transform import Transformers
+from geventpop3.store.persister import Persister
+from geventpop3.store.settings import persist_settings, restore_settings
+from geventpop3.store.sqlite import SqliteStore
 from geventpop3.users import UserDirectory, UserError
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def open_store(state_dir: str | None) -> Store | None:
         return None
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
-        return Store(os.path.join(state_dir, STATE_DB))
+        return SqliteStore(os.path.join(state_dir, STATE_DB))
     except (OSError, StoreError) as exc:
         log.error("cannot open the state database in %s, running WITHOUT persistent state: %s", state_dir, exc)
         return None
@@ -131,12 +133,12 @@ class App:
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
-        ctx.transformers = Transformers(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
+        ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
         if config.demo:
-            demo_dir = maildir.user_maildir(settings.maildir, DEMO_USER[0])
-            maildir.ensure_maildir(demo_dir)
-            if not maildir.snapshot(demo_dir):
-                maildir.deliver(demo_dir, DEMO_MESSAGE)
+            demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
+            demo.open()
+            if demo.size()[0] == 0:
+                maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
 
     def _listen(self, ctx: ServerContext) -> None:

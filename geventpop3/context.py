@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from geventpop3.metrics import AccessLog, Metrics
 from geventpop3.settings import Settings
 from geventpop3.users import Credentials, UserDirectory
+
+if TYPE_CHECKING:  # for the types only: they use this module, and would bring gevent in
+    from geventpop3.filters import FilterRunner
+    from geventpop3.store.persister import Persister
 
 
 @dataclass
@@ -16,11 +20,11 @@ class ServerContext:
     users: UserDirectory
     metrics: Metrics = field(default_factory=Metrics)
     access_log: AccessLog = field(default_factory=AccessLog)
-    # The background writer of counters and access logs (geventpop3.persister.Persister),
-    # the one user of the persistent store; None when no state is kept.
-    persister: Any = None
-    # Filters for retrieved mail (geventpop3.transform), None until configured.
-    transformers: Any = None
+    # The background writer of counters and access logs, the one user of the
+    # persistent store; None when no state is kept.
+    persister: Persister | None = None
+    # Filters for retrieved mail, None until configured.
+    filters: FilterRunner | None = None
     # POP3 users with an open session in this process -> number of sessions.
     logged_in: dict[str, int] = field(default_factory=dict)
     # MSMP administrators, checked like POP3 users but a separate set.

@@ -1,4 +1,4 @@
-"""Maildir access: snapshot with cached CRLF sizes, the mailbox lock, streaming, UPDATE.
+"""One user's Maildir as a `Mailbox`: open, lock, snapshot, delete, size; plus streaming.
 
 Sizes: RFC 1939 wants the octets RETR really sends (CRLF line ends, no dot-stuffing).
 Files may use bare LF, so the size is computed once by reading the message and kept
@@ -21,19 +21,21 @@ import hashlib
 import os
 import re
 import socket
+import stat
 import struct
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import BinaryIO
 
 import gevent
 
+from geventpop3.message import Message
 from geventpop3.users import valid_username
 
 CHUNK_SIZE = 64 * 1024
 SIZE_CACHE = "geventpop3.sizes"
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
+SUBDIRS = ("cur", "new", "tmp")
 # Past this many files, stat and size work moves to the thread pool so a big
 # mailbox does not stall the other sessions.
 THREADPOOL_THRESHOLD = 256
@@ -41,18 +43,7 @@ _DOT_LINE = re.compile(rb"\n\.")
 
 
 class MaildirError(Exception):
-    """The mailbox cannot be opened (missing root, permissions...)."""
-
-
-@dataclass(slots=True)
-class Message:
-    """One message of a session's snapshot."""
-
-    uid: str  # the Maildir base name before ':' (what Dovecot's %f gives)
-    path: str  # the file RETR/TOP stream: the original, or a filter's output
-    size: int  # octets RETR sends: CRLF line ends, no dot-stuffing
-    source: str  # the file in the Maildir, what UPDATE deletes
-    error: str | None = None  # set when the message cannot be sent (a failed filter)
+    """The mailbox cannot be used (an unsafe user name...)."""
 
 
 def user_maildir(root: str, user: str) -> str:
@@ -66,52 +57,108 @@ def user_maildir(root: str, user: str) -> str:
     return path
 
 
-def ensure_maildir(path: str) -> None:
-    """Create `cur`, `new` and `tmp` (mode 0700) if they are missing."""
-    for sub in ("cur", "new", "tmp"):
-        os.makedirs(os.path.join(path, sub), mode=0o700, exist_ok=True)
+def _create(path: str, parents: bool = False) -> None:
+    """The one place a Maildir is made: `path` and its cur/, new/, tmp/ (mode 0700).
+
+    Without `parents` the root must already exist, so a vanished root (an unmounted
+    disk, a mistyped SET maildir) is an error instead of a fresh empty tree."""
+    if parents:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for directory in (path, *(os.path.join(path, sub) for sub in SUBDIRS)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
 
 
-class MailboxLock:
-    """An exclusive, cross-process lock on one Maildir, never stale after a crash.
+class Mailbox:
+    """One user's Maildir under a root: what a POP3 session and the MSMP backend do with it.
 
-    It costs no descriptor per session: a process opens one shared lock file per
+    Creating the object only computes names (and refuses a user name that could leave
+    the root, with MaildirError), so it costs no system call; each method says what it costs.
+    The lock costs no descriptor per session: a process opens one shared lock file per
     Maildir root (`<root>/.geventpop3.locks`) and takes a one-byte record lock at an
     offset derived from the user name (Linux OFD locks, else POSIX locks). The kernel
     drops a process's locks when it exits, however it ends; inside the process a table
     keeps two sessions of one user apart (record locks never conflict with their owner).
     """
 
-    __slots__ = ("_key", "_root", "_offset")
+    __slots__ = ("path", "user", "_root", "_offset")
 
-    def __init__(self, maildir: str) -> None:
-        self._key = os.path.abspath(maildir)
-        self._root, name = os.path.split(self._key)
-        self._offset = _lock_offset(name)
+    def __init__(self, root: str, user: str) -> None:
+        self.path = user_maildir(root, user)
+        self.user = user
+        self._root = os.path.dirname(self.path)
+        self._offset = _lock_offset(user)
 
-    def acquire(self) -> bool:
-        """True if we now hold the lock; False at once if someone else does."""
-        if self._key in _HELD:
+    def open(self) -> None:
+        """Create the Maildir (cur/, new/, tmp/) if it is missing; one stat if it is there.
+
+        The root must exist: OSError (FileNotFoundError) if it vanished."""
+        if not os.path.isdir(os.path.join(self.path, "new")):
+            _create(self.path)
+
+    # -- lock ------------------------------------------------------------------
+    def lock(self) -> bool:
+        """True if we now hold the lock; False at once if someone else does. One fcntl."""
+        if self.path in _HELD:
             return False
         if not _record_lock(_lock_fd(self._root), self._offset, fcntl.F_WRLCK):
             return False
-        _HELD[self._key] = self
+        _HELD[self.path] = self
         return True
 
     def release(self) -> None:
-        if _HELD.get(self._key) is self:
-            del _HELD[self._key]
+        """Give the lock up if this object holds it; harmless otherwise."""
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]
             with contextlib.suppress(OSError):
                 _record_lock(_lock_fd(self._root), self._offset, fcntl.F_UNLCK)
 
     @property
-    def held(self) -> bool:
-        return _HELD.get(self._key) is self
+    def locked(self) -> bool:
+        """True while this object holds the lock."""
+        return _HELD.get(self.path) is self
+
+    def in_use(self) -> bool:
+        """True if some session (in any process) holds the lock; False for a missing Maildir."""
+        if self.path in _HELD:
+            return True
+        if not os.path.isdir(self.path):
+            return False
+        try:
+            if self.lock():
+                self.release()
+                return False
+        except OSError:
+            return False
+        return True
+
+    # -- content -----------------------------------------------------------------
+    def snapshot(self) -> list[Message]:
+        """The mailbox as a session sees it for its whole life (sizes as RETR sends them)."""
+        files = _list_files(self.path)
+        if len(files) > THREADPOOL_THRESHOLD:
+            return gevent.get_hub().threadpool.apply(_build_snapshot, (self.path, files))
+        return _build_snapshot(self.path, files)
+
+    def delete(self, messages: list[Message]) -> list[Message]:
+        """UPDATE: remove the files of `messages`; returns those that could not be removed."""
+        if len(messages) > THREADPOOL_THRESHOLD:
+            return gevent.get_hub().threadpool.apply(_delete, (self.path, messages))
+        return _delete(self.path, messages)
+
+    def size(self) -> tuple[int, int]:
+        """(messages, octets as stored) of what a snapshot would list: MSMP `LIST <user>`.
+
+        A directory scan and one stat per file, no reading; a missing Maildir is (0, 0)."""
+        files = _list_files(self.path)
+        if len(files) > THREADPOOL_THRESHOLD:
+            return gevent.get_hub().threadpool.apply(_stored_size, (files,))
+        return _stored_size(files)
 
 
 # One descriptor per Maildir root for the whole process, and the locks this process holds.
 _LOCK_FDS: dict[str, int] = {}
-_HELD: dict[str, MailboxLock] = {}
+_HELD: dict[str, Mailbox] = {}
 _OFD = hasattr(fcntl, "F_OFD_SETLK")
 _FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid
 
@@ -140,20 +187,6 @@ def _record_lock(fd: int, offset: int, kind: int) -> bool:
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return False
         raise
-    return True
-
-
-def mailbox_in_use(maildir: str) -> bool:
-    """True if some session (in any process) holds the mailbox lock."""
-    if not os.path.isdir(maildir):
-        return False
-    lock = MailboxLock(maildir)
-    try:
-        if lock.acquire():
-            lock.release()
-            return False
-    except OSError:
-        return False
     return True
 
 
@@ -222,12 +255,17 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str]]) -> list[Message]
     return messages
 
 
-def snapshot(maildir: str) -> list[Message]:
-    """The mailbox as a session sees it for its whole life."""
-    files = _list_files(maildir)
-    if len(files) > THREADPOOL_THRESHOLD:
-        return gevent.get_hub().threadpool.apply(_build_snapshot, (maildir, files))
-    return _build_snapshot(maildir, files)
+def _stored_size(files: list[tuple[str, str]]) -> tuple[int, int]:
+    count = octets = 0
+    for _, path in files:
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # fetched or deleted meanwhile
+        if stat.S_ISREG(info.st_mode):
+            count += 1
+            octets += info.st_size
+    return count, octets
 
 
 # -- content -----------------------------------------------------------------
@@ -328,7 +366,7 @@ def message_chunks(handle: BinaryIO, body_lines: int | None = None) -> Iterator[
 
 # -- UPDATE ------------------------------------------------------------------
 
-def delete_messages(maildir: str, messages: list[Message]) -> list[Message]:
+def _delete(maildir: str, messages: list[Message]) -> list[Message]:
     """Remove the files of `messages`; returns those that could not be removed.
 
     A file that another program renamed (flags changed) is looked up by its UIDL;
@@ -366,14 +404,21 @@ def _find_by_uid(maildir: str, uid: str) -> str | None:
 
 
 def deliver(maildir: str, content: bytes) -> str:
-    """Deliver one message the Maildir way: write into tmp/, then rename into new/."""
-    ensure_maildir(maildir)
+    """Deliver one message the Maildir way: write into tmp/, then rename into new/.
+
+    A delivery agent's job (--demo, tests, load tests): the Maildir and its parents are
+    created if missing."""
     host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
     # One clock reading, microseconds zero-padded: names sort in delivery order.
     now = time.time_ns()
     name = f"{now // 10**9}.M{now // 1000 % 1_000_000:06d}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
     temp = os.path.join(maildir, "tmp", name)
-    with open(temp, "wb") as handle:
+    try:
+        handle = open(temp, "wb")  # noqa: SIM115 - closed below
+    except FileNotFoundError:
+        _create(maildir, parents=True)
+        handle = open(temp, "wb")  # noqa: SIM115 - closed below
+    with handle:
         handle.write(content)
         handle.flush()
         os.fsync(handle.fileno())

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # both are imported only when Prometheus metrics are asked for
     from gevent.pywsgi import WSGIServer
+    from prometheus_client.metrics_core import Metric
 
 # Counters that persist across restarts (totals), as opposed to gauges.
 PERSISTED_COUNTERS = (
@@ -165,7 +167,8 @@ class PrometheusCollector:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
-    def collect(self):  # noqa: ANN201 - prometheus-client's collector protocol
+    def collect(self) -> Iterator[Metric]:
+        """prometheus-client's collector protocol."""
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         m = self.metrics

@@ -118,7 +118,7 @@ class Settings:
         self._listeners: list[Listener] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
         self.named_transformers: dict[str, list[str]] = {}
-        # Named chains: name -> names of named_transformers run in order (geventpop3.transform).
+        # Named chains: name -> names of named_transformers run in order (geventpop3.filters).
         self.transformer_chains: dict[str, list[str]] = {}
 
     def __getattr__(self, name: str) -> Any:

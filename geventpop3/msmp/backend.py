@@ -11,7 +11,7 @@ import os
 import time
 
 from geventpop3.context import ServerContext
-from geventpop3.maildir import ensure_maildir, mailbox_in_use, user_maildir
+from geventpop3.maildir import Mailbox
 from geventpop3.metrics import AccessEntry
 from geventpop3.store import StoreError
 from geventpop3.users import UserError, valid_password, valid_username
@@ -51,13 +51,11 @@ class ManagementBackend:
         root = self._root()
         if root is not None:
             # Maildir first: an account is never left without a place for its mail.
-            path = user_maildir(root, name)
+            mailbox = Mailbox(root, name)
             try:
-                if not os.path.isdir(path):
-                    os.mkdir(path, mode=0o700)  # not makedirs: a vanished root is an error
-                ensure_maildir(path)
+                mailbox.open()  # a vanished root is an error, not something to recreate
             except OSError as exc:
-                log.error("cannot create Maildir %s: %s", path, exc)
+                log.error("cannot create Maildir %s: %s", mailbox.path, exc)
                 raise UserError("Cannot create Maildir") from None
         try:
             created = users.set_password(name, password)
@@ -78,8 +76,9 @@ class ManagementBackend:
         if name not in users:
             raise UserError("User does not exist")
         root = self._root()
-        path = user_maildir(root, name) if root is not None else None
-        if self.ctx.logged_in.get(name) or (path is not None and mailbox_in_use(path)):
+        mailbox = Mailbox(root, name) if root is not None else None
+        path = mailbox.path if mailbox is not None else None
+        if self.ctx.logged_in.get(name) or (mailbox is not None and mailbox.in_use()):
             raise UserError("User is currently logged in")
         moved: str | None = None
         try:
@@ -128,32 +127,10 @@ class ManagementBackend:
         if name not in self.ctx.users:
             raise UserError("User does not exist")
         entries = self._log_count(name)
-        messages, octets = self._mailbox_size(name)
+        root = self._root()
+        messages, octets = Mailbox(root, name).size() if root is not None else (0, 0)
         logged_in = "yes" if self.ctx.logged_in.get(name) else "no"
         return f"{name} {entries} logs messages={messages} octets={octets} logged-in={logged_in}"
-
-    def _mailbox_size(self, name: str) -> tuple[int, int]:
-        """Files and octets in new/ and cur/: a directory scan, no reading."""
-        root = self._root()
-        if root is None:
-            return 0, 0
-        path = user_maildir(root, name)
-        count = size = 0
-        for sub in ("new", "cur"):
-            try:
-                with os.scandir(os.path.join(path, sub)) as entries:
-                    for entry in entries:
-                        if entry.name.startswith("."):
-                            continue
-                        try:
-                            if entry.is_file():
-                                size += entry.stat().st_size
-                                count += 1
-                        except OSError:
-                            continue  # fetched or deleted meanwhile
-            except OSError:
-                continue
-        return count, size
 
     # -- access log -----------------------------------------------------------
     # With a store there is always a persister (app.py), the one reader and writer of

@@ -16,7 +16,7 @@ from enum import Enum
 
 from geventpop3 import IMPLEMENTATION
 from geventpop3.lines import LINE_TOO_LONG, Delayed
-from geventpop3.maildir import Message
+from geventpop3.message import Message
 
 
 class State(Enum):

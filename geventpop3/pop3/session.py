@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import socket
 import time
@@ -46,7 +45,7 @@ class Pop3Session:
     """Drives one `Pop3Protocol` over one `Transport`."""
 
     __slots__ = (
-        "ctx", "service", "transport", "buffer", "address", "port", "protocol", "lock", "maildir",
+        "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
         "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
     )
 
@@ -62,8 +61,7 @@ class Pop3Session:
         self.port = int(address[1])
         settings = ctx.settings
         self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay)
-        self.lock: maildir.MailboxLock | None = None
-        self.maildir: str | None = None
+        self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.time()
         self.ended = "disconnect"
         self.deleted_count = 0
@@ -163,26 +161,23 @@ class Pop3Session:
         if not ctx.users.verify(user, action.password):
             return self._login_failed(user, "auth")
         try:
-            path = maildir.user_maildir(ctx.settings.maildir, user)
-            if not os.path.isdir(os.path.join(path, "new")):
-                maildir.ensure_maildir(path)  # first login of a user without a Maildir yet
-            lock = maildir.MailboxLock(path)
-            if not lock.acquire():
+            mailbox = maildir.Mailbox(ctx.settings.maildir, user)
+            mailbox.open()  # creates the Maildir at a user's first login
+            if not mailbox.lock():
                 return self._login_failed(user, "in-use")
         except (OSError, maildir.MaildirError) as exc:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp")
         try:
-            messages = maildir.snapshot(path)
-            if ctx.transformers is not None:
-                messages = ctx.transformers.prepare(messages, user=user, address=self.address, port=self.port)
+            messages = mailbox.snapshot()
+            if ctx.filters is not None:
+                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port)
                 self.transform_failures = sum(1 for m in messages if m.error is not None)
         except Exception as exc:
-            lock.release()
+            mailbox.release()
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp")
-        self.lock = lock
-        self.maildir = path
+        self.mailbox = mailbox
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
         ctx.metrics.logins_ok += 1
         log.info("pop3 login: user=%s rip=%s rport=%d messages=%d", loggable(user), self.address, self.port,
@@ -219,11 +214,8 @@ class Pop3Session:
         if not deleted:
             self._release_mailbox()
             return self.protocol.update_done(0)
-        assert self.maildir is not None
-        if len(deleted) > maildir.THREADPOOL_THRESHOLD:
-            failed = gevent.get_hub().threadpool.apply(maildir.delete_messages, (self.maildir, deleted))
-        else:
-            failed = maildir.delete_messages(self.maildir, deleted)
+        assert self.mailbox is not None
+        failed = self.mailbox.delete(deleted)
         self.deleted_count = len(deleted) - len(failed)
         self.ctx.metrics.messages_deleted += self.deleted_count
         if failed:
@@ -233,10 +225,10 @@ class Pop3Session:
 
     # -- end -----------------------------------------------------------------
     def _release_mailbox(self) -> None:
-        if self.lock is None:
+        if self.mailbox is None:
             return
-        self.lock.release()
-        self.lock = None
+        self.mailbox.release()
+        self.mailbox = None
         user = self.protocol.user or ""
         count = self.ctx.logged_in.get(user, 0) - 1
         if count > 0:

@@ -167,7 +167,7 @@ def test_set_maildir_new_sessions_see_the_new_root_open_ones_keep_theirs(server:
         after.quit()
         # The old session's QUIT deleted from the old root, not the new one.
         assert server.message_files("alice") == []
-        assert len(maildir.snapshot(str(new_root / "alice"))) == 1
+        assert len(maildir.Mailbox(str(new_root), "alice").snapshot()) == 1
         # MSMP ADD works in the new root too.
         assert client.add_user("dave", "davepw") == "Added user"
         assert (new_root / "dave" / "new").is_dir()

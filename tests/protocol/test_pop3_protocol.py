@@ -6,7 +6,7 @@ import pytest
 
 from geventpop3 import IMPLEMENTATION
 from geventpop3.lines import LINE_TOO_LONG, Delayed
-from geventpop3.maildir import Message
+from geventpop3.message import Message
 from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
 
 TRANSACTION_ONLY = [b"STAT", b"LIST", b"LIST 1", b"UIDL", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1", b"NOOP",

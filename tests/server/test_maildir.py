@@ -1,4 +1,4 @@
-"""Maildir: snapshot, exact sizes and their cache, streaming RETR/TOP, the lock, UPDATE deletes."""
+"""Maildir: the Mailbox (open, snapshot, cached exact sizes, lock, UPDATE deletes, size), streaming RETR/TOP."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from geventpop3 import maildir
-from geventpop3.maildir import Message
+from geventpop3.maildir import Mailbox
+from geventpop3.message import Message
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -87,9 +88,16 @@ def stream(raw: bytes, body_lines: int | None = None, sizes: Iterator[int] | Non
 
 
 def make_maildir(root: Path, user: str = "alice") -> Path:
-    path = root / user
-    maildir.ensure_maildir(str(path))
-    return path
+    Mailbox(str(root), user).open()
+    return root / user
+
+
+def mailbox(box: Path) -> Mailbox:
+    return Mailbox(str(box.parent), box.name)
+
+
+def snapshot(box: Path) -> list[Message]:
+    return mailbox(box).snapshot()
 
 
 def put(box: Path, sub: str, name: str, content: bytes) -> Path:
@@ -244,7 +252,7 @@ def test_snapshot_new_and_cur_uidl_is_base_name(tmp_path: Path) -> None:
     put(box, "cur", "1002.M3P1.host:2,", b"x")
     put(box, "new", ".hidden", b"ignored")
     put(box, "tmp", "1003.M4P1.host", b"not delivered yet")
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     assert [m.uid for m in messages] == ["1000.M1P1.host", "1001.M2P1.host", "1002.M3P1.host"]
     assert [os.path.basename(m.path) for m in messages] == ["1000.M1P1.host", "1001.M2P1.host:2,S",
                                                              "1002.M3P1.host:2,"]
@@ -259,14 +267,14 @@ def test_snapshot_ignores_odd_names_and_duplicates(tmp_path: Path) -> None:
     put(box, "new", "has space", b"x")
     put(box, "new", "x" * 71, b"x")
     put(box, "new", ":2,S", b"no base name")
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     assert [m.uid for m in messages] == ["dup.host"]
     assert len({m.uid for m in messages}) == len(messages)
 
 
 def test_snapshot_of_missing_subdirectories_is_empty(tmp_path: Path) -> None:
     (tmp_path / "bare").mkdir()
-    assert maildir.snapshot(str(tmp_path / "bare")) == []
+    assert snapshot(tmp_path / "bare") == []
 
 
 def test_sizes_equal_stream_minus_dot_stuffing(tmp_path: Path) -> None:
@@ -274,7 +282,7 @@ def test_sizes_equal_stream_minus_dot_stuffing(tmp_path: Path) -> None:
     contents = [b"", b"a", b".\n.\n", b"x\r\ny\nz", b"\x00\r\r\n\xff.\n", b"A: 1\n\n" + b".dots\n" * 500]
     for number, content in enumerate(contents):
         put(box, "new", f"{1000 + number}.host", content)
-    for message, content in zip(maildir.snapshot(str(box)), contents, strict=True):
+    for message, content in zip(snapshot(box), contents, strict=True):
         with open(message.path, "rb") as handle:
             sent = b"".join(maildir.message_chunks(handle))
         unstuffed = (b"\r\n" + sent).replace(b"\r\n..", b"\r\n.")[2:]
@@ -298,10 +306,10 @@ def test_second_snapshot_reads_no_message(tmp_path: Path, monkeypatch: pytest.Mo
     for number in range(20):
         put(box, "new", f"{1000 + number}.host", b"A: 1\n\nbody\n" * (number + 1))
     opened = _count_message_opens(monkeypatch, box)
-    first = maildir.snapshot(str(box))
+    first = snapshot(box)
     assert len(opened) == 20
     opened.clear()
-    second = maildir.snapshot(str(box))
+    second = snapshot(box)
     assert opened == []
     assert first == second
 
@@ -310,20 +318,20 @@ def test_size_cache_content_and_use(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     path = put(box, "new", "1000.host", b"\n\n\n\n")  # 4 raw octets, 8 on the wire
     put(box, "cur", "1001.host:2,S", b"ab\n")
-    assert [m.size for m in maildir.snapshot(str(box))] == [8, 4]
+    assert [m.size for m in snapshot(box)] == [8, 4]
     cache = (box / maildir.SIZE_CACHE).read_text().split("\n")
     assert sorted(line for line in cache if line) == ["1000.host 4 8", "1001.host 3 4"]
     # Same raw length, different content: the cached size is used (no re-read).
     path.write_bytes(b"abcd")
-    assert [m.size for m in maildir.snapshot(str(box))] == [8, 4]
+    assert [m.size for m in snapshot(box)] == [8, 4]
 
 
 def test_changed_raw_size_is_measured_again(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     path = put(box, "new", "1000.host", b"\n\n\n\n")
-    assert maildir.snapshot(str(box))[0].size == 8
+    assert snapshot(box)[0].size == 8
     path.write_bytes(b"abcde")
-    assert maildir.snapshot(str(box))[0].size == 7
+    assert snapshot(box)[0].size == 7
     assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 5 7\n"
 
 
@@ -331,9 +339,9 @@ def test_size_cache_forgets_removed_messages(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     gone = put(box, "new", "1000.host", b"a\n")
     put(box, "new", "1001.host", b"b\n")
-    maildir.snapshot(str(box))
+    snapshot(box)
     gone.unlink()
-    assert [m.uid for m in maildir.snapshot(str(box))] == ["1001.host"]
+    assert [m.uid for m in snapshot(box)] == ["1001.host"]
     assert (box / maildir.SIZE_CACHE).read_text() == "1001.host 2 3\n"
 
 
@@ -341,7 +349,7 @@ def test_corrupt_size_cache_is_ignored(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     put(box, "new", "1000.host", b"a\nb\n")
     (box / maildir.SIZE_CACHE).write_bytes(b"garbage\n1000.host x y\n\xff\xfe\x00\n1000.host 4\n")
-    assert maildir.snapshot(str(box))[0].size == 6
+    assert snapshot(box)[0].size == 6
     assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 4 6\n"
     assert not [name for name in os.listdir(box) if name.endswith(".tmp")]
 
@@ -351,45 +359,46 @@ def test_big_snapshot_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyP
     box = make_maildir(tmp_path)
     for number in range(10):
         put(box, "new", f"{1000 + number}.host", b"x\n" * number)
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     assert [m.size for m in messages] == [3 * number for number in range(10)]
 
 
 # -- lock --------------------------------------------------------------------
 
 def test_lock_is_exclusive_between_two_objects(tmp_path: Path) -> None:
-    box = str(make_maildir(tmp_path))
-    first, second = maildir.MailboxLock(box), maildir.MailboxLock(box)
-    assert not maildir.mailbox_in_use(box)
-    assert first.acquire() and first.held
-    assert not second.acquire() and not second.held
-    assert maildir.mailbox_in_use(box)
+    box = make_maildir(tmp_path)
+    first, second = mailbox(box), mailbox(box)
+    assert not first.in_use()
+    assert first.lock() and first.locked
+    assert not second.lock() and not second.locked
+    assert first.in_use() and second.in_use()
     first.release()
-    assert not first.held
-    assert not maildir.mailbox_in_use(box)
-    assert second.acquire()
-    assert not first.acquire()
+    assert not first.locked
+    assert not first.in_use()
+    assert second.lock()
+    assert not first.lock()
     second.release()
     second.release()  # releasing twice is harmless
+    first.release()  # so is releasing a lock one never held
 
 
-def test_mailbox_in_use_of_missing_maildir(tmp_path: Path) -> None:
-    assert not maildir.mailbox_in_use(str(tmp_path / "nobody"))
+def test_in_use_of_missing_maildir(tmp_path: Path) -> None:
+    assert not Mailbox(str(tmp_path), "nobody").in_use()
     assert not (tmp_path / "nobody").exists()
 
 
 HOLDER = textwrap.dedent("""
     import sys
-    from geventpop3.maildir import MailboxLock
-    lock = MailboxLock(sys.argv[1])
-    print("locked" if lock.acquire() else "busy", flush=True)
+    from geventpop3.maildir import Mailbox
+    mailbox = Mailbox(sys.argv[1], sys.argv[2])
+    print("locked" if mailbox.lock() else "busy", flush=True)
     sys.stdin.read()
 """)
 
 
-def _holder(box: str) -> subprocess.Popen[bytes]:
+def _holder(box: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    process = subprocess.Popen([sys.executable, "-c", HOLDER, box], stdin=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-c", HOLDER, str(box.parent), box.name], stdin=subprocess.PIPE,
                                stdout=subprocess.PIPE, env=env)
     assert process.stdout is not None
     assert process.stdout.readline() == b"locked\n"
@@ -397,53 +406,54 @@ def _holder(box: str) -> subprocess.Popen[bytes]:
 
 
 def test_lock_across_processes_released_on_exit(tmp_path: Path) -> None:
-    box = str(make_maildir(tmp_path))
+    box = make_maildir(tmp_path)
     process = _holder(box)
     try:
-        assert maildir.mailbox_in_use(box)
-        assert not maildir.MailboxLock(box).acquire()
+        assert mailbox(box).in_use()
+        assert not mailbox(box).lock()
     finally:
         process.communicate(b"")  # the holder exits normally
-    assert not maildir.mailbox_in_use(box)
+    assert not mailbox(box).in_use()
 
 
 def test_lock_never_stale_after_kill_9(tmp_path: Path) -> None:
-    box = str(make_maildir(tmp_path))
+    box = make_maildir(tmp_path)
     process = _holder(box)
     try:
-        lock = maildir.MailboxLock(box)
-        assert not lock.acquire()
+        held = mailbox(box)
+        assert not held.lock()
     finally:
         process.kill()
         process.wait()
         process.stdin.close()  # type: ignore[union-attr]
         process.stdout.close()  # type: ignore[union-attr]
-    assert lock.acquire()
-    lock.release()
+    assert held.lock()
+    held.release()
 
 
 def test_lock_held_here_is_seen_by_other_process(tmp_path: Path) -> None:
-    box = str(make_maildir(tmp_path))
-    lock = maildir.MailboxLock(box)
-    assert lock.acquire()
+    box = make_maildir(tmp_path)
+    held = mailbox(box)
+    assert held.lock()
     env = dict(os.environ, PYTHONPATH=REPO)
-    check = "import sys; from geventpop3.maildir import mailbox_in_use; print(mailbox_in_use(sys.argv[1]))"
+    check = "import sys; from geventpop3.maildir import Mailbox; print(Mailbox(sys.argv[1], sys.argv[2]).in_use())"
     try:
-        out = subprocess.run([sys.executable, "-c", check, box], capture_output=True, env=env, check=True).stdout
+        out = subprocess.run([sys.executable, "-c", check, str(box.parent), box.name], capture_output=True, env=env,
+                             check=True).stdout
         assert out == b"True\n"
     finally:
-        lock.release()
+        held.release()
 
 
 # -- UPDATE ------------------------------------------------------------------
 
-def test_delete_messages(tmp_path: Path) -> None:
+def test_delete(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     for number in range(4):
         put(box, "new", f"{1000 + number}.host", b"x\n")
-    messages = maildir.snapshot(str(box))
-    assert maildir.delete_messages(str(box), [messages[0], messages[2]]) == []
-    assert [m.uid for m in maildir.snapshot(str(box))] == ["1001.host", "1003.host"]
+    messages = snapshot(box)
+    assert mailbox(box).delete([messages[0], messages[2]]) == []
+    assert [m.uid for m in snapshot(box)] == ["1001.host", "1003.host"]
 
 
 def test_delete_finds_a_renamed_file_and_tolerates_a_gone_one(tmp_path: Path) -> None:
@@ -452,24 +462,24 @@ def test_delete_finds_a_renamed_file_and_tolerates_a_gone_one(tmp_path: Path) ->
     put(box, "cur", "1001.host:2,", b"flags changed\n")
     gone = put(box, "new", "1002.host", b"gone\n")
     put(box, "new", "1000.hostX", b"a uid with the other as prefix: kept\n")
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     os.rename(box / "new" / "1000.host", box / "cur" / "1000.host:2,S")  # a client or MUA marked it seen
     os.rename(box / "cur" / "1001.host:2,", box / "cur" / "1001.host:2,RS")
     gone.unlink()
     doomed = [m for m in messages if m.uid != "1000.hostX"]
     assert len(doomed) == 3
-    assert maildir.delete_messages(str(box), doomed) == []
-    assert [m.uid for m in maildir.snapshot(str(box))] == ["1000.hostX"]
+    assert mailbox(box).delete(doomed) == []
+    assert [m.uid for m in snapshot(box)] == ["1000.hostX"]
 
 
 def test_delete_failure_is_reported(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     put(box, "new", "1000.host", b"x\n")
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     blocked = box / "cur" / "1001.host"
     blocked.mkdir()  # unlink() of a directory fails with something other than "not found"
     stuck = Message("1001.host", str(blocked), 1, str(blocked))
-    failed = maildir.delete_messages(str(box), [messages[0], stuck])
+    failed = mailbox(box).delete([messages[0], stuck])
     assert failed == [stuck]
     assert not (box / "new" / "1000.host").exists()
 
@@ -493,11 +503,59 @@ def test_user_maildir_refuses_unsafe_names(tmp_path: Path, name: str) -> None:
         maildir.user_maildir(str(tmp_path), name)
 
 
-def test_ensure_maildir(tmp_path: Path) -> None:
-    box = tmp_path / "alice"
-    maildir.ensure_maildir(str(box))
-    maildir.ensure_maildir(str(box))  # idempotent
-    assert sorted(os.listdir(box)) == ["cur", "new", "tmp"]
+def test_open_creates_the_maildir_once(tmp_path: Path) -> None:
+    box = Mailbox(str(tmp_path), "alice")
+    assert box.path == str(tmp_path / "alice")
+    box.open()
+    assert sorted(os.listdir(box.path)) == ["cur", "new", "tmp"]
+    assert all((tmp_path / "alice" / sub).stat().st_mode & 0o777 == 0o700 for sub in ("", "cur", "new", "tmp"))
+    put(tmp_path / "alice", "new", "1000.host", b"kept\n")
+    box.open()  # idempotent: nothing is touched
+    assert [m.uid for m in box.snapshot()] == ["1000.host"]
+
+
+def test_open_completes_a_partial_maildir(tmp_path: Path) -> None:
+    (tmp_path / "alice" / "cur").mkdir(parents=True)
+    Mailbox(str(tmp_path), "alice").open()
+    assert sorted(os.listdir(tmp_path / "alice")) == ["cur", "new", "tmp"]
+
+
+def test_open_refuses_to_recreate_a_vanished_root(tmp_path: Path) -> None:
+    """MSMP ADD and a first login fail cleanly instead of building a new tree (an unmounted disk)."""
+    box = Mailbox(str(tmp_path / "gone"), "alice")
+    with pytest.raises(FileNotFoundError):
+        box.open()
+    assert not (tmp_path / "gone").exists()
+
+
+@pytest.mark.parametrize("name", ["..", "../x", ".hidden", "a/b", "/etc", ""])
+def test_mailbox_refuses_unsafe_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(maildir.MaildirError):
+        Mailbox(str(tmp_path), name)
+
+
+def test_size_counts_what_a_snapshot_lists_without_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")  # 4 octets stored, 6 on the wire
+    put(box, "cur", "1001.host:2,S", b"abc")
+    put(box, "new", ".hidden", b"ignored")
+    put(box, "tmp", "1002.host", b"not delivered yet")
+    (box / "new" / "1003.host").mkdir()  # not a message
+    opened = _count_message_opens(monkeypatch, box)
+    assert mailbox(box).size() == (2, 7)
+    assert opened == []
+    assert Mailbox(str(tmp_path), "nobody").size() == (0, 0)
+
+
+def test_big_mailbox_size_and_delete_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
+    box = make_maildir(tmp_path)
+    for number in range(10):
+        put(box, "new", f"{1000 + number}.host", b"x" * number)
+    assert mailbox(box).size() == (10, 45)
+    messages = snapshot(box)
+    assert mailbox(box).delete(messages[:6]) == []
+    assert mailbox(box).size() == (4, 6 + 7 + 8 + 9)
 
 
 def test_deliver(tmp_path: Path) -> None:
@@ -507,7 +565,7 @@ def test_deliver(tmp_path: Path) -> None:
     assert all(os.path.dirname(path) == str(box / "new") for path in paths)
     assert os.listdir(box / "tmp") == []
     assert Path(paths[2]).read_bytes() == b"Subject: 2\n\nbody\n"
-    messages = maildir.snapshot(str(box))
+    messages = snapshot(box)
     assert [m.uid for m in messages] == [os.path.basename(path) for path in paths]  # name order = delivery order
     assert all(":" not in m.uid and "/" not in m.uid for m in messages)
 
@@ -527,7 +585,7 @@ def test_deliver_names_sort_in_delivery_order_across_digit_counts(tmp_path: Path
             raise AssertionError("one clock reading per name: use time_ns()")
 
     monkeypatch.setattr(maildir, "time", FakeClock)
-    box = str(tmp_path / "alice")
-    paths = [maildir.deliver(box, b"x\n") for _ in range(3)]
-    assert [m.uid for m in maildir.snapshot(box)] == [os.path.basename(path) for path in paths]
+    box = tmp_path / "alice"
+    paths = [maildir.deliver(str(box), b"x\n") for _ in range(3)]
+    assert [m.uid for m in snapshot(box)] == [os.path.basename(path) for path in paths]
     assert os.path.basename(paths[0]).startswith("1700000000.M099999P")

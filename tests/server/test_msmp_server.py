@@ -18,7 +18,7 @@ from helpers import ipv6_loopback as _ipv6_loopback
 
 from geventpop3 import IMPLEMENTATION, users
 from geventpop3.context import ServerContext
-from geventpop3.maildir import MailboxLock
+from geventpop3.maildir import Mailbox
 from geventpop3.metrics import AccessEntry
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import Settings
@@ -213,12 +213,12 @@ def test_dele_refuses_a_logged_in_user(ctx: ServerContext, connect) -> None:
     assert client.cmd("DELE bob") == "-ERR User is currently logged in"
     ctx.logged_in.pop("bob")
     # The cross-process mailbox lock counts too (another server process).
-    lock = MailboxLock(os.path.join(ctx.settings.maildir, "bob"))
-    assert lock.acquire()
+    mailbox = Mailbox(ctx.settings.maildir, "bob")
+    assert mailbox.lock()
     try:
         assert client.cmd("DELE bob") == "-ERR User is currently logged in"
     finally:
-        lock.release()
+        mailbox.release()
     assert client.cmd("DELE bob") == "+OK Deleted user"
 
 
@@ -302,10 +302,10 @@ def test_host_name_binds_what_it_resolves_to(ctx: ServerContext) -> None:
 
 
 def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tmp_path) -> None:
-    from geventpop3.persister import Persister
-    from geventpop3.store import Store
+    from geventpop3.store.persister import Persister
+    from geventpop3.store.sqlite import SqliteStore
 
-    ctx.store = Store(str(tmp_path / "state.db"))
+    ctx.store = SqliteStore(str(tmp_path / "state.db"))
     ctx.persister = Persister(ctx, ctx.store)  # not started: LIST and LOGS flush themselves
     try:
         client = connect()

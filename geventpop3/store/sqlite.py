@@ -1,4 +1,4 @@
-"""Persistent state in an embedded SQLite database: users, settings, counters, access log.
+"""The SQLite implementation of `geventpop3.store.Store`: one embedded database file.
 
 Every SQLite call runs in gevent's thread pool on one connection guarded by a native
 lock, so a slow query or a busy disk stalls only the greenlet that asked, never the
@@ -23,8 +23,9 @@ import gevent
 from gevent.monkey import get_original
 
 from geventpop3.metrics import AccessEntry
+from geventpop3.store import StoreError
 
-log = logging.getLogger("geventpop3.store")
+log = logging.getLogger(__name__)
 
 # A native lock even when threading is monkey-patched: it is taken in pool threads.
 _allocate_lock = get_original("_thread", "allocate_lock")
@@ -87,10 +88,6 @@ _SELECT_ACCESS = f"SELECT {_NAMES} FROM access_log WHERE user = ? ORDER BY id DE
 PRUNE_CHUNK = 5000  # rows per transaction, so appends are never locked out for long
 
 
-class StoreError(Exception):
-    """The database cannot be opened, read or written; str() says which file and why."""
-
-
 def _row(entry: AccessEntry) -> tuple[Any, ...]:
     return tuple(convert(getattr(entry, name)) for name, convert in _COLUMNS)
 
@@ -99,44 +96,45 @@ def _entry(row: Iterable[Any]) -> AccessEntry:
     return AccessEntry(**{name: value for (name, _), value in zip(_COLUMNS, row, strict=True)})
 
 
-class Store:
+class SqliteStore:
     """One SQLite file; every method blocks only the calling greenlet."""
 
     def __init__(self, path: str, busy_timeout: float = 5.0) -> None:
-        self.path = path
+        self.location = path  # the database file
         self._busy_timeout = busy_timeout
         self._lock = _allocate_lock()
         self._db: sqlite3.Connection | None = None
         self._pool(self._open)
 
     # -- plumbing ---------------------------------------------------------
-    def _pool(self, func: Callable[..., T], *args: Any) -> T:
+    def _pool(self, func: Callable[[], T]) -> T:
         """Run `func` in gevent's thread pool; the calling greenlet waits, the loop does not.
 
         Errors travel back as values: gevent prints a traceback for every exception
         escaping a pool task, which would flood stderr while the disk is full."""
-        outcome = gevent.get_hub().threadpool.apply(_capture, (func, args))
+        outcome: T | _Failure = gevent.get_hub().threadpool.apply(_capture, (func,))
         if isinstance(outcome, _Failure):
             raise outcome.error
         return outcome
 
     def _open(self) -> None:
         try:
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False)
+            db = sqlite3.connect(self.location, timeout=self._busy_timeout, isolation_level=None,
+                                 check_same_thread=False)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
+            raise StoreError(f"cannot open state database {self.location}: {exc}") from exc
         try:
             mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
-                log.warning("state database %s: WAL mode unavailable, using %s", self.path, mode)
+                log.warning("state database %s: WAL mode unavailable, using %s", self.location, mode)
             db.execute("PRAGMA synchronous=NORMAL")
             if db.execute("PRAGMA user_version").fetchone()[0] > SCHEMA_VERSION:
-                raise StoreError(f"state database {self.path} was written by a newer version")
+                raise StoreError(f"state database {self.location} was written by a newer version")
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as exc:
             db.close()
-            raise StoreError(f"cannot open state database {self.path}: {exc}") from exc
+            raise StoreError(f"cannot open state database {self.location}: {exc}") from exc
         except StoreError:
             db.close()
             raise
@@ -147,17 +145,17 @@ class Store:
         with self._lock:
             db = self._db
             if db is None:
-                raise StoreError(f"state database {self.path} is closed")
+                raise StoreError(f"state database {self.location} is closed")
             try:
                 return func(db)
             except sqlite3.Error as exc:
                 if db.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         db.rollback()
-                raise StoreError(f"cannot {action} state database {self.path}: {exc}") from exc
+                raise StoreError(f"cannot {action} state database {self.location}: {exc}") from exc
 
     def _read(self, func: Callable[[sqlite3.Connection], T]) -> T:
-        return self._pool(self._locked, "read", func)
+        return self._pool(lambda: self._locked("read", func))
 
     def _write(self, func: Callable[[sqlite3.Connection], T], durable: bool = False) -> T:
         """One transaction; `durable` fsyncs the WAL at commit (users, settings)."""
@@ -176,9 +174,9 @@ class Store:
                 if durable:
                     db.execute("PRAGMA synchronous=NORMAL")
 
-        return self._pool(self._locked, "write", transaction)
+        return self._pool(lambda: self._locked("write", transaction))
 
-    # -- users (the users.UserStore protocol) -------------------------------
+    # -- users ------------------------------------------------------------------
     def load_users(self) -> dict[str, str]:
         return self._read(lambda db: dict(db.execute("SELECT name, password_hash FROM users").fetchall()))
 
@@ -209,10 +207,6 @@ class Store:
             ),
             durable=True,
         )
-
-    def delete_setting(self, key: str) -> None:
-        """Forget a saved value, so the configured one applies at the next start."""
-        self._write(lambda db: db.execute("DELETE FROM settings WHERE key = ?", (key,)), durable=True)
 
     # -- counters -----------------------------------------------------------
     def load_counters(self) -> dict[str, int]:
@@ -249,17 +243,14 @@ class Store:
 
     def access_count(self, user: str) -> int:
         return self._read(
-            lambda db: db.execute("SELECT count(*) FROM access_log WHERE user = ?", (user,)).fetchone()[0]
+            lambda db: int(db.execute("SELECT count(*) FROM access_log WHERE user = ?", (user,)).fetchone()[0])
         )
-
-    def last_access(self, user: str) -> AccessEntry | None:
-        entries = self.query_access(user, 1)
-        return entries[0] if entries else None
 
     def prune(self, keep_per_user: int, max_age_days: int) -> int:
         """Drop entries older than `max_age_days` and all but each user's last
         `keep_per_user`; in small transactions. Returns the number of rows removed."""
-        return self._pool(self._prune, max(0, keep_per_user), time.time() - max_age_days * 86400.0)
+        cutoff = time.time() - max_age_days * 86400.0
+        return self._pool(lambda: self._prune(max(0, keep_per_user), cutoff))
 
     def _prune(self, keep: int, cutoff: float) -> int:
         def chunk(sql: str, *args: Any) -> int:
@@ -304,7 +295,7 @@ class Store:
             try:
                 db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
             except sqlite3.Error as exc:
-                log.warning("state database %s: checkpoint at close failed: %s", self.path, exc)
+                log.warning("state database %s: checkpoint at close failed: %s", self.location, exc)
             db.close()
 
 
@@ -315,9 +306,9 @@ class _Failure:
         self.error = error
 
 
-def _capture(func: Callable[..., T], args: tuple[Any, ...]) -> T | _Failure:
+def _capture(func: Callable[[], T]) -> T | _Failure:
     try:
-        return func(*args)
+        return func()
     except Exception as exc:  # re-raised in the calling greenlet
         return _Failure(exc)
 
@@ -325,5 +316,5 @@ def _capture(func: Callable[..., T], args: tuple[Any, ...]) -> T | _Failure:
 def _in_transaction(db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
     db.execute("BEGIN IMMEDIATE")
     count = db.execute(sql, args).rowcount
-    db.execute("COMMIT")  # on error, Store._locked rolls back
+    db.execute("COMMIT")  # on error, SqliteStore._locked rolls back
     return count

@@ -6,28 +6,25 @@ and the counters, so a kill -9 loses about a second of counters and nothing else
 A failing store (disk full, read-only, locked) is logged loudly but rarely, the
 unsaved entries wait in memory (bounded: the oldest go first) for the next try, and
 POP3 service never stops because of it.
-
-Also here: `restore_settings` and `persist_settings`, which keep MSMP `SET` changes
-across restarts.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 from gevent.lock import Semaphore
 
-from geventpop3.context import ServerContext
 from geventpop3.metrics import AccessEntry
-from geventpop3.settings import Listener, SettingError, Settings, format_value
 from geventpop3.store import Store, StoreError
 
-log = logging.getLogger("geventpop3.store")
+if TYPE_CHECKING:
+    from geventpop3.context import ServerContext
+
+log = logging.getLogger(__name__)
 
 
 class Persister:
@@ -54,8 +51,8 @@ class Persister:
         self._saved_counters: dict[str, int] | None = None
         self._flushing = Semaphore()
         self._stopping = Event()
-        self._greenlet: gevent.Greenlet | None = None
-        self._pruner: gevent.Greenlet | None = None
+        self._greenlet: gevent.Greenlet[[], None] | None = None
+        self._pruner: gevent.Greenlet[[], int] | None = None
         self._last_report = float("-inf")
         self._suppressed = 0
 
@@ -111,7 +108,7 @@ class Persister:
             self._failed(exc)
             return False
         if self.failures:
-            log.warning("state database %s writable again after %d failed attempts", self.store.path, self.failures)
+            log.warning("state database %s writable again after %d failed attempts", self.store.location, self.failures)
             self.failures = 0
             self._last_report = float("-inf")
         return True
@@ -182,52 +179,12 @@ class Persister:
         self._last_report = now
         extra = f" ({self._suppressed} similar errors suppressed)" if self._suppressed else ""
         self._suppressed = 0
-        exc_info: Any = None if isinstance(exc, StoreError) else exc  # a traceback only for bugs
+        exc_info = None if isinstance(exc, StoreError) else exc  # a traceback only for bugs
         log.error(
             "state database %s: %s; %d access-log entries kept in memory for retry%s",
-            self.store.path,
+            self.store.location,
             exc,
             len(self._backlog),
             extra,
             exc_info=exc_info,
         )
-
-
-# -- settings -----------------------------------------------------------------------
-def restore_settings(settings: Settings, store: Store, skip: Collection[str] = ()) -> dict[str, str]:
-    """Apply the values saved by earlier MSMP `SET`s (source 'store'), except keys in
-    `skip` (e.g. ones given explicitly on the command line, if those should win).
-    A saved value that no longer validates is skipped with a warning. Returns what was applied.
-
-    Call before `persist_settings`, or the restored values are written back (harmless)."""
-    applied = {}
-    for key, text in sorted(store.load_settings().items()):
-        if key in skip:
-            continue
-        try:
-            value = settings.parse(key, text)
-        except SettingError as exc:
-            log.warning("ignoring saved setting %s=%r: %s", key, text, exc)
-            continue
-        settings.apply(key, value, "store")
-        applied[key] = text
-    return applied
-
-
-def persist_settings(settings: Settings, store: Store) -> Listener:
-    """Save every later change of `settings` to the store (durably, before `SET` answers).
-
-    Settings listeners do not learn the source of a change, so subscribe this once
-    start-up configuration is applied; from then on MSMP `SET` is the only writer.
-    A store failure is logged; the change still takes effect for this run."""
-
-    def listener(key: str, old: Any, new: Any) -> None:
-        if format_value(old) == format_value(new):
-            return
-        try:
-            store.save_setting(key, settings.get(key))
-        except StoreError as exc:
-            log.error("setting %s changed but not saved, it will not survive a restart: %s", key, exc)
-
-    settings.subscribe(listener)
-    return listener

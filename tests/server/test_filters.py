@@ -1,6 +1,6 @@
 """External filters with real programs: the runner in-process, then through the real server.
 
-In-process tests drive `Transformers.prepare` exactly as a session does at login (real
+In-process tests drive `FilterRunner.prepare` exactly as a session does at login (real
 Maildir, real child processes under gevent); the others start `python -m geventpop3`
 and talk POP3 over loopback, so sizes, TOP, failures and the concurrency bound are
 checked on the wire.
@@ -23,8 +23,9 @@ from helpers import LineClient, ServerProcess, admin, crlf, wait_until
 from admin.client import MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
+from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, Filter, FilterRunner, Limiter, resolve
+from geventpop3.message import Message
 from geventpop3.settings import Settings
-from geventpop3.transform import FAILED_ERROR, STDERR_KEEP, Filter, Transformers, resolve
 from geventpop3.users import UserDirectory, hash_password
 
 ROT23 = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"xyzabcdefghijklmnopqrstuvw")
@@ -42,7 +43,7 @@ def script(directory: Path, name: str, body: str) -> str:
 # -- in-process: the runner and the cache --------------------------------------
 
 class Box:
-    """A context, a Transformers and one user's Maildir: what a login sees."""
+    """A context, a FilterRunner and one user's Maildir: what a login sees."""
 
     def __init__(self, root: Path, transformer: str = "none", **settings: str) -> None:
         self.root = root
@@ -51,9 +52,11 @@ class Box:
             self.settings.set(key, value)
         self.ctx = ServerContext(settings=self.settings, users=UserDirectory())
         self.cache = root / "state" / "filtered"
-        self.transformers = Transformers(self.ctx, str(self.cache))
-        self.maildir = str(root / "mail" / "alice")
-        maildir.ensure_maildir(self.maildir)
+        self.runner = FilterRunner(self.ctx, str(self.cache))
+        (root / "mail").mkdir(parents=True, exist_ok=True)
+        self.mailbox = maildir.Mailbox(str(root / "mail"), "alice")
+        self.mailbox.open()
+        self.maildir = self.mailbox.path
         self.use(transformer)
 
     def use(self, transformer: str) -> None:
@@ -63,15 +66,15 @@ class Box:
     def deliver(self, *contents: bytes) -> list[str]:
         return [maildir.deliver(self.maildir, content) for content in contents]
 
-    def login(self) -> list[maildir.Message]:
-        messages = maildir.snapshot(self.maildir)
-        return self.transformers.prepare(messages, user="alice", address="127.0.0.1", port=40000)
+    def login(self) -> list[Message]:
+        messages = self.mailbox.snapshot()
+        return self.runner.prepare(messages, user="alice", address="127.0.0.1", port=40000)
 
     def cached_files(self) -> list[str]:
         return sorted(str(p) for p in self.cache.glob("*/*/*"))  # <user>/<filter>/<entry or temporary>
 
 
-def read(message: maildir.Message) -> bytes:
+def read(message: Message) -> bytes:
     with open(message.path, "rb") as handle:
         return handle.read()
 
@@ -219,11 +222,11 @@ def test_cache_survives_a_restart_but_not_a_reboot(box: Box) -> None:
     box.deliver(HAM)
     box.use("cat")
     (message,) = box.login()
-    assert box.transformers.sync is False  # this boot's entries need no fsync
-    box.transformers = Transformers(box.ctx, str(box.cache))  # a server restart, same boot
+    assert box.runner.sync is False  # this boot's entries need no fsync
+    box.runner = FilterRunner(box.ctx, str(box.cache))  # a server restart, same boot
     assert box.login() == [message] and box.ctx.metrics.transformer_runs == 1
     (box.cache / ".boot-id").write_text("an-earlier-boot\n")  # entries may be torn by a crash
-    box.transformers = Transformers(box.ctx, str(box.cache))
+    box.runner = FilterRunner(box.ctx, str(box.cache))
     wait_until(lambda: not Path(message.path).exists() and not list(box.cache.glob(".trash-*")))
     (again,) = box.login()
     assert box.ctx.metrics.transformer_runs == 2 and read(again) == HAM
@@ -274,9 +277,32 @@ def test_filter_identity_and_resolution() -> None:
 
 
 def test_concurrency_setting_resizes_the_bound(box: Box) -> None:
-    assert box.transformers.limiter.limit == 4
+    assert box.runner.limiter.limit == 4
     box.settings.set("transformer_concurrency", "9")
-    assert box.transformers.limiter.limit == 9
+    assert box.runner.limiter.limit == 9
+
+
+def test_limiter_passes_on_the_wake_up_of_a_killed_waiter() -> None:
+    """Regression: a waiter woken by a release but killed before it ran took the free
+    slot with it, and the next waiter slept although nobody held the limiter."""
+    limiter = Limiter(1)
+    entered: list[str] = []
+
+    def take(name: str) -> None:
+        with limiter:
+            entered.append(name)
+
+    limiter.__enter__()  # the test holds the only slot
+    first, second = gevent.spawn(take, "first"), gevent.spawn(take, "second")
+    try:
+        wait_until(lambda: len(limiter._waiters) == 2)
+        first.kill(block=False)  # shutdown kills a session; the kill lands before...
+        limiter.__exit__(None, None, None)  # ...the wake-up this release gives it
+        wait_until(lambda: entered == ["second"], timeout=5)
+        second.join(5)
+        assert first.dead and second.successful() and limiter.active == 0
+    finally:
+        gevent.killall([first, second])
 
 
 def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:

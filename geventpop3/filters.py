@@ -32,18 +32,22 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from subprocess import PIPE, TimeoutExpired
-from typing import Any, BinaryIO
+from typing import IO, TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
 from gevent.pool import Pool
 from gevent.subprocess import Popen
 
-from geventpop3 import maildir
-from geventpop3.maildir import Message
+from geventpop3.maildir import crlf_size
+from geventpop3.message import Message
 from geventpop3.users import valid_username
 
-log = logging.getLogger("geventpop3.transform")
+if TYPE_CHECKING:
+    from geventpop3.context import ServerContext
+    from geventpop3.settings import Settings
+
+log = logging.getLogger(__name__)
 
 STDERR_KEEP = 4096  # bytes of a filter's stderr kept for the log
 STDERR_GRACE = 1.0  # seconds to wait for stderr EOF after the filter exited
@@ -74,14 +78,14 @@ class Filter:
 
     @classmethod
     def of(cls, name: str, steps: Sequence[Sequence[str]]) -> Filter:
-        steps = tuple(tuple(argv) for argv in steps)
-        if not steps or not all(steps):
+        argvs = tuple(tuple(argv) for argv in steps)
+        if not argvs or not all(argvs):
             raise ValueError("empty command")
-        digest = hashlib.sha256(json.dumps(steps).encode()).hexdigest()[:32]
-        return cls(name, steps, digest)
+        digest = hashlib.sha256(json.dumps(argvs).encode()).hexdigest()[:32]
+        return cls(name, argvs, digest)
 
 
-def resolve(settings: Any, value: str) -> Filter | None:
+def resolve(settings: Settings, value: str) -> Filter | None:
     """The filter `value` names: `none`, a chain or named command of the config file, or a command line.
 
     A chain (`settings.transformer_chains`: name -> names of commands) runs its
@@ -89,8 +93,8 @@ def resolve(settings: Any, value: str) -> Filter | None:
     """
     if value == "none":
         return None
-    named: dict[str, list[str]] = settings.named_transformers
-    chains: dict[str, list[str]] = getattr(settings, "transformer_chains", None) or {}
+    named = settings.named_transformers
+    chains = settings.transformer_chains
     if value in chains:
         missing = [step for step in chains[value] if step not in named]
         if missing:
@@ -113,7 +117,12 @@ def filter_env(user: str, uid: str, address: str, port: int) -> dict[str, str]:
 
 
 class Limiter:
-    """A counting semaphore whose size can change while greenlets wait on it."""
+    """A counting semaphore whose size can change while greenlets wait on it.
+
+    A release wakes as many waiters as there are free slots; a waiter killed after its
+    wake-up but before it ran (a session ended by shutdown) hands the wake-up on, or
+    the slot meant for it would stay free while the others wait.
+    """
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -126,9 +135,12 @@ class Limiter:
             self._waiters.append(waiter)
             try:
                 waiter.wait()
-            finally:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
+            except BaseException:
+                self._waiters.remove(waiter)
+                if waiter.is_set():
+                    self._wake()
+                raise
+            self._waiters.remove(waiter)
         self.active += 1
         return self
 
@@ -145,7 +157,7 @@ class Limiter:
             waiter.set()
 
 
-def _drain(pipe: BinaryIO) -> bytes:
+def _drain(pipe: IO[bytes]) -> bytes:
     """Read a pipe to its end (so the writer never blocks), keeping only the first bytes."""
     kept = bytearray()
     while True:
@@ -156,7 +168,7 @@ def _drain(pipe: BinaryIO) -> bytes:
             kept += chunk[: STDERR_KEEP - len(kept)]
 
 
-def _kill_group(proc: Popen) -> None:
+def _kill_group(proc: Popen[bytes]) -> None:
     """SIGKILL the filter and whatever it started (it leads its own session), then reap it."""
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -218,7 +230,7 @@ def _seal(path: str, sync: bool) -> int:
             os.fsync(fd)
         finally:
             os.close(fd)
-    return maildir.crlf_size(path)
+    return crlf_size(path)
 
 
 def boot_id() -> str | None:
@@ -241,10 +253,10 @@ def _parse_entry(name: str) -> tuple[str, int, int] | None:
     return parts[0], int(parts[1]), int(parts[2])
 
 
-class Transformers:
-    """The server's filter runner and output cache; `ctx.transformers` of the sessions."""
+class FilterRunner:
+    """The server's filter runner and output cache; `ctx.filters` of the sessions."""
 
-    def __init__(self, ctx: Any, cache_dir: str | None) -> None:
+    def __init__(self, ctx: ServerContext, cache_dir: str | None) -> None:
         """`cache_dir`: normally <state-dir>/filtered; None (no state dir) uses a private temporary one."""
         self.ctx = ctx
         try:
@@ -302,9 +314,9 @@ class Transformers:
             return False
         return True
 
-    def _on_setting(self, key: str, old: object, new: Any) -> None:
-        if key == "transformer_concurrency":
-            self.limiter.resize(int(new))
+    def _on_setting(self, key: str, old: object, new: object) -> None:
+        if key == "transformer_concurrency" and isinstance(new, int):
+            self.limiter.resize(new)
 
     # -- login ---------------------------------------------------------------
     def prepare(self, messages: list[Message], *, user: str, address: str, port: int) -> list[Message]:
@@ -367,9 +379,8 @@ class Transformers:
         with os.scandir(directory) as entries:
             for entry in entries:
                 parsed = _parse_entry(entry.name)
-                key = (parsed[0], parsed[1]) if parsed is not None else None
-                if key is not None and key in wanted and key not in found:
-                    found[key] = (entry.path, parsed[2])  # type: ignore[index]
+                if parsed is not None and (key := parsed[:2]) in wanted and key not in found:
+                    found[key] = (entry.path, parsed[2])
                 else:
                     with contextlib.suppress(OSError):
                         os.unlink(entry.path)
