@@ -22,6 +22,8 @@ setup(
             "pexpect>=4.8,<5",
             "getmail6>=6.19,<7",
             "ruff>=0.5",
+            "mypy>=1.10,<3",
+            "types-gevent>=24.2",
         ],
         "load": [
             "locust>=2.20,<3",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-log = logging.getLogger("geventpop3.settings")
+log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 40
 MAX_VALUE_LENGTH = 100

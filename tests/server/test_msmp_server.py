@@ -23,6 +23,8 @@ from geventpop3.metrics import AccessEntry
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import Settings
 from geventpop3.store import Store, StoreError
+from geventpop3.store.persister import Persister
+from geventpop3.store.sqlite import SqliteStore
 from geventpop3.users import UserDirectory
 
 TIMEOUT = 10.0
@@ -302,11 +304,8 @@ def test_host_name_binds_what_it_resolves_to(ctx: ServerContext) -> None:
 
 
 def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tmp_path) -> None:
-    from geventpop3.store.persister import Persister
-    from geventpop3.store.sqlite import SqliteStore
-
-    ctx.store = SqliteStore(str(tmp_path / "state.db"))
-    ctx.persister = Persister(ctx, ctx.store)  # not started: LIST and LOGS flush themselves
+    store = SqliteStore(str(tmp_path / "state.db"))
+    ctx.persister = Persister(ctx, store)  # not started: LIST and LOGS flush themselves
     try:
         client = connect()
         assert client.cmd("ADD bob pw") == "+OK Added user"
@@ -314,7 +313,7 @@ def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tm
         for number in range(5):
             ctx.access_log.record(AccessEntry(now + number, "bob", "::1", 6000 + number, "login"))
         assert client.multi("LIST bob") == ["bob 5 logs messages=0 octets=0 logged-in=no"]
-        assert ctx.store.access_count("bob") == 5  # flushed by LIST
+        assert store.access_count("bob") == 5  # flushed by LIST
         ctx.access_log.record(AccessEntry(now + 9, "bob", "::1", 6009, "logout", retr=1, bytes=10))
         logs = client.multi("LOGS bob 3")
         assert [line.split(" port=")[1].split()[0] for line in logs] == ["6003", "6004", "6009"]
@@ -324,7 +323,7 @@ def test_list_and_logs_with_the_persistent_store(ctx: ServerContext, connect, tm
         assert len(client.multi("LOGS bob")) == 6
         assert client.cmd("LOGS ghost") == "-ERR Invalid user"
     finally:
-        ctx.store.close()
+        store.close()
 
 
 class HeldStore:
@@ -353,7 +352,7 @@ class HeldStore:
 
 @pytest.fixture
 def held_store(ctx: ServerContext, tmp_path) -> Iterator[HeldStore]:
-    store = Store(str(tmp_path / "state.db"))
+    store = SqliteStore(str(tmp_path / "state.db"))
     held = HeldStore(store)
     ctx.users = UserDirectory(held)
     yield held
