@@ -34,19 +34,21 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from loadtest.benchlib import (  # noqa: E402
+    PHASE_ERRORS,
     BenchError,
     Dataset,
     Dovecot,
     GeventPop3,
-    Pop3Client,
     Server,
     build_dataset,
+    connect,
     memory,
-    parse_listing,
     reset_indexes,
     reset_peak,
+    session,
     status_kib,
 )
+from loadtest.pop3_client import Pop3Client, Pop3Error, unstuff  # noqa: E402
 
 PHASES = ("sessions", "pipeline", "login", "retr", "held")
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
@@ -63,24 +65,20 @@ def log(message: str) -> None:
 
 def one_session(port: int, user: str, expected: dict[str, bytes]) -> None:
     """Login, STAT, LIST, UIDL, RETR every message, QUIT; checks every answer."""
-    client = Pop3Client(port, timeout=30)
+    client = session(port, user, timeout=30)
     try:
-        client.login(user)
-        stat = client.command("STAT").split()
+        stat = client.stat()
         total = sum(map(len, expected.values()))
-        if stat[1:3] != [str(len(expected)).encode(), str(total).encode()]:
+        if stat != (len(expected), total):
             raise BenchError(f"{user}: STAT {stat!r}, expected {len(expected)} {total}")
-        client.command("LIST")
-        sizes = parse_listing(client.multiline())
-        client.command("UIDL")
-        uids = parse_listing(client.multiline())
-        if sorted(u.decode() for u in uids.values()) != sorted(expected):
+        sizes = dict(client.list())
+        uids = dict(client.uidl())
+        if sorted(uids.values()) != sorted(expected):
             raise BenchError(f"{user}: UIDL does not match the delivered files")
         for number, uid in sorted(uids.items()):
-            client.command(f"RETR {number}")
-            body = client.multiline()
-            want = expected[uid.decode()]
-            if body != want or int(sizes[number]) != len(want):
+            body = unstuff(client.retr(number))
+            want = expected[uid]
+            if body != want or sizes.get(number) != len(want):
                 raise BenchError(f"{user}: RETR {number} differs from the delivered file")
         client.quit()
     finally:
@@ -100,13 +98,13 @@ def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> R
             try:
                 one_session(server.port, user, data.expected[user])
                 done[0] += 1
-            except BenchError as exc:
-                if "IN-USE" in str(exc):
+            except Pop3Error as exc:
+                if "IN-USE" in exc.text:
                     in_use[0] += 1  # the previous session's lock not yet gone: try again
                     gevent.sleep(0.001)
                     continue
-                errors.append(str(exc))
-            except OSError as exc:
+                errors.append(f"{user}: {exc}")
+            except (BenchError, OSError) as exc:
                 errors.append(f"{user}: {exc}")
 
     greenlets = [gevent.spawn(worker, user) for user in data.session_users[:opts.clients]]
@@ -120,22 +118,19 @@ def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> R
 
 def phase_pipeline(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
     """1,000 commands (NOOP, LIST 1, UIDL 1, STAT) in one write: time to the last answer."""
-    client = Pop3Client(server.port, timeout=30)
-    client.login("pipe")
+    client = session(server.port, "pipe", timeout=30)
     expected = data.expected["pipe"]
-    client.command("UIDL")
-    uids = parse_listing(client.multiline())
-    client.command("LIST")
-    sizes = parse_listing(client.multiline())
+    uids = dict(client.uidl())
+    sizes = dict(client.list())
     total = sum(map(len, expected.values()))
     commands = [b"NOOP", b"LIST 1", b"UIDL 1", b"STAT"]
-    answers = [None, b"+OK 1 " + sizes[1], b"+OK 1 " + uids[1], b"+OK %d %d" % (len(expected), total)]
+    answers = [None, b"+OK 1 %d" % sizes[1], b"+OK 1 " + uids[1].encode(), b"+OK %d %d" % (len(expected), total)]
     payload = b"".join(commands[i % 4] + b"\r\n" for i in range(opts.pipeline))
     times = []
     for _ in range(opts.pipeline_reps):
         begin = time.perf_counter()
-        client.sock.sendall(payload)
-        lines = [client.line() for _ in range(opts.pipeline)]
+        client.send(payload)
+        lines = [client.read_line() for _ in range(opts.pipeline)]
         times.append(time.perf_counter() - begin)
         for index, line in enumerate(lines):
             want = answers[index % 4]
@@ -150,7 +145,7 @@ def phase_login(server: Server, data: Dataset, opts: argparse.Namespace) -> Resu
     reset_indexes(os.path.join(data.root, "many"))
     result: Result = {}
     for which in ("first", "second"):
-        client = Pop3Client(server.port, timeout=120)
+        client = connect(server.port, timeout=120)
         client.command("USER many")
         begin = time.perf_counter()
         client.command("PASS pw-many")
@@ -167,8 +162,7 @@ def phase_login(server: Server, data: Dataset, opts: argparse.Namespace) -> Resu
 
 def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
     """RETR of the big message: throughput and the serving process's peak RSS growth."""
-    client = Pop3Client(server.port, timeout=120)
-    client.login("big")
+    client = session(server.port, "big", timeout=120)
     size = int(client.command("LIST 1").split()[2])
     if size != len(data.big_expected):
         raise BenchError(f"big: LIST says {size}, expected {len(data.big_expected)}")
@@ -182,12 +176,12 @@ def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
     rss_before = status_kib(pid, "VmRSS")
     reset_peak(pid)
     begin = time.perf_counter()
-    client.sock.sendall(b"RETR 1\r\n")
-    client.ok()
-    body = client.multiline(chunk=1 << 20)
+    client.send(b"RETR 1\r\n")
+    client.status("RETR")
+    body = client.read_body()
     elapsed = client.finished - begin
     peak = status_kib(pid, "VmHWM")
-    if body != data.big_expected:
+    if unstuff(body) != data.big_expected:
         raise BenchError("big: RETR differs from the delivered file")
     client.quit()
     return {"retr_mb_per_s": len(data.big_expected) / elapsed / 1e6, "retr_s": elapsed,
@@ -204,15 +198,8 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
 
     def open_one(user: str) -> None:
         try:
-            client = Pop3Client(server.port, timeout=120)
-        except OSError as exc:
-            errors.append(f"{user}: {exc}")
-            return
-        try:
-            client.login(user)
-            clients.append(client)
-        except (OSError, BenchError) as exc:
-            client.close()
+            clients.append(session(server.port, user, timeout=120))
+        except PHASE_ERRORS as exc:
             errors.append(f"{user}: {exc}")
 
     begin = time.perf_counter()
@@ -241,7 +228,7 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
         def noop(client: Pop3Client) -> None:
             try:
                 client.command("NOOP")
-            except (OSError, BenchError) as exc:
+            except PHASE_ERRORS as exc:
                 errors.append(str(exc))
 
         for _ in range(opts.noop_rounds):
@@ -317,7 +304,7 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
                     server = start_server(kind, port, data, workdir, opts)
                     try:
                         values = PHASE_FUNCS[phase](server, data, opts)
-                    except BenchError as exc:
+                    except PHASE_ERRORS as exc:
                         log(f"  FAILED: {exc}")
                         values = {"failed": 1.0}
                     finally:

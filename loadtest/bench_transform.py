@@ -35,7 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 
 from geventpop3 import maildir  # noqa: E402
 from geventpop3.users import hash_password  # noqa: E402
-from loadtest.benchlib import Pop3Client  # noqa: E402
+from loadtest.benchlib import session  # noqa: E402
 from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
 
 CRLF = b"\r\n"
@@ -64,19 +64,6 @@ class Server(Geventpop3Process):
         shutil.rmtree(os.path.join(self.state, "filtered", user), ignore_errors=True)
 
 
-def session(port: int, user: str) -> Pop3Client:
-    """A logged-in session of the benchmark client (which checks every answer)."""
-    client = Pop3Client(port, timeout=120)
-    client.login(user)
-    return client
-
-
-def retr(client: Pop3Client, number: int) -> int:
-    """Octets of the body; the benchmark's messages have no line to dot-stuff."""
-    client.command(f"RETR {number}")
-    return len(client.multiline(chunk=1 << 18))
-
-
 def build(root: str, users_file: str) -> dict[str, list[int]]:
     """Deliver the mailboxes; returns user -> the RETR octets of each message."""
     mailboxes = {"small": (200, 4096), "large": (20, 1 << 20), "first": (500, 4096)}
@@ -103,11 +90,11 @@ class Bench:
         self.runs = runs
 
     def retr_all(self, user: str) -> tuple[float, int]:
-        client = session(self.server.port, user)
+        client = session(self.server.port, user, timeout=120)
         started = time.perf_counter()
         total = 0
         for number, size in enumerate(self.expected[user], 1):
-            got = retr(client, number)
+            got = len(client.retr(number))  # the benchmark's messages have no line to dot-stuff
             if got != size:
                 raise RuntimeError(f"{user} {number}: {got} octets, expected {size}")
             total += got
@@ -119,7 +106,7 @@ class Bench:
         if cold:
             self.server.drop_cache(user)
         started = time.perf_counter()
-        client = session(self.server.port, user)
+        client = session(self.server.port, user, timeout=120)
         elapsed = time.perf_counter() - started
         client.quit()
         return elapsed

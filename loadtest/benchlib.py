@@ -1,8 +1,9 @@
-"""Helpers of the benchmark: test data, the two servers, memory readings, a POP3 client.
+"""Helpers of the benchmark: test data, the two servers, memory readings, opening sessions.
 
-Kept apart from `bench.py` so the phases read as measurements, not plumbing. The
-client is gevent-based (the caller monkey-patches) and verifies every byte it reads
-against what was delivered, so a fast but wrong server cannot win.
+Kept apart from `bench.py` so the phases read as measurements, not plumbing. The client
+is `loadtest.pop3_client` (the caller monkey-patches, so its sockets are gevent's); the
+phases check every byte it reads against what was delivered, so a fast but wrong server
+cannot win.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import hashlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -23,15 +23,19 @@ import psutil
 
 from geventpop3.users import hash_password
 from loadtest.launch import Geventpop3Process, wait_greeting
+from loadtest.pop3_client import Pop3Client, Pop3Error
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
 DOVECOT_START = "/work/shared/tools/dovecot-peer-start.sh"
 DOVECOT_STOP = "/work/shared/tools/dovecot-peer-stop.sh"
-MAX_LINE = 1 << 20
 
 
 class BenchError(Exception):
     """A server answered wrongly or too slowly: the run's figure is not valid."""
+
+
+# What makes a phase's run invalid: a wrong answer, an -ERR, a lost or timed-out connection.
+PHASE_ERRORS = (BenchError, Pop3Error, OSError)
 
 
 # -- test data ---------------------------------------------------------------
@@ -285,93 +289,19 @@ def reset_peak(pid: int) -> None:
 
 # -- client ------------------------------------------------------------------
 
-class Pop3Client:
-    """A minimal POP3 client that checks what it reads; raises BenchError on anything wrong."""
-
-    __slots__ = ("sock", "buf", "finished")
-
-    def __init__(self, port: int, timeout: float = 60.0) -> None:
-        # Not create_connection(): its getaddrinfo goes through gevent's thread pool.
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
-        try:
-            self.sock.connect(("127.0.0.1", port))
-        except OSError:
-            self.sock.close()
-            raise
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = bytearray()
-        self.finished = 0.0  # perf_counter() when the last multi-line terminator arrived
-        self.ok()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _fill(self, size: int = 65536) -> None:
-        data = self.sock.recv(size)
-        if not data:
-            raise BenchError("server closed the connection")
-        self.buf += data
-
-    def line(self) -> bytes:
-        scan = 0
-        while True:
-            end = self.buf.find(b"\r\n", scan)
-            if end >= 0:
-                line = bytes(self.buf[:end])
-                del self.buf[:end + 2]
-                return line
-            if len(self.buf) > MAX_LINE:
-                raise BenchError("response line too long")
-            scan = max(0, len(self.buf) - 1)
-            self._fill()
-
-    def ok(self) -> bytes:
-        line = self.line()
-        if not line.startswith(b"+OK"):
-            raise BenchError(f"expected +OK, got {line[:80]!r}")
-        return line
-
-    def command(self, text: str) -> bytes:
-        self.sock.sendall(text.encode() + b"\r\n")
-        return self.ok()
-
-    def multiline(self, chunk: int = 65536) -> bytes:
-        """The body of a multi-line response (status already read), un-dot-stuffed."""
-        scan = 0
-        while True:
-            if self.buf[:3] == b".\r\n":
-                self.finished = time.perf_counter()
-                del self.buf[:3]
-                return b""
-            end = self.buf.find(b"\r\n.\r\n", scan)
-            if end >= 0:
-                self.finished = time.perf_counter()
-                body = bytes(self.buf[:end + 2])
-                del self.buf[:end + 5]
-                if body.startswith(b".."):
-                    body = body[1:]
-                return body.replace(b"\r\n..", b"\r\n.")
-            scan = max(0, len(self.buf) - 4)
-            self._fill(chunk)
-
-    def login(self, user: str) -> None:
-        self.command(f"USER {user}")
-        self.command(f"PASS {password(user)}")
-
-    def quit(self) -> None:
-        """QUIT, then wait for the server to close: its mailbox lock is released by then."""
-        self.command("QUIT")
-        with contextlib.suppress(OSError):
-            while self.sock.recv(4096):
-                pass
-        self.sock.close()
+def connect(port: int, timeout: float) -> Pop3Client:
+    """A client connected to the server on loopback, greeting read."""
+    client = Pop3Client("127.0.0.1", port, timeout)
+    client.connect()
+    return client
 
 
-def parse_listing(body: bytes) -> dict[int, bytes]:
-    result = {}
-    for row in body.split(b"\r\n"):
-        if row:
-            number, value = row.split(b" ", 1)
-            result[int(number)] = value
-    return result
+def session(port: int, user: str, timeout: float) -> Pop3Client:
+    """A logged-in client of one of the benchmark's users."""
+    client = connect(port, timeout)
+    try:
+        client.login(user, password(user))
+    except BaseException:
+        client.close()
+        raise
+    return client

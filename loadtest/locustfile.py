@@ -285,7 +285,7 @@ class DownloadDeleteUser(Pop3User):
             client = self._open()
             count, _ = client.stat()
             for number in range(1, count + 1):
-                received += client.retr(number)
+                received += len(client.retr(number))
             for number in range(1, count + 1):
                 client.dele(number)
             client.quit()
@@ -326,7 +326,7 @@ class PollerUser(Pop3User):
             listing = client.uidl()
             for number, uid in listing:
                 if uid not in self.seen:
-                    received += client.retr(number)
+                    received += len(client.retr(number))
                     self.seen.add(uid)
             excess = len(listing) - self.keep
             if excess > 0:
