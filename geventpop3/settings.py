@@ -97,7 +97,7 @@ KEYS: dict[str, Key] = {
         Key("max_connections_per_ip", _int_range(1, 1_000_000), 50,
             "POP3 connections from one IPv4 address or IPv6 /64"),
         Key("max_sessions_per_user_ip", _int_range(1, 1_000_000), 10,
-            "POP3 sessions of one user from one address (logging in or logged in)"),
+            "POP3 logins of one user from one address in flight at once"),
         Key("login_failure_delay", _float_range(0, 60), 2.0, "seconds to wait before answering a failed login"),
         Key("max_login_failures", _int_range(1, 100), 3, "failed logins before a connection is closed"),
         Key("user_limit", _int_range(1, 10_000_000), 100_000, "most POP3 users MSMP ADD may create"),

@@ -14,8 +14,10 @@ Limits against slow and many connections (see docs/configuration.md):
   and the park's one timer says which of the two ran out. A client trickling one
   byte at a time is also checked at every read.
 - `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
-- `max_sessions_per_user_ip`: sessions of one user from one source that are logging
-  in (password check, lock, scan) or logged in.
+- `max_sessions_per_user_ip`: logins of one user from one source in flight (password
+  check, lock, scan, first filter run). Logged-in sessions are not counted here: the
+  mailbox lock already allows one per user, and keeping a count per logged-in
+  session would cost every held session memory.
 """
 
 from __future__ import annotations
@@ -217,7 +219,7 @@ class Pop3Session:
 
     # -- actions -------------------------------------------------------------
     def _login(self, action: Login) -> bytes | Delayed:
-        """Check, lock and scan, counted in max_sessions_per_user_ip from the start."""
+        """Check, lock and scan, counted in max_sessions_per_user_ip while it runs."""
         user = action.user
         service = self.service
         key = (user, source_key(self.address))
@@ -227,9 +229,8 @@ class Pop3Session:
         service.user_sessions[key] = service.user_sessions.get(key, 0) + 1
         try:
             return self._open_mailbox(action)
-        finally:
-            if self.mailbox is None:  # failed (or killed): the count ends here, else at release
-                service.leave_user_sessions(key)
+        finally:  # logged in, failed or killed: no longer in flight
+            service.leave_user_sessions(key)
 
     def _open_mailbox(self, action: Login) -> bytes | Delayed:
         ctx = self.ctx
@@ -306,7 +307,6 @@ class Pop3Session:
         self.mailbox.release()
         self.mailbox = None
         user = self.protocol.user or ""
-        self.service.leave_user_sessions((user, source_key(self.address)))
         count = self.ctx.logged_in.get(user, 0) - 1
         if count > 0:
             self.ctx.logged_in[user] = count
@@ -341,7 +341,7 @@ class Pop3Service:
         self.ctx = ctx
         self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
         self.per_source: dict[str, int] = {}  # source_key -> open connections (max_connections_per_ip)
-        # (user, source_key) -> sessions logging in or logged in (max_sessions_per_user_ip)
+        # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
         self.user_sessions: dict[tuple[str, str], int] = {}
         self.count_sent = self._count_sent  # one bound method shared by every transport
 
