@@ -31,6 +31,11 @@ PERSISTED_COUNTERS = (
     "transformer_failures",
     "transformer_timeouts",
     "transformer_cache_hits",
+    "refused_per_ip",
+    "refused_user_ip",
+    "login_timeouts",
+    "admin_refused",
+    "admin_login_timeouts",
 )
 
 
@@ -53,6 +58,12 @@ class Metrics:
         self.transformer_timeouts = 0
         self.transformer_cache_hits = 0
         self.transformer_seconds = 0.0
+        # Refusals by the connection limits (geventpop3.pop3.session, geventpop3.msmp.session).
+        self.refused_per_ip = 0  # POP3 connections over max_connections_per_ip
+        self.refused_user_ip = 0  # POP3 logins over max_sessions_per_user_ip
+        self.login_timeouts = 0  # POP3 connections closed at login_timeout
+        self.admin_refused = 0  # MSMP connections over admin_max_connections
+        self.admin_login_timeouts = 0  # MSMP connections closed at admin_login_timeout
 
     def connection_opened(self) -> None:
         self.total_connections += 1
@@ -93,6 +104,11 @@ class Metrics:
             f"Transformer timeouts: {self.transformer_timeouts}",
             f"Transformer cache hits: {self.transformer_cache_hits}",
             f"Transformer seconds: {self.transformer_seconds:.3f}",
+            f"Connections refused per IP: {self.refused_per_ip}",
+            f"Logins refused per user and IP: {self.refused_user_ip}",
+            f"Login timeouts: {self.login_timeouts}",
+            f"Admin connections refused: {self.admin_refused}",
+            f"Admin login timeouts: {self.admin_login_timeouts}",
             f"Uptime seconds: {int(self.uptime())}",
         ]
 
@@ -162,6 +178,11 @@ class PrometheusCollector:
         ("transformer_timeouts", "transformer_timeouts", "filter runs killed after the timeout"),
         ("transformer_cache_hits", "transformer_cache_hits", "filtered messages served from the cache"),
         ("transformer_seconds", "transformer_seconds", "seconds spent running filters"),
+        ("connections_refused_per_ip", "refused_per_ip", "POP3 connections refused by max_connections_per_ip"),
+        ("logins_refused_user_ip", "refused_user_ip", "POP3 logins refused by max_sessions_per_user_ip"),
+        ("login_timeouts", "login_timeouts", "POP3 connections closed at login_timeout"),
+        ("admin_connections_refused", "admin_refused", "MSMP connections refused by admin_max_connections"),
+        ("admin_login_timeouts", "admin_login_timeouts", "MSMP connections closed at admin_login_timeout"),
     )
 
     def __init__(self, metrics: Metrics) -> None:

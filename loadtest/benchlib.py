@@ -183,7 +183,8 @@ class GeventPop3(Server):
         self.port = port
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
-            handle.write("max_connections = 20000\n")
+            # Every benchmark client connects from 127.0.0.1: lift the per-address cap too.
+            handle.write("max_connections = 20000\nmax_connections_per_ip = 20000\n")
         self.server = Geventpop3Process(
             port, ["-d", data.root, "--users-file", data.users_gevent, "--config", config,
                    "--state-dir", os.path.join(workdir, "state")],

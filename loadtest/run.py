@@ -419,7 +419,9 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
     classes = list(scenario.classes)
     server = None
     if args.server == "geventpop3":
-        settings = {"max_connections": "20000", "log_level": args.log_level, "login_failure_delay": "0.05"}
+        # Every load client connects from 127.0.0.1: the per-address cap is lifted with the global one.
+        settings = {"max_connections": "20000", "max_connections_per_ip": "20000", "log_level": args.log_level,
+                    "login_failure_delay": "0.05"}
         settings.update(dict(item.split("=", 1) for item in args.set))
         server = Geventpop3Server(pool, out, settings, args.server_arg, Path(args.server_source).resolve())
     elif args.server == "dovecot":

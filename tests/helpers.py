@@ -323,8 +323,10 @@ class LineClient:
     """
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, greet: bool = True,
-                 max_line: int | None = None) -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+                 max_line: int | None = None, source: str | None = None) -> None:
+        # `source`: the local address to connect from (127.0.0.2 is another client than 127.0.0.1).
+        self.sock = socket.create_connection((host, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self._buffer = bytearray()  # deleting its front is cheap: a 64 MiB answer reads in linear time
         self.max_line = max_line
         self.greeting = self.line() if greet else b""

@@ -5,11 +5,17 @@ received chunk, so pipelined commands cost one syscall), wait before an answer t
 core hands back as `Delayed` (a failed PASS: the core says how long), close on QUIT,
 after the last allowed failure, or when idle. Timeouts and delays are read from
 `ctx.settings` each time, so `SET` applies to open sessions too.
+
+Limits: at most `admin_max_connections` MSMP connections at once (logged in or not;
+one more is answered `-ERR` and closed), `admin_login_timeout` seconds from connect
+to a successful login however the client trickles, and after the last answer a
+linger of at most `LINGER_SECONDS` in total.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 import gevent
@@ -29,15 +35,32 @@ RECV_SIZE = 16 * 1024
 LINGER_SECONDS = 1.0  # at most this long, and this much input, read after our last answer
 LINGER_OCTETS = 64 * 1024
 
+TOO_MANY = b"-ERR Too many connections, try again later\r\n"
+LOGIN_TIMEOUT = b"-ERR Login timeout, closing\r\n"
+
 Handler = Callable[[socket.socket, object], None]  # (connection, peer address)
 
 
 def serve_admin(ctx: ServerContext) -> Handler:
     """A StreamServer handler serving MSMP sessions against `ctx`."""
     backend = ManagementBackend(ctx)
+    open_connections = 0
 
     def handle(sock: socket.socket, address: object) -> None:
+        nonlocal open_connections
         peer = _peer(address)
+        if open_connections >= ctx.settings.admin_max_connections:
+            ctx.metrics.admin_refused += 1
+            log.warning("MSMP connection from %s refused: admin_max_connections reached", peer)
+            try:
+                sock.settimeout(1.0)
+                sock.sendall(TOO_MANY)
+            except OSError:
+                pass
+            finally:
+                sock.close()
+            return
+        open_connections += 1
         log.debug("MSMP connection from %s", peer)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are batched already
@@ -53,6 +76,7 @@ def serve_admin(ctx: ServerContext) -> Handler:
             except Exception:  # noqa: BLE001 - best effort on a broken session
                 log.debug("MSMP %s: could not send the error", peer)
         finally:
+            open_connections -= 1
             sock.close()
 
     return handle
@@ -60,13 +84,24 @@ def serve_admin(ctx: ServerContext) -> Handler:
 
 def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, peer: str) -> None:
     settings = ctx.settings
+    started = time.monotonic()
     sock.settimeout(settings.admin_idle_timeout)
     sock.sendall(protocol.greeting())
     while not protocol.closing:
-        sock.settimeout(settings.admin_idle_timeout)
+        wait = settings.admin_idle_timeout
+        login_left = started + settings.admin_login_timeout - time.monotonic()
+        if not protocol.authenticated:
+            if login_left <= 0:  # checked at every read: trickling bytes do not extend it
+                _login_timeout(ctx, sock, peer)
+                return
+            wait = min(wait, login_left)
+        sock.settimeout(wait)
         try:
             data = sock.recv(RECV_SIZE)
         except TimeoutError:
+            if not protocol.authenticated and wait == login_left:
+                _login_timeout(ctx, sock, peer)
+                return
             log.info("MSMP %s: idle timeout", peer)
             sock.sendall(b"-ERR Idle timeout, closing\r\n")
             return
@@ -91,14 +126,28 @@ def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, pe
         log.warning("MSMP %s: closed after %d failed logins", peer, protocol.login_failures)
 
 
+def _login_timeout(ctx: ServerContext, sock: socket.socket, peer: str) -> None:
+    ctx.metrics.admin_login_timeouts += 1
+    log.info("MSMP %s: login timeout", peer)
+    sock.sendall(LOGIN_TIMEOUT)
+
+
 def _linger(sock: socket.socket) -> None:
     """Send FIN, then read what the client still sends, briefly: closing with unread
-    input would reset the connection and could lose our last answer (`+OK Bye`)."""
+    input would reset the connection and could lose our last answer (`+OK Bye`).
+    The whole linger ends within LINGER_SECONDS, however the client trickles."""
     sock.shutdown(socket.SHUT_WR)
-    sock.settimeout(LINGER_SECONDS)
+    deadline = time.monotonic() + LINGER_SECONDS
     drained = 0
     while drained < LINGER_OCTETS:
-        data = sock.recv(RECV_SIZE)
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        sock.settimeout(left)
+        try:
+            data = sock.recv(RECV_SIZE)
+        except TimeoutError:
+            return
         if not data:
             return
         drained += len(data)

@@ -70,6 +70,7 @@ ERR_UNKNOWN = b"-ERR Unknown command\r\n"
 ERR_SYNTAX = b"-ERR Syntax error\r\n"
 ERR_AUTH = b"-ERR [AUTH] Invalid user name or password\r\n"
 ERR_IN_USE = b"-ERR [IN-USE] Mailbox is in use by another session\r\n"
+ERR_USER_IP = b"-ERR [IN-USE] Too many logins for this user from your address at once, try again later\r\n"
 ERR_TEMP_LOGIN = b"-ERR [SYS/TEMP] Mailbox temporarily unavailable, try again later\r\n"
 ERR_PERM_LOGIN = b"-ERR [SYS/PERM] Mailbox cannot be opened\r\n"
 ERR_NOT_AUTH = b"-ERR Not logged in\r\n"
@@ -82,7 +83,8 @@ ERR_UNAVAILABLE = b"-ERR [SYS/TEMP] Message is no longer available\r\n"
 ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
 ERR_ENDING = b"-ERR Session is ending\r\n"
 
-LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN}
+LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "user-ip": ERR_USER_IP, "temp": ERR_TEMP_LOGIN,
+                  "perm": ERR_PERM_LOGIN}
 
 
 class Pop3Protocol:
@@ -153,7 +155,8 @@ class Pop3Protocol:
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
     def login_failed(self, reason: str) -> bytes | Delayed:
-        """`reason`: auth, in-use, temp or perm. Counts toward the close-after limit.
+        """`reason`: auth, in-use, user-ip (max_sessions_per_user_ip), temp or perm.
+        Counts toward the close-after limit.
 
         A wrong password (or unknown user) is answered only after `failure_delay`,
         which slows password guessing; a busy or broken mailbox is answered at once."""

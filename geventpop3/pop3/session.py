@@ -5,12 +5,25 @@ feed each line to the protocol core, carry out the actions it asks for (login,
 retrieve, update) and write the answers, then park until the client speaks again.
 The socket side, write batching and parking live in `geventpop3.transport`; the
 rules of POP3 in `geventpop3.pop3.protocol`. The service keeps the one registry of
-open sessions and ends them all at shutdown.
+open sessions, the per-address and per-user+address counts behind the connection
+limits, and ends every session at shutdown.
+
+Limits against slow and many connections (see docs/configuration.md):
+- `login_timeout`: from connect to a successful login. It needs no timer of its own:
+  a session that is not logged in parks for min(idle timeout, time left to log in),
+  and the park's one timer says which of the two ran out. A client trickling one
+  byte at a time is also checked at every read.
+- `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
+- `max_sessions_per_user_ip`: logins of one user from one source in flight (password
+  check, lock, scan, first filter run). Logged-in sessions are not counted here: the
+  mailbox lock already allows one per user, and keeping a count per logged-in
+  session would cost every held session memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import re
 import socket
@@ -30,7 +43,9 @@ from geventpop3.transport import Transport
 log = logging.getLogger(__name__)
 
 TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
+TOO_MANY_FROM_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
 IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
+LOGIN_TIMEOUT = b"-ERR Login timeout, closing connection\r\n"
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
@@ -41,6 +56,24 @@ def loggable(name: str | None) -> str:
     return _UNSAFE_LOG_CHARS.sub("?", name)[:64] or "?"
 
 
+def client_host(address: tuple[Any, ...]) -> str:
+    """The client's address as text; dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d,
+    which is a.b.c.d here (in logs and in the limits)."""
+    host = str(address[0])
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def source_key(host: str) -> str:
+    """What the per-source limits count by: an IPv4 address, or the /64 of an IPv6 one
+    (one site gets a whole /64, so counting single IPv6 addresses would be no limit)."""
+    if ":" not in host:
+        return host
+    try:
+        return str(ipaddress.IPv6Network((host, 64), strict=False))
+    except ValueError:  # not a plain IPv6 address (a scope id, say): count it on its own
+        return host
+
+
 class Pop3Session:
     """Drives one `Pop3Protocol` over one `Transport`."""
 
@@ -49,20 +82,18 @@ class Pop3Session:
         "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
     )
 
-    def __init__(self, service: Pop3Service, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
         self.transport = Transport(sock, on_sent=service.count_sent)
         self.buffer = LineBuffer()
-        host = str(address[0])
-        # Dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d; log them as a.b.c.d.
-        self.address = host[7:] if host.startswith("::ffff:") and "." in host else host
-        self.port = int(address[1])
+        self.address = host
+        self.port = port
         settings = ctx.settings
         self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay)
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
-        self.started = time.time()
+        self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
         self.deleted_count = 0
         self.transform_failures = 0
@@ -92,9 +123,28 @@ class Pop3Session:
             log.exception("pop3 session error: rip=%s", self.address)
         self.greenlet = None
         if over:
-            self.close()
+            self.close(LOGIN_TIMEOUT if self.ended == "login-timeout" else b"")
         else:
-            self.transport.park(self._on_ready, self._on_idle, self.ctx.settings.idle_timeout)
+            self._park()
+
+    def _park(self) -> None:
+        """Wait for the client holding no greenlet; one timer covers both the idle timeout
+        and, before login, the login deadline (whichever comes first decides its callback)."""
+        settings = self.ctx.settings
+        timeout = settings.idle_timeout
+        if self.protocol.user is not None:
+            self.transport.park(self._on_ready, self._on_idle, timeout)
+            return
+        left = self._login_time_left()
+        if left <= 0:
+            self._on_login_timeout()
+        elif left < timeout:
+            self.transport.park(self._on_ready, self._on_login_timeout, left)
+        else:
+            self.transport.park(self._on_ready, self._on_idle, timeout)
+
+    def _login_time_left(self) -> float:
+        return self.started + self.ctx.settings.login_timeout - time.monotonic()
 
     def _answer_burst(self) -> bool:
         """Read and answer until the client has nothing more for now (False: park)
@@ -103,6 +153,9 @@ class Pop3Session:
         transport = self.transport
         metrics = self.ctx.metrics
         while not protocol.closing:
+            if protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
+                self._count_login_timeout()
+                return True
             data = transport.read()
             if data is None:
                 return False
@@ -127,12 +180,22 @@ class Pop3Session:
         self.ended = "timeout"
         self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
 
+    def _on_login_timeout(self) -> None:
+        """Event-loop callback (or from `_park`): login_timeout passed without a login."""
+        self._count_login_timeout()
+        self.greenlet = gevent.spawn(self.close, LOGIN_TIMEOUT)
+
+    def _count_login_timeout(self) -> None:
+        self.ended = "login-timeout"
+        self.ctx.metrics.login_timeouts += 1
+        log.info("pop3 login timeout: rip=%s rport=%d", self.address, self.port)
+
     def close(self, last_words: bytes = b"") -> None:
         """End the session once, however it ended: lock, logs, counters, socket."""
         if self._done:
             return
         self._done = True
-        self.service.sessions.discard(self)
+        self.service.forget(self)
         try:
             self.finish()
         finally:
@@ -156,6 +219,20 @@ class Pop3Session:
 
     # -- actions -------------------------------------------------------------
     def _login(self, action: Login) -> bytes | Delayed:
+        """Check, lock and scan, counted in max_sessions_per_user_ip while it runs."""
+        user = action.user
+        service = self.service
+        key = (user, source_key(self.address))
+        if service.user_sessions.get(key, 0) >= self.ctx.settings.max_sessions_per_user_ip:
+            self.ctx.metrics.refused_user_ip += 1
+            return self._login_failed(user, "user-ip")
+        service.user_sessions[key] = service.user_sessions.get(key, 0) + 1
+        try:
+            return self._open_mailbox(action)
+        finally:  # logged in, failed or killed: no longer in flight
+            service.leave_user_sessions(key)
+
+    def _open_mailbox(self, action: Login) -> bytes | Delayed:
         ctx = self.ctx
         user = action.user
         if not ctx.users.verify(user, action.password):
@@ -252,7 +329,7 @@ class Pop3Session:
         self.ctx.access_log.record(AccessEntry(
             time=time.time(), user=loggable(user), address=self.address, port=self.port, event=event,
             retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.transport.sent,
-            duration=time.time() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
+            duration=time.monotonic() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
         ))
 
 
@@ -263,22 +340,54 @@ class Pop3Service:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
+        self.per_source: dict[str, int] = {}  # source_key -> open connections (max_connections_per_ip)
+        # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
+        self.user_sessions: dict[tuple[str, str], int] = {}
         self.count_sent = self._count_sent  # one bound method shared by every transport
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
-        """StreamServer handler: enforce the connection limit, then greet and serve."""
+        """StreamServer handler: enforce the connection limits, then greet and serve."""
         metrics = self.ctx.metrics
-        if metrics.current_connections >= self.ctx.settings.max_connections:
-            metrics.total_connections += 1  # accepted, then refused: still a connection
-            with contextlib.suppress(OSError):
-                sock.sendall(TOO_MANY)
-            sock.close()
+        settings = self.ctx.settings
+        host = client_host(address)
+        key = source_key(host)
+        if metrics.current_connections >= settings.max_connections:
+            self._refuse(sock, TOO_MANY)
             return
+        if self.per_source.get(key, 0) >= settings.max_connections_per_ip:
+            metrics.refused_per_ip += 1
+            log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", host)
+            self._refuse(sock, TOO_MANY_FROM_SOURCE)
+            return
+        self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, address)
+        session = Pop3Session(self, sock, host, int(address[1]))
         self.sessions.add(session)
         session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
         session.start()
+
+    def _refuse(self, sock: socket.socket, answer: bytes) -> None:
+        self.ctx.metrics.total_connections += 1  # accepted, then refused: still a connection
+        with contextlib.suppress(OSError):
+            sock.sendall(answer)
+        sock.close()
+
+    def forget(self, session: Pop3Session) -> None:
+        """A session has ended: out of the registry and the per-source count."""
+        self.sessions.discard(session)
+        key = source_key(session.address)
+        count = self.per_source.get(key, 0) - 1
+        if count > 0:
+            self.per_source[key] = count
+        else:
+            self.per_source.pop(key, None)
+
+    def leave_user_sessions(self, key: tuple[str, str]) -> None:
+        count = self.user_sessions.get(key, 0) - 1
+        if count > 0:
+            self.user_sessions[key] = count
+        else:
+            self.user_sessions.pop(key, None)
 
     def _count_sent(self, octets: int) -> None:
         self.ctx.metrics.bytes_sent += octets
