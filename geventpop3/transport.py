@@ -167,6 +167,9 @@ class Transport:
                 self.flush()
         self.closed = True
         self._out.clear()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         self.sock.close()
 
 
@@ -236,6 +239,15 @@ class TlsTransport(Transport):
             self._timer.start(self._fire, on_ready)
             return
         super().park(on_ready, on_idle, timeout)
+
+    def _close_socket(self) -> None:
+        """Send close_notify first (without waiting for the client's): clients such as
+        OpenSSL 3 take a TLS connection closed without it for a truncation attack."""
+        sock = self.tls
+        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError
+            sock.settimeout(0.0)
+            sock.unwrap()
+        sock.close()
 
     @property
     def tls(self) -> ssl.SSLSocket:
