@@ -42,6 +42,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str, "trusted_networks": (str, list)}
+_LIST_SETTINGS = ("trusted_networks",)  # a TOML list of strings, given to the parser comma-separated
 
 
 class UsageError(Exception):
@@ -215,7 +216,7 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
     `maildir` is left to start-up: its parser wants an existing directory, and
     creating it is not the parser's business.
     """
-    layered = {key: ",".join(value) if isinstance(value, list) else str(value)
+    layered = {key: ",".join(value) if key in _LIST_SETTINGS and isinstance(value, list) else str(value)
                for key, value in file_values.items() if key in KEYS and key != "maildir"}
     layered.update((key, value) for key, value in explicit.items() if key != "maildir")
     for key, text in layered.items():
