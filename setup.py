@@ -19,6 +19,7 @@ setup(
     extras_require={
         "test": [
             "pytest>=8,<10",
+            "trustme>=1.1,<2",
             "pexpect>=4.8,<5",
             "getmail6>=6.19,<7",
             "ruff>=0.5",

@@ -92,6 +92,8 @@ class App:
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
         self.config.settings.subscribe(self._on_setting)
         raise_file_limit()
         try:
@@ -128,7 +130,9 @@ class App:
             directory.add_configured(users)
         except UserError as exc:
             raise StartupError(str(exc)) from None
-        ctx = ServerContext(settings=settings, users=directory)
+        ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
+        if config.tls is not None:
+            config.tls.follow(settings)  # tls_min_version: now, after a restored SET, and live
         ctx.admins.add_configured(config.admins)
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
@@ -151,6 +155,12 @@ class App:
                 server.start()
                 self.pop3_servers.append(server)
                 log.info("pop3 listening on %s", listen.describe(listener))
+            if config.tls is not None and config.pop3s_port:
+                for listener in listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S"):
+                    server = Pop3Server(listener, self.pop3.handle_tls)
+                    server.start()
+                    self.pop3_servers.append(server)
+                    log.info("pop3s listening on %s", listen.describe(listener))
             self.admin_servers = start_admin_servers(ctx, config.admin_addresses, config.admin_port,
                                                      spawn=self.admin_sessions)
             if config.metrics_port is not None:

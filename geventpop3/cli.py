@@ -14,6 +14,7 @@ from geventpop3.config import (
     DEFAULT_ADMIN_PORT,
     DEFAULT_MAILDIR,
     DEFAULT_POP3_PORT,
+    DEFAULT_POP3S_PORT,
     Config,
     UsageError,
     load_config,
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     add("--metrics-address", metavar="ADDR", help="Prometheus endpoint address (default 127.0.0.1)")
     add("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port (default: off)")
+    add("--tls-cert", metavar="FILE", help="PEM certificate chain, leaf first: enables STLS and POP3S")
+    add("--tls-key", metavar="FILE", help="PEM private key (default: the certificate file)")
+    add("--pop3s-port", type=_port, metavar="PORT",
+        help=f"implicit-TLS POP3 port on the POP3 addresses; 0: none (default {DEFAULT_POP3S_PORT} with a certificate)")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
     return parser
 

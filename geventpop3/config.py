@@ -6,7 +6,8 @@ open), then flags given on the command line. A flag is the operator's explicit w
 for this start; a persisted SET is the operator's latest word otherwise.
 
 Every value is checked here, in one place: ports, listen addresses, filter commands
-and chains, settings (through `Settings.parse`), users and admins. Nothing here
+and chains, settings (through `Settings.parse`), users and admins, and the TLS
+certificate and key (loaded into the context the server will use). Nothing here
 touches the disk beyond reading the files named: creating the Maildir root and the
 state directory is start-up's job (`app.py`).
 """
@@ -21,9 +22,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geventpop3.settings import KEYS, SettingError, Settings
+from geventpop3.tls import ServerTls, TlsError, key_permission_warning
 from geventpop3.users import UserError, parse_user_flag, parse_users_file
 
 DEFAULT_POP3_PORT = 110
+DEFAULT_POP3S_PORT = 995
 DEFAULT_ADMIN_PORT = 4321
 DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
@@ -35,10 +38,11 @@ FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_
 FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
-    "metrics_address": str, "transformers": dict,
+    "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
 }
-# Live settings the file gives as TOML values; they are checked by Settings.parse, only `maildir` by type here.
-_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str}
+# Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
+_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str, "trusted_networks": (str, list)}
+_LIST_SETTINGS = ("trusted_networks",)  # a TOML list of strings, given to the parser comma-separated
 
 
 class UsageError(Exception):
@@ -62,6 +66,9 @@ class Config:
     metrics_address: str = DEFAULT_METRICS_ADDRESS
     metrics_port: int | None = None
     demo: bool = False
+    tls: ServerTls | None = None  # the certificate, key and context; None: no TLS
+    pop3s_port: int = 0  # implicit-TLS POP3; 0: none
+    warnings: list[str] = field(default_factory=list)  # logged once logging is set up
 
 
 def parse_port(value: object) -> int:
@@ -81,6 +88,7 @@ def load_config(args: argparse.Namespace) -> Config:
     maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
     explicit = explicit_settings(args)
     apply_settings(settings, file_values, explicit)
+    server_tls, pop3s_port, warnings = tls_config(args, file_values, settings)
     return Config(
         pop3_addresses=args.pop3_address or _as_list(file_values.get("pop3_address")),
         pop3_port=_first_port(args.pop3_port, file_values.get("pop3_port"), DEFAULT_POP3_PORT),
@@ -96,7 +104,37 @@ def load_config(args: argparse.Namespace) -> Config:
         metrics_address=args.metrics_address or file_values.get("metrics_address", DEFAULT_METRICS_ADDRESS),
         metrics_port=_optional_port(args.metrics_port, file_values.get("metrics_port")),
         demo=args.demo,
+        tls=server_tls,
+        pop3s_port=pop3s_port,
+        warnings=warnings,
     )
+
+
+def tls_config(args: argparse.Namespace, file_values: dict[str, Any],
+               settings: Settings) -> tuple[ServerTls | None, int, list[str]]:
+    """The certificate and key loaded (a usable pair, or UsageError), the POP3S port, and warnings.
+
+    Without a certificate plaintext logins stay allowed everywhere (`plaintext_auth`
+    defaults to `always`) unless the file or a flag says otherwise.
+    """
+    cert: str | None = args.tls_cert or file_values.get("tls_cert")
+    key: str | None = args.tls_key or file_values.get("tls_key")
+    port = _optional_port(args.pop3s_port, file_values.get("pop3s_port"))
+    if not cert:
+        if port:
+            raise UsageError("--pop3s-port needs a certificate (--tls-cert)")
+        if key:
+            raise UsageError("--tls-key needs a certificate (--tls-cert)")
+        if "plaintext_auth" not in file_values:
+            settings.apply("plaintext_auth", "always", "config")
+        return None, 0, []
+    cert, key = os.path.abspath(cert), os.path.abspath(key or cert)
+    try:
+        server_tls = ServerTls(cert, key, settings.tls_min_version)
+    except TlsError as exc:
+        raise UsageError(str(exc)) from None
+    warning = key_permission_warning(key)
+    return server_tls, DEFAULT_POP3S_PORT if port is None else port, [warning] if warning else []
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -178,7 +216,8 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
     `maildir` is left to start-up: its parser wants an existing directory, and
     creating it is not the parser's business.
     """
-    layered = {key: str(value) for key, value in file_values.items() if key in KEYS and key != "maildir"}
+    layered = {key: ",".join(value) if key in _LIST_SETTINGS and isinstance(value, list) else str(value)
+               for key, value in file_values.items() if key in KEYS and key != "maildir"}
     layered.update((key, value) for key, value in explicit.items() if key != "maildir")
     for key, text in layered.items():
         try:

@@ -12,6 +12,7 @@ from geventpop3.users import Credentials, UserDirectory
 if TYPE_CHECKING:  # for the types only: they use this module, and would bring gevent in
     from geventpop3.filters import FilterRunner
     from geventpop3.store.persister import Persister
+    from geventpop3.tls import ServerTls
 
 
 @dataclass
@@ -29,3 +30,5 @@ class ServerContext:
     logged_in: dict[str, int] = field(default_factory=dict)
     # MSMP administrators, checked like POP3 users but a separate set.
     admins: Credentials = field(default_factory=Credentials)
+    # The certificate and the SSLContext new TLS connections get; None: no TLS (no STLS, no POP3S).
+    tls: ServerTls | None = None

@@ -8,6 +8,7 @@ limits), which is how a change takes effect without a restart.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shlex
@@ -75,6 +76,27 @@ def _log_level(text: str) -> str:
     return level
 
 
+class Networks(tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]):
+    """A CIDR list (`trusted_networks`), shown as MSMP GET and the store write it back."""
+
+    def __str__(self) -> str:
+        return ",".join(str(network) for network in self) or "none"
+
+
+def _networks(text: str) -> Networks:
+    """Comma- or space-separated CIDR networks (a bare address is a /32 or /128); `none`: empty."""
+    words = text.replace(",", " ").split()
+    if words == ["none"]:
+        return Networks()
+    networks = []
+    for word in words:
+        try:
+            networks.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            raise SettingError(f"not a network in CIDR notation: {word[:50]}") from None
+    return Networks(networks)
+
+
 @dataclass(frozen=True)
 class Key:
     """One setting: its parser (raises SettingError), default and meaning."""
@@ -112,6 +134,10 @@ KEYS: dict[str, Key] = {
             "on filter failure: -ERR [SYS/TEMP] or the original message"),
         Key("log_retention_count", _int_range(1, 10_000_000), 1000, "access-log entries kept per user"),
         Key("log_retention_days", _int_range(1, 36_500), 90, "days access-log entries are kept"),
+        Key("plaintext_auth", _choice("tls", "always"), "tls",
+            "USER/PASS and AUTH PLAIN/LOGIN: tls (secure connections only) or always"),
+        Key("trusted_networks", _networks, Networks(), "CIDR list of clients that count as secure without TLS"),
+        Key("tls_min_version", _choice("TLSv1.2", "TLSv1.3"), "TLSv1.2", "oldest TLS version accepted"),
     )
 }
 

@@ -14,8 +14,11 @@ runs on the event loop and typically spawns a fresh greenlet to carry on. A gree
 blocked in recv() keeps its saved stack (about 6 KiB with gevent's frames), so this
 is what lets one process hold 10,000 idle sessions at a few KiB each.
 
-TLS and the PROXY protocol header slot in here: they change how bytes are read and
-written, not what the session does with them.
+TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
+ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
+the session's transport for one made with `TlsTransport.upgrade`. Parking works the
+same: TLS records arrive on the same descriptor, and bytes the SSL object has
+already decrypted are served before parking (`SSLSocket.pending()`).
 """
 
 from __future__ import annotations
@@ -24,13 +27,15 @@ import contextlib
 import errno
 import os
 import socket
+import ssl
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import gevent
 
 RECV_SIZE = 4096
 FLUSH_THRESHOLD = 128 * 1024
+DISCARD_READS = 16  # at most this many reads of unread input are dropped at once (a flood cannot hold us)
 CLOSE_FLUSH_TIMEOUT = 1.0  # seconds a last answer (idle timeout, shutdown) may take to leave
 
 Callback = Callable[[], None]
@@ -76,6 +81,14 @@ class Transport:
         self.received += len(data)
         self.short_read = 0 < len(data) < RECV_SIZE
         return data
+
+    def discard_input(self) -> None:
+        """Drop whatever the client has sent and is not read yet (before STLS's +OK)."""
+        self.short_read = False
+        with contextlib.suppress(OSError):  # BlockingIOError: all of it is gone
+            for _ in range(DISCARD_READS):
+                if not os.read(self.fd, RECV_SIZE):
+                    break
 
     # -- output --------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -154,4 +167,88 @@ class Transport:
                 self.flush()
         self.closed = True
         self._out.clear()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
         self.sock.close()
+
+
+class TlsTransport(Transport):
+    """A Transport over an `ssl.SSLSocket` whose handshake is done (see geventpop3.tls).
+
+    Reads ask the SSL object without waiting: a record not yet complete reads as
+    "nothing now" (SSLWantReadError), and the descriptor's watcher wakes the session
+    when more of it arrives. A read that would have to write (a TLS 1.3 key update
+    with a full send buffer) also reads as nothing now. Writes go through the SSL
+    object with the session's send timeout.
+    """
+
+    __slots__ = ("_send_timeout",)
+
+    def __init__(self, sock: ssl.SSLSocket, on_sent: Callable[[int], None] | None = None) -> None:
+        super().__init__(sock, on_sent)
+        self._send_timeout: float | None = sock.gettimeout()
+
+    @classmethod
+    def upgrade(cls, plain: Transport, sock: ssl.SSLSocket) -> TlsTransport:
+        """The TLS side of `plain` after STLS: counters carry over, the plain side is retired."""
+        plain.unpark()
+        if plain._watcher is not None:
+            plain._watcher.close()
+            plain._watcher = None
+        plain.closed = True  # the descriptor now belongs to `sock`
+        tls = cls(sock, plain.on_sent)
+        tls.sent = plain.sent
+        tls.received = plain.received
+        return tls
+
+    def read(self) -> bytes | None:
+        sock = self.sock
+        sock.settimeout(0.0)
+        try:
+            data = sock.recv(RECV_SIZE)
+        except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
+            return None
+        finally:
+            sock.settimeout(self._send_timeout)
+        self.received += len(data)
+        return data
+
+    def flush(self) -> None:
+        if not self._out:
+            return
+        if self.closed:
+            self._out.clear()
+            raise OSError(errno.EBADF, "connection closed")
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self._out.clear()
+        self._out_size = 0
+        self.sock.sendall(data)
+        self.sent += len(data)
+        if self.on_sent is not None:
+            self.on_sent(len(data))
+
+    def set_timeout(self, seconds: float) -> None:
+        self._send_timeout = seconds
+        self.sock.settimeout(seconds)
+
+    def park(self, on_ready: Callback, on_idle: Callback, timeout: float) -> None:
+        """As Transport.park, but decrypted bytes still inside the SSL object wake the session at once."""
+        if cast(ssl.SSLSocket, self.sock).pending():
+            self._timer = gevent.get_hub().loop.timer(0)
+            self._timer.start(self._fire, on_ready)
+            return
+        super().park(on_ready, on_idle, timeout)
+
+    def _close_socket(self) -> None:
+        """Send close_notify first (without waiting for the client's): clients such as
+        OpenSSL 3 take a TLS connection closed without it for a truncation attack."""
+        sock = self.tls
+        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError
+            sock.settimeout(0.0)
+            sock.unwrap()
+        sock.close()
+
+    @property
+    def tls(self) -> ssl.SSLSocket:
+        return cast(ssl.SSLSocket, self.sock)

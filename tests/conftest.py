@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess, started_servers
+from helpers import ServerProcess, TlsFiles, make_tls_files, started_servers
 
 
 @pytest.fixture
@@ -35,3 +35,9 @@ def msmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
     with started_servers(tmp_path_factory.mktemp("geventpop3")) as start:
         yield start(users={"alice": "alicepw"}, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
                     login_failure_delay=0.1)
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1, ::1 and localhost (made with trustme)."""
+    return make_tls_files(tmp_path_factory.mktemp("tls"))

@@ -14,11 +14,13 @@ import os
 import poplib
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -324,7 +326,7 @@ class LineClient:
 
     def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, greet: bool = True,
                  max_line: int | None = None, source: str | None = None) -> None:
-        # `source`: the local address to connect from (127.0.0.2 is another client than 127.0.0.1).
+        # `source`: the client's own address (127.0.0.2 is a non-local client of a server on 127.0.0.1)
         self.sock = socket.create_connection((host, port), timeout=timeout,
                                              source_address=(source, 0) if source else None)
         self._buffer = bytearray()  # deleting its front is cheap: a 64 MiB answer reads in linear time
@@ -425,3 +427,58 @@ class LineClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# -- TLS: a throw-away CA, clients that verify against it ------------------------
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA made for the test session and a server certificate it signed (localhost, 127.0.0.1, ::1)."""
+
+    ca: Path  # the CA certificate clients trust (--cacert, -CAfile)
+    cert: Path  # the server's chain, leaf first
+    key: Path  # its private key, mode 0600
+    other_key: Path  # a key that does not belong to `cert`
+
+    def server_args(self, pop3s_port: int | None = None) -> list[str]:
+        args = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
+        return args + ["--pop3s-port", str(pop3s_port if pop3s_port is not None else 0)]
+
+    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
+        """A client context that verifies the server against the test CA (host name too)."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        if maximum is not None:
+            context.maximum_version = maximum
+        return context
+
+
+def make_tls_files(directory: Path) -> TlsFiles:
+    import trustme  # a test extra: only the TLS tests need it
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    files = TlsFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem", directory / "other-key.pem")
+    ca.cert_pem.write_to_path(str(files.ca))
+    for index, blob in enumerate(leaf.cert_chain_pems):
+        blob.write_to_path(str(files.cert), append=index > 0)
+    leaf.private_key_pem.write_to_path(str(files.key))
+    ca.issue_cert("other.example").private_key_pem.write_to_path(str(files.other_key))
+    for key in (files.key, files.other_key):
+        key.chmod(0o600)
+    return files
+
+
+def start_tls(client: LineClient, context: ssl.SSLContext, host: str = "127.0.0.1") -> None:
+    """Turn `client`'s socket into TLS (after STLS's +OK, or at once for POP3S), verifying the server."""
+    assert not client.buffer, f"plaintext left unread before the handshake: {client.buffer!r}"
+    client.sock = context.wrap_socket(client.sock, server_hostname=host)
+
+
+def tls_client(port: int, files: TlsFiles, host: str = "127.0.0.1", context: ssl.SSLContext | None = None,
+               source: str | None = None) -> LineClient:
+    """A raw POP3S client, handshake done and greeting read; `source` binds the client's address."""
+    client = LineClient(port, host, greet=False, source=source)
+    start_tls(client, context or files.client_context(), host)
+    client.greeting = client.line()
+    return client

@@ -1,11 +1,16 @@
 """POP3 (RFC 1939, RFC 2449, RFC 3206) as a state machine without I/O.
 
 `handle(line)` takes one command line (CRLF already stripped) and returns either the
-response bytes, or an action the session must carry out first because it needs disk
-or the user directory: `Login`, `Retrieve` or `Update`. The session then reports
-back (`login_succeeded`, `login_failed`, `update_done`, `retrieve_failed`) and gets
-the bytes to send. Nothing here touches a socket or a file, so every command in
-every state is unit-tested directly.
+response bytes, or an action the session must carry out first because it needs disk,
+the user directory or the socket: `Login`, `Refused`, `Retrieve`, `Update` or
+`StartTls`. The session then reports back (`login_succeeded`, `login_failed`,
+`update_done`, `retrieve_failed`, `tls_started`) and gets the bytes to send. Nothing
+here touches a socket or a file, so every command in every state is unit-tested
+directly.
+
+Authentication: USER/PASS and SASL (AUTH PLAIN/LOGIN, geventpop3.pop3.sasl) both end
+in the same `Login`; the plaintext policy (geventpop3.pop3.security) turns either
+into `Refused` on a connection that may not send a password in the clear.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from functools import cache
 
 from geventpop3 import IMPLEMENTATION
 from geventpop3.lines import LINE_TOO_LONG, Delayed
 from geventpop3.message import Message
+from geventpop3.pop3 import sasl
+from geventpop3.pop3.security import ConnectionSecurity
 
 
 class State(Enum):
@@ -31,6 +39,21 @@ class Login:
 
     user: str
     password: str
+    mech: str = "user"  # how the credentials came: user (USER/PASS), plain or login (AUTH)
+
+
+@dataclass(slots=True)
+class Refused:
+    """A login attempt the plaintext policy refuses: log it and answer `login_failed("insecure")`."""
+
+    user: str | None
+    mech: str
+
+
+@dataclass(slots=True)
+class StartTls:
+    """STLS accepted: send `STLS_OK`, discard unread input, do the handshake, then call
+    `tls_started` (or close the connection if the handshake fails)."""
 
 
 @dataclass(slots=True)
@@ -49,19 +72,20 @@ class Update:
     deleted: list[Message]
 
 
-Action = bytes | Login | Retrieve | Update | Delayed
+Action = bytes | Login | Refused | StartTls | Retrieve | Update | Delayed
 
-CAPABILITIES = (
-    "TOP",
-    "UIDL",
-    "USER",
-    "RESP-CODES",
-    "AUTH-RESP-CODE",
-    "PIPELINING",
-    "EXPIRE NEVER",
-    f"IMPLEMENTATION {IMPLEMENTATION}",
-)
-CAPA_RESPONSE = ("+OK Capability list follows\r\n" + "".join(c + "\r\n" for c in CAPABILITIES) + ".\r\n").encode()
+
+@cache
+def capa_response(plaintext: bool, stls: bool) -> bytes:
+    """CAPA for a connection: USER and SASL mechanisms only where a password may be sent
+    (a bare `SASL` otherwise, as Dovecot), STLS only where it can be started."""
+    capabilities = [
+        "TOP", "UIDL", *(["USER"] if plaintext else []), "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING",
+        "EXPIRE NEVER", " ".join(["SASL", *(sasl.MECHANISMS if plaintext else ())]), *(["STLS"] if stls else []),
+        f"IMPLEMENTATION {IMPLEMENTATION}",
+    ]
+    return ("+OK Capability list follows\r\n" + "".join(c + "\r\n" for c in capabilities) + ".\r\n").encode()
+
 
 GREETING = b"+OK POP3 server ready\r\n"
 OK = b"+OK\r\n"
@@ -69,6 +93,10 @@ ERR_TOO_LONG = b"-ERR Line too long\r\n"
 ERR_UNKNOWN = b"-ERR Unknown command\r\n"
 ERR_SYNTAX = b"-ERR Syntax error\r\n"
 ERR_AUTH = b"-ERR [AUTH] Invalid user name or password\r\n"
+ERR_INSECURE = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure (SSL/TLS) connections.\r\n"
+STLS_OK = b"+OK Begin TLS negotiation\r\n"
+ERR_STLS_ACTIVE = b"-ERR TLS is already active\r\n"
+ERR_STLS_UNAVAILABLE = b"-ERR TLS is not available\r\n"
 ERR_IN_USE = b"-ERR [IN-USE] Mailbox is in use by another session\r\n"
 ERR_USER_IP = b"-ERR [IN-USE] Too many logins for this user from your address at once, try again later\r\n"
 ERR_TEMP_LOGIN = b"-ERR [SYS/TEMP] Mailbox temporarily unavailable, try again later\r\n"
@@ -83,8 +111,9 @@ ERR_UNAVAILABLE = b"-ERR [SYS/TEMP] Message is no longer available\r\n"
 ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
 ERR_ENDING = b"-ERR Session is ending\r\n"
 
-LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "user-ip": ERR_USER_IP, "temp": ERR_TEMP_LOGIN,
-                  "perm": ERR_PERM_LOGIN}
+LOGIN_FAILURES = {"auth": ERR_AUTH, "insecure": ERR_INSECURE, "in-use": ERR_IN_USE, "user-ip": ERR_USER_IP,
+                  "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN}
+DELAYED_FAILURES = ("auth", "insecure")  # guessing or probing: answered only after failure_delay
 
 
 class Pop3Protocol:
@@ -92,10 +121,11 @@ class Pop3Protocol:
 
     __slots__ = (
         "state", "closing", "messages", "deleted", "user", "failures", "max_failures",
-        "retrieved", "tops", "_pending_user", "failure_delay",
+        "retrieved", "tops", "_pending_user", "failure_delay", "security", "_sasl",
     )
 
-    def __init__(self, max_failures: int = 3, failure_delay: float = 0.0) -> None:
+    def __init__(self, max_failures: int = 3, failure_delay: float = 0.0,
+                 security: ConnectionSecurity | None = None) -> None:
         self.state = State.AUTHORIZATION
         self.closing = False  # the session closes the connection after sending
         self.messages: list[Message] = []
@@ -107,6 +137,9 @@ class Pop3Protocol:
         self.retrieved = 0
         self.tops = 0
         self._pending_user: str | None = None
+        # What the plaintext policy and STLS need to know; the default allows plaintext, offers no TLS.
+        self.security = security if security is not None else ConnectionSecurity(None)
+        self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange waiting for the client's response
 
     def greeting(self) -> bytes:
         return GREETING
@@ -114,30 +147,42 @@ class Pop3Protocol:
     # -- input -------------------------------------------------------------
     def handle(self, line: bytes | object) -> Action:
         if line is LINE_TOO_LONG:
+            self._sasl = None  # an over-long SASL response ends the exchange
             return ERR_TOO_LONG
-        if self.state is State.UPDATE:
-            return ERR_ENDING  # QUIT was taken: no second Update, no more marks
+        if self.state is not State.TRANSACTION:
+            return self._handle_authorization(line)
         assert isinstance(line, bytes)
         keyword, _, rest = line.partition(b" ")
         keyword = keyword.upper()
-        if keyword == b"PASS" and self.state is State.AUTHORIZATION:
+        handler = _TRANSACTION_COMMANDS.get(keyword)
+        if handler is None:
+            return ERR_NOT_IN_AUTH if keyword in _AUTHORIZATION_ONLY else _unknown(keyword)
+        return handler(self, rest.split())
+
+    def _handle_authorization(self, line: bytes | object) -> Action:
+        """AUTHORIZATION (and UPDATE, which answers nothing more)."""
+        if self.state is State.UPDATE:
+            return ERR_ENDING  # QUIT was taken: no second Update, no more marks
+        assert isinstance(line, bytes)
+        if self._sasl is not None:
+            return self._sasl_step(line)
+        keyword, _, rest = line.partition(b" ")
+        keyword = keyword.upper()
+        if keyword == b"PASS":
             return self._pass(rest)  # a password may contain spaces: keep the rest whole
-        args = rest.split()
-        if self.state is State.AUTHORIZATION:
-            handler = _AUTH_COMMANDS.get(keyword)
-            if handler is None:
-                return ERR_NOT_AUTH if keyword in _TRANSACTION_COMMANDS else _unknown(keyword)
-        else:
-            handler = _TRANSACTION_COMMANDS.get(keyword)
-            if handler is None:
-                return ERR_NOT_IN_AUTH if keyword in (b"USER", b"PASS", b"APOP", b"AUTH") else _unknown(keyword)
-        return handler(self, args)
+        handler = _AUTH_COMMANDS.get(keyword)
+        if handler is None:
+            return ERR_NOT_AUTH if keyword in _TRANSACTION_COMMANDS else _unknown(keyword)
+        return handler(self, rest.split())
 
     # -- AUTHORIZATION -------------------------------------------------------
     def _user(self, args: list[bytes]) -> Action:
         if len(args) != 1:
             return ERR_SYNTAX
-        self._pending_user = args[0].decode("utf-8", "replace")
+        user = args[0].decode("utf-8", "replace")
+        if not self.security.plaintext_allowed():
+            return Refused(user, "user")  # refused at USER already, as Dovecot
+        self._pending_user = user
         return OK
 
     def _pass(self, rest: bytes) -> Action:
@@ -146,7 +191,59 @@ class Pop3Protocol:
         if not rest:
             return ERR_SYNTAX
         user, self._pending_user = self._pending_user, None
+        if not self.security.plaintext_allowed():  # trusted_networks or plaintext_auth changed since USER
+            return Refused(user, "user")
         return Login(user, rest.decode("utf-8", "surrogateescape"))
+
+    def _auth(self, args: list[bytes]) -> Action:
+        """AUTH: alone, the mechanism list; else start a SASL exchange (RFC 5034)."""
+        plaintext = self.security.plaintext_allowed()
+        if not args:
+            mechanisms = sasl.MECHANISMS if plaintext else ()
+            return ("+OK\r\n" + "".join(m + "\r\n" for m in mechanisms) + ".\r\n").encode()
+        if len(args) > 2:
+            return ERR_SYNTAX
+        mechanism = args[0].upper().decode("ascii", "replace")
+        if mechanism not in sasl.MECHANISMS:
+            return sasl.ERR_MECHANISM
+        if not plaintext:
+            return Refused(None, mechanism.lower())
+        exchange = sasl.SaslExchange(mechanism)
+        try:
+            answer = exchange.start(args[1] if len(args) == 2 else None)
+        except sasl.SaslError as exc:
+            return bytes(exc.args[0])
+        return self._sasl_answer(exchange, answer)
+
+    def _sasl_step(self, line: bytes) -> Action:
+        exchange, self._sasl = self._sasl, None
+        assert exchange is not None
+        try:
+            answer = exchange.step(line)
+        except sasl.SaslError as exc:
+            return bytes(exc.args[0])
+        return self._sasl_answer(exchange, answer)
+
+    def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Action:
+        if isinstance(answer, bytes):  # a challenge: the next line is the client's response
+            self._sasl = exchange
+            return answer
+        return Login(answer.user, answer.password, exchange.mechanism.lower())
+
+    def _stls(self, args: list[bytes]) -> Action:
+        if args:
+            return ERR_SYNTAX
+        if self.security.tls:
+            return ERR_STLS_ACTIVE
+        if not self.security.tls_available:
+            return ERR_STLS_UNAVAILABLE
+        return StartTls()
+
+    def tls_started(self) -> None:
+        """The handshake after STLS succeeded: AUTHORIZATION starts again (a USER before is forgotten)."""
+        self.security.tls = True
+        self._pending_user = None
+        self._sasl = None
 
     def login_succeeded(self, user: str, messages: list[Message]) -> bytes:
         self.state = State.TRANSACTION
@@ -163,8 +260,8 @@ class Pop3Protocol:
         self.failures += 1
         if self.failures >= self.max_failures:
             self.closing = True
-        if reason == "auth" and self.failure_delay > 0:
-            return Delayed(self.failure_delay, ERR_AUTH)
+        if reason in DELAYED_FAILURES and self.failure_delay > 0:
+            return Delayed(self.failure_delay, LOGIN_FAILURES[reason])
         return LOGIN_FAILURES[reason]
 
     def _quit_auth(self, args: list[bytes]) -> Action:
@@ -172,7 +269,9 @@ class Pop3Protocol:
         return b"+OK Bye\r\n"
 
     def _capa(self, args: list[bytes]) -> Action:
-        return CAPA_RESPONSE
+        security = self.security
+        stls = self.state is State.AUTHORIZATION and security.offer_stls
+        return capa_response(security.plaintext_allowed(), stls)
 
     def _not_supported(self, args: list[bytes]) -> Action:
         return ERR_NOT_SUPPORTED
@@ -286,9 +385,10 @@ _AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
     b"QUIT": Pop3Protocol._quit_auth,
     b"CAPA": Pop3Protocol._capa,
     b"APOP": Pop3Protocol._not_supported,
-    b"AUTH": Pop3Protocol._not_supported,
-    b"STLS": Pop3Protocol._not_supported,
+    b"AUTH": Pop3Protocol._auth,
+    b"STLS": Pop3Protocol._stls,
 }
+_AUTHORIZATION_ONLY = frozenset((b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"))
 _TRANSACTION_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
     b"STAT": Pop3Protocol._stat,
     b"LIST": Pop3Protocol._list,

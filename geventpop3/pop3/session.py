@@ -4,9 +4,11 @@
 feed each line to the protocol core, carry out the actions it asks for (login,
 retrieve, update) and write the answers, then park until the client speaks again.
 The socket side, write batching and parking live in `geventpop3.transport`; the
-rules of POP3 in `geventpop3.pop3.protocol`. The service keeps the one registry of
-open sessions, the per-address and per-user+address counts behind the connection
-limits, and ends every session at shutdown.
+rules of POP3 in `geventpop3.pop3.protocol`. TLS (implicit on the POP3S port, or
+after STLS) is one step here, `_start_tls`: handshake, then the transport is swapped
+for a `TlsTransport` and the protocol starts AUTHORIZATION again. The service keeps
+the one registry of open sessions, the per-address and per-user+address counts
+behind the connection limits, and ends every session at shutdown.
 
 Limits against slow and many connections (see docs/configuration.md):
 - `login_timeout`: from connect to a successful login. It needs no timer of its own:
@@ -23,6 +25,7 @@ Limits against slow and many connections (see docs/configuration.md):
 from __future__ import annotations
 
 import contextlib
+import functools
 import ipaddress
 import logging
 import re
@@ -33,12 +36,13 @@ from typing import Any, cast
 import gevent
 from gevent.server import StreamServer
 
-from geventpop3 import maildir
+from geventpop3 import maildir, tls
 from geventpop3.context import ServerContext
 from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
-from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, Update
-from geventpop3.transport import Transport
+from geventpop3.pop3.protocol import STLS_OK, Login, Pop3Protocol, Refused, Retrieve, StartTls, Update
+from geventpop3.pop3.security import ConnectionSecurity
+from geventpop3.transport import TlsTransport, Transport
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +78,24 @@ def source_key(host: str) -> str:
         return host
 
 
+def _server_address(sock: socket.socket) -> str:
+    """The server's address on this connection (a client on it counts as local)."""
+    try:
+        return str(sock.getsockname()[0])
+    except OSError:
+        return ""
+
+
 class Pop3Session:
     """Drives one `Pop3Protocol` over one `Transport`."""
 
     __slots__ = (
         "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
-        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
+        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done", "implicit_tls",
     )
 
-    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int) -> None:
+    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
+                 implicit_tls: bool = False) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
@@ -91,7 +104,9 @@ class Pop3Session:
         self.address = host
         self.port = port
         settings = ctx.settings
-        self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay)
+        security = ConnectionSecurity(settings, self.address, _server_address(sock), tls_available=ctx.tls is not None)
+        self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
+        self.implicit_tls = implicit_tls  # POP3S: the handshake comes before the greeting
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
@@ -103,6 +118,14 @@ class Pop3Session:
     # -- one burst ------------------------------------------------------------
     def start(self) -> None:
         """Greet, then serve the first burst (in the greenlet that accepted the connection)."""
+        if self.implicit_tls:
+            try:
+                started = self._start_tls()
+            except gevent.GreenletExit:
+                self.ended, started = "shutdown", False
+            if not started:
+                self.close()
+                return
         self.transport.write(self.protocol.greeting())
         self.serve()
 
@@ -150,9 +173,9 @@ class Pop3Session:
         """Read and answer until the client has nothing more for now (False: park)
         or the session is over (True)."""
         protocol = self.protocol
-        transport = self.transport
         metrics = self.ctx.metrics
         while not protocol.closing:
+            transport = self.transport  # a new one after STLS
             if protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
                 self._count_login_timeout()
                 return True
@@ -162,11 +185,12 @@ class Pop3Session:
             if not data:
                 return True
             metrics.bytes_received += len(data)
-            for line in self.buffer.feed(data):
+            buffer = self.buffer
+            for line in buffer.feed(data):
                 self._dispatch(protocol.handle(line))
-                if protocol.closing:
+                if protocol.closing or self.buffer is not buffer:  # after STLS the rest is discarded
                     break
-            transport.flush()
+            self.transport.flush()
         if self.ended == "disconnect":
             self.ended = "closed"
         return True
@@ -209,6 +233,10 @@ class Pop3Session:
             self._retrieve(action)
         elif isinstance(action, Login):
             self._dispatch(self._login(action))
+        elif isinstance(action, Refused):
+            self._dispatch(self._login_failed(action.user, "insecure", action.mech))
+        elif isinstance(action, StartTls):
+            self._stls()
         elif isinstance(action, Update):
             self.transport.write(self._update(action))
         elif isinstance(action, Delayed):
@@ -216,6 +244,40 @@ class Pop3Session:
             self.transport.flush()
             gevent.sleep(action.seconds)
             self.transport.write(action.data)
+
+    # -- TLS -----------------------------------------------------------------
+    def _stls(self) -> None:
+        """STLS accepted: nothing the client sent after it is ever executed.
+
+        Unread input is discarded before the +OK leaves (a client must wait for it
+        before its ClientHello); bytes that arrive later were sent before the
+        ClientHello too and break the handshake, which closes the connection.
+        """
+        self.buffer = LineBuffer()
+        transport = self.transport
+        transport.discard_input()
+        transport.write(STLS_OK)
+        transport.flush()
+        if not self._start_tls():
+            self.protocol.closing = True  # nothing more is said in plaintext
+
+    def _start_tls(self) -> bool:
+        """The server side of the handshake under its deadline; False (logged) if it failed."""
+        server_tls = self.ctx.tls
+        assert server_tls is not None
+        try:
+            sock = tls.handshake(self.transport.sock, server_tls.context, tls.HANDSHAKE_TIMEOUT)
+        except tls.HandshakeFailed as exc:
+            self.ended = "tls-failed"
+            log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.address, self.port, exc)
+            return False
+        self.transport = TlsTransport.upgrade(self.transport, sock)
+        self.protocol.tls_started()
+        return True
+
+    def _tls_description(self) -> str:
+        transport = self.transport
+        return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
 
     # -- actions -------------------------------------------------------------
     def _login(self, action: Login) -> bytes | Delayed:
@@ -235,16 +297,17 @@ class Pop3Session:
     def _open_mailbox(self, action: Login) -> bytes | Delayed:
         ctx = self.ctx
         user = action.user
+        mech = action.mech
         if not ctx.users.verify(user, action.password):
-            return self._login_failed(user, "auth")
+            return self._login_failed(user, "auth", mech)
         try:
             mailbox = maildir.Mailbox(ctx.settings.maildir, user)
             mailbox.open()  # creates the Maildir at a user's first login
             if not mailbox.lock():
-                return self._login_failed(user, "in-use")
+                return self._login_failed(user, "in-use", mech)
         except (OSError, maildir.MaildirError) as exc:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp")
+            return self._login_failed(user, "temp", mech)
         try:
             messages = mailbox.snapshot()
             if ctx.filters is not None:
@@ -253,20 +316,22 @@ class Pop3Session:
         except Exception as exc:
             mailbox.release()
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp")
+            return self._login_failed(user, "temp", mech)
         self.mailbox = mailbox
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
         ctx.metrics.logins_ok += 1
-        log.info("pop3 login: user=%s rip=%s rport=%d messages=%d", loggable(user), self.address, self.port,
-                 len(messages))
+        log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user), self.address,
+                 self.port, mech, self._tls_description(), len(messages))
         self._record("login", user)
         return self.protocol.login_succeeded(user, messages)
 
-    def _login_failed(self, user: str, reason: str) -> bytes | Delayed:
+    def _login_failed(self, user: str | None, reason: str, mech: str = "user") -> bytes | Delayed:
+        """Every failed login, USER/PASS or AUTH: counted, logged, answered by the protocol core."""
         self.ctx.metrics.logins_failed += 1
-        log.warning("pop3 login failed: user=%s rip=%s rport=%d reason=%s", loggable(user), self.address,
-                    self.port, reason)
-        self._record("login-failed", user, detail=f"reason={reason}")
+        log.warning("pop3 login failed: user=%s rip=%s rport=%d mech=%s tls=%s reason=%s", loggable(user),
+                    self.address, self.port, mech, self._tls_description(), reason)
+        if user is not None:  # AUTH refused before its exchange names nobody
+            self._record("login-failed", user, detail=f"reason={reason}")
         return self.protocol.login_failed(reason)
 
     def _retrieve(self, action: Retrieve) -> None:
@@ -344,32 +409,34 @@ class Pop3Service:
         # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
         self.user_sessions: dict[tuple[str, str], int] = {}
         self.count_sent = self._count_sent  # one bound method shared by every transport
+        self.handle_tls = functools.partial(self.handle, implicit_tls=True)  # the POP3S listeners' handler
 
-    def handle(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+    def handle(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool = False) -> None:
         """StreamServer handler: enforce the connection limits, then greet and serve."""
         metrics = self.ctx.metrics
         settings = self.ctx.settings
         host = client_host(address)
         key = source_key(host)
         if metrics.current_connections >= settings.max_connections:
-            self._refuse(sock, TOO_MANY)
+            self._refuse(sock, TOO_MANY, implicit_tls)
             return
         if self.per_source.get(key, 0) >= settings.max_connections_per_ip:
             metrics.refused_per_ip += 1
             log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", host)
-            self._refuse(sock, TOO_MANY_FROM_SOURCE)
+            self._refuse(sock, TOO_MANY_FROM_SOURCE, implicit_tls)
             return
         self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, host, int(address[1]))
+        session = Pop3Session(self, sock, host, int(address[1]), implicit_tls)
         self.sessions.add(session)
         session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
         session.start()
 
-    def _refuse(self, sock: socket.socket, answer: bytes) -> None:
+    def _refuse(self, sock: socket.socket, answer: bytes, implicit_tls: bool) -> None:
         self.ctx.metrics.total_connections += 1  # accepted, then refused: still a connection
-        with contextlib.suppress(OSError):
-            sock.sendall(answer)
+        if not implicit_tls:  # a TLS client would take plaintext for a broken handshake
+            with contextlib.suppress(OSError):
+                sock.sendall(answer)
         sock.close()
 
     def forget(self, session: Pop3Session) -> None:

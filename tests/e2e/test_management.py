@@ -207,6 +207,9 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "transformer_failure": "passthrough",
         "log_retention_count": "50",
         "log_retention_days": "7",
+        "plaintext_auth": "tls",
+        "trusted_networks": "10.0.0.0/8,2001:db8::/32",
+        "tls_min_version": "TLSv1.3",
     }
 
 
