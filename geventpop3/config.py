@@ -115,7 +115,7 @@ def tls_config(args: argparse.Namespace, file_values: dict[str, Any],
     """The certificate and key loaded (a usable pair, or UsageError), the POP3S port, and warnings.
 
     Without a certificate plaintext logins stay allowed everywhere (`plaintext_auth`
-    defaults to `always`) unless the file or a flag says otherwise.
+    defaults to `always`); with one it becomes `tls` unless the file says otherwise.
     """
     cert: str | None = args.tls_cert or file_values.get("tls_cert")
     key: str | None = args.tls_key or file_values.get("tls_key")
@@ -125,9 +125,9 @@ def tls_config(args: argparse.Namespace, file_values: dict[str, Any],
             raise UsageError("--pop3s-port needs a certificate (--tls-cert)")
         if key:
             raise UsageError("--tls-key needs a certificate (--tls-cert)")
-        if "plaintext_auth" not in file_values:
-            settings.apply("plaintext_auth", "always", "config")
         return None, 0, []
+    if "plaintext_auth" not in file_values:  # with a certificate, passwords only over secure connections
+        settings.apply("plaintext_auth", "tls", "config")
     cert, key = os.path.abspath(cert), os.path.abspath(key or cert)
     try:
         server_tls = ServerTls(cert, key, settings.tls_min_version)

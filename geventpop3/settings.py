@@ -134,7 +134,7 @@ KEYS: dict[str, Key] = {
             "on filter failure: -ERR [SYS/TEMP] or the original message"),
         Key("log_retention_count", _int_range(1, 10_000_000), 1000, "access-log entries kept per user"),
         Key("log_retention_days", _int_range(1, 36_500), 90, "days access-log entries are kept"),
-        Key("plaintext_auth", _choice("tls", "always"), "tls",
+        Key("plaintext_auth", _choice("tls", "always"), "always",
             "USER/PASS and AUTH PLAIN/LOGIN: tls (secure connections only) or always"),
         Key("trusted_networks", _networks, Networks(), "CIDR list of clients that count as secure without TLS"),
         Key("tls_min_version", _choice("TLSv1.2", "TLSv1.3"), "TLSv1.2", "oldest TLS version accepted"),

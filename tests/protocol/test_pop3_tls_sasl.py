@@ -19,7 +19,11 @@ def b64(data: bytes) -> bytes:
 
 def protocol(client: str = "192.0.2.7", server: str = "192.0.2.1", tls: bool = False, certificate: bool = True,
              settings: Settings | None = None, max_failures: int = 3) -> Pop3Protocol:
-    security = ConnectionSecurity(settings or Settings(), client, server, tls=tls, tls_available=certificate)
+    if settings is None:
+        settings = Settings()
+        if certificate:  # as config.py does: with a certificate, plaintext logins only where secure
+            settings.set("plaintext_auth", "tls", "config")
+    security = ConnectionSecurity(settings, client, server, tls=tls, tls_available=certificate)
     return Pop3Protocol(max_failures, 0.5, security)
 
 
