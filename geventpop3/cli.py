@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     add("--metrics-address", metavar="ADDR", help="Prometheus endpoint address (default 127.0.0.1)")
     add("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port (default: off)")
+    add("--run-as", metavar="USER",
+        help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
+    add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
     return parser
 
