@@ -112,6 +112,7 @@ class App:
             self._close_listeners()
             return 2
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+        self._log_identity()
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
         self.stopping.wait()
@@ -174,15 +175,20 @@ class App:
         """Become the --run-as user for good, before any Maildir, state or users file is read."""
         identity = self.config.run_as
         if identity is None:
-            if os.geteuid() == 0:
-                log.warning(privileges.ROOT_WARNING)
             return
         privileges.preload()
         try:
             privileges.drop(identity)
         except privileges.PrivilegeError as exc:
             raise StartupError(str(exc)) from None
-        log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)
+
+    def _log_identity(self) -> None:
+        """Who serves, once started (a start-up error stays one line): a warning if it is root."""
+        identity = self.config.run_as
+        if identity is not None:
+            log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)
+        elif os.geteuid() == 0:
+            log.warning(privileges.ROOT_WARNING)
 
     def _serve(self, ctx: ServerContext) -> None:
         """Start accepting on the sockets bound before the drop."""

@@ -108,5 +108,4 @@ def test_a_users_file_the_dropped_user_cannot_read_is_one_line_and_exit_2(tmp_pa
     result = run_server("-p", "0", "-P", "0", "-l", "127.0.0.1", "-d", str(tmp_path / "mail"), "--no-state",
                         "--users-file", str(users), "--run-as", "nobody")
     assert result.returncode == 2
-    assert result.stderr.splitlines()[-1] == f"geventpop3: cannot read users file {users}: Permission denied"
-    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines() == [f"geventpop3: cannot read users file {users}: Permission denied"]
