@@ -257,9 +257,8 @@ def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, st
             kind = "timeout"
             code = proc.returncode
         reader.join(timeout=STDERR_GRACE)  # a grandchild may still hold stderr open
-        _kill_group(proc)  # nothing it left behind may write into the output after this
     finally:  # also when the session was killed (shutdown, client gone): never leave a child behind
-        _kill_group(proc)
+        _kill_group(proc)  # nothing it left behind may write into the output after this
         reader.kill()
         proc.stderr.close()
         del _running[limits.token]
