@@ -1,4 +1,10 @@
-"""Wires the server together: state, users, listeners, signals and shutdown."""
+"""Wires the server together: listeners, privileges, state, users, signals and shutdown.
+
+Start-up order: bind every listener (POP3, MSMP, metrics) as whoever started us, so
+port 110 can be bound as root; then drop to `--run-as` for good (a warning if we stay
+root); only then touch the Maildir root, the state store and the users file, as the
+user that will serve; last, start accepting on the sockets bound first.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +20,10 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
+from gevent.socket import socket
 
-from geventpop3 import listen, maildir
-from geventpop3.config import Config
+from geventpop3 import listen, maildir, privileges
+from geventpop3.config import Config, UsageError, read_users_file
 from geventpop3.context import ServerContext
 from geventpop3.filters import FilterRunner
 from geventpop3.metrics import start_prometheus_server
@@ -89,6 +96,7 @@ class App:
         self.ctx: ServerContext | None = None
         self.store: Store | None = None
         self.persister: Persister | None = None
+        self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
@@ -97,13 +105,16 @@ class App:
         self.config.settings.subscribe(self._on_setting)
         raise_file_limit()
         try:
+            self._bind()
+            self._drop_privileges()
             self.ctx = self._prepare()
-            self._listen(self.ctx)
+            self._serve(self.ctx)
         except StartupError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
             self._close_listeners()
             return 2
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+        self._log_identity()
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
         self.stopping.wait()
@@ -123,6 +134,11 @@ class App:
         settings.apply("maildir", config.maildir, "config")
         self.store = open_store(config.state_dir)
         users = list(config.users)
+        if config.users_file:
+            try:
+                users.extend(read_users_file(config.users_file))
+            except UsageError as exc:
+                raise StartupError(str(exc)) from None
         if config.demo:
             users.append(DEMO_USER)
         try:
@@ -145,31 +161,59 @@ class App:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
 
-    def _listen(self, ctx: ServerContext) -> None:
-        """Bind and start every listener: POP3, MSMP, and metrics if asked for."""
+    def _bind(self) -> None:
+        """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""
         config = self.config
-        assert self.pop3 is not None
         try:
-            for listener in listen.open_listeners(config.pop3_addresses, config.pop3_port, "POP3"):
-                server = Pop3Server(listener, self.pop3.handle)
-                server.start()
-                self.pop3_servers.append(server)
-                log.info("pop3 listening on %s", listen.describe(listener))
+            self.bound["pop3"] = listen.open_listeners(config.pop3_addresses, config.pop3_port, "POP3")
             if config.tls is not None and config.pop3s_port:
-                for listener in listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S"):
-                    server = Pop3Server(listener, self.pop3.handle_tls)
-                    server.start()
-                    self.pop3_servers.append(server)
-                    log.info("pop3s listening on %s", listen.describe(listener))
-            self.admin_servers = start_admin_servers(ctx, config.admin_addresses, config.admin_port,
-                                                     spawn=self.admin_sessions)
+                self.bound["pop3s"] = listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S")
+            self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
+                                                       defaults=listen.LOOPBACK)
             if config.metrics_port is not None:
-                for listener in listen.open_listeners([config.metrics_address], config.metrics_port, "metrics"):
-                    self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
-                    log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
+                self.bound["metrics"] = listen.open_listeners([config.metrics_address], config.metrics_port,
+                                                              "metrics")
         except OSError as exc:
             why = exc.strerror or str(exc)
             raise StartupError(why if why.startswith("cannot ") else "cannot listen: " + why) from None
+
+    def _drop_privileges(self) -> None:
+        """Become the --run-as user for good, before any Maildir, state or users file is read."""
+        identity = self.config.run_as
+        if identity is None:
+            return
+        privileges.preload()
+        try:
+            privileges.drop(identity)
+        except privileges.PrivilegeError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _log_identity(self) -> None:
+        """Who serves, once started (a start-up error stays one line): a warning if it is root."""
+        identity = self.config.run_as
+        if identity is not None:
+            log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)
+        elif os.geteuid() == 0:
+            log.warning(privileges.ROOT_WARNING)
+
+    def _serve(self, ctx: ServerContext) -> None:
+        """Start accepting on the sockets bound before the drop."""
+        assert self.pop3 is not None
+        for listener in self.bound.pop("pop3", []):
+            server = Pop3Server(listener, self.pop3.handle)
+            server.start()
+            self.pop3_servers.append(server)
+            log.info("pop3 listening on %s", listen.describe(listener))
+        for listener in self.bound.pop("pop3s", []):
+            server = Pop3Server(listener, self.pop3.handle_tls)
+            server.start()
+            self.pop3_servers.append(server)
+            log.info("pop3s listening on %s", listen.describe(listener))
+        self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
+                                                 listeners=self.bound.pop("msmp", []))
+        for listener in self.bound.pop("metrics", []):
+            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
+            log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
 
     def _restore_state(self, ctx: ServerContext, store: Store) -> None:
         """Counters and SET values of earlier runs; flags given now still win."""
@@ -203,6 +247,10 @@ class App:
     def _close_listeners(self) -> None:
         for server in [*self.pop3_servers, *self.admin_servers, *self.metrics_servers]:
             server.close()
+        for sockets in self.bound.values():  # bound, but start-up stopped before they served
+            for sock in sockets:
+                sock.close()
+        self.bound.clear()
 
     def _on_setting(self, key: str, old: object, new: object) -> None:
         if key == "log_level":

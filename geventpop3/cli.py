@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", metavar="FILE", help="PEM private key (default: the certificate file)")
     add("--pop3s-port", type=_port, metavar="PORT",
         help=f"implicit-TLS POP3 port on the POP3 addresses; 0: none (default {DEFAULT_POP3S_PORT} with a certificate)")
+    add("--run-as", metavar="USER",
+        help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
+    add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
     return parser
 

@@ -6,10 +6,12 @@ open), then flags given on the command line. A flag is the operator's explicit w
 for this start; a persisted SET is the operator's latest word otherwise.
 
 Every value is checked here, in one place: ports, listen addresses, filter commands
-and chains, settings (through `Settings.parse`), users and admins, and the TLS
-certificate and key (loaded into the context the server will use). Nothing here
-touches the disk beyond reading the files named: creating the Maildir root and the
-state directory is start-up's job (`app.py`).
+and chains, settings (through `Settings.parse`), users, admins, the `--run-as`
+identity, and the TLS certificate and key (loaded into the context the server will
+use, while still root). Nothing else here touches the disk beyond reading the config
+file: the users file is read by start-up (`app.py`) after privileges are dropped, as
+the user that will serve, so a file that user cannot read stops the start there;
+creating the Maildir root and the state directory is start-up's job too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
+from geventpop3.privileges import Identity, PrivilegeError, resolve
 from geventpop3.settings import KEYS, SettingError, Settings
 from geventpop3.tls import ServerTls, TlsError, key_permission_warning
 from geventpop3.users import UserError, parse_user_flag, parse_users_file
@@ -39,6 +42,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
+    "run_as": str, "run_as_group": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str, "trusted_networks": (str, list)}
@@ -58,7 +62,7 @@ class Config:
     admin_addresses: list[str] | None  # None: the loopback addresses (listen.ADMIN_DEFAULTS)
     admin_port: int
     maildir: str  # absolute; created at start-up if missing
-    users: list[tuple[str, str]]
+    users: list[tuple[str, str]]  # from flags and the config file; the users file is read at start-up
     admins: list[tuple[str, str]]
     state_dir: str | None  # None: no persistent state (--no-state)
     settings: Settings
@@ -69,6 +73,8 @@ class Config:
     tls: ServerTls | None = None  # the certificate, key and context; None: no TLS
     pop3s_port: int = 0  # implicit-TLS POP3; 0: none
     warnings: list[str] = field(default_factory=list)  # logged once logging is set up
+    users_file: str | None = None
+    run_as: Identity | None = None  # drop to this user once every listener is bound
 
 
 def parse_port(value: object) -> int:
@@ -95,8 +101,7 @@ def load_config(args: argparse.Namespace) -> Config:
         admin_addresses=args.admin_address or _as_list(file_values.get("admin_address")),
         admin_port=_first_port(args.admin_port, file_values.get("admin_port"), DEFAULT_ADMIN_PORT),
         maildir=maildir,
-        users=load_users(args.user + list(file_values.get("users", [])),
-                         args.users_file or file_values.get("users_file")),
+        users=_pairs(args.user + list(file_values.get("users", [])), "user"),
         admins=_pairs(args.admin + list(file_values.get("admins", [])), "admin"),
         state_dir=state_dir_for(args, file_values, maildir),
         settings=settings,
@@ -107,6 +112,8 @@ def load_config(args: argparse.Namespace) -> Config:
         tls=server_tls,
         pop3s_port=pop3s_port,
         warnings=warnings,
+        users_file=args.users_file or file_values.get("users_file"),
+        run_as=run_as_for(args, file_values),
     )
 
 
@@ -226,17 +233,26 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
             raise UsageError(f"invalid {key} {text!r}: {exc}") from None
 
 
-def load_users(entries: list[str], users_file: str | None) -> list[tuple[str, str]]:
-    """POP3 users from `-u`, the file's `users` list and the users file, in that order."""
-    users = _pairs(entries, "user")
-    if users_file:
-        try:
-            users.extend(parse_users_file(users_file))
-        except OSError as exc:
-            raise UsageError(f"cannot read users file {users_file}: {exc.strerror}") from None
-        except UserError as exc:
-            raise UsageError(str(exc)) from None
-    return users
+def read_users_file(users_file: str) -> list[tuple[str, str]]:
+    """The users file's entries; UsageError (one line) if it cannot be read or parsed.
+
+    Called by start-up after privileges are dropped: the server reads it as the user
+    it serves as, so a file readable only by root is found out at start, not later.
+    """
+    try:
+        return parse_users_file(users_file)
+    except OSError as exc:
+        raise UsageError(f"cannot read users file {users_file}: {exc.strerror}") from None
+    except UserError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def run_as_for(args: argparse.Namespace, file_values: dict[str, Any]) -> Identity | None:
+    """The user (and group) `--run-as`/`run_as` name, looked up now: an unknown one is a usage error."""
+    try:
+        return resolve(args.run_as or file_values.get("run_as"), args.run_as_group or file_values.get("run_as_group"))
+    except PrivilegeError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir: str) -> str | None:

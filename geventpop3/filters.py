@@ -13,6 +13,13 @@ neither deadlock nor pass through the server's memory. Only stderr is a pipe, dr
 by a greenlet that keeps the first 4 KiB for the log. A spool file becomes a cache
 entry (by rename) only after the filter exited 0 with a non-empty output; every other
 outcome removes it.
+
+Bounds: a filter runs as the server's user, or as `nobody` when the server is root
+(`geventpop3.privileges`), with RLIMIT_FSIZE at `transformer_max_output` + 1 so an
+output past the cap is cut by the kernel (SIGXFSZ, or EFBIG where the signal is
+ignored) and the filter fails; descendants that escaped its process group are killed
+when it ends (`geventpop3.reaper`); and `prepare()` stops at once, killing the filters
+it started, when the client that is logging in goes away.
 """
 
 from __future__ import annotations
@@ -23,15 +30,16 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import shlex
 import shutil
 import signal
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from subprocess import PIPE, TimeoutExpired
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from subprocess import PIPE, SubprocessError, TimeoutExpired
 from typing import IO, TYPE_CHECKING
 
 import gevent
@@ -39,8 +47,10 @@ from gevent.event import Event
 from gevent.pool import Pool
 from gevent.subprocess import Popen
 
+from geventpop3 import privileges, reaper
 from geventpop3.maildir import crlf_size
 from geventpop3.message import Message
+from geventpop3.privileges import Identity, PrivilegeError
 from geventpop3.users import valid_username
 
 if TYPE_CHECKING:
@@ -57,6 +67,15 @@ ENV_PASSED = ("PATH", "LANG", "HOME")
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 BOOT_MARK = ".boot-id"  # in the cache root: the boot its entries were written in
 FAILED_ERROR = "message filter failed, try again later"
+CLIENT_POLL = 0.2  # seconds between checks that the client logging in is still there
+TOO_LARGE = "output over transformer_max_output"
+
+# Filters running now in this process, token -> pid: their orphans are theirs to clean up.
+_running: dict[str, int] = {}
+
+
+class ClientGone(ConnectionError):
+    """The client went away during its login while its mail was being filtered."""
 
 
 class FilterFailed(Exception):
@@ -177,22 +196,56 @@ def _kill_group(proc: Popen[bytes]) -> None:
     proc.wait()
 
 
-def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float) -> None:
+@dataclass(frozen=True)
+class ChildLimits:
+    """What bounds one filter process: its output cap and the user it runs as (None: ours)."""
+
+    max_output: int
+    identity: Identity | None = None
+    token: str = field(default_factory=lambda: os.urandom(8).hex())
+
+    def setup(self) -> None:
+        """preexec_fn, in the forked child: cap file writes, then drop to the filter's user."""
+        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel should kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_output + 1, self.max_output + 1))
+        if self.identity is not None:
+            privileges.become(self.identity)
+
+
+def _start(argv: Sequence[str], stdin: IO[bytes], out_fd: int, env: dict[str, str],
+           limits: ChildLimits) -> Popen[bytes]:
+    try:
+        return Popen(list(argv), stdin=stdin, stdout=out_fd, stderr=PIPE, env=env, close_fds=True,
+                     start_new_session=True, preexec_fn=limits.setup)
+    except FileNotFoundError:
+        raise FilterFailed("not found") from None
+    except PermissionError:
+        raise FilterFailed("not executable") from None
+    except OSError as exc:
+        raise FilterFailed(f"cannot start: {exc.strerror or exc}") from None
+    except SubprocessError as exc:  # preexec_fn failed: the limits or the user switch
+        raise FilterFailed(f"cannot start: {exc}") from None
+
+
+def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float,
+                limits: ChildLimits) -> None:
     """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed."""
-    with open(source, "rb") as stdin:
-        out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
+    env = dict(env)
+    env[reaper.FILTER_TOKEN_VAR] = limits.token
+    if limits.identity is not None:
+        env["HOME"] = limits.identity.home
+    _running[limits.token] = 0  # from the fork on, its processes carry the token: leave them alone
+    try:
+        with open(source, "rb") as stdin:
+            out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
-                proc = Popen(list(argv), stdin=stdin, stdout=out_fd, stderr=PIPE, env=env, close_fds=True,
-                             start_new_session=True)
-            except FileNotFoundError:
-                raise FilterFailed("not found") from None
-            except PermissionError:
-                raise FilterFailed("not executable") from None
-            except OSError as exc:
-                raise FilterFailed(f"cannot start: {exc.strerror or exc}") from None
-        finally:
-            os.close(out_fd)
+                proc = _start(argv, stdin, out_fd, env, limits)
+            finally:
+                os.close(out_fd)
+    except BaseException:
+        del _running[limits.token]
+        raise
+    _running[limits.token] = proc.pid
     assert proc.stderr is not None
     reader = gevent.spawn(_drain, proc.stderr)
     kind = None
@@ -203,15 +256,16 @@ def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, st
             _kill_group(proc)
             kind = "timeout"
             code = proc.returncode
-        except BaseException:  # the session was killed (shutdown): never leave the child behind
-            _kill_group(proc)
-            raise
         reader.join(timeout=STDERR_GRACE)  # a grandchild may still hold stderr open
+    finally:  # also when the session was killed (shutdown, client gone): never leave a child behind
         _kill_group(proc)  # nothing it left behind may write into the output after this
-    finally:
         reader.kill()
         proc.stderr.close()
+        del _running[limits.token]
+        reaper.kill_leftovers(set(_running.values()), set(_running), tokenless=0 not in _running.values())
     stderr = reader.value or b""
+    if kind is None and (code == -signal.SIGXFSZ or os.stat(output).st_size > limits.max_output):
+        kind = TOO_LARGE
     if kind is None and code != 0:
         kind = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
     if kind is None and os.stat(output).st_size == 0:
@@ -220,6 +274,13 @@ def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, st
         raise FilterFailed(kind, stderr)
     if stderr:
         log.info("transformer stderr: argv0=%s stderr=%r", argv[0], stderr)
+
+
+def _watch_client(client_gone: Callable[[], bool], gone: Event) -> None:
+    """Set `gone` once the client has left (polled: a login may be pipelined behind data)."""
+    while not client_gone():
+        gevent.sleep(CLIENT_POLL)
+    gone.set()
 
 
 def _seal(path: str, sync: bool) -> int:
@@ -273,6 +334,14 @@ class FilterRunner:
                         getattr(exc, "strerror", None) or exc)
         self.sync = not self._same_boot()
         self.limiter = Limiter(ctx.settings.transformer_concurrency)
+        reaper.become_subreaper()  # escaped descendants of filters are adopted by us, then killed
+        self.identity: Identity | None = None
+        self.identity_error: str | None = None  # set: no unprivileged user, so no filter may run
+        try:
+            self.identity = privileges.filter_identity()
+        except PrivilegeError as exc:
+            self.identity_error = str(exc)
+            log.error("%s: every filter run will fail", exc)
         ctx.settings.subscribe(self._on_setting)
 
     def _same_boot(self) -> bool:
@@ -319,10 +388,14 @@ class FilterRunner:
             self.limiter.resize(new)
 
     # -- login ---------------------------------------------------------------
-    def prepare(self, messages: list[Message], *, user: str, address: str, port: int) -> list[Message]:
+    def prepare(self, messages: list[Message], *, user: str, address: str, port: int,
+                client_gone: Callable[[], bool] | None = None) -> list[Message]:
         """The snapshot as the session must see it: each message filtered, failed, or passed through.
 
         Called at login with the mailbox lock held, so nobody else touches this user's cache.
+        `client_gone` is polled while filters run: once it says True, no filter starts,
+        the running ones are killed and ClientGone is raised, so the caller can release
+        the lock at once instead of filtering a whole mailbox for nobody.
         """
         settings = self.ctx.settings
         try:
@@ -357,13 +430,37 @@ class FilterRunner:
             def work(index: int) -> tuple[int, Message]:
                 return index, self._filter_message(flt, messages[index], directory, user, address, port)
 
-            pool = Pool(max(1, min(len(misses), self.limiter.limit)))
-            try:
-                for index, message in pool.imap_unordered(work, misses):
-                    result[index] = message
-            finally:
-                pool.kill()  # if the session dies mid-way (shutdown), so do its filters
+            self._run_all(work, misses, result, client_gone)
         return result
+
+    def _run_all(self, work: Callable[[int], tuple[int, Message]], misses: list[int], result: list[Message],
+                 client_gone: Callable[[], bool] | None) -> None:
+        """Filter the misses in parallel into `result`; stop everything if the client goes away."""
+        pool = Pool(max(1, min(len(misses), self.limiter.limit)))
+
+        def run() -> None:
+            results = pool.imap_unordered(work, misses)
+            try:
+                for index, message in results:
+                    result[index] = message
+            finally:  # if the login is abandoned (shutdown, client gone), so are its filters:
+                results.kill()  # first what starts them (it is a greenlet of its own), then the running ones
+                pool.kill()
+
+        over = Event()  # set when the filters are done, or the client is gone
+        runner = gevent.spawn(run)
+        runner.link(lambda _: over.set())
+        watcher = gevent.spawn(_watch_client, client_gone, over) if client_gone is not None else None
+        try:
+            over.wait()
+            if not runner.ready():
+                runner.kill()  # waits until every filter of this login is dead and its slot free
+                raise ClientGone("client gone while its mail was being filtered")
+            runner.get()
+        finally:
+            if watcher is not None:
+                watcher.kill()
+            runner.kill()
 
     def _drop_other_filters(self, user_root: str, identity: str) -> None:
         """A user's outputs of earlier filters are useless now: the cache holds one filter per user."""
@@ -408,7 +505,10 @@ class FilterRunner:
                     started = time.monotonic()
                     metrics.transformer_runs += 1
                     try:
-                        run_program(argv, current, output, env, settings.transformer_timeout)
+                        if self.identity_error is not None:
+                            raise FilterFailed(self.identity_error)
+                        limits = ChildLimits(settings.transformer_max_output, self.identity)
+                        run_program(argv, current, output, env, settings.transformer_timeout, limits)
                     except FilterFailed as failure:
                         metrics.transformer_failures += 1
                         if failure.kind == "timeout":

@@ -130,6 +130,8 @@ KEYS: dict[str, Key] = {
         Key("log_level", _log_level, "INFO", "server log level"),
         Key("transformer_timeout", _float_range(0.1, 3600), 30.0, "seconds a filter may run per message"),
         Key("transformer_concurrency", _int_range(1, 1024), 4, "most filter processes at once"),
+        Key("transformer_max_output", _int_range(1024, 1 << 40), 64 << 20,
+            "bytes a filter may write per message; more fails the filter"),
         Key("transformer_failure", _choice("tempfail", "passthrough"), "tempfail",
             "on filter failure: -ERR [SYS/TEMP] or the original message"),
         Key("log_retention_count", _int_range(1, 10_000_000), 1000, "access-log entries kept per user"),

@@ -26,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, cast
 
 import gevent
+from gevent import monkey
 
 RECV_SIZE = 4096
 FLUSH_THRESHOLD = 128 * 1024
@@ -39,6 +41,7 @@ DISCARD_READS = 16  # at most this many reads of unread input are dropped at onc
 CLOSE_FLUSH_TIMEOUT = 1.0  # seconds a last answer (idle timeout, shutdown) may take to leave
 
 Callback = Callable[[], None]
+_original_poll = monkey.get_original("select", "poll")  # gevent's own poll() knows no POLLRDHUP
 
 
 class Transport:
@@ -89,6 +92,20 @@ class Transport:
             for _ in range(DISCARD_READS):
                 if not os.read(self.fd, RECV_SIZE):
                     break
+
+    def peer_gone(self) -> bool:
+        """True once the client closed or reset its side, even with input still queued (Linux).
+
+        Without POLLRDHUP only an error or hang-up counts: a half-closed client looks alive.
+        """
+        if self.closed:
+            return True
+        poller = _original_poll()
+        poller.register(self.fd, getattr(select, "POLLRDHUP", 0) | select.POLLHUP | select.POLLERR)
+        try:
+            return bool(poller.poll(0))
+        except OSError:
+            return True
 
     # -- output --------------------------------------------------------------
     def write(self, data: bytes) -> None:

@@ -12,12 +12,14 @@ import contextlib
 import itertools
 import os
 import poplib
+import shutil
 import signal
 import socket
 import ssl
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -97,6 +99,18 @@ def crlf(content: bytes) -> bytes:
     """What RETR must send for a stored message (before dot-stuffing)."""
     text = content.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     return text if text.endswith(CRLF) else text + CRLF
+
+
+@contextlib.contextmanager
+def filter_tmp_dir() -> Iterator[Path]:
+    """A temporary directory that filters can use: under a root server they run as `nobody`,
+    and pytest's own temporary directories are 0700 below a 0700 /tmp/pytest-of-root."""
+    path = Path(tempfile.mkdtemp(prefix="geventpop3-test-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # -- the server process ----------------------------------------------------------

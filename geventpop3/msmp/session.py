@@ -161,15 +161,19 @@ def _peer(address: object) -> str:
 
 
 def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int,
-                        spawn: Pool | None = None) -> list[StreamServer]:
+                        spawn: Pool | None = None,
+                        listeners: list[socket.socket] | None = None) -> list[StreamServer]:
     """MSMP servers on `addresses` (default: the loopback addresses) and `port`, started.
 
     Their handlers run in `spawn`, so shutdown can end the admin sessions (and wait for
-    them) before the state they use is flushed and closed.
+    them) before the state they use is flushed and closed. `listeners`: sockets bound
+    already (the app binds before dropping privileges); the addresses are then unused.
     """
     handler = serve_admin(ctx)
     servers: list[StreamServer] = []
-    for listener in listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK):
+    if listeners is None:
+        listeners = listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK)
+    for listener in listeners:
         server = StreamServer(listener, handler, spawn=spawn if spawn is not None else "default")
         server.start()
         servers.append(server)

@@ -38,6 +38,7 @@ from gevent.server import StreamServer
 
 from geventpop3 import maildir, tls
 from geventpop3.context import ServerContext
+from geventpop3.filters import ClientGone
 from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
 from geventpop3.pop3.protocol import STLS_OK, Login, Pop3Protocol, Refused, Retrieve, StartTls, Update
@@ -311,8 +312,14 @@ class Pop3Session:
         try:
             messages = mailbox.snapshot()
             if ctx.filters is not None:
-                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port)
+                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port,
+                                               client_gone=self.transport.peer_gone)
                 self.transform_failures = sum(1 for m in messages if m.error is not None)
+        except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
+            mailbox.release()
+            log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
+                     loggable(user), self.address, self.port)
+            raise
         except Exception as exc:
             mailbox.release()
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)

@@ -118,7 +118,8 @@ def test_missing_users_file(tmp_path: Path) -> None:
 
 
 def test_users_file_is_a_directory(tmp_path: Path) -> None:
-    assert_parse_error(tmp_path, ["--users-file", str(tmp_path)], "users file")
+    # The users file is read at start-up, after privileges are dropped: so a run, not a parse.
+    assert_usage_error(run(tmp_path, "--users-file", str(tmp_path)), "users file")
 
 
 @pytest.mark.parametrize(("content", "fragment"), [
@@ -129,7 +130,7 @@ def test_users_file_is_a_directory(tmp_path: Path) -> None:
 def test_bad_users_file(tmp_path: Path, content: bytes, fragment: str) -> None:
     path = tmp_path / "users"
     path.write_bytes(content)
-    line = assert_parse_error(tmp_path, ["--users-file", str(path)], fragment)
+    line = assert_usage_error(run(tmp_path, "--users-file", str(path)), fragment)
     assert "pw" not in line.replace(str(path), "")
 
 

@@ -205,6 +205,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "transformer_timeout": "2.5",
         "transformer_concurrency": "2",
         "transformer_failure": "passthrough",
+        "transformer_max_output": "1048576",
         "log_retention_count": "50",
         "log_retention_days": "7",
         "plaintext_auth": "tls",

@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import stat
+import pwd
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
+import gevent.event
 import pytest
-from helpers import LineClient, ServerProcess, admin, crlf, wait_until
+from helpers import LineClient, ServerProcess, admin, crlf, filter_tmp_dir, wait_until
 
 from admin.client import MsmpError
 from geventpop3 import maildir
 from geventpop3.context import ServerContext
-from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, Filter, FilterRunner, Limiter, resolve
+from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, ClientGone, Filter, FilterRunner, Limiter, resolve
 from geventpop3.message import Message
 from geventpop3.settings import Settings
 from geventpop3.users import UserDirectory, hash_password
@@ -33,11 +34,20 @@ HAM = b"From: a@example.org\nTo: alice@example.org\nSubject: hello\n\nfirst line
 
 
 def script(directory: Path, name: str, body: str) -> str:
-    """An executable /bin/sh filter; returns its path."""
+    """An executable /bin/sh filter; returns its path. Filters (as `nobody` when the tests
+    run as root) may also write into `directory`."""
     path = directory / name
     path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
-    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    path.chmod(0o755)
     return str(path)
+
+
+@pytest.fixture
+def tmp_path() -> Iterator[Path]:
+    """Replaces pytest's for this module: filters (as `nobody` when the tests run as root)
+    must reach their scripts and the files they write."""
+    with filter_tmp_dir() as path:
+        yield path
 
 
 # -- in-process: the runner and the cache --------------------------------------
@@ -185,6 +195,7 @@ def test_environment_has_context_and_nothing_else(box: Box, tmp_path: Path,
     assert env.pop("GEVENTPOP3_UIDL") == os.path.basename(source)
     assert env.pop("GEVENTPOP3_CLIENT_ADDRESS") == "127.0.0.1"
     assert env.pop("GEVENTPOP3_CLIENT_PORT") == "40000"
+    assert len(env.pop("GEVENTPOP3_FILTER_ID")) == 16  # marks this run's processes (geventpop3.reaper)
     assert set(env) <= {"PATH", "LANG", "HOME"}
     assert "hunter2" not in read(message).decode()
 
@@ -308,6 +319,7 @@ def test_limiter_passes_on_the_wake_up_of_a_killed_waiter() -> None:
 def test_killed_login_kills_its_filters(box: Box, tmp_path: Path) -> None:
     pids = tmp_path / "pids"
     pids.mkdir()
+    pids.chmod(0o777)  # filters may run as nobody
     box.deliver(HAM, HAM)
     box.use(script(tmp_path, "hang.sh", f"echo $$ > {pids}/$$; exec sleep 30\n"))
     login = gevent.spawn(box.login)
@@ -458,6 +470,7 @@ def test_fifty_sessions_through_a_slow_filter_never_exceed_the_bound(start_serve
                                                                       tmp_path: Path) -> None:
     running = tmp_path / "running"
     running.mkdir()
+    running.chmod(0o777)  # filters may run as nobody
     seen = tmp_path / "seen"
     slow = script(tmp_path, "slow.sh", f"""\
         touch {running}/$$
@@ -485,3 +498,52 @@ def test_fifty_sessions_through_a_slow_filter_never_exceed_the_bound(start_serve
     counts = [int(x) for x in seen.read_text().split()]
     assert len(counts) == 50 and max(counts) <= 4
     assert max(counts) >= 2  # they did run in parallel
+
+
+@pytest.mark.parametrize("body", [
+    "head -c 3000000 /dev/zero\n",  # killed by SIGXFSZ at the cap
+    "trap '' XFSZ; head -c 3000000 /dev/zero; exit 0\n",  # ignores it: EFBIG, then claims success
+])
+def test_output_over_the_cap_fails_the_filter(tmp_path: Path, body: str, caplog: pytest.LogCaptureFixture) -> None:
+    box = Box(tmp_path, transformer_max_output="1048576")
+    (source,) = box.deliver(HAM)
+    box.use(script(tmp_path, "big.sh", body))
+    (message,) = box.login()
+    assert message.error == FAILED_ERROR and message.path == source
+    assert "kind=output over transformer_max_output" in caplog.text
+    assert box.cached_files() == []  # the partial output is gone
+    box.settings.set("transformer_max_output", "4000000")  # a cap above the output: the same filter passes
+    (message,) = box.login()
+    assert message.error is None and os.stat(message.path).st_size == 3_000_000
+
+
+def test_filters_never_run_as_root(box: Box, tmp_path: Path) -> None:
+    box.deliver(HAM)
+    box.use(script(tmp_path, "id.sh", "id -u; id -g; id -G; cat\n"))
+    (message,) = box.login()
+    uid, gid, groups = read(message).decode().splitlines()[:3]
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        assert int(uid) == nobody.pw_uid != 0 and int(gid) != 0 and groups.split() == [gid]
+    else:
+        assert (int(uid), int(gid)) == (os.geteuid(), os.getegid())
+
+
+def test_a_client_gone_stops_the_login_and_kills_its_filters(tmp_path: Path) -> None:
+    box = Box(tmp_path, transformer_concurrency="1")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    pids.chmod(0o777)  # filters may run as nobody
+    box.deliver(*[HAM] * 10)
+    box.use(script(tmp_path, "slow.sh", f"echo $$ > {pids}/$$; exec sleep 30\n"))
+    gone = gevent.event.Event()
+    login = gevent.spawn(box.runner.prepare, box.mailbox.snapshot(), user="alice", address="127.0.0.1", port=1,
+                         client_gone=gone.is_set)
+    wait_until(lambda: any(pids.iterdir()))
+    gone.set()
+    login.join(5)
+    assert isinstance(login.exception, ClientGone)
+    started = [int(path.name) for path in pids.iterdir()]
+    assert len(started) == 1 and box.runner.limiter.active == 0  # no other filter started, the slot is free
+    wait_until(lambda: not os.path.exists(f"/proc/{started[0]}"))
+    assert box.cached_files() == []
