@@ -37,8 +37,8 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict,
 }
-# Live settings the file gives as TOML values; they are checked by Settings.parse, only `maildir` by type here.
-_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str}
+# Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
+_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str, "transformer_programs": (str, list)}
 
 
 class UsageError(Exception):
@@ -178,7 +178,8 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
     `maildir` is left to start-up: its parser wants an existing directory, and
     creating it is not the parser's business.
     """
-    layered = {key: str(value) for key, value in file_values.items() if key in KEYS and key != "maildir"}
+    layered = {key: ",".join(value) if key == "transformer_programs" and isinstance(value, list) else str(value)
+               for key, value in file_values.items() if key in KEYS and key != "maildir"}
     layered.update((key, value) for key, value in explicit.items() if key != "maildir")
     for key, text in layered.items():
         try:

@@ -29,3 +29,7 @@ class ServerContext:
     logged_in: dict[str, int] = field(default_factory=dict)
     # MSMP administrators, checked like POP3 users but a separate set.
     admins: Credentials = field(default_factory=Credentials)
+
+    def __post_init__(self) -> None:
+        # Failed logins under names that are no user share one access-log bucket.
+        self.access_log.known_user = self.users.__contains__
