@@ -66,20 +66,25 @@ def raise_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+class StartupError(Exception):
+    """The server cannot start: one line for the operator, exit status 2."""
+
+
 def open_store(state_dir: str | None) -> Store | None:
-    """The SQLite state store; without one the server still serves POP3 (logged loudly)."""
+    """The SQLite state store, or None with --no-state (the one way to run without state).
+
+    A configured state directory that cannot be used stops the start (StartupError):
+    running on without it would answer +OK to changes forgotten at the next restart."""
     if state_dir is None:
         return None
     try:
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+    try:
         return SqliteStore(os.path.join(state_dir, STATE_DB))
-    except (OSError, StoreError) as exc:
-        log.error("cannot open the state database in %s, running WITHOUT persistent state: %s", state_dir, exc)
-        return None
-
-
-class StartupError(Exception):
-    """The server cannot start: one line for the operator, exit status 2."""
+    except StoreError as exc:
+        raise StartupError(f"{exc} (fix or move it away, or start with --no-state)") from None
 
 
 class App:
@@ -112,6 +117,7 @@ class App:
         except StartupError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
             self._close_listeners()
+            self._close_state()
             return 2
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
         self._log_identity()
@@ -144,7 +150,7 @@ class App:
         try:
             directory = UserDirectory(self.store)
             directory.add_configured(users)
-        except UserError as exc:
+        except (UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
         if config.tls is not None:
@@ -216,12 +222,13 @@ class App:
             log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
 
     def _restore_state(self, ctx: ServerContext, store: Store) -> None:
-        """Counters and SET values of earlier runs; flags given now still win."""
+        """Counters and SET values of earlier runs; flags given now still win. A database
+        that cannot be read stops the start, as one that cannot be opened does."""
         try:
             ctx.metrics.restore(store.load_counters())
             restore_settings(ctx.settings, store, skip=self.config.explicit)
         except StoreError as exc:
-            log.error("state database unreadable, starting from defaults: %s", exc)
+            raise StartupError(str(exc)) from None
         persist_settings(ctx.settings, store)
         self.persister = Persister(ctx, store)
         ctx.persister = self.persister
@@ -238,11 +245,14 @@ class App:
         self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
         if self.pop3 is not None:
             self.pop3.shutdown(SHUTDOWN_GRACE)
+        self._close_state()
+        log.info("stopped")
+
+    def _close_state(self) -> None:
         if self.persister is not None:
             self.persister.stop()
         if self.store is not None:
             self.store.close()
-        log.info("stopped")
 
     def _close_listeners(self) -> None:
         for server in [*self.pop3_servers, *self.admin_servers, *self.metrics_servers]:

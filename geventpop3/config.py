@@ -45,8 +45,10 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "run_as": str, "run_as_group": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
-_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {"maildir": str, "trusted_networks": (str, list)}
-_LIST_SETTINGS = ("trusted_networks",)  # a TOML list of strings, given to the parser comma-separated
+_SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
+    "maildir": str, "trusted_networks": (str, list), "transformer_programs": (str, list),
+}
+_LIST_SETTINGS = ("trusted_networks", "transformer_programs")  # TOML lists, given to the parser comma-separated
 
 
 class UsageError(Exception):

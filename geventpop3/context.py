@@ -32,3 +32,7 @@ class ServerContext:
     admins: Credentials = field(default_factory=Credentials)
     # The certificate and the SSLContext new TLS connections get; None: no TLS (no STLS, no POP3S).
     tls: ServerTls | None = None
+
+    def __post_init__(self) -> None:
+        # Failed logins under names that are no user share one access-log bucket.
+        self.access_log.known_user = self.users.__contains__

@@ -7,9 +7,10 @@ background greenlet, so no command ever waits for a database write.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -144,14 +145,36 @@ class AccessEntry:
         return text
 
 
+# The one bucket of failed logins under names that are no user: it starts with `-`,
+# so it can never be a user name (users.valid_username), and made-up names cannot
+# create buckets of their own.
+UNKNOWN_USER = "-unknown-"
+TRIED_NAME_LENGTH = 32  # how much of a made-up name the entry detail keeps
+_UNSAFE_NAME_CHARS = re.compile(r"[^\x21-\x7e]")
+
+
+def tried_name(name: str) -> str:
+    """A made-up login name as it may appear in an entry: printable ASCII, truncated."""
+    return _UNSAFE_NAME_CHARS.sub("?", name)[:TRIED_NAME_LENGTH] or "?"
+
+
 @dataclass
 class AccessLog:
-    """Entries not yet persisted; the store drains them in batches."""
+    """Entries not yet persisted; the store drains them in batches.
+
+    `known_user` (set by the context) decides whose bucket a failed login goes to: a
+    user's own, or `UNKNOWN_USER` for a name that is no user, so the access log stays
+    the users' and not the attacker's."""
 
     pending: list[AccessEntry] = field(default_factory=list)
     recent_limit: int = 10_000
+    known_user: Callable[[str], bool] | None = None
 
     def record(self, entry: AccessEntry) -> None:
+        if entry.event == "login-failed" and self.known_user is not None and not self.known_user(entry.user):
+            tried = f"tried={tried_name(entry.user)}"
+            entry.detail = f"{entry.detail} {tried}" if entry.detail else tried
+            entry.user = UNKNOWN_USER
         self.pending.append(entry)
         if len(self.pending) > self.recent_limit * 10:
             # No store draining us (or it is failing): keep memory bounded.

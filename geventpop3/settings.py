@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from geventpop3.maildir_root import NotAMaildirRoot, check_root
+
 log = logging.getLogger(__name__)
 
 MAX_KEY_LENGTH = 40
@@ -25,6 +27,10 @@ MAX_VALUE_LENGTH = 100
 
 class SettingError(ValueError):
     """A key that does not exist or a value that does not validate; str() says why."""
+
+
+class SettingNotSaved(SettingError):
+    """A valid change that could not be persisted, so it was not made; str() says why."""
 
 
 def _int_range(low: int, high: int) -> Callable[[str], int]:
@@ -62,11 +68,30 @@ def _choice(*choices: str) -> Callable[[str], str]:
     return parse
 
 
-def _directory(text: str) -> str:
-    path = os.path.abspath(text)
-    if not os.path.isdir(path):
-        raise SettingError("not an existing directory")
-    return path
+def _maildir_root(text: str) -> str:
+    """An empty directory or a Maildir root, never a system directory (maildir_root)."""
+    try:
+        return check_root(os.path.abspath(text))
+    except NotAMaildirRoot as exc:
+        raise SettingError(str(exc)) from None
+
+
+ANY_PROGRAM = "*"
+
+
+def _program_names(text: str) -> tuple[str, ...]:
+    """`*` (any program), or names separated by commas: named filters or programs."""
+    names = tuple(name.strip() for name in text.split(","))
+    if names == (ANY_PROGRAM,):
+        return names
+    for name in names:
+        if not name or not _is_token(name) or name == ANY_PROGRAM:
+            raise SettingError("must be * or names without spaces, separated by commas")
+    return names
+
+
+def _is_token(text: str) -> bool:
+    return text.isprintable() and not any(ch.isspace() for ch in text)
 
 
 def _log_level(text: str) -> str:
@@ -105,13 +130,16 @@ class Key:
     parse: Callable[[str], Any]
     default: Any
     doc: str
+    msmp: bool = True  # False: read-only over MSMP, set in the config file
 
 
 KEYS: dict[str, Key] = {
     key.name: key
     for key in (
-        Key("maildir", _directory, None, "Maildir root; new POP3 sessions use it"),
+        Key("maildir", _maildir_root, None, "Maildir root (empty or a Maildir root); new POP3 sessions use it"),
         Key("transformer", str, "none", "filter for retrieved mail: program, config name or none"),
+        Key("transformer_programs", _program_names, (ANY_PROGRAM,),
+            "what MSMP SET transformer may name: * or a list of names", msmp=False),
         Key("max_connections", _int_range(1, 1_000_000), 10_000, "POP3 connection limit"),
         Key("idle_timeout", _float_range(1, 86_400), 600.0, "seconds before an idle POP3 session is closed"),
         Key("login_timeout", _float_range(1, 86_400), 60.0,
@@ -136,6 +164,7 @@ KEYS: dict[str, Key] = {
             "on filter failure: -ERR [SYS/TEMP] or the original message"),
         Key("log_retention_count", _int_range(1, 10_000_000), 1000, "access-log entries kept per user"),
         Key("log_retention_days", _int_range(1, 36_500), 90, "days access-log entries are kept"),
+        Key("log_retention_total", _int_range(10, 1_000_000_000), 1_000_000, "access-log entries kept in all"),
         Key("plaintext_auth", _choice("tls", "always"), "always",
             "USER/PASS and AUTH PLAIN/LOGIN: tls (secure connections only) or always"),
         Key("trusted_networks", _networks, Networks(), "CIDR list of clients that count as secure without TLS"),
@@ -145,6 +174,7 @@ KEYS: dict[str, Key] = {
 
 
 Listener = Callable[[str, Any, Any], None]
+Writer = Callable[[str, str], None]
 
 
 class Settings:
@@ -153,6 +183,7 @@ class Settings:
     def __init__(self) -> None:
         self._values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
         self._listeners: list[Listener] = []
+        self._writers: list[Writer] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
         self.named_transformers: dict[str, list[str]] = {}
         # Named chains: name -> names of named_transformers run in order (geventpop3.filters).
@@ -176,10 +207,26 @@ class Settings:
         return value
 
     def set(self, key: str, text: str, source: str = "msmp") -> Any:
-        """Validate and apply; listeners hear about the change. Returns the new value."""
+        """Validate, persist (the writers), then apply; listeners hear about the change.
+        Returns the new value. A writer's SettingNotSaved leaves the old value in place.
+        Over MSMP, also the limits of `check_msmp`."""
         value = self.parse(key, text)
+        if source == "msmp":
+            self.check_msmp(key, value)
+        if format_value(value) != format_value(self._values[key]):
+            for writer in list(self._writers):
+                writer(key, format_value(value))
         self.apply(key, value, source)
         return value
+
+    def check_msmp(self, key: str, value: Any) -> None:
+        """What MSMP may not do although the config file may: change a read-only key,
+        or name a filter `transformer_programs` does not list."""
+        if not KEYS[key].msmp:
+            raise SettingError("read-only over MSMP, set it in the config file")
+        allowed = self._values["transformer_programs"]
+        if key == "transformer" and value != "none" and ANY_PROGRAM not in allowed and value not in allowed:
+            raise SettingError("not allowed by transformer_programs")
 
     def apply(self, key: str, value: Any, source: str) -> None:
         old = self._values[key]
@@ -196,6 +243,11 @@ class Settings:
 
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
+
+    def add_writer(self, writer: Writer) -> None:
+        """`writer(key, value_text)` persists a change made by `set` before it is applied;
+        it raises SettingNotSaved to refuse the change."""
+        self._writers.append(writer)
 
     def _check_transformer(self, value: str) -> None:
         if value == "none" or value in self.named_transformers or value in self.transformer_chains:
@@ -215,6 +267,8 @@ class Settings:
 def format_value(value: Any) -> str:
     if value is None:
         return "none"
+    if isinstance(value, tuple):
+        return ",".join(value)
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

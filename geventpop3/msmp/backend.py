@@ -10,15 +10,16 @@ import logging
 import os
 import time
 
+from gevent.lock import Semaphore
+
 from geventpop3.context import ServerContext
 from geventpop3.maildir import Mailbox
+from geventpop3.maildir_root import DELETED_DIR, is_maildir
 from geventpop3.metrics import AccessEntry
 from geventpop3.store import StoreError
 from geventpop3.users import UserError, valid_password, valid_username
 
 log = logging.getLogger(__name__)
-
-DELETED_DIR = ".deleted"  # under the Maildir root: where DELE moves mail aside
 
 
 class ManagementBackend:
@@ -26,6 +27,9 @@ class ManagementBackend:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
+        # One SET at a time: its store write yields, and two SETs of one key must not
+        # leave the store and the live value disagreeing.
+        self._setting = Semaphore()
 
     # -- admins ---------------------------------------------------------------
     def check_admin(self, name: str, password: str) -> bool:
@@ -52,6 +56,10 @@ class ManagementBackend:
         if root is not None:
             # Maildir first: an account is never left without a place for its mail.
             mailbox = Mailbox(root, name)
+            if os.path.lexists(mailbox.path) and not is_maildir(mailbox.path):
+                # Never turn a directory or file that happens to be there into a Maildir.
+                log.error("MSMP: not adding %s: %s exists and is not a Maildir", name, mailbox.path)
+                raise UserError("Cannot add user: its path exists and is not a Maildir")
             try:
                 mailbox.open()  # a vanished root is an error, not something to recreate
             except OSError as exc:
@@ -156,7 +164,9 @@ class ManagementBackend:
 
     # -- settings and statistics ----------------------------------------------
     def set_setting(self, key: str, value: str) -> None:
-        self.ctx.settings.set(key, value, source="msmp")
+        """Validated, persisted, then applied (Settings.set); -ERR if it could not be saved."""
+        with self._setting:
+            self.ctx.settings.set(key, value, source="msmp")
 
     def get_setting(self, key: str) -> str:
         return self.ctx.settings.get(key)

@@ -15,7 +15,7 @@ from typing import NamedTuple, Protocol
 
 from geventpop3 import IMPLEMENTATION
 from geventpop3.lines import LINE_TOO_LONG, MAX_RESPONSE_LINE, Delayed, LineBuffer, dot_stuff_lines, response_line
-from geventpop3.settings import KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, SettingError
+from geventpop3.settings import KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, SettingError, SettingNotSaved
 from geventpop3.users import UserError, valid_username
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class MsmpProtocol:
                 return _err("Invalid number: n must be a positive integer")
             n = min(int(count), MAX_LOGS)
         try:
-            # Any name: failed POP3 logins are logged under whatever name was tried.
+            # Any name: also `-unknown-`, the bucket of failed logins under names that are no user.
             lines = self.backend.logs(name, n)
         except UserError as exc:
             return _err(str(exc))
@@ -325,6 +325,6 @@ _ADMIN_COMMANDS: dict[str, _Command] = {
 
 def _setting_error(exc: SettingError) -> str:
     why = str(exc)
-    if why == "Invalid key":
+    if why == "Invalid key" or isinstance(exc, SettingNotSaved):
         return why
     return f"Invalid value: {why}"

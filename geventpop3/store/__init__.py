@@ -60,9 +60,14 @@ class Store(Protocol):
 
     def access_count(self, user: str) -> int: ...
 
-    def prune(self, keep_per_user: int, max_age_days: int) -> int:
-        """Drop entries older than `max_age_days` and all but each user's last
-        `keep_per_user`; returns the number removed."""
+    def prune(self, keep_per_user: int, max_age_days: int, max_total: int | None = None) -> int:
+        """Drop entries older than `max_age_days`, all but each user's last
+        `keep_per_user` of each kind (failed logins; logins and logouts), then the
+        oldest beyond `max_total`; returns the number removed."""
+        ...
+
+    def trim(self, max_total: int) -> int:
+        """Drop the oldest entries beyond `max_total`; returns the number left."""
         ...
 
     def close(self) -> None:

@@ -55,6 +55,9 @@ class Persister:
         self._pruner: gevent.Greenlet[[], int] | None = None
         self._last_report = float("-inf")
         self._suppressed = 0
+        self._stored_total: int | None = None  # an upper bound of the stored entries; None: unknown
+        self._prune_soon = False
+        context.settings.subscribe(self._on_setting)
 
     # -- lifetime -------------------------------------------------------------
     def start(self) -> None:
@@ -82,9 +85,16 @@ class Persister:
         next_prune = time.monotonic()  # once soon after start: retention may have been lowered
         while not self._stopping.wait(self.interval):
             self.flush()
-            if time.monotonic() >= next_prune and (self._pruner is None or self._pruner.dead):
+            due = self._prune_soon or time.monotonic() >= next_prune
+            if due and (self._pruner is None or self._pruner.dead):
+                self._prune_soon = False
                 next_prune = time.monotonic() + self.prune_interval
                 self._pruner = gevent.spawn(self.prune)
+
+    def _on_setting(self, key: str, old: object, new: object) -> None:
+        """A retention setting changed (MSMP SET): apply it at the next flush, not in 5 minutes."""
+        if key.startswith("log_retention_") and old != new:
+            self._prune_soon = True
 
     # -- work -------------------------------------------------------------------
     def flush(self) -> bool:
@@ -99,7 +109,10 @@ class Persister:
             self._take()
             if self._backlog:
                 self.store.append_access(self._backlog)
+                if self._stored_total is not None:
+                    self._stored_total += len(self._backlog)
                 self._backlog = []
+            self._cap_total()
             counters = self.context.metrics.snapshot()
             if counters != self._saved_counters:
                 self.store.save_counters(counters)
@@ -113,11 +126,24 @@ class Persister:
             self._last_report = float("-inf")
         return True
 
+    def _cap_total(self) -> None:
+        """Keep the whole access log within `log_retention_total`, oldest first, after
+        every write that may have crossed it (the table is counted only then)."""
+        cap = self.context.settings.log_retention_total
+        if self._stored_total is None or self._stored_total > cap:
+            before = self._stored_total
+            self._stored_total = None  # unknown until the trim says
+            left = self.store.trim(cap)
+            self._stored_total = left
+            if before is not None and before > left:
+                log.info("access log over log_retention_total=%d: removed the oldest entries", cap)
+
     def prune(self) -> int:
         """Apply the retention settings; returns the rows removed (0 on failure, logged)."""
         settings = self.context.settings
         try:
-            removed = self.store.prune(settings.log_retention_count, settings.log_retention_days)
+            removed = self.store.prune(settings.log_retention_count, settings.log_retention_days,
+                                       settings.log_retention_total)
         except Exception as exc:  # logged, retried later
             self._failed(exc)
             return 0

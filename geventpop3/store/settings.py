@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection
 
-from geventpop3.settings import Listener, SettingError, Settings, format_value
+from geventpop3.settings import SettingError, SettingNotSaved, Settings, Writer
 from geventpop3.store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -17,15 +17,17 @@ log = logging.getLogger(__name__)
 def restore_settings(settings: Settings, store: Store, skip: Collection[str] = ()) -> dict[str, str]:
     """Apply the values saved by earlier MSMP `SET`s (source 'store'), except keys in
     `skip` (e.g. ones given explicitly on the command line, if those should win).
-    A saved value that no longer validates is skipped with a warning. Returns what was applied.
+    A saved value that no longer validates, or that MSMP may no longer set (e.g. a filter
+    `transformer_programs` stopped allowing), is skipped with a warning. Returns what was applied.
 
-    Call before `persist_settings`, or the restored values are written back (harmless)."""
+    Restored values are applied, not `set`: nothing is written back."""
     applied = {}
     for key, text in sorted(store.load_settings().items()):
         if key in skip:
             continue
         try:
             value = settings.parse(key, text)
+            settings.check_msmp(key, value)
         except SettingError as exc:
             log.warning("ignoring saved setting %s=%r: %s", key, text, exc)
             continue
@@ -34,20 +36,19 @@ def restore_settings(settings: Settings, store: Store, skip: Collection[str] = (
     return applied
 
 
-def persist_settings(settings: Settings, store: Store) -> Listener:
-    """Save every later change of `settings` to the store (durably, before `SET` answers).
+def persist_settings(settings: Settings, store: Store) -> Writer:
+    """Save every later `Settings.set` to the store, durably, before it takes effect.
 
-    Settings listeners do not learn the source of a change, so subscribe this once
-    start-up configuration is applied; from then on MSMP `SET` is the only writer.
-    A store failure is logged; the change still takes effect for this run."""
+    Subscribe once start-up configuration is applied; from then on MSMP `SET` is the
+    only caller of `set`. A store failure refuses the change (SettingNotSaved): the
+    old value stays, and SET answers -ERR instead of a change lost at the next restart."""
 
-    def listener(key: str, old: object, new: object) -> None:
-        if format_value(old) == format_value(new):
-            return
+    def writer(key: str, value_text: str) -> None:
         try:
-            store.save_setting(key, settings.get(key))
+            store.save_setting(key, value_text)
         except StoreError as exc:
-            log.error("setting %s changed but not saved, it will not survive a restart: %s", key, exc)
+            log.error("setting %s not changed, it could not be saved: %s", key, exc)
+            raise SettingNotSaved("Not changed: the state database cannot be written") from None
 
-    settings.subscribe(listener)
-    return listener
+    settings.add_writer(writer)
+    return writer

@@ -85,6 +85,8 @@ _NAMES = ", ".join(name for name, _ in _COLUMNS)
 _INSERT_ACCESS = f"INSERT INTO access_log ({_NAMES}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 _SELECT_ACCESS = f"SELECT {_NAMES} FROM access_log WHERE user = ? ORDER BY id DESC LIMIT ?"
 
+# The two kinds retention counts apart: failed logins, and the rest (logins, logouts).
+_FAILED = "(event = 'login-failed')"
 PRUNE_CHUNK = 5000  # rows per transaction, so appends are never locked out for long
 
 
@@ -246,19 +248,28 @@ class SqliteStore:
             lambda db: int(db.execute("SELECT count(*) FROM access_log WHERE user = ?", (user,)).fetchone()[0])
         )
 
-    def prune(self, keep_per_user: int, max_age_days: int) -> int:
-        """Drop entries older than `max_age_days` and all but each user's last
-        `keep_per_user`; in small transactions. Returns the number of rows removed."""
+    def prune(self, keep_per_user: int, max_age_days: int, max_total: int | None = None) -> int:
+        """Drop entries older than `max_age_days`, all but each user's last `keep_per_user`
+        of each kind (failed logins apart from logins/logouts, so failures cannot push a
+        user's sessions out), then the oldest beyond `max_total`; in small transactions.
+        Returns the number of rows removed."""
         cutoff = time.time() - max_age_days * 86400.0
-        return self._pool(lambda: self._prune(max(0, keep_per_user), cutoff))
+        removed = self._pool(lambda: self._prune(max(0, keep_per_user), cutoff))
+        if max_total is not None:
+            removed += self._pool(lambda: self._trim(max(0, max_total)))[0]
+        return removed
+
+    def trim(self, max_total: int) -> int:
+        """Drop the oldest entries beyond `max_total` in the whole table; the number left."""
+        return self._pool(lambda: self._trim(max(0, max_total)))[1]
+
+    def _chunk(self, sql: str, *args: Any) -> int:
+        return self._locked("write", lambda db: _in_transaction(db, sql, args))
 
     def _prune(self, keep: int, cutoff: float) -> int:
-        def chunk(sql: str, *args: Any) -> int:
-            return self._locked("write", lambda db: _in_transaction(db, sql, args))
-
         removed = 0
         while True:
-            count = chunk(
+            count = self._chunk(
                 "DELETE FROM access_log WHERE id IN (SELECT id FROM access_log WHERE time < ? LIMIT ?)",
                 cutoff,
                 PRUNE_CHUNK,
@@ -266,21 +277,38 @@ class SqliteStore:
             removed += count
             if count < PRUNE_CHUNK:
                 break
-        users = self._locked(
+        buckets = self._locked(
             "read",
-            lambda db: [
-                row[0] for row in db.execute("SELECT user FROM access_log GROUP BY user HAVING count(*) > ?", (keep,))
-            ],
+            lambda db: db.execute(
+                f"SELECT user, {_FAILED} AS failed FROM access_log GROUP BY user, failed HAVING count(*) > ?",
+                (keep,),
+            ).fetchall(),
         )
-        for user in users:
-            removed += chunk(
-                "DELETE FROM access_log WHERE user = ? AND id <= "
-                "(SELECT id FROM access_log WHERE user = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        for user, failed in buckets:
+            removed += self._chunk(
+                f"DELETE FROM access_log WHERE user = ? AND {_FAILED} = ? AND id <= "
+                f"(SELECT id FROM access_log WHERE user = ? AND {_FAILED} = ? ORDER BY id DESC LIMIT 1 OFFSET ?)",
                 user,
+                failed,
                 user,
+                failed,
                 keep,
             )
         return removed
+
+    def _trim(self, max_total: int) -> tuple[int, int]:
+        """(removed, left): the oldest rows beyond `max_total` go, in chunks."""
+        total = self._locked("read", lambda db: int(db.execute("SELECT count(*) FROM access_log").fetchone()[0]))
+        removed = 0
+        while total - removed > max_total:
+            count = self._chunk(
+                "DELETE FROM access_log WHERE id IN (SELECT id FROM access_log ORDER BY id LIMIT ?)",
+                min(PRUNE_CHUNK, total - removed - max_total),
+            )
+            if not count:
+                break
+            removed += count
+        return removed, total - removed
 
     # -- lifetime -------------------------------------------------------------
     def close(self) -> None:

@@ -10,8 +10,11 @@ to, without erasing the persisted value: a later start without the flag uses it 
 from __future__ import annotations
 
 import contextlib
+import shutil
 import signal
+import socket
 import sqlite3
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 
@@ -271,3 +274,72 @@ def test_unwritable_state_database_never_stops_pop3(start_server: Callable[..., 
     assert "Traceback" not in server.log()
     with admin(server) as client:
         assert len(client.logs("bob")) == 10
+
+
+# -- a state database that cannot be used ---------------------------------------------
+
+def start_failure(server: ServerProcess) -> list[str]:
+    """Run the server's command line to its end; the lines it printed besides warnings."""
+    done = subprocess.run(server.args, cwd=server.root, env=server.env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    return [line for line in done.stderr.splitlines() if " WARNING " not in line]
+
+
+def test_corrupt_state_database_stops_the_start(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    server.stop()
+    database = server.state_dir / STATE_DB
+    for leftover in server.state_dir.glob(STATE_DB + "-*"):
+        leftover.unlink()
+    database.write_bytes(b"garbage, not SQLite " * 500)
+    lines = start_failure(server)
+    assert len(lines) == 1 and lines[0].startswith("geventpop3: "), lines
+    assert str(database) in lines[0] and "not a database" in lines[0]
+    assert not accepts_pop3(server)
+    server.args.append("--no-state")  # the explicit way to run without state
+    server.start()
+    pop3_session(server, "alice", "alicepw")
+
+
+def test_unusable_state_directory_stops_the_start(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server()
+    server.stop()
+    shutil.rmtree(server.state_dir)
+    server.state_dir.write_text("a file where the state directory should be\n")
+    lines = start_failure(server)
+    assert len(lines) == 1 and lines[0].startswith("geventpop3: cannot "), lines
+    assert str(server.state_dir) in lines[0]
+
+
+def accepts_pop3(server: ServerProcess) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", server.port), timeout=1):
+        return True
+    return False
+
+
+def test_change_that_cannot_be_saved_answers_err_and_changes_nothing(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """ADD and SET while another process holds the write lock: -ERR (after the 5 s busy
+    timeout), and the old state stays, in the running server and after a restart. (DELE's
+    failing store: tests/server/test_msmp_server.py, in-process.)"""
+    server = start_server()
+    # Busy timeouts, each maybe behind one of the persister's: a patient client.
+    with contextlib.closing(server.admin_client(timeout=60)) as client:
+        assert client.set("idle_timeout", "77") == "Changed value"
+        lock = WriteLock(str(server.state_dir / STATE_DB))
+        try:
+            added, changed = client.pipeline(["ADD dave davepw", "SET idle_timeout 88"])
+        finally:
+            lock.release()
+        assert not added.ok and "state database" in added.text, added
+        assert not changed.ok and changed.text == "Not changed: the state database cannot be written", changed
+        assert client.get("idle_timeout") == "77"
+        assert client.list_users() == ["alice", "bob", "carol"]
+    assert login_error(server, "dave", "davepw").startswith(b"-ERR [AUTH]")
+    restart(server)
+    with admin(server) as client:
+        assert client.get("idle_timeout") == "77"
+        assert client.list_users() == ["alice", "bob", "carol"]
+        assert client.add_user("dave", "davepw") == "Added user"  # writable again

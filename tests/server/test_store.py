@@ -15,8 +15,8 @@ import pytest
 from helpers import wait_until
 
 from geventpop3.context import ServerContext
-from geventpop3.metrics import AccessEntry
-from geventpop3.settings import Settings
+from geventpop3.metrics import UNKNOWN_USER, AccessEntry
+from geventpop3.settings import SettingNotSaved, Settings
 from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
@@ -189,6 +189,26 @@ def test_prune_by_count(store: Store) -> None:
     assert store.prune(keep_per_user=3, max_age_days=36500) == 2
     assert [e.port for e in store.query_access("alice", 10)] == [2, 3, 4]
     assert store.access_count("bob") == 2
+
+
+def test_prune_counts_failures_apart_from_sessions(store: Store) -> None:
+    """Failed logins cannot push a user's logins and logouts out of the log (issue 9)."""
+    store.append_access(
+        [entry("alice", port=1), entry("alice", port=2, event="logout")]
+        + [entry("alice", port=p, event="login-failed") for p in range(10, 15)]
+    )
+    assert store.prune(keep_per_user=3, max_age_days=36500) == 2
+    assert [(e.port, e.event) for e in store.query_access("alice", 10)] == [
+        (1, "login"), (2, "logout"), (12, "login-failed"), (13, "login-failed"), (14, "login-failed")]
+
+
+def test_prune_and_trim_keep_the_total_cap_oldest_first(store: Store) -> None:
+    store.append_access([entry(f"user{p % 4}", port=p) for p in range(30)])
+    assert store.prune(keep_per_user=1000, max_age_days=36500, max_total=20) == 10
+    assert store.trim(12) == 12
+    ports = sorted(e.port for user in range(4) for e in store.query_access(f"user{user}", 100))
+    assert ports == list(range(18, 30))
+    assert store.trim(100) == 12
 
 
 def test_prune_by_age(store: Store) -> None:
@@ -381,6 +401,45 @@ def test_persister_prunes_with_retention_settings(store: Store) -> None:
         persister.stop()
 
 
+def test_persister_holds_the_total_cap(store: Store) -> None:
+    context = make_context()
+    context.settings.set("log_retention_total", "10")
+    persister = Persister(context, store, interval=3600)
+    for port in range(25):
+        context.access_log.record(entry(f"user{port}", port=port))
+        if port % 7 == 0:
+            assert persister.flush()
+    assert persister.flush()
+    stored = [e.port for port in range(25) for e in store.query_access(f"user{port}", 5)]
+    assert stored == list(range(15, 25))
+    persister.stop()
+
+
+def test_lowered_retention_is_applied_at_the_next_flush(store: Store) -> None:
+    context = make_context()
+    store.append_access([entry("alice", port=p) for p in range(5)])
+    persister = Persister(context, store, interval=0.02, prune_interval=3600)
+    persister.start()
+    try:
+        wait_until(lambda: persister._pruner is not None and persister._pruner.dead)  # the one at start
+        context.settings.set("log_retention_count", "2")
+        wait_until(lambda: store.access_count("alice") == 2)
+    finally:
+        persister.stop()
+
+
+def test_failed_logins_of_unknown_names_share_one_bucket() -> None:
+    context = make_context()
+    context.users.add_configured([("alice", "alicepw")])
+    for name in ("mallory", "eve\r\nforged", "x" * 60):
+        context.access_log.record(entry(name, event="login-failed"))
+    context.access_log.record(entry("alice", event="login-failed"))
+    context.access_log.record(entry("bob", event="login"))  # only failures are rebucketed
+    assert [e.user for e in context.access_log.pending] == [UNKNOWN_USER] * 3 + ["alice", "bob"]
+    details = [e.detail for e in context.access_log.pending[:3]]
+    assert details == ["tried=mallory", "tried=eve??forged", "tried=" + "x" * 32]
+
+
 # -- settings persistence ---------------------------------------------------------
 def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCaptureFixture) -> None:
     live = Settings()
@@ -402,15 +461,30 @@ def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCa
     assert "max_connections" in warnings and "no_such_key" in warnings
 
 
-def test_setting_change_applies_even_if_store_fails(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_setting_change_refused_if_store_fails(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    """A SET that could not be saved is not made: the old value stays, now and after a restart."""
     store = SqliteStore(db_path, busy_timeout=0.02)
     live = Settings()
     persist_settings(live, store)
+    heard: list[str] = []
+    live.subscribe(lambda key, old, new: heard.append(key))
     lock = WriteLock(db_path)
     try:
-        live.set("idle_timeout", "42")
+        with pytest.raises(SettingNotSaved, match="cannot be written"):
+            live.set("idle_timeout", "42")
     finally:
         lock.release()
-    assert live.idle_timeout == 42.0
-    assert any("not saved" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert live.idle_timeout == 600.0 and heard == []
+    assert store.load_settings() == {}
+    assert any("not changed" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    live.set("idle_timeout", "43")  # writable again
+    assert store.load_settings() == {"idle_timeout": "43"}
     store.close()
+
+
+def test_restore_skips_a_filter_transformer_programs_no_longer_allows(store: Store) -> None:
+    store.save_setting("transformer", "cat")
+    restricted = Settings()
+    restricted.apply("transformer_programs", restricted.parse("transformer_programs", "spam,ham"), "config")
+    assert restore_settings(restricted, store) == {}
+    assert restricted.transformer == "none"
