@@ -267,8 +267,8 @@ class Settings:
 def format_value(value: Any) -> str:
     if value is None:
         return "none"
-    if isinstance(value, tuple):
-        return ",".join(value)
+    if isinstance(value, tuple):  # a list setting: transformer_programs, trusted_networks
+        return ",".join(str(item) for item in value) or "none"
     if isinstance(value, float) and value.is_integer():
         return str(int(value))
     return str(value)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-from helpers import LineClient, wait_until
+from helpers import LineClient, filter_tmp_dir, wait_until
 from helpers import ipv6_loopback as _ipv6_loopback
 
 from geventpop3 import listen, maildir, users
@@ -182,11 +183,19 @@ def test_what_the_per_source_limits_count_by() -> None:
 
 # -- POP3 sessions per user and source ---------------------------------------------
 
-def test_logins_in_flight_are_capped_per_user_and_address(ctx: ServerContext, pop3_port: int, tmp_path) -> None:
+@pytest.fixture
+def filter_dir() -> Iterator[Path]:
+    """Where the gated filter and its marker files live: filters run as nobody under root."""
+    with filter_tmp_dir() as path:
+        yield path
+
+
+def test_logins_in_flight_are_capped_per_user_and_address(ctx: ServerContext, pop3_port: int,
+                                                          filter_dir: Path) -> None:
     """A login still being prepared (here: its filter run is held at a gate) counts, so a
     burst of parallel logins for one user from one place cannot all run the password check."""
-    started, gate = tmp_path / "started", tmp_path / "gate"
-    script = tmp_path / "held-filter"
+    started, gate = filter_dir / "started", filter_dir / "gate"
+    script = filter_dir / "held-filter"
     script.write_text(f"#!/bin/sh\ntouch '{started}'\nwhile [ ! -e '{gate}' ]; do sleep 0.02; done\nexec cat\n")
     script.chmod(0o755)
     ctx.settings.apply("transformer", str(script), "test")
