@@ -26,7 +26,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import UserDirectory, UserError
+from geventpop3.users import HASHER, UserDirectory, UserError
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ class App:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
         self.store = open_store(config.state_dir)
+        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
         users = list(config.users)
         if config.demo:
             users.append(DEMO_USER)
@@ -197,3 +198,6 @@ class App:
     def _on_setting(self, key: str, old: object, new: object) -> None:
         if key == "log_level":
             logging.getLogger().setLevel(str(new))
+        elif key in ("auth_hash_threads", "auth_hash_queue"):
+            settings = self.config.settings
+            HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)

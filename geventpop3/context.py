@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from geventpop3.metrics import AccessLog, Metrics
+from geventpop3.penalty import Penalty
 from geventpop3.settings import Settings
 from geventpop3.users import Credentials, UserDirectory
 
@@ -29,3 +30,8 @@ class ServerContext:
     logged_in: dict[str, int] = field(default_factory=dict)
     # MSMP administrators, checked like POP3 users but a separate set.
     admins: Credentials = field(default_factory=Credentials)
+    # Failed logins by client source, shared by POP3 and MSMP (made from settings and metrics).
+    penalty: Penalty = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.penalty = Penalty(self.settings, self.metrics)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,6 +53,10 @@ class Metrics:
         self.transformer_timeouts = 0
         self.transformer_cache_hits = 0
         self.transformer_seconds = 0.0
+        # The authentication penalty (geventpop3.penalty): failed-login answers it made wait
+        # longer than login_failure_delay, and the sources it tracks now (it installs the reader).
+        self.auth_penalty_delays = 0
+        self.penalised_sources: Callable[[], int] = lambda: 0
 
     def connection_opened(self) -> None:
         self.total_connections += 1
@@ -93,6 +97,8 @@ class Metrics:
             f"Transformer timeouts: {self.transformer_timeouts}",
             f"Transformer cache hits: {self.transformer_cache_hits}",
             f"Transformer seconds: {self.transformer_seconds:.3f}",
+            f"Penalised sources: {self.penalised_sources()}",
+            f"Penalty delays: {self.auth_penalty_delays}",
             f"Uptime seconds: {int(self.uptime())}",
         ]
 
@@ -162,6 +168,7 @@ class PrometheusCollector:
         ("transformer_timeouts", "transformer_timeouts", "filter runs killed after the timeout"),
         ("transformer_cache_hits", "transformer_cache_hits", "filtered messages served from the cache"),
         ("transformer_seconds", "transformer_seconds", "seconds spent running filters"),
+        ("auth_penalty_delays", "auth_penalty_delays", "failed-login answers delayed beyond login_failure_delay"),
     )
 
     def __init__(self, metrics: Metrics) -> None:
@@ -177,6 +184,8 @@ class PrometheusCollector:
         yield GaugeMetricFamily("geventpop3_current_connections", "open POP3 connections", value=m.current_connections)
         yield GaugeMetricFamily("geventpop3_max_concurrent_connections", "most simultaneous POP3 connections",
                                 value=m.max_concurrent)
+        yield GaugeMetricFamily("geventpop3_penalised_sources", "client sources with recent failed logins",
+                                value=m.penalised_sources())
         yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
 
 

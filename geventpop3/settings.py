@@ -103,6 +103,13 @@ KEYS: dict[str, Key] = {
             "on filter failure: -ERR [SYS/TEMP] or the original message"),
         Key("log_retention_count", _int_range(1, 10_000_000), 1000, "access-log entries kept per user"),
         Key("log_retention_days", _int_range(1, 36_500), 90, "days access-log entries are kept"),
+        Key("auth_penalty_max", _float_range(0, 3600), 15.0, "most seconds a failed login from one source waits"),
+        Key("auth_penalty_forget", _float_range(1, 86_400), 300.0,
+            "seconds without a failure before a source's penalty is forgotten"),
+        Key("auth_penalty_sources", _int_range(1, 10_000_000), 100_000, "most sources the penalty tracks"),
+        Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords (scrypt)"),
+        Key("auth_hash_queue", _int_range(1, 100_000), 100,
+            "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
     )
 }
 

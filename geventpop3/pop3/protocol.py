@@ -82,7 +82,9 @@ ERR_UNAVAILABLE = b"-ERR [SYS/TEMP] Message is no longer available\r\n"
 ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
 ERR_ENDING = b"-ERR Session is ending\r\n"
 
-LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN}
+ERR_BUSY_LOGIN = b"-ERR [SYS/TEMP] Server busy, try again later\r\n"
+LOGIN_FAILURES = {"auth": ERR_AUTH, "in-use": ERR_IN_USE, "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN,
+                  "busy": ERR_BUSY_LOGIN}
 
 
 class Pop3Protocol:
@@ -152,16 +154,18 @@ class Pop3Protocol:
         self.messages = messages
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
-    def login_failed(self, reason: str) -> bytes | Delayed:
-        """`reason`: auth, in-use, temp or perm. Counts toward the close-after limit.
+    def login_failed(self, reason: str, delay: float | None = None) -> bytes | Delayed:
+        """`reason`: auth, in-use, temp, perm or busy. Counts toward the close-after limit.
 
-        A wrong password (or unknown user) is answered only after `failure_delay`,
-        which slows password guessing; a busy or broken mailbox is answered at once."""
+        A wrong password (or unknown user) is answered only after `delay` seconds (the
+        session's penalty for the client's source; `failure_delay` when not given), which
+        slows password guessing; a busy or broken mailbox is answered at once."""
         self.failures += 1
         if self.failures >= self.max_failures:
             self.closing = True
-        if reason == "auth" and self.failure_delay > 0:
-            return Delayed(self.failure_delay, ERR_AUTH)
+        seconds = self.failure_delay if delay is None else delay
+        if reason == "auth" and seconds > 0:
+            return Delayed(seconds, ERR_AUTH)
         return LOGIN_FAILURES[reason]
 
     def _quit_auth(self, args: list[bytes]) -> Action:

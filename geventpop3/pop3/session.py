@@ -26,6 +26,7 @@ from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
 from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, Update
 from geventpop3.transport import Transport
+from geventpop3.users import HashingBusy
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,13 @@ class Pop3Session:
     def _login(self, action: Login) -> bytes | Delayed:
         ctx = self.ctx
         user = action.user
-        if not ctx.users.verify(user, action.password):
+        try:  # a source with recent failures waits behind clean ones for a hash thread
+            ok = ctx.users.verify(user, action.password, priority=ctx.penalty.failures(self.address))
+        except HashingBusy:
+            return self._login_failed(user, "busy")
+        if not ok:
             return self._login_failed(user, "auth")
+        ctx.penalty.succeeded(self.address)
         try:
             mailbox = maildir.Mailbox(ctx.settings.maildir, user)
             mailbox.open()  # creates the Maildir at a user's first login
@@ -190,7 +196,8 @@ class Pop3Session:
         log.warning("pop3 login failed: user=%s rip=%s rport=%d reason=%s", loggable(user), self.address,
                     self.port, reason)
         self._record("login-failed", user, detail=f"reason={reason}")
-        return self.protocol.login_failed(reason)
+        delay = self.ctx.penalty.failed(self.address) if reason == "auth" else None
+        return self.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
         try:
