@@ -78,8 +78,9 @@ class StartupError(Exception):
 class App:
     """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, warnings: list[str] | None = None) -> None:
         self.config = config
+        self.warnings = warnings or []  # logged once ready (cli: plain passwords in flags)
         self.stopping = Event()
         self.pop3_servers: list[StreamServer] = []
         self.admin_servers: list[StreamServer] = []
@@ -104,6 +105,8 @@ class App:
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
+        for warning in self.warnings:
+            log.warning("%s", warning)
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:

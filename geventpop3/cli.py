@@ -78,13 +78,14 @@ def parse_config(argv: list[str]) -> Config:
 
 def plain_password_warnings(args: argparse.Namespace) -> list[str]:
     """One line per flag (`-u`, `-a`) given with a plain password: the command line is
-    visible to every local user (ps, /proc) and kept in shell histories."""
+    visible to every local user (ps, /proc) and kept in shell histories. Logged once the
+    server is ready, so a start-up error stays one line."""
     warnings = []
     for flag, what, entries in (("-u", "user", args.user), ("-a", "admin", args.admin)):
         names = [name for name, _, secret in (entry.partition(":") for entry in entries)
                  if not is_password_hash(secret)]
         if names:
-            warnings.append(f"geventpop3: warning: plain password on the command line for {what} "
+            warnings.append(f"plain password on the command line for {what} "
                             f"{', '.join(names)} (visible in ps); give {flag} NAME:$scrypt$... "
                             "from `geventpop3 hash`, or a users file")
     return warnings
@@ -133,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"geventpop3: {exc}", file=sys.stderr)
         return 2
-    for warning in plain_password_warnings(args):
-        print(warning, file=sys.stderr)
     from geventpop3.app import App
 
-    return App(config).run()
+    return App(config, warnings=plain_password_warnings(args)).run()

@@ -202,6 +202,11 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "transformer_failure": "passthrough",
         "log_retention_count": "50",
         "log_retention_days": "7",
+        "auth_penalty_max": "4",
+        "auth_penalty_forget": "60",
+        "auth_penalty_sources": "1000",
+        "auth_hash_threads": "3",
+        "auth_hash_queue": "20",
     }
 
 
