@@ -95,6 +95,12 @@ class Hasher:
             self._pool.maxsize = threads
         self._wake()
 
+    def close(self) -> None:
+        """End the threads (a new pool is made if used again): for tests and embedders."""
+        if self._pool is not None:
+            self._pool.kill()
+            self._pool = None
+
     @property
     def waiting(self) -> int:
         return self._queued

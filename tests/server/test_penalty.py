@@ -3,6 +3,8 @@ controlled clock, and the password-hashing threads (own pool, priority, bounded 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import gevent
 import pytest
 from gevent import monkey
@@ -122,9 +124,23 @@ class ThreadEvent:
         return False
 
 
-def test_hashing_threads_are_not_the_hub_pool() -> None:
+@pytest.fixture
+def hashers() -> Iterator[Callable[..., Hasher]]:
+    """Factory of Hashers whose threads end with the test (no thread outlives it)."""
+    made: list[Hasher] = []
+
+    def make_hasher(threads: int, queue: int = 100) -> Hasher:
+        made.append(Hasher(threads, queue))
+        return made[-1]
+
+    yield make_hasher
+    for hasher in made:
+        hasher.close()
+
+
+def test_hashing_threads_are_not_the_hub_pool(hashers: Callable[..., Hasher]) -> None:
     """Regression: scrypt ran in the hub's pool, so busy hashing starved SQLite and Maildir work."""
-    hasher = Hasher(threads=1)
+    hasher = hashers(threads=1)
     gate = ThreadEvent()
     blocker = gevent.spawn(hasher.run, gate.wait, 10)  # every hash thread busy
     gevent.sleep(0.05)
@@ -133,8 +149,9 @@ def test_hashing_threads_are_not_the_hub_pool() -> None:
     assert blocker.get(timeout=10) is True
 
 
-def test_waiting_verifications_go_by_priority_then_arrival_and_the_queue_is_bounded() -> None:
-    hasher = Hasher(threads=1, queue=3)
+def test_waiting_verifications_go_by_priority_then_arrival_and_the_queue_is_bounded(
+        hashers: Callable[..., Hasher]) -> None:
+    hasher = hashers(threads=1, queue=3)
     gate, order = ThreadEvent(), []
     blocker = gevent.spawn(hasher.run, gate.wait, 10)  # holds the one thread
     gevent.sleep(0.05)
@@ -155,8 +172,8 @@ def test_waiting_verifications_go_by_priority_then_arrival_and_the_queue_is_boun
     assert order == ["clean", "guesser-1", "guesser-2", "start-up"], order
 
 
-def test_a_killed_waiter_gives_its_place_back() -> None:
-    hasher = Hasher(threads=1, queue=1)
+def test_a_killed_waiter_gives_its_place_back(hashers: Callable[..., Hasher]) -> None:
+    hasher = hashers(threads=1, queue=1)
     gate = ThreadEvent()
     blocker = gevent.spawn(hasher.run, gate.wait, 10)
     gevent.sleep(0.05)
