@@ -301,7 +301,7 @@ def test_failures_cost_the_same_for_unknown_names_and_entries_of_any_cost() -> N
     samples: dict[str, list[float]] = {"nobody": [], "dear": [], "cheap": []}
     for _ in range(9):
         for name, times in samples.items():
-            times.append(_seconds(lambda name=name: directory.verify(name, "wrong")))  # type: ignore[misc]
+            times.append(_seconds(lambda name=name: directory.verify(name, "wrong")))
     medians = {name: statistics.median(times) for name, times in samples.items()}
     assert max(medians.values()) < 1.5 * min(medians.values()), medians
 
