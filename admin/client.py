@@ -58,8 +58,11 @@ class Response:
 
 
 def is_multiline(command_line: str) -> bool:
-    """Whether a +OK answer to this command line is followed by a body ending in `.`."""
-    words = command_line.split(None, 1)
+    """Whether a +OK answer to this command line is followed by a body ending in `.`
+    (`PENALTY` alone lists; `PENALTY CLEAR ...` answers one line)."""
+    words = command_line.split()
+    if words and words[0].upper() == "PENALTY":
+        return len(words) == 1
     return bool(words) and words[0].upper() in MULTILINE_COMMANDS
 
 
@@ -282,6 +285,18 @@ class MsmpClient:
 
     def delete_user(self, name: str) -> str:
         return self._checked(f"DELE {name}").text
+
+    def penalties(self) -> dict[str, dict[str, str]]:
+        """`PENALTY`: source -> its fields (`failures`, `delay`, `idle`), most recent first."""
+        result: dict[str, dict[str, str]] = {}
+        for line in self._checked("PENALTY").lines:
+            source, *fields = line.split()
+            result[source] = dict(field.partition("=")[::2] for field in fields)
+        return result
+
+    def clear_penalty(self, address: str = "ALL") -> str:
+        """`PENALTY CLEAR <address>|ALL`: forget one source's penalty, or all."""
+        return self._checked(f"PENALTY CLEAR {address}").text
 
     def help(self) -> list[str]:
         return self._checked("HELP").lines

@@ -38,7 +38,7 @@ ENV_HISTORY = "GEVENTPOP3_ADMIN_HISTORY"
 DEFAULT_HISTORY = "~/.geventpop3_admin_history"
 PROMPT = "msmp> "
 
-COMMANDS = ("ADD", "CAPA", "DELE", "GET", "HELP", "LIST", "LOGS", "QUIT", "SET", "STAT", "WATCH")
+COMMANDS = ("ADD", "CAPA", "DELE", "GET", "HELP", "LIST", "LOGS", "PENALTY", "QUIT", "SET", "STAT", "WATCH")
 USER_COMMANDS = frozenset({"ADD", "DELE", "LIST", "LOGS"})
 KEY_COMMANDS = frozenset({"GET", "SET"})
 LOCAL_HELP = ("WATCH  live view of STAT, refreshed every second (Ctrl-C returns to the prompt)",)
@@ -171,14 +171,14 @@ def render(command_line: str, response: Response, as_json: bool, interactive: bo
         if as_json:
             return json.dumps(infos[0] if len(infos) == 1 else infos)
         return "\n\n".join(table([(k, v) for k, v in info.items() if k != "line"]) for info in infos)
-    if keyword in ("LOGS", "HELP", "CAPA"):
+    if keyword in ("LOGS", "HELP", "CAPA") or (keyword == "PENALTY" and not response.text):
         lines = list(response.lines)
         if keyword == "HELP" and interactive:
             lines += LOCAL_HELP
         if as_json:
             return json.dumps(lines)
         if not lines and interactive:
-            return "(no log entries)" if keyword == "LOGS" else ""
+            return {"LOGS": "(no log entries)", "PENALTY": "(no penalised sources)"}.get(keyword, "")
         return "\n".join(lines)
     if as_json:
         return json.dumps({"ok": True, "message": response.text})

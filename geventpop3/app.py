@@ -33,7 +33,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import UserDirectory, UserError
+from geventpop3.users import HASHER, UserDirectory, UserError
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,9 @@ def open_store(state_dir: str | None) -> Store | None:
 class App:
     """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, warnings: list[str] | None = None) -> None:
         self.config = config
+        self.warnings = warnings or []  # logged once ready (cli: plain passwords in flags)
         self.stopping = Event()
         self.pop3_servers: list[StreamServer] = []
         self.admin_servers: list[StreamServer] = []
@@ -123,6 +124,8 @@ class App:
         self._log_identity()
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
+        for warning in self.warnings:
+            log.warning("%s", warning)
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:
@@ -139,6 +142,7 @@ class App:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
         self.store = open_store(config.state_dir)
+        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
         users = list(config.users)
         if config.users_file:
             try:
@@ -265,3 +269,6 @@ class App:
     def _on_setting(self, key: str, old: object, new: object) -> None:
         if key == "log_level":
             logging.getLogger().setLevel(str(new))
+        elif key in ("auth_hash_threads", "auth_hash_queue"):
+            settings = self.config.settings
+            HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)

@@ -1,4 +1,5 @@
-"""The `geventpop3` command line: flags -> `Config` (geventpop3.config) -> `App.run()`.
+"""The `geventpop3` command line: flags -> `Config` (geventpop3.config) -> `App.run()`;
+and `geventpop3 hash [NAME]`, which makes a hashed entry for `-u`, `-a` or a users file.
 
 A bad flag or value prints one line and exits 2, never a traceback.
 """
@@ -6,6 +7,7 @@ A bad flag or value prints one line and exits 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from typing import NoReturn
 
@@ -20,6 +22,9 @@ from geventpop3.config import (
     load_config,
     parse_port,
 )
+from geventpop3.users import hash_password, is_password_hash, valid_password, valid_username
+
+HASH_USAGE = "usage: geventpop3 hash [NAME]  (reads the password without echo, or one line from stdin)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,13 +84,64 @@ def parse_config(argv: list[str]) -> Config:
     return load_config(build_parser().parse_args(argv))
 
 
+def plain_password_warnings(args: argparse.Namespace) -> list[str]:
+    """One line per flag (`-u`, `-a`) given with a plain password: the command line is
+    visible to every local user (ps, /proc) and kept in shell histories. Logged once the
+    server is ready, so a start-up error stays one line."""
+    warnings = []
+    for flag, what, entries in (("-u", "user", args.user), ("-a", "admin", args.admin)):
+        names = [name for name, _, secret in (entry.partition(":") for entry in entries)
+                 if not is_password_hash(secret)]
+        if names:
+            warnings.append(f"plain password on the command line for {what} "
+                            f"{', '.join(names)} (visible in ps); give {flag} NAME:$scrypt$... "
+                            "from `geventpop3 hash`, or a users file")
+    return warnings
+
+
+def hash_command(args: list[str]) -> int:
+    """`geventpop3 hash [NAME]`: print `$scrypt$...` (or `NAME:$scrypt$...`) for a password
+    read without echo from a terminal (asked twice), or as one line from a pipe."""
+    if args in (["-h"], ["--help"]):
+        print(HASH_USAGE)
+        return 0
+    if len(args) > 1 or (args and args[0].startswith("-")):
+        print(f"geventpop3 hash: {HASH_USAGE}", file=sys.stderr)
+        return 2
+    name = args[0] if args else None
+    if name is not None and not valid_username(name):
+        print(f"geventpop3 hash: unsafe user name {name!r}", file=sys.stderr)
+        return 2
+    try:
+        if sys.stdin.isatty():
+            password = getpass.getpass("Password: ")
+            if getpass.getpass("Again: ") != password:
+                print("geventpop3 hash: the passwords differ", file=sys.stderr)
+                return 2
+        else:
+            password = sys.stdin.readline().rstrip("\r\n")
+    except (EOFError, KeyboardInterrupt):
+        print("geventpop3 hash: no password given", file=sys.stderr)
+        return 2
+    if not valid_password(password):
+        print("geventpop3 hash: invalid password: 1 to 100 printable characters, no spaces", file=sys.stderr)
+        return 2
+    digest = hash_password(password)
+    print(f"{name}:{digest}" if name is not None else digest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point (after gevent monkey-patching, see __main__)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hash"]:
+        return hash_command(argv[1:])
     try:
-        config = parse_config(sys.argv[1:] if argv is None else argv)
+        args = build_parser().parse_args(argv)
+        config = load_config(args)
     except UsageError as exc:
         print(f"geventpop3: {exc}", file=sys.stderr)
         return 2
     from geventpop3.app import App
 
-    return App(config).run()
+    return App(config, warnings=plain_password_warnings(args)).run()

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from geventpop3.metrics import AccessLog, Metrics
+from geventpop3.penalty import Penalty
 from geventpop3.settings import Settings
 from geventpop3.users import Credentials, UserDirectory
 
@@ -32,7 +33,10 @@ class ServerContext:
     admins: Credentials = field(default_factory=Credentials)
     # The certificate and the SSLContext new TLS connections get; None: no TLS (no STLS, no POP3S).
     tls: ServerTls | None = None
+    # Failed logins by client source, shared by POP3 and MSMP (made from settings and metrics).
+    penalty: Penalty = field(init=False)
 
     def __post_init__(self) -> None:
         # Failed logins under names that are no user share one access-log bucket.
         self.access_log.known_user = self.users.__contains__
+        self.penalty = Penalty(self.settings, self.metrics)

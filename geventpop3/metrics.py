@@ -65,6 +65,10 @@ class Metrics:
         self.login_timeouts = 0  # POP3 connections closed at login_timeout
         self.admin_refused = 0  # MSMP connections over admin_max_connections
         self.admin_login_timeouts = 0  # MSMP connections closed at admin_login_timeout
+        # The authentication penalty (geventpop3.penalty): failed-login answers it made wait
+        # longer than login_failure_delay, and the sources it tracks now (it installs the reader).
+        self.auth_penalty_delays = 0
+        self.penalised_sources: Callable[[], int] = lambda: 0
 
     def connection_opened(self) -> None:
         self.total_connections += 1
@@ -110,6 +114,8 @@ class Metrics:
             f"Login timeouts: {self.login_timeouts}",
             f"Admin connections refused: {self.admin_refused}",
             f"Admin login timeouts: {self.admin_login_timeouts}",
+            f"Penalised sources: {self.penalised_sources()}",
+            f"Penalty delays: {self.auth_penalty_delays}",
             f"Uptime seconds: {int(self.uptime())}",
         ]
 
@@ -206,6 +212,7 @@ class PrometheusCollector:
         ("login_timeouts", "login_timeouts", "POP3 connections closed at login_timeout"),
         ("admin_connections_refused", "admin_refused", "MSMP connections refused by admin_max_connections"),
         ("admin_login_timeouts", "admin_login_timeouts", "MSMP connections closed at admin_login_timeout"),
+        ("auth_penalty_delays", "auth_penalty_delays", "failed-login answers delayed beyond login_failure_delay"),
     )
 
     def __init__(self, metrics: Metrics) -> None:
@@ -221,6 +228,8 @@ class PrometheusCollector:
         yield GaugeMetricFamily("geventpop3_current_connections", "open POP3 connections", value=m.current_connections)
         yield GaugeMetricFamily("geventpop3_max_concurrent_connections", "most simultaneous POP3 connections",
                                 value=m.max_concurrent)
+        yield GaugeMetricFamily("geventpop3_penalised_sources", "client sources with recent failed logins",
+                                value=m.penalised_sources())
         yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
 
 

@@ -16,6 +16,7 @@ from geventpop3.context import ServerContext
 from geventpop3.maildir import Mailbox
 from geventpop3.maildir_root import DELETED_DIR, is_maildir
 from geventpop3.metrics import AccessEntry
+from geventpop3.penalty import source_of
 from geventpop3.store import StoreError
 from geventpop3.users import UserError, valid_password, valid_username
 
@@ -32,13 +33,31 @@ class ManagementBackend:
         self._setting = Semaphore()
 
     # -- admins ---------------------------------------------------------------
-    def check_admin(self, name: str, password: str) -> bool:
-        """Same cost for an unknown name as for a wrong password (users.Credentials)."""
-        return self.ctx.admins.verify(name, password)
+    def check_admin(self, name: str, password: str, peer: str) -> bool:
+        """Same cost for an unknown name as for a wrong password (users.Credentials); the
+        penalty of `peer` orders the wait for a hash thread, a success clears it."""
+        penalty = self.ctx.penalty
+        ok = self.ctx.admins.verify(name, password, priority=penalty.failures(peer))
+        if ok:
+            penalty.succeeded(peer)
+        return ok
 
-    def login_failure_delay(self) -> float:
-        """Read at each failure, so `SET login_failure_delay` applies to open sessions."""
-        return self.ctx.settings.login_failure_delay
+    def login_failure_delay(self, peer: str) -> float:
+        """The penalty of `peer`'s source (geventpop3.penalty), shared with POP3; read at
+        each failure, so `SET login_failure_delay` applies to open sessions."""
+        return self.ctx.penalty.failed(peer)
+
+    def penalties(self) -> list[str]:
+        return [entry.line() for entry in self.ctx.penalty.entries()]
+
+    def clear_penalty(self, address: str | None) -> int:
+        try:
+            cleared = self.ctx.penalty.clear(address)
+        except ValueError:
+            raise UserError("Invalid address") from None
+        which = "all sources" if address is None else source_of(address.split("/", 1)[0])
+        log.info("MSMP: penalty cleared for %s (%d sources)", which, cleared)
+        return cleared
 
     # -- users ----------------------------------------------------------------
     def _root(self) -> str | None:

@@ -16,7 +16,7 @@ from typing import NamedTuple, Protocol
 from geventpop3 import IMPLEMENTATION
 from geventpop3.lines import LINE_TOO_LONG, MAX_RESPONSE_LINE, Delayed, LineBuffer, dot_stuff_lines, response_line
 from geventpop3.settings import KEYS, MAX_KEY_LENGTH, MAX_VALUE_LENGTH, SettingError, SettingNotSaved
-from geventpop3.users import UserError, valid_username
+from geventpop3.users import HashingBusy, UserError, valid_username
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,19 @@ _MAX_DATA_OCTETS = MAX_RESPONSE_LINE - 3
 class Backend(Protocol):
     """What the protocol asks of the server. UserError/SettingError carry the -ERR text."""
 
-    def check_admin(self, name: str, password: str) -> bool:
-        """True for a known admin with this password; same cost for an unknown name."""
+    def check_admin(self, name: str, password: str, peer: str) -> bool:
+        """True for a known admin with this password; same cost for an unknown name.
+        `peer` is the client's address (its penalty orders the wait; a success clears it).
+        HashingBusy when too many logins already wait for a hash."""
 
-    def login_failure_delay(self) -> float:
-        """Seconds to wait before answering a failed PASS (slows password guessing)."""
+    def login_failure_delay(self, peer: str) -> float:
+        """Count a failed PASS from `peer`; the seconds to wait before answering it."""
+
+    def penalties(self) -> list[str]:
+        """The PENALTY lines: one per source with recent failed logins."""
+
+    def clear_penalty(self, address: str | None) -> int:
+        """Forget the penalty of the source of `address` (None: all); how many. UserError if not an IP."""
 
     def add_user(self, name: str, password: str) -> bool:
         """Create the user (and Maildir) or update its password; True when created."""
@@ -72,6 +80,8 @@ HELP_LINES = (
     "GET <key>              read a setting",
     "STAT                   server statistics",
     "LOGS <user> [<n>]      a user's last n access-log entries (default 100)",
+    "PENALTY                sources with recent failed logins, their delay",
+    "PENALTY CLEAR <ip>|ALL forget the penalty of one source, or of all",
     "HELP                   this list",
     "CAPA                   capabilities",
     "QUIT                   end the session",
@@ -119,8 +129,9 @@ class MsmpProtocol:
     login, `_ADMIN_COMMANDS` after), each entry naming its handler and its arity.
     """
 
-    def __init__(self, backend: Backend, max_login_failures: int = MAX_LOGIN_FAILURES) -> None:
+    def __init__(self, backend: Backend, max_login_failures: int = MAX_LOGIN_FAILURES, peer: str = "") -> None:
         self.backend = backend
+        self.peer = peer  # the client's address: its failed logins are penalised together
         self.max_login_failures = max_login_failures
         self.closing = False
         self.authenticated = False
@@ -191,14 +202,18 @@ class MsmpProtocol:
         if self._user is None:
             return _err("USER first")
         name, self._user = self._user, None
-        if self.backend.check_admin(name, password):
+        try:
+            ok = self.backend.check_admin(name, password, self.peer)
+        except HashingBusy as exc:  # not a failure: nothing was checked
+            return _err(str(exc))
+        if ok:
             self.authenticated = True
             self.admin = name
             return _ok("Logged in")
         self.login_failures += 1
         if self.login_failures >= self.max_login_failures:
             self.closing = True
-        return Delayed(self.backend.login_failure_delay(), _err("Invalid credentials"))
+        return Delayed(self.backend.login_failure_delay(self.peer), _err("Invalid credentials"))
 
     def _cmd_already(self, _argument: str) -> Answer:
         return _err("Already logged in")
@@ -289,6 +304,17 @@ class MsmpProtocol:
     def _cmd_stat(self) -> bytes:
         return _multi(self.backend.stat_lines())
 
+    def _cmd_penalty(self, action: str | None = None, target: str | None = None) -> bytes:
+        if action is None:
+            return _multi(self.backend.penalties())
+        if action.upper() != "CLEAR" or target is None:
+            return _err("Syntax error")
+        try:
+            cleared = self.backend.clear_penalty(None if target.upper() == "ALL" else target)
+        except UserError as exc:
+            return _err(str(exc))
+        return _ok(f"Cleared {cleared} source" + ("" if cleared == 1 else "s"))
+
 
 class _Command(NamedTuple):
     """One table entry: the handler and how many arguments it takes (least, most)."""
@@ -317,6 +343,7 @@ _ADMIN_COMMANDS: dict[str, _Command] = {
     "GET": _Command(MsmpProtocol._cmd_get, 1, 1),
     "STAT": _Command(MsmpProtocol._cmd_stat, 0, 0),
     "LOGS": _Command(MsmpProtocol._cmd_logs, 1, 2),
+    "PENALTY": _Command(MsmpProtocol._cmd_penalty, 0, 2),
     "HELP": _Command(MsmpProtocol._cmd_help, 0, 0),
     "CAPA": _Command(MsmpProtocol._cmd_capa, 0, 0),
     "QUIT": _Command(MsmpProtocol._cmd_quit, 0, 0),

@@ -64,7 +64,7 @@ def serve_admin(ctx: ServerContext) -> Handler:
         log.debug("MSMP connection from %s", peer)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are batched already
-            _session(ctx, MsmpProtocol(backend), sock, peer)
+            _session(ctx, MsmpProtocol(backend, peer=_host(address)), sock, peer)
             _linger(sock)
         except OSError as exc:  # reset, broken pipe: the client went away
             log.debug("MSMP %s: %s", peer, exc)
@@ -151,6 +151,12 @@ def _linger(sock: socket.socket) -> None:
         if not data:
             return
         drained += len(data)
+
+
+def _host(address: object) -> str:
+    """The client's IP (an IPv4 client of a dual-stack listener as a.b.c.d): its penalty source."""
+    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
 
 
 def _peer(address: object) -> str:

@@ -111,9 +111,10 @@ ERR_UNAVAILABLE = b"-ERR [SYS/TEMP] Message is no longer available\r\n"
 ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
 ERR_ENDING = b"-ERR Session is ending\r\n"
 
+ERR_BUSY_LOGIN = b"-ERR [SYS/TEMP] Server busy, try again later\r\n"
 LOGIN_FAILURES = {"auth": ERR_AUTH, "insecure": ERR_INSECURE, "in-use": ERR_IN_USE, "user-ip": ERR_USER_IP,
-                  "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN}
-DELAYED_FAILURES = ("auth", "insecure")  # guessing or probing: answered only after failure_delay
+                  "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN, "busy": ERR_BUSY_LOGIN}
+DELAYED_FAILURES = ("auth", "insecure")  # guessing or probing: answered only after the delay
 
 
 class Pop3Protocol:
@@ -251,17 +252,19 @@ class Pop3Protocol:
         self.messages = messages
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
-    def login_failed(self, reason: str) -> bytes | Delayed:
-        """`reason`: auth, in-use, user-ip (max_sessions_per_user_ip), temp or perm.
+    def login_failed(self, reason: str, delay: float | None = None) -> bytes | Delayed:
+        """`reason`: auth, insecure, in-use, user-ip (max_sessions_per_user_ip), temp, perm or busy.
         Counts toward the close-after limit.
 
-        A wrong password (or unknown user) is answered only after `failure_delay`,
-        which slows password guessing; a busy or broken mailbox is answered at once."""
+        A wrong password (or unknown user) is answered only after `delay` seconds (the
+        session's penalty for the client's source; `failure_delay` when not given), which
+        slows password guessing; a busy or broken mailbox is answered at once."""
         self.failures += 1
         if self.failures >= self.max_failures:
             self.closing = True
-        if reason in DELAYED_FAILURES and self.failure_delay > 0:
-            return Delayed(self.failure_delay, LOGIN_FAILURES[reason])
+        seconds = self.failure_delay if delay is None else delay
+        if reason in DELAYED_FAILURES and seconds > 0:
+            return Delayed(seconds, LOGIN_FAILURES[reason])
         return LOGIN_FAILURES[reason]
 
     def _quit_auth(self, args: list[bytes]) -> Action:

@@ -41,9 +41,19 @@ from geventpop3.context import ServerContext
 from geventpop3.filters import ClientGone
 from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
-from geventpop3.pop3.protocol import STLS_OK, Login, Pop3Protocol, Refused, Retrieve, StartTls, Update
+from geventpop3.pop3.protocol import (
+    DELAYED_FAILURES,
+    STLS_OK,
+    Login,
+    Pop3Protocol,
+    Refused,
+    Retrieve,
+    StartTls,
+    Update,
+)
 from geventpop3.pop3.security import ConnectionSecurity
 from geventpop3.transport import TlsTransport, Transport
+from geventpop3.users import HashingBusy
 
 log = logging.getLogger(__name__)
 
@@ -299,8 +309,13 @@ class Pop3Session:
         ctx = self.ctx
         user = action.user
         mech = action.mech
-        if not ctx.users.verify(user, action.password):
+        try:  # a source with recent failures waits behind clean ones for a hash thread
+            ok = ctx.users.verify(user, action.password, priority=ctx.penalty.failures(self.address))
+        except HashingBusy:
+            return self._login_failed(user, "busy", mech)
+        if not ok:
             return self._login_failed(user, "auth", mech)
+        ctx.penalty.succeeded(self.address)
         try:
             mailbox = maildir.Mailbox(ctx.settings.maildir, user)
             mailbox.open()  # creates the Maildir at a user's first login
@@ -339,7 +354,8 @@ class Pop3Session:
                     self.address, self.port, mech, self._tls_description(), reason)
         if user is not None:  # AUTH refused before its exchange names nobody
             self._record("login-failed", user, detail=f"reason={reason}")
-        return self.protocol.login_failed(reason)
+        delay = self.ctx.penalty.failed(self.address) if reason in DELAYED_FAILURES else None
+        return self.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
         try:

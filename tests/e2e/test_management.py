@@ -212,6 +212,11 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "trusted_networks": "10.0.0.0/8,2001:db8::/32",
         "tls_min_version": "TLSv1.3",
         "log_retention_total": "5000",
+        "auth_penalty_max": "4",
+        "auth_penalty_forget": "60",
+        "auth_penalty_sources": "1000",
+        "auth_hash_threads": "3",
+        "auth_hash_queue": "20",
     }
 
 

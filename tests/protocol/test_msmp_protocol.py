@@ -27,10 +27,16 @@ class MemoryBackend:
         self.explode = False
         self.failure_delay = 0.25
 
-    def login_failure_delay(self) -> float:
+    def login_failure_delay(self, peer: str) -> float:
         return self.failure_delay
 
-    def check_admin(self, name: str, password: str) -> bool:
+    def penalties(self) -> list[str]:
+        return []
+
+    def clear_penalty(self, address: str | None) -> int:
+        return 0
+
+    def check_admin(self, name: str, password: str, peer: str) -> bool:
         self.admin_checks.append((name, password))
         return self.admins.get(name) == password
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
 
 import pytest
+from helpers import wait_until
 
 from geventpop3 import users
 from geventpop3.users import UserDirectory, UserError
@@ -281,3 +283,48 @@ def test_admins_are_credentials_without_a_store() -> None:
     assert not admins.verify("root", users.hash_password("hashed", CHEAP))
     assert not admins.verify("nobody", "plain")
     assert not hasattr(admins, "set_password") and not hasattr(admins, "delete")
+
+
+# -- equal timing across entry costs, and the upgrade of cheap entries ----------------
+
+def test_failures_cost_the_same_for_unknown_names_and_entries_of_any_cost() -> None:
+    """Regression: an entry of a cheaper cost answered a wrong password in a quarter of the
+    time an unknown name took, which told the name exists. The three are measured in turn
+    in each of 9 rounds (so a change of machine load hits all three alike); their medians
+    may be 50% apart at most (before the fix: 8 times)."""
+    cheaper = (2**12, 8, 1)
+    directory = UserDirectory()
+    directory.add_configured([("dear", users.hash_password("pw")), ("cheap", users.hash_password("pw", cheaper))])
+    for _ in range(2):  # warm up: the dummy hash, the top-up list, the threads
+        directory.verify("nobody", "x")
+        directory.verify("cheap", "x")
+    samples: dict[str, list[float]] = {"nobody": [], "dear": [], "cheap": []}
+    for _ in range(9):
+        for name, times in samples.items():
+            times.append(_seconds(lambda name=name: directory.verify(name, "wrong")))
+    medians = {name: statistics.median(times) for name, times in samples.items()}
+    assert max(medians.values()) < 1.5 * min(medians.values()), medians
+
+
+def test_top_up_brings_any_cost_to_the_reference_work() -> None:
+    reference = users.DEFAULT_COST
+    for cost in [(16, 1, 1), (2**10, 8, 1), (2**12, 8, 1), (2**13, 8, 2), None]:
+        total = users.cost_work(cost) if cost is not None else 0
+        total += sum(users.cost_work(part) for part in users.top_up_costs(cost, reference))
+        assert 0.99 * users.cost_work(reference) <= total <= users.cost_work(reference), cost
+    assert users.top_up_costs(reference, reference) == ()
+    assert users.top_up_costs((2**15, 8, 1), reference) == ()
+
+
+def test_a_cheap_stored_entry_is_rehashed_at_the_default_cost_at_its_next_login() -> None:
+    store = MemoryStore({"bob": users.hash_password("bobpw", CHEAP)})
+    directory = UserDirectory(store)
+    directory.add_configured([("carol", users.hash_password("carolpw", CHEAP))])
+    assert directory.verify("bob", "bobpw") and directory.verify("carol", "carolpw")
+    wait_until(lambda: not directory._upgrading)  # the upgrades run after the logins answered
+    assert users.hash_cost(directory._hashes["bob"]) == users.DEFAULT_COST
+    assert users.hash_cost(directory._hashes["carol"]) == users.DEFAULT_COST
+    assert users.hash_cost(store.users["bob"]) == users.DEFAULT_COST  # saved: it is the store's entry
+    assert "carol" not in store.users  # a file's or flag's entry is upgraded in memory only
+    assert directory.verify("bob", "bobpw") and not directory.verify("bob", "wrong")
+    assert directory.verify("carol", "carolpw")
