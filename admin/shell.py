@@ -468,18 +468,19 @@ class Shell:
         return self._keys
 
     def _keys_from_server(self) -> list[str]:
-        """Setting keys as the server lists them: a CAPA `KEYS ...` line, or a HELP line with `keys:`."""
+        """Setting keys as the server lists them: CAPA `KEYS ...` lines, or a HELP line with `keys:`."""
         client = self.conn.client
         if not client.usable:
             return []
         for command, marker in (("CAPA", "keys "), ("HELP", "keys:")):
             response = client.command(command)
+            keys: list[str] = []  # CAPA may spread them over several KEYS lines
             for line in response.lines if response.ok else []:
                 at = line.lower().find(marker)
                 if at == 0 or (at > 0 and marker == "keys:"):
-                    keys = [k for k in line[at + len(marker):].replace(",", " ").split() if k.isidentifier()]
-                    if keys:
-                        return keys
+                    keys.extend(k for k in line[at + len(marker):].replace(",", " ").split() if k.isidentifier())
+            if keys:
+                return keys
         return []
 
 

@@ -90,9 +90,8 @@ def open_store(state_dir: str | None) -> Store | None:
 class App:
     """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
 
-    def __init__(self, config: Config, warnings: list[str] | None = None) -> None:
+    def __init__(self, config: Config) -> None:
         self.config = config
-        self.warnings = warnings or []  # logged once ready (cli: plain passwords in flags)
         self.stopping = Event()
         self.pop3_servers: list[StreamServer] = []
         self.admin_servers: list[StreamServer] = []
@@ -106,8 +105,6 @@ class App:
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
-        for warning in self.config.warnings:
-            log.warning("%s", warning)
         self.config.settings.subscribe(self._on_setting)
         raise_file_limit()
         try:
@@ -122,10 +119,10 @@ class App:
             return 2
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
         self._log_identity()
+        for warning in self.config.warnings:  # only now: a start-up error stays one line
+            log.warning("%s", warning)
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
-        for warning in self.warnings:
-            log.warning("%s", warning)
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:

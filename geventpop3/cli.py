@@ -22,7 +22,7 @@ from geventpop3.config import (
     load_config,
     parse_port,
 )
-from geventpop3.users import hash_password, is_password_hash, valid_password, valid_username
+from geventpop3.users import hash_password, valid_password, valid_username
 
 HASH_USAGE = "usage: geventpop3 hash [NAME]  (reads the password without echo, or one line from stdin)"
 
@@ -84,21 +84,6 @@ def parse_config(argv: list[str]) -> Config:
     return load_config(build_parser().parse_args(argv))
 
 
-def plain_password_warnings(args: argparse.Namespace) -> list[str]:
-    """One line per flag (`-u`, `-a`) given with a plain password: the command line is
-    visible to every local user (ps, /proc) and kept in shell histories. Logged once the
-    server is ready, so a start-up error stays one line."""
-    warnings = []
-    for flag, what, entries in (("-u", "user", args.user), ("-a", "admin", args.admin)):
-        names = [name for name, _, secret in (entry.partition(":") for entry in entries)
-                 if not is_password_hash(secret)]
-        if names:
-            warnings.append(f"plain password on the command line for {what} "
-                            f"{', '.join(names)} (visible in ps); give {flag} NAME:$scrypt$... "
-                            "from `geventpop3 hash`, or a users file")
-    return warnings
-
-
 def hash_command(args: list[str]) -> int:
     """`geventpop3 hash [NAME]`: print `$scrypt$...` (or `NAME:$scrypt$...`) for a password
     read without echo from a terminal (asked twice), or as one line from a pipe."""
@@ -144,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from geventpop3.app import App
 
-    return App(config, warnings=plain_password_warnings(args)).run()
+    return App(config).run()

@@ -26,7 +26,7 @@ from typing import Any
 from geventpop3.privileges import Identity, PrivilegeError, resolve
 from geventpop3.settings import KEYS, SettingError, Settings
 from geventpop3.tls import ServerTls, TlsError, key_permission_warning
-from geventpop3.users import UserError, parse_user_flag, parse_users_file
+from geventpop3.users import UserError, is_password_hash, parse_user_flag, parse_users_file
 
 DEFAULT_POP3_PORT = 110
 DEFAULT_POP3S_PORT = 995
@@ -113,7 +113,7 @@ def load_config(args: argparse.Namespace) -> Config:
         demo=args.demo,
         tls=server_tls,
         pop3s_port=pop3s_port,
-        warnings=warnings,
+        warnings=warnings + plain_password_warnings(args),
         users_file=args.users_file or file_values.get("users_file"),
         run_as=run_as_for(args, file_values),
     )
@@ -289,3 +289,18 @@ def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
         return [parse_user_flag(item) for item in items]
     except UserError as exc:
         raise UsageError(f"invalid {what}: {exc}") from None
+
+
+def plain_password_warnings(args: argparse.Namespace) -> list[str]:
+    """One line per flag (`-u`, `-a`) given with a plain password: the command line is
+    visible to every local user (ps, /proc) and kept in shell histories. Logged once the
+    server is ready, so a start-up error stays one line."""
+    warnings = []
+    for flag, what, entries in (("-u", "user", args.user), ("-a", "admin", args.admin)):
+        names = [name for name, _, secret in (entry.partition(":") for entry in entries)
+                 if not is_password_hash(secret)]
+        if names:
+            warnings.append(f"plain password on the command line for {what} "
+                            f"{', '.join(names)} (visible in ps); give {flag} NAME:$scrypt$... "
+                            "from `geventpop3 hash`, or a users file")
+    return warnings

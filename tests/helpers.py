@@ -153,7 +153,10 @@ class ServerProcess:
         self.admin_host = self.admin_hosts[0] if admin else ""
         self.ready_hosts = list(ready_hosts or listen or LOOPBACKS)
         self.config_path = root / "server.toml"
-        self.config_path.write_text(f"login_failure_delay = {login_failure_delay}\n" + config)
+        defaults = f"login_failure_delay = {login_failure_delay}\n"
+        if "auth_penalty_max" not in config:  # the penalty on, but short: tests of other things stay quick
+            defaults += "auth_penalty_max = 0.2\n"
+        self.config_path.write_text(defaults + config)
         self.log_path = root / "server.log"
         self.env = server_env(env)
         args = [*GEVENTPOP3, *(arg for host in listen or () for arg in ("-l", host)), "-p", str(self.port),
@@ -168,13 +171,16 @@ class ServerProcess:
 
     def start(self, timeout: float = 30) -> ServerProcess:
         """Launch `args`; return once every listener accepts (fails with the log if it exits)."""
+        readies = self._readies()
         with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
             self.process = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
                                             stdout=log, stderr=subprocess.STDOUT)
         endpoints = [(host, self.port) for host in self.ready_hosts]
         endpoints += [(host, self.admin_port) for host in self.admin_hosts]
         deadline = time.monotonic() + timeout
-        while not all(accepts(host, port) for host, port in endpoints):
+        # Listeners are bound (and the kernel queues connections) before start-up ends:
+        # ready means this start's "ready" line is in the log, and every listener accepts.
+        while self._readies() == readies or not all(accepts(host, port) for host, port in endpoints):
             if self.process.poll() is not None:
                 raise AssertionError(f"server exited {self.process.returncode}: {self.log()}")
             if time.monotonic() > deadline:
@@ -182,6 +188,9 @@ class ServerProcess:
                 raise AssertionError(f"server did not start: {self.log()}")
             time.sleep(0.02)
         return self
+
+    def _readies(self) -> int:
+        return self.log().count("geventpop3 ready:")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
         """Send `sig` (SIGKILL after `timeout`) and return the exit status."""

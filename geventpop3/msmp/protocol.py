@@ -94,6 +94,18 @@ def _ok(text: str = "") -> bytes:
     return response_line(f"+OK {text}" if text else "+OK")
 
 
+def _keys_lines() -> list[str]:
+    """`KEYS ...` capability lines naming every setting, as many as the 512-octet line limit needs."""
+    lines: list[str] = []
+    current = "KEYS"
+    for key in KEYS:
+        if len(current) + 1 + len(key) > _MAX_DATA_OCTETS:
+            lines.append(current)
+            current = "KEYS"
+        current += " " + key
+    return [*lines, current]
+
+
 def _err(text: str) -> bytes:
     return response_line(f"-ERR {text}")
 
@@ -232,7 +244,7 @@ class MsmpProtocol:
             "USER",
             "PIPELINING",
             "COMMANDS " + " ".join(_ADMIN_COMMANDS),
-            "KEYS " + " ".join(KEYS),
+            *_keys_lines(),
         ])
 
     # -- users ----------------------------------------------------------------
