@@ -113,6 +113,10 @@ def uid_of(name: str) -> str:
     uid = name.split(":", 1)[0]
     if uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70 and uid[0] != "~":
         return uid
+    return _hashed_uid(name)
+
+
+def _hashed_uid(name: str) -> str:
     raw = os.fsencode(name).split(b":", 1)[0]
     return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
 
@@ -303,27 +307,30 @@ class _Subdirs:
             os.close(fd)
         self.fds.clear()
 
-    def names(self) -> list[tuple[str, str, str]]:
-        """(uid, subdir, name) of every entry of new/ and cur/ but dot files, sorted by uid
+    def names(self) -> list[tuple[str, tuple[str, str]]]:
+        """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
         (delivery order); a UIDL met twice is served once. No stat: the listing only."""
         found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
             for name in os.listdir(fd):
                 if name[0] != ".":
-                    uid = uid_of(name)
+                    uid = name.split(":", 1)[0]  # uid_of(), inlined: this runs once per file per login
+                    if not (uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70
+                            and uid[0] != "~"):
+                        uid = _hashed_uid(name)
                     if uid not in found:
                         found[uid] = (sub, name)
-        return [(uid, sub, name) for uid, (sub, name) in sorted(found.items())]
+        return sorted(found.items())
 
-    def regular_files(self, names: Iterable[tuple[str, str, str]],
+    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]],
                       notes: list[str]) -> list[tuple[str, str, int, int]]:
         """(uid, path, raw size, file id) of the regular files among `names`: one lstat each."""
         prefix = {sub: os.path.join(self.maildir, sub, "") for sub in self.fds}
         fds = self.fds
         found = []
-        for uid, sub, name in names:
+        for uid, (sub, name) in names:
             try:
-                info = os.stat(name, dir_fd=fds[sub], follow_symlinks=False)
+                info = os.lstat(name, dir_fd=fds[sub])
             except OSError:
                 continue  # vanished between listing and stat: not part of the snapshot
             if stat.S_ISREG(info.st_mode):
@@ -347,7 +354,7 @@ class _Subdirs:
 
 # -- snapshot ----------------------------------------------------------------
 
-def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, str, str]], notes: list[str],
+def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], notes: list[str],
                     on_loop: bool) -> list[Message]:
     """Stat every file, take sizes from the cache, measure the rest, save the cache if it changed.
 
@@ -355,30 +362,36 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, str, st
     many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
     files = dirs.regular_files(names, notes)
     cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
-    pending = [(uid, path, raw, fid) for uid, path, raw, fid in files if cache.get(uid, (-1,))[0] != raw]
-    measured: dict[str, int] = {}
+    fresh: dict[str, tuple[int, int]] = {}
+    messages = []
+    pending = []
+    for uid, path, raw, fid in files:
+        cached = cache.get(uid)
+        if cached is not None and cached[0] == raw:
+            fresh[uid] = cached
+            messages.append(Message(uid, path, cached[1], path, None, fid))
+        else:
+            pending.append((uid, path, raw, fid))
     if pending:
         if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
             measured = _in_pool(_measure, pending, notes)
         else:
             measured = _measure(pending, notes)
-    fresh: dict[str, tuple[int, int]] = {}
-    messages = []
-    for uid, path, raw, fid in files:
-        size = measured.get(uid)
-        if size is None:
-            cached = cache.get(uid)
-            if cached is None or cached[0] != raw:
-                continue  # could not be measured (vanished, swapped): not part of the snapshot
-            size = cached[1]
-        fresh[uid] = (raw, size)
-        messages.append(Message(uid, path, size, path, file_id=fid))
+        for uid, path, raw, fid in pending:
+            if uid in measured:  # else vanished or swapped: not part of the snapshot
+                fresh[uid] = (raw, measured[uid])
+                messages.append(Message(uid, path, measured[uid], path, None, fid))
+        messages.sort(key=_by_uid)
     if fresh != cache:
         if on_loop:
             _in_pool(_save_size_cache, maildir, fresh)
         else:
             _save_size_cache(maildir, fresh)
     return messages
+
+
+def _by_uid(message: Message) -> str:
+    return message.uid
 
 
 def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:
