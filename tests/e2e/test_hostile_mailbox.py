@@ -200,7 +200,7 @@ def test_odd_names_are_mail_with_safe_stable_uidls(server: ServerProcess) -> Non
 # -- point 13: no disk work on the event loop ------------------------------------
 
 BIG = 64 << 20
-LINKS = 4
+LINKS = 8
 
 
 def test_first_login_over_big_files_does_not_stall_other_sessions(server: ServerProcess) -> None:
@@ -212,7 +212,7 @@ def test_first_login_over_big_files_does_not_stall_other_sessions(server: Server
         for _ in range(BIG // len(block)):
             handle.write(block)
     for number in range(1, LINKS):
-        os.link(first, new / f"{1000 + number}.big.host")  # 4 x 64 MiB to measure, one write
+        os.link(first, new / f"{1000 + number}.big.host")  # 8 x 64 MiB to measure, one write
     bob = logged_in(server, "bob")
     latencies: list[float] = []
     started = time.monotonic()
@@ -230,8 +230,8 @@ def test_first_login_over_big_files_does_not_stall_other_sessions(server: Server
         bob.send(b"QUIT" + CRLF)
         bob.close()
     took = time.monotonic() - started
-    # Measured on the event loop the server stood still for most of the login (0.21 s of
-    # 0.30 s); the bound scales with the login so a loaded machine does not fail it.
+    # Measured on the event loop, the server stood still for most of the login (one NOOP
+    # waited 0.23 s of a 0.32 s login); the bound scales with the login for loaded machines.
     assert len(latencies) >= 10, (took, latencies)
     assert max(latencies) < max(0.1, took / 4), (took, sorted(latencies)[-5:])
     assert statistics.median(latencies) < 0.05, (took, statistics.median(latencies))
