@@ -10,6 +10,16 @@ Maildir root, `.geventpop3.locks`: no descriptor per session, so 10,000 held ses
 need 10,000 descriptors, not 20,000. The kernel drops the locks when the process ends,
 however it ends, so they are never stale after a crash, and they work across processes
 sharing the Maildir root.
+
+Safety (whoever can write into a Maildir is not trusted): only regular files are mail.
+cur/ and new/ are opened as directories without following a symlink, every entry is
+lstat'ed (never followed), and a message is opened with O_NOFOLLOW | O_NONBLOCK and
+fstat'ed: anything but a regular file (symlink, FIFO, device, directory), or a file
+that is not the one the snapshot saw (device and inode), is skipped with one log line.
+Every file this module creates uses O_CREAT | O_EXCL | O_NOFOLLOW (the lock file, which
+is shared, O_NOFOLLOW and a regular-file check). A name that is not a safe UIDL (not
+printable ASCII, over 70 octets, not UTF-8, CR/LF...) is still mail: its UIDL is `~`
+and a hash of its raw base name, and names reach log lines only through ascii().
 """
 
 from __future__ import annotations
@@ -18,32 +28,57 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import socket
 import stat
 import struct
 import time
-from collections.abc import Iterator
-from typing import BinaryIO
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
 
 import gevent
 
 from geventpop3.message import Message
 from geventpop3.users import valid_username
 
+log = logging.getLogger(__name__)
+
 CHUNK_SIZE = 64 * 1024
 SIZE_CACHE = "geventpop3.sizes"
+SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
+SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
+SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 SUBDIRS = ("cur", "new", "tmp")
 # Past this many files, stat and size work moves to the thread pool so a big
-# mailbox does not stall the other sessions.
+# mailbox does not stall the other sessions (one system call per file).
 THREADPOOL_THRESHOLD = 256
+# Past this many octets of messages without a cached size, measuring them moves to the
+# thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
+THREADPOOL_BYTES = 1 << 20
+HASHED_UID_PREFIX = "~"  # UIDLs made from a hash; no UIDL taken from a name starts with it
 _DOT_LINE = re.compile(rb"\n\.")
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SCANNED = ("new", "cur")  # new/ first: a UIDL in both is served from new/
+
+T = TypeVar("T")
 
 
 class MaildirError(Exception):
     """The mailbox cannot be used (an unsafe user name...)."""
+
+
+class NotMail(OSError):
+    """A Maildir entry that is not a regular file, or not the file the snapshot saw."""
+
+
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
 
 
 def user_maildir(root: str, user: str) -> str:
@@ -67,6 +102,27 @@ def _create(path: str, parents: bool = False) -> None:
     for directory in (path, *(os.path.join(path, sub) for sub in SUBDIRS)):
         with contextlib.suppress(FileExistsError):
             os.mkdir(directory, 0o700)
+
+
+def uid_of(name: str) -> str:
+    """The UIDL of a Maildir file name: its base name (before ':') when that is a safe UIDL.
+
+    Otherwise (not printable ASCII, a space, CR/LF, over 70 octets, empty, not UTF-8 -
+    os.listdir gives such bytes surrogate-escaped - or starting with `~`): `~` and a hash
+    of the raw base name, stable across flag changes and never equal to a plain name."""
+    uid = name.split(":", 1)[0]
+    if uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70 and uid[0] != "~":
+        return uid
+    return _hashed_uid(name)
+
+
+def _hashed_uid(name: str) -> str:
+    raw = os.fsencode(name).split(b":", 1)[0]
+    return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _file_id(info: os.stat_result) -> int:
+    return info.st_dev << 64 | info.st_ino
 
 
 class Mailbox:
@@ -134,26 +190,52 @@ class Mailbox:
 
     # -- content -----------------------------------------------------------------
     def snapshot(self) -> list[Message]:
-        """The mailbox as a session sees it for its whole life (sizes as RETR sends them)."""
-        files = _list_files(self.path)
-        if len(files) > THREADPOOL_THRESHOLD:
-            return gevent.get_hub().threadpool.apply(_build_snapshot, (self.path, files))
-        return _build_snapshot(self.path, files)
+        """The mailbox as a session sees it for its whole life (sizes as RETR sends them).
+
+        Warm cache: one directory listing and one lstat per file, nothing read. Many
+        files, many uncached octets, and every cache write (fsync) go to the thread pool."""
+        notes: list[str] = []
+        with _Subdirs(self.path, notes) as dirs:
+            names = dirs.names()
+            if len(names) > THREADPOOL_THRESHOLD:
+                messages = _in_pool(_build_snapshot, self.path, dirs, names, notes, False)
+            else:
+                messages = _build_snapshot(self.path, dirs, names, notes, True)
+        _log_notes(notes)
+        return messages
 
     def delete(self, messages: list[Message]) -> list[Message]:
-        """UPDATE: remove the files of `messages`; returns those that could not be removed."""
-        if len(messages) > THREADPOOL_THRESHOLD:
-            return gevent.get_hub().threadpool.apply(_delete, (self.path, messages))
-        return _delete(self.path, messages)
+        """UPDATE: remove the files of `messages`, then fsync the directories that lost one,
+        so mail the client was told is gone stays gone after a power loss; returns those that
+        could not be removed. In the thread pool (fsync is disk work)."""
+        if not messages:
+            return []
+        return _in_pool(_delete, self.path, messages)
 
     def size(self) -> tuple[int, int]:
         """(messages, octets as stored) of what a snapshot would list: MSMP `LIST <user>`.
 
-        A directory scan and one stat per file, no reading; a missing Maildir is (0, 0)."""
-        files = _list_files(self.path)
-        if len(files) > THREADPOOL_THRESHOLD:
-            return gevent.get_hub().threadpool.apply(_stored_size, (files,))
-        return _stored_size(files)
+        A directory scan and one lstat per file, no reading; a missing Maildir is (0, 0)."""
+        notes: list[str] = []
+        with _Subdirs(self.path, notes) as dirs:
+            names = dirs.names()
+            if len(names) > THREADPOOL_THRESHOLD:
+                found = _in_pool(dirs.regular_files, names, notes)
+            else:
+                found = dirs.regular_files(names, notes)
+        _log_notes(notes)
+        return len(found), sum(raw for _, _, raw, _ in found)
+
+
+def _in_pool(function: Callable[..., T], *args: object) -> T:
+    """Run `function` in gevent's thread pool; this greenlet waits, the others run."""
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+def _log_notes(notes: list[str]) -> None:
+    """Log on the event loop what a scan skipped (workers only collect: logging's locks are gevent's)."""
+    for note in notes:
+        log.warning("maildir: %s", note)
 
 
 # One descriptor per Maildir root for the whole process, and the locks this process holds.
@@ -168,9 +250,14 @@ def _lock_offset(name: str) -> int:
 
 
 def _lock_fd(root: str) -> int:
+    """The shared lock file, opened once: never through a symlink, only a regular file."""
     fd = _LOCK_FDS.get(root)
     if fd is None:
-        fd = os.open(os.path.join(root, LOCK_FILE), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        path = os.path.join(root, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise NotMail(errno.EINVAL, "lock file is not a regular file", path)
         _LOCK_FDS[root] = fd
     return fd
 
@@ -190,87 +277,270 @@ def _record_lock(fd: int, offset: int, kind: int) -> bool:
     return True
 
 
+# -- scanning ------------------------------------------------------------------
+
+class _Subdirs:
+    """new/ and cur/ of one Maildir, opened as directories and never through a symlink.
+
+    Entries are looked at relative to these descriptors (lstat, unlink), so swapping
+    cur/ for a symlink after the open cannot lead anywhere else. What cannot be used
+    goes to `notes` (one line each), for the caller to log."""
+
+    __slots__ = ("maildir", "fds")
+
+    def __init__(self, maildir: str, notes: list[str]) -> None:
+        self.maildir = maildir
+        self.fds: dict[str, int] = {}
+        for sub in _SCANNED:
+            try:
+                self.fds[sub] = os.open(os.path.join(maildir, sub), _DIR_FLAGS)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # ELOOP/ENOTDIR: a symlink or a file where the directory should be
+                notes.append(f"skipped {ascii(os.path.join(maildir, sub))}: not a directory ({exc.strerror})")
+
+    def __enter__(self) -> _Subdirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def names(self) -> list[tuple[str, tuple[str, str]]]:
+        """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
+        (delivery order); a UIDL met twice is served once. No stat: the listing only."""
+        found: dict[str, tuple[str, str]] = {}
+        for sub, fd in self.fds.items():
+            for name in os.listdir(fd):
+                if name[0] != ".":
+                    uid = name.split(":", 1)[0]  # uid_of(), inlined: this runs once per file per login
+                    if not (uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70
+                            and uid[0] != "~"):
+                        uid = _hashed_uid(name)
+                    if uid not in found:
+                        found[uid] = (sub, name)
+        return sorted(found.items())
+
+    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]],
+                      notes: list[str]) -> list[tuple[str, str, int, int]]:
+        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each."""
+        prefix = {sub: os.path.join(self.maildir, sub, "") for sub in self.fds}
+        fds = self.fds
+        found = []
+        for uid, (sub, name) in names:
+            try:
+                info = os.lstat(name, dir_fd=fds[sub])
+            except OSError:
+                continue  # vanished between listing and stat: not part of the snapshot
+            if stat.S_ISREG(info.st_mode):
+                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
+            else:
+                notes.append(f"skipped {ascii(prefix[sub] + name)}: not a regular file")
+        return found
+
+    def find(self, uid: str) -> tuple[str, str] | None:
+        """(subdir, name) of the file whose UIDL is `uid` now (another program renamed it)."""
+        for sub, fd in self.fds.items():
+            try:
+                names = os.listdir(fd)
+            except OSError:
+                continue
+            for name in names:
+                if name[0] != "." and uid_of(name) == uid:
+                    return sub, name
+        return None
+
+
 # -- snapshot ----------------------------------------------------------------
 
-def _load_size_cache(maildir: str) -> dict[str, tuple[int, int]]:
+def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], notes: list[str],
+                    on_loop: bool) -> list[Message]:
+    """Stat every file, take sizes from the cache, measure the rest, save the cache if it changed.
+
+    `on_loop`: called on the event loop, so the cache read is capped lower and what reads
+    many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
+    files = dirs.regular_files(names, notes)
+    cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
+    fresh: dict[str, tuple[int, int]] = {}
+    messages = []
+    pending = []
+    for uid, path, raw, fid in files:
+        cached = cache.get(uid)
+        if cached is not None and cached[0] == raw:
+            fresh[uid] = cached
+            messages.append(Message(uid, path, cached[1], path, None, fid))
+        else:
+            pending.append((uid, path, raw, fid))
+    if pending:
+        if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
+            measured = _in_pool(_measure, pending, notes)
+        else:
+            measured = _measure(pending, notes)
+        for uid, path, raw, fid in pending:
+            if uid in measured:  # else vanished or swapped: not part of the snapshot
+                fresh[uid] = (raw, measured[uid])
+                messages.append(Message(uid, path, measured[uid], path, None, fid))
+        messages.sort(key=_by_uid)
+    if fresh != cache:
+        if on_loop:
+            _in_pool(_save_size_cache, maildir, fresh)
+        else:
+            _save_size_cache(maildir, fresh)
+    return messages
+
+
+def _by_uid(message: Message) -> str:
+    return message.uid
+
+
+def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:
+    """uid -> CRLF size of each pending file that is still the regular file the scan saw."""
+    sizes = {}
+    for uid, path, _, fid in pending:
+        try:
+            sizes[uid] = crlf_size(path, fid)
+        except NotMail as exc:
+            notes.append(f"skipped {ascii(path)}: {exc.strerror}")
+        except OSError:
+            continue  # vanished meanwhile
+    return sizes
+
+
+def _read_capped(fd: int, cap: int) -> bytes | None:
+    """All of a regular file up to `cap` octets; None if it is bigger or not a regular file."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
+        return None
+    parts = []
+    total = 0
+    while chunk := os.read(fd, info.st_size + 1 - total if total <= info.st_size else CHUNK_SIZE):
+        parts.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None  # grew while read
+    return b"".join(parts)
+
+
+def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
+    """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
+    file or not whole (its trailer counts the entries and checksums them: a torn write or a
+    stray edit is never read as a wrong size, every size is then measured again)."""
+    try:
+        fd = os.open(os.path.join(maildir, SIZE_CACHE), _READ_FLAGS)
+    except OSError:
+        return {}
+    try:
+        data = _read_capped(fd, cap)
+    except OSError:
+        data = None
+    finally:
+        os.close(fd)
+    if not data or not data.endswith(b"\n"):
+        return {}
+    end = data.rfind(b"\n", 0, len(data) - 1) + 1
+    body = data[:end]
+    if data[end:-1] != b"%s %d %08x" % (SIZE_CACHE_TRAILER, body.count(b"\n"), zlib.crc32(body)):
+        return {}
     cache: dict[str, tuple[int, int]] = {}
     try:
-        with open(os.path.join(maildir, SIZE_CACHE), encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                parts = line.split()
-                if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
-                    cache[parts[0]] = (int(parts[1]), int(parts[2]))
-    except OSError:
-        pass
+        for line in body.decode("ascii").splitlines():
+            uid, raw, size = line.split(" ")
+            cache[uid] = (int(raw), int(size))
+    except ValueError:  # checksummed but not ours (UnicodeDecodeError is a ValueError)
+        return {}
     return cache
 
 
 def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
-    """Write to a temporary name and rename, so a crash never leaves half a file."""
+    """Write a unique new file (O_EXCL | O_NOFOLLOW: nothing planted is written through),
+    fsync it, rename it over the cache.
+
+    The directory is not fsynced: after a power loss the name gives the old cache or the
+    new one, both whole (the file was synced before the rename) and both right, since an
+    entry counts only for a file of the same UIDL and raw size; the fsync spares a full
+    re-measure of the mailbox after a crash, the trailer catches what a disk still tears."""
+    body = "".join(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items()).encode("ascii")
+    data = body + b"%s %d %08x\n" % (SIZE_CACHE_TRAILER, len(cache), zlib.crc32(body))
     final = os.path.join(maildir, SIZE_CACHE)
-    temp = f"{final}.{os.getpid()}.tmp"
+    if len(data) > SIZE_CACHE_MAX:
+        return  # beyond what a load would accept; the old file stays right for what it lists
+    temp = f"{final}.{os.urandom(8).hex()}.tmp"
     try:
-        with open(temp, "w", encoding="utf-8") as handle:
-            handle.writelines(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items())
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(temp, final)
     except OSError:
         with contextlib.suppress(OSError):
             os.unlink(temp)
 
 
-def _list_files(maildir: str) -> list[tuple[str, str]]:
-    """(uid, path) of every message in new/ and cur/, sorted by uid (delivery order)."""
-    found: dict[str, str] = {}
-    for sub in ("new", "cur"):
-        try:
-            entries = os.scandir(os.path.join(maildir, sub))
-        except FileNotFoundError:
-            continue
-        with entries:
-            for entry in entries:
-                name = entry.name
-                if name.startswith("."):
-                    continue
-                uid = name.split(":", 1)[0]
-                if uid and uid not in found and " " not in uid and len(uid) <= 70:
-                    found[uid] = entry.path
-    return sorted(found.items())
-
-
-def _build_snapshot(maildir: str, files: list[tuple[str, str]]) -> list[Message]:
-    cache = _load_size_cache(maildir)
-    fresh: dict[str, tuple[int, int]] = {}
-    messages = []
-    for uid, path in files:
-        try:
-            raw = os.stat(path).st_size
-            cached = cache.get(uid)
-            size = cached[1] if cached is not None and cached[0] == raw else crlf_size(path)
-        except OSError:
-            continue  # vanished between listing and stat: not part of the snapshot
-        fresh[uid] = (raw, size)
-        messages.append(Message(uid, path, size, path))
-    if fresh != cache:
-        _save_size_cache(maildir, fresh)
-    return messages
-
-
-def _stored_size(files: list[tuple[str, str]]) -> tuple[int, int]:
-    count = octets = 0
-    for _, path in files:
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue  # fetched or deleted meanwhile
-        if stat.S_ISREG(info.st_mode):
-            count += 1
-            octets += info.st_size
-    return count, octets
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # -- content -----------------------------------------------------------------
 
-def _crlf_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+class _FileReader:
+    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read(self, size: int = CHUNK_SIZE, /) -> bytes:
+        return os.read(self.fd, size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_regular(path: str, file_id: int = 0) -> _FileReader:
+    """Open a message file to read: never through a symlink, never blocking (a FIFO), only a
+    regular file, and (with `file_id`) only the very file a snapshot saw. NotMail otherwise."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotMail(errno.EINVAL, "not a regular file", path)
+        if file_id and _file_id(info) != file_id:
+            raise NotMail(errno.ESTALE, "replaced since the snapshot", path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return _FileReader(fd)
+
+
+def open_message(message: Message) -> _FileReader:
+    """What RETR/TOP stream: `message.path` as `open_regular` opens it (the snapshot's file
+    identity is checked when the path is the Maildir file itself); a refusal is logged once."""
+    file_id = message.file_id if message.path == message.source else 0
+    try:
+        return open_regular(message.path, file_id)
+    except NotMail as exc:
+        log.warning("maildir: refused %s: %s", ascii(message.path), exc.strerror)
+        raise
+
+
+def _crlf_chunks(handle: Readable, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """The file with every line ending CRLF and a final CRLF if it lacked one.
 
     A CR at the end of a chunk is held back, so a CRLF split across two reads is
@@ -303,9 +573,12 @@ def _crlf_chunks(handle: BinaryIO, chunk_size: int = CHUNK_SIZE) -> Iterator[byt
         yield b"\r\n"
 
 
-def crlf_size(path: str) -> int:
-    """Octets RETR sends for this file (CRLF line ends, before dot-stuffing)."""
-    with open(path, "rb") as handle:
+def crlf_size(path: str, file_id: int = 0) -> int:
+    """Octets RETR sends for this file (CRLF line ends, before dot-stuffing).
+
+    Reads the whole file: a caller on the event loop sends big files to the thread pool.
+    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
+    with open_regular(path, file_id) as handle:
         return sum(len(chunk) for chunk in _crlf_chunks(handle))
 
 
@@ -341,7 +614,7 @@ def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
         return
 
 
-def message_chunks(handle: BinaryIO, body_lines: int | None = None) -> Iterator[bytes]:
+def message_chunks(handle: Readable, body_lines: int | None = None) -> Iterator[bytes]:
     """RETR (body_lines None) or TOP content: CRLF, dot-stuffed, ending in CRLF.
 
     The terminating `.` line is the caller's. Memory is one chunk whatever the size.
@@ -367,44 +640,40 @@ def message_chunks(handle: BinaryIO, body_lines: int | None = None) -> Iterator[
 # -- UPDATE ------------------------------------------------------------------
 
 def _delete(maildir: str, messages: list[Message]) -> list[Message]:
-    """Remove the files of `messages`; returns those that could not be removed.
+    """Remove the files of `messages`, fsync the directories that lost one; returns those
+    that could not be removed (or whose removal could not be made durable).
 
-    A file that another program renamed (flags changed) is looked up by its UIDL;
-    one that is already gone counts as deleted.
+    Unlinks go through the directory descriptors (no symlink followed on the way). A file
+    that another program renamed (flags changed) is looked up by its UIDL; one that is
+    already gone counts as deleted.
     """
     failed = []
-    for message in messages:
-        try:
-            os.unlink(message.source)
-        except FileNotFoundError:
-            moved = _find_by_uid(maildir, message.uid)
-            if moved is not None:
-                try:
-                    os.unlink(moved)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    failed.append(message)
-        except OSError:
-            failed.append(message)
+    removed: dict[str, list[Message]] = {}
+    with _Subdirs(maildir, []) as dirs:
+        for message in messages:
+            sub = os.path.basename(os.path.dirname(message.source))
+            target: tuple[str, str] | None = (sub, os.path.basename(message.source))
+            try:
+                while target is not None:
+                    try:
+                        os.unlink(target[1], dir_fd=dirs.fds[target[0]])
+                        removed.setdefault(target[0], []).append(message)
+                        break
+                    except (FileNotFoundError, KeyError):
+                        found = dirs.find(message.uid)
+                        target = None if found == target else found
+            except OSError:
+                failed.append(message)
+        for sub, gone in removed.items():
+            try:
+                os.fsync(dirs.fds[sub])
+            except OSError:
+                failed += gone  # removed, but not durably: never a false +OK
     return failed
 
 
-def _find_by_uid(maildir: str, uid: str) -> str | None:
-    for sub in ("cur", "new"):
-        directory = os.path.join(maildir, sub)
-        try:
-            names = os.listdir(directory)
-        except OSError:
-            continue
-        for name in names:
-            if name == uid or name.startswith(uid + ":"):
-                return os.path.join(directory, name)
-    return None
-
-
 def deliver(maildir: str, content: bytes) -> str:
-    """Deliver one message the Maildir way: write into tmp/, then rename into new/.
+    """Deliver one message the Maildir way: write into tmp/ (a new file, O_EXCL), then rename into new/.
 
     A delivery agent's job (--demo, tests, load tests): the Maildir and its parents are
     created if missing."""
@@ -414,14 +683,15 @@ def deliver(maildir: str, content: bytes) -> str:
     name = f"{now // 10**9}.M{now // 1000 % 1_000_000:06d}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
     temp = os.path.join(maildir, "tmp", name)
     try:
-        handle = open(temp, "wb")  # noqa: SIM115 - closed below
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
     except FileNotFoundError:
         _create(maildir, parents=True)
-        handle = open(temp, "wb")  # noqa: SIM115 - closed below
-    with handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
+    try:
+        _write_all(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     final = os.path.join(maildir, "new", name)
     os.rename(temp, final)
     return final

@@ -18,3 +18,4 @@ class Message:
     size: int  # octets RETR sends: CRLF line ends, no dot-stuffing
     source: str  # the file in the Maildir, what UPDATE deletes
     error: str | None = None  # set when the message cannot be sent (a failed filter)
+    file_id: int = 0  # device and inode of `source` at the snapshot: RETR opens that file or none

@@ -359,7 +359,7 @@ class Pop3Session:
 
     def _retrieve(self, action: Retrieve) -> None:
         try:
-            handle = open(action.message.path, "rb")  # noqa: SIM115 - closed below
+            handle = maildir.open_message(action.message)  # only the regular file the snapshot saw
         except OSError:
             self.transport.write(self.protocol.retrieve_failed())
             return

@@ -260,15 +260,21 @@ def test_snapshot_new_and_cur_uidl_is_base_name(tmp_path: Path) -> None:
     assert [m.size for m in messages] == [len(b"A: 1\r\n\r\nnew\r\n"), len(b"A: 2\r\n\r\ncur\r\n"), 3]
 
 
-def test_snapshot_ignores_odd_names_and_duplicates(tmp_path: Path) -> None:
+def test_snapshot_serves_odd_names_with_hashed_uidls_once_each(tmp_path: Path) -> None:
     box = make_maildir(tmp_path)
     put(box, "new", "dup.host", b"in new")
     put(box, "cur", "dup.host:2,S", b"in cur")
-    put(box, "new", "has space", b"x")
-    put(box, "new", "x" * 71, b"x")
-    put(box, "new", ":2,S", b"no base name")
+    odd = ["has space", "x" * 71, ":2,S", "~looks.hashed"]
+    for name in odd:
+        put(box, "new", name, b"x")
     messages = snapshot(box)
-    assert [m.uid for m in messages] == ["dup.host"]
+    assert [m.uid for m in messages][0] == "dup.host"
+    assert messages[0].path.endswith("/new/dup.host")
+    hashed = {os.path.basename(m.path): m.uid for m in messages[1:]}
+    assert sorted(hashed) == sorted(odd)
+    assert all(uid.startswith("~") and len(uid) == 33 and uid[1:].isalnum() for uid in hashed.values())
+    assert hashed == {name: maildir.uid_of(name + ":2,S") for name in hashed if name != ":2,S"} | {
+        ":2,S": maildir.uid_of(":2,T")}  # stable across flag changes
     assert len({m.uid for m in messages}) == len(messages)
 
 
@@ -291,14 +297,22 @@ def test_sizes_equal_stream_minus_dot_stuffing(tmp_path: Path) -> None:
 
 def _count_message_opens(monkeypatch: pytest.MonkeyPatch, box: Path) -> list[str]:
     opened: list[str] = []
+    real_open = os.open
 
-    def counting_open(file, *args, **kwargs):  # noqa: ANN001, ANN202 - mirrors builtins.open
-        if os.path.dirname(os.path.dirname(str(file))) == str(box):
-            opened.append(str(file))
-        return open(file, *args, **kwargs)
+    def counting_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202 - mirrors os.open
+        if os.path.dirname(os.path.dirname(str(path))) == str(box):
+            opened.append(str(path))
+        return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(maildir, "open", counting_open, raising=False)
+    monkeypatch.setattr(maildir.os, "open", counting_open)
     return opened
+
+
+def cache_lines(box: Path) -> list[str]:
+    """The entries of the size cache, after checking its trailer counts them."""
+    lines = (box / maildir.SIZE_CACHE).read_text().split("\n")
+    assert lines[-1] == "" and lines[-2].startswith(f"#geventpop3.sizes {len(lines) - 2} ")
+    return lines[:-2]
 
 
 def test_second_snapshot_reads_no_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,8 +333,7 @@ def test_size_cache_content_and_use(tmp_path: Path) -> None:
     path = put(box, "new", "1000.host", b"\n\n\n\n")  # 4 raw octets, 8 on the wire
     put(box, "cur", "1001.host:2,S", b"ab\n")
     assert [m.size for m in snapshot(box)] == [8, 4]
-    cache = (box / maildir.SIZE_CACHE).read_text().split("\n")
-    assert sorted(line for line in cache if line) == ["1000.host 4 8", "1001.host 3 4"]
+    assert sorted(cache_lines(box)) == ["1000.host 4 8", "1001.host 3 4"]
     # Same raw length, different content: the cached size is used (no re-read).
     path.write_bytes(b"abcd")
     assert [m.size for m in snapshot(box)] == [8, 4]
@@ -332,7 +345,7 @@ def test_changed_raw_size_is_measured_again(tmp_path: Path) -> None:
     assert snapshot(box)[0].size == 8
     path.write_bytes(b"abcde")
     assert snapshot(box)[0].size == 7
-    assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 5 7\n"
+    assert cache_lines(box) == ["1000.host 5 7"]
 
 
 def test_size_cache_forgets_removed_messages(tmp_path: Path) -> None:
@@ -342,7 +355,7 @@ def test_size_cache_forgets_removed_messages(tmp_path: Path) -> None:
     snapshot(box)
     gone.unlink()
     assert [m.uid for m in snapshot(box)] == ["1001.host"]
-    assert (box / maildir.SIZE_CACHE).read_text() == "1001.host 2 3\n"
+    assert cache_lines(box) == ["1001.host 2 3"]
 
 
 def test_corrupt_size_cache_is_ignored(tmp_path: Path) -> None:
@@ -350,7 +363,7 @@ def test_corrupt_size_cache_is_ignored(tmp_path: Path) -> None:
     put(box, "new", "1000.host", b"a\nb\n")
     (box / maildir.SIZE_CACHE).write_bytes(b"garbage\n1000.host x y\n\xff\xfe\x00\n1000.host 4\n")
     assert snapshot(box)[0].size == 6
-    assert (box / maildir.SIZE_CACHE).read_text() == "1000.host 4 6\n"
+    assert cache_lines(box) == ["1000.host 4 6"]
     assert not [name for name in os.listdir(box) if name.endswith(".tmp")]
 
 

@@ -1,0 +1,240 @@
+"""Mailbox against hostile Maildir contents, in process, over real files (issue 9, points 2-5, 13).
+
+The end-to-end versions (real server, poplib) are in tests/e2e/test_hostile_mailbox.py;
+here are what needs a look inside: which directories were fsynced, whether the event
+loop kept ticking, what the size cache holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import gevent
+import pytest
+
+from geventpop3 import maildir
+from geventpop3.maildir import Mailbox
+from geventpop3.message import Message
+
+SECRET = b"root:$6$secret:19000:0:99999:7:::\n"
+
+
+def make_box(root: Path, user: str = "alice") -> Mailbox:
+    root.mkdir(exist_ok=True)
+    box = Mailbox(str(root), user)
+    box.open()
+    return box
+
+
+def put(box: Mailbox, sub: str, name: str, content: bytes) -> Path:
+    path = Path(box.path) / sub / name
+    path.write_bytes(content)
+    return path
+
+
+# -- point 2: only regular files are mail ---------------------------------------
+
+def test_only_regular_files_are_listed_sized_or_opened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    box = make_box(tmp_path / "mail")
+    secret = tmp_path / "shadow"
+    secret.write_bytes(SECRET)
+    put(box, "new", "1000.host", b"a\n")
+    (Path(box.path) / "new" / "1001.link").symlink_to(secret)
+    (Path(box.path) / "cur" / "1002.zero:2,S").symlink_to("/dev/zero")
+    os.mkfifo(Path(box.path) / "new" / "1003.fifo")
+    (Path(box.path) / "new" / "1004.dir").mkdir()
+    messages = box.snapshot()
+    assert [m.uid for m in messages] == ["1000.host"]
+    assert box.size() == (1, 2)
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 * 4  # one line per entry, per snapshot and per size()
+    with pytest.raises(maildir.NotMail):
+        maildir.crlf_size(str(Path(box.path) / "new" / "1003.fifo"))  # never blocks
+    with pytest.raises(OSError):
+        maildir.crlf_size(str(Path(box.path) / "new" / "1001.link"))  # never followed
+
+
+def test_open_message_checks_the_snapshot_file_identity(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    path = put(box, "new", "1000.host", b"first\n")
+    [message] = box.snapshot()
+    with maildir.open_message(message) as handle:
+        assert handle.read(100) == b"first\n"
+    replacement = put(box, "new", "other", b"second\n")
+    replacement.rename(path)
+    with pytest.raises(maildir.NotMail, match="replaced"):
+        maildir.open_message(message)
+    filtered = Message(message.uid, str(path), 7, "/elsewhere", file_id=message.file_id)
+    with maildir.open_message(filtered) as handle:  # a filter's output is not the snapshot's file
+        assert handle.read(100) == b"second\n"
+
+
+def test_symlinked_subdirectory_is_not_scanned(tmp_path: Path) -> None:
+    box = make_box(tmp_path / "mail")
+    outside = tmp_path / "etc"
+    outside.mkdir()
+    (outside / "passwd").write_bytes(SECRET)
+    (Path(box.path) / "cur").rmdir()
+    (Path(box.path) / "cur").symlink_to(outside)
+    put(box, "new", "1000.host", b"a\n")
+    assert [m.uid for m in box.snapshot()] == ["1000.host"]
+    assert box.size() == (1, 2)
+
+
+# -- point 3: the size cache ------------------------------------------------------
+
+def test_size_cache_is_not_read_through_a_symlink(tmp_path: Path) -> None:
+    box = make_box(tmp_path / "mail")
+    put(box, "new", "1000.host", b"a\nb\n")
+    forged = tmp_path / "forged"
+    forged.write_bytes(b"1000.host 4 999\n")
+    (Path(box.path) / maildir.SIZE_CACHE).symlink_to(forged)
+    assert [m.size for m in box.snapshot()] == [6]
+    assert forged.read_bytes() == b"1000.host 4 999\n"
+
+
+def test_size_cache_without_its_trailer_is_measured_again(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")
+    box.snapshot()
+    cache = Path(box.path) / maildir.SIZE_CACHE
+    whole = cache.read_bytes()
+    for cut in range(len(whole) - 1):  # every torn length, and one flipped byte
+        cache.write_bytes(whole[:cut])
+        assert [m.size for m in box.snapshot()] == [6], cut
+    cache.write_bytes(whole.replace(b" 4 6\n", b" 4 7\n"))
+    assert [m.size for m in box.snapshot()] == [6]
+    assert cache.read_bytes() == whole
+
+
+def test_oversized_size_cache_is_ignored_unread(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")
+    cache = Path(box.path) / maildir.SIZE_CACHE
+    with open(cache, "wb") as handle:
+        handle.truncate(maildir.SIZE_CACHE_MAX + 1)  # sparse: costs no disk
+    assert [m.size for m in box.snapshot()] == [6]
+    assert cache.stat().st_size < 100
+
+
+def test_files_created_are_new_files(tmp_path: Path) -> None:
+    box = make_box(tmp_path / "mail")
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    pid_name = Path(box.path) / f"{maildir.SIZE_CACHE}.{os.getpid()}.tmp"  # the old, predictable temp name
+    pid_name.symlink_to(victim)
+    put(box, "new", "1000.host", b"a\n")
+    box.snapshot()
+    assert victim.read_bytes() == b"precious"
+    assert sorted(os.listdir(box.path)) == sorted(["cur", "new", "tmp", maildir.SIZE_CACHE, pid_name.name])
+    mode = (Path(box.path) / maildir.SIZE_CACHE).stat().st_mode
+    assert mode & 0o777 == 0o600
+
+
+# -- point 4: names ---------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["a b", "a\r\nb", "\udcff\udcfe", "é", "x" * 71, "", "~plain", "a\x7f", "a\tb"])
+def test_unsafe_names_get_a_hashed_uidl(name: str) -> None:
+    uid = maildir.uid_of(name + ":2,S")
+    assert uid.startswith("~") and 1 <= len(uid) <= 70
+    assert all(0x21 <= ord(char) <= 0x7E for char in uid)
+    assert uid == maildir.uid_of(name) == maildir.uid_of(name + ":2,RS")
+    assert uid != maildir.uid_of(name + "x")
+
+
+@pytest.mark.parametrize("name", ["1700000000.M1P2R3.host", "x" * 70, "a,b=c\\057", "!"])
+def test_safe_names_keep_their_base_name(name: str) -> None:
+    assert maildir.uid_of(name + ":2,S") == name
+
+
+def test_non_utf8_name_is_listed_sized_and_deleted(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    raw = os.fsencode(box.path) + b"/new/1000.\xff\r\n.host"
+    with open(raw, "wb") as handle:
+        handle.write(b"a\nb\n")
+    [message] = box.snapshot()
+    assert message.uid == maildir.uid_of(os.fsdecode(b"1000.\xff\r\n.host"))
+    assert message.size == 6
+    assert box.snapshot() == [message]  # from the cache this time
+    assert box.delete([message]) == []
+    assert os.listdir(Path(box.path) / "new") == []
+
+
+# -- point 5: durable deletes ---------------------------------------------------
+
+@pytest.fixture
+def synced(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[str]]:
+    """The paths fsync was called on (watched, the real fsync still runs)."""
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def watched(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(maildir.os, "fsync", watched)
+    yield paths
+
+
+def test_delete_fsyncs_the_directories_that_lost_files(tmp_path: Path, synced: list[str]) -> None:
+    box = make_box(tmp_path)
+    put(box, "new", "1000.host", b"a\n")
+    put(box, "cur", "1001.host:2,S", b"b\n")
+    put(box, "cur", "1002.host:2,S", b"c\n")
+    messages = box.snapshot()
+    synced.clear()
+    assert box.delete([messages[0]]) == []
+    assert synced == [os.path.join(box.path, "new")]
+    synced.clear()
+    assert box.delete(messages[1:]) == []
+    assert synced == [os.path.join(box.path, "cur")]
+    synced.clear()
+    assert box.delete([]) == []
+    assert synced == []
+
+
+def test_size_cache_is_synced_before_it_replaces_the_old_one(tmp_path: Path, synced: list[str]) -> None:
+    box = make_box(tmp_path)
+    put(box, "new", "1000.host", b"a\n")
+    box.snapshot()
+    assert len(synced) == 1 and synced[0].startswith(os.path.join(box.path, maildir.SIZE_CACHE + "."))
+    synced.clear()
+    box.snapshot()
+    assert synced == []  # a warm cache is neither written nor synced
+
+
+# -- point 13: the event loop keeps running ----------------------------------------
+
+def test_measuring_big_files_does_not_block_the_event_loop(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    first = Path(box.path) / "new" / "1000.big"
+    block = (b"y" * 63 + b"\n") * (1 << 14)
+    with open(first, "wb") as handle:
+        for _ in range(48):
+            handle.write(block)  # 48 MiB
+    for number in range(1, 4):
+        os.link(first, Path(box.path) / "new" / f"{1000 + number}.big")
+    ticks: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(time.perf_counter())
+            gevent.sleep(0.005)
+
+    clock = gevent.spawn(ticker)
+    try:
+        gevent.sleep(0.02)
+        started = time.perf_counter()
+        messages = box.snapshot()
+        took = time.perf_counter() - started
+    finally:
+        clock.kill()
+    assert [m.size for m in messages] == [48 * len(block) * 65 // 64] * 4
+    during = [tick for tick in ticks if tick >= started]
+    gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+    # On the event loop, nothing ticked for the whole 2 s; a loaded machine may pause any process.
+    assert len(during) >= took / 0.05, (took, len(during))
+    assert max(gaps) < max(0.1, took / 4), (took, sorted(gaps)[-3:])
