@@ -25,6 +25,7 @@ setup(
             "ruff>=0.5",
             "mypy>=1.10,<3",
             "types-gevent>=24.2",
+            "hypothesis>=6.100,<7",
         ],
         "load": [
             "locust>=2.20,<3",
