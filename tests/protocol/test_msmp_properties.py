@@ -40,11 +40,21 @@ class HostileBackend:
     explode: bool
     settings: dict[str, str] = field(default_factory=dict)
 
-    def check_admin(self, name: str, password: str) -> bool:
+    def check_admin(self, name: str, password: str, peer: str) -> bool:
         return (name, password) == ("admin", "secret")
 
-    def login_failure_delay(self) -> float:
+    def login_failure_delay(self, peer: str) -> float:
         return 0.5
+
+    def penalties(self) -> list[str]:
+        self.maybe_explode()
+        return [f"{self.value} failures=3 delay=8 idle=1"]
+
+    def clear_penalty(self, address: str | None) -> int:
+        self.maybe_explode()
+        if address is not None and not address[:1].isdigit():
+            raise UserError("Invalid address")
+        return 1
 
     def add_user(self, name: str, password: str) -> bool:
         self.maybe_explode()
@@ -97,7 +107,8 @@ backends = st.builds(HostileBackend, users=st.lists(hostile_text, max_size=8), l
                      max_size=8), stat=st.lists(hostile_text, max_size=5), value=hostile_text,
                      explode=st.integers(0, 5).map(lambda n: n == 0))
 
-COMMANDS = ["USER", "PASS", "ADD", "DELE", "LIST", "SET", "GET", "STAT", "LOGS", "HELP", "CAPA", "QUIT", "user",
+COMMANDS = ["USER", "PASS", "ADD", "DELE", "LIST", "SET", "GET", "STAT", "LOGS", "PENALTY", "HELP", "CAPA", "QUIT",
+            "user",
             "lIsT", "NOPE"]
 words = st.one_of(st.sampled_from(["admin", "secret", "alice", "nobody", "bad", "badvalue", "1", "0", "-1",
                                    "99999999999999999999", *KEYS]),

@@ -275,11 +275,15 @@ class MailboxModel(RuleBasedStateMachine):
         assert is_ok(answer) if self.state == "transaction" and not argument else is_err(answer)
 
     @precondition(open_session)
-    @rule(command=st.sampled_from(["CAPA", "APOP a b", "AUTH PLAIN", "STLS", "XYZZY", "", "RETR", "TOP 1",
+    @rule(command=st.sampled_from(["CAPA", "APOP a b", "AUTH PLAIN", "AUTH LOGIN", "STLS", "XYZZY", "", "RETR", "TOP 1",
                                    "DELE", "STAT 1", "RSET 1", "LIST 1 2"]))
     def other(self, command: str) -> None:
         answer = self.send(command)
         if self.state == "update":
+            return
+        if isinstance(answer, bytes) and answer.startswith(b"+ "):  # a SASL challenge (RFC 5034): cancel it
+            assert self.state == "auth" and command.upper().startswith("AUTH")
+            assert single(self.send("*")).startswith(b"-ERR")
             return
         any_answer(command.encode(), answer)
         if command == "CAPA":
