@@ -137,12 +137,11 @@ class Mailbox:
     keeps two sessions of one user apart (record locks never conflict with their owner).
     """
 
-    __slots__ = ("path", "user", "_root", "_offset")
+    __slots__ = ("path", "user", "_offset")  # a held session keeps one: no more than it needs
 
     def __init__(self, root: str, user: str) -> None:
         self.path = user_maildir(root, user)
         self.user = user
-        self._root = os.path.dirname(self.path)
         self._offset = _lock_offset(user)
 
     def open(self) -> None:
@@ -157,7 +156,7 @@ class Mailbox:
         """True if we now hold the lock; False at once if someone else does. One fcntl."""
         if self.path in _HELD:
             return False
-        if not _record_lock(_lock_fd(self._root), self._offset, fcntl.F_WRLCK):
+        if not _record_lock(_lock_fd(os.path.dirname(self.path)), self._offset, fcntl.F_WRLCK):
             return False
         _HELD[self.path] = self
         return True
@@ -167,7 +166,7 @@ class Mailbox:
         if _HELD.get(self.path) is self:
             del _HELD[self.path]
             with contextlib.suppress(OSError):
-                _record_lock(_lock_fd(self._root), self._offset, fcntl.F_UNLCK)
+                _record_lock(_lock_fd(os.path.dirname(self.path)), self._offset, fcntl.F_UNLCK)
 
     @property
     def locked(self) -> bool:

@@ -7,12 +7,15 @@ of client input: `read()` until it returns None (nothing more for now), answer w
 while a message streams).
 
 Parking, the one memory optimisation of the server: a session waiting for its
-client holds no greenlet. `park()` starts an I/O watcher and an idle timer on the
-event loop and returns; the greenlet that served the burst then ends. Data (or EOF)
-calls `on_ready`, silence for `timeout` seconds calls `on_idle`; either callback
-runs on the event loop and typically spawns a fresh greenlet to carry on. A greenlet
-blocked in recv() keeps its saved stack (about 6 KiB with gevent's frames), so this
-is what lets one process hold 10,000 idle sessions at a few KiB each.
+client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher and a timer
+on the event loop and returns; the greenlet that served the burst then ends. Data
+(or EOF) calls `waiter.on_ready()`, silence for `timeout` seconds
+`waiter.on_timeout()`; either runs on the event loop and typically spawns a fresh
+greenlet to carry on. A greenlet blocked in recv() keeps its saved stack (about
+6 KiB with gevent's frames), so this is what lets one process hold 10,000 idle
+sessions at a few KiB each. For the same reason a parked transport holds as little
+as it can: the watcher and the timer share one callback object, and the waiter is
+an object (the session), not two more bound methods and their argument tuples.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
 ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
@@ -30,7 +33,7 @@ import select
 import socket
 import ssl
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import gevent
 from gevent import monkey
@@ -40,7 +43,15 @@ FLUSH_THRESHOLD = 128 * 1024
 DISCARD_READS = 16  # at most this many reads of unread input are dropped at once (a flood cannot hold us)
 CLOSE_FLUSH_TIMEOUT = 1.0  # seconds a last answer (idle timeout, shutdown) may take to leave
 
-Callback = Callable[[], None]
+
+
+class Waiter(Protocol):
+    """What a parked transport wakes: called on the event loop, holding no greenlet."""
+
+    def on_ready(self) -> None: ...
+
+    def on_timeout(self) -> None: ...
+
 _original_poll = monkey.get_original("select", "poll")  # gevent's own poll() knows no POLLRDHUP
 
 
@@ -48,7 +59,7 @@ class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
     __slots__ = ("sock", "fd", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_timer", "on_sent")
+                 "_timer", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
@@ -61,6 +72,7 @@ class Transport:
         self._out_size = 0
         self._watcher: Any = None  # gevent loop io watcher, kept across parks
         self._timer: Any = None
+        self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
         # back until the client's delayed ACK (40 ms per pipelined write).
@@ -141,31 +153,43 @@ class Transport:
         self.sock.settimeout(seconds)
 
     # -- parking -------------------------------------------------------------
-    def park(self, on_ready: Callback, on_idle: Callback, timeout: float) -> None:
+    def park(self, waiter: Waiter, timeout: float) -> None:
         """Wait for the client on the event loop, holding no greenlet (see the module doc)."""
         loop = gevent.get_hub().loop
         if self._watcher is None:
             self._watcher = loop.io(self.fd, 1)
-        self._watcher.start(self._fire, on_ready)
+        self._waiter = waiter
+        wake = self._wake  # one bound method for both
+        self._watcher.start(wake)
         self._timer = loop.timer(timeout)
-        self._timer.start(self._fire, on_idle)
+        self._timer.start(wake)
 
     @property
     def parked(self) -> bool:
         return self._timer is not None
 
     def unpark(self) -> None:
-        """Stop waiting; neither callback runs after this."""
+        """Stop waiting; the waiter is not called after this."""
         if self._watcher is not None:
             self._watcher.stop()
         if self._timer is not None:
             self._timer.stop()
             self._timer.close()
             self._timer = None
+        self._waiter = None
 
-    def _fire(self, callback: Callback) -> None:
+    def _wake(self) -> None:
+        """Event-loop callback of the watcher and the timer: a fired timer is no longer active."""
+        waiter = self._waiter
+        timer = self._timer
+        timed_out = timer is not None and not timer.active
         self.unpark()
-        callback()
+        if waiter is None:
+            return
+        if timed_out:
+            waiter.on_timeout()
+        else:
+            waiter.on_ready()
 
     # -- end -----------------------------------------------------------------
     def close(self, last_words: bytes = b"") -> None:
@@ -249,13 +273,20 @@ class TlsTransport(Transport):
         self._send_timeout = seconds
         self.sock.settimeout(seconds)
 
-    def park(self, on_ready: Callback, on_idle: Callback, timeout: float) -> None:
+    def park(self, waiter: Waiter, timeout: float) -> None:
         """As Transport.park, but decrypted bytes still inside the SSL object wake the session at once."""
         if cast(ssl.SSLSocket, self.sock).pending():
+            self._waiter = waiter
             self._timer = gevent.get_hub().loop.timer(0)
-            self._timer.start(self._fire, on_ready)
+            self._timer.start(self._ready_now)
             return
-        super().park(on_ready, on_idle, timeout)
+        super().park(waiter, timeout)
+
+    def _ready_now(self) -> None:
+        waiter = self._waiter
+        self.unpark()
+        if waiter is not None:
+            waiter.on_ready()
 
     def _close_socket(self) -> None:
         """Send close_notify first (without waiting for the client's): clients such as

@@ -117,6 +117,9 @@ LOGIN_FAILURES = {"auth": ERR_AUTH, "insecure": ERR_INSECURE, "in-use": ERR_IN_U
 DELAYED_FAILURES = ("auth", "insecure")  # guessing or probing: answered only after the delay
 
 
+AUTHENTICATED = ConnectionSecurity(None)  # shared by every logged-in session
+
+
 class Pop3Protocol:
     """One POP3 session's state; the session module owns the socket."""
 
@@ -250,6 +253,9 @@ class Pop3Protocol:
         self.state = State.TRANSACTION
         self.user = user
         self.messages = messages
+        # The connection's security answered its last question (no STLS, no password from
+        # here on): a logged-in session, held for minutes, drops its per-connection object.
+        self.security = AUTHENTICATED
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
     def login_failed(self, reason: str, delay: float | None = None) -> bytes | Delayed:

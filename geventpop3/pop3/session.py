@@ -61,6 +61,7 @@ TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
 TOO_MANY_FROM_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
 IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
 LOGIN_TIMEOUT = b"-ERR Login timeout, closing connection\r\n"
+TIMER_SLACK = 0.05  # seconds: a login deadline this close counts as reached
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
 
@@ -166,16 +167,13 @@ class Pop3Session:
         and, before login, the login deadline (whichever comes first decides its callback)."""
         settings = self.ctx.settings
         timeout = settings.idle_timeout
-        if self.protocol.user is not None:
-            self.transport.park(self._on_ready, self._on_idle, timeout)
-            return
-        left = self._login_time_left()
-        if left <= 0:
-            self._on_login_timeout()
-        elif left < timeout:
-            self.transport.park(self._on_ready, self._on_login_timeout, left)
-        else:
-            self.transport.park(self._on_ready, self._on_idle, timeout)
+        if self.protocol.user is None:
+            left = self._login_time_left()
+            if left <= 0:
+                self._on_login_timeout()
+                return
+            timeout = min(timeout, left)
+        self.transport.park(self, timeout)
 
     def _login_time_left(self) -> float:
         return self.started + self.ctx.settings.login_timeout - time.monotonic()
@@ -206,17 +204,22 @@ class Pop3Session:
             self.ended = "closed"
         return True
 
-    def _on_ready(self) -> None:
+    def on_ready(self) -> None:
         """Event-loop callback: the client sent something (or closed)."""
         self.greenlet = gevent.spawn(self.serve)
 
-    def _on_idle(self) -> None:
-        """Event-loop callback: the client was silent for idle_timeout seconds."""
+    def on_timeout(self) -> None:
+        """Event-loop callback: the park's one timer ran out. Before login it was set to
+        min(idle timeout, time left to log in); which of the two it was, the clock says
+        (a timer may fire a hair early by the loop's cached time, hence the slack)."""
+        if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
+            self._on_login_timeout()
+            return
         self.ended = "timeout"
         self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
 
     def _on_login_timeout(self) -> None:
-        """Event-loop callback (or from `_park`): login_timeout passed without a login."""
+        """login_timeout passed without a login (from the park's timer or from `_park`)."""
         self._count_login_timeout()
         self.greenlet = gevent.spawn(self.close, LOGIN_TIMEOUT)
 

@@ -23,6 +23,19 @@ from geventpop3.pop3.session import Pop3Session
 from geventpop3.transport import RECV_SIZE, TlsTransport
 
 
+class Waiter:
+    """What the transport wakes, as Events."""
+
+    def __init__(self) -> None:
+        self.ready = gevent.event.Event()
+
+    def on_ready(self) -> None:
+        self.ready.set()
+
+    def on_timeout(self) -> None:
+        raise AssertionError("timed out")
+
+
 @pytest.fixture
 def app(tmp_path: Path, tls_files: TlsFiles) -> Iterator[App]:
     config = parse_config([
@@ -100,9 +113,9 @@ def test_decrypted_bytes_inside_the_ssl_object_are_served_before_parking(tls_fil
         first = transport.read()
         assert first == b"x" * RECV_SIZE
         assert transport.tls.pending() > 0  # the rest is decrypted already: the descriptor stays quiet
-        woken = gevent.event.Event()
-        transport.park(woken.set, lambda: None, timeout=30)
-        assert woken.wait(5), "a parked transport with pending bytes was not woken"
+        waiter = Waiter()
+        transport.park(waiter, timeout=30)
+        assert waiter.ready.wait(5), "a parked transport with pending bytes was not woken"
         rest = b""
         while (data := transport.read()) is not None:
             rest += data

@@ -15,6 +15,20 @@ from gevent.socket import wait_read
 from geventpop3.transport import FLUSH_THRESHOLD, RECV_SIZE, Transport
 
 
+class Waiter:
+    """What the transport wakes, as Events a test can wait on."""
+
+    def __init__(self) -> None:
+        self.ready = Event()
+        self.timed_out = Event()
+
+    def on_ready(self) -> None:
+        self.ready.set()
+
+    def on_timeout(self) -> None:
+        self.timed_out.set()
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple[Transport, socket.socket]]:
     """A transport on one end of a TCP-like stream and the raw client on the other."""
@@ -87,60 +101,61 @@ def test_a_large_queue_flushes_by_itself(pair: tuple[Transport, socket.socket]) 
 
 def test_park_wakes_on_data_without_holding_a_greenlet(pair: tuple[Transport, socket.socket]) -> None:
     transport, client = pair
-    woke, idled = Event(), Event()
+    waiter = Waiter()
     greenlets_before = _greenlet_count()
-    transport.park(woke.set, idled.set, timeout=30)
+    transport.park(waiter, timeout=30)
     assert transport.parked
     assert _greenlet_count() == greenlets_before  # waiting costs a watcher and a timer, no greenlet
     client.sendall(b"STAT\r\n")
-    assert woke.wait(5)
+    assert waiter.ready.wait(5)
     assert not transport.parked
-    assert not idled.is_set()
+    assert not waiter.timed_out.is_set()
     assert _read_blocking(transport) == b"STAT\r\n"
 
 
 def test_park_wakes_when_the_client_vanishes(pair: tuple[Transport, socket.socket]) -> None:
     transport, client = pair
-    woke = Event()
-    transport.park(woke.set, lambda: None, timeout=30)
+    waiter = Waiter()
+    transport.park(waiter, timeout=30)
     client.close()
-    assert woke.wait(5)
+    assert waiter.ready.wait(5)
     assert _read_blocking(transport) == b""
 
 
 def test_park_times_out_when_the_client_is_silent(pair: tuple[Transport, socket.socket]) -> None:
     transport, _ = pair
-    woke, idled = Event(), Event()
+    waiter = Waiter()
     started = time.monotonic()
-    transport.park(woke.set, idled.set, timeout=0.2)
-    assert idled.wait(5)
+    transport.park(waiter, timeout=0.2)
+    assert waiter.timed_out.wait(5)
     assert time.monotonic() - started >= 0.19
-    assert not woke.is_set()
+    assert not waiter.ready.is_set()
     assert not transport.parked
 
 
-def test_unpark_means_neither_callback_runs(pair: tuple[Transport, socket.socket]) -> None:
+def test_unpark_means_the_waiter_is_not_called(pair: tuple[Transport, socket.socket]) -> None:
     transport, client = pair
-    fired = Event()
-    transport.park(fired.set, fired.set, timeout=0.05)
+    waiter = Waiter()
+    transport.park(waiter, timeout=0.05)
     transport.unpark()
     client.sendall(b"x\r\n")
-    assert not fired.wait(0.3)
+    assert not waiter.ready.wait(0.3)
+    assert not waiter.timed_out.is_set()
 
 
 def test_park_again_after_a_wake(pair: tuple[Transport, socket.socket]) -> None:
     transport, client = pair
     for n in range(3):
-        woke = Event()
-        transport.park(woke.set, lambda: None, timeout=30)
+        waiter = Waiter()
+        transport.park(waiter, timeout=30)
         client.sendall(b"%d\r\n" % n)
-        assert woke.wait(5)
+        assert waiter.ready.wait(5)
         assert _read_blocking(transport) == b"%d\r\n" % n
 
 
 def test_close_sends_last_words_and_what_is_queued(pair: tuple[Transport, socket.socket]) -> None:
     transport, client = pair
-    transport.park(lambda: None, lambda: None, timeout=30)
+    transport.park(Waiter(), timeout=30)
     transport.write(b"+OK queued\r\n")
     transport.close(b"-ERR Idle timeout, closing connection\r\n")
     assert transport.closed and not transport.parked
@@ -194,3 +209,13 @@ def _greenlet_count() -> int:
     from greenlet import greenlet
 
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
+
+
+def test_a_parked_transport_holds_one_callback_object(pair: tuple[Transport, socket.socket]) -> None:
+    """Memory per held session: the watcher and the timer share one bound method, with no
+    argument tuples (10,000 held sessions make every such object count)."""
+    transport, _ = pair
+    transport.park(Waiter(), timeout=30)
+    watcher, timer = transport._watcher, transport._timer
+    assert watcher.callback is timer.callback
+    assert watcher.args == timer.args == ()
