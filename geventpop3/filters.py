@@ -48,7 +48,7 @@ from gevent.pool import Pool
 from gevent.subprocess import Popen
 
 from geventpop3 import privileges, reaper
-from geventpop3.maildir import crlf_size
+from geventpop3.maildir import crlf_size, open_regular
 from geventpop3.message import Message
 from geventpop3.privileges import Identity, PrivilegeError
 from geventpop3.users import valid_username
@@ -212,7 +212,7 @@ class ChildLimits:
             privileges.become(self.identity)
 
 
-def _start(argv: Sequence[str], stdin: IO[bytes], out_fd: int, env: dict[str, str],
+def _start(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str],
            limits: ChildLimits) -> Popen[bytes]:
     try:
         return Popen(list(argv), stdin=stdin, stdout=out_fd, stderr=PIPE, env=env, close_fds=True,
@@ -228,18 +228,22 @@ def _start(argv: Sequence[str], stdin: IO[bytes], out_fd: int, env: dict[str, st
 
 
 def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float,
-                limits: ChildLimits) -> None:
-    """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed."""
+                limits: ChildLimits, source_id: int = 0) -> None:
+    """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed.
+
+    `source` is opened as RETR opens mail (never through a link, only a regular file,
+    with `source_id` only the file the snapshot saw), `output` is created new, never
+    through a planted link."""
     env = dict(env)
     env[reaper.FILTER_TOKEN_VAR] = limits.token
     if limits.identity is not None:
         env["HOME"] = limits.identity.home
     _running[limits.token] = 0  # from the fork on, its processes carry the token: leave them alone
     try:
-        with open(source, "rb") as stdin:
-            out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open_regular(source, source_id) as stdin:
+            out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                proc = _start(argv, stdin, out_fd, env, limits)
+                proc = _start(argv, stdin.fd, out_fd, env, limits)
             finally:
                 os.close(out_fd)
     except BaseException:
@@ -357,8 +361,8 @@ class FilterRunner:
             return False
         mark = os.path.join(self.cache_dir, BOOT_MARK)
         try:
-            with open(mark, encoding="ascii") as handle:
-                if handle.read().strip() == current:
+            with open_regular(mark) as handle:
+                if handle.read(64).decode("ascii").strip() == current:
                     return True
         except (OSError, ValueError):
             pass
@@ -373,8 +377,9 @@ class FilterRunner:
             for entry in os.listdir(self.cache_dir):
                 if entry.startswith(".trash-"):  # this one, and any a crash left behind
                     gevent.get_hub().threadpool.spawn(shutil.rmtree, os.path.join(self.cache_dir, entry), True)
-            temp = f"{mark}.{os.getpid()}.tmp"
-            with open(temp, "w", encoding="ascii") as handle:
+            temp = f"{mark}.{os.urandom(8).hex()}.tmp"  # a new file, never through a planted link
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
                 handle.write(current + "\n")
             os.replace(temp, mark)
         except OSError as exc:
@@ -508,7 +513,8 @@ class FilterRunner:
                         if self.identity_error is not None:
                             raise FilterFailed(self.identity_error)
                         limits = ChildLimits(settings.transformer_max_output, self.identity)
-                        run_program(argv, current, output, env, settings.transformer_timeout, limits)
+                        source_id = message.file_id if current == message.source else 0
+                        run_program(argv, current, output, env, settings.transformer_timeout, limits, source_id)
                     except FilterFailed as failure:
                         metrics.transformer_failures += 1
                         if failure.kind == "timeout":

@@ -142,6 +142,21 @@ def test_failures_never_reach_the_client(box: Box, tmp_path: Path, body: str, ki
     assert f"kind={kind}" in caplog.text and "user=alice" in caplog.text
 
 
+def test_a_message_swapped_for_a_link_after_the_snapshot_is_never_fed_to_the_filter(box: Box, tmp_path: Path) -> None:
+    """The filter's input is opened as RETR opens mail: no link is followed, only the file
+    the snapshot saw is read (a hostile local user could swap it in between)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"root:SECRET-HASH:19000:0:99999:7:::\n")
+    (source,) = box.deliver(HAM)
+    box.use("cat")
+    messages = box.mailbox.snapshot()
+    os.unlink(source)
+    os.symlink(secret, source)
+    (message,) = box.runner.prepare(messages, user="alice", address="127.0.0.1", port=40000)
+    assert message.error == FAILED_ERROR
+    assert all(b"SECRET" not in Path(path).read_bytes() for path in box.cached_files())
+
+
 def test_reads_nothing_but_writes_a_message(box: Box, tmp_path: Path) -> None:
     box.deliver(HAM * 10_000)  # far bigger than a pipe: the filter never reads it
     box.use(script(tmp_path, "replace.sh", 'printf "Subject: replaced\\n\\nnothing\\n"\n'))
