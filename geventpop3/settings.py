@@ -174,7 +174,7 @@ KEYS: dict[str, Key] = {
             "seconds without a failure before a source's penalty is forgotten"),
         Key("auth_penalty_sources", _int_range(1, 10_000_000), 100_000, "most sources the penalty tracks"),
         Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords (scrypt)"),
-        Key("auth_hash_queue", _int_range(1, 100_000), 100,
+        Key("auth_hash_queue", _int_range(1, 100_000), 1000,
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
     )
 }
