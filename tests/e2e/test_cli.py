@@ -178,6 +178,8 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     ('transformers = "x"', "transformers"),
     ("transformers = {a = 5}", "transformers.a"),
     ("transformers = {a = {command = []}}", "transformers.a"),
+    ('transformers = {a = {chain = ["nope"]}}', "transformers.a.chain names no command: nope"),
+    ("transformers = {a = {chain = []}}", "transformers.a.chain"),
     ("users = [1]", "users"),
     ('users = ["alice"]', "user"),
     ('users = ["../x:pw"]', "user"),
