@@ -105,8 +105,14 @@ class Hasher:
     def waiting(self) -> int:
         return self._queued
 
-    def run(self, func: Callable[..., T], *args: Any, priority: int = 0, bounded: bool = True) -> T:
-        """`func(*args)` in a hash thread, this greenlet blocked meanwhile (others run)."""
+    def run(self, func: Callable[..., T], *args: Any, priority: int = 0, bounded: bool = True,
+            only_if_idle: bool = False) -> T:
+        """`func(*args)` in a hash thread, this greenlet blocked meanwhile (others run).
+
+        `only_if_idle`: run only on a thread nobody waits for, else HashingBusy at once
+        (work that can be done later, such as upgrading a hash, never queues before logins)."""
+        if only_if_idle and (self._running >= self.threads or self._queued):
+            raise HashingBusy()
         self._acquire(priority, bounded)
         try:
             if self._pool is None:
@@ -327,7 +333,7 @@ class Credentials:
 
     def _upgrade(self, name: str, encoded: str, password: str) -> None:
         try:
-            digest = self._hasher.run(hash_password, password, priority=1)
+            digest = self._hasher.run(hash_password, password, only_if_idle=True)
             if self._hashes.get(name) != encoded:  # changed or gone while hashing
                 return
             self._save_upgrade(name, digest)
@@ -338,7 +344,7 @@ class Credentials:
             log.info("password hash of %s upgraded to the default scrypt cost", name)
             self._refresh_dummy()
         except HashingBusy:
-            pass  # busy now: the next login tries again
+            pass  # logins use the threads now: the next login tries again
         except Exception:  # noqa: BLE001 - an upgrade must never break logins
             log.exception("could not upgrade the password hash of %s", name)
         finally:

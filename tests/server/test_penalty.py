@@ -185,3 +185,21 @@ def test_a_killed_waiter_gives_its_place_back(hashers: Callable[..., Hasher]) ->
     gate.set()
     blocker.join(timeout=10)
     assert hasher.run(sum, [1, 2]) == 3
+
+
+def test_upgrading_cheap_hashes_never_makes_logins_busy(hashers: Callable[..., Hasher]) -> None:
+    """Cheap entries are rehashed at the default cost after a login, but only on a hash
+    thread nobody waits for: waves of logins (a restart's reconnects) are never refused
+    because upgrades filled the queue."""
+    from geventpop3.users import UserDirectory, hash_password
+
+    hasher = hashers(1, queue=10)
+    directory = UserDirectory(hasher=hasher)
+    cheap = (2**8, 8, 1)
+    names = [f"user{n}" for n in range(40)]
+    directory.add_configured([(name, hash_password(name + "pw", cheap)) for name in names])
+    for wave in range(4):
+        batch = names[wave * 10:(wave + 1) * 10]
+        checks = [gevent.spawn(directory.verify, name, name + "pw") for name in batch]
+        gevent.joinall(checks, timeout=60, raise_error=True)
+        assert [check.value for check in checks] == [True] * 10, f"wave {wave}"
