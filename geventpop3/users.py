@@ -328,6 +328,8 @@ class Credentials:
         cost = hash_cost(encoded)
         if cost is None or cost_work(cost) >= cost_work(DEFAULT_COST) or name in self._upgrading:
             return
+        if not self._upgradable(name):
+            return
         self._upgrading.add(name)
         gevent.spawn(self._upgrade, name, encoded, password)  # the login answers meanwhile
 
@@ -349,6 +351,13 @@ class Credentials:
             log.exception("could not upgrade the password hash of %s", name)
         finally:
             self._upgrading.discard(name)
+
+    def _upgradable(self, name: str) -> bool:
+        """Whether a stronger hash of `name` would last: only an entry this object can
+        save. A flag's or a file's entry would be upgraded again at every start (50 ms of
+        CPU and 16 MiB of scrypt memory per hash thread each time): `geventpop3 hash`
+        makes those."""
+        return False
 
     def _save_upgrade(self, name: str, digest: str) -> None:
         """Persist an upgraded entry (nothing to persist for fixed credentials)."""
@@ -440,11 +449,14 @@ class UserDirectory(Credentials):
         super().add_configured(entries)
         self._stored.difference_update(name for name, _ in entries)  # flags and files win
 
+    def _upgradable(self, name: str) -> bool:
+        """Only an entry from the store: a flag's or a file's stays theirs (saving it
+        would keep a user the operator later removes from the file)."""
+        return self._store is not None and name in self._stored
+
     def _save_upgrade(self, name: str, digest: str) -> None:
-        """Only an entry from the store is written back: a flag's or a file's stays theirs
-        (saving it would keep a user the operator later removes from the file)."""
-        if self._store is not None and name in self._stored:
-            self._store.save_user(name, digest)
+        if self._upgradable(name):
+            self._store.save_user(name, digest)  # type: ignore[union-attr]
 
     def set_password(self, name: str, password: str) -> bool:
         """Create or update a user (persisted); True when the user is new."""

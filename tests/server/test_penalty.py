@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 import gevent
 import pytest
 from gevent import monkey
+from helpers import wait_until
 
 from geventpop3.metrics import Metrics
 from geventpop3.penalty import Penalty, source_of
@@ -191,15 +192,30 @@ def test_upgrading_cheap_hashes_never_makes_logins_busy(hashers: Callable[..., H
     """Cheap entries are rehashed at the default cost after a login, but only on a hash
     thread nobody waits for: waves of logins (a restart's reconnects) are never refused
     because upgrades filled the queue."""
-    from geventpop3.users import UserDirectory, hash_password
+    from geventpop3.users import UserDirectory, hash_cost, hash_password
+
+    class Store:  # entries of the store are the ones upgraded (and saved)
+        def __init__(self, entries: dict[str, str]) -> None:
+            self.entries = entries
+
+        def load_users(self) -> dict[str, str]:
+            return dict(self.entries)
+
+        def save_user(self, name: str, password_hash: str) -> None:
+            self.entries[name] = password_hash
+
+        def delete_user(self, name: str) -> None:
+            self.entries.pop(name, None)
 
     hasher = hashers(1, queue=10)
-    directory = UserDirectory(hasher=hasher)
     cheap = (2**8, 8, 1)
     names = [f"user{n}" for n in range(40)]
-    directory.add_configured([(name, hash_password(name + "pw", cheap)) for name in names])
+    store = Store({name: hash_password(name + "pw", cheap) for name in names})
+    directory = UserDirectory(store, hasher=hasher)
     for wave in range(4):
         batch = names[wave * 10:(wave + 1) * 10]
         checks = [gevent.spawn(directory.verify, name, name + "pw") for name in batch]
         gevent.joinall(checks, timeout=60, raise_error=True)
         assert [check.value for check in checks] == [True] * 10, f"wave {wave}"
+    wait_until(lambda: not directory._upgrading)
+    assert any(hash_cost(encoded) != cheap for encoded in store.entries.values())  # upgrades did run
