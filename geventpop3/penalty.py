@@ -14,6 +14,7 @@ dict here: no I/O, so both protocol cores stay free of it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from collections import OrderedDict
@@ -31,9 +32,21 @@ _MAX_DOUBLINGS = 30  # 2**30 times any base is past any cap: keeps the float fin
 
 
 def source_of(address: str) -> str | None:
-    """The penalty source of a client address: `a.b.c.d` or `x:x:x:x::/64`; None if not an IP.
+    """The source of a client address, what per-source limits and penalties count by:
+    `a.b.c.d` or `x:x:x:x::/64`; None if not an IP.
 
-    An IPv4 client seen through a dual-stack listener (`::ffff:a.b.c.d`) is its IPv4 source."""
+    An IPv4 client seen through a dual-stack listener (`::ffff:a.b.c.d`) is its IPv4
+    source. Called for every connection and login: a dotted address is taken as it is
+    (sockets give well-formed ones; anything else is checked), the rest is cached."""
+    if ":" not in address and "[" not in address:
+        parts = address.split(".")
+        if len(parts) == 4 and all(part.isdigit() and len(part) <= 3 and int(part) < 256 for part in parts):
+            return address
+    return _parsed_source(address)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_source(address: str) -> str | None:
     host = address.strip("[]").split("%", 1)[0]
     try:
         ip = ipaddress.ip_address(host)
@@ -44,7 +57,6 @@ def source_of(address: str) -> str | None:
     if isinstance(ip, ipaddress.IPv4Address):
         return str(ipaddress.ip_network((ip, IPV4_PREFIX), strict=False).network_address)
     return str(ipaddress.ip_network((ip, IPV6_PREFIX), strict=False))
-
 
 @dataclass
 class _Source:

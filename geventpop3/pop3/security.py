@@ -9,14 +9,17 @@ Settings are read at each question, so an MSMP `SET` applies to open sessions to
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Any
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> Address | None:
-    """An IP address (IPv4-mapped IPv6 as IPv4, zone dropped), None for what is not one."""
+    """An IP address (IPv4-mapped IPv6 as IPv4, zone dropped), None for what is not one.
+    Cached: asked per connection, about the same few addresses most of the time."""
     try:
         address = ipaddress.ip_address(text.partition("%")[0])
     except ValueError:
@@ -34,19 +37,18 @@ class ConnectionSecurity:
     def __init__(self, settings: Any, client: str = "", server: str = "", tls: bool = False,
                  tls_available: bool = False) -> None:
         self.settings = settings  # reads plaintext_auth and trusted_networks; None: plaintext always allowed
-        self.client = parse_address(client)
-        server_address = parse_address(server)
-        self.local = self.client is not None and self.client == server_address
+        self.client = client  # parsed only if trusted_networks must be asked
+        self.local = _same_host(client, server)
         self.tls = tls  # the connection is TLS now
         self.tls_available = tls_available  # a certificate is configured: STLS can be offered
 
     def secure(self) -> bool:
         if self.tls or self.local:
             return True
-        client = self.client
-        if client is None or self.settings is None:
+        if self.settings is None or not self.settings.trusted_networks:
             return False
-        return any(client in network for network in self.settings.trusted_networks)
+        client = parse_address(self.client)
+        return client is not None and any(client in network for network in self.settings.trusted_networks)
 
     def plaintext_allowed(self) -> bool:
         """USER/PASS and AUTH PLAIN/LOGIN may be used on this connection now."""
@@ -56,3 +58,16 @@ class ConnectionSecurity:
     @property
     def offer_stls(self) -> bool:
         return self.tls_available and not self.tls
+
+
+def _same_host(client: str, server: str) -> bool:
+    """The client is on the server's own address: the same text, or the same IP once
+    parsed (an IPv4-mapped form, a zone); only the rare unequal texts are parsed."""
+    if not client or not server:
+        return False
+    if client == server:
+        return True
+    if ":" not in client and ":" not in server:  # two different dotted IPv4 addresses
+        return False
+    parsed = parse_address(client)
+    return parsed is not None and parsed == parse_address(server)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import ipaddress
 import logging
 import re
 import socket
@@ -41,6 +40,7 @@ from geventpop3.context import ServerContext
 from geventpop3.filters import ClientGone
 from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
+from geventpop3.penalty import source_of
 from geventpop3.pop3.protocol import (
     DELAYED_FAILURES,
     STLS_OK,
@@ -81,13 +81,9 @@ def client_host(address: tuple[Any, ...]) -> str:
 
 def source_key(host: str) -> str:
     """What the per-source limits count by: an IPv4 address, or the /64 of an IPv6 one
-    (one site gets a whole /64, so counting single IPv6 addresses would be no limit)."""
-    if ":" not in host:
-        return host
-    try:
-        return str(ipaddress.IPv6Network((host, 64), strict=False))
-    except ValueError:  # not a plain IPv6 address (a scope id, say): count it on its own
-        return host
+    (one site gets a whole /64, so counting single IPv6 addresses would be no limit);
+    the same sources as the auth penalty's."""
+    return source_of(host) or host
 
 
 def _server_address(sock: socket.socket) -> str:
