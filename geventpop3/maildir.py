@@ -40,9 +40,15 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
 import gevent
+from gevent import monkey
 
 from geventpop3.message import Message
 from geventpop3.users import valid_username
+
+# The descriptors here are files and directories, never sockets: close them at once with
+# the real close(2), not gevent's patched one (an fcntl check, then a close deferred to the
+# event loop for the sake of I/O watchers these descriptors never have).
+_close_fd = monkey.get_original("os", "close")
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +261,7 @@ def _lock_fd(root: str) -> int:
         path = os.path.join(root, LOCK_FILE)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
+            _close_fd(fd)
             raise NotMail(errno.EINVAL, "lock file is not a regular file", path)
         _LOCK_FDS[root] = fd
     return fd
@@ -303,7 +309,7 @@ class _Subdirs:
 
     def __exit__(self, *exc: object) -> None:
         for fd in self.fds.values():
-            os.close(fd)
+            _close_fd(fd)
         self.fds.clear()
 
     def names(self) -> list[tuple[str, tuple[str, str]]]:
@@ -434,7 +440,7 @@ def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     except OSError:
         data = None
     finally:
-        os.close(fd)
+        _close_fd(fd)
     if not data or not data.endswith(b"\n"):
         return {}
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
@@ -474,7 +480,7 @@ def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
             _write_all(fd, data)
             os.fsync(fd)
         finally:
-            os.close(fd)
+            _close_fd(fd)
         os.replace(temp, final)
     except OSError:
         with contextlib.suppress(OSError):
@@ -502,7 +508,7 @@ class _FileReader:
 
     def close(self) -> None:
         if self.fd >= 0:
-            os.close(self.fd)
+            _close_fd(self.fd)
             self.fd = -1
 
     def __enter__(self) -> _FileReader:
@@ -523,7 +529,7 @@ def open_regular(path: str, file_id: int = 0) -> _FileReader:
         if file_id and _file_id(info) != file_id:
             raise NotMail(errno.ESTALE, "replaced since the snapshot", path)
     except BaseException:
-        os.close(fd)
+        _close_fd(fd)
         raise
     return _FileReader(fd)
 
@@ -690,7 +696,7 @@ def deliver(maildir: str, content: bytes) -> str:
         _write_all(fd, content)
         os.fsync(fd)
     finally:
-        os.close(fd)
+        _close_fd(fd)
     final = os.path.join(maildir, "new", name)
     os.rename(temp, final)
     return final

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from geventpop3.metrics import Metrics
     from geventpop3.settings import Settings
 
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_QUAD = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}\Z")
 IPV4_PREFIX = 32
 IPV6_PREFIX = 64
 _MAX_DOUBLINGS = 30  # 2**30 times any base is past any cap: keeps the float finite
@@ -38,10 +41,8 @@ def source_of(address: str) -> str | None:
     An IPv4 client seen through a dual-stack listener (`::ffff:a.b.c.d`) is its IPv4
     source. Called for every connection and login: a dotted address is taken as it is
     (sockets give well-formed ones; anything else is checked), the rest is cached."""
-    if ":" not in address and "[" not in address:
-        parts = address.split(".")
-        if len(parts) == 4 and all(part.isdigit() and len(part) <= 3 and int(part) < 256 for part in parts):
-            return address
+    if _DOTTED_QUAD.match(address):
+        return address
     return _parsed_source(address)
 
 
