@@ -94,8 +94,9 @@ class Tls:
         return wait_until(lambda: (found := pattern.search(self.server.log())) and found.group(0))
 
     def never_tried(self, user: str) -> None:
-        """The client never sent `user`'s name: no login, no failed login, nothing in the log."""
+        """The client never sent `user`'s name (no login, no failed login in the log); its mail is all there."""
         assert f"user={user} " not in self.server.log()
+        assert len(self.server.message_files(user)) == len(MESSAGES)
 
 
 def certificate_files(directory: Path) -> TlsFiles:
