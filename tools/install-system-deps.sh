@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives as real clients and filters:
-# curl and fetchmail (POP3 clients), openssl (s_client for STLS), spamassassin/spamc and renattach (filters).
+# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
 command -v curl >/dev/null || need+=(curl)
 command -v fetchmail >/dev/null || need+=(fetchmail)
+command -v mpop >/dev/null || need+=(mpop)
 command -v openssl >/dev/null || need+=(openssl)
 command -v spamassassin >/dev/null || need+=(spamassassin)
 command -v spamc >/dev/null || need+=(spamc)
