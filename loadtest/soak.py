@@ -45,6 +45,7 @@ class Sample:
     seconds: float
     rss_kib: int
     fds: int
+    threads: int  # the server's threads: each new one brings its own malloc arena (RSS steps)
     label: str = ""
 
 
@@ -63,12 +64,15 @@ class Soak:
         return self.done < self.target and time.monotonic() < self.deadline
 
 
-def rss_kib(pid: int) -> int:
+def rss_and_threads(pid: int) -> tuple[int, int]:
+    """VmRSS (KiB) and Threads of /proc/<pid>/status."""
+    fields: dict[str, int] = {}
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "Threads"):
+                fields[name] = int(value.split()[0])
+    return fields["VmRSS"], fields["Threads"]
 
 
 def open_fds(pid: int) -> int:
@@ -127,10 +131,11 @@ def client_loop(soak: Soak, port: int, user: str, messages: list[bytes], seed: i
 
 
 def sample(soak: Soak, pid: int, started: float, label: str = "") -> Sample:
-    taken = Sample(soak.done, time.monotonic() - started, rss_kib(pid), open_fds(pid), label)
+    rss, threads = rss_and_threads(pid)
+    taken = Sample(soak.done, time.monotonic() - started, rss, open_fds(pid), threads, label)
     soak.samples.append(taken)
-    print(f"{taken.sessions:>10,} {taken.seconds:>8.0f} {taken.rss_kib / 1024:>9.1f} {taken.fds:>5}  {label}",
-          flush=True)
+    print(f"{taken.sessions:>10,} {taken.seconds:>8.0f} {taken.rss_kib / 1024:>9.1f} {taken.fds:>5} {threads:>7}  "
+          f"{label}", flush=True)
     return taken
 
 
@@ -162,7 +167,7 @@ def run(opts: argparse.Namespace, root: str) -> int:
     pid = server.process.pid
     started = time.monotonic()
     soak = Soak(opts.sessions, started + opts.duration)
-    print(f"{'sessions':>10} {'seconds':>8} {'RSS MiB':>9} {'fds':>5}", flush=True)
+    print(f"{'sessions':>10} {'seconds':>8} {'RSS MiB':>9} {'fds':>5} {'threads':>7}", flush=True)
     try:
         sample(soak, pid, started, "start")
         users = sorted(expected)[:opts.clients]
