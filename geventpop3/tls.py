@@ -50,14 +50,25 @@ def build_context(cert: str, key: str, min_version: str = "TLSv1.2") -> ssl.SSLC
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
-        raise TlsError(f"cannot read {exc.filename or cert}: no such file") from None
+        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: no such file") from None
     except PermissionError as exc:
-        raise TlsError(f"cannot read {exc.filename or cert}: permission denied") from None
+        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: permission denied") from None
     except ssl.SSLError as exc:
         raise TlsError(f"certificate {cert} and key {key} do not load as a pair: {_ssl_reason(exc)}") from None
     except OSError as exc:
         raise TlsError(f"cannot read certificate {cert} or key {key}: {exc.strerror or exc}") from None
     return context
+
+
+def _unreadable(cert: str, key: str) -> str:
+    """Which of the two files cannot be opened (ssl's errors do not say)."""
+    for path in (cert, key):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError:
+            return path
+    return cert
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
