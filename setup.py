@@ -15,6 +15,8 @@ setup(
     install_requires=[
         "gevent>=24.2,<26",
         "prometheus-client>=0.19,<1",
+        # The TLS certificate's notAfter (expiry in STAT and metrics); not_valid_after_utc is 42+.
+        "cryptography>=42,<50",
     ],
     extras_require={
         "test": [

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
@@ -120,13 +121,17 @@ class MsmpClient:
     (e.g. by Ctrl-C) leaves the stream out of step, so the client then refuses to go on.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float | None = 10.0) -> None:
+    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float | None = 10.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context`: speak implicit TLS (a server started with --admin-tls), verifying
+        the server as the context says (see `tls_context`); the host name checked is `host`."""
         # Accept "[::1]" as people write IPv6 addresses in URLs.
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
         self.host = host
         self.port = port
         self.timeout = timeout
+        self.ssl_context = ssl_context
         self.greeting = ""
         self._sock: socket.socket | None = None
         self._buffer = b""
@@ -145,6 +150,8 @@ class MsmpClient:
             raise MsmpTimeout(f"timed out connecting to {self.where}") from exc
         except OSError as exc:
             raise MsmpConnectionError(f"cannot connect to {self.where}: {_reason(exc)}") from exc
+        if self.ssl_context is not None:
+            self._sock = self._start_tls(self._sock, self.ssl_context)
         self._buffer = b""
         self._pos = 0  # start of the unread part of _buffer
         self._in_step = True
@@ -156,6 +163,24 @@ class MsmpClient:
             raise MsmpProtocolError(f"not an MSMP server at {self.where}: {line[:80]!r}")
         self.greeting = line[3:].strip()
         return self.greeting
+
+    def _start_tls(self, sock: socket.socket, context: ssl.SSLContext) -> socket.socket:
+        """The TLS side of `sock`, the server verified; MsmpConnectionError (one line) if not."""
+        try:
+            return context.wrap_socket(sock, server_hostname=self.host)
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise MsmpConnectionError(f"TLS certificate of {self.where} not trusted: "
+                                      f"{exc.verify_message or _reason(exc)}") from exc
+        except TimeoutError as exc:
+            sock.close()
+            raise MsmpTimeout(f"timed out in the TLS handshake with {self.where} "
+                              "(is the server started with --admin-tls?)") from exc
+        except (ssl.SSLError, OSError) as exc:
+            sock.close()
+            reason = getattr(exc, "reason", None) or _reason(exc)
+            raise MsmpConnectionError(f"TLS handshake with {self.where} failed: {str(reason).replace('_', ' ').lower()}"
+                                      " (is the server started with --admin-tls?)") from exc
 
     @property
     def connected(self) -> bool:
@@ -298,6 +323,10 @@ class MsmpClient:
         """`PENALTY CLEAR <address>|ALL`: forget one source's penalty, or all."""
         return self._checked(f"PENALTY CLEAR {address}").text
 
+    def reload(self) -> str:
+        """`RELOAD`: the server re-reads its certificate; MsmpError with the reason if it kept the old one."""
+        return self._checked("RELOAD").text
+
     def help(self) -> list[str]:
         return self._checked("HELP").lines
 
@@ -351,6 +380,12 @@ class MsmpClient:
     def where(self) -> str:
         """host:port as people write it ([::1]:4321 for IPv6), for messages."""
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A client context that verifies the server's certificate and host name against the
+    system's CAs, or only those in `cafile` (PEM). OSError/ssl.SSLError if it cannot be read."""
+    return ssl.create_default_context(cafile=cafile)
 
 
 def _reason(exc: OSError) -> str:

@@ -14,6 +14,7 @@ import contextlib
 import getpass
 import json
 import os
+import ssl
 import sys
 import time
 import warnings
@@ -30,6 +31,7 @@ from admin.client import (
     Response,
     parse_stat,
     parse_user_line,
+    tls_context,
 )
 
 PROG = "geventpop3-admin"
@@ -38,7 +40,8 @@ ENV_HISTORY = "GEVENTPOP3_ADMIN_HISTORY"
 DEFAULT_HISTORY = "~/.geventpop3_admin_history"
 PROMPT = "msmp> "
 
-COMMANDS = ("ADD", "CAPA", "DELE", "GET", "HELP", "LIST", "LOGS", "PENALTY", "QUIT", "SET", "STAT", "WATCH")
+COMMANDS = ("ADD", "CAPA", "DELE", "GET", "HELP", "LIST", "LOGS", "PENALTY", "QUIT", "RELOAD", "SET", "STAT",
+            "WATCH")
 USER_COMMANDS = frozenset({"ADD", "DELE", "LIST", "LOGS"})
 KEY_COMMANDS = frozenset({"GET", "SET"})
 LOCAL_HELP = ("WATCH  live view of STAT, refreshed every second (Ctrl-C returns to the prompt)",)
@@ -98,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the MSMP server's address (default %(default)s; IPv6 works, e.g. ::1)")
     parser.add_argument("-P", "--port", type=_port, default=DEFAULT_PORT, metavar="PORT",
                         help="the MSMP server's port (default %(default)s)")
+    parser.add_argument("--tls", action="store_true",
+                        help="implicit TLS (a server started with --admin-tls), verifying its certificate "
+                        "and that it is for the address given")
+    parser.add_argument("--cacert", metavar="FILE",
+                        help="with --tls: trust only the CA certificates in FILE (PEM), not the system's")
     parser.add_argument("-u", "--user", default="admin", metavar="NAME", help="admin name (default %(default)s)")
     parser.add_argument("--password-file", metavar="FILE", help="read the password from the first line of FILE")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
@@ -111,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("command", nargs="*", metavar="COMMAND",
                         help="one MSMP command to send (one-shot mode); none starts the shell")
     return parser
+
+
+def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS context --tls and --cacert ask for; UsageError for a CA file that cannot be used."""
+    if args.cacert and not args.tls:
+        raise UsageError("--cacert needs --tls")
+    if not args.tls:
+        return None
+    try:
+        return tls_context(args.cacert)
+    except (OSError, ssl.SSLError) as exc:
+        why = getattr(exc, "strerror", None) or getattr(exc, "reason", None) or exc
+        raise UsageError(f"cannot use CA file {args.cacert}: {why}") from None
 
 
 def read_password(args: argparse.Namespace, where: str) -> str:
@@ -186,7 +207,7 @@ def render(command_line: str, response: Response, as_json: bool, interactive: bo
 
 
 # STAT lines that are not counters (gauges, clocks): a rate of change means nothing for them.
-_NO_RATE = ("current", "maximum", "uptime", "seconds")
+_NO_RATE = ("current", "maximum", "uptime", "seconds", "days")
 
 
 def _rate(name: str, old: str | None, new: str, elapsed: float) -> str:
@@ -197,6 +218,17 @@ def _rate(name: str, old: str | None, new: str, elapsed: float) -> str:
     except ValueError:
         return ""
     return f"{delta / elapsed:+.1f}/s" if delta and elapsed > 0 else ""
+
+
+CERTIFICATE_DAYS = "Certificate expires in days"
+RENEW_DAYS = 14  # the live view flags a certificate this close to its end
+
+
+def _note(name: str, old: str | None, new: str, elapsed: float) -> str:
+    """What the live view shows beside a value: its rate, or a word on a certificate near its end."""
+    if name == CERTIFICATE_DAYS and new.lstrip("-").isdigit() and int(new) < RENEW_DAYS:
+        return "EXPIRED" if int(new) < 0 else "renew soon"
+    return _rate(name, old, new, elapsed)
 
 
 def live_view(client: MsmpClient, out: TextIO, interval: float = 1.0, as_json: bool = False,
@@ -222,7 +254,7 @@ def live_view(client: MsmpClient, out: TextIO, interval: float = 1.0, as_json: b
                 out.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "stat": stats}) + "\n")
             else:
                 elapsed = now - previous_time
-                rows = [(f"{name}:", f"{value:<12} {_rate(name, previous.get(name), value, elapsed)}")
+                rows = [(f"{name}:", f"{value:<12} {_note(name, previous.get(name), value, elapsed)}")
                         for name, value in stats.items()]
                 header = f"geventpop3 {where}  {time.strftime('%H:%M:%S')}  refresh {frame}  (Ctrl-C to stop)"
                 out.write((CLEAR if redraw else "") + header + "\n\n" + table(rows) + "\n" + ("" if redraw else "\n"))
@@ -246,10 +278,11 @@ def live_view(client: MsmpClient, out: TextIO, interval: float = 1.0, as_json: b
 class Connection:
     """A logged-in client plus what it takes to log in again after the server dropped us."""
 
-    def __init__(self, host: str, port: int, timeout: float, user: str) -> None:
+    def __init__(self, host: str, port: int, timeout: float, user: str,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.user = user
         self.password = ""
-        self.client = MsmpClient(host, port, timeout)
+        self.client = MsmpClient(host, port, timeout, ssl_context)
 
     @property
     def where(self) -> str:
@@ -508,7 +541,12 @@ def _err(text: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    conn = Connection(args.host, args.port, args.timeout, args.user)
+    try:
+        context = client_tls(args)
+    except UsageError as exc:
+        _err(f"{PROG}: {exc}")
+        return EXIT_FAIL
+    conn = Connection(args.host, args.port, args.timeout, args.user, context)
     try:
         for word in args.command:
             if any(c in word for c in "\r\n\0"):

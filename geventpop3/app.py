@@ -1,14 +1,19 @@
-"""Wires the server together: listeners, privileges, state, users, signals and shutdown.
+"""Wires the server together: listeners, privileges, state, users, signals, reload and shutdown.
 
 Start-up order: bind every listener (POP3, MSMP, metrics) as whoever started us, so
 port 110 can be bound as root; then drop to `--run-as` for good (a warning if we stay
 root); only then touch the Maildir root, the state store and the users file, as the
 user that will serve; last, start accepting on the sockets bound first.
+
+SIGHUP and MSMP `RELOAD` run `App.reload()`: everything that can be re-read while
+running is re-read there (today the TLS certificate and key), each part keeping its
+old state when its new one fails, and the problems come back as one line each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import resource
@@ -22,7 +27,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from gevent.socket import socket
 
-from geventpop3 import listen, maildir, privileges
+from geventpop3 import listen, maildir, privileges, tls
 from geventpop3.config import Config, UsageError, read_users_file
 from geventpop3.context import ServerContext
 from geventpop3.filters import FilterRunner
@@ -118,6 +123,7 @@ class App:
             self._close_state()
             return 2
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+        handlers.append(gevent.signal_handler(signal.SIGHUP, self.reload))
         self._log_identity()
         for warning in self.config.warnings:  # only now: a start-up error stays one line
             log.warning("%s", warning)
@@ -155,7 +161,11 @@ class App:
             raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
         if config.tls is not None:
-            config.tls.follow(settings)  # tls_min_version: now, after a restored SET, and live
+            try:
+                config.tls.follow(settings)  # tls_min_version: now, after a restored SET, and live
+            except tls.TlsError as exc:
+                raise StartupError(str(exc)) from None
+            ctx.metrics.tls_seconds_left = config.tls.seconds_left
         ctx.admins.add_configured(config.admins)
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
@@ -177,6 +187,8 @@ class App:
                 self.bound["pop3s"] = listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S")
             self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
                                                        defaults=listen.LOOPBACK)
+            if not config.admin_tls:
+                config.warnings.extend(_plaintext_admin_warnings(self.bound["msmp"]))
             if config.metrics_port is not None:
                 self.bound["metrics"] = listen.open_listeners([config.metrics_address], config.metrics_port,
                                                               "metrics")
@@ -217,10 +229,33 @@ class App:
             self.pop3_servers.append(server)
             log.info("pop3s listening on %s", listen.describe(listener))
         self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
-                                                 listeners=self.bound.pop("msmp", []))
+                                                 listeners=self.bound.pop("msmp", []), reload=self.reload,
+                                                 server_tls=ctx.tls if self.config.admin_tls else None)
         for listener in self.bound.pop("metrics", []):
             self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
             log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
+
+    def reload(self) -> list[str]:
+        """Re-read what can be re-read while running (SIGHUP, MSMP `RELOAD`); the problems, one line each.
+
+        The certificate and key: a new context from the same paths, swapped in for new
+        connections (POP3S, STLS, MSMP with --admin-tls) only if it loads; open sessions
+        keep theirs. A part that fails keeps its current state and is logged, one line.
+        """
+        problems: list[str] = []
+        server_tls = self.config.tls
+        if server_tls is not None:
+            try:
+                server_tls.reload()
+            except tls.TlsError as exc:
+                problems.append(f"certificate not reloaded, the current one stays: {exc}")
+            else:
+                log.info("certificate reloaded: %s, expires in %d days", server_tls.cert, server_tls.days_left())
+        for problem in problems:
+            log.error("reload: %s", problem)
+        if not problems:
+            log.info("reload done")
+        return problems
 
     def _restore_state(self, ctx: ServerContext, store: Store) -> None:
         """Counters and SET values of earlier runs; flags given now still win. A database
@@ -269,3 +304,17 @@ class App:
         elif key in ("auth_hash_threads", "auth_hash_queue"):
             settings = self.config.settings
             HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
+
+
+def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:
+    """A warning per MSMP listener beyond loopback (127.0.0.0/8, ::1) when it speaks plaintext."""
+    warnings = []
+    for listener in listeners:
+        host = str(listener.getsockname()[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_loopback:
+            warnings.append(f"MSMP listens on {listen.describe(listener)}, beyond loopback, without --admin-tls: "
+                            "admin passwords and commands cross the network in plaintext")
+    return warnings

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", metavar="FILE", help="PEM private key (default: the certificate file)")
     add("--pop3s-port", type=_port, metavar="PORT",
         help=f"implicit-TLS POP3 port on the POP3 addresses; 0: none (default {DEFAULT_POP3S_PORT} with a certificate)")
+    add("--admin-tls", action="store_true",
+        help="MSMP listeners speak implicit TLS with the --tls-cert certificate (geventpop3-admin --tls)")
     add("--run-as", metavar="USER",
         help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
     add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")

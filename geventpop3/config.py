@@ -25,7 +25,7 @@ from typing import Any
 
 from geventpop3.privileges import Identity, PrivilegeError, resolve
 from geventpop3.settings import KEYS, SettingError, Settings
-from geventpop3.tls import ServerTls, TlsError, key_permission_warning
+from geventpop3.tls import ServerTls, TlsError, key_permission_warning, reload_warning
 from geventpop3.users import UserError, is_password_hash, parse_user_flag, parse_users_file
 
 DEFAULT_POP3_PORT = 110
@@ -42,7 +42,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
-    "run_as": str, "run_as_group": str,
+    "run_as": str, "run_as_group": str, "admin_tls": bool,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -77,6 +77,7 @@ class Config:
     warnings: list[str] = field(default_factory=list)  # logged once logging is set up
     users_file: str | None = None
     run_as: Identity | None = None  # drop to this user once every listener is bound
+    admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
 
 
 def parse_port(value: object) -> int:
@@ -97,6 +98,13 @@ def load_config(args: argparse.Namespace) -> Config:
     explicit = explicit_settings(args)
     apply_settings(settings, file_values, explicit)
     server_tls, pop3s_port, warnings = tls_config(args, file_values, settings)
+    admin_tls = bool(args.admin_tls or file_values.get("admin_tls", False))
+    if admin_tls and server_tls is None:
+        raise UsageError("--admin-tls needs a certificate (--tls-cert)")
+    run_as = run_as_for(args, file_values)
+    if server_tls is not None and run_as is not None:
+        unreadable = reload_warning((server_tls.cert, server_tls.key), run_as.uid, run_as.gid, run_as.user)
+        warnings += [unreadable] if unreadable else []
     return Config(
         pop3_addresses=args.pop3_address or _as_list(file_values.get("pop3_address")),
         pop3_port=_first_port(args.pop3_port, file_values.get("pop3_port"), DEFAULT_POP3_PORT),
@@ -115,7 +123,8 @@ def load_config(args: argparse.Namespace) -> Config:
         pop3s_port=pop3s_port,
         warnings=warnings + plain_password_warnings(args),
         users_file=args.users_file or file_values.get("users_file"),
-        run_as=run_as_for(args, file_values),
+        run_as=run_as,
+        admin_tls=admin_tls,
     )
 
 
@@ -164,7 +173,7 @@ def read_config_file(path: str) -> dict[str, Any]:
         value = values.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, kinds) or (
+        if (isinstance(value, bool) and kinds is not bool) or not isinstance(value, kinds) or (
                 isinstance(value, list) and not all(isinstance(item, str) for item in value)):
             raise UsageError(f"config file: {key} has the wrong type")
         if key.endswith("_address") and not value:

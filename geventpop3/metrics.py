@@ -69,6 +69,10 @@ class Metrics:
         # longer than login_failure_delay, and the sources it tracks now (it installs the reader).
         self.auth_penalty_delays = 0
         self.penalised_sources: Callable[[], int] = lambda: 0
+        # Seconds until the TLS certificate new connections get expires (the app installs
+        # the reader when a certificate is configured); read at each STAT and scrape, so
+        # it follows reloads.
+        self.tls_seconds_left: Callable[[], float] | None = None
 
     def connection_opened(self) -> None:
         self.total_connections += 1
@@ -117,7 +121,14 @@ class Metrics:
             f"Penalised sources: {self.penalised_sources()}",
             f"Penalty delays: {self.auth_penalty_delays}",
             f"Uptime seconds: {int(self.uptime())}",
+            *self._certificate_lines(),
         ]
+
+    def _certificate_lines(self) -> list[str]:
+        """`Certificate expires in days: N` (whole days, negative once expired), with TLS only."""
+        if self.tls_seconds_left is None:
+            return []
+        return [f"Certificate expires in days: {int(self.tls_seconds_left() // 86400)}"]
 
 
 @dataclass
@@ -231,6 +242,10 @@ class PrometheusCollector:
         yield GaugeMetricFamily("geventpop3_penalised_sources", "client sources with recent failed logins",
                                 value=m.penalised_sources())
         yield GaugeMetricFamily("geventpop3_uptime_seconds", "seconds since the server started", value=m.uptime())
+        if m.tls_seconds_left is not None:
+            yield GaugeMetricFamily("geventpop3_tls_certificate_expiry_seconds",
+                                    "seconds until the TLS certificate new connections get expires (negative: expired)",
+                                    value=m.tls_seconds_left())
 
 
 def start_prometheus_server(metrics: Metrics, listener: socket.socket) -> WSGIServer:

@@ -4,19 +4,29 @@ The context is built here, in our own code, not by StreamServer's ssl arguments:
 handshake then runs under our deadline (a client that sends garbage or nothing is
 closed), a PROXY header can later be read before it, and `ServerTls.context` is the
 one place a reload swaps the certificate (a connection keeps the context it was
-wrapped with). Start-up checks go through `ServerTls.load` too, so a bad certificate
+wrapped with). Start-up checks go through `load()` too, so a bad certificate
 or key is reported in the words used for a reload.
+
+A reload (SIGHUP, MSMP `RELOAD`) builds a complete new context from the same paths
+and swaps it in only if it loads; the certificate's notAfter comes with it (read with
+`cryptography`, which parses the PEM the same way everywhere), so the expiry the
+server reports is always that of the certificate new connections get.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import stat
+import time
 import typing
 
 import gevent
 import gevent.ssl
+from cryptography import x509
+
+log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0  # seconds a client has for its whole TLS handshake
 
@@ -40,14 +50,25 @@ def build_context(cert: str, key: str, min_version: str = "TLSv1.2") -> ssl.SSLC
     try:
         context.load_cert_chain(cert, key)
     except FileNotFoundError as exc:
-        raise TlsError(f"cannot read {exc.filename or cert}: no such file") from None
+        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: no such file") from None
     except PermissionError as exc:
-        raise TlsError(f"cannot read {exc.filename or cert}: permission denied") from None
+        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: permission denied") from None
     except ssl.SSLError as exc:
         raise TlsError(f"certificate {cert} and key {key} do not load as a pair: {_ssl_reason(exc)}") from None
     except OSError as exc:
         raise TlsError(f"cannot read certificate {cert} or key {key}: {exc.strerror or exc}") from None
     return context
+
+
+def _unreadable(cert: str, key: str) -> str:
+    """Which of the two files cannot be opened (ssl's errors do not say)."""
+    for path in (cert, key):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError:
+            return path
+    return cert
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
@@ -66,31 +87,98 @@ def key_permission_warning(key: str) -> str | None:
     return None
 
 
-class ServerTls:
-    """The certificate and key paths and the context new connections get.
+def reload_warning(paths: typing.Iterable[str], uid: int, gid: int, user: str) -> str | None:
+    """A warning when `user` (whom --run-as drops to) cannot read a certificate or key
+    file: the start reads them as root, but a later reload would fail and keep the old one."""
+    groups = set(os.getgrouplist(user, gid))
+    for path in dict.fromkeys(paths):
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue
+        mode = info.st_mode
+        readable = (info.st_uid == uid and mode & stat.S_IRUSR) or (
+            info.st_uid != uid and info.st_gid in groups and mode & stat.S_IRGRP) or (
+            info.st_uid != uid and info.st_gid not in groups and mode & stat.S_IROTH)
+        if not readable:
+            return (f"TLS file {path} is not readable by {user} (--run-as): the server starts, "
+                    "but a certificate reload will fail (see docs/deploy.md)")
+    return None
 
-    Follows `tls_min_version`: a change builds a new context (open connections keep
-    theirs), so a later certificate reload is the same swap.
+
+class ServerTls:
+    """The certificate and key paths, the context new connections get, and its expiry.
+
+    `reload()` is the one way the context changes: at a certificate reload and at every
+    change of `tls_min_version`. Open connections keep the context they were wrapped with.
     """
 
     def __init__(self, cert: str, key: str, min_version: str = "TLSv1.2") -> None:
         self.cert = cert
         self.key = key
-        self.context = build_context(cert, key, min_version)
+        self.min_version = min_version
+        self.context, self.not_after = load(cert, key, min_version)
 
     def follow(self, settings: typing.Any) -> None:
-        """Rebuild on every change of `tls_min_version` in `settings`."""
-        self.reload(settings.tls_min_version)
+        """Rebuild on every change of `tls_min_version` in `settings` (now, if a restored
+        SET differs: TlsError then). A live change whose rebuild fails is logged and the
+        current context stays."""
+        if settings.tls_min_version != self.min_version:
+            self.reload(settings.tls_min_version)
 
         def on_change(key: str, old: object, new: object) -> None:
             if key == "tls_min_version" and old != new:
-                self.reload(str(new))
+                try:
+                    self.reload(str(new))
+                except TlsError as exc:
+                    log.error("tls_min_version %s not applied, the current context stays: %s", new, exc)
 
         settings.subscribe(on_change)
 
-    def reload(self, min_version: str) -> None:
-        """A new context from the files; on TlsError the current one stays."""
-        self.context = build_context(self.cert, self.key, min_version)
+    def reload(self, min_version: str | None = None) -> None:
+        """A new context from the files (and `min_version`, default the current one),
+        swapped in only once it loaded; on TlsError everything stays as it was."""
+        version = self.min_version if min_version is None else min_version
+        context, not_after = load(self.cert, self.key, version)
+        self.context, self.not_after, self.min_version = context, not_after, version
+
+    def days_left(self, now: float | None = None) -> int:
+        """Whole days until the certificate expires (negative once it has)."""
+        return int((self.not_after - (time.time() if now is None else now)) // 86400)
+
+    def seconds_left(self, now: float | None = None) -> float:
+        return self.not_after - (time.time() if now is None else now)
+
+
+def load(cert: str, key: str, min_version: str) -> tuple[ssl.SSLContext, float]:
+    """The context for `cert` and `key` and the leaf's notAfter (Unix time); TlsError if unusable.
+
+    The certificate file is read before and after the context loads it: should a renewal
+    replace it in between, the load is repeated, so the expiry is the loaded certificate's.
+    """
+    for _ in range(3):
+        before = _read(cert)
+        context = build_context(cert, key, min_version)
+        if _read(cert) == before:
+            return context, not_after(before, cert)
+    raise TlsError(f"certificate {cert} keeps changing while it is loaded")
+
+
+def _read(path: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as exc:
+        raise TlsError(f"cannot read {path}: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def not_after(pem: bytes, cert: str = "certificate") -> float:
+    """The notAfter of the first (leaf) certificate in `pem`, as Unix time."""
+    try:
+        leaf = x509.load_pem_x509_certificates(pem)[0]
+    except (ValueError, IndexError):
+        raise TlsError(f"no PEM certificate in {cert}") from None
+    return leaf.not_valid_after_utc.timestamp()
 
 
 def handshake(sock: typing.Any, context: ssl.SSLContext, timeout: float = HANDSHAKE_TIMEOUT) -> ssl.SSLSocket:

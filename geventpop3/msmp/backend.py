@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 from gevent.lock import Semaphore
 
@@ -26,8 +27,9 @@ log = logging.getLogger(__name__)
 class ManagementBackend:
     """Implements geventpop3.msmp.protocol.Backend over a ServerContext."""
 
-    def __init__(self, ctx: ServerContext) -> None:
+    def __init__(self, ctx: ServerContext, reload: Callable[[], list[str]] | None = None) -> None:
         self.ctx = ctx
+        self._reload = reload  # App.reload: what SIGHUP does
         # One SET at a time: its store write yields, and two SETs of one key must not
         # leave the store and the live value disagreeing.
         self._setting = Semaphore()
@@ -192,4 +194,8 @@ class ManagementBackend:
 
     def stat_lines(self) -> list[str]:
         return self.ctx.metrics.stat_lines()
+
+    def reload(self) -> list[str]:
+        log.info("MSMP: reload")
+        return self._reload() if self._reload is not None else []
 

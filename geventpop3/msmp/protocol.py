@@ -68,6 +68,9 @@ class Backend(Protocol):
     def logs(self, user: str, n: int) -> list[str]:
         """The user's last n access-log lines, oldest first; UserError('Invalid user')."""
 
+    def reload(self) -> list[str]:
+        """Re-read what the server can re-read while running (the certificate); the problems."""
+
 
 HELP_LINES = (
     "USER <name>            start logging in",
@@ -82,6 +85,7 @@ HELP_LINES = (
     "LOGS <user> [<n>]      a user's last n access-log entries (default 100)",
     "PENALTY                sources with recent failed logins, their delay",
     "PENALTY CLEAR <ip>|ALL forget the penalty of one source, or of all",
+    "RELOAD                 re-read the TLS certificate and key (as SIGHUP)",
     "HELP                   this list",
     "CAPA                   capabilities",
     "QUIT                   end the session",
@@ -327,6 +331,12 @@ class MsmpProtocol:
             return _err(str(exc))
         return _ok(f"Cleared {cleared} source" + ("" if cleared == 1 else "s"))
 
+    def _cmd_reload(self) -> bytes:
+        problems = self.backend.reload()
+        if problems:
+            return _err(_clip("; ".join(problems)))
+        return _ok("Reloaded")
+
 
 class _Command(NamedTuple):
     """One table entry: the handler and how many arguments it takes (least, most)."""
@@ -356,6 +366,7 @@ _ADMIN_COMMANDS: dict[str, _Command] = {
     "STAT": _Command(MsmpProtocol._cmd_stat, 0, 0),
     "LOGS": _Command(MsmpProtocol._cmd_logs, 1, 2),
     "PENALTY": _Command(MsmpProtocol._cmd_penalty, 0, 2),
+    "RELOAD": _Command(MsmpProtocol._cmd_reload, 0, 0),
     "HELP": _Command(MsmpProtocol._cmd_help, 0, 0),
     "CAPA": _Command(MsmpProtocol._cmd_capa, 0, 0),
     "QUIT": _Command(MsmpProtocol._cmd_quit, 0, 0),

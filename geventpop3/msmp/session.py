@@ -6,6 +6,10 @@ core hands back as `Delayed` (a failed PASS: the core says how long), close on Q
 after the last allowed failure, or when idle. Timeouts and delays are read from
 `ctx.settings` each time, so `SET` applies to open sessions too.
 
+With `--admin-tls` every connection starts with a TLS handshake (implicit TLS, as
+POP3S) under a deadline, with the context the server holds at that moment: a reload
+reaches new admin connections too. A failed handshake is one log line and a close.
+
 Limits: at most `admin_max_connections` MSMP connections at once (logged in or not;
 one more is answered `-ERR` and closed), `admin_login_timeout` seconds from connect
 to a successful login however the client trickles, and after the last answer a
@@ -17,17 +21,21 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent import socket
 from gevent.pool import Pool
 from gevent.server import StreamServer
 
-from geventpop3 import listen
+from geventpop3 import listen, tls
 from geventpop3.context import ServerContext
 from geventpop3.lines import Delayed
 from geventpop3.msmp.backend import ManagementBackend
 from geventpop3.msmp.protocol import MsmpProtocol
+
+if TYPE_CHECKING:
+    from geventpop3.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +49,23 @@ LOGIN_TIMEOUT = b"-ERR Login timeout, closing\r\n"
 Handler = Callable[[socket.socket, object], None]  # (connection, peer address)
 
 
-def serve_admin(ctx: ServerContext) -> Handler:
-    """A StreamServer handler serving MSMP sessions against `ctx`."""
-    backend = ManagementBackend(ctx)
+def serve_admin(ctx: ServerContext, reload: Callable[[], list[str]] | None = None,
+                server_tls: ServerTls | None = None) -> Handler:
+    """A StreamServer handler serving MSMP sessions against `ctx`; implicit TLS with `server_tls`."""
+    backend = ManagementBackend(ctx, reload)
     open_connections = 0
 
-    def handle(sock: socket.socket, address: object) -> None:
+    def handle(raw: socket.socket, address: object) -> None:
         nonlocal open_connections
+        sock = raw
         peer = _peer(address)
         if open_connections >= ctx.settings.admin_max_connections:
             ctx.metrics.admin_refused += 1
             log.warning("MSMP connection from %s refused: admin_max_connections reached", peer)
             try:
-                sock.settimeout(1.0)
-                sock.sendall(TOO_MANY)
+                if server_tls is None:  # a TLS client would take plaintext for a broken handshake
+                    sock.settimeout(1.0)
+                    sock.sendall(TOO_MANY)
             except OSError:
                 pass
             finally:
@@ -63,6 +74,11 @@ def serve_admin(ctx: ServerContext) -> Handler:
         open_connections += 1
         log.debug("MSMP connection from %s", peer)
         try:
+            if server_tls is not None:
+                wrapped = _handshake(ctx, server_tls, raw, peer)
+                if wrapped is None:
+                    return
+                sock = wrapped
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # answers are batched already
             _session(ctx, MsmpProtocol(backend, peer=_host(address)), sock, peer)
             _linger(sock)
@@ -126,6 +142,17 @@ def _session(ctx: ServerContext, protocol: MsmpProtocol, sock: socket.socket, pe
         log.warning("MSMP %s: closed after %d failed logins", peer, protocol.login_failures)
 
 
+def _handshake(ctx: ServerContext, server_tls: ServerTls, sock: socket.socket, peer: str) -> socket.socket | None:
+    """The TLS side of `sock`, handshake done within the login timeout (30 s at most);
+    None once it failed (logged, the socket closed)."""
+    deadline = min(tls.HANDSHAKE_TIMEOUT, ctx.settings.admin_login_timeout)
+    try:
+        return tls.handshake(sock, server_tls.context, deadline)
+    except tls.HandshakeFailed as exc:
+        log.info("MSMP %s: tls handshake failed: %s", peer, exc)
+        return None
+
+
 def _login_timeout(ctx: ServerContext, sock: socket.socket, peer: str) -> None:
     ctx.metrics.admin_login_timeouts += 1
     log.info("MSMP %s: login timeout", peer)
@@ -167,15 +194,19 @@ def _peer(address: object) -> str:
 
 
 def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int,
-                        spawn: Pool | None = None,
-                        listeners: list[socket.socket] | None = None) -> list[StreamServer]:
+                        spawn: Pool | None = None, listeners: list[socket.socket] | None = None,
+                        reload: Callable[[], list[str]] | None = None,
+                        server_tls: ServerTls | None = None) -> list[StreamServer]:
     """MSMP servers on `addresses` (default: the loopback addresses) and `port`, started.
+
+    `reload` is what RELOAD runs (the app's reload); `server_tls`, when given, makes every
+    connection implicit TLS with its current context.
 
     Their handlers run in `spawn`, so shutdown can end the admin sessions (and wait for
     them) before the state they use is flushed and closed. `listeners`: sockets bound
     already (the app binds before dropping privileges); the addresses are then unused.
     """
-    handler = serve_admin(ctx)
+    handler = serve_admin(ctx, reload, server_tls)
     servers: list[StreamServer] = []
     if listeners is None:
         listeners = listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK)
@@ -183,5 +214,5 @@ def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: i
         server = StreamServer(listener, handler, spawn=spawn if spawn is not None else "default")
         server.start()
         servers.append(server)
-        log.info("MSMP listening on %s", listen.describe(listener))
+        log.info("MSMP listening on %s%s", listen.describe(listener), " (TLS)" if server_tls is not None else "")
     return servers
