@@ -47,7 +47,9 @@ from loadtest.benchlib import (  # noqa: E402
     Server,
     build_dataset,
     connect,
+    cpu_seconds,
     memory,
+    own_cpu_seconds,
     reset_indexes,
     reset_peak,
     session,
@@ -99,6 +101,8 @@ def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> R
     done = [0]
     in_use = [0]
     errors: list[str] = []
+    pids = server.pids()
+    server_cpu, client_cpu = cpu_seconds(pids), own_cpu_seconds()
     start = time.perf_counter()
     deadline = start + opts.duration
 
@@ -120,9 +124,13 @@ def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> R
     gevent.joinall(greenlets, timeout=opts.duration + 60)
     gevent.killall(greenlets, timeout=5)
     elapsed = time.perf_counter() - start
+    server_cpu, client_cpu = cpu_seconds(pids) - server_cpu, own_cpu_seconds() - client_cpu
     if errors:
         raise BenchError(f"{len(errors)} failed sessions, first: {errors[0]}")
-    return {"sessions_per_s": done[0] / elapsed, "sessions": done[0], "in_use_retries": in_use[0]}
+    return {"sessions_per_s": done[0] / elapsed, "sessions": done[0], "in_use_retries": in_use[0],
+            "server_cpu_ms_per_session": 1000 * server_cpu / max(done[0], 1),
+            "client_cpu_ms_per_session": 1000 * client_cpu / max(done[0], 1),
+            "server_cores_busy": server_cpu / elapsed, "client_cores_busy": client_cpu / elapsed}
 
 
 def phase_pipeline(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
@@ -184,16 +192,20 @@ def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
         pid = server.pids()[0]
     rss_before = status_kib(pid, "VmRSS")
     reset_peak(pid)
+    pids = server.pids()
+    server_cpu, client_cpu = cpu_seconds(pids), own_cpu_seconds()
     begin = time.perf_counter()
     client.send(b"RETR 1\r\n")
     client.status("RETR")
     body = client.read_body()
     elapsed = client.finished - begin
+    server_cpu, client_cpu = cpu_seconds(pids) - server_cpu, own_cpu_seconds() - client_cpu
     peak = status_kib(pid, "VmHWM")
     if unstuff(body) != data.big_expected:
         raise BenchError("big: RETR differs from the delivered file")
     client.quit()
     return {"retr_mb_per_s": len(data.big_expected) / elapsed / 1e6, "retr_s": elapsed,
+            "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
             "peak_growth_kib": peak - rss_before, "rss_before_kib": rss_before}
 
 

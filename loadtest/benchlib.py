@@ -293,6 +293,22 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return pss, rss
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system, with reaped children: Dovecot's finished pop3 processes) of `pids`."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of the benchmark's client process: it shares the two cores with the server."""
+    times = os.times()
+    return times.user + times.system
+
+
 def status_kib(pid: int, field_name: str) -> int:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
