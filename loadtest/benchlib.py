@@ -3,7 +3,8 @@
 Kept apart from `bench.py` so the phases read as measurements, not plumbing. The client
 is `loadtest.pop3_client` (the caller monkey-patches, so its sockets are gevent's); the
 phases check every byte it reads against what was delivered, so a fast but wrong server
-cannot win.
+cannot win. With a `Certificate` both servers also listen for implicit TLS, `port` is then
+that POP3S port and `ssl_context` what the client verifies them with.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import ssl
 import subprocess
 import tempfile
 import time
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from geventpop3.users import hash_password
-from loadtest.launch import Geventpop3Process, wait_greeting
+from loadtest.launch import Certificate, Geventpop3Process, free_port, wait_greeting
 from loadtest.pop3_client import Pop3Client, Pop3Error
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
@@ -161,7 +163,8 @@ class Server:
     """A started server: its name, port and the processes whose memory counts."""
 
     name = "?"
-    port = 0
+    port = 0  # where the phases connect: the POP3S port with TLS
+    ssl_context: ssl.SSLContext | None = None
 
     def pids(self) -> list[int]:
         raise NotImplementedError
@@ -179,19 +182,28 @@ class Server:
 class GeventPop3(Server):
     name = "geventpop3"
 
-    def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None) -> None:
+    def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None,
+                 tls: Certificate | None = None) -> None:
         self.port = port
+        tls_args = []
+        if tls is not None:
+            self.port, self.ssl_context = free_port(), client_context(tls)
+            tls_args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.port)]
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
             # Every benchmark client connects from 127.0.0.1: lift the per-address cap too.
             handle.write("max_connections = 20000\nmax_connections_per_ip = 20000\n")
         self.server = Geventpop3Process(
             port, ["-d", data.root, "--users-file", data.users_gevent, "--config", config,
-                   "--state-dir", os.path.join(workdir, "state")],
+                   "-P", str(free_port()),  # MSMP off the default 4321, which another server may hold
+                   "--state-dir", os.path.join(workdir, "state"), *tls_args],
             os.path.join(workdir, f"geventpop3-{port}.log"), command, stop_timeout=20)
         try:
             self.server.start()
+            if tls is not None:
+                wait_tls_greeting(self.port, self.ssl_context, 30)
         except RuntimeError as exc:
+            self.server.stop()
             raise BenchError(str(exc)) from exc
 
     def pids(self) -> list[int]:
@@ -204,13 +216,17 @@ class GeventPop3(Server):
 class Dovecot(Server):
     name = "dovecot"
 
-    def __init__(self, port: int, data: Dataset) -> None:
+    def __init__(self, port: int, data: Dataset, tls: Certificate | None = None) -> None:
         self.port = port
+        env = dict(os.environ)
+        if tls is not None:  # the peer script's options: STLS on `port`, implicit TLS on POP3S_PORT
+            self.port, self.ssl_context = free_port(), client_context(tls)
+            env.update(TLS_CERT=str(tls.cert), TLS_KEY=str(tls.key), POP3S_PORT=str(self.port))
         # Output to a file, not a pipe: the daemon inherits the descriptor and keeps it open.
         with tempfile.TemporaryFile("w+") as out:
             code = subprocess.run([DOVECOT_START, str(port), data.root, data.users_dovecot],
                                   stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                  timeout=300).returncode
+                                  timeout=300, env=env).returncode
             out.seek(0)
             text = out.read().strip()
         if code != 0 or not text:
@@ -220,7 +236,10 @@ class Dovecot(Server):
             self.master = int(handle.read().strip())
         try:
             wait_greeting(port, 60)
+            if tls is not None:
+                wait_tls_greeting(self.port, self.ssl_context, 30)
         except RuntimeError as exc:
+            self.stop()
             raise BenchError(str(exc)) from exc
 
     def pids(self) -> list[int]:
@@ -274,6 +293,22 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return pss, rss
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds (user + system, with reaped children: Dovecot's finished pop3 processes) of `pids`."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of the benchmark's client process: it shares the two cores with the server."""
+    times = os.times()
+    return times.user + times.system
+
+
 def status_kib(pid: int, field_name: str) -> int:
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
@@ -290,16 +325,37 @@ def reset_peak(pid: int) -> None:
 
 # -- client ------------------------------------------------------------------
 
-def connect(port: int, timeout: float) -> Pop3Client:
-    """A client connected to the server on loopback, greeting read."""
-    client = Pop3Client("127.0.0.1", port, timeout)
+def client_context(tls: Certificate) -> ssl.SSLContext:
+    """What the benchmark's clients verify a server with: the throw-away CA, host name checked."""
+    return ssl.create_default_context(cafile=str(tls.ca))
+
+
+def wait_tls_greeting(port: int, context: ssl.SSLContext | None, timeout: float) -> None:
+    """Return once the POP3S port completes a handshake and greets; RuntimeError when time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        client = Pop3Client("127.0.0.1", port, 2, ssl_context=context)
+        try:
+            client.connect()
+            return
+        except (OSError, Pop3Error) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no TLS greeting on port {port} within {timeout:g} s: {exc}") from None
+            time.sleep(0.05)
+        finally:
+            client.close()
+
+
+def connect(port: int, timeout: float, ssl_context: ssl.SSLContext | None = None) -> Pop3Client:
+    """A client connected to the server on loopback (with a context: over implicit TLS), greeting read."""
+    client = Pop3Client("127.0.0.1", port, timeout, ssl_context=ssl_context)
     client.connect()
     return client
 
 
-def session(port: int, user: str, timeout: float) -> Pop3Client:
+def session(port: int, user: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> Pop3Client:
     """A logged-in client of one of the benchmark's users."""
-    client = connect(port, timeout)
+    client = connect(port, timeout, ssl_context)
     try:
         client.login(user, password(user))
     except BaseException:

@@ -10,6 +10,11 @@ Every POP3 step is one Locust request (type POP3: CONNECT, LOGIN, STAT, LIST, UI
 TOP, DELE, NOOP, QUIT); every MSMP command likewise (type MSMP). A whole POP3 session is
 also reported as type SESSION, which gives sessions per second; the gates ignore it.
 
+TLS: `--tls implicit` connects with TLS at once (POP3S, RFC 8314; point --host at the
+POP3S port), `--tls starttls` sends STLS after the greeting (RFC 2595). The server's
+certificate is verified against `--cacert FILE` (default: the system's CAs) and the
+host name of --host; the handshake is part of the CONNECT step. MSMP stays plaintext.
+
 Users come from a pool made by `python -m loadtest.setup_pool` (one mailbox each), so no
 two simulated users want the same mailbox lock. With --processes N each worker takes
 every N-th pool user. Typical use is through `python -m loadtest.run`, or directly:
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import random
+import ssl
 import sys
 import time
 from collections import deque
@@ -68,6 +74,9 @@ def _options(parser) -> None:  # noqa: ANN001 - locust's argparse wrapper
                        help="reset the statistics once N idle sessions are held (single process only): "
                             "the figures then describe the steady state, not the ramp")
     group.add_argument("--summary-file", default="", help="write the suite's own counters here as JSON")
+    group.add_argument("--tls", choices=["none", "implicit", "starttls"], default="none",
+                       help="POP3 over TLS: implicit (POP3S port) or STLS on the plain port")
+    group.add_argument("--cacert", default="", help="CA file the server certificate is verified against")
 
 
 def _opts(environment):  # noqa: ANN001, ANN202
@@ -101,12 +110,22 @@ class Suite:
         self.held_complete_at: float | None = None
         self.stopping_at: float | None = None
         self.worker_reports: dict[str, dict] = {}
+        self.ssl_context: ssl.SSLContext | None = None
+        self.starttls = False
 
     def setup(self, environment) -> None:  # noqa: ANN001
         opts = _opts(environment)
         if not opts.pool:
             raise SystemExit("locustfile: --pool DIR is required (python -m loadtest.setup_pool makes one)")
         self.pool = load_pool(opts.pool)
+        if opts.tls != "none":
+            # One context for every user: the CA file is read once. No session resumption: every
+            # CONNECT is a full handshake, the worst case for the server.
+            try:
+                self.ssl_context = ssl.create_default_context(cafile=opts.cacert or None)
+            except OSError as exc:
+                raise SystemExit(f"locustfile: --cacert {opts.cacert}: {exc}") from None
+            self.starttls = opts.tls == "starttls"
         self.refill = not opts.no_refill
         self.environment = environment
 
@@ -240,7 +259,8 @@ class Pop3User(User):
         self._fire("POP3", name, seconds, length, exc)
 
     def _open(self) -> Pop3Client:
-        client = Pop3Client(self.pop3_host, self.pop3_port, self.timeout, on_step=self._step)
+        client = Pop3Client(self.pop3_host, self.pop3_port, self.timeout, on_step=self._step,
+                            ssl_context=SUITE.ssl_context, starttls=SUITE.starttls)
         self.client = client
         client.connect()
         client.login(self.name, self.password)

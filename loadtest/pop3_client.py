@@ -14,12 +14,19 @@ CRLF or the terminator, lines and bodies come back as one slice of that buffer (
 per-line Python loop, a 64 MiB RETR costs one copy), and bodies stay dot-stuffed
 (`unstuff` undoes it where the content is checked; a load test needs only the octets).
 Lines must end in CRLF (RFC 1939): anything else is an error, not something to guess.
+
+TLS: with an `ssl.SSLContext` the client speaks implicit TLS (RFC 8314: the handshake
+first, then the greeting), and with `starttls=True` as well it reads the greeting in
+plaintext, sends STLS and shakes hands after the +OK (RFC 2595). The handshake is part of
+the CONNECT step; the server's name is checked against `server_hostname` (default: the
+host). Without a context nothing changes: the plaintext path is the same code as before.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import time
 from collections.abc import Callable
 
@@ -28,6 +35,7 @@ StepCallback = Callable[[str, float, int, BaseException | None], None]
 RECV_SIZE = 65536
 MAX_RECV = 1 << 20  # a big body is read in ever larger pieces, up to this
 MAX_LINE = 8192  # a status line longer than this is not POP3
+TLS_RECV_SIZE = 65536  # one SSL read returns at most a record (16 KiB): a bigger buffer is only allocated
 
 
 class Pop3Error(Exception):
@@ -50,9 +58,14 @@ def _ignore(_name: str, _seconds: float, _length: int, _exc: BaseException | Non
 class Pop3Client:
     """One POP3 connection: each public step method reports one step; the wire methods report nothing."""
 
-    __slots__ = ("host", "port", "timeout", "on_step", "sock", "buf", "finished")
+    __slots__ = ("host", "port", "timeout", "on_step", "sock", "buf", "finished", "ssl_context", "starttls",
+                 "server_hostname", "max_recv")
 
-    def __init__(self, host: str, port: int, timeout: float = 60.0, on_step: StepCallback | None = None) -> None:
+    def __init__(self, host: str, port: int, timeout: float = 60.0, on_step: StepCallback | None = None,
+                 ssl_context: ssl.SSLContext | None = None, starttls: bool = False,
+                 server_hostname: str | None = None) -> None:
+        if starttls and ssl_context is None:
+            raise ValueError("starttls needs an ssl_context")
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -60,14 +73,26 @@ class Pop3Client:
         self.sock: socket.socket | None = None
         self.buf = bytearray()
         self.finished = 0.0  # perf_counter() when the last multi-line answer's terminator arrived
+        self.ssl_context = ssl_context
+        self.starttls = starttls
+        self.server_hostname = server_hostname or host
+        self.max_recv = MAX_RECV if ssl_context is None else TLS_RECV_SIZE
 
     # -- steps ---------------------------------------------------------------
     def connect(self) -> str:
-        """CONNECT: open the connection and read the greeting; returns its text."""
+        """CONNECT: open the connection (with TLS: and shake hands) and read the greeting; returns its text."""
         start = time.perf_counter()
         try:
             self.sock = _open(self.host, self.port, self.timeout)
-            line = self.status("CONNECT")
+            if self.ssl_context is None:
+                line = self.status("CONNECT")
+            elif self.starttls:
+                line = self.status("CONNECT")
+                self.command("STLS")
+                self._handshake()
+            else:
+                self._handshake()
+                line = self.status("CONNECT")
         except BaseException as exc:
             self._failed("CONNECT", start, exc)
             raise
@@ -199,7 +224,7 @@ class Pop3Client:
                 return body
             scan = max(0, len(buf) - 4)
             self._fill(size)
-            size = min(size * 2, MAX_RECV)
+            size = min(size * 2, self.max_recv)
 
     # -- plumbing ------------------------------------------------------------
     def _step(self, name: str, line: str, multi: bool = False) -> bytearray:
@@ -221,6 +246,26 @@ class Pop3Client:
         if self.sock is None:
             raise Pop3ConnectionError("not connected")
         return self.sock
+
+    def _handshake(self) -> None:
+        """Wrap the socket in TLS; plaintext read past the STLS answer would be injected input: refuse it."""
+        assert self.ssl_context is not None
+        if self.buf:
+            self.close()
+            raise Pop3ConnectionError(f"plaintext after the STLS answer: {bytes(self.buf[:60])!r}")
+        try:
+            self.sock = self.ssl_context.wrap_socket(self._require(), server_hostname=self.server_hostname)
+        except TimeoutError as exc:
+            self.close()
+            raise Pop3ConnectionError(f"no TLS handshake within {self.timeout:g} s") from exc
+        except OSError as exc:  # ssl.SSLError, ssl.SSLCertVerificationError included
+            self.close()
+            raise Pop3ConnectionError(f"TLS handshake failed: {exc}") from exc
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS protocol version of the connection, None if it is plaintext."""
+        return self.sock.version() if isinstance(self.sock, ssl.SSLSocket) else None
 
     def _fill(self, size: int) -> None:
         sock = self._require()

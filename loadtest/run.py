@@ -10,6 +10,11 @@ the 95th percentile of any POP3 step exceeds --max-p95 seconds.
     python -m loadtest.run --scenario stress --idle 10000 --dd-users 50 --out /tmp/stress
     python -m loadtest.run --scenario dd --server dovecot --out /tmp/dd-dovecot
     python -m loadtest.run --scenario mixed --server none --host pop3://mail.example.net:110 --no-refill ...
+    python -m loadtest.run --scenario dd --tls implicit --out /tmp/dd-tls      # or --tls starttls
+
+With --tls the POP3 users speak TLS: implicit (the local server's POP3S port) or STLS on
+the plain port. A local server gets --tls-cert/--tls-key, or else a throw-away CA and RSA
+2048 certificate made in --out/tls (needs trustme); the clients verify it (--cacert).
 
 Everything lands in --out: locust_stats.csv (per step), locust_stats_history.csv,
 locust_failures.csv, report.html, samples.csv (server RSS/CPU per second),
@@ -40,7 +45,7 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from loadtest.launch import Geventpop3Process, free_port, wait_greeting  # noqa: E402
+from loadtest.launch import Certificate, Geventpop3Process, free_port, make_certificate, wait_greeting  # noqa: E402
 from loadtest.setup_pool import ensure_pool  # noqa: E402
 
 DOVECOT_START = "dovecot-peer-start.sh"
@@ -84,8 +89,12 @@ class Geventpop3Server:
     kind = "geventpop3"
 
     def __init__(self, pool, out: Path, settings: dict[str, str], extra: list[str],  # noqa: ANN001
-                 source: Path = REPO) -> None:
+                 source: Path = REPO, tls: Certificate | None = None) -> None:
         self.port, self.admin_port = free_port(), free_port()
+        self.pop3s_port = free_port() if tls else 0
+        if tls:
+            extra = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.pop3s_port),
+                     *extra]
         self.admin = ("loadadmin", secrets.token_urlsafe(12))
         config = out / "server.toml"
         config.write_text("".join(f"{key} = {_toml(value)}\n" for key, value in settings.items()))
@@ -115,9 +124,13 @@ class DovecotServer:
 
     kind = "dovecot"
 
-    def __init__(self, pool, out: Path, tools: Path) -> None:  # noqa: ANN001
+    def __init__(self, pool, out: Path, tools: Path, tls: Certificate | None = None) -> None:  # noqa: ANN001
         self.pool, self.out, self.tools = pool, out, tools
         self.port = free_port()
+        self.pop3s_port = free_port() if tls else 0
+        self.env = dict(os.environ)
+        if tls:  # the peer script's TLS options: STLS on the port, implicit TLS on POP3S_PORT
+            self.env.update(TLS_CERT=str(tls.cert), TLS_KEY=str(tls.key), POP3S_PORT=str(self.pop3s_port))
         self.rundir: Path | None = None
 
     def start(self) -> None:
@@ -126,7 +139,7 @@ class DovecotServer:
         with open(output, "w") as handle:
             code = subprocess.run(["bash", str(self.tools / DOVECOT_START), str(self.port), str(self.pool.maildir),
                                    str(self.pool.users_plain)], stdout=handle, stderr=subprocess.STDOUT,
-                                  timeout=600).returncode
+                                  timeout=600, env=self.env).returncode
         lines = output.read_text().strip().splitlines()
         if code != 0 or not lines:
             raise RuntimeError(f"dovecot peer did not start: {' '.join(lines[-3:])}")
@@ -418,19 +431,20 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
     pool = ensure_pool(Path(args.pool), pool_counts)
     classes = list(scenario.classes)
     server = None
+    tls = _certificate(args, out)
     if args.server == "geventpop3":
         # Every load client connects from 127.0.0.1: the per-address cap is lifted with the global one.
         settings = {"max_connections": "20000", "max_connections_per_ip": "20000", "log_level": args.log_level,
                     "login_failure_delay": "0.05"}
         settings.update(dict(item.split("=", 1) for item in args.set))
-        server = Geventpop3Server(pool, out, settings, args.server_arg, Path(args.server_source).resolve())
+        server = Geventpop3Server(pool, out, settings, args.server_arg, Path(args.server_source).resolve(), tls)
     elif args.server == "dovecot":
-        server = DovecotServer(pool, out, Path(args.tools))
+        server = DovecotServer(pool, out, Path(args.tools), tls)
         classes = [c for c in classes if c != "AdminWatcherUser"]  # Dovecot has no MSMP
     host = args.host
     if server is not None:
         server.start()
-        host = f"pop3://127.0.0.1:{server.port}"
+        host = f"pop3://127.0.0.1:{server.pop3s_port if args.tls == 'implicit' else server.port}"
     sampler = Sampler(server, out / "samples.csv")
     fixed = []
     if args.scenario in ("stress", "hold"):
@@ -461,6 +475,11 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
         command.append("--no-refill")
     if server is not None:
         command += server.locust_args()
+    if args.tls != "none":
+        command += ["--tls", args.tls]
+        cacert = tls.ca if tls is not None and not args.cacert else args.cacert
+        if cacert:
+            command += ["--cacert", str(cacert)]
     command += args.locust_arg + classes
     baseline = None
     started = time.time()
@@ -496,6 +515,18 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
                      reasons, baseline, duration)
 
 
+def _certificate(args, out: Path) -> Certificate | None:  # noqa: ANN001
+    """The local server's certificate for a TLS run: the one given, or a throw-away one in out/tls."""
+    if args.tls == "none" or args.server == "none":
+        return None
+    if args.tls_cert:
+        return Certificate(Path(args.cacert or args.tls_cert), Path(args.tls_cert), Path(args.tls_key or args.tls_cert))
+    try:
+        return make_certificate(out / "tls")
+    except ImportError:
+        raise RuntimeError("--tls without --tls-cert needs trustme (pip install trustme)") from None
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add = parser.add_argument
@@ -520,6 +551,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--server-source", default=str(REPO), help="run geventpop3 from this source tree (e.g. a patched copy)")
     add("--server-arg", action="append", default=[], help="extra geventpop3 flag")
     add("--locust-arg", action="append", default=[], help="extra Locust argument")
+    add("--tls", choices=["none", "implicit", "starttls"], default="none",
+        help="POP3 over TLS: implicit (POP3S port) or STLS on the plain port")
+    add("--cacert", default="", help="CA file the clients verify the server with (default: the throw-away CA)")
+    add("--tls-cert", default="", help="certificate chain of the local server (default: a throw-away one)")
+    add("--tls-key", default="", help="its key (default: the certificate file)")
     add("--tools", default=str(REPO.parent / "shared" / "tools"), help="folder of the Dovecot peer scripts")
     args = parser.parse_args(argv)
     scenario = SCENARIOS[args.scenario]
