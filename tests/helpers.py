@@ -15,6 +15,7 @@ import poplib
 import shutil
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import subprocess
@@ -24,12 +25,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import pytest
 
 from admin.client import MsmpClient, MsmpConnectionError
 from geventpop3 import maildir
+
+if TYPE_CHECKING:
+    from geventpop3.app import App
 
 REPO = Path(__file__).resolve().parents[1]
 GEVENTPOP3 = [sys.executable, "-m", "geventpop3"]
@@ -505,3 +509,38 @@ def tls_client(port: int, files: TlsFiles, host: str = "127.0.0.1", context: ssl
     start_tls(client, context or files.client_context(), host)
     client.greeting = client.line()
     return client
+
+
+# -- the app in this process -----------------------------------------------------
+
+@contextlib.contextmanager
+def running_app(argv: Sequence[str]) -> Iterator[App]:
+    """The server's App run in a greenlet of the test process (monkey-patched like the
+    server), with `argv` as its command line; stopped as SIGTERM would stop it."""
+    import gevent
+
+    from geventpop3.app import App
+    from geventpop3.cli import parse_config
+
+    app = App(parse_config(list(argv)))
+    runner = gevent.spawn(app.run)
+    wait_until(lambda: app.admin_servers or runner.dead)
+    assert not runner.dead, runner.value
+    try:
+        yield app
+    finally:
+        app.stopping.set()
+        runner.join(15)
+        runner.kill()
+
+
+@contextlib.contextmanager
+def state_db(server: ServerProcess) -> Iterator[sqlite3.Connection]:
+    """A read-only look at the server's SQLite file, as another process sees it."""
+    from geventpop3.app import STATE_DB
+
+    db = sqlite3.connect(f"file:{server.state_dir / STATE_DB}?mode=ro", uri=True, timeout=5)
+    try:
+        yield db
+    finally:
+        db.close()

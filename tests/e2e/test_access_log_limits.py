@@ -5,23 +5,12 @@ MSMP clients, the real SQLite file."""
 
 from __future__ import annotations
 
-import contextlib
-import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from helpers import ServerProcess, admin, login_error, logs_with, pop3, wait_until
+from helpers import ServerProcess, admin, login_error, logs_with, pop3, state_db, wait_until
 
 STATE_DB = "geventpop3.db"  # geventpop3.app.STATE_DB
 UNKNOWN = "-unknown-"  # geventpop3.metrics.UNKNOWN_USER
-
-
-@contextlib.contextmanager
-def state_db(server: ServerProcess) -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(f"file:{server.state_dir / STATE_DB}?mode=ro", uri=True, timeout=5)
-    try:
-        yield db
-    finally:
-        db.close()
 
 
 def stored_buckets(server: ServerProcess) -> dict[str, int]:

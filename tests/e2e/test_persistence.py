@@ -16,9 +16,21 @@ import socket
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from helpers import ServerProcess, admin, counters, crlf, login_error, logs_with, pop3, quiet_stat, retr, wait_until
+from helpers import (
+    ServerProcess,
+    admin,
+    counters,
+    crlf,
+    login_error,
+    logs_with,
+    pop3,
+    quiet_stat,
+    retr,
+    state_db,
+    wait_until,
+)
 
 STATE_DB = "geventpop3.db"  # geventpop3.app.STATE_DB
 
@@ -28,16 +40,6 @@ def restart(server: ServerProcess, sig: int = signal.SIGTERM) -> ServerProcess:
     code = server.restart(sig)
     assert code == (0 if sig == signal.SIGTERM else -signal.SIGKILL), code
     return server
-
-
-@contextlib.contextmanager
-def state_db(server: ServerProcess) -> Iterator[sqlite3.Connection]:
-    """A read-only look at the server's SQLite file, as another process sees it."""
-    db = sqlite3.connect(f"file:{server.state_dir / STATE_DB}?mode=ro", uri=True, timeout=5)
-    try:
-        yield db
-    finally:
-        db.close()
 
 
 def stored_counters(server: ServerProcess) -> dict[str, int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import gevent
 import gevent.event
 import pytest
-from helpers import LineClient, wait_until
+from helpers import LineClient, running_app, wait_until
 
 from geventpop3 import maildir
 from geventpop3.app import App
@@ -23,18 +23,11 @@ from geventpop3.cli import parse_config
 
 @pytest.fixture
 def app(tmp_path: Path) -> Iterator[App]:
-    config = parse_config([
+    with running_app([
         "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"), "-p", "0", "-l", "127.0.0.1",
         "-P", "0", "-L", "127.0.0.1", "-u", "alice:alicepw", "-a", "admin:adminpw", "--login-failure-delay", "0",
-    ])
-    app = App(config)
-    runner = gevent.spawn(app.run)
-    wait_until(lambda: app.admin_servers or runner.dead)
-    assert not runner.dead, runner.value
-    yield app
-    app.stopping.set()
-    runner.join(15)
-    runner.kill()
+    ]) as running:
+        yield running
 
 
 def port_of(servers: list) -> int:

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import gevent
 import pytest
-from helpers import LineClient, TlsFiles, free_port, start_tls, tls_client, wait_until
+from helpers import LineClient, TlsFiles, free_port, running_app, start_tls, tls_client, wait_until
 
 from geventpop3 import tls
 from geventpop3.app import App
-from geventpop3.cli import parse_config
 from geventpop3.pop3.session import Pop3Session
 from geventpop3.transport import RECV_SIZE, TlsTransport
 
@@ -38,18 +37,11 @@ class Waiter:
 
 @pytest.fixture
 def app(tmp_path: Path, tls_files: TlsFiles) -> Iterator[App]:
-    config = parse_config([
+    with running_app([
         "-d", str(tmp_path / "mail"), "--no-state", "-p", "0", "-l", "127.0.0.1", "-P", "0", "-L", "127.0.0.1",
         "-u", "alice:alicepw", "--login-failure-delay", "0", *tls_files.server_args(free_port()),
-    ])
-    app = App(config)
-    runner = gevent.spawn(app.run)
-    wait_until(lambda: app.admin_servers or runner.dead)
-    assert not runner.dead, runner.value
-    yield app
-    app.stopping.set()
-    runner.join(15)
-    runner.kill()
+    ]) as running:
+        yield running
 
 
 def ports(app: App) -> tuple[int, int]:
