@@ -9,7 +9,6 @@ from collections.abc import Callable
 
 from helpers import ServerProcess, admin, login_error, logs_with, pop3, state_db, wait_until
 
-STATE_DB = "geventpop3.db"  # geventpop3.app.STATE_DB
 UNKNOWN = "-unknown-"  # geventpop3.metrics.UNKNOWN_USER
 
 
