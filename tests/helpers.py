@@ -544,3 +544,27 @@ def state_db(server: ServerProcess) -> Iterator[sqlite3.Connection]:
         yield db
     finally:
         db.close()
+
+
+@contextlib.contextmanager
+def getmail_destination() -> Iterator[tuple[Path, str | None]]:
+    """An empty Maildir for getmail, and the user it delivers as: getmail refuses to
+    deliver as root, so as root it delivers as `nobody`, in a directory outside pytest's
+    private (0700) temporary tree."""
+    root = Path(tempfile.mkdtemp(prefix="geventpop3-getmail-"))
+    dest = root / "Maildir"
+    for sub in ("cur", "new", "tmp"):
+        (dest / sub).mkdir(parents=True)
+    user = None
+    if os.geteuid() == 0:
+        import pwd
+
+        user = "nobody"
+        nobody = pwd.getpwnam(user)
+        root.chmod(0o755)
+        for path in (dest, dest / "cur", dest / "new", dest / "tmp"):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+    try:
+        yield dest, user
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

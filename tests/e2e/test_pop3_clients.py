@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import os
 import poplib
-import pwd
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess
+from helpers import ServerProcess, getmail_destination
 
 MESSAGES = [
     b"From: a@example.org\nTo: alice@example.org\nSubject: lf\n\nbody\n.dot line\n..two dots\n.\nend\n",
@@ -144,24 +142,8 @@ def test_curl_dele_and_bad_password(mailbox: ServerProcess) -> None:
 
 @pytest.fixture
 def maildir_destination() -> Iterator[tuple[Path, str | None]]:
-    """An empty Maildir for getmail, and the user to deliver as.
-
-    getmail refuses to deliver as root; as root it delivers as `nobody`, which
-    needs a directory outside pytest's private (0700) temporary tree.
-    """
-    root = Path(tempfile.mkdtemp(prefix="geventpop3-getmail-"))
-    dest = root / "Maildir"
-    for sub in ("cur", "new", "tmp"):
-        (dest / sub).mkdir(parents=True)
-    user = None
-    if os.geteuid() == 0:
-        user = "nobody"
-        nobody = pwd.getpwnam(user)
-        root.chmod(0o755)
-        for path in (dest, dest / "cur", dest / "new", dest / "tmp"):
-            os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    yield dest, user
-    shutil.rmtree(root, ignore_errors=True)
+    with getmail_destination() as destination:
+        yield destination
 
 
 def run_getmail(tmp_path: Path, port: int, dest: Path, user: str | None, delete: bool) -> None:

@@ -13,19 +13,27 @@ without TLS: the `tls=TLSv1.x` in the server's login line is what proves they sp
 from __future__ import annotations
 
 import os
-import pwd
 import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trustme
-from helpers import LOOPBACKS, ServerProcess, TlsFiles, accepts, crlf, free_port, started_servers, wait_until
+from helpers import (
+    LOOPBACKS,
+    ServerProcess,
+    TlsFiles,
+    accepts,
+    crlf,
+    free_port,
+    getmail_destination,
+    started_servers,
+    wait_until,
+)
 
 CLIENT_TIMEOUT = 60
 MESSAGES = [
@@ -299,19 +307,8 @@ def test_a_1_mib_message_with_dot_lines_through_curl_over_stls(tls: Tls) -> None
 
 @pytest.fixture
 def getmail_maildir() -> Iterator[tuple[Path, str | None]]:
-    """An empty Maildir for getmail, and the user it delivers as: getmail refuses to deliver as
-    root, so as root it delivers as `nobody`, outside pytest's private (0700) temporary tree."""
-    root = Path(tempfile.mkdtemp(prefix="geventpop3-getmail-"))
-    maildir = maildir_in(root)
-    user = None
-    if os.geteuid() == 0:
-        user = "nobody"
-        nobody = pwd.getpwnam(user)
-        root.chmod(0o755)
-        for path in (maildir, maildir / "cur", maildir / "new", maildir / "tmp"):
-            os.chown(path, nobody.pw_uid, nobody.pw_gid)
-    yield maildir, user
-    shutil.rmtree(root, ignore_errors=True)
+    with getmail_destination() as destination:
+        yield destination
 
 
 def getmail(tmp_path: Path, tls: Tls, user: str, ca: Path, maildir: Path,
