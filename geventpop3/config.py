@@ -46,9 +46,10 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
-    "maildir": str, "trusted_networks": (str, list), "transformer_programs": (str, list),
+    "maildir": str, "trusted_networks": (str, list), "proxy_networks": (str, list), "transformer_programs": (str, list),
 }
-_LIST_SETTINGS = ("trusted_networks", "transformer_programs")  # TOML lists, given to the parser comma-separated
+# TOML lists, given to the parser comma-separated
+_LIST_SETTINGS = ("trusted_networks", "proxy_networks", "transformer_programs")
 
 
 class UsageError(Exception):

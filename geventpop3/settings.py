@@ -168,6 +168,8 @@ KEYS: dict[str, Key] = {
         Key("plaintext_auth", _choice("tls", "always"), "always",
             "USER/PASS and AUTH PLAIN/LOGIN: tls (secure connections only) or always"),
         Key("trusted_networks", _networks, Networks(), "CIDR list of clients that count as secure without TLS"),
+        Key("proxy_networks", _networks, Networks(),
+            "CIDR list of load balancers: POP3 connections must come from them, with a PROXY protocol header"),
         Key("tls_min_version", _choice("TLSv1.2", "TLSv1.3"), "TLSv1.2", "oldest TLS version accepted"),
         Key("auth_penalty_max", _float_range(0, 3600), 15.0, "most seconds a failed login from one source waits"),
         Key("auth_penalty_forget", _float_range(1, 86_400), 300.0,
