@@ -294,6 +294,8 @@ class Pop3Session:
 
     def _tls_description(self) -> str:
         transport = self.transport
+        if not isinstance(transport, TlsTransport) and self.protocol.security.tls:
+            return "proxy"  # TLS ended at the load balancer (PROXY v2 SSL TLV)
         return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
 
     # -- actions -------------------------------------------------------------
