@@ -271,6 +271,8 @@ class Credentials:
     keep the count of cost classes the failure floor and the unknown-name dummy come from.
     """
 
+    kind = "admin"  # in log lines
+
     def __init__(self, hasher: Hasher | None = None, allow_weak: bool = False) -> None:
         self._hasher = hasher if hasher is not None else HASHER
         self.allow_weak = allow_weak  # weak schemes (PLAIN-MD5, NTLM, ...) accepted (allow_weak_schemes)
@@ -454,8 +456,8 @@ class Credentials:
                     return
         for cls in [cls for cls in self._dummies if cls not in self._classes]:
             del self._dummies[cls]
-        log.info("password checks calibrated: %d cost classes, a failure takes at least %.0f ms",
-                 len(self._classes), 1000 * self.failure_floor())
+        log.info("%s password checks calibrated: %d cost classes, a failure takes at least %.0f ms",
+                 self.kind, len(self._classes), 1000 * self.failure_floor())
 
     def _measure(self, sample: StoredPassword) -> tuple[StoredPassword, float]:
         password = os.urandom(8).hex()
@@ -540,6 +542,8 @@ class UserDirectory(Credentials):
     """Every POP3 user: from flags and the users file (`configure`, again at each reload),
     and from the store (MSMP ADD/DELE). A configured entry wins over the store's entry of
     the same name, as at start-up; the store's comes back when the file drops the name."""
+
+    kind = "user"
 
     def __init__(self, store: UserStore | None = None, hasher: Hasher | None = None,
                  allow_weak: bool = False) -> None:
