@@ -107,6 +107,7 @@ class App:
         self.store: Store | None = None
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
+        self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
@@ -127,6 +128,8 @@ class App:
         self._log_identity()
         for warning in self.config.warnings:  # only now: a start-up error stays one line
             log.warning("%s", warning)
+        for note in self.notes:
+            log.info("%s", note)
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
         self.stopping.wait()
@@ -176,13 +179,13 @@ class App:
 
     def _configured_users(self) -> list[Configured | tuple[str, str]]:
         """The users of flags, the users file (read now: at start and at each reload) and --demo;
-        UsageError (one line with `path:line`) if the file cannot be read or parsed."""
+        UsageError (one line with `path:line`) if the file cannot be read or parsed. The
+        file's notes go to `notes`, logged once its users are taken."""
         config = self.config
         users: list[Configured | tuple[str, str]] = list(config.users)
         if config.users_file:
             users_file = read_users_file(config.users_file)
-            for note in users_file.notes:
-                log.info("%s", note)
+            self.notes = users_file.notes
             users.extend(users_file.entries)
         if config.demo:
             users.append(DEMO_USER)
@@ -267,6 +270,8 @@ class App:
             else:
                 log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
                          self.config.users_file, len(self.ctx.users), added, changed, removed)
+                for note in self.notes:
+                    log.info("%s", note)
         server_tls = self.config.tls
         if server_tls is not None:
             try:
