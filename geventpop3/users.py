@@ -27,6 +27,7 @@ side only ever talks to `UserDirectory`.
 
 from __future__ import annotations
 
+import gc
 import heapq
 import hmac
 import itertools
@@ -249,6 +250,19 @@ def _weaker_than_default(entry: StoredPassword) -> bool:
     return False
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block that makes 100,000s of objects and no
+    cycles (a third of the time of loading a large users file went to its passes)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class Configured(NamedTuple):
     """One entry of the users file, its name already checked."""
 
@@ -293,7 +307,11 @@ class Credentials:
         """Make `entries` the configured ones (replacing those of an earlier call): parsed
         here, no hashing; (added, changed, removed). Nothing changes if one is unusable
         (UserError naming where it was given). Unchanged entries keep their cached logins."""
-        parsed = self._parse_all(entries)
+        with gc_paused():
+            parsed = self._parse_all(entries)
+            return self._apply(parsed)
+
+    def _apply(self, parsed: dict[str, StoredPassword]) -> tuple[int, int, int]:
         configured = self._configured
         added = changed = removed = 0
         for name in [name for name in configured if name not in parsed]:
@@ -649,7 +667,7 @@ def parse_users_file(path: str) -> UsersFile:
     left_out: list[str] = []
     simple = _SIMPLE_LINE.fullmatch
     try:
-        with open(path, encoding="utf-8") as handle:
+        with gc_paused(), open(path, encoding="utf-8") as handle:
             for number, raw in enumerate(handle, 1):
                 line = raw.strip()
                 if not line or line[0] == "#":
