@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from geventpop3.maildir import UIDL_BASE_NAME, UIDL_FORMATS
 from geventpop3.maildir_root import NotAMaildirRoot, check_root
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,8 @@ KEYS: dict[str, Key] = {
         Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords (scrypt)"),
         Key("auth_hash_queue", _int_range(1, 100_000), 1000,
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
+        Key("uidl_format", _choice(*UIDL_FORMATS), UIDL_BASE_NAME,
+            "UIDLs: %f (the Maildir base name) or %08Xu%08Xv (Dovecot's, from dovecot-uidlist)", msmp=False),
     )
 }
 
