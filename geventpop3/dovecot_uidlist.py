@@ -55,6 +55,8 @@ class Record:
     uid: int  # IMAP UID
     pop3_uidl: str | None = None  # `P`: the UIDL Dovecot showed; "" means the base name; None: not saved
     pop3_order: int | None = None  # `O`: Dovecot lists messages with an order first, lowest first
+    virtual_size: int | None = None  # `W`: octets with CRLF line ends (when the name has no ,W=)
+    physical_size: int | None = None  # `S`: octets on disk (when the name has no ,S=)
 
 
 @dataclass(slots=True)
@@ -104,32 +106,39 @@ def _header(line: bytes) -> UidList:
     return UidList(version, uid_validity, next_uid)
 
 
+def _size(text: bytes) -> int | None:
+    return int(text) if text.isdigit() and len(text) <= 19 else None
+
+
 def _record(line: bytes, version: int) -> tuple[str, Record] | str:
     """(base name, record) of one line, or why it is not a record."""
     digits, space, rest = line.partition(b" ")
     uid = _u32(digits) if space else None
     if uid is None or uid > MAX_UID:
         return "not a UID"
-    pop3_uidl: str | None = None
-    pop3_order: int | None = None
+    extensions: dict[bytes, bytes] = {}
     rest = rest.lstrip(b" ")
     if version == 3:
         while rest and rest[:1] != b":":
             word, _, rest = rest.partition(b" ")
             rest = rest.lstrip(b" ")
-            if word[:1] == b"P":
-                pop3_uidl = os.fsdecode(word[1:])  # checked (RFC 1939) where it is used
-            elif word[:1] == b"O":
-                pop3_order = _u32(word[1:])
-            elif not b"A" <= word[:1] <= b"Z":
+            if not b"A" <= word[:1] <= b"Z":
                 return "not an extension"
+            extensions.setdefault(word[:1], word[1:])
         if rest[:1] != b":":
             return "no file name"
         rest = rest[1:]
     name = rest.split(b":", 1)[0]  # a base name; tolerate a written-out `:2,flags` part
     if not name or b"/" in name or b"\0" in name:
         return "not a file name"
-    return os.fsdecode(name), Record(uid, pop3_uidl, pop3_order)
+    saved = extensions.get(b"P")
+    return os.fsdecode(name), Record(
+        uid,
+        pop3_uidl=None if saved is None else os.fsdecode(saved),  # checked (RFC 1939) where it is used
+        pop3_order=_u32(extensions.get(b"O", b"")),
+        virtual_size=_size(extensions.get(b"W", b"")),
+        physical_size=_size(extensions.get(b"S", b"")),
+    )
 
 
 def parse(data: bytes) -> UidList:

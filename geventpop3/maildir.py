@@ -23,11 +23,12 @@ and a hash of its raw base name, and names reach log lines only through ascii().
 
 UIDLs after Dovecot (docs/migrating.md): when the Maildir holds Dovecot's `dovecot-uidlist`
 (geventpop3.dovecot_uidlist, read only), a message's UIDL is the one Dovecot saved for it
-(`P`), else per `uidl_format` (`%08Xu%08Xv`: its IMAP UID and the UIDVALIDITY), else the
-base name; messages are listed in Dovecot's order (its POP3 order, then UID), unlisted
+(`P`), else per `uidl_format` (`%08Xu%08Xv`: its IMAP UID and the UIDVALIDITY in hex), else
+the base name; messages are listed in Dovecot's order (its POP3 order, then UID), unlisted
 ones after them. A UIDL that breaks RFC 1939 or repeats one listed before gets a `~` hash.
-Sizes from names: `,W=<n>` (Dovecot's virtual size, CRLF octets) is taken as the size
-without reading the file when it is plausible (see `size_from_name`).
+Sizes from names: `,W=<n>` (Dovecot's virtual size, CRLF octets), or the `W` Dovecot kept
+in dovecot-uidlist, is taken as the size without reading the file when it is plausible
+(see `plausible_size`).
 """
 
 from __future__ import annotations
@@ -155,18 +156,23 @@ def size_from_name(name: str, raw: int) -> int | None:
     """The CRLF size a Maildir name gives with `,W=<n>`, when it is plausible; else None.
 
     W= is Dovecot's virtual size: the octets with CRLF line ends, what LIST must show.
-    It is plausible when the file's size `raw` could become it (raw <= W <= 2 raw + 2:
-    CRLF only adds a CR per LF, and a final CRLF) and, if the name also has `,S=<n>`
-    (the size on disk), S equals `raw`: a name whose S= is stale is not trusted for W=
-    either, and the file is measured. S= alone is never used as a POP3 size."""
+    S= (the size on disk) alone is never used as a POP3 size; see `plausible_size`."""
     base = name.split(":", 1)[0]
     if ",W=" not in base:
         return None
     fields: dict[str, int] = {}
     for key, digits in _SIZE_FIELD.findall(base):
         fields.setdefault(key, int(digits))
-    virtual = fields.get("W")
-    if virtual is None or fields.get("S", raw) != raw or not raw <= virtual <= 2 * raw + 2:
+    return plausible_size(raw, fields.get("W"), fields.get("S"))
+
+
+def plausible_size(raw: int, virtual: int | None, physical: int | None) -> int | None:
+    """`virtual` (a W= size) if a file of `raw` octets on disk could have it, else None.
+
+    Plausible: raw <= W <= 2 raw + 2 (CRLF only adds a CR per LF, and a final CRLF), and
+    the S= given with it, if any, equals `raw`: a name or record whose S= no longer fits
+    the file is stale, so its W= is not trusted either and the file is measured."""
+    if virtual is None or (physical is not None and physical != raw) or not raw <= virtual <= 2 * raw + 2:
         return None
     return virtual
 
@@ -249,11 +255,9 @@ class Mailbox:
         with _Subdirs(self.path, notes) as dirs:
             names = dirs.names()
             if len(names) > THREADPOOL_THRESHOLD:
-                messages = _in_pool(_build_snapshot, self.path, dirs, names, notes, False)
-                messages = _in_pool(_name_messages, self.path, messages, uidl_format, notes, False)
+                messages = _in_pool(_scan, self.path, dirs, names, uidl_format, notes, False)
             else:
-                messages = _build_snapshot(self.path, dirs, names, notes, True)
-                messages = _name_messages(self.path, messages, uidl_format, notes, True)
+                messages = _scan(self.path, dirs, names, uidl_format, notes, True)
         _log_notes(notes)
         return messages
 
@@ -407,9 +411,23 @@ class _Subdirs:
 
 # -- snapshot ----------------------------------------------------------------
 
-def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], notes: list[str],
-                    on_loop: bool) -> list[Message]:
-    """Stat every file, take sizes from the cache, measure the rest, save the cache if it changed.
+def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
+          notes: list[str], on_loop: bool) -> list[Message]:
+    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order."""
+    try:
+        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
+    except dovecot_uidlist.ReadOnLoopTooBig:
+        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
+    messages = _build_snapshot(maildir, dirs, names, uidlist, notes, on_loop)
+    if uidlist is None:
+        return messages  # UIDLs are the base names, unique already
+    return _name_messages(maildir, messages, uidlist, uidl_format, notes)
+
+
+def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]],
+                    uidlist: dovecot_uidlist.UidList | None, notes: list[str], on_loop: bool) -> list[Message]:
+    """Stat every file, take sizes from names (W=), Dovecot's uidlist (W) or the cache,
+    measure the rest, save the cache if it changed.
 
     `on_loop`: called on the event loop, so the cache read is capped lower and what reads
     many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
@@ -418,8 +436,14 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
     fresh: dict[str, tuple[int, int]] = {}
     messages = []
     pending = []
+    records = uidlist.records if uidlist is not None else {}
     for uid, path, raw, fid in files:
-        named = size_from_name(path[path.rindex("/") + 1:], raw)  # no cache entry needed: the name keeps it
+        # No cache entry for these: the name, or Dovecot's file, keeps the size.
+        named = size_from_name(path[path.rindex("/") + 1:], raw)
+        if named is None and records:
+            record = records.get(_base_name(path))
+            if record is not None:
+                named = plausible_size(raw, record.virtual_size, record.physical_size)
         if named is not None:
             messages.append(Message(uid, path, named, path, None, fid))
             continue
@@ -451,35 +475,28 @@ def _by_uid(message: Message) -> str:
     return message.uid
 
 
-def _name_messages(maildir: str, messages: list[Message], uidl_format: str, notes: list[str],
-                   on_loop: bool) -> list[Message]:
-    """The snapshot with Dovecot's UIDLs and order when the Maildir has a dovecot-uidlist.
+def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidlist.UidList, uidl_format: str,
+                   notes: list[str]) -> list[Message]:
+    """The snapshot with Dovecot's UIDLs and order (see the module docstring).
 
-    Without one (or with one that cannot be used) `messages` is returned as it is: UIDLs
-    are the base names, unique already. With one, see the module docstring; `on_loop`
-    sends a big file that must be (re)read to the thread pool."""
-    try:
-        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
-    except dovecot_uidlist.ReadOnLoopTooBig:
-        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
-    if uidlist is None:
-        return messages
+    `%08Xu%08Xv` is written as Dovecot writes it: Dovecot's `X` modifier prints lower-case
+    hex (2.3's var_expand uses "%llx"), so its UIDLs look like `000000016b0f40bd`."""
     records = uidlist.records
-    suffix = f"{uidlist.uid_validity:08X}"
+    suffix = f"{uidlist.uid_validity:08x}"
     dovecot_format = uidl_format == UIDL_DOVECOT
-    keyed: list[tuple[tuple[int, int, int], int, Message]] = []
+    keyed: list[tuple[tuple[int, int], int, Message]] = []
     for position, message in enumerate(messages):  # position: unlisted ones keep base name order
         record = records.get(_base_name(message.source))
         if record is None:
-            keyed.append(((1 << 33, 0, 0), position, message))
+            keyed.append(((1 << 33, 0), position, message))
             continue
         saved = record.pop3_uidl
         if saved:  # "" is Dovecot's shorthand for the base name, the %f UIDL
             message.uidl = saved if _safe_uidl(saved) else _hashed_uidl(saved, b"P:")
         elif saved is None and dovecot_format:
-            message.uidl = f"{record.uid:08X}{suffix}"
+            message.uidl = f"{record.uid:08x}{suffix}"
         order = record.pop3_order if record.pop3_order is not None else 0xFFFFFFFF
-        keyed.append(((order, record.uid, 0), position, message))
+        keyed.append(((order, record.uid), position, message))
     keyed.sort(key=_first_two)
     ordered = [message for _, _, message in keyed]
     repeated = _make_unique(ordered)
@@ -489,7 +506,7 @@ def _name_messages(maildir: str, messages: list[Message], uidl_format: str, note
     return ordered
 
 
-def _first_two(item: tuple[tuple[int, int, int], int, Message]) -> tuple[tuple[int, int, int], int]:
+def _first_two(item: tuple[tuple[int, int], int, Message]) -> tuple[tuple[int, int], int]:
     return item[0], item[1]
 
 
