@@ -95,6 +95,8 @@ def test_version(tmp_path: Path, flag: str) -> None:
     (["-u", "../x:pw"], "user"),
     (["-u", "alice:"], "user"),
     (["-a", "root"], "admin"),
+    (["--uidl-format", "%u"], "uidl_format"),
+    (["--uidl-format", "%08xu%08xv"], "uidl_format"),
 ])
 def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:
     assert_parse_error(tmp_path, args, fragment)
@@ -102,7 +104,7 @@ def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--bogus"], "--bogus"), (["-p", "70000"], "70000"), (["--idle-timeout", "0"], "idle_timeout"),
-    (["-u", "alice"], "user"),
+    (["-u", "alice"], "user"), (["--uidl-format", "%v"], "invalid uidl_format '%v': must be one of %f, %08Xu%08Xv"),
 ])
 def test_bad_flags_as_run(tmp_path: Path, args: list[str], fragment: str) -> None:
     assert_usage_error(run(tmp_path, *args), fragment)
@@ -188,6 +190,8 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     ("state_dir = 5", "state_dir"),
     ("maildir = 5", "maildir"),
     ("metrics_address = 5", "metrics_address"),
+    ('uidl_format = "%08Xv%08Xu"', "uidl_format"),
+    ("uidl_format = 1", "uidl_format"),
 ])
 def test_invalid_config_values(tmp_path: Path, text: str, fragment: str) -> None:
     config = write_config(tmp_path, text + "\n")
@@ -203,6 +207,14 @@ def test_invalid_config_values_as_run(tmp_path: Path, text: str, fragment: str) 
 
 
 # -- in process: precedence -----------------------------------------------------
+
+def test_uidl_format_from_the_file_or_a_flag(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'uidl_format = "%08Xu%08Xv"\n')
+    argv = ["-d", str(tmp_path / "mail"), "--no-state", "--config", config]
+    assert parse_config(argv).settings.uidl_format == "%08Xu%08Xv"
+    assert parse_config([*argv, "--uidl-format", "%f"]).settings.uidl_format == "%f"
+    assert parse_config(argv[:3]).settings.uidl_format == "%f"  # the default: what geventpop3 always showed
+
 
 def test_flags_override_config_file(tmp_path: Path) -> None:
     other = tmp_path / "other"
