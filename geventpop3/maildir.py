@@ -439,7 +439,7 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
     records = uidlist.records if uidlist is not None else {}
     for uid, path, raw, fid in files:
         # No cache entry for these: the name, or Dovecot's file, keeps the size.
-        named = size_from_name(path[path.rindex("/") + 1:], raw)
+        named = size_from_name(path[path.rindex("/") + 1:], raw) if ",W=" in path else None
         if named is None and records:
             record = records.get(_base_name(path))
             if record is not None:
