@@ -39,7 +39,7 @@ NAME = "dovecot-uidlist"
 MAX_SIZE = 32 << 20  # octets (~300,000 messages); a bigger file is not used
 MAX_LINE = 4096  # octets; Dovecot's own lines are a base name (<= 255) and a few extensions
 MAX_UID = 0xFFFFFFFE  # Dovecot refuses (uint32_t)-1 itself
-CACHE_RECORDS = 500_000  # records kept in memory for all Maildirs together (~100 MB at most)
+CACHE_RECORDS = 250_000  # records kept for all Maildirs together: 250-360 octets each, ~90 MB at most
 
 # A line as Dovecot writes it: "<uid> [<key><value> ]...:<base name>". Anything else takes the slow
 # path (`_record`), which accepts Dovecot's tolerances (more spaces, a `:2,flags` part) and says what is wrong.
