@@ -534,6 +534,9 @@ _SALTED = {"SSHA": ("sha1", False), "SSHA256": ("sha256", False), "SSHA512": ("s
            "SMD5": ("md5", True)}
 _WEAK_TEXT_SCHEMES = {"MD5-CRYPT", "DES-CRYPT", "MD5"}
 _CRYPT_SCHEMES = {"CRYPT", "SHA256-CRYPT", "SHA512-CRYPT", "MD5-CRYPT", "DES-CRYPT"}
+_WEAK_SCHEMES = _WEAK_TEXT_SCHEMES | {"HMAC-MD5"} | {
+    name for name, (_, weak) in (_DIGESTS | _SALTED).items() if weak}
+_ENCODINGS: dict[str, str | None] = {"": None, "B64": "b64", "BASE64": "b64", "HEX": "hex"}
 _REFUSED = {
     "CRAM-MD5": "its stored HMAC-MD5 context is a password equivalent that needs MD5's internal state",
     "HMAC-MD5": "its stored HMAC-MD5 context is a password equivalent that needs MD5's internal state",
@@ -593,18 +596,14 @@ def _braced(text: str, plain_key: bytes, allow_weak: bool) -> StoredPassword:
     end = text.find("}")
     if end < 0:
         raise SchemeError("unterminated {SCHEME} (write {PLAIN}... for a password that starts with '{')")
-    name, _, encoding = text[1:end].upper().partition(".")
+    name, _, suffix = text[1:end].upper().partition(".")
     data = text[end + 1:]
     if not name:
         raise SchemeError("empty {SCHEME}")
-    if encoding in ("B64", "BASE64"):
-        encoding = "b64"
-    elif encoding in ("HEX", ""):
-        encoding = encoding.lower() or None
-    else:
-        raise SchemeError(f"unknown encoding .{encoding.lower()} of {{{name}}} (.b64, .base64 or .hex)")
-    if name in _WEAK_TEXT_SCHEMES or (name in _DIGESTS and _DIGESTS[name][1]) or (name in _SALTED
-                                                                                  and _SALTED[name][1]):
+    encoding = _ENCODINGS.get(suffix, "?")
+    if encoding == "?":
+        raise SchemeError(f"unknown encoding .{suffix.lower()} of {{{name}}} (.b64, .base64 or .hex)")
+    if name in _WEAK_SCHEMES:
         _weak(name, allow_weak)
     if name in _REFUSED:
         raise SchemeError(f"password scheme {name} is not supported: {_REFUSED[name]}")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives as real clients and filters:
-# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters).
+# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters),
+# dovecot-core (doveadm pw makes and checks the password scheme vectors; libcrypt1 comes with it).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
@@ -11,6 +12,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v spamassassin >/dev/null || need+=(spamassassin)
 command -v spamc >/dev/null || need+=(spamc)
 command -v renattach >/dev/null || need+=(renattach)
+command -v doveadm >/dev/null || need+=(dovecot-core)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
