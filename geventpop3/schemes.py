@@ -509,7 +509,7 @@ class Scrypt(StoredPassword):
 
 def _b64(scheme: str, text: str) -> bytes:
     try:
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+        return base64.b64decode(text, validate=True)  # padding required, as Dovecot does
     except (binascii.Error, ValueError):
         raise SchemeError(f"{scheme} data is not valid base64") from None
 
