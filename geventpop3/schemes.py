@@ -112,14 +112,14 @@ class KeyedPlain(StoredPassword):
 
     def __init__(self, key: bytes, password: str) -> None:
         self._key = key
-        self._digest = hmac.new(key, _secret(password), "sha256").digest()
+        self._digest = hmac.digest(key, _secret(password), "sha256")
 
     def verify(self, password: str) -> bool:
         # NUL included: a plain entry is compared whole, whatever it holds
         return self._matches(_secret(password))
 
     def _matches(self, secret: bytes) -> bool:
-        return hmac.compare_digest(hmac.new(self._key, secret, "sha256").digest(), self._digest)
+        return hmac.compare_digest(hmac.digest(self._key, secret, "sha256"), self._digest)
 
     def dummy(self) -> StoredPassword:
         return KeyedPlain(self._key, os.urandom(8).hex())

@@ -85,6 +85,22 @@ def test_weak_schemes_are_refused_unless_allowed(scheme: str) -> None:
     assert stored.verify(PASSWORD) and not stored.verify(WRONG[0])
 
 
+def test_md5_is_md5_crypt_or_else_plain_md5_as_in_dovecot() -> None:
+    plain_md5 = doveadm_pw("PLAIN-MD5").partition("}")[2]
+    for entry in ("{MD5}" + plain_md5, "{MD5.HEX}" + plain_md5.encode().hex(), doveadm_pw("MD5")):
+        with pytest.raises(SchemeError, match="weak password scheme MD5 "):
+            parse(entry, KEY)
+        assert parse(entry, KEY, allow_weak=True).verify(PASSWORD)
+        assert doveadm_verifies(entry, PASSWORD)
+
+
+def test_our_scrypt_entries_also_under_a_scrypt_scheme() -> None:
+    entry = schemes.hash_password(PASSWORD, (1024, 8, 1))
+    for text in (entry, "{SCRYPT}" + entry, "{scrypt}" + entry):
+        stored = parse(text, KEY)
+        assert isinstance(stored, schemes.Scrypt) and stored.verify(PASSWORD) and not stored.verify(WRONG[0])
+
+
 def test_des_and_md5_crypt_under_crypt_are_weak_as_in_dovecot_2_4() -> None:
     des = doveadm_pw("DES-CRYPT", "short")
     md5crypt = doveadm_pw("MD5-CRYPT").partition("}")[2]
