@@ -208,6 +208,7 @@ def _crypt_memory(hashed: str) -> int:
 
 # crypt methods refused unless allow_weak: Dovecot 2.4's (DES, MD5-CRYPT), and NT-hash (unsalted MD4)
 _WEAK_CRYPT = {"DES": "DES-CRYPT", "$1$": "MD5-CRYPT", "$3$": "NT-HASH CRYPT"}
+_DES = re.compile(r"[./0-9A-Za-z]{13}|_[./0-9A-Za-z]{19}")  # traditional and BSDi extended DES
 
 
 class Crypt(StoredPassword):
@@ -225,13 +226,12 @@ class Crypt(StoredPassword):
         if not hashed or not hashed.isascii() or any(ch in hashed for ch in "\0:\n\r \t"):
             raise SchemeError(f"malformed {scheme} hash")
         method = hashed[: hashed.find("$", 1) + 1] if hashed.startswith("$") else "DES"
-        weak = _WEAK_CRYPT.get(method[:3] if method.startswith("_") else method)
-        if weak is None and method.startswith("_"):
-            weak = "BSDI-CRYPT"
-        if weak is not None:
-            _weak(weak, allow_weak)
-        elif len(hashed.split("$")) < 4 or not hashed.rsplit("$", 1)[1]:
+        if method == "DES" and not _DES.fullmatch(hashed):
+            raise SchemeError(f"malformed {scheme} hash: neither $method$... nor 13 characters of DES")
+        if method != "DES" and (len(hashed.split("$")) < 4 or not hashed.rsplit("$", 1)[1]):
             raise SchemeError(f"malformed {scheme} hash: no hash after the salt")
+        if method in _WEAK_CRYPT:
+            _weak(_WEAK_CRYPT[method], allow_weak)
         try:
             status = libxcrypt.checksalt(hashed.encode())
         except libxcrypt.CryptUnavailable as exc:

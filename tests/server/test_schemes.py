@@ -194,6 +194,7 @@ def _argon2_shape(memory_kib: int, kind: str = "argon2id") -> str:
     "{SCRAM-SHA-256}4096,c2FsdA==", "{SCRAM-SHA-1}4096,c2FsdA==,AAAA,AAAA", "{NOPE}x", "{SHA.B32}x", "{}x",
     "{PLAIN}", "{PLAIN", "{MD5-CRYPT}$6$abc$def", "$scrypt$n=1048576,r=8,p=1$c2FsdA==$ZGlnZXN0",
     "{SCRYPT}$scrypt$n=3,r=8,p=1$c2FsdA==$ZGlnZXN0", "{CRYPT}$y$jzz$salt$" + "a" * 43,
+    "{CRYPT}ab", "{DES-CRYPT}abc$def", "{MD5-CRYPT}$1$salt$", "{CRYPT}$argon2id$v=19$m=8,t=1,p=1$c2FsdA$" + "A" * 43,
 ])
 def test_malformed_entries_are_one_line_scheme_errors(entry: str) -> None:
     with pytest.raises(SchemeError) as info:
