@@ -42,6 +42,11 @@ DEFAULT_COST: Cost = (2**14, 8, 1)  # about 50 ms and 16 MiB per hash
 _MAXMEM = 128 * 1024 * 1024  # scrypt ($scrypt$ and crypt's $7$)
 _MAX_ARGON2_MEMORY = 256 * 1024 * 1024  # argon2 and yescrypt
 _BCRYPT_MAX_BYTES = 72  # bcrypt reads no further; Dovecot truncates there too
+# Upper bounds of cost, each about a second or more per check: a failed login pays the dearest
+# entry's cost (unknown names too), so one mistyped cost must not make every failure take minutes.
+_MAX_BCRYPT_COST = 16
+_MAX_ROUNDS = 10_000_000  # $5$/$6$ rounds, PBKDF2 and SCRAM iterations
+_MAX_ARGON2_WORK = 1024 * 1024  # m (KiB) x t: 1 GiB-pass, 256 MiB x 4 passes
 WEAK_HINT = "set allow_weak_schemes = true to allow"
 
 
@@ -56,6 +61,15 @@ def _secret(password: str) -> bytes:
 
 def _random_secret() -> bytes:
     return os.urandom(12).hex().encode()
+
+
+def _decimal(text: str) -> bool:
+    return text.isascii() and text.isdigit()
+
+
+def _bound(scheme: str, what: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise SchemeError(f"{scheme} {what} {value} is over {limit}: every failed login would pay for it")
 
 
 def _weak(name: str, allow_weak: bool) -> None:
@@ -240,6 +254,9 @@ class Crypt(StoredPassword):
         # weak list is Dovecot's, above; crypt(3) verifies those methods all the same
         if status not in (libxcrypt.SALT_OK, libxcrypt.SALT_METHOD_LEGACY, libxcrypt.SALT_TOO_CHEAP):
             raise SchemeError(f"{scheme} hash of a method this system's crypt(3) cannot verify ({method})")
+        rounds = re.match(r"\$[56]\$rounds=([0-9]{1,12})\$", hashed)
+        if rounds:
+            _bound(scheme, "rounds", int(rounds.group(1)), _MAX_ROUNDS)
         entry = cls(scheme, hashed)
         limit = _MAXMEM if hashed.startswith("$7$") else _MAX_ARGON2_MEMORY
         if entry.memory > limit:
@@ -279,7 +296,7 @@ class Crypt(StoredPassword):
         return f"{{{self.scheme}}}{self.hashed}"
 
 
-_BCRYPT = re.compile(r"\$2[aby]\$(\d\d)\$[./0-9A-Za-z]{53}")
+_BCRYPT = re.compile(r"\$2[aby]\$([0-9][0-9])\$[./0-9A-Za-z]{53}")
 
 
 class Bcrypt(StoredPassword):
@@ -290,9 +307,10 @@ class Bcrypt(StoredPassword):
 
     def __init__(self, scheme: str, hashed: str) -> None:
         match = _BCRYPT.fullmatch(hashed)
-        if match is None or not 4 <= int(match.group(1)) <= 31:
+        if match is None or int(match.group(1)) < 4:
             raise SchemeError(f"malformed {scheme} hash: not $2y$/$2b$/$2a$, cost 04-31, 53 characters")
         self.scheme, self.hashed, self.rounds = scheme, hashed, int(match.group(1))
+        _bound(scheme, "cost", self.rounds, _MAX_BCRYPT_COST)
 
     def _matches(self, secret: bytes) -> bool:
         try:
@@ -311,8 +329,7 @@ class Bcrypt(StoredPassword):
         return f"{{{self.scheme}}}{self.hashed}"
 
 
-_ARGON2 = re.compile(r"\$argon2(i|id|d)\$(v=\d+\$)?m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
-_ARGON2_TYPES = {"i": argon2.low_level.Type.I, "id": argon2.low_level.Type.ID}
+_ARGON2 = re.compile(r"\$argon2(i|id|d)\$(v=[0-9]+\$)?m=[0-9]+,t=[0-9]+,p=[0-9]+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+")
 
 
 class Argon2(StoredPassword):
@@ -337,6 +354,7 @@ class Argon2(StoredPassword):
         if self.params.time_cost < 1 or self.params.parallelism < 1 or self.params.memory_cost < 8:
             raise SchemeError(f"impossible {scheme} cost m={self.params.memory_cost},t={self.params.time_cost},"
                               f"p={self.params.parallelism}")
+        _bound(scheme, "work m*t", self.params.memory_cost * self.params.time_cost, _MAX_ARGON2_WORK)
 
     def _matches(self, secret: bytes) -> bool:
         try:
@@ -378,7 +396,7 @@ class Pbkdf2(StoredPassword):
     @classmethod
     def parse(cls, data: str) -> Pbkdf2:
         fields = data.split("$")
-        if len(fields) != 5 or fields[:2] != ["", "1"] or not fields[3].isdigit():
+        if len(fields) != 5 or fields[:2] != ["", "1"] or not _decimal(fields[3]):
             raise SchemeError("malformed PBKDF2 entry: not $1$salt$rounds$hex")
         rounds = int(fields[3])
         try:
@@ -387,8 +405,9 @@ class Pbkdf2(StoredPassword):
             digest = b""
         if len(digest) != 20 or len(fields[4]) != 40:
             raise SchemeError("malformed PBKDF2 entry: the hash is not 40 hex digits")
-        if not 1 <= rounds < 2**32:
+        if rounds < 1:
             raise SchemeError(f"impossible PBKDF2 rounds {rounds}")
+        _bound("PBKDF2", "rounds", rounds, _MAX_ROUNDS)
         return cls(_secret(fields[2]), rounds, digest)
 
     def _matches(self, secret: bytes) -> bool:
@@ -416,14 +435,15 @@ class Scram(StoredPassword):
         self.algorithm = "sha1" if scheme == "SCRAM-SHA-1" else "sha256"
         size = hashlib.new(self.algorithm).digest_size
         fields = data.split(",")
-        if len(fields) != 4 or not fields[0].isdigit():
+        if len(fields) != 4 or not _decimal(fields[0]):
             raise SchemeError(f"malformed {scheme} entry: not iterations,salt,StoredKey,ServerKey")
         self.iterations = int(fields[0])
         self.salt, self.stored_key, self.server_key = (_b64(scheme, field) for field in fields[1:])
         if len(self.stored_key) != size or len(self.server_key) != size or not self.salt:
             raise SchemeError(f"malformed {scheme} entry: wrong key sizes")
-        if not 1 <= self.iterations < 2**32:
+        if self.iterations < 1:
             raise SchemeError(f"impossible {scheme} iterations {self.iterations}")
+        _bound(scheme, "iterations", self.iterations, _MAX_ROUNDS)
 
     def _stored_key(self, secret: bytes) -> bytes:
         salted = hashlib.pbkdf2_hmac(self.algorithm, secret, self.salt, self.iterations)
@@ -618,9 +638,9 @@ def _braced(text: str, plain_key: bytes, allow_weak: bool) -> StoredPassword:
 # a bare value of one of these exact shapes is a hash, not a password (see the module docstring)
 _BARE_CRYPT = re.compile(
     r"\$1\$[./0-9A-Za-z]{0,8}\$[./0-9A-Za-z]{22}"
-    r"|\$5\$(rounds=\d+\$)?[^$:\s]{0,16}\$[./0-9A-Za-z]{43}"
-    r"|\$6\$(rounds=\d+\$)?[^$:\s]{0,16}\$[./0-9A-Za-z]{86}"
-    r"|\$2[abxy]\$\d\d\$[./0-9A-Za-z]{53}"
+    r"|\$5\$(rounds=[0-9]+\$)?[^$:\s]{0,16}\$[./0-9A-Za-z]{43}"
+    r"|\$6\$(rounds=[0-9]+\$)?[^$:\s]{0,16}\$[./0-9A-Za-z]{86}"
+    r"|\$2[abxy]\$[0-9][0-9]\$[./0-9A-Za-z]{53}"
     r"|\$(y|gy|sm3y)\$[./0-9A-Za-z]+\$[./0-9A-Za-z]*\$[./0-9A-Za-z]{43}"
     r"|\$7\$[./0-9A-Za-z]{11}[^$:\s]*\$[./0-9A-Za-z]{43}")
 

@@ -50,6 +50,11 @@ def doveadm_verifies(entry: str, password: str) -> bool:
     return result.returncode == 0
 
 
+def _argon2_shape(memory_kib: int, kind: str = "argon2id") -> str:
+    """An argon2 entry of the right shape (parsed, never verified)."""
+    return f"${kind}$v=19$m={memory_kib},t=3,p=1$" + "c2FsdHNhbHRzYWx0c2FsdA" + "$" + "A" * 43
+
+
 @pytest.mark.parametrize("scheme", STRONG)
 def test_dovecot_entries_verify_the_right_password_only(scheme: str) -> None:
     entry = doveadm_pw(scheme)
@@ -180,10 +185,6 @@ def test_other_bare_values_are_plain_passwords(text: str) -> None:
     assert stored.verify(text) and not stored.verify(text + "x")
 
 
-def _argon2_shape(memory_kib: int, kind: str = "argon2id") -> str:
-    return f"${kind}$v=19$m={memory_kib},t=3,p=1$" + "c2FsdHNhbHRzYWx0c2FsdA" + "$" + "A" * 43
-
-
 @pytest.mark.parametrize("entry", [
     "{SHA}not base64!", "{SHA}" + base64.b64encode(b"x" * 19).decode(), "{SSHA}" + base64.b64encode(b"x" * 20).decode(),
     "{SHA256.HEX}" + "zz" * 32, "{SHA256.HEX}abc", "{SHA512-CRYPT}", "{SHA512-CRYPT}$6$saltsalt$",
@@ -211,6 +212,21 @@ def test_memory_bounds_argon2_at_256_mib_and_scrypt_at_128_mib() -> None:
     with pytest.raises(SchemeError, match="scrypt cost"):
         parse("$scrypt$n=131072,r=8,p=1$c2FsdA==$ZGlnZXN0", KEY)
     assert parse(doveadm_pw("SHA512-CRYPT"), KEY).memory == 0
+
+
+@pytest.mark.parametrize(("entry", "dear"), [
+    ("{BLF-CRYPT}$2y$16$" + "a" * 53, "{BLF-CRYPT}$2y$17$" + "a" * 53),
+    ("{SHA512-CRYPT}$6$rounds=10000000$salt$" + "a" * 86, "{SHA512-CRYPT}$6$rounds=10000001$salt$" + "a" * 86),
+    ("{PBKDF2}$1$salt$10000000$" + "0" * 40, "{PBKDF2}$1$salt$10000001$" + "0" * 40),
+    ("{SCRAM-SHA-1}10000000,c2FsdA==," + "A" * 27 + "=," + "A" * 27 + "=",
+     "{SCRAM-SHA-1}10000001,c2FsdA==," + "A" * 27 + "=," + "A" * 27 + "="),
+    ("{ARGON2ID}" + _argon2_shape(262144).replace("t=3", "t=4"), "{ARGON2ID}" + _argon2_shape(262144)
+     .replace("t=3", "t=5")),
+])
+def test_costs_that_would_make_every_failed_login_take_too_long_are_refused(entry: str, dear: str) -> None:
+    parse(entry, KEY)  # parse only: no hashing
+    with pytest.raises(SchemeError, match="every failed login would pay for it"):
+        parse(dear, KEY)
 
 
 @pytest.mark.parametrize("scheme", ["SSHA256", "SHA512-CRYPT", "BLF-CRYPT", "ARGON2I", "PBKDF2", "SCRAM-SHA-256",
