@@ -17,8 +17,8 @@ import threading
 import argon2.low_level
 import pytest
 
-from geventpop3 import libxcrypt, schemes
-from geventpop3.schemes import SchemeError, parse
+from geventpop3 import schemes
+from geventpop3.schemes import SchemeError, libxcrypt, parse
 
 KEY = os.urandom(32)
 PASSWORD = "pässwörd-1"  # non-ASCII: UTF-8 bytes reach every hash as Dovecot's do
