@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="geventpop3",
         description="A POP3 server on gevent serving Maildir mail, with the MSMP management protocol.",
-        epilog="Settings precedence: defaults < --config < values SET over MSMP (persisted) < flags.",
+        epilog="Settings precedence: defaults < --config < values SET over MSMP (persisted) < flags. "
+               "`geventpop3 hash [-s SCHEME] [NAME]` makes a hashed entry (geventpop3 hash -h).",
     )
     add = parser.add_argument
     add("-v", "--version", action="version", version=f"geventpop3 {__version__}")
@@ -63,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("-a", "--admin", action="append", default=[], metavar="NAME:PASS", help="an MSMP admin; repeatable")
     add("-t", "--transformer", metavar="CMD", help="filter for retrieved mail, a command line (no shell)")
     add("-d", "--maildir", metavar="DIR", help=f"Maildir root (default {DEFAULT_MAILDIR}; created if missing)")
-    add("--users-file", metavar="FILE", help="name:password (or name:$scrypt$...) lines")
+    add("--users-file", metavar="FILE",
+        help="name:password, name:$scrypt$... or Dovecot passwd-file name:{SCHEME}hash lines")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
     add("--config", metavar="FILE", help="TOML config file")
     add("--no-state", action="store_true",
