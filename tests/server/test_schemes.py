@@ -322,3 +322,11 @@ def test_argon2_entries_of_argon2_cffi_and_of_libsodium_agree() -> None:
                                         argon2.low_level.Type.ID).decode()
     assert doveadm_verifies("{ARGON2ID}" + ours, PASSWORD)
     assert parse("{ARGON2}" + ours, KEY).verify(PASSWORD)
+
+
+@pytest.mark.parametrize("scheme", ["ARGON2I", "ARGON2ID"])
+def test_argon2_parameters_read_from_the_entry_are_argon2_cffis(scheme: str) -> None:
+    entry = doveadm_pw(scheme)
+    stored = parse(entry, KEY)
+    assert isinstance(stored, schemes.Argon2)
+    assert stored.params == argon2.extract_parameters(entry.partition("}")[2])
