@@ -55,6 +55,8 @@ def _yescrypt_uint(text: str, pos: int, minimum: int) -> tuple[int, int]:
 def _crypt_memory(hashed: str) -> int:
     """Peak memory of a memory-hard crypt hash: yescrypt ($y$, $gy$, $sm3y$: 128*r*N) and
     scrypt ($7$: 128*r*(N+p)); 0 for the others."""
+    if not hashed.startswith(("$y$", "$gy$", "$sm3y$", "$7$")):
+        return 0
     parts = hashed.split("$")
     if len(parts) < 3:
         return 0
@@ -78,6 +80,7 @@ def _crypt_memory(hashed: str) -> int:
 
 # crypt methods refused unless allow_weak: Dovecot 2.4's (DES, MD5-CRYPT), and NT-hash (unsalted MD4)
 _WEAK_CRYPT = {"DES": "DES-CRYPT", "$1$": "MD5-CRYPT", "$3$": "NT-HASH CRYPT"}
+_SHA_CRYPT_ROUNDS = re.compile(r"\$[56]\$rounds=([0-9]{1,12})\$")
 _UNSAFE = re.compile(r"[\0:\s]")  # what no crypt hash holds
 _DES = re.compile(r"[./0-9A-Za-z]{13}|_[./0-9A-Za-z]{19}")  # traditional and BSDi extended DES
 
@@ -111,7 +114,7 @@ class Crypt(StoredPassword):
         # weak list is Dovecot's, above; crypt(3) verifies those methods all the same
         if status not in (libxcrypt.SALT_OK, libxcrypt.SALT_METHOD_LEGACY, libxcrypt.SALT_TOO_CHEAP):
             raise SchemeError(f"{scheme} hash of a method this system's crypt(3) cannot verify ({method})")
-        rounds = re.match(r"\$[56]\$rounds=([0-9]{1,12})\$", hashed)
+        rounds = _SHA_CRYPT_ROUNDS.match(hashed)
         if rounds:
             refuse_dear(scheme, "rounds", int(rounds.group(1)), MAX_ROUNDS)
         entry = cls(scheme, hashed)
