@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("-t", "--transformer", metavar="CMD", help="filter for retrieved mail, a command line (no shell)")
     add("-d", "--maildir", metavar="DIR", help=f"Maildir root (default {DEFAULT_MAILDIR}; created if missing)")
     add("--users-file", metavar="FILE",
-        help="name:password, name:$scrypt$... or Dovecot passwd-file name:{SCHEME}hash lines")
+        help="name:password, name:$scrypt$... or Dovecot passwd-file lines (name:{SCHEME}hash:...); "
+             "re-read at SIGHUP and MSMP RELOAD")
+    add("--allow-weak-schemes", action="store_true",
+        help="accept weak password schemes (MD5-CRYPT, PLAIN-MD5, SMD5, DES-CRYPT, ...) in users and admins")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
     add("--config", metavar="FILE", help="TOML config file")
     add("--no-state", action="store_true",

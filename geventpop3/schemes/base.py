@@ -85,6 +85,11 @@ class StoredPassword:
         """The entry as a users file holds it."""
         raise NotImplementedError
 
+    def same(self, other: StoredPassword) -> bool:
+        """Whether `other` stores the same password the same way (a reload keeps the
+        cached logins of unchanged entries)."""
+        return type(other) is type(self) and other.text() == self.text()
+
 
 
 def decode_b64(scheme: str, text: str) -> bytes:

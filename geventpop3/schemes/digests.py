@@ -27,7 +27,8 @@ HEX_DEFAULT = {"PLAIN-MD5", "PLAIN-MD4"}  # digests Dovecot writes in hex by def
 
 
 class KeyedPlain(StoredPassword):
-    """A plain password, kept only as HMAC(key, password)."""
+    """A plain password, kept only as a keyed digest: BLAKE2s in its keyed (MAC) mode, a
+    third of HMAC-SHA256's time, which counts with 100,000 plain entries to load."""
 
     scheme = "PLAIN"
     cheap = True
@@ -35,20 +36,24 @@ class KeyedPlain(StoredPassword):
 
     def __init__(self, key: bytes, password: str) -> None:
         self._key = key
-        self._digest = hmac.digest(key, secret_bytes(password), "sha256")
+        self._digest = hashlib.blake2s(secret_bytes(password), key=key).digest()
 
     def verify(self, password: str) -> bool:
         # NUL included: a plain entry is compared whole, whatever it holds
         return self._matches(secret_bytes(password))
 
     def _matches(self, secret: bytes) -> bool:
-        return hmac.compare_digest(hmac.digest(self._key, secret, "sha256"), self._digest)
+        return hmac.compare_digest(hashlib.blake2s(secret, key=self._key).digest(), self._digest)
 
     def dummy(self) -> StoredPassword:
         return KeyedPlain(self._key, os.urandom(8).hex())
 
     def text(self) -> str:
         raise SchemeError("a plain password is not kept, only its keyed digest")
+
+    def same(self, other: StoredPassword) -> bool:
+        return isinstance(other, KeyedPlain) and other._key == self._key and hmac.compare_digest(
+            other._digest, self._digest)
 
 
 class Digest(StoredPassword):
