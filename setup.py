@@ -17,6 +17,9 @@ setup(
         "prometheus-client>=0.19,<1",
         # The TLS certificate's notAfter (expiry in STAT and metrics); not_valid_after_utc is 42+.
         "cryptography>=42,<50",
+        # Dovecot's BLF-CRYPT and ARGON2I/ARGON2ID password schemes (geventpop3.schemes)
+        "bcrypt>=4.1,<6",
+        "argon2-cffi>=23.1,<26",
     ],
     extras_require={
         "test": [
