@@ -289,7 +289,7 @@ class Credentials:
 
     def __init__(self, hasher: Hasher | None = None, allow_weak: bool = False) -> None:
         self._hasher = hasher if hasher is not None else HASHER
-        self.allow_weak = allow_weak  # weak schemes (PLAIN-MD5, NTLM, ...) accepted (allow_weak_schemes)
+        self.allow_weak = allow_weak  # weak schemes (MD5-CRYPT, PLAIN-MD5, ...) accepted (allow_weak_schemes)
         self._plain_key = os.urandom(32)  # plain passwords are kept only as a digest keyed with it
         self._cache_key = os.urandom(32)
         self._entries: dict[str, StoredPassword] = {}

@@ -40,8 +40,9 @@ pytestmark = [
 # The same file serves both servers: Dovecot's peer script turns `name:password` into
 # `name:{PLAIN}password` and passes `{SCHEME}...` entries as they are.
 USERS = {"alice": "alicepw", "bob": "bob-pw.2", "carol": "carolpw", "dave": "davepw"}
-# TODO(lead): add {SHA512-CRYPT}/{BLF-CRYPT}/{ARGON2ID} users once schemes merge (and {PLAIN}: geventpop3
-# takes `{PLAIN}pw` as the password itself until then), from `doveadm pw -s SCHEME -p PASSWORD`.
+# How each user's password is stored in the users file: as is (a plain password), or hashed
+# by the real `doveadm pw -s SCHEME` (what a Dovecot installation's passwd-file holds).
+SCHEMES = {"alice": None, "bob": "SHA512-CRYPT", "carol": "BLF-CRYPT", "dave": "ARGON2ID"}
 
 
 @dataclass
@@ -154,8 +155,16 @@ def geventpop3_on(root: Path, users_file: Path, uidl_format: str | None) -> Serv
 
 
 def write_users(directory: Path) -> Path:
+    lines = ["# the users file both servers read\n"]
+    for user, password in USERS.items():
+        scheme = SCHEMES[user]
+        if scheme is not None:
+            password = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", password], capture_output=True,
+                                      text=True, check=True, timeout=30).stdout.strip()
+            assert password.startswith(f"{{{scheme}}}"), password
+        lines.append(f"{user}:{password}\n")
     path = directory / "users"
-    path.write_text("# the users file both servers read\n" + "".join(f"{u}:{p}\n" for u, p in USERS.items()))
+    path.write_text("".join(lines))
     return path
 
 
