@@ -287,7 +287,8 @@ class Credentials:
         for name, secret in entries:
             if is_password_hash(secret):
                 self._put(name, secret)
-        self._refresh_dummy()
+        if self._hashes:  # none: no name to tell apart, the dummy is made at the first login
+            self._refresh_dummy()
 
     # -- queries ------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
