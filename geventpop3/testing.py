@@ -266,7 +266,7 @@ class Pop3TestServer:
         directory = self.root / "tls"
         directory.mkdir()
         ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost")  # fetchmail wants a CN
         self.ca_path = directory / "ca.pem"
         ca.cert_pem.write_to_path(str(self.ca_path))
         leaf.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))

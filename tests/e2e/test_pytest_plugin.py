@@ -4,6 +4,7 @@ with the plugin found through its `pytest11` entry point, as pip installs it."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,3 +134,13 @@ def test_unrelated(request):
                 or name.startswith("geventpop3.testing")]
 ''')
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+
+
+def test_the_examples_in_docs_testing_md_pass(pytester: pytest.Pytester, suite: Path) -> None:
+    """Every block of docs/testing.md that begins with `# name.py` is written out and run
+    (poplib plain and over TLS with a fault, fetchmail over TLS): the page shows code that works."""
+    blocks = re.findall(r"```python\n# (\w+\.py)\n(.*?)```", (REPO / "docs" / "testing.md").read_text(), re.S)
+    assert {name for name, _ in blocks} == {"test_first.py", "fetch.py", "test_fetch.py", "test_fetchmail.py"}
+    for name, code in blocks:
+        (pytester.path / name).write_text(code)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=4)
