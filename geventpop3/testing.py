@@ -300,7 +300,7 @@ class Pop3TestServer:
             if served is not None:
                 self._take(served)
                 return
-            if attempt + 1 < attempts and "in use" in self._tail():
+            if attempt + 1 < attempts and re.search(r"cannot listen for POP3S .*in use", self._tail()):
                 continue
             raise Pop3TestServerError(f"geventpop3 exited {self.process.returncode} at start:\n{self._tail()}")
 

@@ -7,6 +7,7 @@ import gc
 import poplib
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, server_env, wait_until
 
+from geventpop3 import testing
 from geventpop3.testing import Pop3TestServer, Pop3TestServerError
 
 
@@ -76,6 +78,21 @@ def test_tls_client_verifies_the_throwaway_ca_on_pop3s_and_stls() -> None:
         starttls.quit()
         with pytest.raises(ssl.SSLCertVerificationError):  # the CA is this server's own, no one else's
             poplib.POP3_SSL(server.host, server.pop3s_port, context=ssl.create_default_context(), timeout=10)
+
+
+def test_a_pop3s_port_taken_before_the_server_binds_it_is_picked_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Port 0 cannot ask for an ephemeral POP3S port (`--pop3s-port 0` is "none"): the
+    picked free port can be taken meanwhile; the start is then retried with another one."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        ports = [taken.getsockname()[1]]
+        pick = testing._free_port
+        monkeypatch.setattr(testing, "_free_port", lambda host: ports.pop(0) if ports else pick(host))
+        with Pop3TestServer(tls=True) as server:
+            assert server.pop3s_port not in (None, taken.getsockname()[1])
+            assert any("in use" in line for line in server.log)
+            assert poplib.POP3_SSL(server.host, server.pop3s_port, context=server.ssl_context()).quit()
 
 
 def test_two_servers_side_by_side_share_nothing() -> None:
