@@ -178,17 +178,19 @@ def _wait_exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
         time.sleep(POLL)
 
 
-def _cleanup(process: subprocess.Popen[bytes] | None, root: Path) -> None:
+def _cleanup(processes: list[subprocess.Popen[bytes]], root: Path) -> None:
     """End the server (SIGTERM, then SIGKILL for its whole process group) and remove `root`.
 
-    A module-level function: the finalizer that calls it must not keep the server alive."""
+    A module-level function given the list the server's processes go into as soon as they
+    exist: the finalizer that calls it must not keep the server object alive."""
     try:
-        if process is not None and process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-            _wait_exited(process, STOP_TIMEOUT)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)  # what is left of the group; the leader if it hung
+        for process in processes:
+            if process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    process.send_signal(signal.SIGTERM)
+                _wait_exited(process, STOP_TIMEOUT)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(process.pid, signal.SIGKILL)  # what is left of the group; the leader if it hung
             process.wait()
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -230,7 +232,8 @@ class Pop3TestServer:
         self._initial = dict(self.users)  # what clear() brings the users back to
         self._changed: dict[str, str] = {}  # setting -> value before set()
         self._client: MsmpClient | None = None
-        self._finalizer = weakref.finalize(self, _cleanup, None, self.root)
+        self._processes: list[subprocess.Popen[bytes]] = []  # every start attempt's, for the clean-up
+        self._finalizer = weakref.finalize(self, _cleanup, self._processes, self.root)
         try:
             argv = self._prepare(settings, list(args))
             self._start(argv, timeout)
@@ -290,12 +293,11 @@ class Pop3TestServer:
             pop3s = ["--pop3s-port", str(_free_port(self.host))] if self.tls else []
             with open(self._log_path, "ab") as log:
                 in_main_thread = threading.current_thread() is threading.main_thread()
-                self.process = subprocess.Popen(
+                self._processes.append(subprocess.Popen(  # in the list at once: an interrupt cannot lose it
                     argv + pop3s, cwd=self.root, env=_child_env(self.root / "tmp"), stdin=subprocess.DEVNULL,
                     stdout=log, stderr=subprocess.STDOUT, process_group=0,
-                    preexec_fn=_exit_with_parent if _PRCTL is not None and in_main_thread else None)
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _cleanup, self.process, self.root)
+                    preexec_fn=_exit_with_parent if _PRCTL is not None and in_main_thread else None))
+            self.process = self._processes[-1]
             served = self._wait_ready(self.process, timeout)
             if served is not None:
                 self._take(served)
