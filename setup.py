@@ -28,6 +28,7 @@ setup(
             "mypy>=1.10,<3",
             "types-gevent>=24.2",
             "hypothesis>=6.100,<7",
+            "proxy-protocol>=0.11,<0.12",  # an independent PROXY protocol implementation to check ours against
         ],
         "load": [
             "locust>=2.20,<3",

@@ -57,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("-a", "--admin", action="append", default=[], metavar="NAME:PASS", help="an MSMP admin; repeatable")
     add("-t", "--transformer", metavar="CMD", help="filter for retrieved mail, a command line (no shell)")
     add("-d", "--maildir", metavar="DIR", help=f"Maildir root (default {DEFAULT_MAILDIR}; created if missing)")
-    add("--users-file", metavar="FILE", help="name:password (or name:$scrypt$...) lines")
+    add("--users-file", metavar="FILE",
+        help="name:password, name:$scrypt$... or Dovecot passwd-file lines (name:{SCHEME}hash:...); "
+             "re-read at SIGHUP and MSMP RELOAD")
+    add("--allow-weak-schemes", action="store_true",
+        help="accept weak password schemes (PLAIN-MD5, CRAM-MD5, LANMAN, NTLM, ...) in users and admins")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
     add("--config", metavar="FILE", help="TOML config file")
     add("--no-state", action="store_true",

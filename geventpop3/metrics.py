@@ -33,6 +33,7 @@ PERSISTED_COUNTERS = (
     "transformer_timeouts",
     "transformer_cache_hits",
     "refused_per_ip",
+    "refused_proxy",
     "refused_user_ip",
     "login_timeouts",
     "admin_refused",
@@ -61,6 +62,7 @@ class Metrics:
         self.transformer_seconds = 0.0
         # Refusals by the connection limits (geventpop3.pop3.session, geventpop3.msmp.session).
         self.refused_per_ip = 0  # POP3 connections over max_connections_per_ip
+        self.refused_proxy = 0  # POP3 connections closed for proxy_networks (outside them, or a bad header)
         self.refused_user_ip = 0  # POP3 logins over max_sessions_per_user_ip
         self.login_timeouts = 0  # POP3 connections closed at login_timeout
         self.admin_refused = 0  # MSMP connections over admin_max_connections
@@ -114,6 +116,7 @@ class Metrics:
             f"Transformer cache hits: {self.transformer_cache_hits}",
             f"Transformer seconds: {self.transformer_seconds:.3f}",
             f"Connections refused per IP: {self.refused_per_ip}",
+            f"Connections refused by PROXY rules: {self.refused_proxy}",
             f"Logins refused per user and IP: {self.refused_user_ip}",
             f"Login timeouts: {self.login_timeouts}",
             f"Admin connections refused: {self.admin_refused}",
@@ -219,6 +222,8 @@ class PrometheusCollector:
         ("transformer_cache_hits", "transformer_cache_hits", "filtered messages served from the cache"),
         ("transformer_seconds", "transformer_seconds", "seconds spent running filters"),
         ("connections_refused_per_ip", "refused_per_ip", "POP3 connections refused by max_connections_per_ip"),
+        ("connections_refused_proxy", "refused_proxy",
+         "POP3 connections closed by proxy_networks (not from a proxy, or no valid PROXY header)"),
         ("logins_refused_user_ip", "refused_user_ip", "POP3 logins refused by max_sessions_per_user_ip"),
         ("login_timeouts", "login_timeouts", "POP3 connections closed at login_timeout"),
         ("admin_connections_refused", "admin_refused", "MSMP connections refused by admin_max_connections"),

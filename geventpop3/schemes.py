@@ -65,9 +65,15 @@ class StoredPassword:
         """The entry as a users file holds it."""
         raise NotImplementedError
 
+    def same(self, other: StoredPassword) -> bool:
+        """Whether `other` stores the same password the same way (a reload keeps the
+        cached logins of unchanged entries)."""
+        return type(other) is type(self) and other.text() == self.text()
+
 
 class KeyedPlain(StoredPassword):
-    """A plain password, kept only as HMAC(key, password)."""
+    """A plain password, kept only as a keyed digest: BLAKE2s in its keyed (MAC) mode, a
+    third of HMAC-SHA256's time, which counts with 100,000 plain entries to load."""
 
     scheme = "PLAIN"
     cheap = True
@@ -75,16 +81,20 @@ class KeyedPlain(StoredPassword):
 
     def __init__(self, key: bytes, password: str) -> None:
         self._key = key
-        self._digest = hmac.new(key, _secret(password), "sha256").digest()
+        self._digest = hashlib.blake2s(_secret(password), key=key).digest()
 
     def verify(self, password: str) -> bool:
-        return hmac.compare_digest(hmac.new(self._key, _secret(password), "sha256").digest(), self._digest)
+        return hmac.compare_digest(hashlib.blake2s(_secret(password), key=self._key).digest(), self._digest)
 
     def dummy(self) -> StoredPassword:
         return KeyedPlain(self._key, os.urandom(8).hex())
 
     def text(self) -> str:
         raise SchemeError("a plain password is not kept, only its keyed digest")
+
+    def same(self, other: StoredPassword) -> bool:
+        return isinstance(other, KeyedPlain) and other._key == self._key and hmac.compare_digest(
+            other._digest, self._digest)
 
 
 class Scrypt(StoredPassword):

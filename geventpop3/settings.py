@@ -168,14 +168,18 @@ KEYS: dict[str, Key] = {
         Key("plaintext_auth", _choice("tls", "always"), "always",
             "USER/PASS and AUTH PLAIN/LOGIN: tls (secure connections only) or always"),
         Key("trusted_networks", _networks, Networks(), "CIDR list of clients that count as secure without TLS"),
+        Key("proxy_networks", _networks, Networks(),
+            "CIDR list of load balancers: POP3 connections must come from them, with a PROXY protocol header"),
         Key("tls_min_version", _choice("TLSv1.2", "TLSv1.3"), "TLSv1.2", "oldest TLS version accepted"),
         Key("auth_penalty_max", _float_range(0, 3600), 15.0, "most seconds a failed login from one source waits"),
         Key("auth_penalty_forget", _float_range(1, 86_400), 300.0,
             "seconds without a failure before a source's penalty is forgotten"),
         Key("auth_penalty_sources", _int_range(1, 10_000_000), 100_000, "most sources the penalty tracks"),
-        Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords (scrypt)"),
+        Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords"),
         Key("auth_hash_queue", _int_range(1, 100_000), 1000,
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
+        Key("auth_hash_memory", _int_range(16, 65_536), 256,
+            "MiB that memory-hard password checks (scrypt, argon2) may use at once"),
     )
 }
 

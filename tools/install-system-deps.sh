@@ -11,6 +11,7 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v spamassassin >/dev/null || need+=(spamassassin)
 command -v spamc >/dev/null || need+=(spamc)
 command -v renattach >/dev/null || need+=(renattach)
+command -v haproxy >/dev/null || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

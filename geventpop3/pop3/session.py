@@ -41,6 +41,7 @@ from geventpop3.filters import ClientGone
 from geventpop3.lines import Delayed, LineBuffer
 from geventpop3.metrics import AccessEntry
 from geventpop3.penalty import source_of
+from geventpop3.pop3 import proxied
 from geventpop3.pop3.protocol import (
     DELAYED_FAILURES,
     STLS_OK,
@@ -51,7 +52,8 @@ from geventpop3.pop3.protocol import (
     StartTls,
     Update,
 )
-from geventpop3.pop3.security import ConnectionSecurity
+from geventpop3.pop3.security import ConnectionSecurity, parse_address
+from geventpop3.proxy_protocol import ProxyError, ProxyHeader
 from geventpop3.transport import TlsTransport, Transport
 from geventpop3.users import HashingBusy
 
@@ -61,6 +63,7 @@ TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
 TOO_MANY_FROM_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
 IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
 LOGIN_TIMEOUT = b"-ERR Login timeout, closing connection\r\n"
+HEALTH_OK = b"+OK geventpop3 ready\r\n"  # to a load balancer's health check (PROXY LOCAL)
 TIMER_SLACK = 0.05  # seconds: a login deadline this close counts as reached
 _UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
 
@@ -103,7 +106,7 @@ class Pop3Session:
     )
 
     def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
-                 implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False, proxy: ProxyHeader | None = None) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
@@ -112,7 +115,11 @@ class Pop3Session:
         self.address = host
         self.port = port
         settings = ctx.settings
-        security = ConnectionSecurity(settings, self.address, _server_address(sock), tls_available=ctx.tls is not None)
+        # Behind a proxy the server address is the one the client reached (the proxy's), and
+        # TLS the proxy terminated (v2 SSL TLV) makes the connection secure.
+        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
+        security = ConnectionSecurity(settings, self.address, server, tls=proxy is not None and proxy.tls,
+                                      tls_available=ctx.tls is not None)
         self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
         self.implicit_tls = implicit_tls  # POP3S: the handshake comes before the greeting
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
@@ -287,6 +294,8 @@ class Pop3Session:
 
     def _tls_description(self) -> str:
         transport = self.transport
+        if not isinstance(transport, TlsTransport) and self.protocol.security.tls:
+            return "proxy"  # TLS ended at the load balancer (PROXY v2 SSL TLV)
         return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
 
     # -- actions -------------------------------------------------------------
@@ -437,6 +446,13 @@ class Pop3Service:
         """StreamServer handler: enforce the connection limits, then greet and serve."""
         metrics = self.ctx.metrics
         settings = self.ctx.settings
+        proxy = None
+        if settings.proxy_networks:
+            proxy = self._proxy_header(sock, address, implicit_tls)
+            if proxy is None:
+                return
+            if proxy.source is not None:
+                address = proxy.source
         host = client_host(address)
         key = source_key(host)
         if metrics.current_connections >= settings.max_connections:
@@ -449,10 +465,39 @@ class Pop3Service:
             return
         self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, host, int(address[1]), implicit_tls)
+        session = Pop3Session(self, sock, host, int(address[1]), implicit_tls, proxy)
         self.sessions.add(session)
         session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
         session.start()
+
+    def _proxy_header(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool) -> ProxyHeader | None:
+        """The PROXY header of a connection from one of `proxy_networks`; None when the
+        connection is closed here: from anywhere else (a client going around the proxy
+        would choose its own address), a missing or bad header, or the proxy's own
+        health check (LOCAL), which is no session (on the plain port it gets a greeting
+        line, for a check that expects one; POP3S checks are bare TCP connects)."""
+        peer = client_host(address)
+        parsed = parse_address(peer)
+        if parsed is None or not any(parsed in network for network in self.ctx.settings.proxy_networks):
+            self.ctx.metrics.refused_proxy += 1
+            log.info("pop3 connection refused: rip=%s not in proxy_networks", peer)
+            sock.close()
+            return None
+        try:
+            header = proxied.read_header(sock)
+        except ProxyError as exc:
+            self.ctx.metrics.refused_proxy += 1
+            log.info("pop3 connection refused: rip=%s bad PROXY header: %s", peer, exc)
+            sock.close()
+            return None
+        if header.local:
+            log.debug("pop3 PROXY LOCAL (health check) from %s", peer)
+            if not implicit_tls:
+                with contextlib.suppress(OSError):
+                    sock.sendall(HEALTH_OK)
+            sock.close()
+            return None
+        return header
 
     def _refuse(self, sock: socket.socket, answer: bytes, implicit_tls: bool) -> None:
         self.ctx.metrics.total_connections += 1  # accepted, then refused: still a connection

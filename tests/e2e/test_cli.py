@@ -95,6 +95,8 @@ def test_version(tmp_path: Path, flag: str) -> None:
     (["-u", "../x:pw"], "user"),
     (["-u", "alice:"], "user"),
     (["-a", "root"], "admin"),
+    (["-u", "alice:{NO-SUCH-SCHEME}x"], "invalid user alice: unknown password scheme {NO-SUCH-SCHEME}"),
+    (["-a", "root:$scrypt$n=3,r=1,p=1$c2FsdA==$ZGlnZXN0"], "invalid admin root: impossible scrypt cost"),
 ])
 def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:
     assert_parse_error(tmp_path, args, fragment)
@@ -126,6 +128,7 @@ def test_users_file_is_a_directory(tmp_path: Path) -> None:
     (b"alice:pw\nbroken line\n", ":2:"),
     (b"../evil:pw\n", "unsafe user name"),
     (b"alice:\xff\xfe\n", "UTF-8"),
+    (b"alice:pw\n\nbob:{NO-SUCH-SCHEME}pw:1000:1000::/home/bob::\n", ":3: unknown password scheme {NO-SUCH-SCHEME}"),
 ])
 def test_bad_users_file(tmp_path: Path, content: bytes, fragment: str) -> None:
     path = tmp_path / "users"
@@ -188,6 +191,8 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     ("state_dir = 5", "state_dir"),
     ("maildir = 5", "maildir"),
     ("metrics_address = 5", "metrics_address"),
+    ('allow_weak_schemes = "yes"', "allow_weak_schemes has the wrong type"),
+    ('users = ["alice:{NO-SUCH-SCHEME}x"]', "invalid user alice: unknown password scheme"),
 ])
 def test_invalid_config_values(tmp_path: Path, text: str, fragment: str) -> None:
     config = write_config(tmp_path, text + "\n")
@@ -226,6 +231,13 @@ def test_config_file_overrides_defaults(tmp_path: Path) -> None:
     assert parsed.pop3_port == 1110
     assert parsed.pop3_addresses == ["::1"]
     assert parsed.explicit == {"maildir": str(tmp_path / "mail")}
+
+
+def test_allow_weak_schemes_from_the_flag_or_the_file(tmp_path: Path) -> None:
+    assert not parse_config(["-d", str(tmp_path / "mail")]).allow_weak_schemes
+    assert parse_config(["-d", str(tmp_path / "mail"), "--allow-weak-schemes"]).allow_weak_schemes
+    config = write_config(tmp_path, "allow_weak_schemes = true\n")
+    assert parse_config(["-d", str(tmp_path / "mail"), "--config", config]).allow_weak_schemes
 
 
 def test_defaults(tmp_path: Path) -> None:

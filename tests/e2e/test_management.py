@@ -210,6 +210,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "log_retention_days": "7",
         "plaintext_auth": "tls",
         "trusted_networks": "10.0.0.0/8,2001:db8::/32",
+        "proxy_networks": "192.0.2.0/24",  # POP3 would now be refused from loopback: nothing here uses it after
         "tls_min_version": "TLSv1.3",
         "log_retention_total": "5000",
         "auth_penalty_max": "4",
@@ -217,6 +218,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "auth_penalty_sources": "1000",
         "auth_hash_threads": "3",
         "auth_hash_queue": "20",
+        "auth_hash_memory": "512",
     }
 
 
