@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import REPO, server_env, wait_until
+from helpers import REPO, ipv6_loopback, server_env, wait_until
 
 from geventpop3 import testing
 from geventpop3.testing import Pop3TestServer, Pop3TestServerError
@@ -109,7 +109,9 @@ def test_a_pop3s_port_taken_before_the_server_binds_it_is_picked_again(monkeypat
 
 
 def test_two_servers_side_by_side_share_nothing() -> None:
-    with Pop3TestServer(users={"alice": "one"}) as first, Pop3TestServer(users={"alice": "two"}) as second:
+    second_host = "::1" if ipv6_loopback() else "127.0.0.1"
+    with Pop3TestServer(users={"alice": "one"}) as first, \
+            Pop3TestServer(users={"alice": "two"}, host=second_host) as second:
         assert len({first.port, first.admin_port, second.port, second.admin_port}) == 4
         assert first.root != second.root and first.pid != second.pid
         only = first.deliver("alice", b"Subject: first only\n\n.\n")
