@@ -112,7 +112,8 @@ def test_two_servers_side_by_side_share_nothing() -> None:
     second_host = "::1" if ipv6_loopback() else "127.0.0.1"
     with Pop3TestServer(users={"alice": "one"}) as first, \
             Pop3TestServer(users={"alice": "two"}, host=second_host) as second:
-        assert len({first.port, first.admin_port, second.port, second.admin_port}) == 4
+        endpoints = {(server.host, port) for server in (first, second) for port in (server.port, server.admin_port)}
+        assert len(endpoints) == 4
         assert first.root != second.root and first.pid != second.pid
         only = first.deliver("alice", b"Subject: first only\n\n.\n")
         assert uidls(login(first, "alice")) == [only]
