@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--idle-timeout", metavar="SECONDS", help="close idle POP3 sessions after this (default 600)")
     add("--login-failure-delay", metavar="SECONDS", help="delay before a failed login is answered (default 2)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add("--uidl-format", metavar="FORMAT",
+        help="UIDLs: %%f (the Maildir base name, the default) or %%08Xu%%08Xv (Dovecot's default, "
+             "from dovecot-uidlist); see docs/migrating.md")
     add("--metrics-address", metavar="ADDR", help="Prometheus endpoint address (default 127.0.0.1)")
     add("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port (default: off)")
     add("--tls-cert", metavar="FILE", help="PEM certificate chain, leaf first: enables STLS and POP3S")

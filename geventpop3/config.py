@@ -36,7 +36,7 @@ DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 
 # Flags that set a live setting of the same name (`--idle-timeout` -> idle_timeout).
-FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level")
+FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level", "uidl_format")
 
 # Keys of the config file that are not live settings, with their TOML types.
 FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {

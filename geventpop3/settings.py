@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from geventpop3.maildir import UIDL_BASE_NAME, UIDL_FORMATS
 from geventpop3.maildir_root import NotAMaildirRoot, check_root
 
 log = logging.getLogger(__name__)
@@ -180,6 +181,8 @@ KEYS: dict[str, Key] = {
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
         Key("auth_hash_memory", _int_range(16, 65_536), 256,
             "MiB that memory-hard password checks (scrypt, argon2) may use at once"),
+        Key("uidl_format", _choice(*UIDL_FORMATS), UIDL_BASE_NAME,
+            "UIDLs: %f (the Maildir base name) or %08Xu%08Xv (Dovecot's, from dovecot-uidlist)", msmp=False),
     )
 }
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives as real clients and filters:
-# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters).
+# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters),
+# dovecot-pop3d (the real Dovecot a migration test serves a Maildir tree with first).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
@@ -12,6 +13,7 @@ command -v spamassassin >/dev/null || need+=(spamassassin)
 command -v spamc >/dev/null || need+=(spamc)
 command -v renattach >/dev/null || need+=(renattach)
 command -v haproxy >/dev/null || need+=(haproxy)
+command -v dovecot >/dev/null || need+=(dovecot-pop3d)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -333,7 +333,7 @@ class Pop3Session:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp", mech)
         try:
-            messages = mailbox.snapshot()
+            messages = mailbox.snapshot(ctx.settings.uidl_format)
             if ctx.filters is not None:
                 messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port,
                                                client_gone=self.transport.peer_gone)

@@ -222,7 +222,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
     }
 
 
-READ_ONLY_KEYS = {"transformer_programs": "*"}  # GET only; set in the config file
+READ_ONLY_KEYS = {"transformer_programs": "*", "uidl_format": "%f"}  # GET only; set in the config file
 
 
 def test_get_returns_every_key_set_accepts(server: ServerProcess) -> None:
