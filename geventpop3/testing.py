@@ -88,7 +88,8 @@ def cheap_hash(password: str) -> str:
 
 
 def uidl_of(name: str) -> str:
-    """The UIDL the server shows for a Maildir file name (default `uidl_format`, the base name)."""
+    """The UIDL the server shows for a Maildir file name (maildir.uid_of): its base name when
+    that is a safe UIDL, in any `uidl_format` unless a dovecot-uidlist lists the file."""
     uid = name.split(":", 1)[0]
     if uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70 and uid[0] != "~":
         return uid
