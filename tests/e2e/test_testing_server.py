@@ -221,3 +221,11 @@ def test_a_test_process_that_is_interrupted_or_killed_leaves_no_server(sig: int)
         if host.poll() is None:
             host.kill()
             host.wait()
+
+
+def test_deliver_returns_the_uidl_clients_see_also_with_dovecots_uidl_format() -> None:
+    with Pop3TestServer(users={"alice": "alicepw"}, settings={"uidl_format": "%08Xu%08Xv"}) as server:
+        uidl = server.deliver("alice", b"Subject: after a migration\n\n.\n")
+        session = login(server, "alice")
+        assert uidls(session) == [uidl] == list(server.messages("alice"))
+        session.quit()
