@@ -36,11 +36,19 @@ setup(
         "load": [
             "locust>=2.20,<3",
         ],
+        # geventpop3.testing with tls=True: a throw-away CA
+        "testing": [
+            "trustme>=1.1,<2",
+        ],
     },
     entry_points={
         "console_scripts": [
             "geventpop3 = geventpop3.__main__:main",
             "geventpop3-admin = admin.shell:main",
+        ],
+        # The fixtures pop3_server and pop3_server_session (geventpop3/pytest_plugin.py)
+        "pytest11": [
+            "geventpop3 = geventpop3.pytest_plugin",
         ],
     },
 )

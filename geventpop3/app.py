@@ -28,7 +28,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from gevent.socket import socket
 
-from geventpop3 import listen, maildir, privileges, tls
+from geventpop3 import listen, maildir, privileges, ready, tls
 from geventpop3.config import Config, UsageError, read_users_file
 from geventpop3.context import ServerContext
 from geventpop3.filters import FilterRunner
@@ -119,6 +119,7 @@ class App:
             self._drop_privileges()
             self.ctx = self._prepare()
             gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
+            served = ready.endpoints(self.bound)  # _serve takes the sockets out of self.bound
             self._serve(self.ctx)
         except StartupError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
@@ -134,10 +135,23 @@ class App:
             log.info("%s", note)
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.config.state_dir if self.store is not None else "none")
+        status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:
             handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
+        return status
+
+    def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
+        """0, or 2 (and stopping) when --ready-file cannot be written: whoever waits for it would wait forever."""
+        if self.config.ready_file is None:
+            return 0
+        try:
+            ready.write(self.config.ready_file, served)
+        except OSError as exc:
+            log.error("cannot write ready file %s: %s; stopping", self.config.ready_file, exc.strerror)
+            self.stopping.set()
+            return 2
         return 0
 
     def _prepare(self) -> ServerContext:
@@ -308,6 +322,8 @@ class App:
         persister writes its last batch and the store closes.
         """
         log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
+        if self.config.ready_file is not None:
+            ready.remove(self.config.ready_file)  # no longer serving: a reader must not take the ports
         self._close_listeners()
         self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
         if self.pop3 is not None:

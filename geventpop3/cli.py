@@ -92,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
     add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
+    add("--ready-file", metavar="FILE",
+        help="once serving, write the bound addresses and ports here as JSON (for port 0 and test harnesses)")
     return parser
 
 

@@ -81,6 +81,7 @@ class Config:
     run_as: Identity | None = None  # drop to this user once every listener is bound
     admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
     allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
+    ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
 
 
 def parse_port(value: object) -> int:
@@ -130,6 +131,7 @@ def load_config(args: argparse.Namespace) -> Config:
         run_as=run_as,
         admin_tls=admin_tls,
         allow_weak_schemes=allow_weak,
+        ready_file=ready_file_for(args),
     )
 
 
@@ -282,6 +284,16 @@ def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir
     if given:
         return os.path.abspath(given)
     return os.path.join(os.path.dirname(maildir), os.path.basename(maildir) + ".state")
+
+
+def ready_file_for(args: argparse.Namespace) -> str | None:
+    """The --ready-file path, absolute, in a directory that exists (checked now: a typo is a usage error)."""
+    if not args.ready_file:
+        return None
+    path = os.path.abspath(args.ready_file)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UsageError(f"--ready-file: no directory {os.path.dirname(path)}")
+    return path
 
 
 def _as_list(value: str | list[str] | None) -> list[str] | None:
