@@ -322,12 +322,16 @@ def test_unknown_user_pays_the_cost_of_the_entries_in_use() -> None:
     so with dearer (or cheaper) hashes a wrong name answered faster than a wrong password."""
     dear = (2**16, 8, 1)  # four times the default cost
     encoded = users.hash_password("pw", dear)
-    one_hash = min(_seconds(lambda: verifies("pw", encoded)) for _ in range(2))
     directory = UserDirectory()
     directory.configure([("alice", encoded)])
     assert directory.wait_calibrated(60)
-    unknown = min(_seconds(lambda: directory.verify("nobody", "pw")) for _ in range(2))
-    assert unknown >= one_hash / 2, (unknown, one_hash)
+    # Interleaved, the quickest of each: a burst of load on the shared machine slows one
+    # round of both, not all of one kind.
+    one_hash, unknown = [], []
+    for _ in range(3):
+        one_hash.append(_seconds(lambda: verifies("pw", encoded)))
+        unknown.append(_seconds(lambda: directory.verify("nobody", "pw")))
+    assert min(unknown) >= min(one_hash) / 2, (unknown, one_hash)
 
 
 class FailingStore(MemoryStore):
