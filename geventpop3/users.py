@@ -504,6 +504,25 @@ class UserDirectory(Credentials):
         with self.deleting(name):
             pass
 
+    # -- changes another instance made to a shared store (geventpop3.store.shared) --
+    def stored_entries(self) -> dict[str, str]:
+        """The store's entries as this directory holds them: name -> password entry."""
+        return {name: self._hashes[name] for name in self._stored if name in self._hashes}
+
+    def take_stored(self, name: str, encoded: str | None) -> None:
+        """Another instance saved (`encoded`) or deleted (None) `name` in the shared store.
+        A flag's or the users file's entry of that name stays: they win, as at start-up."""
+        configured = name in self._hashes and name not in self._stored
+        if configured or name in self._deleting or self._hashes.get(name) == encoded:
+            return
+        if encoded is None:
+            self._pop(name)
+            self._stored.discard(name)
+        else:
+            self._put(name, encoded)
+            self._stored.add(name)
+        self._refresh_dummy()
+
 
 def parse_users_file(path: str) -> list[tuple[str, str]]:
     """`name:password` or `name:$scrypt$...` lines; `#` comments and blank lines skipped."""

@@ -24,6 +24,7 @@ unique, so a batch retried after a lost answer is not stored twice.
 from __future__ import annotations
 
 import logging
+import re
 import socket
 import time
 import uuid
@@ -154,9 +155,13 @@ def redact(url: str) -> str:
     return f"postgresql://{user}{host}{port}/{params.get('dbname', '')}"
 
 
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,62}\Z")
+
+
 def default_instance_name(port: int) -> str:
-    """host:port of the POP3 listener: unique per instance unless two share host and port."""
-    return f"{socket.gethostname()}:{port}"
+    """<host>-<POP3 port>: unique per instance unless two share a host and a port."""
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname().split(".")[0]) or "host"
+    return f"{host}-{port}"[:63]
 
 
 class Database:
