@@ -137,9 +137,12 @@ def check_url(url: str) -> str:
     if psycopg is None:
         raise ValueError(INSTALL_HINT)
     try:
-        _conninfo.conninfo_to_dict(url)
+        params = _conninfo.conninfo_to_dict(url)
     except psycopg.Error as exc:
-        raise ValueError(str(exc).strip().splitlines()[0]) from None
+        raise ValueError(_first_line(exc)) from None
+    for port in str(params.get("port") or "5432").split(","):
+        if not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"invalid port {port!r}")
     return url
 
 
@@ -182,6 +185,9 @@ class Database:
         self.owner = uuid.uuid4().hex  # this process: its leases, the notifications it sent
         self.wait = wait  # seconds a call waits for a connection while the server is unreachable
         self.available = True
+        # The pool logs every failed connection attempt (a warning a second while the server
+        # is down); our callers log the outage once, and its end.
+        logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
         self._pool = ConnectionPool(
             url, min_size=1, max_size=max_size, open=False, name="geventpop3",
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),

@@ -1,0 +1,138 @@
+"""Two real geventpop3 instances sharing one Maildir root and one PostgreSQL database
+(`--state-url`): users, settings, leases and counters cross from one to the other."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from admin.client import MsmpError
+from helpers import (
+    LineClient,
+    PostgresServer,
+    ServerProcess,
+    admin,
+    counters,
+    free_port,
+    logged_in,
+    pop3,
+    run_server,
+    unique_name,
+    wait_until,
+)
+
+LEASE = 2.0  # lease_timeout of the test instances, in seconds
+
+
+def login_answer(server: ServerProcess, user: str, password: str) -> bytes:
+    """The answer to PASS (then QUIT, which gives the mailbox back at once)."""
+    with LineClient(server.port) as client:
+        reply = client.login(user, password)
+        client.cmd("QUIT")
+        return reply
+
+
+def shared_pair(start_server: Callable[..., ServerProcess], url: str, maildir: Path,
+                config: str = "") -> tuple[ServerProcess, ServerProcess]:
+    """Instances A and B on one database and one Maildir root, alice configured on both."""
+    pair = []
+    for _ in range(2):
+        server = start_server(users={"alice": "alicepw"}, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                              extra_args=["--state-url", url, "-d", str(maildir)],
+                              config=f"lease_timeout = {LEASE}\n" + config)
+        server.maildir = maildir
+        pair.append(server)
+    return pair[0], pair[1]
+
+
+@pytest.fixture
+def pair(start_server: Callable[..., ServerProcess], postgres: PostgresServer,
+         tmp_path: Path) -> tuple[ServerProcess, ServerProcess]:
+    maildir = tmp_path / "shared-mail"
+    maildir.mkdir()
+    return shared_pair(start_server, postgres.create_database(), maildir)
+
+
+def test_a_user_added_on_a_logs_in_on_b_and_a_deletion_reaches_b(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    name = unique_name("shared")
+    with admin(a) as client:
+        client.add_user(name, "pw1")
+    wait_until(lambda: login_answer(b, name, "pw1").startswith(b"+OK"), timeout=1.5)  # within a second or so
+    with admin(a) as client:
+        client.add_user(name, "pw2")  # a new password too
+    wait_until(lambda: login_answer(b, name, "pw2").startswith(b"+OK"), timeout=1.5)
+    with admin(b) as client:
+        assert name in client.list_users()
+    with admin(a) as client:
+        client.delete_user(name)
+    wait_until(lambda: login_answer(b, name, "pw2").startswith(b"-ERR [AUTH]"), timeout=1.5)
+
+
+def test_a_session_on_a_makes_a_login_on_b_in_use_until_it_quits(pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    a.deliver("alice", b"Subject: one\n\nbody\n")
+    with logged_in(a) as session:
+        assert login_answer(b, "alice", "alicepw").startswith(b"-ERR [IN-USE]")
+        assert session.cmd("DELE 1").startswith(b"+OK")
+        assert session.cmd("QUIT").startswith(b"+OK")
+    assert login_answer(b, "alice", "alicepw").startswith(b"+OK")  # released before +OK: at once
+    assert a.message_files("alice") == []
+    with admin(a) as client:  # a session on B: A cannot delete the user meanwhile
+        session = pop3(b, "alice", "alicepw")
+        try:
+            with pytest.raises(MsmpError, match="logged in"):
+                client.delete_user("alice")
+        finally:
+            session.quit()
+
+
+def test_after_a_sigkill_the_lease_expires_and_b_finds_all_the_mail_a_did_not_delete(
+        pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    for n in range(3):
+        a.deliver("alice", f"Subject: {n}\n\nbody {n}\n".encode())
+    session = logged_in(a)
+    assert session.cmd("DELE 1").startswith(b"+OK")  # marked, never carried out
+    a.stop(signal.SIGKILL)
+    session.close()
+    assert login_answer(b, "alice", "alicepw").startswith(b"-ERR [IN-USE]")
+    killed = time.monotonic()
+    wait_until(lambda: login_answer(b, "alice", "alicepw").startswith(b"+OK"), timeout=LEASE + 3)
+    assert time.monotonic() - killed < LEASE + 3
+    client = pop3(b, "alice", "alicepw")
+    try:
+        assert client.stat()[0] == 3
+    finally:
+        client.quit()
+
+
+def test_set_on_a_is_seen_on_b_within_a_second_and_stat_sums_the_instances(
+        pair: tuple[ServerProcess, ServerProcess]) -> None:
+    a, b = pair
+    with admin(a) as on_a, admin(b) as on_b:
+        on_a.set("idle_timeout", "123")
+        changed = time.monotonic()
+        wait_until(lambda: on_b.get("idle_timeout") == "123", timeout=1.0, interval=0.01)
+        assert time.monotonic() - changed < 1.0
+        for server in (a, b, b):
+            pop3(server, "alice", "alicepw").quit()
+        # totals over both instances once B's counters are stored (about a second), and a line each
+        stat = wait_until(lambda: (s := counters(on_a))["Logins ok"] >= 3 and s, timeout=5)
+        assert stat["Instances"] == 2 and stat["Instances alive"] == 2
+        per_instance = {name: value for name, value in stat.items() if name.endswith(" logins ok")}
+        assert sorted(per_instance.values()) == [1, 2], stat
+
+
+def test_a_bad_or_unreachable_state_url_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for url, message in (("mysql://x", "invalid state_url: must be a postgresql:// URL"),
+                         ("postgresql://127.0.0.1:notaport/x", "invalid state_url"),
+                         (f"postgresql://127.0.0.1:{free_port()}/x", "cannot connect to state database")):
+        result = run_server("-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"),
+                            "-p", "0", "-P", "0", "--state-url", url, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
