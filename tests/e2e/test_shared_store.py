@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import gevent
 import pytest
-from admin.client import MsmpError
 from helpers import (
     LineClient,
     PostgresServer,
@@ -23,6 +23,8 @@ from helpers import (
     unique_name,
     wait_until,
 )
+
+from admin.client import MsmpError
 
 LEASE = 2.0  # lease_timeout of the test instances, in seconds
 
@@ -136,3 +138,85 @@ def test_a_bad_or_unreachable_state_url_is_one_line_and_exit_2(tmp_path: Path) -
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of this test's own: it is stopped and started again."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()
+
+
+class LoginLoad:
+    """Greenlets logging `user` in and out over and over, keeping every answer to PASS."""
+
+    def __init__(self, server: ServerProcess, user: str, password: str, clients: int = 4) -> None:
+        self.answers: list[bytes] = []
+        self._stop = False
+        self._greenlets = [gevent.spawn(self._run, server, user, password) for _ in range(clients)]
+
+    def _run(self, server: ServerProcess, user: str, password: str) -> None:
+        while not self._stop:
+            with LineClient(server.port) as client:
+                answer = client.login(user, password)
+                client.cmd("QUIT")
+            self.answers.append(answer[:20])
+
+    def seen(self, prefix: bytes) -> int:
+        return sum(answer.startswith(prefix) for answer in self.answers)
+
+    def stop(self) -> None:
+        self._stop = True
+        gevent.joinall(self._greenlets, timeout=30, raise_error=True)
+
+
+def test_postgresql_stopped_and_started_again_under_load(start_server: Callable[..., ServerProcess],
+                                                          own_postgres: PostgresServer, tmp_path: Path) -> None:
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    url = own_postgres.create_database()
+    a, _ = shared_pair(start_server, url, maildir)
+    with admin(a) as client:
+        client.add_user("dave", "davepw")  # from the store: loaded, so verifiable while it is down
+    for n in range(3):
+        a.deliver("alice", f"Subject: {n}\n\nbody {n}\n".encode())
+    held = logged_in(a)  # holds alice's lease through the outage
+    load = LoginLoad(a, "dave", "davepw")
+    wait_until(lambda: load.seen(b"+OK") >= 5)
+
+    own_postgres.stop("fast")
+    wait_until(lambda: load.seen(b"-ERR [SYS/TEMP]") >= 5, timeout=15)
+    assert login_answer(a, "dave", "wrong").startswith(b"-ERR [SYS/TEMP] Cannot verify")  # not [AUTH]
+    assert login_answer(a, "nobody", "x").startswith(b"-ERR [SYS/TEMP] Cannot verify")
+    with admin(a) as client:
+        for change in (lambda: client.set("idle_timeout", "99"), lambda: client.add_user("erin", "erinpw")):
+            with pytest.raises(MsmpError):
+                change()
+        assert "unavailable" in " ".join(client.command("STAT").lines)
+    assert held.retr(1).startswith(b"Subject: 0")  # a session logged in goes on
+    assert held.cmd("DELE 1").startswith(b"+OK")
+    assert held.cmd("QUIT").startswith(b"-ERR [SYS/TEMP]")  # its lease cannot be confirmed: nothing deleted
+    held.close()
+    assert len(a.message_files("alice")) == 3
+
+    own_postgres.start()
+    outage_ok = load.seen(b"+OK")
+    wait_until(lambda: load.seen(b"+OK") > outage_ok + 5, timeout=20)  # recovered by itself
+    load.stop()
+    with admin(a) as client:
+        assert client.set("idle_timeout", "99")
+    # nothing acknowledged is lost: one access-log entry per answer, outage included
+    import psycopg
+
+    def stored(event: str) -> int:
+        with psycopg.connect(url) as conn:
+            row = conn.execute('SELECT count(*) FROM access_log WHERE "user" = %s AND event = %s',
+                               ("dave", event)).fetchone()
+            return int(row[0]) if row else 0
+
+    wait_until(lambda: stored("login") == load.seen(b"+OK") == stored("logout")
+               and stored("login-failed") > load.seen(b"-ERR"), timeout=10)
+    assert stored("login-failed") == load.seen(b"-ERR") + 1  # and dave's wrong password above ("nobody": -unknown-)
