@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite drives as real clients and filters:
-# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters).
+# curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters),
+# haproxy (in front of instances), postgresql (the shared store: the tests run initdb/pg_ctl, found in /usr/lib/postgresql/*/bin).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
@@ -12,6 +13,7 @@ command -v spamassassin >/dev/null || need+=(spamassassin)
 command -v spamc >/dev/null || need+=(spamc)
 command -v renattach >/dev/null || need+=(renattach)
 command -v haproxy >/dev/null || need+=(haproxy)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
