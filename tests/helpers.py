@@ -590,7 +590,8 @@ class PostgresServer:
     `postgres` system user (the Debian package creates it). stop() and start() again
     keep the data, for tests of the server while the database is down."""
 
-    def __init__(self) -> None:
+    def __init__(self, fsync: bool = False) -> None:
+        self.fsync = fsync  # off for tests (a throw-away cluster); on to measure as deployed
         bindir = postgres_bin()
         if bindir is None:
             pytest.skip("PostgreSQL server binaries not installed (tools/install-system-deps.sh)")
@@ -615,7 +616,7 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
-                   "-c fsync=off -c max_connections=200 -c shared_buffers=32MB")
+                   f"-c fsync={'on' if self.fsync else 'off'} -c max_connections=200 -c shared_buffers=32MB")
         self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"),
                   "-o", options)
         return self

@@ -193,6 +193,7 @@ class Database:
             kwargs={"autocommit": True, "connect_timeout": max(1, int(connect_timeout)),
                     "application_name": f"geventpop3 {instance}"[:63]},
             check=ConnectionPool.check_connection, reconnect_timeout=86400.0, timeout=wait,
+            configure=_configure,
         )
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
@@ -231,6 +232,19 @@ class Database:
 
     def close(self) -> None:
         self._pool.close(timeout=5.0)
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    """Every pooled connection: commits do not wait for the WAL flush. Leases, counters,
+    heartbeats and access-log batches are that (a database crash loses at most its last
+    fraction of a second of them, as SQLite's synchronous=NORMAL does); users and settings
+    wait for it (`_durable`)."""
+    conn.execute("SET synchronous_commit = off")
+
+
+def _durable(conn: psycopg.Connection[Any]) -> None:
+    """In a transaction: its commit returns once it is on disk (users, settings)."""
+    conn.execute("SET LOCAL synchronous_commit = on")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -287,6 +301,7 @@ class PostgresStore:
 
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
+                _durable(conn)
                 conn.execute("INSERT INTO users (name, password_hash, created) VALUES (%s, %s, %s)"
                              " ON CONFLICT (name) DO UPDATE SET password_hash = excluded.password_hash",
                              (name, password_hash, time.time()))
@@ -297,6 +312,7 @@ class PostgresStore:
     def delete_user(self, name: str) -> None:
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
+                _durable(conn)
                 conn.execute("DELETE FROM users WHERE name = %s", (name,))
                 self._notify(conn, USERS_CHANNEL, name)
 
@@ -313,6 +329,7 @@ class PostgresStore:
     def save_setting(self, key: str, value_text: str) -> None:
         def write(conn: psycopg.Connection[Any]) -> None:
             with conn.transaction():
+                _durable(conn)
                 conn.execute("INSERT INTO settings (key, value) VALUES (%s, %s)"
                              " ON CONFLICT (key) DO UPDATE SET value = excluded.value", (key, value_text))
                 self._notify(conn, SETTINGS_CHANNEL, key)
