@@ -144,6 +144,7 @@ class Follower:
                             self.store.location, self.failures)
                 self.failures = 0
             self.connected.set()
+            self._heartbeat()  # alive from the start, not a second later
             next_reread = time.monotonic() + self.reread_interval
             while not self._stopping.is_set():
                 for notify in conn.notifies(timeout=1.0):
