@@ -189,8 +189,8 @@ class App:
 
     def _instance_name(self) -> str:
         """This instance in a shared store: `instance_name`, else <host>-<POP3 port>."""
-        if self.config.instance_name:
-            return self.config.instance_name
+        if self.config.instance_name or self.config.state_url is None:
+            return self.config.instance_name or ""
         from geventpop3.store.postgres import default_instance_name
 
         return default_instance_name(self.config.pop3_port)
@@ -218,6 +218,8 @@ class App:
         identity = self.config.run_as
         if identity is None:
             return
+        if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
+            import geventpop3.store.shared  # noqa: F401
         privileges.preload()
         try:
             privileges.drop(identity)

@@ -16,6 +16,7 @@ from helpers import (
     ServerProcess,
     admin,
     counters,
+    filter_tmp_dir,
     free_port,
     logged_in,
     pop3,
@@ -221,3 +222,27 @@ def test_postgresql_stopped_and_started_again_under_load(start_server: Callable[
     wait_until(lambda: stored("login") == load.seen(b"+OK") == stored("logout")
                and stored("login-failed") > load.seen(b"-ERR"), timeout=10)
     assert stored("login-failed") == load.seen(b"-ERR") + 1  # and dave's wrong password above ("nobody": -unknown-)
+
+
+def test_run_as_with_a_shared_store_serves_after_the_drop(postgres: PostgresServer) -> None:
+    """The PostgreSQL modules are read before privileges are dropped; leases work as `nobody`."""
+    import grp
+    import os
+    import pwd
+
+    from helpers import started_servers
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to drop privileges")
+    nobody = pwd.getpwnam("nobody")
+    with filter_tmp_dir() as tmp, started_servers(tmp) as start:
+        (tmp / "server0" / "mail").mkdir(parents=True)
+        for path in [tmp, *tmp.rglob("*")]:
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        server = start(users={"alice": "alicepw"}, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                       extra_args=["--state-url", postgres.create_database(), "--run-as", "nobody",
+                                   "--run-as-group", grp.getgrgid(nobody.pw_gid).gr_name])
+        assert login_answer(server, "alice", "alicepw").startswith(b"+OK")
+        with admin(server) as client:
+            client.set("idle_timeout", "321")
+        assert "Traceback" not in server.log()
