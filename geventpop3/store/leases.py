@@ -1,7 +1,8 @@
 """Mailbox leases in PostgreSQL: one POP3 session per mailbox across every instance.
 
 A lease is a row (mailbox, owner process, instance, expiry). A login takes it in one
-statement, or finds it held and answers `[IN-USE]` at once; a lease whose expiry has
+statement, or finds it held and answers `[IN-USE]` at once (the takes and the releases
+of concurrent sessions share statements: `_batch_loop`); a lease whose expiry has
 passed is taken over (its instance died). One greenlet per process renews all of its
 leases in one statement a second, so a live instance's leases never expire and a dead
 one's expire within `lease_timeout`. `confirm` renews one lease just before UPDATE and
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import gevent
-from gevent.event import Event
+from gevent.event import AsyncResult, Event
 
 from geventpop3.store import StoreError
 
@@ -45,27 +46,25 @@ class Leases:
         self._stopping = Event()
         self._renewer: gevent.Greenlet[[], None] | None = None
         self.renew_failures = 0
+        # Takes and releases waiting for the batcher: mailbox -> the waiter's result.
+        self._takes: dict[str, AsyncResult[str]] = {}
+        self._releases: dict[str, AsyncResult[None]] = {}
+        self._work = Event()
+        self._batcher: gevent.Greenlet[[], None] | None = None
 
     # -- one session ------------------------------------------------------------
     def acquire(self, mailbox: str) -> str:
         """HELD, IN_USE (another live session has it) or UNAVAILABLE (no database answer)."""
         if not self.db.available:
             return UNAVAILABLE  # answered at once; the renewer finds out when it is back
-        try:
-            row = self.db.run("take a lease in", lambda c: c.execute(
-                "INSERT INTO leases (mailbox, owner, instance, expires)"
-                " VALUES (%s, %s, %s, now() + make_interval(secs => %s))"
-                " ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, instance = excluded.instance,"
-                " expires = excluded.expires WHERE leases.expires < now() OR leases.owner = excluded.owner"
-                " RETURNING 1", (mailbox, self.db.owner, self.db.instance, self.timeout())).fetchone(),
-                wait=_ACQUIRE_WAIT)
-        except StoreError as exc:
-            log.error("lease of %s not taken: %s", mailbox, exc)
-            return UNAVAILABLE
-        if row is None:
-            return IN_USE
-        self.held.add(mailbox)
-        return HELD
+        if mailbox in self._takes:
+            return IN_USE  # another session of this process asks for it right now
+        result = self._takes[mailbox] = AsyncResult()
+        self._wake()
+        outcome = result.get() or UNAVAILABLE
+        if outcome == HELD:
+            self.held.add(mailbox)
+        return outcome
 
     def confirm(self, mailbox: str) -> bool:
         """Still ours? Renewed for a full `lease_timeout` if so (the deletions that follow
@@ -81,16 +80,69 @@ class Leases:
         return row is not None
 
     def release(self, mailbox: str) -> None:
-        """Give it back now; while the database is down it is only forgotten here and
-        expires on its own (this process's next lease of it takes it over)."""
+        """Give it back now (returns once the database has it); while the database is down
+        it is only forgotten here and expires on its own (this process's next lease of it
+        takes it over)."""
         self.held.discard(mailbox)
         if not self.db.available:
             return
+        result = self._releases.get(mailbox)
+        if result is None:
+            result = self._releases[mailbox] = AsyncResult()
+            self._wake()
+        result.get()
+
+    # -- the batcher: group commit of takes and releases ----------------------------
+    def _wake(self) -> None:
+        self._work.set()
+        if self._batcher is None or self._batcher.dead:
+            self._batcher = gevent.spawn(self._batch_loop)
+
+    def _batch_loop(self) -> None:
+        """One statement for every release waiting, then one for every take waiting, and
+        again while more came meanwhile. Idle, a request goes at once; under load the
+        requests that arrive during a round trip share the next one, so the statements
+        per second stay bounded however many logins there are."""
+        while True:
+            self._work.wait()
+            self._work.clear()
+            releases, self._releases = self._releases, {}
+            takes, self._takes = self._takes, {}
+            if releases:
+                self._release_batch(releases)
+            if takes:
+                self._take_batch(takes)
+
+    def _take_batch(self, takes: dict[str, AsyncResult[str]]) -> None:
+        names = list(takes)
         try:
-            self.db.run("release a lease in", lambda c: c.execute(
-                "DELETE FROM leases WHERE mailbox = %s AND owner = %s", (mailbox, self.db.owner)), wait=0.5)
-        except StoreError as exc:
-            log.warning("lease of %s not released (it expires on its own): %s", mailbox, exc)
+            rows = self.db.run("take leases in", lambda c: c.execute(
+                "INSERT INTO leases (mailbox, owner, instance, expires)"
+                " SELECT m, %s, %s, now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS m"
+                " ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, instance = excluded.instance,"
+                " expires = excluded.expires WHERE leases.expires < now() OR leases.owner = excluded.owner"
+                " RETURNING mailbox", (self.db.owner, self.db.instance, self.timeout(), names)).fetchall(),
+                wait=_ACQUIRE_WAIT)
+        except Exception as exc:  # a StoreError; anything else too: no waiter may hang
+            log.error("leases of %d mailboxes not taken: %s", len(names), exc,
+                      exc_info=None if isinstance(exc, StoreError) else exc)
+            for result in takes.values():
+                result.set(UNAVAILABLE)
+            return
+        taken = {str(row[0]) for row in rows}
+        for name, result in takes.items():
+            result.set(HELD if name in taken else IN_USE)
+
+    def _release_batch(self, releases: dict[str, AsyncResult[None]]) -> None:
+        try:
+            self.db.run("release leases in", lambda c: c.execute(
+                "DELETE FROM leases WHERE owner = %s AND mailbox = ANY(%s)", (self.db.owner, list(releases))),
+                wait=0.5)
+        except Exception as exc:  # as in _take_batch
+            log.warning("leases of %d mailboxes not released (they expire on their own): %s", len(releases), exc,
+                        exc_info=None if isinstance(exc, StoreError) else exc)
+        for result in releases.values():
+            result.set(None)
 
     def holder(self, mailbox: str) -> str | None:
         """The instance holding a live lease of `mailbox`, or None (StoreError if unknown)."""
@@ -139,6 +191,14 @@ class Leases:
         if self._renewer is not None:
             self._renewer.kill(block=True, timeout=2.0)
             self._renewer = None
+        if self._batcher is not None:
+            self._batcher.kill(block=True, timeout=2.0)
+            self._batcher = None
+        for take in self._takes.values():
+            take.set(UNAVAILABLE)
+        for done in self._releases.values():
+            done.set(None)
+        self._takes, self._releases = {}, {}
         self.held.clear()
         if not self.db.available:
             return

@@ -175,3 +175,34 @@ def test_an_unreachable_database_is_a_store_error_and_leases_answer_unavailable(
         assert Leases(db, lambda: 30.0).acquire("alice") == UNAVAILABLE
     finally:
         db.close()
+
+
+def test_concurrent_takes_and_releases_share_statements_and_one_mailbox_goes_to_one(
+        stores: list[PostgresStore]) -> None:
+    a = Leases(stores[0].db, lambda: 30.0)
+    b = Leases(stores[1].db, lambda: 30.0)
+    statements = []
+    real_run = a.db.run
+
+    def counted(*args: object, **kwargs: object) -> object:
+        statements.append(args[0])
+        return real_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    a.db.run = counted  # type: ignore[method-assign]
+    try:
+        names = [f"user{n}" for n in range(50)]
+        takes = [gevent.spawn(a.acquire, name) for name in names]
+        rivals = [gevent.spawn(b.acquire, name) for name in names[:10]]  # B wants some of them too
+        gevent.joinall(takes + rivals, raise_error=True)
+        won_by_a = {name for name, take in zip(names, takes, strict=True) if take.value == HELD}
+        won_by_b = {name for name, take in zip(names, rivals, strict=False) if take.value == HELD}
+        assert won_by_a | won_by_b == set(names) and not won_by_a & won_by_b
+        assert len(statements) < 10  # 50 takes, a few statements
+        statements.clear()
+        gevent.joinall([gevent.spawn(a.release, name) for name in won_by_a], raise_error=True)
+        assert len(statements) < 10
+        assert all(b.acquire(name) == HELD for name in won_by_a)
+    finally:
+        a.db.run = real_run  # type: ignore[method-assign]
+        a.stop()
+        b.stop()
