@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from helpers import (
     LineClient,
     PostgresServer,
     ServerProcess,
+    accepts,
     admin,
     counters,
     filter_tmp_dir,
@@ -246,3 +249,60 @@ def test_run_as_with_a_shared_store_serves_after_the_drop(postgres: PostgresServ
         with admin(server) as client:
             client.set("idle_timeout", "321")
         assert "Traceback" not in server.log()
+
+
+HAPROXY = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend pop3
+    bind 127.0.0.1:{front}
+    default_backend instances
+backend instances
+    balance roundrobin
+    server a 127.0.0.1:{a} send-proxy-v2
+    server b 127.0.0.1:{b} send-proxy-v2
+"""
+
+
+@pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (tools/install-system-deps.sh)")
+def test_through_haproxy_a_user_added_on_a_is_served_by_either_instance(
+        start_server: Callable[..., ServerProcess], postgres: PostgresServer, tmp_path: Path) -> None:
+    maildir = tmp_path / "shared-mail"
+    maildir.mkdir()
+    a, b = shared_pair(start_server, postgres.create_database(), maildir,
+                       config='proxy_networks = ["127.0.0.1/32"]\n')
+    front = free_port()
+    (tmp_path / "haproxy.cfg").write_text(HAPROXY.format(front=front, a=a.port, b=b.port))
+    with open(tmp_path / "haproxy.log", "wb") as log:
+        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdin=subprocess.DEVNULL,
+                                 stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proxy.poll() is None and accepts("127.0.0.1", front))
+        name = unique_name("lb")
+        with admin(a) as client:
+            client.add_user(name, "lbpw")
+        wait_until(lambda: f"user {name} changed by another instance" in b.log(), timeout=1.5)
+        answers = []
+        for _ in range(4):  # round robin: A, B, A, B
+            with LineClient(front, source="127.0.0.7") as session:
+                answers.append(session.login(name, "lbpw"))
+                session.cmd("QUIT")
+        assert all(answer.startswith(b"+OK") for answer in answers), answers
+        with admin(b) as client:  # one access log for both, with the address HAProxy saw
+            lines = wait_until(lambda: [line for line in client.logs(name) if " login" in line and "127.0.0.7" in line]
+                               if len(client.logs(name)) >= 8 else [], timeout=5)
+            assert len(lines) == 4
+            wait_until(lambda: (stat := counters(client))[f"Instance {_name(a)} logins ok"] == 2
+                       and stat[f"Instance {_name(b)} logins ok"] == 2, timeout=5)
+    finally:
+        proxy.terminate()
+        proxy.wait(10)
+
+
+def _name(server: ServerProcess) -> str:
+    from geventpop3.store.postgres import default_instance_name
+
+    return default_instance_name(server.port)
