@@ -17,6 +17,9 @@ setup(
         "prometheus-client>=0.19,<1",
         # The TLS certificate's notAfter (expiry in STAT and metrics); not_valid_after_utc is 42+.
         "cryptography>=42,<50",
+        # Dovecot's BLF-CRYPT and ARGON2I/ARGON2ID password schemes (geventpop3.schemes)
+        "bcrypt>=4.1,<6",
+        "argon2-cffi>=23.1,<26",
     ],
     extras_require={
         "test": [
@@ -38,11 +41,19 @@ setup(
             "psycopg[binary]>=3.2,<4",
             "psycopg-pool>=3.2,<4",
         ],
+        # geventpop3.testing with tls=True: a throw-away CA
+        "testing": [
+            "trustme>=1.1,<2",
+        ],
     },
     entry_points={
         "console_scripts": [
             "geventpop3 = geventpop3.__main__:main",
             "geventpop3-admin = admin.shell:main",
+        ],
+        # The fixtures pop3_server and pop3_server_session (geventpop3/pytest_plugin.py)
+        "pytest11": [
+            "geventpop3 = geventpop3.pytest_plugin",
         ],
     },
 )

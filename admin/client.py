@@ -324,7 +324,8 @@ class MsmpClient:
         return self._checked(f"PENALTY CLEAR {address}").text
 
     def reload(self) -> str:
-        """`RELOAD`: the server re-reads its certificate; MsmpError with the reason if it kept the old one."""
+        """`RELOAD`: the server re-reads its users file and certificate; MsmpError with the reasons if it
+        kept an old one."""
         return self._checked("RELOAD").text
 
     def help(self) -> list[str]:

@@ -6,13 +6,14 @@ root); only then touch the Maildir root, the state store and the users file, as 
 user that will serve; last, start accepting on the sockets bound first.
 
 SIGHUP and MSMP `RELOAD` run `App.reload()`: everything that can be re-read while
-running is re-read there (today the TLS certificate and key), each part keeping its
-old state when its new one fails, and the problems come back as one line each.
+running is re-read there (the users file, the TLS certificate and key), each part keeping
+its old state when its new one fails, and the problems come back as one line each.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import ipaddress
 import logging
 import os
@@ -27,7 +28,7 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from gevent.socket import socket
 
-from geventpop3 import listen, maildir, privileges, tls
+from geventpop3 import listen, maildir, privileges, ready, tls
 from geventpop3.config import Config, UsageError, read_users_file
 from geventpop3.context import ServerContext
 from geventpop3.filters import FilterRunner
@@ -38,7 +39,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import HASHER, UserDirectory, UserError
+from geventpop3.users import HASHER, MIB, Configured, UserDirectory, UserError
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,7 @@ class App:
         self.store: Store | None = None
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
+        self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
@@ -125,6 +127,8 @@ class App:
             self._bind()
             self._drop_privileges()
             self.ctx = self._prepare()
+            gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
+            served = ready.endpoints(self.bound)  # _serve takes the sockets out of self.bound
             self._serve(self.ctx)
         except StartupError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
@@ -136,12 +140,27 @@ class App:
         self._log_identity()
         for warning in self.config.warnings:  # only now: a start-up error stays one line
             log.warning("%s", warning)
+        for note in self.notes:
+            log.info("%s", note)
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
                  self.store.location if self.store is not None else "none")
+        status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:
             handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
+        return status
+
+    def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
+        """0, or 2 (and stopping) when --ready-file cannot be written: whoever waits for it would wait forever."""
+        if self.config.ready_file is None:
+            return 0
+        try:
+            ready.write(self.config.ready_file, served)
+        except OSError as exc:
+            log.error("cannot write ready file %s: %s; stopping", self.config.ready_file, exc.strerror)
+            self.stopping.set()
+            return 2
         return 0
 
     def _prepare(self) -> ServerContext:
@@ -154,19 +173,11 @@ class App:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
         self.store = open_store(config.state_dir, config.state_url, self._instance_name())
-        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
-        users = list(config.users)
-        if config.users_file:
-            try:
-                users.extend(read_users_file(config.users_file))
-            except UsageError as exc:
-                raise StartupError(str(exc)) from None
-        if config.demo:
-            users.append(DEMO_USER)
+        self._configure_hasher()
         try:
-            directory = UserDirectory(self.store)
-            directory.add_configured(users)
-        except (UserError, StoreError) as exc:
+            directory = UserDirectory(self.store, allow_weak=config.allow_weak_schemes)
+            directory.configure(self._configured_users())
+        except (UsageError, UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
         if config.tls is not None:
@@ -175,7 +186,11 @@ class App:
             except tls.TlsError as exc:
                 raise StartupError(str(exc)) from None
             ctx.metrics.tls_seconds_left = config.tls.seconds_left
-        ctx.admins.add_configured(config.admins)
+        ctx.admins.allow_weak = config.allow_weak_schemes
+        try:
+            ctx.admins.configure(config.admins)
+        except UserError as exc:
+            raise StartupError(str(exc)) from None
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
@@ -194,6 +209,24 @@ class App:
         from geventpop3.store.postgres import default_instance_name
 
         return default_instance_name(self.config.pop3_port)
+
+    def _configured_users(self) -> list[Configured | tuple[str, str]]:
+        """The users of flags, the users file (read now: at start and at each reload) and --demo;
+        UsageError (one line with `path:line`) if the file cannot be read or parsed. The
+        file's notes go to `notes`, logged once its users are taken."""
+        config = self.config
+        users: list[Configured | tuple[str, str]] = list(config.users)
+        if config.users_file:
+            users_file = read_users_file(config.users_file)
+            self.notes = users_file.notes
+            users.extend(users_file.entries)
+        if config.demo:
+            users.append(DEMO_USER)
+        return users
+
+    def _configure_hasher(self) -> None:
+        settings = self.config.settings
+        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue, settings.auth_hash_memory * MIB)
 
     def _bind(self) -> None:
         """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""
@@ -257,11 +290,23 @@ class App:
     def reload(self) -> list[str]:
         """Re-read what can be re-read while running (SIGHUP, MSMP `RELOAD`); the problems, one line each.
 
-        The certificate and key: a new context from the same paths, swapped in for new
-        connections (POP3S, STLS, MSMP with --admin-tls) only if it loads; open sessions
-        keep theirs. A part that fails keeps its current state and is logged, one line.
+        The users file: its added, changed and removed users take effect for new logins
+        (open sessions go on; users added over MSMP stay). The certificate and key: a new
+        context from the same paths, swapped in for new connections (POP3S, STLS, MSMP with
+        --admin-tls) only if it loads; open sessions keep theirs. A part that fails keeps
+        its current state and is logged, one line.
         """
         problems: list[str] = []
+        if self.config.users_file and self.ctx is not None:
+            try:
+                added, changed, removed = self.ctx.users.configure(self._configured_users())
+            except (UsageError, UserError) as exc:
+                problems.append(f"users file not reloaded, the current users stay: {exc}")
+            else:
+                log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
+                         self.config.users_file, len(self.ctx.users), added, changed, removed)
+                for note in self.notes:
+                    log.info("%s", note)
         server_tls = self.config.tls
         if server_tls is not None:
             try:
@@ -301,6 +346,8 @@ class App:
         persister writes its last batch and the store closes.
         """
         log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
+        if self.config.ready_file is not None:
+            ready.remove(self.config.ready_file)  # no longer serving: a reader must not take the ports
         self._close_listeners()
         self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
         if self.pop3 is not None:
@@ -327,9 +374,8 @@ class App:
     def _on_setting(self, key: str, old: object, new: object) -> None:
         if key == "log_level":
             logging.getLogger().setLevel(str(new))
-        elif key in ("auth_hash_threads", "auth_hash_queue"):
-            settings = self.config.settings
-            HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
+        elif key in ("auth_hash_threads", "auth_hash_queue", "auth_hash_memory"):
+            self._configure_hasher()
 
 
 def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:

@@ -1,5 +1,5 @@
 """The `geventpop3` command line: flags -> `Config` (geventpop3.config) -> `App.run()`;
-and `geventpop3 hash [NAME]`, which makes a hashed entry for `-u`, `-a` or a users file.
+and `geventpop3 hash [-s SCHEME] [NAME]`, which makes a hashed entry for `-u`, `-a` or a users file.
 
 A bad flag or value prints one line and exits 2, never a traceback.
 """
@@ -22,9 +22,15 @@ from geventpop3.config import (
     load_config,
     parse_port,
 )
-from geventpop3.users import hash_password, valid_password, valid_username
+from geventpop3.schemes import HASH_SCHEMES, SchemeError, hash_entry
+from geventpop3.users import valid_password, valid_username
 
-HASH_USAGE = "usage: geventpop3 hash [NAME]  (reads the password without echo, or one line from stdin)"
+HASH_USAGE = "usage: geventpop3 hash [-s SCHEME] [NAME]  (reads the password without echo, or one line from stdin)"
+HASH_HELP = f"""{HASH_USAGE}
+
+Prints an entry for a users file, `-u` or `-a`: NAME:HASH with a NAME, else HASH alone.
+  -s, --scheme SCHEME  SCRYPT (default: geventpop3's $scrypt$), or a Dovecot scheme printed as
+                       `doveadm pw -s SCHEME` would ({{SCHEME}}...): {", ".join(HASH_SCHEMES[1:])}"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="geventpop3",
         description="A POP3 server on gevent serving Maildir mail, with the MSMP management protocol.",
-        epilog="Settings precedence: defaults < --config < values SET over MSMP (persisted) < flags.",
+        epilog="Settings precedence: defaults < --config < values SET over MSMP (persisted) < flags. "
+               "`geventpop3 hash [-s SCHEME] [NAME]` makes a hashed entry (geventpop3 hash -h).",
     )
     add = parser.add_argument
     add("-v", "--version", action="version", version=f"geventpop3 {__version__}")
@@ -57,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("-a", "--admin", action="append", default=[], metavar="NAME:PASS", help="an MSMP admin; repeatable")
     add("-t", "--transformer", metavar="CMD", help="filter for retrieved mail, a command line (no shell)")
     add("-d", "--maildir", metavar="DIR", help=f"Maildir root (default {DEFAULT_MAILDIR}; created if missing)")
-    add("--users-file", metavar="FILE", help="name:password (or name:$scrypt$...) lines")
+    add("--users-file", metavar="FILE",
+        help="name:password, name:$scrypt$... or Dovecot passwd-file lines (name:{SCHEME}hash:...); "
+             "re-read at SIGHUP and MSMP RELOAD")
+    add("--allow-weak-schemes", action="store_true",
+        help="accept weak password schemes (MD5-CRYPT, PLAIN-MD5, SMD5, DES-CRYPT, ...) in users and admins")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
     add("--state-url", metavar="URL",
         help="postgresql://... : users, settings, counters, access logs and mailbox leases in PostgreSQL, "
@@ -69,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--idle-timeout", metavar="SECONDS", help="close idle POP3 sessions after this (default 600)")
     add("--login-failure-delay", metavar="SECONDS", help="delay before a failed login is answered (default 2)")
     add("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
+    add("--uidl-format", metavar="FORMAT",
+        help="UIDLs: %%f (the Maildir base name, the default) or %%08Xu%%08Xv (Dovecot's default, "
+             "from dovecot-uidlist); see docs/migrating.md")
     add("--metrics-address", metavar="ADDR", help="Prometheus endpoint address (default 127.0.0.1)")
     add("--metrics-port", type=_port, metavar="PORT", help="serve Prometheus metrics on this port (default: off)")
     add("--tls-cert", metavar="FILE", help="PEM certificate chain, leaf first: enables STLS and POP3S")
@@ -81,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
     add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
+    add("--ready-file", metavar="FILE",
+        help="once serving, write the bound addresses and ports here as JSON (for port 0 and test harnesses)")
     return parser
 
 
@@ -89,34 +105,63 @@ def parse_config(argv: list[str]) -> Config:
     return load_config(build_parser().parse_args(argv))
 
 
-def hash_command(args: list[str]) -> int:
-    """`geventpop3 hash [NAME]`: print `$scrypt$...` (or `NAME:$scrypt$...`) for a password
-    read without echo from a terminal (asked twice), or as one line from a pipe."""
-    if args in (["-h"], ["--help"]):
-        print(HASH_USAGE)
-        return 0
-    if len(args) > 1 or (args and args[0].startswith("-")):
-        print(f"geventpop3 hash: {HASH_USAGE}", file=sys.stderr)
-        return 2
-    name = args[0] if args else None
-    if name is not None and not valid_username(name):
-        print(f"geventpop3 hash: unsafe user name {name!r}", file=sys.stderr)
-        return 2
-    try:
-        if sys.stdin.isatty():
-            password = getpass.getpass("Password: ")
-            if getpass.getpass("Again: ") != password:
-                print("geventpop3 hash: the passwords differ", file=sys.stderr)
-                return 2
+def _hash_args(args: list[str]) -> tuple[str, str | None]:
+    """(scheme, name) of `hash [-s SCHEME] [NAME]`; UsageError (one line) otherwise."""
+    scheme, rest = "SCRYPT", list(args)
+    words: list[str] = []
+    while rest:
+        word = rest.pop(0)
+        if word in ("-s", "--scheme"):
+            if not rest:
+                raise UsageError(f"{word} needs a scheme")
+            scheme = rest.pop(0)
+        elif word.startswith("--scheme="):
+            scheme = word.partition("=")[2]
+        elif word.startswith("-s") and len(word) > 2:
+            scheme = word[2:]
+        elif word.startswith("-"):
+            raise UsageError(HASH_USAGE)
         else:
-            password = sys.stdin.readline().rstrip("\r\n")
-    except (EOFError, KeyboardInterrupt):
-        print("geventpop3 hash: no password given", file=sys.stderr)
+            words.append(word)
+    if len(words) > 1:
+        raise UsageError(HASH_USAGE)
+    if scheme.upper() not in HASH_SCHEMES:
+        raise UsageError(f"unknown scheme {scheme!r}: one of {', '.join(HASH_SCHEMES)}")
+    name = words[0] if words else None
+    if name is not None and not valid_username(name):
+        raise UsageError(f"unsafe user name {name!r}")
+    return scheme, name
+
+
+def _read_password() -> str:
+    """The password without echo from a terminal (asked twice), else one line of stdin."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise UsageError("the passwords differ")
+        return password
+    return sys.stdin.readline().rstrip("\r\n")
+
+
+def hash_command(args: list[str]) -> int:
+    """`geventpop3 hash [-s SCHEME] [NAME]`: print `$scrypt$...` (or `{SCHEME}...`, as `doveadm pw`
+    does), prefixed by `NAME:` if given, for a password read without echo from a terminal (asked
+    twice), or as one line from a pipe."""
+    if args in (["-h"], ["--help"]):
+        print(HASH_HELP)
+        return 0
+    try:
+        scheme, name = _hash_args(args)
+        try:
+            password = _read_password()
+        except (EOFError, KeyboardInterrupt):
+            raise UsageError("no password given") from None
+        if not valid_password(password):
+            raise UsageError("invalid password: 1 to 100 printable characters, no spaces")
+        digest = hash_entry(password, scheme)
+    except (UsageError, SchemeError) as exc:
+        print(f"geventpop3 hash: {exc}", file=sys.stderr)
         return 2
-    if not valid_password(password):
-        print("geventpop3 hash: invalid password: 1 to 100 printable characters, no spaces", file=sys.stderr)
-        return 2
-    digest = hash_password(password)
     print(f"{name}:{digest}" if name is not None else digest)
     return 0
 

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geventpop3.privileges import Identity, PrivilegeError, resolve
+from geventpop3.schemes import SchemeError, parse
 from geventpop3.settings import KEYS, SettingError, Settings
 from geventpop3.tls import ServerTls, TlsError, key_permission_warning, reload_warning
-from geventpop3.users import UserError, is_password_hash, parse_user_flag, parse_users_file
+from geventpop3.users import UserError, UsersFile, is_plain, parse_user_flag, parse_users_file
 
 DEFAULT_POP3_PORT = 110
 DEFAULT_POP3S_PORT = 995
@@ -35,14 +36,15 @@ DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 
 # Flags that set a live setting of the same name (`--idle-timeout` -> idle_timeout).
-FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level")
+FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level", "uidl_format")
 
 # Keys of the config file that are not live settings, with their TOML types.
 FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
-    "run_as": str, "run_as_group": str, "admin_tls": bool, "state_url": str, "instance_name": str,
+    "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool, "state_url": str,
+    "instance_name": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -81,6 +83,8 @@ class Config:
     admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
     state_url: str | None = None  # a PostgreSQL store shared by several instances; None: SQLite in state_dir
     instance_name: str | None = None  # this instance in a shared store (None: <host>-<POP3 port>)
+    allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
+    ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
 
 
 def parse_port(value: object) -> int:
@@ -105,6 +109,7 @@ def load_config(args: argparse.Namespace) -> Config:
     if admin_tls and server_tls is None:
         raise UsageError("--admin-tls needs a certificate (--tls-cert)")
     run_as = run_as_for(args, file_values)
+    allow_weak = bool(args.allow_weak_schemes or file_values.get("allow_weak_schemes", False))
     if server_tls is not None and run_as is not None:
         unreadable = reload_warning((server_tls.cert, server_tls.key), run_as.uid, run_as.gid, run_as.user)
         warnings += [unreadable] if unreadable else []
@@ -114,8 +119,8 @@ def load_config(args: argparse.Namespace) -> Config:
         admin_addresses=args.admin_address or _as_list(file_values.get("admin_address")),
         admin_port=_first_port(args.admin_port, file_values.get("admin_port"), DEFAULT_ADMIN_PORT),
         maildir=maildir,
-        users=_pairs(args.user + list(file_values.get("users", [])), "user"),
-        admins=_pairs(args.admin + list(file_values.get("admins", [])), "admin"),
+        users=_pairs(args.user + list(file_values.get("users", [])), "user", allow_weak),
+        admins=_pairs(args.admin + list(file_values.get("admins", [])), "admin", allow_weak),
         state_dir=state_dir_for(args, file_values, maildir),
         settings=settings,
         explicit=explicit,
@@ -128,6 +133,8 @@ def load_config(args: argparse.Namespace) -> Config:
         users_file=args.users_file or file_values.get("users_file"),
         run_as=run_as,
         admin_tls=admin_tls,
+        allow_weak_schemes=allow_weak,
+        ready_file=ready_file_for(args),
         **shared_store_for(args, file_values),
     )
 
@@ -248,11 +255,14 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
             raise UsageError(f"invalid {key} {text!r}: {exc}") from None
 
 
-def read_users_file(users_file: str) -> list[tuple[str, str]]:
-    """The users file's entries; UsageError (one line) if it cannot be read or parsed.
+def read_users_file(users_file: str) -> UsersFile:
+    """The users file's entries (and notes for the log); UsageError (one line, `path:line`)
+    if it cannot be read or parsed. Their password schemes are checked when the directory
+    takes them (users.Credentials.configure).
 
-    Called by start-up after privileges are dropped: the server reads it as the user
-    it serves as, so a file readable only by root is found out at start, not later.
+    Called by start-up after privileges are dropped, and again at each reload: the server
+    reads it as the user it serves as, so a file readable only by root is found out at
+    start, not later.
     """
     try:
         return parse_users_file(users_file)
@@ -302,6 +312,16 @@ def shared_store_for(args: argparse.Namespace, file_values: dict[str, Any]) -> d
     return {"state_url": url, "instance_name": name}
 
 
+def ready_file_for(args: argparse.Namespace) -> str | None:
+    """The --ready-file path, absolute, in a directory that exists (checked now: a typo is a usage error)."""
+    if not args.ready_file:
+        return None
+    path = os.path.abspath(args.ready_file)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise UsageError(f"--ready-file: no directory {os.path.dirname(path)}")
+    return path
+
+
 def _as_list(value: str | list[str] | None) -> list[str] | None:
     if value is None:
         return None
@@ -319,11 +339,20 @@ def _optional_port(flag: int | None, from_file: object) -> int | None:
     return None if from_file is None else parse_port(from_file)
 
 
-def _pairs(items: list[str], what: str) -> list[tuple[str, str]]:
-    try:
-        return [parse_user_flag(item) for item in items]
-    except UserError as exc:
-        raise UsageError(f"invalid {what}: {exc}") from None
+def _pairs(items: list[str], what: str, allow_weak: bool) -> list[tuple[str, str]]:
+    """NAME:PASS entries of flags or the config file, their password schemes checked now."""
+    pairs = []
+    for item in items:
+        try:
+            name, secret = parse_user_flag(item)
+        except UserError as exc:
+            raise UsageError(f"invalid {what}: {exc}") from None
+        try:
+            parse(secret, b"", allow_weak)
+        except SchemeError as exc:
+            raise UsageError(f"invalid {what} {name}: {exc}") from None
+        pairs.append((name, secret))
+    return pairs
 
 
 def plain_password_warnings(args: argparse.Namespace) -> list[str]:
@@ -333,7 +362,7 @@ def plain_password_warnings(args: argparse.Namespace) -> list[str]:
     warnings = []
     for flag, what, entries in (("-u", "user", args.user), ("-a", "admin", args.admin)):
         names = [name for name, _, secret in (entry.partition(":") for entry in entries)
-                 if not is_password_hash(secret)]
+                 if is_plain(secret)]
         if names:
             warnings.append(f"plain password on the command line for {what} "
                             f"{', '.join(names)} (visible in ps); give {flag} NAME:$scrypt$... "

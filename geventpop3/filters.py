@@ -490,7 +490,8 @@ class FilterRunner:
     def _filter_message(self, flt: Filter, message: Message, directory: str, user: str, address: str,
                         port: int) -> Message:
         try:
-            path, size = self._run_chain(flt, message, directory, filter_env(user, message.uid, address, port))
+            env = filter_env(user, message.uidl or message.uid, address, port)  # the UIDL the client sees
+            path, size = self._run_chain(flt, message, directory, env)
         except FilterFailed as failure:
             return self._failed(message, user, failure.kind, flt, failure.stderr)
         return replace(message, path=path, size=size)

@@ -20,6 +20,15 @@ Every file this module creates uses O_CREAT | O_EXCL | O_NOFOLLOW (the lock file
 is shared, O_NOFOLLOW and a regular-file check). A name that is not a safe UIDL (not
 printable ASCII, over 70 octets, not UTF-8, CR/LF...) is still mail: its UIDL is `~`
 and a hash of its raw base name, and names reach log lines only through ascii().
+
+UIDLs after Dovecot (docs/migrating.md): when the Maildir holds Dovecot's `dovecot-uidlist`
+(geventpop3.dovecot_uidlist, read only), a message's UIDL is the one Dovecot saved for it
+(`P`), else per `uidl_format` (`%08Xu%08Xv`: its IMAP UID and the UIDVALIDITY in hex), else
+the base name; messages are listed in Dovecot's order (its POP3 order, then UID), unlisted
+ones after them. A UIDL that breaks RFC 1939 or repeats one listed before gets a `~` hash.
+Sizes from names: `,W=<n>` (Dovecot's virtual size, CRLF octets), or the `W` Dovecot kept
+in dovecot-uidlist, is taken as the size without reading the file when it is plausible
+(see `plausible_size`).
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ from typing import Protocol, TypeVar
 import gevent
 from gevent import monkey
 
+from geventpop3 import dovecot_uidlist
 from geventpop3.message import Message
 from geventpop3.users import valid_username
 
@@ -66,6 +76,11 @@ THREADPOOL_THRESHOLD = 256
 # thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
 THREADPOOL_BYTES = 1 << 20
 HASHED_UID_PREFIX = "~"  # UIDLs made from a hash; no UIDL taken from a name starts with it
+UIDL_BASE_NAME = "%f"  # the UIDL formats of `uidl_format`, named as Dovecot's pop3_uidl_format names them
+UIDL_DOVECOT = "%08Xu%08Xv"
+UIDL_FORMATS = (UIDL_BASE_NAME, UIDL_DOVECOT)
+UIDLIST_LOOP_MAX = 1 << 20  # a bigger dovecot-uidlist to (re)read goes to the thread pool
+_SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
 _DOT_LINE = re.compile(rb"\n\.")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -125,6 +140,41 @@ def uid_of(name: str) -> str:
 def _hashed_uid(name: str) -> str:
     raw = os.fsencode(name).split(b":", 1)[0]
     return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _safe_uidl(uidl: str) -> bool:
+    """RFC 1939: 1 to 70 characters 0x21-0x7E; and not `~`, kept for hashed UIDLs."""
+    return uidl.isascii() and uidl.isprintable() and " " not in uidl and 0 < len(uidl) <= 70 and uidl[0] != "~"
+
+
+def _hashed_uidl(value: str, domain: bytes) -> str:
+    raw = domain + os.fsencode(value)
+    return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def size_from_name(name: str, raw: int) -> int | None:
+    """The CRLF size a Maildir name gives with `,W=<n>`, when it is plausible; else None.
+
+    W= is Dovecot's virtual size: the octets with CRLF line ends, what LIST must show.
+    S= (the size on disk) alone is never used as a POP3 size; see `plausible_size`."""
+    base = name.split(":", 1)[0]
+    if ",W=" not in base:
+        return None
+    fields: dict[str, int] = {}
+    for key, digits in _SIZE_FIELD.findall(base):
+        fields.setdefault(key, int(digits))
+    return plausible_size(raw, fields.get("W"), fields.get("S"))
+
+
+def plausible_size(raw: int, virtual: int | None, physical: int | None) -> int | None:
+    """`virtual` (a W= size) if a file of `raw` octets on disk could have it, else None.
+
+    Plausible: raw <= W <= 2 raw + 2 (CRLF only adds a CR per LF, and a final CRLF), and
+    the S= given with it, if any, equals `raw`: a name or record whose S= no longer fits
+    the file is stale, so its W= is not trusted either and the file is measured."""
+    if virtual is None or (physical is not None and physical != raw) or not raw <= virtual <= 2 * raw + 2:
+        return None
+    return virtual
 
 
 def _file_id(info: os.stat_result) -> int:
@@ -194,18 +244,20 @@ class Mailbox:
         return True
 
     # -- content -----------------------------------------------------------------
-    def snapshot(self) -> list[Message]:
-        """The mailbox as a session sees it for its whole life (sizes as RETR sends them).
+    def snapshot(self, uidl_format: str = UIDL_BASE_NAME) -> list[Message]:
+        """The mailbox as a session sees it for its whole life (sizes as RETR sends them,
+        UIDLs per `uidl_format` and the Maildir's dovecot-uidlist, if it has one).
 
-        Warm cache: one directory listing and one lstat per file, nothing read. Many
-        files, many uncached octets, and every cache write (fsync) go to the thread pool."""
+        Warm cache: one directory listing and one lstat per file (and one for
+        dovecot-uidlist), nothing read. Many files, many uncached octets, and every
+        cache write (fsync) go to the thread pool."""
         notes: list[str] = []
         with _Subdirs(self.path, notes) as dirs:
             names = dirs.names()
             if len(names) > THREADPOOL_THRESHOLD:
-                messages = _in_pool(_build_snapshot, self.path, dirs, names, notes, False)
+                messages = _in_pool(_scan, self.path, dirs, names, uidl_format, notes, False)
             else:
-                messages = _build_snapshot(self.path, dirs, names, notes, True)
+                messages = _scan(self.path, dirs, names, uidl_format, notes, True)
         _log_notes(notes)
         return messages
 
@@ -359,9 +411,23 @@ class _Subdirs:
 
 # -- snapshot ----------------------------------------------------------------
 
-def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], notes: list[str],
-                    on_loop: bool) -> list[Message]:
-    """Stat every file, take sizes from the cache, measure the rest, save the cache if it changed.
+def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
+          notes: list[str], on_loop: bool) -> list[Message]:
+    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order."""
+    try:
+        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
+    except dovecot_uidlist.ReadOnLoopTooBig:
+        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
+    messages = _build_snapshot(maildir, dirs, names, uidlist, notes, on_loop)
+    if uidlist is None:
+        return messages  # UIDLs are the base names, unique already
+    return _name_messages(maildir, messages, uidlist, uidl_format, notes)
+
+
+def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]],
+                    uidlist: dovecot_uidlist.UidList | None, notes: list[str], on_loop: bool) -> list[Message]:
+    """Stat every file, take sizes from names (W=), Dovecot's uidlist (W) or the cache,
+    measure the rest, save the cache if it changed.
 
     `on_loop`: called on the event loop, so the cache read is capped lower and what reads
     many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
@@ -370,7 +436,17 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
     fresh: dict[str, tuple[int, int]] = {}
     messages = []
     pending = []
+    records = uidlist.records if uidlist is not None else {}
     for uid, path, raw, fid in files:
+        # No cache entry for these: the name, or Dovecot's file, keeps the size.
+        named = size_from_name(path[path.rindex("/") + 1:], raw) if ",W=" in path else None
+        if named is None and records:
+            record = records.get(_base_name(path))
+            if record is not None:
+                named = plausible_size(raw, record.virtual_size, record.physical_size)
+        if named is not None:
+            messages.append(Message(uid, path, named, path, None, fid))
+            continue
         cached = cache.get(uid)
         if cached is not None and cached[0] == raw:
             fresh[uid] = cached
@@ -397,6 +473,61 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
 
 def _by_uid(message: Message) -> str:
     return message.uid
+
+
+def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidlist.UidList, uidl_format: str,
+                   notes: list[str]) -> list[Message]:
+    """The snapshot with Dovecot's UIDLs and order (see the module docstring).
+
+    `%08Xu%08Xv` is written as Dovecot writes it: Dovecot's `X` modifier prints lower-case
+    hex (2.3's var_expand uses "%llx"), so its UIDLs look like `000000016b0f40bd`."""
+    records = uidlist.records
+    suffix = f"{uidlist.uid_validity:08x}"
+    dovecot_format = uidl_format == UIDL_DOVECOT
+    keyed: list[tuple[tuple[int, int], int, Message]] = []
+    for position, message in enumerate(messages):  # position: unlisted ones keep base name order
+        record = records.get(_base_name(message.source))
+        if record is None:
+            keyed.append(((1 << 33, 0), position, message))
+            continue
+        saved = record.pop3_uidl
+        if saved:  # "" is Dovecot's shorthand for the base name, the %f UIDL
+            message.uidl = saved if _safe_uidl(saved) else _hashed_uidl(saved, b"P:")
+        elif saved is None and dovecot_format:
+            message.uidl = f"{record.uid:08x}{suffix}"
+        order = record.pop3_order if record.pop3_order is not None else 0xFFFFFFFF
+        keyed.append(((order, record.uid), position, message))
+    keyed.sort(key=_first_two)
+    ordered = [message for _, _, message in keyed]
+    repeated = _make_unique(ordered)
+    if repeated:
+        notes.append(f"{ascii(maildir)}: {repeated} UIDLs from {dovecot_uidlist.NAME} repeated one listed "
+                     "before; those messages got hashed UIDLs")
+    return ordered
+
+
+def _first_two(item: tuple[tuple[int, int], int, Message]) -> tuple[tuple[int, int], int]:
+    return item[0], item[1]
+
+
+def _base_name(path: str) -> str:
+    return path[path.rindex("/") + 1:].split(":", 1)[0]
+
+
+def _make_unique(messages: list[Message]) -> int:
+    """Give a message whose UIDL an earlier one has a `~` hash of its base name instead;
+    returns how many needed it. Base names are unique, so their hashes are."""
+    seen: set[str] = set()
+    repeated = 0
+    for message in messages:
+        uidl = message.uidl or message.uid
+        if uidl in seen:
+            repeated += 1
+            uidl = message.uidl = _hashed_uidl(_base_name(message.source), b"")
+            while uidl in seen:  # only if a hash collided: hash again
+                uidl = message.uidl = _hashed_uidl(uidl, b"again:")
+        seen.add(uidl)
+    return repeated
 
 
 def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -40,7 +39,9 @@ def become_subreaper() -> bool:
     if _subreaper:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The C library is loaded already: its prctl through the process's own symbols
+        # (find_library("c") would run ldconfig in a subprocess at every start).
+        libc = ctypes.CDLL(None, use_errno=True)
         _subreaper = libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         _subreaper = False

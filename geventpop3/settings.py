@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from geventpop3.maildir import UIDL_BASE_NAME, UIDL_FORMATS
 from geventpop3.maildir_root import NotAMaildirRoot, check_root
 
 log = logging.getLogger(__name__)
@@ -175,11 +176,15 @@ KEYS: dict[str, Key] = {
         Key("auth_penalty_forget", _float_range(1, 86_400), 300.0,
             "seconds without a failure before a source's penalty is forgotten"),
         Key("auth_penalty_sources", _int_range(1, 10_000_000), 100_000, "most sources the penalty tracks"),
-        Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords (scrypt)"),
+        Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords"),
         Key("auth_hash_queue", _int_range(1, 100_000), 1000,
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
         Key("lease_timeout", _float_range(2, 3600), 30.0,
             "with a PostgreSQL store: seconds before the mailbox leases of a dead instance expire"),
+        Key("auth_hash_memory", _int_range(16, 65_536), 256,
+            "MiB that memory-hard password checks (scrypt, argon2) may use at once"),
+        Key("uidl_format", _choice(*UIDL_FORMATS), UIDL_BASE_NAME,
+            "UIDLs: %f (the Maildir base name) or %08Xu%08Xv (Dovecot's, from dovecot-uidlist)", msmp=False),
     )
 }
 

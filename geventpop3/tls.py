@@ -24,7 +24,6 @@ import typing
 
 import gevent
 import gevent.ssl
-from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +173,8 @@ def _read(path: str) -> bytes:
 
 def not_after(pem: bytes, cert: str = "certificate") -> float:
     """The notAfter of the first (leaf) certificate in `pem`, as Unix time."""
+    from cryptography import x509  # here: 25 ms of imports a server without TLS never needs
+
     try:
         leaf = x509.load_pem_x509_certificates(pem)[0]
     except (ValueError, IndexError):

@@ -1,49 +1,74 @@
-"""Credentials: name and password rules, scrypt hashing and verification, for POP3
-users and MSMP admins alike.
+"""Credentials: name and password rules, the stored passwords of POP3 users and MSMP
+admins, and how they are checked.
 
-Passwords are kept only as scrypt hashes (`$scrypt$n=..,r=..,p=..$salt$hash`). The
-slow hash runs in its own few threads (`Hasher`), not in gevent's hub pool, so password
-guessing cannot starve the SQLite and Maildir work that pool does; the logins waiting
-for a hash thread are bounded and served cleanest source first. After one successful
-slow verification a keyed fast digest of the password is cached in memory (as Dovecot's
-auth cache does), so a client polling every minute does not cost 50 ms of CPU per
-login. A wrong password or an unknown name always pays the same slow work: the cost of
-the dearest entry in use (an entry of a cheaper cost is topped up with dummy hashes to
-it), so neither can be told apart by its timing; a cheap entry is rehashed at the
-default cost at its next successful login.
+Entries are `schemes.StoredPassword` objects, parsed once (no hashing at start: a users
+file of 100,000 entries loads in a fraction of a second); a plain password is kept only
+as a keyed digest (`schemes.KeyedPlain`). Slow verifications run in their own few threads
+(`Hasher`), never on the event loop nor in gevent's hub pool, so password guessing cannot
+starve the SQLite and Maildir work that pool does; the logins waiting for a hash thread
+are bounded and served cleanest source first, and memory-hard schemes share a memory
+budget. After one successful slow verification a keyed fast digest of the password is
+cached in memory (as Dovecot's auth cache does), so a client polling every minute does
+not cost a slow hash per login.
 
-`Credentials` is a fixed set (the MSMP admins); `UserDirectory` adds run-time changes
-persisted in a `UserStore` (the SQLite store of the management plane, or nothing): the
-POP3 side only ever talks to `UserDirectory`.
+Failures take the same time whatever the entry (the hardening rule: same answer, same
+time): every failed check waits its turn for a hash thread, an unknown name is checked
+against a dummy entry of the dearest cost class in use, and the answer is then padded
+(gevent.sleep, no CPU) up to a floor: the slowest verification time among the cost classes
+in use, measured once per class in the background (`_calibrate`) with a margin, raised by
+slower verifications seen in the last minute; until a class is measured the floor is a
+conservative second.
+
+`Credentials` holds configured entries (the MSMP admins; flags and the users file);
+`UserDirectory` adds run-time changes persisted in a `UserStore` (the SQLite store of the
+management plane, or nothing) and re-reads the configured entries at reload: the POP3
+side only ever talks to `UserDirectory`.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
+import gc
 import heapq
 import hmac
 import itertools
 import logging
 import os
 import re
+import statistics
+import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import gevent
 from gevent.event import Event
-from gevent.pool import Pool
+from gevent.greenlet import Greenlet
 from gevent.threadpool import ThreadPool
+
+from geventpop3 import schemes
+from geventpop3.schemes import (  # noqa: F401 - re-exported: the names callers used from here
+    DEFAULT_COST,
+    Cost,
+    KeyedPlain,
+    SchemeError,
+    Scrypt,
+    StoredPassword,
+    hash_password,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 USERNAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,39}\Z")
-Cost = tuple[int, int, int]  # scrypt n, r, p
-DEFAULT_COST: Cost = (2**14, 8, 1)  # about 50 ms and 16 MiB per hash
-_MAXMEM = 128 * 1024 * 1024
+MIB = 1 << 20
+DEFAULT_MEMORY_BUDGET = 256 * MIB  # bytes of concurrent memory-hard verifications (auth_hash_memory)
+DEFAULT_HASH_MEMORY = Scrypt(DEFAULT_COST, b"", b"").memory  # what hashing a new password needs
+
+UNCALIBRATED_FLOOR = 1.0  # seconds a failure takes at least while a cost class in use is not measured yet
+FLOOR_MARGIN = 1.25  # the floor is this times the slowest measured class: load makes hashes slower
+PEAK_WINDOW = 60.0  # seconds a slow verification seen raises the floor
+CALIBRATION_RUNS = 3  # verifications of a class's dummy; their median is the class's time
 
 
 class UserError(Exception):
@@ -58,12 +83,13 @@ class HashingBusy(UserError):
 
 
 class _Waiter:
-    __slots__ = ("event", "granted", "cancelled")
+    __slots__ = ("event", "granted", "cancelled", "memory")
 
-    def __init__(self) -> None:
+    def __init__(self, memory: int) -> None:
         self.event = Event()
         self.granted = False  # a thread slot was handed to it
         self.cancelled = False  # its greenlet stopped waiting (killed): skip it
+        self.memory = memory
 
 
 class Hasher:
@@ -77,20 +103,29 @@ class Hasher:
     first. When `queue` verifications already wait, one more is refused at once with
     `HashingBusy` (`bounded=False`: start-up and admin work wait anyway): a temporary
     failure the client retries, rather than memory and latency that grow with the guessers.
+
+    Memory-hard schemes (scrypt, argon2) reserve their peak `memory` from a budget while
+    they run: a turn starts only when its memory fits beside the running ones (or nothing
+    runs, so an entry dearer than the whole budget still runs, alone). The first waiter
+    waits for room rather than be overtaken, so a dear entry is never starved.
     """
 
-    def __init__(self, threads: int = 2, queue: int = 100) -> None:
+    def __init__(self, threads: int = 2, queue: int = 100, memory: int = DEFAULT_MEMORY_BUDGET) -> None:
         self.threads = threads
         self.queue = queue
+        self.memory = memory
         self._pool: ThreadPool | None = None  # made at first use, in the process that uses it
         self._running = 0
+        self._reserved = 0  # bytes the running turns reserved
         self._waiting: list[tuple[int, int, _Waiter]] = []  # heap: (priority, arrival, waiter)
         self._queued = 0  # waiters in the heap not cancelled
         self._arrivals = itertools.count()
 
-    def configure(self, threads: int, queue: int) -> None:
-        """New limits (settings `auth_hash_threads`, `auth_hash_queue`), applied at once."""
+    def configure(self, threads: int, queue: int, memory: int | None = None) -> None:
+        """New limits (settings `auth_hash_threads`, `auth_hash_queue`, `auth_hash_memory`), applied at once."""
         self.threads, self.queue = threads, queue
+        if memory is not None:
+            self.memory = memory
         if self._pool is not None:
             self._pool.maxsize = threads
         self._wake()
@@ -106,51 +141,71 @@ class Hasher:
         return self._queued
 
     def run(self, func: Callable[..., T], *args: Any, priority: int = 0, bounded: bool = True,
-            only_if_idle: bool = False) -> T:
+            only_if_idle: bool = False, memory: int = 0) -> T:
         """`func(*args)` in a hash thread, this greenlet blocked meanwhile (others run).
 
+        `memory`: the bytes it needs at its peak (reserved from the budget while it runs).
         `only_if_idle`: run only on a thread nobody waits for, else HashingBusy at once
         (work that can be done later, such as upgrading a hash, never queues before logins)."""
-        if only_if_idle and (self._running >= self.threads or self._queued):
+        if only_if_idle and (self._running >= self.threads or self._queued or not self._fits(memory)):
             raise HashingBusy()
-        self._acquire(priority, bounded)
-        try:
+        with self.turn(priority, bounded, memory):
             if self._pool is None:
                 self._pool = ThreadPool(max(self.threads, 1))
             return self._pool.apply(func, args)
-        finally:
-            self._release()
 
-    def _acquire(self, priority: int, bounded: bool) -> None:
-        if self._running < self.threads and not self._queued:
+    @contextmanager
+    def turn(self, priority: int = 0, bounded: bool = True, memory: int = 0) -> Iterator[None]:
+        """Hold a hash thread's turn (and `memory` of the budget) for the block: waiting
+        for it as any verification does (HashingBusy when the queue is full)."""
+        self._acquire(priority, bounded, memory)
+        try:
+            yield
+        finally:
+            self._release(memory)
+
+    def _fits(self, memory: int) -> bool:
+        return self._running == 0 or self._reserved + memory <= self.memory
+
+    def _acquire(self, priority: int, bounded: bool, memory: int) -> None:
+        if self._running < self.threads and not self._queued and self._fits(memory):
             self._running += 1
+            self._reserved += memory
             return
         if bounded and self._queued >= self.queue:
             raise HashingBusy()
-        waiter = _Waiter()
+        waiter = _Waiter(memory)
         heapq.heappush(self._waiting, (priority, next(self._arrivals), waiter))
         self._queued += 1
         try:
             waiter.event.wait()
         except BaseException:  # killed while waiting: give back what it holds
             if waiter.granted:
-                self._release()
+                self._release(memory)
             else:
                 waiter.cancelled = True
                 self._queued -= 1
+                self._wake()  # it may have been the first in line, holding the others back
             raise
 
-    def _release(self) -> None:
+    def _release(self, memory: int) -> None:
         self._running -= 1
+        self._reserved -= memory
         self._wake()
 
     def _wake(self) -> None:
-        while self._running < self.threads and self._waiting:
-            _, _, waiter = heapq.heappop(self._waiting)
+        waiting = self._waiting
+        while waiting and self._running < self.threads:
+            waiter = waiting[0][2]
             if waiter.cancelled:
+                heapq.heappop(waiting)
                 continue
+            if not self._fits(waiter.memory):
+                return  # the first in line waits for room; nobody overtakes it
+            heapq.heappop(waiting)
             self._queued -= 1
             self._running += 1
+            self._reserved += waiter.memory
             waiter.granted = True
             waiter.event.set()
 
@@ -168,183 +223,289 @@ def valid_password(password: str) -> bool:
     return 0 < len(password) <= 100 and password.isprintable() and not any(c.isspace() for c in password)
 
 
-def hash_password(password: str, cost: Cost = DEFAULT_COST) -> str:
-    n, r, p = cost
-    salt = os.urandom(16)
-    # surrogateescape as in verify_password: a non-UTF-8 password from argv hashes, not crashes
-    digest = hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM)
-    return f"$scrypt$n={n},r={r},p={p}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}"
-
-
-def is_password_hash(text: str) -> bool:
-    return text.startswith("$scrypt$")
-
-
-def _decode(encoded: str) -> tuple[Cost, bytes, bytes] | None:
-    """(cost, salt, digest) of an encoded scrypt hash, or None if it does not parse."""
+def is_plain(secret: str) -> bool:
+    """Whether an entry's secret is a plain password (`pw`, `{PLAIN}pw`), not a hash:
+    for the warning about plain passwords on the command line."""
     try:
-        _, scheme, params, salt_b64, digest_b64 = encoded.split("$")
-        fields = dict(item.split("=") for item in params.split(","))
-        cost = int(fields["n"]), int(fields["r"]), int(fields["p"])
-        salt = base64.b64decode(salt_b64)
-        digest = base64.b64decode(digest_b64)
-    except (ValueError, KeyError):
-        return None
-    return (cost, salt, digest) if scheme == "scrypt" else None
-
-
-def hash_cost(encoded: str) -> Cost | None:
-    """The scrypt (n, r, p) an encoded hash names, or None if it does not parse."""
-    decoded = _decode(encoded)
-    return decoded[0] if decoded is not None else None
-
-
-def verify_password(password: str, encoded: str) -> bool:
-    """Constant-time check of `password` against an encoded scrypt hash."""
-    decoded = _decode(encoded)
-    if decoded is None:
+        return isinstance(schemes.parse(secret, b"", allow_weak=True), KeyedPlain)
+    except SchemeError:
         return False
-    (n, r, p), salt, expected = decoded
-    secret = password.encode("utf-8", "surrogateescape")
-    try:
-        digest = hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected))
-    except ValueError:  # impossible parameters in a hand-edited entry
-        return False
-    return hmac.compare_digest(digest, expected)
 
 
-def cost_work(cost: Cost) -> int:
-    """scrypt's work grows with n * r * p: what makes two costs comparable."""
-    n, r, p = cost
-    return n * r * p
+def _timed_verify(entry: StoredPassword, password: str) -> tuple[bool, float]:
+    """entry.verify(password) and the seconds it took (run in a hash thread)."""
+    started = time.perf_counter()
+    ok = entry.verify(password)
+    return ok, time.perf_counter() - started
 
 
-def top_up_costs(cost: Cost | None, reference: Cost, most: int = 8) -> tuple[Cost, ...]:
-    """Dummy hashes that bring the work of `cost` (None: an entry that does not parse, no
-    work) up to that of `reference`: powers of two at the reference's r, largest first,
-    at most `most` of them (within 1% of the gap for any real cost)."""
-    _, r, p = reference
-    gap = cost_work(reference) - (cost_work(cost) if cost is not None else 0)
-    units = max(gap, 0) // (r * p)
-    parts: list[Cost] = []
-    bit = 1 << max(units.bit_length() - 1, 0)
-    while bit >= 2 and len(parts) < most:
-        if units & bit:
-            parts.append((bit, r, p))
-        bit >>= 1
-    return tuple(parts)
-
-
-def _check(password: str, encoded: str, top_up: tuple[Cost, ...]) -> bool:
-    """verify_password, then for a failure the dummy hashes of `top_up` (in the same thread:
-    a wrong password costs the reference work whatever the entry's cost)."""
-    if verify_password(password, encoded):
+def _weaker_than_default(entry: StoredPassword) -> bool:
+    """A store entry worth rehashing at the default scrypt cost at its next login."""
+    if isinstance(entry, KeyedPlain):
         return True
-    secret = password.encode("utf-8", "surrogateescape")
-    for n, r, p in top_up:
-        hashlib.scrypt(secret, salt=b"geventpop3-top-up", n=n, r=r, p=p, maxmem=_MAXMEM, dklen=32)
+    if isinstance(entry, Scrypt):
+        n, r, p = entry.cost
+        default_n, default_r, default_p = DEFAULT_COST
+        return n * r * p < default_n * default_r * default_p
     return False
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off for a block that makes 100,000s of objects and no
+    cycles (a third of the time of loading a large users file went to its passes)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+class Configured(NamedTuple):
+    """One entry of the users file, its name already checked."""
+
+    name: str
+    secret: str  # the password field as given: a plain password or a hash
+    line: int
+    path: str
+
+    @property
+    def origin(self) -> str:
+        """Where it was given, for errors."""
+        return f"{self.path}:{self.line}"
+
+
 class Credentials:
-    """Names and their password hashes, verified at equal cost for unknown names.
+    """Names and their stored passwords, verified at equal cost for unknown names.
 
     Used as is for the MSMP admins (fixed at start-up) and, through `UserDirectory`,
     for the POP3 users. Every change of the entries goes through `_put`/`_pop`, which
-    keep the count of costs from which the dummy hash takes its cost.
+    keep the count of cost classes the failure floor and the unknown-name dummy come from.
     """
 
-    def __init__(self, hasher: Hasher | None = None) -> None:
+    kind = "admin"  # in log lines
+
+    def __init__(self, hasher: Hasher | None = None, allow_weak: bool = False) -> None:
         self._hasher = hasher if hasher is not None else HASHER
-        self._hashes: dict[str, str] = {}
-        self._costs: Counter[Cost] = Counter()
+        self.allow_weak = allow_weak  # weak schemes (MD5-CRYPT, PLAIN-MD5, ...) accepted (allow_weak_schemes)
+        self._plain_key = os.urandom(32)  # plain passwords are kept only as a digest keyed with it
         self._cache_key = os.urandom(32)
+        self._entries: dict[str, StoredPassword] = {}
+        self._configured: dict[str, StoredPassword] = {}  # from flags and the users file
         self._fast: dict[str, bytes] = {}
-        # Unknown names are checked against this, so they cost what a wrong password costs.
-        # Made when first needed, remade when the entries move to another cost.
-        self._dummy: tuple[Cost, str] | None = None
-        self._top_ups: dict[Cost | None, tuple[Cost, ...]] = {}  # for the current dummy cost
+        self._classes: Counter[Hashable] = Counter()  # cost classes in use, with how many entries each
+        self._samples: dict[Hashable, StoredPassword] = {}  # an entry of each class in use, for its dummy
+        self._dummies: dict[Hashable, tuple[StoredPassword, float]] = {}  # measured: dummy, seconds
+        self._calibrator: Greenlet | None = None
+        self._peak = (0.0, -PEAK_WINDOW)  # the slowest verification seen lately: seconds, when
         self._upgrading: set[str] = set()
 
-    # -- start-up -----------------------------------------------------------
-    def add_configured(self, entries: Iterable[tuple[str, str]]) -> None:
-        """Entries from the command line or a file: `$scrypt$` hashes are kept as they
-        are; plain passwords are hashed here, in parallel in the thread pool, and never kept."""
-        entries = list(entries)
-        for name, _ in entries:
-            if not valid_username(name):
-                raise UserError(f"unsafe user name: {name!r}")
-        plain = [(name, secret) for name, secret in entries if not is_password_hash(secret)]
-        hasher = self._hasher
+    # -- configured entries (flags, users file) ---------------------------------
+    def configure(self, entries: Iterable[Configured | tuple[str, str]]) -> tuple[int, int, int]:
+        """Make `entries` the configured ones (replacing those of an earlier call): parsed
+        here, no hashing; (added, changed, removed). Nothing changes if one is unusable
+        (UserError naming where it was given). Unchanged entries keep their cached logins."""
+        with gc_paused():
+            parsed = self._parse_all(entries)
+            return self._apply(parsed)
 
-        def hashed_at_start(secret: str) -> str:
-            return hasher.run(hash_password, secret, bounded=False)
+    def _apply(self, parsed: dict[str, StoredPassword]) -> tuple[int, int, int]:
+        configured = self._configured
+        added = changed = removed = 0
+        for name in [name for name in configured if name not in parsed]:
+            del configured[name]
+            fallback = self._fallback(name)
+            if fallback is None:
+                self._pop(name)
+            else:
+                self._put(name, fallback)
+            removed += 1
+        current, classes, samples = self._entries, self._classes, self._samples
+        for name, entry in parsed.items():
+            old = configured.get(name)
+            if old is None:
+                added += 1
+            elif old.same(entry):
+                continue
+            else:
+                changed += 1
+            configured[name] = entry
+            if name in current:
+                self._put(name, entry)
+                continue
+            current[name] = entry  # _put inlined: 100,000 entries at start-up
+            cls = entry.cost_class
+            classes[cls] += 1
+            if cls not in samples:
+                samples[cls] = entry
+        self._calibrate_soon()
+        return added, changed, removed
 
-        workers = Pool(max(hasher.threads, 1))
-        hashed: Iterable[str] = workers.imap(hashed_at_start, [secret for _, secret in plain]) if plain else []
-        for (name, _), digest in zip(plain, hashed, strict=True):
-            self._put(name, digest)
-        for name, secret in entries:
-            if is_password_hash(secret):
-                self._put(name, secret)
-        self._refresh_dummy()
+    def add_configured(self, entries: Iterable[Configured | tuple[str, str]]) -> None:
+        """The configured entries at start-up (`configure`, for callers that only add once)."""
+        self.configure(entries)
+
+    def _parse_all(self, entries: Iterable[Configured | tuple[str, str]]) -> dict[str, StoredPassword]:
+        parsed: dict[str, StoredPassword] = {}
+        plain_key, allow_weak, parse = self._plain_key, self.allow_weak, schemes.parse
+        for count, item in enumerate(entries, 1):
+            if count % 10_000 == 0:
+                gevent.sleep(0)  # a reload of a large file lets sessions run meanwhile
+            name, secret = item[0], item[1]
+            try:
+                if type(item) is not Configured and not valid_username(name):  # the file's are checked
+                    raise SchemeError(f"unsafe user name {name!r}")
+                parsed[name] = parse(secret, plain_key, allow_weak)
+            except SchemeError as exc:
+                origin = item.origin if isinstance(item, Configured) else f"user {name}"
+                raise UserError(f"{origin}: {exc}") from None
+        return parsed
+
+    def _fallback(self, name: str) -> StoredPassword | None:
+        """What `name` has once no longer configured (nothing for fixed credentials)."""
+        return None
 
     # -- queries ------------------------------------------------------------
     def __contains__(self, name: object) -> bool:
-        return name in self._hashes
+        return name in self._entries
 
     def __len__(self) -> int:
-        return len(self._hashes)
+        return len(self._entries)
 
     def names(self) -> list[str]:
-        return sorted(self._hashes)
+        return sorted(self._entries)
 
     def verify(self, name: str, password: str, priority: int = 0) -> bool:
-        """True only for a known name with this password; the same work otherwise.
+        """True only for a known name with this password; a failure takes the same time
+        whatever the name and its entry (see the module docstring).
 
         `priority` orders the wait for a hash thread (lower first: the failures of the
         client's source); HashingBusy when too many already wait."""
-        encoded = self._hashes.get(name)
+        entry = self._entries.get(name)
         fast = hmac.new(self._cache_key, password.encode("utf-8", "surrogateescape"), "sha256").digest()
-        cached = self._fast.get(name)
-        if encoded is not None and cached is not None and hmac.compare_digest(cached, fast):
-            return True
-        top_up: tuple[Cost, ...] = ()
-        if encoded is None:
-            against = self._dummy_hash()
-        else:
-            against, top_up = encoded, self._top_up(hash_cost(encoded))
-        ok = self._hasher.run(_check, password, against, top_up, priority=priority)
+        if entry is not None:
+            cached = self._fast.get(name)
+            if cached is not None and hmac.compare_digest(cached, fast):
+                return True
+            if entry.cheap and entry.verify(password):
+                return True
+        ok, took = self._check(entry, password, priority)
         # The slow hash yields: the entry may have changed or gone meanwhile.
-        ok = bool(ok) and encoded is not None and self._hashes.get(name) == encoded
-        if ok:
+        if ok and entry is not None and self._entries.get(name) is entry:
             self._fast[name] = fast
-            assert encoded is not None
-            self._maybe_upgrade(name, encoded, password)
-        return ok
+            self._maybe_upgrade(name, entry, password)
+            return True
+        gevent.sleep(max(0.0, self.failure_floor() - took))
+        return False
 
-    # -- stronger at rest: cheap entries are rehashed at their next login ------
-    def _maybe_upgrade(self, name: str, encoded: str, password: str) -> None:
-        cost = hash_cost(encoded)
-        if cost is None or cost_work(cost) >= cost_work(DEFAULT_COST) or name in self._upgrading:
+    def _check(self, entry: StoredPassword | None, password: str, priority: int) -> tuple[bool, float]:
+        """The slow part of a check, in a hash thread's turn: (ok, seconds the work took).
+
+        A cheap entry (already found wrong) and an unknown name before calibration do no
+        work, but still wait their turn as a slow check would, with the same memory."""
+        against = entry if entry is not None else self._unknown_dummy()
+        if against is None or against.cheap:
+            dearest = self._unknown_dummy()
+            with self._hasher.turn(priority, memory=dearest.memory if dearest is not None else 0):
+                return False, 0.0
+        ok, took = self._hasher.run(_timed_verify, against, password, priority=priority, memory=against.memory)
+        self._observe(took)
+        return ok and entry is not None, took
+
+    # -- the failure floor and its calibration ----------------------------------
+    def failure_floor(self) -> float:
+        """Seconds a failed check takes at least: the slowest verification among the cost
+        classes in use with a margin (a conservative second while one is not measured),
+        or the slowest seen in the last minute if more."""
+        dummies = self._dummies
+        measured = [dummies[cls][1] for cls in self._classes if cls in dummies]
+        floor = FLOOR_MARGIN * max(measured, default=0.0)
+        if len(measured) < len(self._classes):
+            floor = max(floor, UNCALIBRATED_FLOOR)
+        peak, seen = self._peak
+        if time.monotonic() - seen <= PEAK_WINDOW:
+            floor = max(floor, peak)
+        return floor
+
+    def calibrated(self) -> bool:
+        """Whether every cost class in use has been measured."""
+        return all(cls in self._dummies for cls in self._classes)
+
+    def wait_calibrated(self, timeout: float | None = None) -> bool:
+        """Block this greenlet until calibrated (tests, benchmarks); whether it is."""
+        calibrator = self._calibrator
+        if calibrator is not None:
+            calibrator.join(timeout)
+        return self.calibrated()
+
+    def _observe(self, seconds: float) -> None:
+        peak, seen = self._peak
+        now = time.monotonic()
+        if seconds >= peak or now - seen > PEAK_WINDOW:
+            self._peak = (seconds, now)
+
+    def _unknown_dummy(self) -> StoredPassword | None:
+        """The dummy of the dearest measured class in use: what an unknown name is checked against."""
+        dummies = self._dummies
+        in_use = [dummies[cls] for cls in self._classes if cls in dummies]
+        return max(in_use, key=lambda measured: measured[1])[0] if in_use else None
+
+    def _calibrate_soon(self) -> None:
+        """Measure the classes not measured yet, in the background (the server listens meanwhile)."""
+        if self.calibrated() or (self._calibrator is not None and not self._calibrator.dead):
             return
-        if not self._upgradable(name):
+        self._calibrator = gevent.spawn(self._calibrate)
+
+    def _calibrate(self) -> None:
+        """Per class in use not yet measured: make a dummy (same scheme and cost, random
+        password), verify it CALIBRATION_RUNS times, keep it and the median time."""
+        while True:
+            todo = [(cls, sample) for cls, sample in self._samples.items() if cls not in self._dummies]
+            if not todo:
+                break
+            for cls, sample in todo:
+                try:
+                    self._dummies[cls] = self._measure(sample)
+                except Exception:  # noqa: BLE001 - the conservative floor stays for this class
+                    log.exception("cannot measure the password scheme %s: failures keep the %.1f s floor",
+                                  sample.scheme, UNCALIBRATED_FLOOR)
+                    return
+        for cls in [cls for cls in self._dummies if cls not in self._classes]:
+            del self._dummies[cls]
+        log.info("%s password checks calibrated: %d cost classes, a failure takes at least %.0f ms",
+                 self.kind, len(self._classes), 1000 * self.failure_floor())
+
+    def _measure(self, sample: StoredPassword) -> tuple[StoredPassword, float]:
+        password = os.urandom(8).hex()
+        if sample.cheap:
+            dummy = sample.dummy()
+            times = [_timed_verify(dummy, password)[1] for _ in range(CALIBRATION_RUNS)]
+        else:
+            dummy = self._hasher.run(sample.dummy, bounded=False, memory=sample.memory)
+            times = [self._hasher.run(_timed_verify, dummy, password, bounded=False, memory=dummy.memory)[1]
+                     for _ in range(CALIBRATION_RUNS)]
+        return dummy, statistics.median(times)
+
+    # -- stronger at rest: weak store entries are rehashed at their next login ----
+    def _maybe_upgrade(self, name: str, entry: StoredPassword, password: str) -> None:
+        if name in self._upgrading or not _weaker_than_default(entry) or not self._upgradable(name):
             return
         self._upgrading.add(name)
-        gevent.spawn(self._upgrade, name, encoded, password)  # the login answers meanwhile
+        gevent.spawn(self._upgrade, name, entry, password)  # the login answers meanwhile
 
-    def _upgrade(self, name: str, encoded: str, password: str) -> None:
+    def _upgrade(self, name: str, entry: StoredPassword, password: str) -> None:
         try:
-            digest = self._hasher.run(hash_password, password, only_if_idle=True)
-            if self._hashes.get(name) != encoded:  # changed or gone while hashing
+            stronger = self._hasher.run(Scrypt.make, password, only_if_idle=True, memory=DEFAULT_HASH_MEMORY)
+            if self._entries.get(name) is not entry:  # changed or gone while hashing
                 return
-            self._save_upgrade(name, digest)
+            self._save_upgrade(name, stronger)
             fast = self._fast.get(name)
-            self._put(name, digest)
+            self._put(name, stronger)
             if fast is not None:
                 self._fast[name] = fast
             log.info("password hash of %s upgraded to the default scrypt cost", name)
-            self._refresh_dummy()
         except HashingBusy:
             pass  # logins use the threads now: the next login tries again
         except Exception:  # noqa: BLE001 - an upgrade must never break logins
@@ -354,69 +515,35 @@ class Credentials:
 
     def _upgradable(self, name: str) -> bool:
         """Whether a stronger hash of `name` would last: only an entry this object can
-        save. A flag's or a file's entry would be upgraded again at every start (50 ms of
-        CPU and 16 MiB of scrypt memory per hash thread each time): `geventpop3 hash`
-        makes those."""
+        save. A flag's or a file's entry would be upgraded again at every start: `geventpop3
+        hash` makes those."""
         return False
 
-    def _save_upgrade(self, name: str, digest: str) -> None:
+    def _save_upgrade(self, name: str, entry: StoredPassword) -> None:
         """Persist an upgraded entry (nothing to persist for fixed credentials)."""
 
-    # -- the entries and the dummy hash -------------------------------------
-    def _put(self, name: str, encoded: str) -> None:
-        self._pop(name)
-        self._hashes[name] = encoded
-        cost = hash_cost(encoded)
-        if cost is not None:
-            self._costs[cost] += 1
+    # -- the entries and their cost classes ---------------------------------
+    def _put(self, name: str, entry: StoredPassword) -> None:
+        if name in self._entries:
+            self._pop(name)
+        self._entries[name] = entry
+        cls = entry.cost_class
+        self._classes[cls] += 1
+        if cls not in self._samples:
+            self._samples[cls] = entry
+            self._calibrate_soon()
 
-    def _pop(self, name: str) -> str | None:
+    def _pop(self, name: str) -> StoredPassword | None:
         """Withdraw `name` at once (no yield): from here on it cannot log in."""
-        encoded = self._hashes.pop(name, None)
+        entry = self._entries.pop(name, None)
         self._fast.pop(name, None)
-        cost = hash_cost(encoded) if encoded is not None else None
-        if cost is not None:
-            self._costs[cost] -= 1
-            if self._costs[cost] <= 0:
-                del self._costs[cost]
-        return encoded
-
-    def _dummy_cost(self) -> Cost:
-        """The dearest cost in use (the default when there are none): every failure costs this."""
-        if not self._costs:
-            return DEFAULT_COST
-        return max(self._costs, key=lambda cost: (cost_work(cost), cost))
-
-    def _top_up(self, cost: Cost | None) -> tuple[Cost, ...]:
-        """The dummy hashes a failure for an entry of `cost` adds to reach the dummy's cost."""
-        if self._dummy is None:
-            self._refresh_dummy()
-        assert self._dummy is not None
-        top_up = self._top_ups.get(cost)
-        if top_up is None:
-            top_up = self._top_ups[cost] = top_up_costs(cost, self._dummy[0])
-        return top_up
-
-    def _refresh_dummy(self) -> None:
-        """Make the dummy hash now if the entries call for another cost: done at changes,
-        so the first unknown name does not pay for making it."""
-        cost = self._dummy_cost()
-        if self._dummy is not None and self._dummy[0] == cost:
-            return
-        secret = os.urandom(8).hex()
-        try:
-            encoded = self._hasher.run(hash_password, secret, cost, bounded=False)
-        except ValueError:  # a hand-edited cost scrypt cannot run: such entries never log in
-            cost = DEFAULT_COST
-            encoded = self._hasher.run(hash_password, secret, cost, bounded=False)
-        self._dummy = (cost, encoded)
-        self._top_ups = {}
-
-    def _dummy_hash(self) -> str:
-        if self._dummy is None:
-            self._refresh_dummy()
-        assert self._dummy is not None
-        return self._dummy[1]
+        if entry is not None:
+            cls = entry.cost_class
+            self._classes[cls] -= 1
+            if self._classes[cls] <= 0:
+                del self._classes[cls]
+                del self._samples[cls]
+        return entry
 
 
 class UserStore(Protocol):
@@ -430,33 +557,41 @@ class UserStore(Protocol):
 
 
 class UserDirectory(Credentials):
-    """Every POP3 user: from flags and the users file, and from the store."""
+    """Every POP3 user: from flags and the users file (`configure`, again at each reload),
+    and from the store (MSMP ADD/DELE). A configured entry wins over the store's entry of
+    the same name, as at start-up; the store's comes back when the file drops the name."""
 
-    def __init__(self, store: UserStore | None = None, hasher: Hasher | None = None) -> None:
-        super().__init__(hasher)
+    kind = "user"
+
+    def __init__(self, store: UserStore | None = None, hasher: Hasher | None = None,
+                 allow_weak: bool = False) -> None:
+        super().__init__(hasher, allow_weak)
         self._store = store
         self._deleting: set[str] = set()  # withdrawn, waiting for the store write
-        self._stored: set[str] = set()  # names whose entry is the store's (not a flag's or file's)
+        self._stored: dict[str, StoredPassword] = {}  # the store's entries (ours to save)
         if store is not None:
-            for name, encoded in store.load_users().items():
-                self._put(name, encoded)
-                self._stored.add(name)
-            if self._hashes:
-                self._refresh_dummy()
+            for name, text in store.load_users().items():
+                try:  # written by set_password: no weak scheme, but an old store may hold anything
+                    entry = schemes.parse(text, self._plain_key, allow_weak=True)
+                except SchemeError as exc:
+                    log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+                    continue
+                self._stored[name] = entry
+                self._put(name, entry)
 
-    def add_configured(self, entries: Iterable[tuple[str, str]]) -> None:
-        entries = list(entries)
-        super().add_configured(entries)
-        self._stored.difference_update(name for name, _ in entries)  # flags and files win
+    def _fallback(self, name: str) -> StoredPassword | None:
+        return self._stored.get(name)
 
     def _upgradable(self, name: str) -> bool:
         """Only an entry from the store: a flag's or a file's stays theirs (saving it
         would keep a user the operator later removes from the file)."""
-        return self._store is not None and name in self._stored
+        entry = self._entries.get(name)
+        return self._store is not None and entry is not None and self._stored.get(name) is entry
 
-    def _save_upgrade(self, name: str, digest: str) -> None:
+    def _save_upgrade(self, name: str, entry: StoredPassword) -> None:
         if self._upgradable(name):
-            self._store.save_user(name, digest)  # type: ignore[union-attr]
+            self._store.save_user(name, entry.text())  # type: ignore[union-attr]
+            self._stored[name] = entry
 
     def set_password(self, name: str, password: str) -> bool:
         """Create or update a user (persisted); True when the user is new."""
@@ -464,15 +599,14 @@ class UserDirectory(Credentials):
             raise UserError("Unsafe username")
         if not valid_password(password):
             raise UserError("Invalid password")
-        digest = self._hasher.run(hash_password, password, bounded=False)
+        entry = self._hasher.run(Scrypt.make, password, bounded=False, memory=DEFAULT_HASH_MEMORY)
         if name in self._deleting:  # checked after the hash, which yields
             raise UserError("User is being deleted, try again")
-        created = name not in self._hashes
+        created = name not in self._entries
         if self._store is not None:
-            self._store.save_user(name, digest)
-        self._put(name, digest)
-        self._stored.add(name)
-        self._refresh_dummy()
+            self._store.save_user(name, entry.text())
+        self._stored[name] = entry
+        self._put(name, entry)
         return created
 
     @contextmanager
@@ -481,24 +615,22 @@ class UserDirectory(Credentials):
         succeeds from here on; then the block runs (the caller's own steps, such as
         moving mail aside), then the store write. If the block or the store write
         raises, the user is put back as it was and the exception goes on."""
-        encoded = self._pop(name)
-        if encoded is None:
+        entry = self._pop(name)
+        if entry is None:
             raise UserError("User does not exist")
-        stored = name in self._stored
-        self._stored.discard(name)
+        stored = self._stored.pop(name, None)
         self._deleting.add(name)
         try:
             yield
             if self._store is not None:
                 self._store.delete_user(name)
         except BaseException:
-            self._put(name, encoded)
-            if stored:
-                self._stored.add(name)
+            self._put(name, entry)
+            if stored is not None:
+                self._stored[name] = stored
             raise
         finally:
             self._deleting.discard(name)
-        self._refresh_dummy()
 
     def delete(self, name: str) -> None:
         with self.deleting(name):
@@ -506,42 +638,105 @@ class UserDirectory(Credentials):
 
     # -- changes another instance made to a shared store (geventpop3.store.shared) --
     def stored_entries(self) -> dict[str, str]:
-        """The store's entries as this directory holds them: name -> password entry."""
-        return {name: self._hashes[name] for name in self._stored if name in self._hashes}
+        """The store's entries as this directory holds them: name -> password entry text."""
+        return {name: entry.text() for name, entry in self._stored.items()}
 
-    def take_stored(self, name: str, encoded: str | None) -> None:
-        """Another instance saved (`encoded`) or deleted (None) `name` in the shared store.
-        A flag's or the users file's entry of that name stays: they win, as at start-up."""
-        configured = name in self._hashes and name not in self._stored
-        if configured or name in self._deleting or self._hashes.get(name) == encoded:
+    def take_stored(self, name: str, text: str | None) -> None:
+        """Another instance saved (`text`) or deleted (None) `name` in the shared store.
+        A flag's or the users file's entry of that name stays in force: they win, as at
+        start-up (the store's comes back when the file drops the name)."""
+        if name in self._deleting:
             return
-        if encoded is None:
-            self._pop(name)
-            self._stored.discard(name)
-        else:
-            self._put(name, encoded)
-            self._stored.add(name)
-        self._refresh_dummy()
+        old = self._stored.get(name)
+        if text is None:
+            if old is None:
+                return
+            del self._stored[name]
+            if name not in self._configured:
+                self._pop(name)
+            return
+        if old is not None and old.text() == text:
+            return
+        try:
+            entry = schemes.parse(text, self._plain_key, allow_weak=True)
+        except SchemeError as exc:
+            log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+            return
+        self._stored[name] = entry
+        if name not in self._configured:
+            self._put(name, entry)
 
 
-def parse_users_file(path: str) -> list[tuple[str, str]]:
-    """`name:password` or `name:$scrypt$...` lines; `#` comments and blank lines skipped."""
-    entries = []
+# -- the users file and -u ------------------------------------------------------------
+
+# Dovecot passdb extra fields that refuse or restrict a login: geventpop3 does not enforce
+# them, so an entry carrying one is left out rather than let in where Dovecot refused it.
+_RESTRICTING_FIELDS = ("nologin", "deny", "nopassword", "allow_nets", "allow_real_nets")
+# A valid name, then a password or a hash without passwd-file fields after it.
+_SIMPLE_LINE = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,39}):([^{$:][^\n]*|[{$][^:]*)")
+
+
+class UsersFile(NamedTuple):
+    entries: list[Configured]
+    notes: list[str]  # one line each for the log: what was ignored or left out
+
+
+def parse_users_file(path: str) -> UsersFile:
+    """The entries of a users file; UserError naming `path:line` for a bad line, OSError
+    if it cannot be read.
+
+    Lines: geventpop3's `name:password` (the rest of the line is the password, colons
+    included) or `name:$scrypt$...`, and Dovecot's passwd-file `name:{SCHEME}hash` or
+    `name:$6$...` (crypt) followed by `:uid:gid:gecos:home:shell:extra`. Those fields
+    are ignored (one note for the whole file); an entry whose extra field refuses or
+    restricts logins (`nologin`, `deny`, `nopassword`, `allow_nets`) is left out. `#`
+    comments and blank lines are skipped.
+    """
+    entries: list[Configured] = []
+    ignored = 0
+    left_out: list[str] = []
+    simple = _SIMPLE_LINE.fullmatch
     try:
-        with open(path, encoding="utf-8") as handle:
+        with gc_paused(), open(path, encoding="utf-8") as handle:
             for number, raw in enumerate(handle, 1):
                 line = raw.strip()
-                if not line or line.startswith("#"):
+                if not line or line[0] == "#":
+                    continue
+                match = simple(line)
+                if match is not None:  # the common case in one step
+                    entries.append(Configured(match[1], match[2], number, path))
                     continue
                 name, sep, secret = line.partition(":")
+                if secret[:1] in ("{", "$"):  # a hash: the passwd-file fields may follow
+                    secret, _, fields = secret.partition(":")
+                    if fields.strip(":"):
+                        ignored += 1
+                        if _restricting(fields):
+                            left_out.append(name)
+                            continue
                 if not sep or not secret:
                     raise UserError(f"{path}:{number}: expected name:password")
                 if not valid_username(name):
                     raise UserError(f"{path}:{number}: unsafe user name {name!r}")
-                entries.append((name, secret))
+                entries.append(Configured(name, secret, number, path))
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text") from None
-    return entries
+    notes = []
+    if ignored:
+        notes.append(f"users file {path}: the fields after the password (uid, gid, home, ...) are ignored "
+                     f"on {ignored} lines: every user's Maildir is under the Maildir root")
+    if left_out:
+        notes.append(f"users file {path}: left out {len(left_out)} users whose extra field refuses or restricts "
+                     f"logins ({', '.join(_RESTRICTING_FIELDS)}): {', '.join(left_out[:10])}"
+                     + (", ..." if len(left_out) > 10 else ""))
+    return UsersFile(entries, notes)
+
+
+def _restricting(fields: str) -> bool:
+    """Whether the passwd-file fields after the password carry a restricting extra field."""
+    extra = fields.split(":", 5)[5:]  # uid, gid, gecos, home, shell, then the extra fields
+    words = extra[0].split() if extra else []
+    return any(word.split("=", 1)[0].lower() in _RESTRICTING_FIELDS for word in words)
 
 
 def parse_user_flag(text: str) -> tuple[str, str]:

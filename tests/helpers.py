@@ -117,6 +117,27 @@ def filter_tmp_dir() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def unpatched_close() -> Iterator[None]:
+    """Around pexpect.spawn: tests/conftest.py monkey-patches with gevent, whose os.close defers
+    the real close to the hub. ptyprocess closes its exec-error pipe and then blocks reading it, so the hub never runs
+    and pexpect.spawn hangs. The original os.close while spawning avoids that."""
+    try:
+        from gevent import monkey
+    except ImportError:
+        yield
+        return
+    if not monkey.is_object_patched("os", "close"):
+        yield
+        return
+    patched = os.close
+    os.close = monkey.get_original("os", "close")
+    try:
+        yield
+    finally:
+        os.close = patched
+
+
 # -- the server process ----------------------------------------------------------
 
 def server_env(env: dict[str, str] | None = None) -> dict[str, str]:

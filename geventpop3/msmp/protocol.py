@@ -85,7 +85,7 @@ HELP_LINES = (
     "LOGS <user> [<n>]      a user's last n access-log entries (default 100)",
     "PENALTY                sources with recent failed logins, their delay",
     "PENALTY CLEAR <ip>|ALL forget the penalty of one source, or of all",
-    "RELOAD                 re-read the TLS certificate and key (as SIGHUP)",
+    "RELOAD                 re-read the users file, the TLS certificate and key (as SIGHUP)",
     "HELP                   this list",
     "CAPA                   capabilities",
     "QUIT                   end the session",

@@ -314,7 +314,7 @@ class Pop3Protocol:
         return self._listing(args, lambda m: str(m.size))
 
     def _uidl(self, args: list[bytes]) -> Action:
-        return self._listing(args, lambda m: m.uid)
+        return self._listing(args, lambda m: m.uidl or m.uid)
 
     def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Action:
         if len(args) > 1:

@@ -295,6 +295,8 @@ class Pop3Session:
 
     def _tls_description(self) -> str:
         transport = self.transport
+        if not isinstance(transport, TlsTransport) and self.protocol.security.tls:
+            return "proxy"  # TLS ended at the load balancer (PROXY v2 SSL TLV)
         return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
 
     # -- actions -------------------------------------------------------------
@@ -340,7 +342,7 @@ class Pop3Session:
                 mailbox.release()
                 return self._login_failed(user, "in-use" if lease == leases.IN_USE else "temp", mech)
         try:
-            messages = mailbox.snapshot()
+            messages = mailbox.snapshot(ctx.settings.uidl_format)
             if ctx.filters is not None:
                 messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port,
                                                client_gone=self.transport.peer_gone)

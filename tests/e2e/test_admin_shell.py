@@ -3,20 +3,18 @@ and the interactive shell in a real pseudo-terminal (pexpect)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
 import pytest
 from helpers import ADMIN as ADMIN_ACCOUNT
-from helpers import REPO, ServerProcess, free_port, unique_name
+from helpers import REPO, ServerProcess, free_port, unique_name, unpatched_close
 
 ADMIN, ADMIN_PASSWORD = ADMIN_ACCOUNT
 ALICE = "alice"
@@ -52,30 +50,9 @@ def run_admin(server: ServerProcess, home: Path, *args: str, password: str | Non
                           capture_output=True, text=True, timeout=60, start_new_session=True)
 
 
-@contextlib.contextmanager
-def _unpatched_close() -> Iterator[None]:
-    """tests/conftest.py monkey-patches with gevent, whose os.close defers the real close to the
-    hub. ptyprocess closes its exec-error pipe and then blocks reading it, so the hub never runs
-    and pexpect.spawn hangs. The original os.close while spawning avoids that."""
-    try:
-        from gevent import monkey
-    except ImportError:
-        yield
-        return
-    if not monkey.is_object_patched("os", "close"):
-        yield
-        return
-    patched = os.close
-    os.close = monkey.get_original("os", "close")
-    try:
-        yield
-    finally:
-        os.close = patched
-
-
 def spawn(args: list[str], home: Path, password: str | None = None) -> pexpect.spawn:
     """`python -m admin ARGS` in a pseudo-terminal."""
-    with _unpatched_close():
+    with unpatched_close():
         return pexpect.spawn(sys.executable, ["-m", "admin", *args], cwd=str(REPO), env=admin_env(home, password),
                              encoding="utf-8", timeout=EXPECT_TIMEOUT, dimensions=(40, 200))
 

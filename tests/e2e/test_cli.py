@@ -95,6 +95,10 @@ def test_version(tmp_path: Path, flag: str) -> None:
     (["-u", "../x:pw"], "user"),
     (["-u", "alice:"], "user"),
     (["-a", "root"], "admin"),
+    (["-u", "alice:{NO-SUCH-SCHEME}x"], "invalid user alice: unknown password scheme {NO-SUCH-SCHEME}"),
+    (["-a", "root:$scrypt$n=3,r=1,p=1$c2FsdA==$ZGlnZXN0"], "invalid admin root: impossible scrypt cost"),
+    (["--uidl-format", "%u"], "uidl_format"),
+    (["--uidl-format", "%08xu%08xv"], "uidl_format"),
 ])
 def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:
     assert_parse_error(tmp_path, args, fragment)
@@ -102,7 +106,7 @@ def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:
 
 @pytest.mark.parametrize(("args", "fragment"), [
     (["--bogus"], "--bogus"), (["-p", "70000"], "70000"), (["--idle-timeout", "0"], "idle_timeout"),
-    (["-u", "alice"], "user"),
+    (["-u", "alice"], "user"), (["--uidl-format", "%v"], "invalid uidl_format '%v': must be one of %f, %08Xu%08Xv"),
 ])
 def test_bad_flags_as_run(tmp_path: Path, args: list[str], fragment: str) -> None:
     assert_usage_error(run(tmp_path, *args), fragment)
@@ -126,6 +130,7 @@ def test_users_file_is_a_directory(tmp_path: Path) -> None:
     (b"alice:pw\nbroken line\n", ":2:"),
     (b"../evil:pw\n", "unsafe user name"),
     (b"alice:\xff\xfe\n", "UTF-8"),
+    (b"alice:pw\n\nbob:{NO-SUCH-SCHEME}pw:1000:1000::/home/bob::\n", ":3: unknown password scheme {NO-SUCH-SCHEME}"),
 ])
 def test_bad_users_file(tmp_path: Path, content: bytes, fragment: str) -> None:
     path = tmp_path / "users"
@@ -188,6 +193,10 @@ def test_unknown_config_key(tmp_path: Path) -> None:
     ("state_dir = 5", "state_dir"),
     ("maildir = 5", "maildir"),
     ("metrics_address = 5", "metrics_address"),
+    ('allow_weak_schemes = "yes"', "allow_weak_schemes has the wrong type"),
+    ('users = ["alice:{NO-SUCH-SCHEME}x"]', "invalid user alice: unknown password scheme"),
+    ('uidl_format = "%08Xv%08Xu"', "uidl_format"),
+    ("uidl_format = 1", "uidl_format"),
 ])
 def test_invalid_config_values(tmp_path: Path, text: str, fragment: str) -> None:
     config = write_config(tmp_path, text + "\n")
@@ -203,6 +212,14 @@ def test_invalid_config_values_as_run(tmp_path: Path, text: str, fragment: str) 
 
 
 # -- in process: precedence -----------------------------------------------------
+
+def test_uidl_format_from_the_file_or_a_flag(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 'uidl_format = "%08Xu%08Xv"\n')
+    argv = ["-d", str(tmp_path / "mail"), "--no-state", "--config", config]
+    assert parse_config(argv).settings.uidl_format == "%08Xu%08Xv"
+    assert parse_config([*argv, "--uidl-format", "%f"]).settings.uidl_format == "%f"
+    assert parse_config(argv[:3]).settings.uidl_format == "%f"  # the default: what geventpop3 always showed
+
 
 def test_flags_override_config_file(tmp_path: Path) -> None:
     other = tmp_path / "other"
@@ -226,6 +243,13 @@ def test_config_file_overrides_defaults(tmp_path: Path) -> None:
     assert parsed.pop3_port == 1110
     assert parsed.pop3_addresses == ["::1"]
     assert parsed.explicit == {"maildir": str(tmp_path / "mail")}
+
+
+def test_allow_weak_schemes_from_the_flag_or_the_file(tmp_path: Path) -> None:
+    assert not parse_config(["-d", str(tmp_path / "mail")]).allow_weak_schemes
+    assert parse_config(["-d", str(tmp_path / "mail"), "--allow-weak-schemes"]).allow_weak_schemes
+    config = write_config(tmp_path, "allow_weak_schemes = true\n")
+    assert parse_config(["-d", str(tmp_path / "mail"), "--config", config]).allow_weak_schemes
 
 
 def test_defaults(tmp_path: Path) -> None:

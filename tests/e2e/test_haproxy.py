@@ -84,8 +84,10 @@ def test_the_server_sees_the_client_address_and_checks_are_no_sessions(
         behind_haproxy: tuple[ServerProcess, HaProxy]) -> None:
     server, proxy = behind_haproxy
     with admin(server) as msmp:
-        # (the fixture's probes of HAProxy's ports went through to the server: connections)
-        before = wait_until(lambda: (stat := counters(msmp))["Current connections"] == 0 and stat)
+        # The fixture's two probes of HAProxy's ports reach the server as two connections,
+        # whenever HAProxy gets to them: wait for both, then count.
+        before = wait_until(lambda: (stat := counters(msmp))["Current connections"] == 0
+                            and stat["Total connections"] == 2 and stat)
         checks = server.log().count("PROXY LOCAL")
         wait_until(lambda: server.log().count("PROXY LOCAL") >= checks + 2)  # more of HAProxy's checks
         assert counters(msmp)["Total connections"] == before["Total connections"]

@@ -219,10 +219,11 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "auth_hash_threads": "3",
         "auth_hash_queue": "20",
         "lease_timeout": "12",
+        "auth_hash_memory": "512",
     }
 
 
-READ_ONLY_KEYS = {"transformer_programs": "*"}  # GET only; set in the config file
+READ_ONLY_KEYS = {"transformer_programs": "*", "uidl_format": "%f"}  # GET only; set in the config file
 
 
 def test_get_returns_every_key_set_accepts(server: ServerProcess) -> None:

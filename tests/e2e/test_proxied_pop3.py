@@ -112,6 +112,7 @@ def test_tls_the_proxy_terminated_counts_as_secure(start_server: Callable[..., S
     secure.greeting = secure.line()
     assert secure.login("alice", "alicepw").startswith(b"+OK")
     secure.close()
+    wait_until(lambda: "rip=192.0.2.7 rport=40001 mech=user tls=proxy" in server.log())
 
 
 def test_pop3s_reads_the_header_before_the_handshake(start_server: Callable[..., ServerProcess],

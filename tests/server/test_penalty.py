@@ -192,7 +192,8 @@ def test_upgrading_cheap_hashes_never_makes_logins_busy(hashers: Callable[..., H
     """Cheap entries are rehashed at the default cost after a login, but only on a hash
     thread nobody waits for: waves of logins (a restart's reconnects) are never refused
     because upgrades filled the queue."""
-    from geventpop3.users import UserDirectory, hash_cost, hash_password
+    from geventpop3.schemes import parse
+    from geventpop3.users import UserDirectory, hash_password
 
     class Store:  # entries of the store are the ones upgraded (and saved)
         def __init__(self, entries: dict[str, str]) -> None:
@@ -212,10 +213,39 @@ def test_upgrading_cheap_hashes_never_makes_logins_busy(hashers: Callable[..., H
     names = [f"user{n}" for n in range(40)]
     store = Store({name: hash_password(name + "pw", cheap) for name in names})
     directory = UserDirectory(store, hasher=hasher)
+    assert directory.wait_calibrated(30)
     for wave in range(4):
         batch = names[wave * 10:(wave + 1) * 10]
         checks = [gevent.spawn(directory.verify, name, name + "pw") for name in batch]
         gevent.joinall(checks, timeout=60, raise_error=True)
         assert [check.value for check in checks] == [True] * 10, f"wave {wave}"
     wait_until(lambda: not directory._upgrading)
-    assert any(hash_cost(encoded) != cheap for encoded in store.entries.values())  # upgrades did run
+    assert any(parse(encoded, b"").cost_class != ("SCRYPT", cheap) for encoded in store.entries.values())
+
+
+def test_memory_hard_checks_share_the_memory_budget(hashers: Callable[..., Hasher]) -> None:
+    """Two threads, a budget of 100: a check reserving 60 waits while another holds 60,
+    a small one goes beside it; a check dearer than the whole budget still runs, alone."""
+    hasher = hashers(threads=2)
+    hasher.configure(2, 100, memory=100)
+    gates = [ThreadEvent() for _ in range(3)]
+    first = gevent.spawn(hasher.run, gates[0].wait, 10, memory=60)
+    gevent.sleep(0.05)
+    second = gevent.spawn(hasher.run, gates[1].wait, 10, memory=60)
+    gevent.sleep(0.05)
+    assert hasher.waiting == 1  # 60 + 60 > 100: waits although a thread is free
+    gates[0].set()
+    assert first.get(timeout=10) is True
+    wait_until(lambda: hasher.waiting == 0)  # now it runs
+    small = gevent.spawn(hasher.run, sum, [1, 2], memory=40)
+    assert small.get(timeout=10) == 3  # 60 + 40 fits beside it
+    huge = gevent.spawn(hasher.run, gates[2].wait, 10, memory=500)
+    gevent.sleep(0.05)
+    assert hasher.waiting == 1
+    gates[1].set()
+    assert second.get(timeout=10) is True
+    gates[2].set()
+    assert huge.get(timeout=10) is True  # alone, over the budget
+    # and work that runs "only if idle" does not run when its memory does not fit
+    with pytest.raises(HashingBusy), hasher.turn(memory=60):
+        hasher.run(sum, [1], only_if_idle=True, memory=60)

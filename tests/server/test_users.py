@@ -1,4 +1,4 @@
-"""Users: name and password rules, scrypt hashing, the directory, timing parity, the users file."""
+"""Users: name and password rules, the directory, timing parity, the users file and its reload."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import statistics
 import time
 from pathlib import Path
 
+import gevent
 import pytest
 from helpers import wait_until
 
-from geventpop3 import users
-from geventpop3.users import UserDirectory, UserError
+from geventpop3 import schemes, users
+from geventpop3.schemes import SchemeError
+from geventpop3.users import Configured, UserDirectory, UserError
 
 CHEAP = (16, 1, 1)  # scrypt cost for tests that check format, not strength
 
@@ -37,45 +39,55 @@ def test_invalid_passwords(password: str) -> None:
     assert not users.valid_password(password)
 
 
+KEY = b"k" * 32
+
+
+def verifies(password: str, encoded: str) -> bool:
+    return schemes.parse(encoded, KEY).verify(password)
+
+
 def test_hash_and_verify() -> None:
     encoded = users.hash_password("secret", CHEAP)
-    assert users.is_password_hash(encoded)
     assert encoded.startswith("$scrypt$n=16,r=1,p=1$")
     assert "secret" not in encoded
-    assert users.verify_password("secret", encoded)
-    assert not users.verify_password("Secret", encoded)
-    assert not users.verify_password("", encoded)
-    assert not users.verify_password("secret ", encoded)
+    assert verifies("secret", encoded)
+    assert not verifies("Secret", encoded)
+    assert not verifies("", encoded)
+    assert not verifies("secret ", encoded)
 
 
 def test_hash_is_salted() -> None:
     first, second = users.hash_password("same", CHEAP), users.hash_password("same", CHEAP)
     assert first != second
-    assert users.verify_password("same", first) and users.verify_password("same", second)
+    assert verifies("same", first) and verifies("same", second)
 
 
 def test_default_cost_hash_verifies() -> None:
     encoded = users.hash_password("pw")
     assert encoded.startswith("$scrypt$n=16384,r=8,p=1$")
-    assert users.verify_password("pw", encoded)
+    assert verifies("pw", encoded)
 
 
 def test_non_utf8_password_hashes_and_verifies() -> None:
     """A password from argv or a client that is not UTF-8 arrives surrogate-escaped."""
     encoded = users.hash_password("pw\udcff", CHEAP)
-    assert users.verify_password("pw\udcff", encoded)
-    assert not users.verify_password("pw\udcfe", encoded)
+    assert verifies("pw\udcff", encoded)
+    assert not verifies("pw\udcfe", encoded)
 
 
 @pytest.mark.parametrize("encoded", [
-    "", "plain", "$scrypt$", "$scrypt$n=16,r=1,p=1$", "$scrypt$n=16,r=1$c2FsdA==$ZGlnZXN0",
+    "$scrypt$", "$scrypt$n=16,r=1,p=1$", "$scrypt$n=16,r=1$c2FsdA==$ZGlnZXN0",
     "$scrypt$n=x,r=1,p=1$c2FsdA==$ZGlnZXN0", "$scrypt$n=16=1,r=1,p=1$c2FsdA==$ZGlnZXN0",
-    "$scrypt$n=16,r=1,p=1$!!!$ZGlnZXN0", "$scrypt$n=16,r=1,p=1$c2FsdA==$", "$bcrypt$n=16,r=1,p=1$c2FsdA==$ZGlnZXN0",
+    "$scrypt$n=16,r=1,p=1$!!!$ZGlnZXN0", "$scrypt$n=16,r=1,p=1$c2FsdA==$",
     "$scrypt$n=3,r=1,p=1$c2FsdA==$ZGlnZXN0", "$scrypt$n=16,r=0,p=1$c2FsdA==$ZGlnZXN0",
     "$scrypt$n=1073741824,r=8,p=1$c2FsdA==$ZGlnZXN0", "$scrypt$n=16,r=1,p=1$c2FsdA==$ZGlnZXN0$extra",
 ])
-def test_verify_malformed_hash_is_false_never_raises(encoded: str) -> None:
-    assert users.verify_password("pw", encoded) is False
+def test_malformed_hash_is_refused_when_parsed(encoded: str) -> None:
+    with pytest.raises(SchemeError):
+        schemes.parse(encoded, KEY)
+    directory = UserDirectory()
+    with pytest.raises(UserError, match="user alice: .*scrypt"):
+        directory.configure([("alice", encoded)])
 
 
 class MemoryStore:
@@ -96,7 +108,7 @@ class MemoryStore:
 
 def test_directory_configured_plain_and_hashed() -> None:
     directory = UserDirectory()
-    directory.add_configured([("alice", "alicepw"), ("bob", users.hash_password("bobpw", CHEAP))])
+    directory.configure([("alice", "alicepw"), ("bob", users.hash_password("bobpw", CHEAP))])
     assert "alice" in directory and "bob" in directory and "carol" not in directory
     assert len(directory) == 2
     assert directory.names() == ["alice", "bob"]
@@ -109,19 +121,19 @@ def test_directory_configured_plain_and_hashed() -> None:
 
 def test_directory_keeps_no_plain_password() -> None:
     directory = UserDirectory()
-    directory.add_configured([("alice", "plaintext-secret")])
+    directory.configure([("alice", "plaintext-secret")])
     assert "plaintext-secret" not in repr(vars(directory))
 
 
 def test_directory_refuses_unsafe_configured_name() -> None:
     directory = UserDirectory()
     with pytest.raises(UserError):
-        directory.add_configured([("alice", "pw"), ("../x", "pw")])
+        directory.configure([("alice", "pw"), ("../x", "pw")])
 
 
 def test_directory_cached_login_still_rejects_wrong_password() -> None:
     directory = UserDirectory()
-    directory.add_configured([("alice", "right")])
+    directory.configure([("alice", "right")])
     assert directory.verify("alice", "right")
     assert directory.verify("alice", "right")  # from the fast cache
     assert not directory.verify("alice", "wrong")
@@ -133,7 +145,7 @@ def test_directory_set_password_and_delete_with_store() -> None:
     directory = UserDirectory(store)
     assert directory.verify("old", "oldpw")
     assert directory.set_password("new", "newpw") is True
-    assert users.verify_password("newpw", store.users["new"])
+    assert verifies("newpw", store.users["new"])
     assert directory.verify("new", "newpw")
     assert directory.set_password("new", "changed") is False
     assert not directory.verify("new", "newpw")  # the fast cache is dropped on change
@@ -166,9 +178,10 @@ def _seconds(action) -> float:  # noqa: ANN001 - any callable
 def test_unknown_user_and_wrong_password_both_pay_the_slow_hash() -> None:
     """No tight bounds: each failure must cost at least a third of one real hash."""
     encoded = users.hash_password("pw")
-    one_hash = min(_seconds(lambda: users.verify_password("pw", encoded)) for _ in range(3))
+    one_hash = min(_seconds(lambda: verifies("pw", encoded)) for _ in range(3))
     directory = UserDirectory()
-    directory.add_configured([("alice", encoded)])
+    directory.configure([("alice", encoded)])
+    assert directory.wait_calibrated(30)
     assert directory.verify("alice", "pw")  # fills the fast cache for alice
     unknown = min(_seconds(lambda: directory.verify("nobody", "pw")) for _ in range(2))
     wrong = min(_seconds(lambda: directory.verify("alice", "wrong")) for _ in range(2))
@@ -176,7 +189,21 @@ def test_unknown_user_and_wrong_password_both_pay_the_slow_hash() -> None:
     assert wrong >= one_hash / 3, (wrong, one_hash)
 
 
+def test_a_failure_waits_the_conservative_floor_until_calibrated() -> None:
+    """Before its class is measured, a failure takes the conservative floor (then the measured one)."""
+    directory = UserDirectory()
+    directory.configure([("alice", users.hash_password("pw", CHEAP))])
+    assert not directory.calibrated()  # measured in the background, once this greenlet yields
+    assert directory.failure_floor() == users.UNCALIBRATED_FLOOR
+    assert directory.wait_calibrated(30)
+    assert directory.failure_floor() < users.UNCALIBRATED_FLOOR
+
+
 # -- users file and -u -----------------------------------------------------------
+
+def pairs(path: Path) -> list[tuple[str, str]]:
+    return [(entry.name, entry.secret) for entry in users.parse_users_file(str(path)).entries]
+
 
 def test_parse_users_file(tmp_path: Path) -> None:
     hashed = users.hash_password("carolpw", CHEAP)
@@ -189,17 +216,59 @@ def test_parse_users_file(tmp_path: Path) -> None:
         "   # an indented comment\n"
         f"carol:{hashed}\n"
         "dave:p#not-a-comment\n"
+        "erin::starts-with-a-colon\n"
     )
-    assert users.parse_users_file(str(path)) == [
+    assert pairs(path) == [
         ("alice", "alicepw"), ("bob", "pass:with:colons"), ("carol", hashed), ("dave", "p#not-a-comment"),
+        ("erin", ":starts-with-a-colon"),
     ]
+    parsed = users.parse_users_file(str(path))
+    assert parsed.notes == []
+    assert [entry.origin for entry in parsed.entries] == [f"{path}:{n}" for n in (3, 4, 6, 7, 8)]
+
+
+def test_dovecot_passwd_file_lines(tmp_path: Path) -> None:
+    """user:{SCHEME}hash:uid:gid:gecos:home:shell:extra: the fields after the password are
+    ignored (one note for the file); an extra field that refuses or restricts logins leaves
+    the entry out."""
+    hashed = users.hash_password("pw", CHEAP)
+    path = tmp_path / "passwd"
+    path.write_text(
+        f"alice:{hashed}:1000:1000::/home/alice:/bin/false:\n"
+        f"bob:{hashed}:1001:1001:Bob B:/home/bob::userdb_mail=maildir:~/Maildir\n"
+        f"carol:{hashed}::::::\n"
+        f"dave:{hashed}\n"
+        "erin:{PLAIN}erinpw::::::nologin\n"
+        f"frank:{hashed}:1002:1002::/home/frank::allow_nets=192.0.2.0/24\n"
+    )
+    parsed = users.parse_users_file(str(path))
+    assert [(entry.name, entry.secret) for entry in parsed.entries] == [
+        ("alice", hashed), ("bob", hashed), ("carol", hashed), ("dave", hashed)]
+    assert len(parsed.notes) == 2
+    assert "ignored on 4 lines" in parsed.notes[0]
+    assert "left out 2 users" in parsed.notes[1] and "erin, frank" in parsed.notes[1]
+    directory = UserDirectory()
+    directory.configure(parsed.entries)
+    assert directory.names() == ["alice", "bob", "carol", "dave"]
+    assert directory.verify("alice", "pw") and directory.verify("bob", "pw")
+
+
+def test_an_unknown_scheme_is_refused_with_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "users"
+    path.write_text("alice:alicepw\n# fine\nbob:{NO-SUCH-SCHEME}abc:1000:1000::/home/bob::\n")
+    directory = UserDirectory()
+    with pytest.raises(UserError) as info:
+        directory.configure(users.parse_users_file(str(path)).entries)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert "NO-SUCH-SCHEME" in str(info.value)
+    assert len(directory) == 0
 
 
 def test_users_file_entries_feed_the_directory(tmp_path: Path) -> None:
     path = tmp_path / "users"
     path.write_text(f"alice:alicepw\nbob:{users.hash_password('bobpw', CHEAP)}\n")
     directory = UserDirectory()
-    directory.add_configured(users.parse_users_file(str(path)))
+    directory.configure(users.parse_users_file(str(path)).entries)
     assert directory.verify("alice", "alicepw") and directory.verify("bob", "bobpw")
 
 
@@ -209,6 +278,7 @@ def test_users_file_entries_feed_the_directory(tmp_path: Path) -> None:
     (":pw\n", 1, "unsafe user name"),
     ("# ok\n../x:pw\n", 2, "unsafe user name"),
     ("a b:pw\n", 1, "unsafe user name"),
+    ("a b:$scrypt$x:1:1::/home::\n", 1, "unsafe user name"),
 ])
 def test_users_file_bad_lines(tmp_path: Path, content: str, line: int, what: str) -> None:
     path = tmp_path / "users"
@@ -252,9 +322,10 @@ def test_unknown_user_pays_the_cost_of_the_entries_in_use() -> None:
     so with dearer (or cheaper) hashes a wrong name answered faster than a wrong password."""
     dear = (2**16, 8, 1)  # four times the default cost
     encoded = users.hash_password("pw", dear)
-    one_hash = min(_seconds(lambda: users.verify_password("pw", encoded)) for _ in range(2))
+    one_hash = min(_seconds(lambda: verifies("pw", encoded)) for _ in range(2))
     directory = UserDirectory()
-    directory.add_configured([("alice", encoded)])
+    directory.configure([("alice", encoded)])
+    assert directory.wait_calibrated(60)
     unknown = min(_seconds(lambda: directory.verify("nobody", "pw")) for _ in range(2))
     assert unknown >= one_hash / 2, (unknown, one_hash)
 
@@ -278,55 +349,94 @@ def test_delete_withdraws_at_once_and_restores_when_the_store_fails() -> None:
 
 def test_admins_are_credentials_without_a_store() -> None:
     admins = users.Credentials()
-    admins.add_configured([("admin", "plain"), ("root", users.hash_password("hashed", CHEAP))])
+    admins.configure([("admin", "plain"), ("root", users.hash_password("hashed", CHEAP))])
     assert admins.verify("admin", "plain") and admins.verify("root", "hashed")
     assert not admins.verify("root", users.hash_password("hashed", CHEAP))
     assert not admins.verify("nobody", "plain")
     assert not hasattr(admins, "set_password") and not hasattr(admins, "delete")
 
 
-# -- equal timing across entry costs, and the upgrade of cheap entries ----------------
+# -- equal timing across cost classes, and the upgrade of weak store entries -----------
 
-def test_failures_cost_the_same_for_unknown_names_and_entries_of_any_cost() -> None:
-    """Regression: an entry of a cheaper cost answered a wrong password in a quarter of the
-    time an unknown name took, which told the name exists. The three are measured in turn
-    in each of 11 rounds (so a change of machine load hits all three alike); their medians
-    may be twice apart at most, a bound a busy machine keeps (before the fix: 8 times)."""
-    cheaper = (2**12, 8, 1)
+def test_failures_cost_the_same_for_unknown_names_and_entries_of_any_class() -> None:
+    """Regression: an entry of a cheaper class (a plain password: microseconds) answered a
+    wrong password far sooner than an unknown name checked against a slow hash, which told
+    the name exists. Now every failure is padded to the floor (the slowest class, measured).
+    The four are measured in turn in each of 7 rounds (a change of machine load hits all
+    alike); their medians may differ by half the floor at most (without padding the plain
+    entry's failure takes about 0 and the others about the floor)."""
+    cheaper = (2**10, 8, 1)
     directory = UserDirectory()
-    directory.add_configured([("dear", users.hash_password("pw")), ("cheap", users.hash_password("pw", cheaper))])
-    for _ in range(2):  # warm up: the dummy hash, the top-up list, the threads
-        directory.verify("nobody", "x")
-        directory.verify("cheap", "x")
-    samples: dict[str, list[float]] = {"nobody": [], "dear": [], "cheap": []}
-    for _ in range(11):
+    directory.configure([("dear", users.hash_password("pw")), ("cheaper", users.hash_password("pw", cheaper)),
+                         ("plain", "plainpw")])
+    assert directory.wait_calibrated(60)
+    floor = directory.failure_floor()
+    samples: dict[str, list[float]] = {"nobody": [], "dear": [], "cheaper": [], "plain": []}
+    for _ in range(7):
         for name, times in samples.items():
             times.append(_seconds(lambda name=name: directory.verify(name, "wrong")))
     medians = {name: statistics.median(times) for name, times in samples.items()}
-    assert max(medians.values()) < 2 * min(medians.values()), medians
+    assert min(medians.values()) >= 0.9 * floor, (medians, floor)
+    assert max(medians.values()) - min(medians.values()) < 0.5 * directory.failure_floor(), (medians, floor)
 
 
-def test_top_up_brings_any_cost_to_the_reference_work() -> None:
-    reference = users.DEFAULT_COST
-    for cost in [(16, 1, 1), (2**10, 8, 1), (2**12, 8, 1), (2**13, 8, 2), None]:
-        total = users.cost_work(cost) if cost is not None else 0
-        total += sum(users.cost_work(part) for part in users.top_up_costs(cost, reference))
-        assert 0.99 * users.cost_work(reference) <= total <= users.cost_work(reference), cost
-    assert users.top_up_costs(reference, reference) == ()
-    assert users.top_up_costs((2**15, 8, 1), reference) == ()
+def test_a_success_is_not_padded() -> None:
+    directory = UserDirectory()
+    directory.configure([("dear", users.hash_password("pw")), ("plain", "plainpw")])
+    assert directory.wait_calibrated(60)
+    assert _seconds(lambda: directory.verify("plain", "plainpw")) < directory.failure_floor() / 2
 
 
-def test_a_cheap_stored_entry_is_rehashed_at_the_default_cost_at_its_next_login() -> None:
+def test_a_weak_stored_entry_is_rehashed_at_the_default_cost_at_its_next_login() -> None:
     store = MemoryStore({"bob": users.hash_password("bobpw", CHEAP)})
     directory = UserDirectory(store)
-    directory.add_configured([("carol", users.hash_password("carolpw", CHEAP))])
+    directory.configure([("carol", users.hash_password("carolpw", CHEAP))])
+    assert directory.wait_calibrated(30)  # upgrades wait for idle hash threads
     assert directory.verify("bob", "bobpw") and directory.verify("carol", "carolpw")
     wait_until(lambda: not directory._upgrading)  # the upgrades run after the logins answered
-    assert users.hash_cost(directory._hashes["bob"]) == users.DEFAULT_COST
-    assert users.hash_cost(store.users["bob"]) == users.DEFAULT_COST  # saved: it is the store's entry
+    default_class = ("SCRYPT", users.DEFAULT_COST)
+    assert directory._entries["bob"].cost_class == default_class
+    assert schemes.parse(store.users["bob"], KEY).cost_class == default_class  # saved: the store's entry
     # A file's or flag's entry is left as given: upgraded in memory only, it would be
     # hashed again at every start (`geventpop3 hash` makes strong entries for files).
-    assert users.hash_cost(directory._hashes["carol"]) == CHEAP
+    assert directory._entries["carol"].cost_class == ("SCRYPT", CHEAP)
     assert "carol" not in store.users
     assert directory.verify("bob", "bobpw") and not directory.verify("bob", "wrong")
     assert directory.verify("carol", "carolpw")
+
+
+# -- reload: configure again -------------------------------------------------------------
+
+def test_configure_again_adds_changes_and_removes_and_keeps_the_store_users() -> None:
+    store = MemoryStore({"stored": users.hash_password("storedpw", CHEAP),
+                         "both": users.hash_password("storepw", CHEAP)})
+    directory = UserDirectory(store)
+    assert directory.configure([("alice", "alicepw"), ("bob", "bobpw"), ("both", "filepw")]) == (3, 0, 0)
+    assert directory.verify("both", "filepw") and not directory.verify("both", "storepw")  # the file wins
+    assert directory.verify("alice", "alicepw")
+    cached = directory._fast.copy()
+    assert directory.configure([("alice", "alicepw"), ("bob", "newpw"), ("carol", "carolpw")]) == (1, 1, 1)
+    assert directory._fast.get("alice") == cached.get("alice")  # unchanged: its cached login stays
+    assert directory.verify("alice", "alicepw") and directory.verify("carol", "carolpw")
+    assert directory.verify("bob", "newpw") and not directory.verify("bob", "bobpw")
+    assert directory.verify("both", "storepw")  # dropped from the file: the store's entry is back
+    assert directory.verify("stored", "storedpw")
+    assert directory.names() == ["alice", "bob", "both", "carol", "stored"]
+
+
+def test_configure_with_a_bad_entry_changes_nothing() -> None:
+    directory = UserDirectory()
+    directory.configure([("alice", "alicepw")])
+    bad = [Configured("bob", "bobpw", 1, "users"), Configured("carol", "{NO-SUCH}x", 2, "users")]
+    with pytest.raises(UserError, match="^users:2: "):
+        directory.configure(bad)
+    assert directory.names() == ["alice"] and directory.verify("alice", "alicepw")
+
+
+def test_a_removed_user_mid_check_does_not_log_in() -> None:
+    directory = UserDirectory()
+    directory.configure([("alice", users.hash_password("pw", CHEAP))])
+    check = gevent.spawn(directory.verify, "alice", "pw")
+    gevent.sleep(0)  # the check waits for its hash thread
+    directory.configure([])
+    assert check.get(timeout=30) is False
