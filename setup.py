@@ -36,6 +36,11 @@ setup(
         "load": [
             "locust>=2.20,<3",
         ],
+        # --state-url: PostgreSQL as the store shared by several instances (notifies(timeout=) is 3.2+)
+        "postgres": [
+            "psycopg[binary]>=3.2,<4",
+            "psycopg-pool>=3.2,<4",
+        ],
         # geventpop3.testing with tls=True: a throw-away CA
         "testing": [
             "trustme>=1.1,<2",

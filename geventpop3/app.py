@@ -76,11 +76,20 @@ class StartupError(Exception):
     """The server cannot start: one line for the operator, exit status 2."""
 
 
-def open_store(state_dir: str | None) -> Store | None:
-    """The SQLite state store, or None with --no-state (the one way to run without state).
+def open_store(state_dir: str | None, state_url: str | None = None, instance: str = "") -> Store | None:
+    """The PostgreSQL store of `state_url`, else the SQLite one in `state_dir`, or None with
+    --no-state (the one way to run without state).
 
-    A configured state directory that cannot be used stops the start (StartupError):
-    running on without it would answer +OK to changes forgotten at the next restart."""
+    A store that cannot be used stops the start (StartupError), a database that does not
+    answer too: running on without it would answer +OK to changes forgotten at the next
+    restart, and an instance that never read the shared users cannot tell them apart."""
+    if state_url is not None:
+        from geventpop3.store.postgres import PostgresStore
+
+        try:
+            return PostgresStore(state_url, instance)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
     if state_dir is None:
         return None
     try:
@@ -134,7 +143,7 @@ class App:
         for note in self.notes:
             log.info("%s", note)
         log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
-                 self.config.state_dir if self.store is not None else "none")
+                 self.store.location if self.store is not None else "none")
         status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         self.shutdown()
@@ -163,7 +172,7 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
-        self.store = open_store(config.state_dir)
+        self.store = open_store(config.state_dir, config.state_url, self._instance_name())
         self._configure_hasher()
         try:
             directory = UserDirectory(self.store, allow_weak=config.allow_weak_schemes)
@@ -192,6 +201,14 @@ class App:
             if demo.size()[0] == 0:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
+
+    def _instance_name(self) -> str:
+        """This instance in a shared store: `instance_name`, else <host>-<POP3 port>."""
+        if self.config.instance_name or self.config.state_url is None:
+            return self.config.instance_name or ""
+        from geventpop3.store.postgres import default_instance_name
+
+        return default_instance_name(self.config.pop3_port)
 
     def _configured_users(self) -> list[Configured | tuple[str, str]]:
         """The users of flags, the users file (read now: at start and at each reload) and --demo;
@@ -234,6 +251,8 @@ class App:
         identity = self.config.run_as
         if identity is None:
             return
+        if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
+            import geventpop3.store.shared  # noqa: F401
         privileges.preload()
         try:
             privileges.drop(identity)
@@ -314,6 +333,11 @@ class App:
         self.persister = Persister(ctx, store)
         ctx.persister = self.persister
         self.persister.start()
+        if self.config.state_url is not None:  # shared with other instances: leases, live settings and users
+            from geventpop3.store.shared import SharedState
+
+            ctx.shared = SharedState(ctx, store, skip=self.config.explicit)  # type: ignore[arg-type]
+            ctx.shared.start()
 
     def shutdown(self) -> None:
         """Stop accepting, end admin and POP3 sessions (no UPDATE without QUIT), then flush state.
@@ -332,6 +356,8 @@ class App:
         log.info("stopped")
 
     def _close_state(self) -> None:
+        if self.ctx is not None and self.ctx.shared is not None:
+            self.ctx.shared.stop()  # after the sessions: gives back the leases they left
         if self.persister is not None:
             self.persister.stop()
         if self.store is not None:

@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--allow-weak-schemes", action="store_true",
         help="accept weak password schemes (MD5-CRYPT, PLAIN-MD5, SMD5, DES-CRYPT, ...) in users and admins")
     add("--state-dir", metavar="DIR", help="persistent state (SQLite) directory (default: beside the Maildir root)")
+    add("--state-url", metavar="URL",
+        help="postgresql://... : users, settings, counters, access logs and mailbox leases in PostgreSQL, "
+             "shared by several instances (default: SQLite in --state-dir)")
     add("--config", metavar="FILE", help="TOML config file")
     add("--no-state", action="store_true",
         help="keep no persistent state: users from flags and files only, counters and access logs in memory")

@@ -43,7 +43,8 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
-    "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool,
+    "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool, "state_url": str,
+    "instance_name": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -80,6 +81,8 @@ class Config:
     users_file: str | None = None
     run_as: Identity | None = None  # drop to this user once every listener is bound
     admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
+    state_url: str | None = None  # a PostgreSQL store shared by several instances; None: SQLite in state_dir
+    instance_name: str | None = None  # this instance in a shared store (None: <host>-<POP3 port>)
     allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
     ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
 
@@ -132,6 +135,7 @@ def load_config(args: argparse.Namespace) -> Config:
         admin_tls=admin_tls,
         allow_weak_schemes=allow_weak,
         ready_file=ready_file_for(args),
+        **shared_store_for(args, file_values),
     )
 
 
@@ -284,6 +288,28 @@ def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir
     if given:
         return os.path.abspath(given)
     return os.path.join(os.path.dirname(maildir), os.path.basename(maildir) + ".state")
+
+
+def shared_store_for(args: argparse.Namespace, file_values: dict[str, Any]) -> dict[str, Any]:
+    """`--state-url`/`state_url` (a PostgreSQL URL psycopg can parse, psycopg installed)
+    and `instance_name`, checked here; whether the database answers is start-up's question."""
+    url = args.state_url or file_values.get("state_url")
+    name = file_values.get("instance_name")
+    if url is None:
+        if name is not None:
+            raise UsageError("instance_name needs a shared store (state_url)")
+        return {}
+    if args.no_state:
+        raise UsageError("--state-url and --no-state exclude each other")
+    from geventpop3.store.postgres import INSTANCE_NAME, check_url
+
+    try:
+        check_url(url)
+    except ValueError as exc:
+        raise UsageError(f"invalid state_url: {exc}") from None
+    if name is not None and not INSTANCE_NAME.match(name):
+        raise UsageError(f"invalid instance_name {name!r}: 1 to 63 letters, digits, '.', '_', '-'")
+    return {"state_url": url, "instance_name": name}
 
 
 def ready_file_for(args: argparse.Namespace) -> str | None:

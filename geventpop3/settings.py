@@ -179,6 +179,8 @@ KEYS: dict[str, Key] = {
         Key("auth_hash_threads", _int_range(1, 64), 2, "threads that verify passwords"),
         Key("auth_hash_queue", _int_range(1, 100_000), 1000,
             "logins that may wait for a hash thread; beyond, a login fails at once as temporary"),
+        Key("lease_timeout", _float_range(2, 3600), 30.0,
+            "with a PostgreSQL store: seconds before the mailbox leases of a dead instance expire"),
         Key("auth_hash_memory", _int_range(16, 65_536), 256,
             "MiB that memory-hard password checks (scrypt, argon2) may use at once"),
         Key("uidl_format", _choice(*UIDL_FORMATS), UIDL_BASE_NAME,

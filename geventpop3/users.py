@@ -636,6 +636,36 @@ class UserDirectory(Credentials):
         with self.deleting(name):
             pass
 
+    # -- changes another instance made to a shared store (geventpop3.store.shared) --
+    def stored_entries(self) -> dict[str, str]:
+        """The store's entries as this directory holds them: name -> password entry text."""
+        return {name: entry.text() for name, entry in self._stored.items()}
+
+    def take_stored(self, name: str, text: str | None) -> None:
+        """Another instance saved (`text`) or deleted (None) `name` in the shared store.
+        A flag's or the users file's entry of that name stays in force: they win, as at
+        start-up (the store's comes back when the file drops the name)."""
+        if name in self._deleting:
+            return
+        old = self._stored.get(name)
+        if text is None:
+            if old is None:
+                return
+            del self._stored[name]
+            if name not in self._configured:
+                self._pop(name)
+            return
+        if old is not None and old.text() == text:
+            return
+        try:
+            entry = schemes.parse(text, self._plain_key, allow_weak=True)
+        except SchemeError as exc:
+            log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+            return
+        self._stored[name] = entry
+        if name not in self._configured:
+            self._put(name, entry)
+
 
 # -- the users file and -u ------------------------------------------------------------
 

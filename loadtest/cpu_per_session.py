@@ -7,6 +7,15 @@ fresh Maildir tree of 20 users x 10 messages of 4 KiB; each session is USER/PASS
 STAT, RETR of every message, QUIT, from 20 client threads.
 
     python -m loadtest.cpu_per_session --tree before=/path/to/old --tree now=. --rounds 4
+
+`--state NAME=STATE` runs tree NAME with a state store instead of --no-state: `sqlite`
+(the default state directory beside the Maildir root) or a `postgresql://` URL; the
+same tree may be given twice under two names to compare stores. With PostgreSQL the
+CPU of the database's own processes per session is reported too (every process named
+`postgres` on this machine: run no other PostgreSQL meanwhile).
+
+    python -m loadtest.cpu_per_session --tree sqlite=. --tree pg=. --state sqlite=sqlite \
+        --state pg=postgresql://postgres@127.0.0.1:5432/bench --rounds 3
 """
 
 from __future__ import annotations
@@ -74,25 +83,54 @@ def session(port: int, number: int) -> None:
         return
 
 
-def measure(tree: str, sessions: int, clients: int) -> tuple[float, float]:
-    """(server CPU ms per session, sessions/s) of `tree`'s server, after a warm-up."""
+def postgres_cpu_seconds() -> float:
+    """CPU time of every process named `postgres` (the database's server processes)."""
+    total = 0.0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/comm", encoding="ascii") as handle:
+                if handle.read().strip() != "postgres":
+                    continue
+            total += cpu_seconds(int(pid))
+        except OSError:
+            continue
+    return total
+
+
+def state_args(state: str) -> list[str]:
+    if state == "none":
+        return ["--no-state"]
+    if state == "sqlite":
+        return []
+    return ["--state-url", state]
+
+
+def measure(tree: str, sessions: int, clients: int, state: str = "none") -> tuple[float, float, float]:
+    """(server CPU ms per session, sessions/s, database CPU ms per session) of `tree`'s
+    server, after a warm-up."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
     try:
         build(root)
         port = free_port()
         command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
-                   "--users-file", os.path.join(root, "users"), "--no-state", "--log-level", "WARNING"]
+                   "--users-file", os.path.join(root, "users"), *state_args(state), "--log-level", "WARNING"]
         server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             wait_greeting(port, 30)
             for number in range(200):  # size caches and the password cache, as a running server has them
                 session(port, number)
+            database = state.startswith("postgres")
             cpu, started = cpu_seconds(server.pid), time.monotonic()
+            db_cpu = postgres_cpu_seconds() if database else 0.0
             with ThreadPoolExecutor(clients) as pool:
                 list(pool.map(lambda number: session(port, number), range(sessions)))
-            return (cpu_seconds(server.pid) - cpu) / sessions * 1000, sessions / (time.monotonic() - started)
+            rate = sessions / (time.monotonic() - started)
+            db_ms = (postgres_cpu_seconds() - db_cpu) / sessions * 1000 if database else 0.0
+            return (cpu_seconds(server.pid) - cpu) / sessions * 1000, rate, db_ms
         finally:
             server.terminate()
             server.wait(15)
@@ -107,22 +145,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every tree once (default 4)")
     parser.add_argument("--sessions", type=int, default=6000, help="measured sessions per run (default 6000)")
     parser.add_argument("--clients", type=int, default=20, help="client threads (default 20)")
+    parser.add_argument("--state", action="append", default=[], metavar="NAME=STATE",
+                        help="tree NAME's state store: none (default), sqlite, or a postgresql:// URL")
     opts = parser.parse_args(argv)
     trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
+    states = dict(item.split("=", 1) for item in opts.state if "=" in item)
     if len(trees) < 2 or opts.rounds < 1 or opts.sessions < 1:
         parser.error("two or more --tree NAME=PATH, positive --rounds and --sessions")
     results: dict[str, list[float]] = {name: [] for name in trees}
+    rates: dict[str, list[float]] = {name: [] for name in trees}
+    db_cpu: dict[str, list[float]] = {name: [] for name in trees}
     for round_number in range(opts.rounds):
         order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
         for name in order:
-            ms, rate = measure(trees[name], opts.sessions, opts.clients)
+            ms, rate, db_ms = measure(trees[name], opts.sessions, opts.clients, states.get(name, "none"))
             results[name].append(ms)
-            print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session ({rate:.0f} sessions/s)",
-                  flush=True)
+            rates[name].append(rate)
+            db_cpu[name].append(db_ms)
+            extra = f", database {db_ms:.3f} ms" if db_ms else ""
+            print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session{extra} "
+                  f"({rate:.0f} sessions/s)", flush=True)
     first = statistics.median(results[next(iter(trees))])
     for name, values in results.items():
         median = statistics.median(values)
-        print(f"{name}: median {median:.3f} ms per session, {median / first:.3f} x {next(iter(trees))}")
+        db_median = statistics.median(db_cpu[name])
+        extra = f" + {db_median:.3f} ms database" if db_median else ""
+        print(f"{name}: median {median:.3f} ms per session{extra}, {median / first:.3f} x {next(iter(trees))}; "
+              f"median {statistics.median(rates[name]):.0f} sessions/s")
     return 0
 
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess, TlsFiles, make_tls_files, started_servers
+from helpers import PostgresServer, ServerProcess, TlsFiles, make_tls_files, started_servers
 
 
 @pytest.fixture
@@ -41,3 +41,15 @@ def msmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
 def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
     """A throw-away CA and a server certificate for 127.0.0.1, ::1 and localhost (made with trustme)."""
     return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One real PostgreSQL for the session (initdb + pg_ctl on a free loopback port, as the
+    `postgres` user when root); tests take a database each (`create_database()`).
+    Skips the test when the server binaries are not installed."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()

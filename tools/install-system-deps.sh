@@ -2,6 +2,7 @@
 # Debian packages the test suite drives as real clients and filters:
 # curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters),
 # dovecot-pop3d (the real Dovecot a migration test serves a Maildir tree with first), haproxy (the PROXY protocol tests),
+# postgresql (the shared store: the tests run initdb/pg_ctl, found in /usr/lib/postgresql/*/bin),
 # dovecot-core (doveadm pw makes and checks the password scheme vectors; libcrypt1 comes with it).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
@@ -15,6 +16,7 @@ command -v spamc >/dev/null || need+=(spamc)
 command -v renattach >/dev/null || need+=(renattach)
 command -v doveadm >/dev/null || need+=(dovecot-core)
 command -v haproxy >/dev/null || need+=(haproxy)
+compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v dovecot >/dev/null || need+=(dovecot-pop3d)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""

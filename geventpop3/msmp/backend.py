@@ -107,7 +107,7 @@ class ManagementBackend:
         root = self._root()
         mailbox = Mailbox(root, name) if root is not None else None
         path = mailbox.path if mailbox is not None else None
-        if self.ctx.logged_in.get(name) or (mailbox is not None and mailbox.in_use()):
+        if self.ctx.logged_in.get(name) or (mailbox is not None and mailbox.in_use()) or self._leased(name):
             raise UserError("User is currently logged in")
         moved: str | None = None
         try:
@@ -120,6 +120,17 @@ class ManagementBackend:
             log.error("MSMP: user %s not deleted: %s", name, exc)
             raise UserError("Cannot delete user, state database unavailable") from None
         log.info("MSMP: deleted user %s", name)
+
+    def _leased(self, name: str) -> bool:
+        """With a shared store: a session on another instance holds the mailbox's lease."""
+        shared = self.ctx.shared
+        if shared is None:
+            return False
+        try:
+            return shared.leases.holder(name) is not None
+        except StoreError as exc:
+            log.error("MSMP: user %s not deleted: %s", name, exc)
+            raise UserError("Cannot delete user, state database unavailable") from None
 
     @staticmethod
     def _move_aside(root: str, path: str, name: str) -> str:
@@ -193,7 +204,8 @@ class ManagementBackend:
         return self.ctx.settings.get(key)
 
     def stat_lines(self) -> list[str]:
-        return self.ctx.metrics.stat_lines()
+        shared = self.ctx.shared  # with a shared store: totals over every instance, and per instance
+        return shared.stat_lines(self.ctx.metrics) if shared is not None else self.ctx.metrics.stat_lines()
 
     def reload(self) -> list[str]:
         log.info("MSMP: reload")

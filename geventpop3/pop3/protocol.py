@@ -112,9 +112,13 @@ ERR_NOT_SUPPORTED = b"-ERR Not supported\r\n"
 ERR_ENDING = b"-ERR Session is ending\r\n"
 
 ERR_BUSY_LOGIN = b"-ERR [SYS/TEMP] Server busy, try again later\r\n"
+ERR_UNVERIFIED = b"-ERR [SYS/TEMP] Cannot verify this login now, try again later\r\n"
 LOGIN_FAILURES = {"auth": ERR_AUTH, "insecure": ERR_INSECURE, "in-use": ERR_IN_USE, "user-ip": ERR_USER_IP,
-                  "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN, "busy": ERR_BUSY_LOGIN}
-DELAYED_FAILURES = ("auth", "insecure")  # guessing or probing: answered only after the delay
+                  "temp": ERR_TEMP_LOGIN, "perm": ERR_PERM_LOGIN, "busy": ERR_BUSY_LOGIN,
+                  "unverified": ERR_UNVERIFIED}
+# Guessing or probing: answered only after the delay ("unverified": a failed password
+# check while the shared store is down, which must cost a guesser what "auth" costs).
+DELAYED_FAILURES = ("auth", "insecure", "unverified")
 
 
 AUTHENTICATED = ConnectionSecurity(None)  # shared by every logged-in session

@@ -54,6 +54,7 @@ from geventpop3.pop3.protocol import (
 )
 from geventpop3.pop3.security import ConnectionSecurity, parse_address
 from geventpop3.proxy_protocol import ProxyError, ProxyHeader
+from geventpop3.store import leases
 from geventpop3.transport import TlsTransport, Transport
 from geventpop3.users import HashingBusy
 
@@ -322,7 +323,10 @@ class Pop3Session:
         except HashingBusy:
             return self._login_failed(user, "busy", mech)
         if not ok:
-            return self._login_failed(user, "auth", mech)
+            # With a shared store that is down, this instance cannot be sure its users are
+            # current: every failure is temporary then (delayed all the same).
+            shared = ctx.shared
+            return self._login_failed(user, "auth" if shared is None or shared.available else "unverified", mech)
         ctx.penalty.succeeded(self.address)
         try:
             mailbox = maildir.Mailbox(ctx.settings.maildir, user)
@@ -332,6 +336,11 @@ class Pop3Session:
         except (OSError, maildir.MaildirError) as exc:
             log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp", mech)
+        if ctx.shared is not None:  # the lease other instances see; the lock above is this host's
+            lease = ctx.shared.leases.acquire(user)
+            if lease != leases.HELD:
+                mailbox.release()
+                return self._login_failed(user, "in-use" if lease == leases.IN_USE else "temp", mech)
         try:
             messages = mailbox.snapshot(ctx.settings.uidl_format)
             if ctx.filters is not None:
@@ -339,12 +348,12 @@ class Pop3Session:
                                                client_gone=self.transport.peer_gone)
                 self.transform_failures = sum(1 for m in messages if m.error is not None)
         except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
-            mailbox.release()
+            self._unlock(mailbox, user)
             log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
                      loggable(user), self.address, self.port)
             raise
         except Exception as exc:
-            mailbox.release()
+            self._unlock(mailbox, user)
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
             return self._login_failed(user, "temp", mech)
         self.mailbox = mailbox
@@ -388,6 +397,11 @@ class Pop3Session:
             self._release_mailbox()
             return self.protocol.update_done(0)
         assert self.mailbox is not None
+        shared = self.ctx.shared
+        if shared is not None and not shared.leases.confirm(self.mailbox.user):
+            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(self.protocol.user))
+            self._release_mailbox()
+            return self.protocol.update_done(len(deleted))
         failed = self.mailbox.delete(deleted)
         self.deleted_count = len(deleted) - len(failed)
         self.ctx.metrics.messages_deleted += self.deleted_count
@@ -397,10 +411,16 @@ class Pop3Session:
         return self.protocol.update_done(len(failed))
 
     # -- end -----------------------------------------------------------------
+    def _unlock(self, mailbox: maildir.Mailbox, user: str) -> None:
+        """Give up the lock and, with a shared store, the lease."""
+        mailbox.release()
+        if self.ctx.shared is not None:
+            self.ctx.shared.leases.release(user)
+
     def _release_mailbox(self) -> None:
         if self.mailbox is None:
             return
-        self.mailbox.release()
+        self._unlock(self.mailbox, self.mailbox.user)
         self.mailbox = None
         user = self.protocol.user or ""
         count = self.ctx.logged_in.get(user, 0) - 1

@@ -218,6 +218,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "auth_penalty_sources": "1000",
         "auth_hash_threads": "3",
         "auth_hash_queue": "20",
+        "lease_timeout": "12",
         "auth_hash_memory": "512",
     }
 

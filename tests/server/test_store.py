@@ -1,4 +1,6 @@
-"""The SQLite store, the persister and saved settings, on real database files (and real SIGKILLs)."""
+"""The stores, the persister and saved settings: the `Store` protocol's tests run against
+both implementations (`store`, `reopen`: SQLite files and a real PostgreSQL); the SQLite
+file's own failures (locks, disk full, SIGKILL mid-write) on real database files."""
 
 import logging
 import os
@@ -7,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gevent
@@ -38,11 +40,34 @@ def db_path(tmp_path: Path) -> str:
     return str(tmp_path / "state.sqlite3")
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def reopen(request: pytest.FixtureRequest, db_path: str) -> Iterator[Callable[[], Store]]:
+    """Factory: a store on the same database each call (a restart), SQLite or PostgreSQL
+    (a new database in the session's PostgreSQL); every store opened is closed at the end."""
+    opened: list[Store] = []
+    if request.param == "sqlite":
+        def make() -> Store:
+            return SqliteStore(db_path)
+    else:
+        from geventpop3.store.postgres import PostgresStore
+
+        url = request.getfixturevalue("postgres").create_database()
+
+        def make() -> Store:
+            return PostgresStore(url, "test:110")
+
+    def open_store() -> Store:
+        opened.append(make())
+        return opened[-1]
+
+    yield open_store
+    for each in opened:
+        each.close()
+
+
 @pytest.fixture
-def store(db_path: str) -> Iterator[Store]:
-    opened = SqliteStore(db_path)
-    yield opened
-    opened.close()
+def store(reopen: Callable[[], Store]) -> Store:
+    return reopen()
 
 
 class WriteLock:
@@ -75,26 +100,22 @@ def run_child(code: str, *args: str) -> subprocess.Popen[str]:
 
 
 # -- users, settings, counters -------------------------------------------------------
-def test_users_survive_reopen(db_path: str) -> None:
-    first = SqliteStore(db_path)
+def test_users_survive_reopen(reopen: Callable[[], Store]) -> None:
+    first = reopen()
     first.save_user("alice", FAKE_HASH)
     first.save_user("bob", FAKE_HASH)
     first.save_user("alice", FAKE_HASH + "x")  # replace
     first.delete_user("bob")
     first.close()
-    again = SqliteStore(db_path)
-    assert again.load_users() == {"alice": FAKE_HASH + "x"}
-    again.close()
+    assert reopen().load_users() == {"alice": FAKE_HASH + "x"}
 
 
-def test_user_directory_uses_store(db_path: str) -> None:
-    first = SqliteStore(db_path)
+def test_user_directory_uses_store(reopen: Callable[[], Store]) -> None:
+    first = reopen()
     directory = UserDirectory(first)
     directory.set_password("carol", "s3cret")
     first.close()
-    again = SqliteStore(db_path)
-    assert UserDirectory(again).verify("carol", "s3cret")
-    again.close()
+    assert UserDirectory(reopen()).verify("carol", "s3cret")
 
 
 def test_user_survives_kill_9_mid_stream(db_path: str) -> None:
@@ -141,14 +162,22 @@ def test_settings_round_trip(store: Store) -> None:
     assert store.load_settings() == {"idle_timeout": "43", "log_level": "DEBUG"}
 
 
-def test_counters_round_trip(db_path: str) -> None:
-    first = SqliteStore(db_path)
+def test_counters_round_trip(reopen: Callable[[], Store]) -> None:
+    first = reopen()
     first.save_counters({"total_connections": 5, "bytes_sent": 2**40})
     first.save_counters({"total_connections": 7})
     first.close()
-    again = SqliteStore(db_path)
-    assert again.load_counters() == {"total_connections": 7, "bytes_sent": 2**40}
-    again.close()
+    assert reopen().load_counters() == {"total_connections": 7, "bytes_sent": 2**40}
+
+
+def test_closed_store_raises_store_error_on_every_call(reopen: Callable[[], Store]) -> None:
+    closed = reopen()
+    closed.close()
+    closed.close()  # idempotent
+    for call in (closed.load_users, closed.load_settings, lambda: closed.save_user("alice", FAKE_HASH),
+                 lambda: closed.append_access([entry()]), lambda: closed.query_access("alice", 1)):
+        with pytest.raises(StoreError, match="closed"):
+            call()
 
 
 # -- access log ---------------------------------------------------------------------
@@ -240,14 +269,6 @@ def test_missing_directory_and_garbage_file_raise_store_error(tmp_path: Path) ->
     garbage.write_bytes(b"this is not a database" * 100)
     with pytest.raises(StoreError):
         SqliteStore(str(garbage))
-
-
-def test_closed_store_raises_store_error(db_path: str) -> None:
-    closing = SqliteStore(db_path)
-    closing.close()
-    closing.close()  # idempotent
-    with pytest.raises(StoreError, match="closed"):
-        closing.save_user("alice", FAKE_HASH)
 
 
 def test_locked_database_raises_store_error(db_path: str, capfd: pytest.CaptureFixture[str]) -> None:
