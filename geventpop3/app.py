@@ -38,7 +38,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import HASHER, UserDirectory, UserError
+from geventpop3.users import HASHER, UserDirectory, UserError, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +127,7 @@ class App:
         self._log_identity()
         for warning in self.config.warnings:  # only now: a start-up error stays one line
             log.warning("%s", warning)
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
-                 self.config.state_dir if self.store is not None else "none")
+        self._ready(self.ctx)
         self.stopping.wait()
         self.shutdown()
         for handler in handlers:
@@ -144,7 +143,7 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
-        self.store = open_store(config.state_dir)
+        self.store = self._open_store()
         HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue)
         users = list(config.users)
         if config.users_file:
@@ -155,7 +154,7 @@ class App:
         if config.demo:
             users.append(DEMO_USER)
         try:
-            directory = UserDirectory(self.store)
+            directory = UserDirectory(self._user_store())
             directory.add_configured(users)
         except (UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
@@ -177,6 +176,18 @@ class App:
             if demo.size()[0] == 0:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
+
+    def _open_store(self) -> Store | None:
+        """The state store this process writes (a worker of geventpop3.cluster has none)."""
+        return open_store(self.config.state_dir)
+
+    def _user_store(self) -> UserStore | None:
+        """Where users added over MSMP persist (the cluster's supervisor also remembers them for its workers)."""
+        return self.store
+
+    def _ready(self, ctx: ServerContext) -> None:
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s", ctx.settings.maildir, len(ctx.users),
+                 self.config.state_dir if self.store is not None else "none")
 
     def _bind(self) -> None:
         """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""

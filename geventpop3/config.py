@@ -33,6 +33,7 @@ DEFAULT_POP3S_PORT = 995
 DEFAULT_ADMIN_PORT = 4321
 DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+MAX_WORKERS = 256
 
 # Flags that set a live setting of the same name (`--idle-timeout` -> idle_timeout).
 FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level")
@@ -42,7 +43,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "pop3_address": (str, list), "admin_address": (str, list), "pop3_port": int, "admin_port": int,
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
-    "run_as": str, "run_as_group": str, "admin_tls": bool,
+    "run_as": str, "run_as_group": str, "admin_tls": bool, "workers": int,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -78,6 +79,7 @@ class Config:
     users_file: str | None = None
     run_as: Identity | None = None  # drop to this user once every listener is bound
     admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
+    workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.cluster)
 
 
 def parse_port(value: object) -> int:
@@ -125,7 +127,28 @@ def load_config(args: argparse.Namespace) -> Config:
         users_file=args.users_file or file_values.get("users_file"),
         run_as=run_as,
         admin_tls=admin_tls,
+        workers=workers_for(args.workers, file_values.get("workers")),
     )
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def workers_for(flag: str | None, from_file: object) -> int:
+    """`--workers` (text) or the file's `workers` (an integer): 1 to MAX_WORKERS; default: the CPUs."""
+    value: object = flag if flag is not None else from_file
+    if value is None:
+        return default_workers()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"invalid workers {value!r}: a number of processes from 1 to {MAX_WORKERS}")
+    return value
 
 
 def tls_config(args: argparse.Namespace, file_values: dict[str, Any],
