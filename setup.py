@@ -28,9 +28,11 @@ setup(
             "mypy>=1.10,<3",
             "types-gevent>=24.2",
             "hypothesis>=6.100,<7",
+            "psutil>=5.9,<8",  # which worker serves a connection (tests/e2e/test_workers.py)
         ],
         "load": [
             "locust>=2.20,<3",
+            "psutil>=5.9,<8",
         ],
     },
     entry_points={

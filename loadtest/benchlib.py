@@ -183,12 +183,12 @@ class GeventPop3(Server):
     name = "geventpop3"
 
     def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None,
-                 tls: Certificate | None = None) -> None:
+                 tls: Certificate | None = None, workers: int | None = None) -> None:
         self.port = port
-        tls_args = []
+        tls_args = [] if workers is None else ["--workers", str(workers)]
         if tls is not None:
             self.port, self.ssl_context = free_port(), client_context(tls)
-            tls_args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.port)]
+            tls_args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.port)]
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
             # Every benchmark client connects from 127.0.0.1: lift the per-address cap too.

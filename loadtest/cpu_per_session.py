@@ -22,7 +22,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, wait_greeting
+from loadtest.launch import free_port, process_tree, wait_greeting
 
 USERS, MESSAGES = 20, 10
 CHEAP_COST = (2**8, 8, 1)  # the benchmarks' users: cheap to make, cached after the first login
@@ -48,9 +48,16 @@ def build(root: str) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime of the server's whole process tree (with --workers: the supervisor and its workers)."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def session(port: int, number: int) -> None:
@@ -74,7 +81,7 @@ def session(port: int, number: int) -> None:
         return
 
 
-def measure(tree: str, sessions: int, clients: int) -> tuple[float, float]:
+def measure(tree: str, sessions: int, clients: int, workers: int | None = None) -> tuple[float, float]:
     """(server CPU ms per session, sessions/s) of `tree`'s server, after a warm-up."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
     try:
@@ -82,7 +89,8 @@ def measure(tree: str, sessions: int, clients: int) -> tuple[float, float]:
         port = free_port()
         command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
-                   "--users-file", os.path.join(root, "users"), "--no-state", "--log-level", "WARNING"]
+                   "--users-file", os.path.join(root, "users"), "--no-state", "--log-level", "WARNING",
+                   *(["--workers", str(workers)] if workers is not None else [])]
         server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -107,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every tree once (default 4)")
     parser.add_argument("--sessions", type=int, default=6000, help="measured sessions per run (default 6000)")
     parser.add_argument("--clients", type=int, default=20, help="client threads (default 20)")
+    parser.add_argument("--workers", type=int, help="the servers' --workers (default: not given; trees from "
+                        "before it have no such flag)")
     opts = parser.parse_args(argv)
     trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
     if len(trees) < 2 or opts.rounds < 1 or opts.sessions < 1:
@@ -115,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     for round_number in range(opts.rounds):
         order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
         for name in order:
-            ms, rate = measure(trees[name], opts.sessions, opts.clients)
+            ms, rate = measure(trees[name], opts.sessions, opts.clients, opts.workers)
             results[name].append(ms)
             print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session ({rate:.0f} sessions/s)",
                   flush=True)
