@@ -14,7 +14,20 @@ from contextlib import contextmanager
 
 import psutil
 import pytest
-from helpers import LineClient, ServerProcess, admin, counters, crlf, logs_with, run_server, state_db, wait_until
+from helpers import (
+    LineClient,
+    ServerProcess,
+    TlsFiles,
+    admin,
+    counters,
+    crlf,
+    free_port,
+    logs_with,
+    run_server,
+    state_db,
+    tls_client,
+    wait_until,
+)
 
 MESSAGE = crlf(b"Subject: hello\n\nworkers\n")
 
@@ -25,9 +38,10 @@ def workers_of(server: ServerProcess) -> list[int]:
     return [child.pid for child in psutil.Process(server.process.pid).children()]
 
 
-def worker_serving(server: ServerProcess, client: LineClient) -> int:
-    """The pid of the worker holding the server side of `client`'s connection."""
+def worker_serving(server: ServerProcess, client: LineClient, port: int | None = None) -> int:
+    """The pid of the worker holding the server side of `client`'s connection (to `port`, default POP3)."""
     local_port = client.sock.getsockname()[1]
+    port = port or server.port
 
     def find() -> int | None:
         for pid in workers_of(server):
@@ -36,7 +50,7 @@ def worker_serving(server: ServerProcess, client: LineClient) -> int:
             except psutil.NoSuchProcess:
                 continue
             for conn in connections:
-                if conn.laddr and conn.laddr.port == server.port and conn.raddr and conn.raddr.port == local_port:
+                if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == local_port:
                     return pid
         return None
 
@@ -44,13 +58,16 @@ def worker_serving(server: ServerProcess, client: LineClient) -> int:
 
 
 @contextmanager
-def one_per_worker(server: ServerProcess, count: int = 2) -> Iterator[dict[int, LineClient]]:
-    """A greeted POP3 connection on each of `count` workers, by worker pid (extras are closed)."""
+def one_per_worker(server: ServerProcess, count: int = 2,
+                   connect: Callable[[], LineClient] | None = None, port: int | None = None,
+                   ) -> Iterator[dict[int, LineClient]]:
+    """A greeted POP3 connection on each of `count` workers, by worker pid (extras are closed);
+    `connect` and `port` for another listener than plain POP3."""
     found: dict[int, LineClient] = {}
     try:
         for _ in range(200):
-            client = LineClient(server.port)
-            pid = worker_serving(server, client)
+            client = connect() if connect is not None else LineClient(server.port)
+            pid = worker_serving(server, client, port)
             if pid in found:
                 client.close()
             else:
@@ -233,3 +250,23 @@ def test_a_bad_workers_value_is_one_line_and_exit_2(value: str) -> None:
     result = run_server("--workers", value, "-p", "0")
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "workers" in result.stderr, result.stderr
+
+
+def test_pop3s_is_served_by_every_worker(start_server: Callable[..., ServerProcess], tls_files: TlsFiles) -> None:
+    pop3s = free_port()
+    server = start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                          extra_args=tls_files.server_args(pop3s))
+    with one_per_worker(server, connect=lambda: tls_client(pop3s, tls_files), port=pop3s) as clients:
+        for pop in clients.values():
+            assert pop.greeting.startswith(b"+OK")
+            assert pop.login("alice", "alicepw").startswith(b"+OK")
+            pop.cmd("QUIT")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start and --run-as nobody")
+def test_workers_that_could_not_read_the_key_as_the_run_as_user_stop_the_start(tls_files: TlsFiles) -> None:
+    # tls_files' key is root's, mode 0600: the supervisor reads it as root, a worker as nobody could not.
+    result = run_server("--workers", "2", "-p", "0", "-P", "0", "--run-as", "nobody", *tls_files.server_args())
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "nobody must be able to read" in result.stderr and "key.pem" in result.stderr
