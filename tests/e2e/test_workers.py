@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -270,3 +271,21 @@ def test_workers_that_could_not_read_the_key_as_the_run_as_user_stop_the_start(t
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
     assert "nobody must be able to read" in result.stderr and "key.pem" in result.stderr
+
+
+def test_prometheus_serves_the_totals_and_per_worker_series(start_server: Callable[..., ServerProcess]) -> None:
+    port = free_port()
+    server = start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                          extra_args=["--metrics-port", str(port)])
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    with one_per_worker(server) as clients:
+        for pop in clients.values():
+            assert pop.cmd("NOOP").startswith(b"-ERR")  # connected, not logged in
+        text = wait_until(lambda: (page := scrape()) and "geventpop3_current_connections 2.0" in page and page)
+        for worker in ("0", "1"):
+            assert f'geventpop3_worker_current_connections{{worker="{worker}"}} 1.0' in text
+            assert f'geventpop3_worker_starts_total{{worker="{worker}"}} 1.0' in text
