@@ -232,8 +232,7 @@ class Dovecot(Server):
         if code != 0 or not text:
             raise BenchError(f"dovecot peer did not start: {text[-300:]}")
         self.run_dir = text.splitlines()[-1]
-        with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
-            self.master = int(handle.read().strip())
+        self.master = self._master_pid(60)
         try:
             wait_greeting(port, 60)
             if tls is not None:
@@ -241,6 +240,17 @@ class Dovecot(Server):
         except RuntimeError as exc:
             self.stop()
             raise BenchError(str(exc)) from exc
+
+    def _master_pid(self, timeout: float) -> int:
+        """The master's pid: on a loaded machine the file may appear after the start script returned."""
+        path = os.path.join(self.run_dir, "base", "master.pid")
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError), open(path) as handle:
+                return int(handle.read().strip())
+            if time.monotonic() > deadline:
+                raise BenchError(f"dovecot peer wrote no {path} within {timeout:g} s")
+            time.sleep(0.1)
 
     def pids(self) -> list[int]:
         try:
