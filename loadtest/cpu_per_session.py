@@ -1,12 +1,16 @@
 """Server CPU time per full POP3 session, A/B between two source trees.
 
 Wall-clock throughput on a shared machine moves with everything else that runs; the
-CPU time the server process itself spends per session (utime + stime from
+CPU time the server's processes themselves spend per session (utime + stime from
 /proc/<pid>/stat) does not. Each tree's server runs in turn (A, B, B, A, ...) on a
 fresh Maildir tree of 20 users x 10 messages of 4 KiB; each session is USER/PASS,
 STAT, RETR of every message, QUIT, from 20 client threads.
 
     python -m loadtest.cpu_per_session --tree before=/path/to/old --tree now=. --rounds 4
+    python -m loadtest.cpu_per_session --tree w1=.@1 --tree w2=.@2   # one process vs two workers
+
+The CPU time is summed over the server's process tree (with --workers: the supervisor
+and every worker).
 """
 
 from __future__ import annotations
@@ -110,22 +114,28 @@ def measure(tree: str, sessions: int, clients: int, workers: int | None = None) 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.cpu_per_session", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
-                        help="a source tree to measure (repeat: two or more)")
+    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH[@WORKERS]",
+                        help="a source tree to measure (repeat: two or more); @WORKERS passes --workers "
+                        "(trees from before it have no such flag): --tree w1=.@1 --tree w2=.@2 compares them")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every tree once (default 4)")
     parser.add_argument("--sessions", type=int, default=6000, help="measured sessions per run (default 6000)")
     parser.add_argument("--clients", type=int, default=20, help="client threads (default 20)")
-    parser.add_argument("--workers", type=int, help="the servers' --workers (default: not given; trees from "
-                        "before it have no such flag)")
     opts = parser.parse_args(argv)
-    trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
+    trees: dict[str, tuple[str, int | None]] = {}
+    for item in opts.tree:
+        name, _, spec = item.partition("=")
+        path, _, workers = spec.partition("@")
+        if not name or not path or (workers and not workers.isdigit()):
+            parser.error(f"--tree {item}: expected NAME=PATH or NAME=PATH@WORKERS")
+        trees[name] = (path, int(workers) if workers else None)
     if len(trees) < 2 or opts.rounds < 1 or opts.sessions < 1:
         parser.error("two or more --tree NAME=PATH, positive --rounds and --sessions")
     results: dict[str, list[float]] = {name: [] for name in trees}
     for round_number in range(opts.rounds):
         order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
         for name in order:
-            ms, rate = measure(trees[name], opts.sessions, opts.clients, opts.workers)
+            path, workers = trees[name]
+            ms, rate = measure(path, opts.sessions, opts.clients, workers)
             results[name].append(ms)
             print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session ({rate:.0f} sessions/s)",
                   flush=True)
