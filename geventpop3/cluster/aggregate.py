@@ -97,12 +97,15 @@ class Totals:
         self._logged_in(worker, message.get("logged_in") or {})
         self._current(int(message.get("peak", 0)) - worker.current)
         entries = message.get("entries") or []
-        pending = self.ctx.access_log.pending  # recorded (and bucketed) by the worker already
+        access_log = self.ctx.access_log
+        pending = access_log.pending  # recorded (and bucketed) by the worker already
         for values in entries:
             try:
                 pending.append(AccessEntry(*values))
             except TypeError:
                 continue
+        if len(pending) > access_log.recent_limit * 10:  # no store draining them: bounded, as AccessLog.record
+            del pending[: len(pending) - access_log.recent_limit]
 
     def forget(self, worker: WorkerState) -> None:
         """A worker is gone: its sessions with it; its counters stay in the totals."""
