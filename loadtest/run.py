@@ -323,7 +323,10 @@ def summarize(out: Path, rows: list[dict], samples: list[dict], suite: dict, arg
             steady = [s for s in before_stop if s["time"] >= suite["held_complete_at"]] or before_stop[-3:]
         else:
             steady = before_stop[-3:]
-        mem_key = "pss_kb" if args.server == "dovecot" else "rss_kb"
+        # PSS wherever the server is several processes (Dovecot; geventpop3 with --workers):
+        # summed RSS would count the pages they share once per process.
+        several = max(s["processes"] for s in samples) > 1
+        mem_key = "pss_kb" if args.server == "dovecot" or several else "rss_kb"
         result["server_rss_max_kb"] = max(s["rss_kb"] for s in samples)
         result["server_pss_max_kb"] = max(s["pss_kb"] for s in samples)
         result["server_fds_max"] = max(s["fds"] for s in samples)
