@@ -275,7 +275,7 @@ class Supervisor(App):
         server_tls = self.config.tls
         if server_tls is None or self.config.run_as is None:
             return
-        for path in {server_tls.cert, server_tls.key}:
+        for path in dict.fromkeys((server_tls.cert, server_tls.key)):  # in order, once
             if not os.access(path, os.R_OK):
                 raise StartupError(f"with --workers, {self.config.run_as.user} must be able to read {path}: "
                                    "every worker loads the certificate and key")

@@ -266,11 +266,12 @@ def test_pop3s_is_served_by_every_worker(start_server: Callable[..., ServerProce
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start and --run-as nobody")
 def test_workers_that_could_not_read_the_key_as_the_run_as_user_stop_the_start(tls_files: TlsFiles) -> None:
-    # tls_files' key is root's, mode 0600: the supervisor reads it as root, a worker as nobody could not.
+    # tls_files are root's (a 0700 directory, the key 0600): the supervisor reads them as root,
+    # a worker as nobody could not.
     result = run_server("--workers", "2", "-p", "0", "-P", "0", "--run-as", "nobody", *tls_files.server_args())
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0, result.stderr
-    assert "nobody must be able to read" in result.stderr and "key.pem" in result.stderr
+    assert "nobody must be able to read" in result.stderr and "cert.pem" in result.stderr
 
 
 def test_prometheus_serves_the_totals_and_per_worker_series(start_server: Callable[..., ServerProcess]) -> None:
