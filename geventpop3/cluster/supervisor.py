@@ -42,7 +42,7 @@ from geventpop3.msmp.backend import ManagementBackend
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import KEYS, format_value
 from geventpop3.store import Store
-from geventpop3.users import UserStore
+from geventpop3.users import UserError, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +238,18 @@ class ClusterBackend(ManagementBackend):
         return created
 
     def delete_user(self, name: str) -> None:
-        super().delete_user(name)
-        self.pool.broadcast({"op": "deluser", "name": name}, APPLY_WAIT)
+        """Withdrawn in every worker first (no login can start there any more), then deleted
+        here (the checks, the Maildir moved aside, the store); then the workers forget the
+        user, or put it back if the deletion failed."""
+        if name not in self.ctx.users:
+            raise UserError("User does not exist")
+        self.pool.broadcast({"op": "deluser-begin", "name": name}, APPLY_WAIT)
+        try:
+            super().delete_user(name)
+        except BaseException:
+            self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": False}, APPLY_WAIT)
+            raise
+        self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": True}, APPLY_WAIT)
 
     def clear_penalty(self, address: str | None) -> int:
         cleared = super().clear_penalty(address)

@@ -22,6 +22,7 @@ import logging
 import os
 import signal
 import sys
+from contextlib import AbstractContextManager
 from typing import Any
 
 import gevent
@@ -86,6 +87,7 @@ class WorkerApp(App):
         self._init: Message = {}
         self._sent_logged_in: dict[str, int] = {}
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
+        self._deleting: dict[str, AbstractContextManager[None]] = {}  # users withdrawn for a DELE in progress
 
     def _bind(self) -> None:
         for service, fds in self.listener_fds.items():
@@ -152,9 +154,10 @@ class WorkerApp(App):
                 ctx.users.set_password(str(message["name"]), str(message["password"]))
             except UserError as exc:
                 log.error("worker %d: user %s not added: %s", self.index, message["name"], exc)
-        elif op == "deluser":
-            with contextlib.suppress(UserError), ctx.users.deleting(str(message["name"])):
-                pass
+        elif op == "deluser-begin":
+            self._begin_delete(ctx, str(message["name"]))
+        elif op == "deluser-end":
+            self._end_delete(ctx, str(message["name"]), bool(message.get("deleted")))
         elif op == "reload":
             self.reload()
         elif op == "penalty-clear":
@@ -162,6 +165,30 @@ class WorkerApp(App):
                 ctx.penalty.clear(message.get("address"))
         elif op == "stop":
             self.stopping.set()
+
+    def _begin_delete(self, ctx: ServerContext, name: str) -> None:
+        """Withdraw `name` now (UserDirectory.deleting, entered and held open) until the
+        supervisor says whether its deletion went through."""
+        deleting = ctx.users.deleting(name)
+        try:
+            deleting.__enter__()
+        except UserError:
+            return  # not a user here (added after this worker's start failed?): nothing to withdraw
+        self._deleting[name] = deleting
+
+    def _end_delete(self, ctx: ServerContext, name: str, deleted: bool) -> None:
+        """Forget the user (the deletion went through) or put it back as it was."""
+        deleting = self._deleting.pop(name, None)
+        if deleting is None:  # started after the withdrawal: only the outcome matters
+            if deleted:
+                with contextlib.suppress(UserError), ctx.users.deleting(name):
+                    pass
+            return
+        if deleted:
+            deleting.__exit__(None, None, None)
+        else:
+            kept = UserError("deletion failed in the supervisor")
+            deleting.__exit__(UserError, kept, None)  # deleting() puts the user back
 
     def _apply_setting(self, ctx: ServerContext, key: str, text: str, source: str) -> None:
         settings = ctx.settings

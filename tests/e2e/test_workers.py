@@ -305,3 +305,20 @@ def test_prometheus_serves_the_totals_and_per_worker_series(start_server: Callab
         for worker in ("0", "1"):
             assert f'geventpop3_worker_current_connections{{worker="{worker}"}} 1.0' in text
             assert f'geventpop3_worker_starts_total{{worker="{worker}"}} 1.0' in text
+
+
+def test_dele_of_a_user_logged_in_on_one_worker_fails_and_leaves_it_on_every_worker(cluster: ServerProcess) -> None:
+    with one_per_worker(cluster) as clients:
+        first, second = clients.values()
+        assert first.login("bob", "bobpw").startswith(b"+OK")
+        with admin(cluster) as client:
+            answer = client.command("DELE bob")
+            assert not answer.ok and "logged in" in answer.text, answer.text
+        assert first.cmd("QUIT").startswith(b"+OK")
+        assert second.login("bob", "bobpw").startswith(b"+OK")  # put back on the other worker too
+        assert second.cmd("QUIT").startswith(b"+OK")
+    with admin(cluster) as client:
+        wait_until(lambda: client.command("DELE bob").ok)
+    with one_per_worker(cluster) as clients:
+        for pop in clients.values():
+            assert pop.login("bob", "bobpw").startswith(b"-ERR")
