@@ -32,9 +32,11 @@ setup(
             "types-gevent>=24.2",
             "hypothesis>=6.100,<7",
             "proxy-protocol>=0.11,<0.12",  # an independent PROXY protocol implementation to check ours against
+            "psutil>=5.9,<8",  # which worker serves a connection (tests/e2e/test_workers.py)
         ],
         "load": [
             "locust>=2.20,<3",
+            "psutil>=5.9,<8",
         ],
         # --state-url: PostgreSQL as the store shared by several instances (notifies(timeout=) is 3.2+)
         "postgres": [

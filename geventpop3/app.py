@@ -39,7 +39,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import HASHER, MIB, Configured, UserDirectory, UserError
+from geventpop3.users import HASHER, MIB, Configured, UserDirectory, UserError, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +142,7 @@ class App:
             log.warning("%s", warning)
         for note in self.notes:
             log.info("%s", note)
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s", self.ctx.settings.maildir, len(self.ctx.users),
-                 self.store.location if self.store is not None else "none")
+        self._ready(self.ctx)
         status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         self.shutdown()
@@ -172,10 +171,10 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
-        self.store = open_store(config.state_dir, config.state_url, self._instance_name())
+        self.store = self._open_store()
         self._configure_hasher()
         try:
-            directory = UserDirectory(self.store, allow_weak=config.allow_weak_schemes)
+            directory = UserDirectory(self._user_store(), allow_weak=config.allow_weak_schemes)
             directory.configure(self._configured_users())
         except (UsageError, UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
@@ -227,6 +226,18 @@ class App:
     def _configure_hasher(self) -> None:
         settings = self.config.settings
         HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue, settings.auth_hash_memory * MIB)
+
+    def _open_store(self) -> Store | None:
+        """The state store this process writes (a worker of geventpop3.cluster has none)."""
+        return open_store(self.config.state_dir, self.config.state_url, self._instance_name())
+
+    def _user_store(self) -> UserStore | None:
+        """Where users added over MSMP persist (the cluster's supervisor also remembers them for its workers)."""
+        return self.store
+
+    def _ready(self, ctx: ServerContext) -> None:
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s", ctx.settings.maildir, len(ctx.users),
+                 self.store.location if self.store is not None else "none")
 
     def _bind(self) -> None:
         """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""

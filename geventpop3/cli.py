@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run-as", metavar="USER",
         help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
     add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
+    add("--workers", metavar="N",
+        help="POP3 worker processes behind the same ports, under one supervisor (default: the number of "
+             "CPUs); 1: a single process")
     add("--demo", action="store_true", help="add user demo (password demo) with a welcome message if empty")
     add("--ready-file", metavar="FILE",
         help="once serving, write the bound addresses and ports here as JSON (for port 0 and test harnesses)")
@@ -177,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"geventpop3: {exc}", file=sys.stderr)
         return 2
+    if config.workers > 1:
+        from geventpop3.cluster.supervisor import Supervisor
+
+        return Supervisor(config, argv).run()
     from geventpop3.app import App
 
     return App(config).run()

@@ -34,6 +34,7 @@ DEFAULT_POP3S_PORT = 995
 DEFAULT_ADMIN_PORT = 4321
 DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+MAX_WORKERS = 256
 
 # Flags that set a live setting of the same name (`--idle-timeout` -> idle_timeout).
 FLAG_SETTINGS = ("max_connections", "idle_timeout", "login_failure_delay", "log_level", "uidl_format")
@@ -44,7 +45,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
     "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool, "state_url": str,
-    "instance_name": str,
+    "instance_name": str, "workers": int,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -85,6 +86,7 @@ class Config:
     instance_name: str | None = None  # this instance in a shared store (None: <host>-<POP3 port>)
     allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
     ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
+    workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.cluster)
 
 
 def parse_port(value: object) -> int:
@@ -106,6 +108,7 @@ def load_config(args: argparse.Namespace) -> Config:
     apply_settings(settings, file_values, explicit)
     server_tls, pop3s_port, warnings = tls_config(args, file_values, settings)
     admin_tls = bool(args.admin_tls or file_values.get("admin_tls", False))
+    shared = shared_store_for(args, file_values)
     if admin_tls and server_tls is None:
         raise UsageError("--admin-tls needs a certificate (--tls-cert)")
     run_as = run_as_for(args, file_values)
@@ -135,8 +138,34 @@ def load_config(args: argparse.Namespace) -> Config:
         admin_tls=admin_tls,
         allow_weak_schemes=allow_weak,
         ready_file=ready_file_for(args),
-        **shared_store_for(args, file_values),
+        **shared,
+        workers=workers_for(args.workers, file_values.get("workers"), shared["state_url"]),
     )
+
+
+def default_workers() -> int:
+    """One worker per CPU this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def workers_for(flag: str | None, from_file: object, state_url: str | None = None) -> int:
+    """`--workers` (text) or the file's `workers` (an integer): 1 to MAX_WORKERS; default: the
+    CPUs, or 1 with a shared PostgreSQL store (whose leases and follower live in the one
+    process that serves: workers of one supervisor do not share them yet)."""
+    value: object = flag if flag is not None else from_file
+    if value is None:
+        return 1 if state_url is not None else default_workers()
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+        raise UsageError(f"invalid workers {value!r}: a number of processes from 1 to {MAX_WORKERS}")
+    if value > 1 and state_url is not None:
+        raise UsageError("workers > 1 with state_url is not supported yet: run one instance per core "
+                         "(each with its own instance_name) behind the load balancer")
+    return value
 
 
 def tls_config(args: argparse.Namespace, file_values: dict[str, Any],

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # both are imported only when Prometheus metrics are asked for
     from gevent.pywsgi import WSGIServer
@@ -253,13 +253,16 @@ class PrometheusCollector:
                                     value=m.tls_seconds_left())
 
 
-def start_prometheus_server(metrics: Metrics, listener: socket.socket) -> WSGIServer:
-    """Serve the OpenMetrics/Prometheus text format on http://<listener>/metrics."""
+def start_prometheus_server(metrics: Metrics, listener: socket.socket, collectors: Sequence[Any] = ()) -> WSGIServer:
+    """Serve the OpenMetrics/Prometheus text format on http://<listener>/metrics; `collectors`
+    add series (the cluster's per-worker ones)."""
     from gevent.pywsgi import WSGIServer
     from prometheus_client import CollectorRegistry, make_wsgi_app
 
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PrometheusCollector(metrics))
+    for collector in collectors:
+        registry.register(collector)
     server = WSGIServer(listener, make_wsgi_app(registry), log=None)
     server.start()
     return server

@@ -262,7 +262,7 @@ class Pop3TestServer:
         argv = [sys.executable, "-m", "geventpop3", "-l", self.host, "-p", "0", "-L", self.host, "-P", "0",
                 "-d", str(self.maildir), "--no-state", "--config", str(self.root / "server.toml"),
                 "--users-file", str(self._users_file), "-a", f"{self.admin_user}:{cheap_hash(self.admin_password)}",
-                "--ready-file", str(self._ready_path)]
+                "--ready-file", str(self._ready_path), "--workers", "1"]  # one process: fastest to start
         if self.tls:
             argv += self._make_certificate()
         if self.faults:

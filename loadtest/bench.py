@@ -19,6 +19,7 @@ from gevent import monkey
 monkey.patch_all()
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -33,6 +34,7 @@ from collections.abc import Callable  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import psutil  # noqa: E402
 from gevent.pool import Pool  # noqa: E402
 
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
@@ -189,7 +191,7 @@ def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             raise BenchError(f"expected one dovecot pop3 process, found {len(pids)}")
         pid = pids[0]
     else:
-        pid = server.pids()[0]
+        pid = serving_pid(server.pids(), server.port, client.local_port())
     rss_before = status_kib(pid, "VmRSS")
     reset_peak(pid)
     pids = server.pids()
@@ -207,6 +209,18 @@ def phase_retr(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
     return {"retr_mb_per_s": len(data.big_expected) / elapsed / 1e6, "retr_s": elapsed,
             "server_cpu_s": server_cpu, "client_cpu_s": client_cpu,
             "peak_growth_kib": peak - rss_before, "rss_before_kib": rss_before}
+
+
+def serving_pid(pids: list[int], port: int, client_port: int) -> int:
+    """The process holding the server side of the client's connection (with --workers: a worker)."""
+    if len(pids) == 1:
+        return pids[0]
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            for conn in psutil.Process(pid).net_connections("tcp"):
+                if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == client_port:
+                    return pid
+    raise BenchError("no server process holds the RETR connection")
 
 
 def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
@@ -246,9 +260,13 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
         samples = [memory(server.pids())]
         round_times = []
 
+        latencies: list[float] = []
+
         def noop(client: Pop3Client) -> None:
             try:
+                begin = time.perf_counter()
                 client.command("NOOP")
+                latencies.append(time.perf_counter() - begin)
             except PHASE_ERRORS as exc:
                 errors.append(str(exc))
 
@@ -267,12 +285,19 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             "kib_per_session_pss": (during_pss - before_pss) / held,
             "kib_per_session_rss": (during_rss - before_rss) / held,
             "noop_round_s": statistics.median(round_times),
+            "noop_p50_ms": 1000 * percentile(latencies, 0.50),
+            "noop_p99_ms": 1000 * percentile(latencies, 0.99),
         })
     finally:
         for client in clients:
             client.close()
         gevent.idle()  # gevent closes descriptors from the event loop: let it, or they pile up
     return result
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] if ordered else 0.0
 
 
 PHASE_FUNCS: dict[str, Callable[[Server, Dataset, argparse.Namespace], Result]] = {
@@ -311,7 +336,8 @@ TLS_HEADLINE: dict[str, tuple[str, str, TargetCheck]] = {
 def start_server(kind: str, port: int, data: Dataset, workdir: str, opts: argparse.Namespace,
                  tls: Certificate | None = None) -> Server:
     if kind == "geventpop3":
-        return GeventPop3(port, data, workdir, shlex.split(opts.gp_command) if opts.gp_command else None, tls)
+        return GeventPop3(port, data, workdir, shlex.split(opts.gp_command) if opts.gp_command else None, tls,
+                          workers=opts.workers)
     return Dovecot(port, data, tls)
 
 
@@ -383,7 +409,8 @@ def report(results: dict[str, Any], opts: argparse.Namespace) -> str:
              else "# Benchmark of the POP3 core (issue 2): geventpop3 beside Dovecot")
     lines = [title, "",
              f"Written by `python -m loadtest.bench` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
-             f"runs={opts.runs}, phases={','.join(opts.only)}"
+             f"runs={opts.runs}, phases={','.join(opts.only)}, geventpop3 --workers "
+             f"{opts.workers if opts.workers is not None else 'default (the CPUs)'}"
              f"{', over implicit TLS (RSA 2048, full handshakes)' if opts.tls else ''}.", "", "## Machine",
              *(getattr(opts, "machine", None) or machine()), "",
              "## Headline (medians of the runs; ratio = geventpop3 / Dovecot)", "",
@@ -447,6 +474,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(default: this Python -m geventpop3); the benchmark appends the flags")
     add("--tls", action="store_true", help="over implicit TLS, both servers with one throw-away RSA 2048 "
         f"certificate (needs trustme); default phases {','.join(TLS_PHASES)}, default --out {DEFAULT_TLS_OUT}")
+    add("--workers", type=int, help="geventpop3's --workers (default: not given, so the server's own default, "
+        "the number of CPUs; leave it out for an older --gp-command tree that has no such flag)")
     add("--out", help=f"Markdown result file (default {DEFAULT_OUT})")
     opts = parser.parse_args(argv)
     opts.only = [p for p in PHASES if p in (opts.only or (TLS_PHASES if opts.tls else PHASES))]

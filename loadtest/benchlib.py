@@ -183,12 +183,12 @@ class GeventPop3(Server):
     name = "geventpop3"
 
     def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None,
-                 tls: Certificate | None = None) -> None:
+                 tls: Certificate | None = None, workers: int | None = None) -> None:
         self.port = port
-        tls_args = []
+        tls_args = [] if workers is None else ["--workers", str(workers)]
         if tls is not None:
             self.port, self.ssl_context = free_port(), client_context(tls)
-            tls_args = ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.port)]
+            tls_args += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(self.port)]
         config = os.path.join(workdir, "geventpop3.toml")
         with open(config, "w") as handle:
             # Every benchmark client connects from 127.0.0.1: lift the per-address cap too.
@@ -232,8 +232,7 @@ class Dovecot(Server):
         if code != 0 or not text:
             raise BenchError(f"dovecot peer did not start: {text[-300:]}")
         self.run_dir = text.splitlines()[-1]
-        with open(os.path.join(self.run_dir, "base", "master.pid")) as handle:
-            self.master = int(handle.read().strip())
+        self.master = self._master_pid(60)
         try:
             wait_greeting(port, 60)
             if tls is not None:
@@ -241,6 +240,17 @@ class Dovecot(Server):
         except RuntimeError as exc:
             self.stop()
             raise BenchError(str(exc)) from exc
+
+    def _master_pid(self, timeout: float) -> int:
+        """The master's pid: on a loaded machine the file may appear after the start script returned."""
+        path = os.path.join(self.run_dir, "base", "master.pid")
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(OSError, ValueError), open(path) as handle:
+                return int(handle.read().strip())
+            if time.monotonic() > deadline:
+                raise BenchError(f"dovecot peer wrote no {path} within {timeout:g} s")
+            time.sleep(0.1)
 
     def pids(self) -> list[int]:
         try:

@@ -1,7 +1,7 @@
 """Server CPU time per full POP3 session, A/B between two source trees.
 
 Wall-clock throughput on a shared machine moves with everything else that runs; the
-CPU time the server process itself spends per session (utime + stime from
+CPU time the server's processes themselves spend per session (utime + stime from
 /proc/<pid>/stat) does not. Each tree's server runs in turn (A, B, B, A, ...) on a
 fresh Maildir tree of 20 users x 10 messages of 4 KiB; each session is USER/PASS,
 STAT, RETR of every message, QUIT, from 20 client threads.
@@ -16,6 +16,10 @@ CPU of the database's own processes per session is reported too (every process n
 
     python -m loadtest.cpu_per_session --tree sqlite=. --tree pg=. --state sqlite=sqlite \
         --state pg=postgresql://postgres@127.0.0.1:5432/bench --rounds 3
+    python -m loadtest.cpu_per_session --tree w1=.@1 --tree w2=.@2   # one process vs two workers
+
+The CPU time is summed over the server's process tree (with --workers: the supervisor
+and every worker).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, wait_greeting
+from loadtest.launch import free_port, process_tree, wait_greeting
 
 USERS, MESSAGES = 20, 10
 CHEAP_COST = (2**8, 8, 1)  # the benchmarks' users: cheap to make, cached after the first login
@@ -56,10 +60,19 @@ def build(root: str) -> None:
         handle.write("\n".join(entries) + "\n")
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
+def own_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of the server's whole process tree (with --workers: the supervisor and its workers)."""
+    return sum(own_cpu_seconds(member) for member in process_tree(pid))
 
 
 def session(port: int, number: int) -> None:
@@ -93,7 +106,7 @@ def postgres_cpu_seconds() -> float:
             with open(f"/proc/{pid}/comm", encoding="ascii") as handle:
                 if handle.read().strip() != "postgres":
                     continue
-            total += cpu_seconds(int(pid))
+            total += own_cpu_seconds(int(pid))
         except OSError:
             continue
     return total
@@ -107,16 +120,18 @@ def state_args(state: str) -> list[str]:
     return ["--state-url", state]
 
 
-def measure(tree: str, sessions: int, clients: int, state: str = "none") -> tuple[float, float, float]:
+def measure(tree: str, sessions: int, clients: int, state: str = "none",
+            workers: int | None = None) -> tuple[float, float, float]:
     """(server CPU ms per session, sessions/s, database CPU ms per session) of `tree`'s
-    server, after a warm-up."""
+    server, after a warm-up; CPU summed over the server's process tree."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
     try:
         build(root)
         port = free_port()
         command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
-                   "--users-file", os.path.join(root, "users"), *state_args(state), "--log-level", "WARNING"]
+                   "--users-file", os.path.join(root, "users"), *state_args(state), "--log-level", "WARNING",
+                   *(["--workers", str(workers)] if workers is not None else [])]
         server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -126,11 +141,16 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none") -> tupl
             database = state.startswith("postgres")
             cpu, started = cpu_seconds(server.pid), time.monotonic()
             db_cpu = postgres_cpu_seconds() if database else 0.0
+            per_client = max(1, sessions // clients)
+            # Client c logs in as user c (mod USERS) only: no two clients wait for one mailbox's
+            # lock, so no [IN-USE] retries (whose count depends on how evenly the server
+            # progresses, not on what a session costs) are measured.
             with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(lambda number: session(port, number), range(sessions)))
-            rate = sessions / (time.monotonic() - started)
-            db_ms = (postgres_cpu_seconds() - db_cpu) / sessions * 1000 if database else 0.0
-            return (cpu_seconds(server.pid) - cpu) / sessions * 1000, rate, db_ms
+                list(pool.map(lambda client: [session(port, client) for _ in range(per_client)], range(clients)))
+            done = per_client * clients
+            rate = done / (time.monotonic() - started)
+            db_ms = (postgres_cpu_seconds() - db_cpu) / done * 1000 if database else 0.0
+            return (cpu_seconds(server.pid) - cpu) / done * 1000, rate, db_ms
         finally:
             server.terminate()
             server.wait(15)
@@ -140,15 +160,22 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none") -> tupl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtest.cpu_per_session", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
-                        help="a source tree to measure (repeat: two or more)")
+    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH[@WORKERS]",
+                        help="a source tree to measure (repeat: two or more); @WORKERS passes --workers "
+                        "(trees from before it have no such flag): --tree w1=.@1 --tree w2=.@2 compares them")
     parser.add_argument("--rounds", type=int, default=4, help="rounds, each measuring every tree once (default 4)")
     parser.add_argument("--sessions", type=int, default=6000, help="measured sessions per run (default 6000)")
     parser.add_argument("--clients", type=int, default=20, help="client threads (default 20)")
     parser.add_argument("--state", action="append", default=[], metavar="NAME=STATE",
                         help="tree NAME's state store: none (default), sqlite, or a postgresql:// URL")
     opts = parser.parse_args(argv)
-    trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
+    trees: dict[str, tuple[str, int | None]] = {}
+    for item in opts.tree:
+        name, _, spec = item.partition("=")
+        path, _, workers = spec.partition("@")
+        if not name or not path or (workers and not workers.isdigit()):
+            parser.error(f"--tree {item}: expected NAME=PATH or NAME=PATH@WORKERS")
+        trees[name] = (path, int(workers) if workers else None)
     states = dict(item.split("=", 1) for item in opts.state if "=" in item)
     if len(trees) < 2 or opts.rounds < 1 or opts.sessions < 1:
         parser.error("two or more --tree NAME=PATH, positive --rounds and --sessions")
@@ -158,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     for round_number in range(opts.rounds):
         order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
         for name in order:
-            ms, rate, db_ms = measure(trees[name], opts.sessions, opts.clients, states.get(name, "none"))
+            path, workers = trees[name]
+            ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers)
             results[name].append(ms)
             rates[name].append(rate)
             db_cpu[name].append(db_ms)

@@ -47,6 +47,24 @@ def wait_greeting(port: int, timeout: float, alive: Callable[[], bool] = lambda:
         time.sleep(0.05)
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every descendant (a --workers supervisor's workers, their filters; Dovecot's
+    processes): the load tools sum CPU and memory over all of them."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                ppid = int(stat.rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 @dataclass(frozen=True)
 class Certificate:
     """A throw-away CA (what clients trust) and the server's chain and key it signed."""
@@ -105,7 +123,8 @@ class Geventpop3Process:
         return self
 
     def pids(self) -> list[int]:
-        return [self.process.pid] if self.process and self.process.poll() is None else []
+        """The server's processes: the supervisor and its workers (one with --workers 1)."""
+        return process_tree(self.process.pid) if self.process and self.process.poll() is None else []
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

@@ -163,6 +163,10 @@ class Pop3Client:
     def connected(self) -> bool:
         return self.sock is not None
 
+    def local_port(self) -> int:
+        """The client's port: what tells which server process holds the other end."""
+        return int(self._require().getsockname()[1])
+
     # -- the wire, unreported ------------------------------------------------
     def command(self, line: str) -> bytearray:
         """Send one command line and return its +OK status line (see `status`)."""

@@ -45,7 +45,14 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from loadtest.launch import Certificate, Geventpop3Process, free_port, make_certificate, wait_greeting  # noqa: E402
+from loadtest.launch import (  # noqa: E402
+    Certificate,
+    Geventpop3Process,
+    free_port,
+    make_certificate,
+    process_tree,
+    wait_greeting,
+)
 from loadtest.setup_pool import ensure_pool  # noqa: E402
 
 DOVECOT_START = "dovecot-peer-start.sh"
@@ -178,20 +185,6 @@ CLOCK = os.sysconf("SC_CLK_TCK")
 PAGE_KB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-def process_tree(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                stat = Path(f"/proc/{entry}/stat").read_text()
-                ppid = int(stat.rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
 
 
 def proc_numbers(pid: int, pss: bool) -> tuple[int, float, int, int]:
@@ -244,9 +237,9 @@ class Sampler(threading.Thread):
                 r, c, p, _ = proc_numbers(pid, pss=True)
                 rss, cpu, pss = rss + r, cpu + c, pss + p
         fds = 0
-        if pids and not many:
+        for pid in pids if not many else ():  # every process of the server (--workers: the tree)
             with contextlib.suppress(OSError):
-                fds = len(os.listdir(f"/proc/{pids[0]}/fd"))
+                fds += len(os.listdir(f"/proc/{pid}/fd"))
         gen_cpu = 0.0
         if self.locust_pid:
             for pid in process_tree(self.locust_pid):  # with --processes: the workers too
@@ -330,7 +323,10 @@ def summarize(out: Path, rows: list[dict], samples: list[dict], suite: dict, arg
             steady = [s for s in before_stop if s["time"] >= suite["held_complete_at"]] or before_stop[-3:]
         else:
             steady = before_stop[-3:]
-        mem_key = "pss_kb" if args.server == "dovecot" else "rss_kb"
+        # PSS wherever the server is several processes (Dovecot; geventpop3 with --workers):
+        # summed RSS would count the pages they share once per process.
+        several = max(s["processes"] for s in samples) > 1
+        mem_key = "pss_kb" if args.server == "dovecot" or several else "rss_kb"
         result["server_rss_max_kb"] = max(s["rss_kb"] for s in samples)
         result["server_pss_max_kb"] = max(s["pss_kb"] for s in samples)
         result["server_fds_max"] = max(s["fds"] for s in samples)

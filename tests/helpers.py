@@ -166,7 +166,7 @@ class ServerProcess:
                  extra_args: Sequence[str] = (), admin: bool = True,
                  listen: Sequence[str] | None = LOOPBACKS, admin_listen: Sequence[str] | None = None,
                  ready_hosts: Sequence[str] | None = None, login_failure_delay: float = 0.05,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, workers: int = 1) -> None:
         self.root = root
         self.maildir = root / "mail"
         self.state_dir = root / "state"
@@ -191,7 +191,9 @@ class ServerProcess:
             args += ["-u", f"{name}:{password}"]
         if admin:
             args += ["-a", f"{ADMIN[0]}:{ADMIN[1]}"]
-        self.args = args + list(extra_args)
+        # One process unless a test asks for workers: the default (the CPUs) would make
+        # every test pay for a supervisor and N interpreters.
+        self.args = args + ["--workers", str(workers)] + list(extra_args)
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> ServerProcess:

@@ -50,9 +50,10 @@ Handler = Callable[[socket.socket, object], None]  # (connection, peer address)
 
 
 def serve_admin(ctx: ServerContext, reload: Callable[[], list[str]] | None = None,
-                server_tls: ServerTls | None = None) -> Handler:
-    """A StreamServer handler serving MSMP sessions against `ctx`; implicit TLS with `server_tls`."""
-    backend = ManagementBackend(ctx, reload)
+                server_tls: ServerTls | None = None, backend: ManagementBackend | None = None) -> Handler:
+    """A StreamServer handler serving MSMP sessions against `ctx` (through `backend`, by
+    default a ManagementBackend of `ctx`); implicit TLS with `server_tls`."""
+    backend = backend if backend is not None else ManagementBackend(ctx, reload)
     open_connections = 0
 
     def handle(raw: socket.socket, address: object) -> None:
@@ -196,17 +197,19 @@ def _peer(address: object) -> str:
 def start_admin_servers(ctx: ServerContext, addresses: list[str] | None, port: int,
                         spawn: Pool | None = None, listeners: list[socket.socket] | None = None,
                         reload: Callable[[], list[str]] | None = None,
-                        server_tls: ServerTls | None = None) -> list[StreamServer]:
+                        server_tls: ServerTls | None = None,
+                        backend: ManagementBackend | None = None) -> list[StreamServer]:
     """MSMP servers on `addresses` (default: the loopback addresses) and `port`, started.
 
     `reload` is what RELOAD runs (the app's reload); `server_tls`, when given, makes every
-    connection implicit TLS with its current context.
+    connection implicit TLS with its current context. `backend`: what the commands act
+    on (the cluster's supervisor passes one that also tells its workers).
 
     Their handlers run in `spawn`, so shutdown can end the admin sessions (and wait for
     them) before the state they use is flushed and closed. `listeners`: sockets bound
     already (the app binds before dropping privileges); the addresses are then unused.
     """
-    handler = serve_admin(ctx, reload, server_tls)
+    handler = serve_admin(ctx, reload, server_tls, backend)
     servers: list[StreamServer] = []
     if listeners is None:
         listeners = listen.open_listeners(addresses, port, "MSMP", defaults=listen.LOOPBACK)

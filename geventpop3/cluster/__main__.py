@@ -1,0 +1,46 @@
+"""`python -m geventpop3.cluster --index I --parent PID --channel FD --listen SERVICE=FD... -- ARGV`:
+a worker process, started by the supervisor only (geventpop3.cluster.supervisor).
+
+gevent patches the standard library first, as in geventpop3.__main__.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import sys  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    from geventpop3.cli import parse_config
+    from geventpop3.cluster.channel import Channel
+    from geventpop3.cluster.worker import WorkerApp, die_with_parent
+    from geventpop3.config import UsageError
+
+    options, server_argv = _split(argv)
+    index = int(options["--index"][0])
+    die_with_parent(int(options["--parent"][0]))
+    listeners: dict[str, list[int]] = {}
+    for spec in options.get("--listen", []):
+        service, _, fd = spec.partition("=")
+        listeners.setdefault(service, []).append(int(fd))
+    try:
+        config = parse_config(server_argv)
+    except UsageError as exc:
+        print(f"geventpop3 worker {index}: {exc}", file=sys.stderr)
+        return 2
+    config.warnings.clear()  # the supervisor logged them once
+    return WorkerApp(config, index, Channel.from_fd(int(options["--channel"][0])), listeners).run()
+
+
+def _split(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """`--name value` pairs before `--`, and the server's own command line after it."""
+    end = argv.index("--")
+    options: dict[str, list[str]] = {}
+    for name, value in zip(argv[:end:2], argv[1:end:2], strict=True):
+        options.setdefault(name, []).append(value)
+    return options, argv[end + 1:]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

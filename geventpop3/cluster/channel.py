@@ -1,0 +1,113 @@
+"""Messages between the supervisor and one worker: JSON lines over a Unix socketpair.
+
+One JSON object per line, `{"op": ..., ...}`. Sending never blocks the caller: a
+message is queued and one writer greenlet sends them in order, so a wedged peer
+cannot stall an MSMP command that broadcasts a change. The first message can be held
+back until `start(first)`, so a new worker gets its initial state before any change
+broadcast while that state was being put together.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import gevent
+from gevent import socket
+from gevent.queue import Queue
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64 * 1024 * 1024  # a report with many access-log entries stays far below this
+RECV_SIZE = 256 * 1024
+
+Message = dict[str, Any]
+
+
+def socketpair() -> tuple[socket.socket, socket.socket]:
+    """(ours, theirs): `theirs` goes to the child (made inheritable by pass_fds)."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return ours, theirs
+
+
+class Channel:
+    """One end of a socketpair speaking JSON lines."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._outbox: Queue[bytes | None] = Queue()
+        self._writer: gevent.Greenlet[..., None] | None = None
+        self.closed = False
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Channel:
+        return cls(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd))
+
+    def start(self, first: Message | None = None) -> None:
+        """Start sending what is queued, `first` before everything else."""
+        head = [encode(first)] if first is not None else []
+        self._writer = gevent.spawn(self._write, head)
+
+    def send(self, message: Message) -> None:
+        if not self.closed:
+            self._outbox.put(encode(message))
+
+    def send_now(self, message: Message, timeout: float = 5.0) -> bool:
+        """Send `message` after what is queued and wait until it is written (the last report)."""
+        if self.closed or self._writer is None:
+            return False
+        self._outbox.put(encode(message))
+        self._outbox.put(None)  # the writer ends after the queued messages
+        self._writer.join(timeout)
+        return self._writer.dead
+
+    def _write(self, head: list[bytes]) -> None:
+        try:
+            for data in head:
+                self.sock.sendall(data)
+            while True:
+                queued = self._outbox.get()
+                if queued is None:
+                    return
+                self.sock.sendall(queued)
+        except OSError as exc:  # the peer is gone: its reader sees EOF and says so
+            log.debug("channel: send failed: %s", exc)
+            self.closed = True
+
+    def messages(self) -> Iterator[Message]:
+        """Received messages until EOF (or a broken pipe); a malformed line is logged and skipped."""
+        pending = b""
+        while True:
+            try:
+                data = self.sock.recv(RECV_SIZE)
+            except OSError:
+                return
+            if not data:
+                return
+            pending += data
+            if b"\n" not in data:
+                if len(pending) > MAX_LINE:
+                    log.error("channel: message too long, dropped")
+                    pending = b""
+                continue
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                try:
+                    message = json.loads(line)
+                except ValueError:
+                    log.error("channel: malformed message dropped")
+                    continue
+                if isinstance(message, dict):
+                    yield message
+
+    def close(self) -> None:
+        self.closed = True
+        if self._writer is not None:
+            self._writer.kill(block=False)
+        self.sock.close()
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"

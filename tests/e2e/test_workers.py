@@ -1,0 +1,324 @@
+"""`--workers N`: a supervisor and N worker processes behind one port, one management plane.
+
+Real processes throughout: which worker serves a connection is found from the
+kernel's socket table (psutil), never assumed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+from helpers import (
+    LineClient,
+    ServerProcess,
+    TlsFiles,
+    admin,
+    counters,
+    crlf,
+    free_port,
+    logs_with,
+    run_server,
+    state_db,
+    tls_client,
+    wait_until,
+)
+
+MESSAGE = crlf(b"Subject: hello\n\nworkers\n")
+
+
+def workers_of(server: ServerProcess) -> list[int]:
+    """The pids of the worker processes serving now (children of the supervisor)."""
+    assert server.process is not None
+    return [child.pid for child in psutil.Process(server.process.pid).children()]
+
+
+def worker_serving(server: ServerProcess, client: LineClient, port: int | None = None) -> int:
+    """The pid of the worker holding the server side of `client`'s connection (to `port`, default POP3)."""
+    local_port = client.sock.getsockname()[1]
+    port = port or server.port
+
+    def find() -> int | None:
+        for pid in workers_of(server):
+            try:
+                connections = psutil.Process(pid).net_connections("tcp")
+            except psutil.NoSuchProcess:
+                continue
+            for conn in connections:
+                if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == local_port:
+                    return pid
+        return None
+
+    return wait_until(find)
+
+
+@contextmanager
+def one_per_worker(server: ServerProcess, count: int = 2,
+                   connect: Callable[[], LineClient] | None = None, port: int | None = None,
+                   made: list[int] | None = None) -> Iterator[dict[int, LineClient]]:
+    """A greeted POP3 connection on each of `count` workers, by worker pid (extras are closed);
+    `connect` and `port` for another listener than plain POP3; `made` gets how many connections it took."""
+    found: dict[int, LineClient] = {}
+    try:
+        for attempt in range(1, 201):
+            client = connect() if connect is not None else LineClient(server.port)
+            if made is not None:
+                made[:] = [attempt]
+            pid = worker_serving(server, client, port)
+            if pid in found:
+                client.close()
+            else:
+                found[pid] = client
+            if len(found) == count:
+                break
+        assert len(found) == count, f"connections reached only workers {list(found)}"
+        yield found
+    finally:
+        for client in found.values():
+            client.close()
+
+
+def stat(server: ServerProcess) -> dict[str, int]:
+    with admin(server) as client:
+        return counters(client)
+
+
+def settled_stat(server: ServerProcess) -> dict[str, int]:
+    """STAT once `Total connections` held still for a second: the workers report twice a
+    second, and the start-up's own probes of the POP3 port are connections too."""
+    reading, since = stat(server), time.monotonic()
+
+    def still() -> dict[str, int] | None:
+        nonlocal reading, since
+        now = stat(server)
+        if now["Total connections"] != reading["Total connections"]:
+            reading, since = now, time.monotonic()
+        return now if time.monotonic() - since > 1.0 else None
+
+    return wait_until(still)
+
+
+@pytest.fixture
+def cluster(start_server: Callable[..., ServerProcess]) -> ServerProcess:
+    """A server with two workers, POP3 on 127.0.0.1."""
+    return start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"])
+
+
+def test_two_workers_serve_one_port_and_a_session_on_one_makes_the_other_answer_in_use(
+        cluster: ServerProcess) -> None:
+    assert len(workers_of(cluster)) == 2
+    with one_per_worker(cluster) as clients:
+        first, second = clients.values()
+        assert first.login("alice", "alicepw").startswith(b"+OK")
+        assert second.login("alice", "alicepw").startswith(b"-ERR [IN-USE]")
+        assert second.login("bob", "bobpw").startswith(b"+OK")
+
+
+def test_set_changes_every_worker_and_add_logs_in_through_every_worker(cluster: ServerProcess) -> None:
+    with admin(cluster) as client:
+        client.set("max_login_failures", "1")  # a new session closes after its first failed login
+        with one_per_worker(cluster) as clients:
+            for pop in clients.values():
+                assert pop.login("alice", "wrong").startswith(b"-ERR")
+                pop.read_until_closed()
+        client.set("max_login_failures", "3")
+        with one_per_worker(cluster) as clients:
+            for pop in clients.values():
+                assert pop.login("alice", "wrong").startswith(b"-ERR")
+                assert pop.cmd("NOOP").startswith(b"-ERR")  # still open: NOOP before login is an error
+        client.add_user("dave", "davepw")
+        added = time.monotonic()
+        with one_per_worker(cluster) as clients:
+            for pop in clients.values():
+                assert pop.login("dave", "davepw").startswith(b"+OK")
+                pop.cmd("QUIT")
+        assert time.monotonic() - added < 10
+        client.delete_user("dave")
+        with one_per_worker(cluster) as clients:
+            for pop in clients.values():
+                assert pop.login("dave", "davepw").startswith(b"-ERR")
+
+
+def test_stat_totals_are_the_sum_of_what_clients_did_on_every_worker(cluster: ServerProcess) -> None:
+    cluster.deliver("carol", MESSAGE)
+    before = settled_stat(cluster)
+    made: list[int] = []
+    with one_per_worker(cluster, made=made) as clients:
+        for pop in clients.values():  # each worker in turn: carol's mailbox is locked while a session is open
+            assert pop.login("carol", "carolpw").startswith(b"+OK")
+            assert pop.retr(1).endswith(b"workers\r\n")
+            pop.cmd("QUIT")
+    after = wait_until(lambda: (s := stat(cluster))["Messages retrieved"] == before["Messages retrieved"] + 2 and s)
+    assert after["Logins ok"] == before["Logins ok"] + 2
+    after = wait_until(lambda: (s := stat(cluster))["Total connections"] == before["Total connections"] + made[0]
+                       and s)  # every connection one_per_worker made, on whichever worker
+    assert after["Worker 0 connections"] + after["Worker 1 connections"] >= 2
+    assert after["Worker 0 connections"] > 0 and after["Worker 1 connections"] > 0
+    assert wait_until(lambda: stat(cluster)["Current connections"] == 0)
+    with admin(cluster) as client:
+        logs_with(client, "carol", "logout", count=2)
+    # The one store has them: the supervisor is its only writer.
+    def stored() -> int:
+        with state_db(cluster) as db:
+            return int(db.execute("SELECT COUNT(*) FROM access_log WHERE user = 'carol'").fetchone()[0])
+    wait_until(lambda: stored() >= 4)
+
+
+def test_historical_maximum_is_of_the_sum_over_workers(cluster: ServerProcess) -> None:
+    with one_per_worker(cluster):
+        wait_until(lambda: stat(cluster)["Current connections"] == 2)
+    assert stat(cluster)["Historical maximum traffic"] >= 2
+
+
+def test_sigkill_of_a_worker_releases_its_locks_and_is_replaced_while_the_other_serves_on(
+        cluster: ServerProcess) -> None:
+    with one_per_worker(cluster) as clients:
+        (victim, doomed), (survivor_pid, survivor) = clients.items()
+        assert doomed.login("alice", "alicepw").startswith(b"+OK")
+        assert survivor.login("bob", "bobpw").startswith(b"+OK")
+        wait_until(lambda: stat(cluster)["Logins ok"] >= 2)
+        before = stat(cluster)["Total connections"]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.monotonic()
+        replacement = wait_until(lambda: [pid for pid in workers_of(cluster) if pid not in clients])
+        # Replaced and serving (the supervisor says so once the new worker is ready).
+        wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2)
+        replaced_in = time.monotonic() - killed
+        assert replaced_in < 5, f"replacement took {replaced_in:.2f} s"
+        assert survivor.cmd("NOOP").startswith(b"+OK")  # the other worker's session did not notice
+        # alice's lock went with the killed process: she logs in again at once.
+        with LineClient(cluster.port) as again:
+            assert again.login("alice", "alicepw").startswith(b"+OK")
+            again.cmd("QUIT")
+        assert survivor.cmd("QUIT").startswith(b"+OK")
+        after = wait_until(lambda: (s := stat(cluster))["Total connections"] > before and s)
+        assert after["Worker 0 starts"] + after["Worker 1 starts"] == 3
+        assert replacement[0] in (after["Worker 0 pid"], after["Worker 1 pid"])
+    assert "replacing it" in cluster.log()
+
+
+def test_sigterm_with_sessions_open_ends_them_without_update_and_exits_0(cluster: ServerProcess) -> None:
+    cluster.deliver("alice", MESSAGE)
+    with one_per_worker(cluster) as clients:
+        first, second = clients.values()
+        assert first.login("alice", "alicepw").startswith(b"+OK")
+        assert first.cmd("DELE 1").startswith(b"+OK")
+        assert second.login("bob", "bobpw").startswith(b"+OK")
+        wait_until(lambda: stat(cluster)["Logins ok"] >= 2)
+        pids = workers_of(cluster)
+        assert cluster.stop(signal.SIGTERM) == 0
+        for client in (first, second):
+            client.read_until_closed()
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert len(cluster.message_files("alice")) == 1  # no UPDATE without QUIT
+    cluster.start()
+    with admin(cluster) as client:
+        logs_with(client, "alice", "ended=shutdown")
+        logs_with(client, "bob", "ended=shutdown")
+
+
+def test_sighup_reloads_in_every_worker(cluster: ServerProcess) -> None:
+    pids = [cluster.process.pid, *workers_of(cluster)] if cluster.process else []
+    assert cluster.process is not None
+    cluster.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: all(f"geventpop3[{pid}] INFO reload done" in cluster.log() for pid in pids))
+
+
+def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess) -> None:
+    pids = workers_of(cluster)
+    assert cluster.stop(signal.SIGKILL) == -signal.SIGKILL
+    wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                               for pid in pids))
+    with pytest.raises(OSError):
+        LineClient(cluster.port, timeout=2)
+
+
+def test_a_worker_that_keeps_failing_at_start_is_retried_with_backoff_and_the_supervisor_stays(
+        cluster: ServerProcess) -> None:
+    good = cluster.config_path.read_text()
+    cluster.config_path.write_text(good + "not toml [\n")  # every new worker fails to read it
+    victim = workers_of(cluster)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: cluster.log().count("failure 2 in a row") == 1, timeout=15)
+    assert cluster.running
+    with admin(cluster) as client:
+        assert counters(client)["Workers"] == 2  # MSMP answers all along
+    cluster.config_path.write_text(good)
+    wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2, timeout=20)
+
+
+def test_workers_1_is_one_process_without_a_supervisor(start_server: Callable[..., ServerProcess]) -> None:
+    server = start_server(workers=1, listen=["127.0.0.1"], admin_listen=["127.0.0.1"])
+    assert workers_of(server) == []
+    with LineClient(server.port) as client:
+        assert client.login("alice", "alicepw").startswith(b"+OK")
+    assert "Workers" not in stat(server)
+
+
+@pytest.mark.parametrize("value", ["0", "abc", "-1", "100000"])
+def test_a_bad_workers_value_is_one_line_and_exit_2(value: str) -> None:
+    result = run_server("--workers", value, "-p", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "workers" in result.stderr, result.stderr
+
+
+def test_pop3s_is_served_by_every_worker(start_server: Callable[..., ServerProcess], tls_files: TlsFiles) -> None:
+    pop3s = free_port()
+    server = start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                          extra_args=tls_files.server_args(pop3s))
+    with one_per_worker(server, connect=lambda: tls_client(pop3s, tls_files), port=pop3s) as clients:
+        for pop in clients.values():
+            assert pop.greeting.startswith(b"+OK")
+            assert pop.login("alice", "alicepw").startswith(b"+OK")
+            pop.cmd("QUIT")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start and --run-as nobody")
+def test_workers_that_could_not_read_the_key_as_the_run_as_user_stop_the_start(tls_files: TlsFiles) -> None:
+    # tls_files are root's (a 0700 directory, the key 0600): the supervisor reads them as root,
+    # a worker as nobody could not.
+    result = run_server("--workers", "2", "-p", "0", "-P", "0", "--run-as", "nobody", *tls_files.server_args())
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "nobody must be able to read" in result.stderr and "cert.pem" in result.stderr
+
+
+def test_prometheus_serves_the_totals_and_per_worker_series(start_server: Callable[..., ServerProcess]) -> None:
+    port = free_port()
+    server = start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                          extra_args=["--metrics-port", str(port)])
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+            return response.read().decode()
+
+    with one_per_worker(server) as clients:
+        for pop in clients.values():
+            assert pop.cmd("NOOP").startswith(b"-ERR")  # connected, not logged in
+        text = wait_until(lambda: (page := scrape()) and "geventpop3_current_connections 2.0" in page and page)
+        for worker in ("0", "1"):
+            assert f'geventpop3_worker_current_connections{{worker="{worker}"}} 1.0' in text
+            assert f'geventpop3_worker_starts_total{{worker="{worker}"}} 1.0' in text
+
+
+def test_dele_of_a_user_logged_in_on_one_worker_fails_and_leaves_it_on_every_worker(cluster: ServerProcess) -> None:
+    with one_per_worker(cluster) as clients:
+        first, second = clients.values()
+        assert first.login("bob", "bobpw").startswith(b"+OK")
+        with admin(cluster) as client:
+            answer = client.command("DELE bob")
+            assert not answer.ok and "logged in" in answer.text, answer.text
+        assert first.cmd("QUIT").startswith(b"+OK")
+        assert second.login("bob", "bobpw").startswith(b"+OK")  # put back on the other worker too
+        assert second.cmd("QUIT").startswith(b"+OK")
+    with admin(cluster) as client:
+        wait_until(lambda: client.command("DELE bob").ok)
+    with one_per_worker(cluster) as clients:
+        for pop in clients.values():
+            assert pop.login("bob", "bobpw").startswith(b"-ERR")
