@@ -139,7 +139,7 @@ def load_config(args: argparse.Namespace) -> Config:
         allow_weak_schemes=allow_weak,
         ready_file=ready_file_for(args),
         **shared,
-        workers=workers_for(args.workers, file_values.get("workers"), shared["state_url"]),
+        workers=workers_for(args.workers, file_values.get("workers"), shared.get("state_url")),
     )
 
 
