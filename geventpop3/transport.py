@@ -19,9 +19,10 @@ an object (the session), not two more bound methods and their argument tuples.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
 ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
-the session's transport for one made with `TlsTransport.upgrade`. Parking works the
-same: TLS records arrive on the same descriptor, and bytes the SSL object has
-already decrypted are served before parking (`SSLSocket.pending()`).
+the session's transport for one made with `TlsTransport.accept`, which holds the bare
+SSL object, not an `ssl.SSLSocket` (see geventpop3.tls). Parking works the same: TLS
+records arrive on the same descriptor, and bytes the SSL object has already decrypted
+are served before parking (`pending()`).
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ import os
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import gevent
 from gevent import monkey
+from gevent.socket import wait_read, wait_write
+
+from geventpop3 import tls
 
 RECV_SIZE = 4096
 FLUSH_THRESHOLD = 128 * 1024
@@ -61,7 +66,7 @@ class Transport:
     __slots__ = ("sock", "fd", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
                  "_timer", "_waiter", "on_sent")
 
-    def __init__(self, sock: socket.socket, on_sent: Callable[[int], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.sent = 0
@@ -204,7 +209,7 @@ class Transport:
             self._out.append(last_words)
         if self._out:
             with contextlib.suppress(OSError):
-                self.sock.settimeout(CLOSE_FLUSH_TIMEOUT)
+                self.set_timeout(CLOSE_FLUSH_TIMEOUT)
                 self.flush()
         self.closed = True
         self._out.clear()
@@ -215,43 +220,50 @@ class Transport:
 
 
 class TlsTransport(Transport):
-    """A Transport over an `ssl.SSLSocket` whose handshake is done (see geventpop3.tls).
+    """A Transport over the bare SSL object of a connection whose handshake is done
+    (`geventpop3.tls.accept`): no `ssl.SSLSocket`, no gevent socket, so a held TLS
+    session keeps only OpenSSL's state, the descriptor and this transport's own watcher
+    and timer.
 
-    Reads ask the SSL object without waiting: a record not yet complete reads as
-    "nothing now" (SSLWantReadError), and the descriptor's watcher wakes the session
-    when more of it arrives. A read that would have to write (a TLS 1.3 key update
-    with a full send buffer) also reads as nothing now. Writes go through the SSL
-    object with the session's send timeout.
+    The descriptor is non-blocking: a read of a record not yet complete is "nothing now"
+    (SSLWantReadError), and the parking watcher wakes the session when more of it
+    arrives; a read that would have to write (a TLS 1.3 key update with a full send
+    buffer) is nothing now as well. Writes wait on the event loop for room, within the
+    send timeout (`set_timeout`) for the whole flush, as a gevent socket's sendall does.
     """
 
-    __slots__ = ("_send_timeout",)
+    __slots__ = ("tls", "_send_timeout")
 
-    def __init__(self, sock: ssl.SSLSocket, on_sent: Callable[[int], None] | None = None) -> None:
+    def __init__(self, sock: tls.TlsSocket, connection: tls.Connection,
+                 on_sent: Callable[[int], None] | None = None) -> None:
         super().__init__(sock, on_sent)
-        self._send_timeout: float | None = sock.gettimeout()
+        self.tls = connection
+        self._send_timeout: float | None = None
 
     @classmethod
-    def upgrade(cls, plain: Transport, sock: ssl.SSLSocket) -> TlsTransport:
-        """The TLS side of `plain` after STLS: counters carry over, the plain side is retired."""
+    def accept(cls, plain: Transport, context: ssl.SSLContext,
+               timeout: float = tls.HANDSHAKE_TIMEOUT) -> TlsTransport:
+        """The TLS side of `plain` (STLS, or implicit TLS before the greeting): the plain
+        side is retired first (the descriptor is the TLS side's from the handshake on),
+        counters carry over. Raises tls.HandshakeFailed, the descriptor then closed."""
         plain.unpark()
         if plain._watcher is not None:
             plain._watcher.close()
             plain._watcher = None
-        plain.closed = True  # the descriptor now belongs to `sock`
-        tls = cls(sock, plain.on_sent)
-        tls.sent = plain.sent
-        tls.received = plain.received
-        return tls
+        plain.closed = True
+        sock, connection = tls.accept(cast(socket.socket, plain.sock), context, timeout)
+        secure = cls(sock, connection, plain.on_sent)
+        secure.sent = plain.sent
+        secure.received = plain.received
+        return secure
 
     def read(self) -> bytes | None:
-        sock = self.sock
-        sock.settimeout(0.0)
         try:
-            data = sock.recv(RECV_SIZE)
+            data = self.tls.read(RECV_SIZE)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return None
-        finally:
-            sock.settimeout(self._send_timeout)
+        except ssl.SSLEOFError:  # closed without close_notify: the end all the same (ssl's suppress_ragged_eofs)
+            return b""
         self.received += len(data)
         return data
 
@@ -264,18 +276,39 @@ class TlsTransport(Transport):
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self._out.clear()
         self._out_size = 0
-        self.sock.sendall(data)
+        self._send(data)
         self.sent += len(data)
         if self.on_sent is not None:
             self.on_sent(len(data))
 
+    def _send(self, data: bytes) -> None:
+        """All of `data` through the SSL object; waits (this greenlet only) while the client is
+        slow, socket.timeout once the send timeout has passed."""
+        connection = self.tls
+        view = memoryview(data)
+        deadline = None if self._send_timeout is None else time.monotonic() + self._send_timeout
+        while view:
+            try:
+                view = view[connection.write(view):]
+                continue
+            except ssl.SSLWantWriteError:
+                wait = wait_write
+            except ssl.SSLWantReadError:
+                wait = wait_read
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("timed out")
+            wait(self.fd, left)
+            if self.closed:  # closed by another greenlet meanwhile: the descriptor may be someone else's
+                raise OSError(errno.EBADF, "connection closed")
+
     def set_timeout(self, seconds: float) -> None:
+        """The send timeout; the descriptor itself stays non-blocking."""
         self._send_timeout = seconds
-        self.sock.settimeout(seconds)
 
     def park(self, waiter: Waiter, timeout: float) -> None:
         """As Transport.park, but decrypted bytes still inside the SSL object wake the session at once."""
-        if cast(ssl.SSLSocket, self.sock).pending():
+        if self.tls.pending():
             self._waiter = waiter
             self._timer = gevent.get_hub().loop.timer(0)
             self._timer.start(self._ready_now)
@@ -291,12 +324,6 @@ class TlsTransport(Transport):
     def _close_socket(self) -> None:
         """Send close_notify first (without waiting for the client's): clients such as
         OpenSSL 3 take a TLS connection closed without it for a truncation attack."""
-        sock = self.tls
-        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError
-            sock.settimeout(0.0)
-            sock.unwrap()
-        sock.close()
-
-    @property
-    def tls(self) -> ssl.SSLSocket:
-        return cast(ssl.SSLSocket, self.sock)
+        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError; SSLWantReadError expected
+            self.tls.shutdown()
+        self.sock.close()

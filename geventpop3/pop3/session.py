@@ -276,12 +276,11 @@ class Pop3Session:
         server_tls = self.ctx.tls
         assert server_tls is not None
         try:
-            sock = tls.handshake(self.transport.sock, server_tls.context, tls.HANDSHAKE_TIMEOUT)
+            self.transport = TlsTransport.accept(self.transport, server_tls.context, tls.HANDSHAKE_TIMEOUT)
         except tls.HandshakeFailed as exc:
             self.ended = "tls-failed"
             log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.address, self.port, exc)
             return False
-        self.transport = TlsTransport.upgrade(self.transport, sock)
         self.protocol.tls_started()
         return True
 
