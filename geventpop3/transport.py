@@ -14,8 +14,9 @@ on the event loop and returns; the greenlet that served the burst then ends. Dat
 greenlet to carry on. A greenlet blocked in recv() keeps its saved stack (about
 6 KiB with gevent's frames), so this is what lets one process hold 10,000 idle
 sessions at a few KiB each. For the same reason a parked transport holds as little
-as it can: the watcher and the timer share one callback object, and the waiter is
-an object (the session), not two more bound methods and their argument tuples.
+as it can: the watcher and the timer share one callback, the transport itself (not a
+bound method), and the waiter is an object (the session), not two more bound methods
+and their argument tuples; the write queue is None, not an empty list, between bursts.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
 ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
@@ -73,7 +74,7 @@ class Transport:
         self.received = 0
         self.closed = False
         self.short_read = False  # the last read took less than asked: the client is now waiting
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None  # answers not sent yet; None (not an empty list) between bursts
         self._out_size = 0
         self._watcher: Any = None  # gevent loop io watcher, kept across parks
         self._timer: Any = None
@@ -127,21 +128,30 @@ class Transport:
     # -- output --------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Queue `data`; it leaves at the next `flush()` or once the queue is large."""
-        self._out.append(data)
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
+    def _take(self) -> bytes | None:
+        """Everything queued, as one bytes, and the queue emptied; None if nothing is."""
+        out = self._out
+        if not out:
+            return None
+        self._out = None
+        self._out_size = 0
+        if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
+            raise OSError(errno.EBADF, "connection closed")
+        return b"".join(out) if len(out) > 1 else out[0]
+
     def flush(self) -> None:
         """Send everything queued; waits (this greenlet only) while the client is slow."""
-        if not self._out:
+        data = self._take()
+        if data is None:
             return
-        if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
-            self._out.clear()
-            raise OSError(errno.EBADF, "connection closed")
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._out_size = 0
         # Usually the kernel takes it all at once: one write(2), no gevent machinery.
         try:
             written = os.write(self.fd, data)
@@ -164,10 +174,9 @@ class Transport:
         if self._watcher is None:
             self._watcher = loop.io(self.fd, 1)
         self._waiter = waiter
-        wake = self._wake  # one bound method for both
-        self._watcher.start(wake)
+        self._watcher.start(self)  # the transport is the callback of both (see __call__)
         self._timer = loop.timer(timeout)
-        self._timer.start(wake)
+        self._timer.start(self)
 
     @property
     def parked(self) -> bool:
@@ -183,8 +192,11 @@ class Transport:
             self._timer = None
         self._waiter = None
 
-    def _wake(self) -> None:
-        """Event-loop callback of the watcher and the timer: a fired timer is no longer active."""
+    def __call__(self) -> None:
+        """Event-loop callback of the watcher and the timer: a fired timer is no longer active.
+
+        The transport itself is the callback, not a bound method: that would be one more
+        object for every parked session."""
         waiter = self._waiter
         timer = self._timer
         timed_out = timer is not None and not timer.active
@@ -206,13 +218,13 @@ class Transport:
             self._watcher.close()
             self._watcher = None
         if last_words:
-            self._out.append(last_words)
+            self._out = [*(self._out or ()), last_words]
         if self._out:
             with contextlib.suppress(OSError):
                 self.set_timeout(CLOSE_FLUSH_TIMEOUT)
                 self.flush()
         self.closed = True
-        self._out.clear()
+        self._out = None
         self._close_socket()
 
     def _close_socket(self) -> None:
@@ -268,14 +280,9 @@ class TlsTransport(Transport):
         return data
 
     def flush(self) -> None:
-        if not self._out:
+        data = self._take()
+        if data is None:
             return
-        if self.closed:
-            self._out.clear()
-            raise OSError(errno.EBADF, "connection closed")
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._out_size = 0
         self._send(data)
         self.sent += len(data)
         if self.on_sent is not None:
