@@ -64,12 +64,11 @@ _original_poll = monkey.get_original("select", "poll")  # gevent's own poll() kn
 class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
-    __slots__ = ("sock", "fd", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
+    __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
                  "_timer", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
         self.sent = 0
         self.received = 0
         self.closed = False
@@ -84,6 +83,11 @@ class Transport:
         # back until the client's delayed ACK (40 ms per pipelined write).
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def fd(self) -> int:
+        """The descriptor (asked of the socket: an int kept per session would be 32 bytes more)."""
+        return self.sock.fileno()
 
     # -- input ---------------------------------------------------------------
     def read(self) -> bytes | None:

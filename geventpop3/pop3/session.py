@@ -99,22 +99,22 @@ class Pop3Session:
 
     __slots__ = (
         "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
-        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done", "implicit_tls",
+        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
     )
 
-    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
-                 implicit_tls: bool = False) -> None:
+    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
         self.transport = Transport(sock, on_sent=service.count_sent)
-        self.buffer = LineBuffer()
+        # A partial command line between bursts; None when there is none, as between most
+        # bursts (a held session then keeps no LineBuffer).
+        self.buffer: LineBuffer | None = None
         self.address = host
         self.port = port
         settings = ctx.settings
         security = ConnectionSecurity(settings, self.address, _server_address(sock), tls_available=ctx.tls is not None)
         self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
-        self.implicit_tls = implicit_tls  # POP3S: the handshake comes before the greeting
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
@@ -124,9 +124,10 @@ class Pop3Session:
         self._done = False
 
     # -- one burst ------------------------------------------------------------
-    def start(self) -> None:
-        """Greet, then serve the first burst (in the greenlet that accepted the connection)."""
-        if self.implicit_tls:
+    def start(self, implicit_tls: bool = False) -> None:
+        """Greet, then serve the first burst (in the greenlet that accepted the connection);
+        with `implicit_tls` (POP3S) the handshake comes before the greeting."""
+        if implicit_tls:
             try:
                 started = self._start_tls()
             except gevent.GreenletExit:
@@ -191,10 +192,15 @@ class Pop3Session:
                 return True
             metrics.bytes_received += len(data)
             buffer = self.buffer
+            if buffer is None:
+                buffer = self.buffer = LineBuffer()
             for line in buffer.feed(data):
                 self._dispatch(protocol.handle(line))
                 if protocol.closing or self.buffer is not buffer:  # after STLS the rest is discarded
                     break
+            else:
+                if buffer.empty:
+                    self.buffer = None
             self.transport.flush()
         if self.ended == "disconnect":
             self.ended = "closed"
@@ -263,7 +269,7 @@ class Pop3Session:
         before its ClientHello); bytes that arrive later were sent before the
         ClientHello too and break the handshake, which closes the connection.
         """
-        self.buffer = LineBuffer()
+        self.buffer = None
         transport = self.transport
         transport.discard_input()
         transport.write(STLS_OK)
@@ -448,10 +454,10 @@ class Pop3Service:
             return
         self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, host, int(address[1]), implicit_tls)
+        session = Pop3Session(self, sock, host, int(address[1]))
         self.sessions.add(session)
         session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
-        session.start()
+        session.start(implicit_tls)
 
     def _refuse(self, sock: socket.socket, answer: bytes, implicit_tls: bool) -> None:
         self.ctx.metrics.total_connections += 1  # accepted, then refused: still a connection
