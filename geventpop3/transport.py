@@ -7,16 +7,17 @@ of client input: `read()` until it returns None (nothing more for now), answer w
 while a message streams).
 
 Parking, the one memory optimisation of the server: a session waiting for its
-client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher and a timer
-on the event loop and returns; the greenlet that served the burst then ends. Data
-(or EOF) calls `waiter.on_ready()`, silence for `timeout` seconds
-`waiter.on_timeout()`; either runs on the event loop and typically spawns a fresh
-greenlet to carry on. A greenlet blocked in recv() keeps its saved stack (about
-6 KiB with gevent's frames), so this is what lets one process hold 10,000 idle
-sessions at a few KiB each. For the same reason a parked transport holds as little
-as it can: the watcher and the timer share one callback, the transport itself (not a
-bound method), and the waiter is an object (the session), not two more bound methods
-and their argument tuples; the write queue is None, not an empty list, between bursts.
+client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher on the event
+loop, puts the transport in the `IdleClock` and returns; the greenlet that served the
+burst then ends. Data (or EOF) calls `waiter.on_ready()`, silence for `timeout`
+seconds (up to `IdleClock.TICK` more) `waiter.on_timeout()`; either runs on the event
+loop and typically spawns a fresh greenlet to carry on. A greenlet blocked in recv()
+keeps its saved stack (about 6 KiB with gevent's frames), so this is what lets one
+process hold 10,000 idle sessions at a few KiB each. For the same reason a parked
+transport holds as little as it can: the watcher's callback is the transport itself
+(not a bound method), the waiter is an object (the session), the deadline is an entry
+in a set the IdleClock shares among all parked transports (not a timer object each),
+and the write queue is None, not an empty list, between bursts.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
 ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
@@ -65,7 +67,7 @@ class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
     __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_timer", "_waiter", "on_sent")
+                 "_due", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
@@ -76,7 +78,7 @@ class Transport:
         self._out: list[bytes] | None = None  # answers not sent yet; None (not an empty list) between bursts
         self._out_size = 0
         self._watcher: Any = None  # gevent loop io watcher, kept across parks
-        self._timer: Any = None
+        self._due: set[Transport] | None = None  # while parked: the IdleClock bucket of its deadline
         self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
@@ -174,43 +176,42 @@ class Transport:
     # -- parking -------------------------------------------------------------
     def park(self, waiter: Waiter, timeout: float) -> None:
         """Wait for the client on the event loop, holding no greenlet (see the module doc)."""
-        loop = gevent.get_hub().loop
         if self._watcher is None:
-            self._watcher = loop.io(self.fd, 1)
+            self._watcher = gevent.get_hub().loop.io(self.fd, 1)
         self._waiter = waiter
-        self._watcher.start(self)  # the transport is the callback of both (see __call__)
-        self._timer = loop.timer(timeout)
-        self._timer.start(self)
+        self._watcher.start(self)  # the transport itself is the callback (see __call__)
+        self._due = IdleClock.of_this_thread().add(self, timeout)
 
     @property
     def parked(self) -> bool:
-        return self._timer is not None
+        return self._waiter is not None
 
     def unpark(self) -> None:
         """Stop waiting; the waiter is not called after this."""
         if self._watcher is not None:
             self._watcher.stop()
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
+        if self._due is not None:
+            self._due.discard(self)
+            self._due = None
         self._waiter = None
 
     def __call__(self) -> None:
-        """Event-loop callback of the watcher and the timer: a fired timer is no longer active.
+        """Event-loop callback of the watcher: the client sent something (or closed).
 
         The transport itself is the callback, not a bound method: that would be one more
         object for every parked session."""
         waiter = self._waiter
-        timer = self._timer
-        timed_out = timer is not None and not timer.active
         self.unpark()
-        if waiter is None:
-            return
-        if timed_out:
-            waiter.on_timeout()
-        else:
+        if waiter is not None:
             waiter.on_ready()
+
+    def expire(self) -> None:
+        """Called by the IdleClock (already out of its bucket): the park's timeout ran out."""
+        waiter = self._waiter
+        self._due = None
+        self.unpark()
+        if waiter is not None:
+            waiter.on_timeout()
 
     # -- end -----------------------------------------------------------------
     def close(self, last_words: bytes = b"") -> None:
@@ -233,6 +234,67 @@ class Transport:
 
     def _close_socket(self) -> None:
         self.sock.close()
+
+
+
+class IdleClock:
+    """The deadlines of every parked transport of a thread, kept by one event-loop timer.
+
+    A parked transport needs a deadline (the idle timeout, or the time left to log in),
+    but a libev timer per parked session is 120 bytes, and a new one at every park
+    scatters long-lived objects among a burst's short-lived ones (Python's allocator
+    then keeps the burst's memory). Here a parked transport is an entry in the set
+    (bucket) of its deadline rounded up to the next TICK; one repeating timer, running
+    while any transport is parked, hands the due buckets' transports their `expire()`.
+    A deadline is thus met up to TICK late, never early. Waking (data) or unparking
+    takes the transport out of its bucket.
+    """
+
+    TICK = 0.25  # seconds
+
+    _current: IdleClock | None = None
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self._buckets: dict[int, set[Transport]] = {}
+        self._next = 0  # the first tick whose bucket is not emptied yet
+        self._timer: Any = None
+
+    @classmethod
+    def of_this_thread(cls) -> IdleClock:
+        loop = gevent.get_hub().loop
+        clock = cls._current
+        if clock is None or clock.loop is not loop:
+            clock = cls._current = cls(loop)
+        return clock
+
+    def add(self, transport: Transport, timeout: float) -> set[Transport]:
+        """Put `transport` in the bucket of now + `timeout`; returns the bucket."""
+        now = time.monotonic()
+        if self._timer is None:
+            self._next = int(now / self.TICK)
+            self._timer = self.loop.timer(self.TICK, self.TICK)
+            self._timer.start(self._tick)
+        tick = max(math.ceil((now + timeout) / self.TICK), self._next)
+        bucket = self._buckets.get(tick)
+        if bucket is None:
+            bucket = self._buckets[tick] = set()
+        bucket.add(transport)
+        return bucket
+
+    def _tick(self) -> None:
+        """Expire the transports of every bucket whose tick has come; stop when none is left."""
+        now = int(time.monotonic() / self.TICK)
+        buckets = self._buckets
+        while self._next <= now and buckets:
+            bucket = buckets.pop(self._next, None)
+            self._next += 1
+            while bucket:
+                bucket.pop().expire()
+        if not buckets:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
 
 
 class TlsTransport(Transport):
@@ -321,16 +383,9 @@ class TlsTransport(Transport):
         """As Transport.park, but decrypted bytes still inside the SSL object wake the session at once."""
         if self.tls.pending():
             self._waiter = waiter
-            self._timer = gevent.get_hub().loop.timer(0)
-            self._timer.start(self._ready_now)
+            gevent.get_hub().loop.run_callback(self)  # as if the watcher had fired; a no-op once unparked
             return
         super().park(waiter, timeout)
-
-    def _ready_now(self) -> None:
-        waiter = self._waiter
-        self.unpark()
-        if waiter is not None:
-            waiter.on_ready()
 
     def _close_socket(self) -> None:
         """Send close_notify first (without waiting for the client's): clients such as

@@ -13,7 +13,7 @@ behind the connection limits, and ends every session at shutdown.
 Limits against slow and many connections (see docs/configuration.md):
 - `login_timeout`: from connect to a successful login. It needs no timer of its own:
   a session that is not logged in parks for min(idle timeout, time left to log in),
-  and the park's one timer says which of the two ran out. A client trickling one
+  and the park's one deadline says which of the two ran out. A client trickling one
   byte at a time is also checked at every read.
 - `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
 - `max_sessions_per_user_ip`: logins of one user from one source in flight (password
@@ -160,7 +160,7 @@ class Pop3Session:
             self._park()
 
     def _park(self) -> None:
-        """Wait for the client holding no greenlet; one timer covers both the idle timeout
+        """Wait for the client holding no greenlet; one deadline covers both the idle timeout
         and, before login, the login deadline (whichever comes first decides its callback)."""
         settings = self.ctx.settings
         timeout = settings.idle_timeout
@@ -211,9 +211,9 @@ class Pop3Session:
         self.greenlet = gevent.spawn(self.serve)
 
     def on_timeout(self) -> None:
-        """Event-loop callback: the park's one timer ran out. Before login it was set to
+        """Event-loop callback: the park's one deadline passed. Before login it was set to
         min(idle timeout, time left to log in); which of the two it was, the clock says
-        (a timer may fire a hair early by the loop's cached time, hence the slack)."""
+        (a small slack, so that a deadline met to the tick counts)."""
         if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
             self._on_login_timeout()
             return
@@ -221,7 +221,7 @@ class Pop3Session:
         self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
 
     def _on_login_timeout(self) -> None:
-        """login_timeout passed without a login (from the park's timer or from `_park`)."""
+        """login_timeout passed without a login (from the park's deadline or from `_park`)."""
         self._count_login_timeout()
         self.greenlet = gevent.spawn(self.close, LOGIN_TIMEOUT)
 
