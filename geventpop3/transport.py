@@ -16,7 +16,7 @@ keeps its saved stack (about 6 KiB with gevent's frames), so this is what lets o
 process hold 10,000 idle sessions at a few KiB each. For the same reason a parked
 transport holds as little as it can: the watcher's callback is the transport itself
 (not a bound method), the waiter is an object (the session), the deadline is an entry
-in a set the IdleClock shares among all parked transports (not a timer object each),
+in the IdleClock's ring of its tick (two slots, not a timer object each),
 and the write queue is None, not an empty list, between bursts.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
@@ -67,7 +67,7 @@ class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
     __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_due", "_waiter", "on_sent")
+                 "_prev_due", "_next_due", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
@@ -78,7 +78,9 @@ class Transport:
         self._out: list[bytes] | None = None  # answers not sent yet; None (not an empty list) between bursts
         self._out_size = 0
         self._watcher: Any = None  # gevent loop io watcher, kept across parks
-        self._due: set[Transport] | None = None  # while parked: the IdleClock bucket of its deadline
+        # While parked: linked into the IdleClock's ring of its deadline's tick.
+        self._prev_due: Transport | _Tick | None = None
+        self._next_due: Transport | _Tick | None = None
         self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
@@ -180,7 +182,7 @@ class Transport:
             self._watcher = gevent.get_hub().loop.io(self.fd, 1)
         self._waiter = waiter
         self._watcher.start(self)  # the transport itself is the callback (see __call__)
-        self._due = IdleClock.of_this_thread().add(self, timeout)
+        IdleClock.of_this_thread().add(self, timeout)
 
     @property
     def parked(self) -> bool:
@@ -190,9 +192,8 @@ class Transport:
         """Stop waiting; the waiter is not called after this."""
         if self._watcher is not None:
             self._watcher.stop()
-        if self._due is not None:
-            self._due.discard(self)
-            self._due = None
+        if self._next_due is not None:
+            IdleClock.of_this_thread().remove(self)
         self._waiter = None
 
     def __call__(self) -> None:
@@ -206,9 +207,8 @@ class Transport:
             waiter.on_ready()
 
     def expire(self) -> None:
-        """Called by the IdleClock (already out of its bucket): the park's timeout ran out."""
+        """Called by the IdleClock (already unlinked): the park's timeout ran out."""
         waiter = self._waiter
-        self._due = None
         self.unpark()
         if waiter is not None:
             waiter.on_timeout()
@@ -237,17 +237,29 @@ class Transport:
 
 
 
+class _Tick:
+    """The head of the ring of transports due at one tick of the IdleClock."""
+
+    __slots__ = ("tick", "_prev_due", "_next_due")
+
+    def __init__(self, tick: int) -> None:
+        self.tick = tick
+        self._prev_due: Transport | _Tick = self
+        self._next_due: Transport | _Tick = self
+
+
 class IdleClock:
     """The deadlines of every parked transport of a thread, kept by one event-loop timer.
 
     A parked transport needs a deadline (the idle timeout, or the time left to log in),
     but a libev timer per parked session is 120 bytes, and a new one at every park
     scatters long-lived objects among a burst's short-lived ones (Python's allocator
-    then keeps the burst's memory). Here a parked transport is an entry in the set
-    (bucket) of its deadline rounded up to the next TICK; one repeating timer, running
-    while any transport is parked, hands the due buckets' transports their `expire()`.
-    A deadline is thus met up to TICK late, never early. Waking (data) or unparking
-    takes the transport out of its bucket.
+    then keeps the burst's memory). Here the deadline is rounded up to the next TICK and
+    the transport is linked into the ring of that tick (two slots of the transport, no
+    object per park); one repeating timer, running while any transport is parked,
+    expires the rings whose tick has come. A deadline is thus met up to TICK late,
+    never early. Waking (data) or unparking unlinks the transport; an emptied ring is
+    dropped at once, so memory follows the parked transports, not the parks.
     """
 
     TICK = 0.25  # seconds
@@ -256,8 +268,8 @@ class IdleClock:
 
     def __init__(self, loop: Any) -> None:
         self.loop = loop
-        self._buckets: dict[int, set[Transport]] = {}
-        self._next = 0  # the first tick whose bucket is not emptied yet
+        self._rings: dict[int, _Tick] = {}
+        self._next = 0  # the first tick whose ring is not expired yet
         self._timer: Any = None
 
     @classmethod
@@ -268,34 +280,55 @@ class IdleClock:
             clock = cls._current = cls(loop)
         return clock
 
-    def add(self, transport: Transport, timeout: float) -> set[Transport]:
-        """Put `transport` in the bucket of now + `timeout`; returns the bucket."""
+    def add(self, transport: Transport, timeout: float) -> None:
+        """Link `transport` into the ring of now + `timeout`."""
         now = time.monotonic()
         if self._timer is None:
             self._next = int(now / self.TICK)
             self._timer = self.loop.timer(self.TICK, self.TICK)
-            self._timer.start(self._tick)
+            self._timer.start(self._expire_due)
         tick = max(math.ceil((now + timeout) / self.TICK), self._next)
-        bucket = self._buckets.get(tick)
-        if bucket is None:
-            bucket = self._buckets[tick] = set()
-        bucket.add(transport)
-        return bucket
+        head = self._rings.get(tick)
+        if head is None:
+            head = self._rings[tick] = _Tick(tick)
+        last = head._prev_due
+        transport._prev_due, transport._next_due = last, head
+        last._next_due = head._prev_due = transport
 
-    def _tick(self) -> None:
-        """Expire the transports of every bucket whose tick has come; stop when none is left."""
+    def remove(self, transport: Transport) -> None:
+        """Unlink `transport` (parked: linked); its ring goes once empty."""
+        before, after = transport._prev_due, transport._next_due
+        assert before is not None and after is not None
+        before._next_due, after._prev_due = after, before
+        transport._prev_due = transport._next_due = None
+        if before is after and isinstance(before, _Tick) and self._rings.get(before.tick) is before:
+            del self._rings[before.tick]
+
+    def _expire_due(self) -> None:
+        """Expire the transports of every ring whose tick has come; stop when none is left."""
         now = int(time.monotonic() / self.TICK)
-        buckets = self._buckets
-        while self._next <= now and buckets:
-            bucket = buckets.pop(self._next, None)
+        rings = self._rings
+        while self._next <= now and rings:
+            head = rings.pop(self._next, None)
             self._next += 1
-            while bucket:
-                bucket.pop().expire()
-        if not buckets:
+            if head is None:
+                continue
+            due = []
+            node = head._next_due
+            while node is not head:
+                assert isinstance(node, Transport)
+                due.append(node)
+                following = node._next_due
+                assert following is not None
+                node = following
+            for transport in due:  # all unlinked first: an expire() may unpark another of them
+                transport._prev_due = transport._next_due = None
+            for transport in due:
+                transport.expire()
+        if not rings:
             self._timer.stop()
             self._timer.close()
             self._timer = None
-
 
 class TlsTransport(Transport):
     """A Transport over the bare SSL object of a connection whose handshake is done

@@ -213,15 +213,15 @@ def _greenlet_count() -> int:
 
 def test_a_parked_transport_holds_one_watcher_and_no_timer(pair: tuple[Transport, socket.socket]) -> None:
     """Memory per held session: the watcher's callback is the transport itself (no bound
-    method, no argument tuple), and the deadline is an entry in the IdleClock's bucket,
+    method, no argument tuple), and the deadline is a link in the IdleClock's ring of its tick,
     not a timer object per session (10,000 held sessions make every such object count)."""
     transport, _ = pair
     transport.park(Waiter(), timeout=30)
     assert transport._watcher.callback is transport
     assert transport._watcher.args == ()
-    assert transport._due is not None and transport in transport._due
+    assert transport._next_due is not None  # linked into the clock's ring of its tick
     transport.unpark()
-    assert transport._due is None
+    assert transport._next_due is None and transport._prev_due is None
 
 
 def test_deadlines_of_many_parked_transports_are_kept_apart(pair: tuple[Transport, socket.socket]) -> None:
