@@ -373,7 +373,7 @@ class TlsTransport(Transport):
             data = self.tls.read(RECV_SIZE)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return None
-        except ssl.SSLEOFError:  # closed without close_notify: the end all the same (ssl's suppress_ragged_eofs)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed, with or without close_notify: the end
             return b""
         self.received += len(data)
         return data
