@@ -77,6 +77,11 @@ class LineBuffer:
         return out
 
     @property
+    def empty(self) -> bool:
+        """Nothing held: no partial line, no over-long line being dropped."""
+        return not self._buffer and not self._discarding
+
+    @property
     def pending(self) -> int:
         """Octets held waiting for a line end (for tests and accounting)."""
         return len(self._buffer)

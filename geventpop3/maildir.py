@@ -193,12 +193,16 @@ class Mailbox:
     keeps two sessions of one user apart (record locks never conflict with their owner).
     """
 
-    __slots__ = ("path", "user", "_offset")  # a held session keeps one: no more than it needs
+    __slots__ = ("path", "user")  # a held session keeps one: no more than it needs
 
     def __init__(self, root: str, user: str) -> None:
         self.path = user_maildir(root, user)
         self.user = user
-        self._offset = _lock_offset(user)
+
+    @property
+    def _offset(self) -> int:
+        """The lock's offset, computed when locking and releasing only (not kept: an int per held session)."""
+        return _lock_offset(self.user)
 
     def open(self) -> None:
         """Create the Maildir (cur/, new/, tmp/) if it is missing; one stat if it is there.

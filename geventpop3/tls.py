@@ -7,6 +7,16 @@ one place a reload swaps the certificate (a connection keeps the context it was
 wrapped with). Start-up checks go through `load()` too, so a bad certificate
 or key is reported in the words used for a reload.
 
+A POP3 connection's TLS is `accept()`: the bare SSL object (what `ssl.SSLSocket` wraps)
+over the bare descriptor, no `SSLSocket` and no gevent socket around them. A held TLS
+session is mostly OpenSSL's own state (about 14 KiB with OpenSSL 3.0); gevent's
+SSLSocket added about 0.5 KiB of Python objects to each (a socket wrapper with its own
+two I/O watchers, an attribute dict, weak references), which the session's transport
+does not need: it waits on the event loop itself (see geventpop3.transport). The SSL
+object is made by `SSLContext._wrap_socket`, the call `ssl.SSLSocket` and gevent's
+SSLSocket make themselves (CPython 3.7 and later). MSMP's few connections keep the
+plain `handshake()`, an SSLSocket its blocking-style code reads lines from.
+
 A reload (SIGHUP, MSMP `RELOAD`) builds a complete new context from the same paths
 and swaps it in only if it loads; the certificate's notAfter comes with it (read with
 `cryptography`, which parses the PEM the same way everywhere), so the expiry the
@@ -15,8 +25,10 @@ server reports is always that of the certificate new connections get.
 
 from __future__ import annotations
 
+import _socket
 import logging
 import os
+import socket
 import ssl
 import stat
 import time
@@ -24,6 +36,7 @@ import typing
 
 import gevent
 import gevent.ssl
+from gevent.socket import wait_read, wait_write
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +195,67 @@ def not_after(pem: bytes, cert: str = "certificate") -> float:
     return leaf.not_valid_after_utc.timestamp()
 
 
+class TlsSocket(_socket.socket):
+    """The descriptor of a TLS connection as the SSL object needs it: the C socket, made
+    weak-referenceable (the SSL object refers to its socket weakly), with no gevent
+    wrapper and no I/O watchers of its own. Always non-blocking: an SSL call that would
+    wait raises SSLWantReadError/SSLWantWriteError, and the caller waits on the event loop."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Connection(typing.Protocol):
+    """The server side of one TLS connection: the `_ssl._SSLSocket` that `ssl.SSLSocket` wraps."""
+
+    def do_handshake(self) -> None: ...
+
+    def read(self, size: int) -> bytes: ...
+
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    def pending(self) -> int: ...
+
+    def shutdown(self) -> object: ...
+
+    def cipher(self) -> tuple[str, str, int] | None: ...
+
+    def version(self) -> str | None: ...
+
+
+def accept(sock: socket.socket, context: ssl.SSLContext,
+           timeout: float = HANDSHAKE_TIMEOUT) -> tuple[TlsSocket, Connection]:
+    """The server side of TLS on `sock`'s descriptor, handshake done within `timeout` seconds.
+
+    `sock` (a gevent socket) is detached: the descriptor now belongs to the returned
+    TlsSocket, which the returned Connection reads and writes. Raises HandshakeFailed
+    (the descriptor is then closed), as `handshake()` does.
+    """
+    raw = TlsSocket(sock.family, sock.type, sock.proto, sock.detach())
+    try:
+        raw.setblocking(False)
+        connection = typing.cast(Connection, context._wrap_socket(raw, True))  # type: ignore[attr-defined]
+        fd = raw.fileno()
+        with gevent.Timeout(timeout, HandshakeFailed("timed out")):
+            while True:
+                try:
+                    connection.do_handshake()
+                    break
+                except ssl.SSLWantReadError:
+                    wait_read(fd)
+                except ssl.SSLWantWriteError:
+                    wait_write(fd)
+    except HandshakeFailed:
+        raw.close()
+        raise
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError; reset by peer, EOF
+        raw.close()
+        raise HandshakeFailed(_ssl_reason(exc) if isinstance(exc, ssl.SSLError) else str(exc)) from None
+    except BaseException:  # GreenletExit at shutdown: the descriptor is not left to the garbage collector
+        raw.close()
+        raise
+    return raw, connection
+
+
 def handshake(sock: typing.Any, context: ssl.SSLContext, timeout: float = HANDSHAKE_TIMEOUT) -> ssl.SSLSocket:
     """`sock` wrapped as the server side of TLS, handshake done within `timeout` seconds.
 
@@ -201,7 +275,7 @@ def handshake(sock: typing.Any, context: ssl.SSLContext, timeout: float = HANDSH
     return tls
 
 
-def describe(tls: ssl.SSLSocket | None) -> str:
+def describe(tls: ssl.SSLSocket | Connection | None) -> str:
     """`TLSv1.3/TLS_AES_256_GCM_SHA384` for the logs, `no` for a plain connection."""
     if tls is None:
         return "no"

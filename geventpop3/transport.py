@@ -7,36 +7,44 @@ of client input: `read()` until it returns None (nothing more for now), answer w
 while a message streams).
 
 Parking, the one memory optimisation of the server: a session waiting for its
-client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher and a timer
-on the event loop and returns; the greenlet that served the burst then ends. Data
-(or EOF) calls `waiter.on_ready()`, silence for `timeout` seconds
-`waiter.on_timeout()`; either runs on the event loop and typically spawns a fresh
-greenlet to carry on. A greenlet blocked in recv() keeps its saved stack (about
-6 KiB with gevent's frames), so this is what lets one process hold 10,000 idle
-sessions at a few KiB each. For the same reason a parked transport holds as little
-as it can: the watcher and the timer share one callback object, and the waiter is
-an object (the session), not two more bound methods and their argument tuples.
+client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher on the event
+loop, puts the transport in the `IdleClock` and returns; the greenlet that served the
+burst then ends. Data (or EOF) calls `waiter.on_ready()`, silence for `timeout`
+seconds (up to `IdleClock.TICK` more) `waiter.on_timeout()`; either runs on the event
+loop and typically spawns a fresh greenlet to carry on. A greenlet blocked in recv()
+keeps its saved stack (about 6 KiB with gevent's frames), so this is what lets one
+process hold 10,000 idle sessions at a few KiB each. For the same reason a parked
+transport holds as little as it can: the watcher's callback is the transport itself
+(not a bound method), the waiter is an object (the session), the deadline is an entry
+in the IdleClock's ring of its tick (two slots, not a timer object each),
+and the write queue is None, not an empty list, between bursts.
 
 TLS is a subclass, `TlsTransport`, so a plain connection runs exactly the code it
 ran before (os.read/os.write on the descriptor, no TLS check per call); STLS swaps
-the session's transport for one made with `TlsTransport.upgrade`. Parking works the
-same: TLS records arrive on the same descriptor, and bytes the SSL object has
-already decrypted are served before parking (`SSLSocket.pending()`).
+the session's transport for one made with `TlsTransport.accept`, which holds the bare
+SSL object, not an `ssl.SSLSocket` (see geventpop3.tls). Parking works the same: TLS
+records arrive on the same descriptor, and bytes the SSL object has already decrypted
+are served before parking (`pending()`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import select
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
 import gevent
 from gevent import monkey
+from gevent.socket import wait_read, wait_write
+
+from geventpop3 import tls
 
 RECV_SIZE = 4096
 FLUSH_THRESHOLD = 128 * 1024
@@ -58,26 +66,32 @@ _original_poll = monkey.get_original("select", "poll")  # gevent's own poll() kn
 class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
-    __slots__ = ("sock", "fd", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_timer", "_waiter", "on_sent")
+    __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
+                 "_prev_due", "_next_due", "_waiter", "on_sent")
 
-    def __init__(self, sock: socket.socket, on_sent: Callable[[int], None] | None = None) -> None:
+    def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
-        self.fd = sock.fileno()
         self.sent = 0
         self.received = 0
         self.closed = False
         self.short_read = False  # the last read took less than asked: the client is now waiting
-        self._out: list[bytes] = []
+        self._out: list[bytes] | None = None  # answers not sent yet; None (not an empty list) between bursts
         self._out_size = 0
         self._watcher: Any = None  # gevent loop io watcher, kept across parks
-        self._timer: Any = None
+        # While parked: linked into the IdleClock's ring of its deadline's tick.
+        self._prev_due: Transport | _Tick | None = None
+        self._next_due: Transport | _Tick | None = None
         self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
         # back until the client's delayed ACK (40 ms per pipelined write).
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    @property
+    def fd(self) -> int:
+        """The descriptor (asked of the socket: an int kept per session would be 32 bytes more)."""
+        return self.sock.fileno()
 
     # -- input ---------------------------------------------------------------
     def read(self) -> bytes | None:
@@ -122,21 +136,30 @@ class Transport:
     # -- output --------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Queue `data`; it leaves at the next `flush()` or once the queue is large."""
-        self._out.append(data)
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
+    def _take(self) -> bytes | None:
+        """Everything queued, as one bytes, and the queue emptied; None if nothing is."""
+        out = self._out
+        if not out:
+            return None
+        self._out = None
+        self._out_size = 0
+        if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
+            raise OSError(errno.EBADF, "connection closed")
+        return b"".join(out) if len(out) > 1 else out[0]
+
     def flush(self) -> None:
         """Send everything queued; waits (this greenlet only) while the client is slow."""
-        if not self._out:
+        data = self._take()
+        if data is None:
             return
-        if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
-            self._out.clear()
-            raise OSError(errno.EBADF, "connection closed")
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._out_size = 0
         # Usually the kernel takes it all at once: one write(2), no gevent machinery.
         try:
             written = os.write(self.fd, data)
@@ -155,41 +178,40 @@ class Transport:
     # -- parking -------------------------------------------------------------
     def park(self, waiter: Waiter, timeout: float) -> None:
         """Wait for the client on the event loop, holding no greenlet (see the module doc)."""
-        loop = gevent.get_hub().loop
         if self._watcher is None:
-            self._watcher = loop.io(self.fd, 1)
+            self._watcher = gevent.get_hub().loop.io(self.fd, 1)
         self._waiter = waiter
-        wake = self._wake  # one bound method for both
-        self._watcher.start(wake)
-        self._timer = loop.timer(timeout)
-        self._timer.start(wake)
+        self._watcher.start(self)  # the transport itself is the callback (see __call__)
+        IdleClock.of_this_thread().add(self, timeout)
 
     @property
     def parked(self) -> bool:
-        return self._timer is not None
+        return self._waiter is not None
 
     def unpark(self) -> None:
         """Stop waiting; the waiter is not called after this."""
         if self._watcher is not None:
             self._watcher.stop()
-        if self._timer is not None:
-            self._timer.stop()
-            self._timer.close()
-            self._timer = None
+        if self._next_due is not None:
+            IdleClock.of_this_thread().remove(self)
         self._waiter = None
 
-    def _wake(self) -> None:
-        """Event-loop callback of the watcher and the timer: a fired timer is no longer active."""
+    def __call__(self) -> None:
+        """Event-loop callback of the watcher: the client sent something (or closed).
+
+        The transport itself is the callback, not a bound method: that would be one more
+        object for every parked session."""
         waiter = self._waiter
-        timer = self._timer
-        timed_out = timer is not None and not timer.active
         self.unpark()
-        if waiter is None:
-            return
-        if timed_out:
-            waiter.on_timeout()
-        else:
+        if waiter is not None:
             waiter.on_ready()
+
+    def expire(self) -> None:
+        """Called by the IdleClock (already unlinked): the park's timeout ran out."""
+        waiter = self._waiter
+        self.unpark()
+        if waiter is not None:
+            waiter.on_timeout()
 
     # -- end -----------------------------------------------------------------
     def close(self, last_words: bytes = b"") -> None:
@@ -201,102 +223,206 @@ class Transport:
             self._watcher.close()
             self._watcher = None
         if last_words:
-            self._out.append(last_words)
+            self._out = [*(self._out or ()), last_words]
         if self._out:
             with contextlib.suppress(OSError):
-                self.sock.settimeout(CLOSE_FLUSH_TIMEOUT)
+                self.set_timeout(CLOSE_FLUSH_TIMEOUT)
                 self.flush()
         self.closed = True
-        self._out.clear()
+        self._out = None
         self._close_socket()
 
     def _close_socket(self) -> None:
         self.sock.close()
 
 
-class TlsTransport(Transport):
-    """A Transport over an `ssl.SSLSocket` whose handshake is done (see geventpop3.tls).
 
-    Reads ask the SSL object without waiting: a record not yet complete reads as
-    "nothing now" (SSLWantReadError), and the descriptor's watcher wakes the session
-    when more of it arrives. A read that would have to write (a TLS 1.3 key update
-    with a full send buffer) also reads as nothing now. Writes go through the SSL
-    object with the session's send timeout.
+class _Tick:
+    """The head of the ring of transports due at one tick of the IdleClock."""
+
+    __slots__ = ("tick", "_prev_due", "_next_due")
+
+    def __init__(self, tick: int) -> None:
+        self.tick = tick
+        self._prev_due: Transport | _Tick = self
+        self._next_due: Transport | _Tick = self
+
+
+class IdleClock:
+    """The deadlines of every parked transport of a thread, kept by one event-loop timer.
+
+    A parked transport needs a deadline (the idle timeout, or the time left to log in),
+    but a libev timer per parked session is 120 bytes, and a new one at every park
+    scatters long-lived objects among a burst's short-lived ones (Python's allocator
+    then keeps the burst's memory). Here the deadline is rounded up to the next TICK and
+    the transport is linked into the ring of that tick (two slots of the transport, no
+    object per park); one repeating timer, running while any transport is parked,
+    expires the rings whose tick has come. A deadline is thus met up to TICK late,
+    never early. Waking (data) or unparking unlinks the transport; an emptied ring is
+    dropped at once, so memory follows the parked transports, not the parks.
     """
 
-    __slots__ = ("_send_timeout",)
+    TICK = 0.25  # seconds
 
-    def __init__(self, sock: ssl.SSLSocket, on_sent: Callable[[int], None] | None = None) -> None:
-        super().__init__(sock, on_sent)
-        self._send_timeout: float | None = sock.gettimeout()
+    _current: IdleClock | None = None
+
+    def __init__(self, loop: Any) -> None:
+        self.loop = loop
+        self._rings: dict[int, _Tick] = {}
+        self._next = 0  # the first tick whose ring is not expired yet
+        self._timer: Any = None
 
     @classmethod
-    def upgrade(cls, plain: Transport, sock: ssl.SSLSocket) -> TlsTransport:
-        """The TLS side of `plain` after STLS: counters carry over, the plain side is retired."""
+    def of_this_thread(cls) -> IdleClock:
+        loop = gevent.get_hub().loop
+        clock = cls._current
+        if clock is None or clock.loop is not loop:
+            clock = cls._current = cls(loop)
+        return clock
+
+    def add(self, transport: Transport, timeout: float) -> None:
+        """Link `transport` into the ring of now + `timeout`."""
+        now = time.monotonic()
+        if self._timer is None:
+            self._next = int(now / self.TICK)
+            self._timer = self.loop.timer(self.TICK, self.TICK)
+            self._timer.start(self._expire_due)
+        tick = max(math.ceil((now + timeout) / self.TICK), self._next)
+        head = self._rings.get(tick)
+        if head is None:
+            head = self._rings[tick] = _Tick(tick)
+        last = head._prev_due
+        transport._prev_due, transport._next_due = last, head
+        last._next_due = head._prev_due = transport
+
+    def remove(self, transport: Transport) -> None:
+        """Unlink `transport` (parked: linked); its ring goes once empty."""
+        before, after = transport._prev_due, transport._next_due
+        assert before is not None and after is not None
+        before._next_due, after._prev_due = after, before
+        transport._prev_due = transport._next_due = None
+        if before is after and isinstance(before, _Tick) and self._rings.get(before.tick) is before:
+            del self._rings[before.tick]
+
+    def _expire_due(self) -> None:
+        """Expire the transports of every ring whose tick has come; stop when none is left."""
+        now = int(time.monotonic() / self.TICK)
+        rings = self._rings
+        while self._next <= now and rings:
+            head = rings.pop(self._next, None)
+            self._next += 1
+            if head is None:
+                continue
+            due = []
+            node = head._next_due
+            while node is not head:
+                assert isinstance(node, Transport)
+                due.append(node)
+                following = node._next_due
+                assert following is not None
+                node = following
+            for transport in due:  # all unlinked first: an expire() may unpark another of them
+                transport._prev_due = transport._next_due = None
+            for transport in due:
+                transport.expire()
+        if not rings:
+            self._timer.stop()
+            self._timer.close()
+            self._timer = None
+
+class TlsTransport(Transport):
+    """A Transport over the bare SSL object of a connection whose handshake is done
+    (`geventpop3.tls.accept`): no `ssl.SSLSocket`, no gevent socket, so a held TLS
+    session keeps only OpenSSL's state, the descriptor and this transport's own watcher
+    and timer.
+
+    The descriptor is non-blocking: a read of a record not yet complete is "nothing now"
+    (SSLWantReadError), and the parking watcher wakes the session when more of it
+    arrives; a read that would have to write (a TLS 1.3 key update with a full send
+    buffer) is nothing now as well. Writes wait on the event loop for room, within the
+    send timeout (`set_timeout`) for the whole flush, as a gevent socket's sendall does.
+    """
+
+    __slots__ = ("tls", "_send_timeout")
+
+    def __init__(self, sock: tls.TlsSocket, connection: tls.Connection,
+                 on_sent: Callable[[int], None] | None = None) -> None:
+        super().__init__(sock, on_sent)
+        self.tls = connection
+        self._send_timeout: float | None = None
+
+    @classmethod
+    def accept(cls, plain: Transport, context: ssl.SSLContext,
+               timeout: float = tls.HANDSHAKE_TIMEOUT) -> TlsTransport:
+        """The TLS side of `plain` (STLS, or implicit TLS before the greeting): the plain
+        side is retired first (the descriptor is the TLS side's from the handshake on),
+        counters carry over. Raises tls.HandshakeFailed, the descriptor then closed."""
         plain.unpark()
         if plain._watcher is not None:
             plain._watcher.close()
             plain._watcher = None
-        plain.closed = True  # the descriptor now belongs to `sock`
-        tls = cls(sock, plain.on_sent)
-        tls.sent = plain.sent
-        tls.received = plain.received
-        return tls
+        plain.closed = True
+        sock, connection = tls.accept(cast(socket.socket, plain.sock), context, timeout)
+        secure = cls(sock, connection, plain.on_sent)
+        secure.sent = plain.sent
+        secure.received = plain.received
+        return secure
 
     def read(self) -> bytes | None:
-        sock = self.sock
-        sock.settimeout(0.0)
         try:
-            data = sock.recv(RECV_SIZE)
+            data = self.tls.read(RECV_SIZE)
         except (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError):
             return None
-        finally:
-            sock.settimeout(self._send_timeout)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed, with or without close_notify: the end
+            return b""
         self.received += len(data)
         return data
 
     def flush(self) -> None:
-        if not self._out:
+        data = self._take()
+        if data is None:
             return
-        if self.closed:
-            self._out.clear()
-            raise OSError(errno.EBADF, "connection closed")
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self._out.clear()
-        self._out_size = 0
-        self.sock.sendall(data)
+        self._send(data)
         self.sent += len(data)
         if self.on_sent is not None:
             self.on_sent(len(data))
 
+    def _send(self, data: bytes) -> None:
+        """All of `data` through the SSL object; waits (this greenlet only) while the client is
+        slow, socket.timeout once the send timeout has passed."""
+        connection = self.tls
+        view = memoryview(data)
+        deadline = None if self._send_timeout is None else time.monotonic() + self._send_timeout
+        while view:
+            try:
+                view = view[connection.write(view):]
+                continue
+            except ssl.SSLWantWriteError:
+                wait = wait_write
+            except ssl.SSLWantReadError:
+                wait = wait_read
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError("timed out")
+            wait(self.fd, left)
+            if self.closed:  # closed by another greenlet meanwhile: the descriptor may be someone else's
+                raise OSError(errno.EBADF, "connection closed")
+
     def set_timeout(self, seconds: float) -> None:
+        """The send timeout; the descriptor itself stays non-blocking."""
         self._send_timeout = seconds
-        self.sock.settimeout(seconds)
 
     def park(self, waiter: Waiter, timeout: float) -> None:
         """As Transport.park, but decrypted bytes still inside the SSL object wake the session at once."""
-        if cast(ssl.SSLSocket, self.sock).pending():
+        if self.tls.pending():
             self._waiter = waiter
-            self._timer = gevent.get_hub().loop.timer(0)
-            self._timer.start(self._ready_now)
+            gevent.get_hub().loop.run_callback(self)  # as if the watcher had fired; a no-op once unparked
             return
         super().park(waiter, timeout)
-
-    def _ready_now(self) -> None:
-        waiter = self._waiter
-        self.unpark()
-        if waiter is not None:
-            waiter.on_ready()
 
     def _close_socket(self) -> None:
         """Send close_notify first (without waiting for the client's): clients such as
         OpenSSL 3 take a TLS connection closed without it for a truncation attack."""
-        sock = self.tls
-        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError
-            sock.settimeout(0.0)
-            sock.unwrap()
-        sock.close()
-
-    @property
-    def tls(self) -> ssl.SSLSocket:
-        return cast(ssl.SSLSocket, self.sock)
+        with contextlib.suppress(OSError, ValueError):  # ssl.SSLError is an OSError; SSLWantReadError expected
+            self.tls.shutdown()
+        self.sock.close()

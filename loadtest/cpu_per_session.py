@@ -20,6 +20,11 @@ CPU of the database's own processes per session is reported too (every process n
 
 The CPU time is summed over the server's process tree (with --workers: the supervisor
 and every worker).
+
+    python -m loadtest.cpu_per_session --tls --tree before=/path/to/old --tree now=.
+
+With --tls every session is implicit TLS (POP3S) with a full handshake, against one
+throw-away RSA 2048 certificate (trustme) that the client verifies.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import argparse
 import os
 import poplib
 import shutil
+import ssl
 import statistics
 import subprocess
 import sys
@@ -35,7 +41,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, process_tree, wait_greeting
+from loadtest.benchlib import wait_tls_greeting
+from loadtest.launch import Certificate, free_port, make_certificate, process_tree, wait_greeting
 
 USERS, MESSAGES = 20, 10
 CHEAP_COST = (2**8, 8, 1)  # the benchmarks' users: cheap to make, cached after the first login
@@ -75,11 +82,14 @@ def cpu_seconds(pid: int) -> float:
     return sum(own_cpu_seconds(member) for member in process_tree(pid))
 
 
-def session(port: int, number: int) -> None:
+def session(port: int, number: int, context: ssl.SSLContext | None = None) -> None:
     """One full session; a login refused as [IN-USE] (the user's last QUIT not yet done) is retried."""
     name = f"u{number % USERS}"
     while True:
-        client = poplib.POP3("127.0.0.1", port, timeout=30)
+        if context is None:
+            client = poplib.POP3("127.0.0.1", port, timeout=30)
+        else:
+            client = poplib.POP3_SSL("127.0.0.1", port, timeout=30, context=context)
         try:
             client.user(name)
             client.pass_(name + "pw")
@@ -120,24 +130,31 @@ def state_args(state: str) -> list[str]:
     return ["--state-url", state]
 
 
-def measure(tree: str, sessions: int, clients: int, state: str = "none",
-            workers: int | None = None) -> tuple[float, float, float]:
+def measure(tree: str, sessions: int, clients: int, state: str = "none", workers: int | None = None,
+            tls: Certificate | None = None) -> tuple[float, float, float]:
     """(server CPU ms per session, sessions/s, database CPU ms per session) of `tree`'s
     server, after a warm-up; CPU summed over the server's process tree."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
     try:
         build(root)
-        port = free_port()
-        command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
+        port = plain_port = free_port()
+        context = None
+        command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(plain_port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
                    "--users-file", os.path.join(root, "users"), *state_args(state), "--log-level", "WARNING",
                    *(["--workers", str(workers)] if workers is not None else [])]
+        if tls is not None:
+            port = free_port()
+            context = ssl.create_default_context(cafile=str(tls.ca))
+            command += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(port)]
         server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            wait_greeting(port, 30)
+            wait_greeting(plain_port, 30)
+            if context is not None:
+                wait_tls_greeting(port, context, 30)
             for number in range(200):  # size caches and the password cache, as a running server has them
-                session(port, number)
+                session(port, number, context)
             database = state.startswith("postgres")
             cpu, started = cpu_seconds(server.pid), time.monotonic()
             db_cpu = postgres_cpu_seconds() if database else 0.0
@@ -146,7 +163,8 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none",
             # lock, so no [IN-USE] retries (whose count depends on how evenly the server
             # progresses, not on what a session costs) are measured.
             with ThreadPoolExecutor(clients) as pool:
-                list(pool.map(lambda client: [session(port, client) for _ in range(per_client)], range(clients)))
+                list(pool.map(lambda client: [session(port, client, context) for _ in range(per_client)],
+                              range(clients)))
             done = per_client * clients
             rate = done / (time.monotonic() - started)
             db_ms = (postgres_cpu_seconds() - db_cpu) / done * 1000 if database else 0.0
@@ -168,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=20, help="client threads (default 20)")
     parser.add_argument("--state", action="append", default=[], metavar="NAME=STATE",
                         help="tree NAME's state store: none (default), sqlite, or a postgresql:// URL")
+    parser.add_argument("--tls", action="store_true", help="implicit TLS, a full handshake per session (needs trustme)")
     opts = parser.parse_args(argv)
     trees: dict[str, tuple[str, int | None]] = {}
     for item in opts.tree:
@@ -182,11 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[float]] = {name: [] for name in trees}
     rates: dict[str, list[float]] = {name: [] for name in trees}
     db_cpu: dict[str, list[float]] = {name: [] for name in trees}
+    certificates = tempfile.mkdtemp(prefix="cpu-per-session-tls-") if opts.tls else None
+    tls = make_certificate(certificates) if certificates else None
     for round_number in range(opts.rounds):
         order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
         for name in order:
             path, workers = trees[name]
-            ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers)
+            ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers, tls)
             results[name].append(ms)
             rates[name].append(rate)
             db_cpu[name].append(db_ms)
@@ -200,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = f" + {db_median:.3f} ms database" if db_median else ""
         print(f"{name}: median {median:.3f} ms per session{extra}, {median / first:.3f} x {next(iter(trees))}; "
               f"median {statistics.median(rates[name]):.0f} sessions/s")
+    if certificates:
+        shutil.rmtree(certificates, ignore_errors=True)
     return 0
 
 

@@ -9,7 +9,10 @@ session does. Printed: the growth of this process's RSS per connection (the clie
 memory is in the child). MODE: `default`; `plain` (no TLS, the baseline); `bio` (the
 OpenSSL object over memory BIOs, no SSLSocket); `release` (SSL_MODE_RELEASE_BUFFERS,
 set through ctypes: Python's ssl module has no call for it); `tickets0`
-(num_tickets = 0); `noticket` (OP_NO_TICKET); `tls12` (TLS 1.2 at most).
+(num_tickets = 0); `noticket` (OP_NO_TICKET); `tls12` (TLS 1.2 at most); `transport`
+(what geventpop3 itself holds: `TlsTransport.accept`, the bare SSL object over the bare
+descriptor, parked with its watcher and its deadline). Every mode but `transport` and
+`plain` holds gevent's SSLSocket, the way geventpop3 held TLS sessions before.
 """
 
 from gevent import monkey
@@ -26,10 +29,22 @@ import time  # noqa: E402
 
 import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
+import gevent.socket  # noqa: E402
 
 from geventpop3.tls import build_context  # noqa: E402
+from geventpop3.transport import TlsTransport, Transport  # noqa: E402
 
-MODES = ("default", "plain", "bio", "release", "tickets0", "noticket", "tls12")
+MODES = ("default", "plain", "bio", "release", "tickets0", "noticket", "tls12", "transport")
+
+
+class Idle:
+    """The waiter of a parked transport that is never woken here."""
+
+    def on_ready(self) -> None:
+        pass
+
+    def on_timeout(self) -> None:
+        pass
 
 
 def rss_kib() -> int:
@@ -117,6 +132,17 @@ def main(argv: list[str]) -> int:
     def handle(conn: socket.socket) -> None:
         if mode == "bio":
             held.append(over_bio(conn, context))
+            return
+        if mode == "transport":
+            transport = TlsTransport.accept(Transport(conn), context)
+            transport.write(b"+OK hello\r\n")
+            transport.flush()
+            while transport.read() is None:
+                gevent.socket.wait_read(transport.fd, 30)
+            transport.write(b"+OK\r\n")
+            transport.flush()
+            transport.park(Idle(), 3600)  # idle from here, as a held session
+            held.append(transport)
             return
         sock = conn if mode == "plain" else context.wrap_socket(conn, server_side=True)
         sock.sendall(b"+OK hello\r\n")

@@ -13,7 +13,7 @@ behind the connection limits, and ends every session at shutdown.
 Limits against slow and many connections (see docs/configuration.md):
 - `login_timeout`: from connect to a successful login. It needs no timer of its own:
   a session that is not logged in parks for min(idle timeout, time left to log in),
-  and the park's one timer says which of the two ran out. A client trickling one
+  and the park's one deadline says which of the two ran out. A client trickling one
   byte at a time is also checked at every read.
 - `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
 - `max_sessions_per_user_ip`: logins of one user from one source in flight (password
@@ -103,16 +103,18 @@ class Pop3Session:
 
     __slots__ = (
         "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
-        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done", "implicit_tls",
+        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
     )
 
     def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
-                 implicit_tls: bool = False, proxy: ProxyHeader | None = None) -> None:
+                 proxy: ProxyHeader | None = None) -> None:
         ctx = service.ctx
         self.service = service
         self.ctx = ctx
         self.transport = Transport(sock, on_sent=service.count_sent)
-        self.buffer = LineBuffer()
+        # A partial command line between bursts; None when there is none, as between most
+        # bursts (a held session then keeps no LineBuffer).
+        self.buffer: LineBuffer | None = None
         self.address = host
         self.port = port
         settings = ctx.settings
@@ -122,7 +124,6 @@ class Pop3Session:
         security = ConnectionSecurity(settings, self.address, server, tls=proxy is not None and proxy.tls,
                                       tls_available=ctx.tls is not None)
         self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
-        self.implicit_tls = implicit_tls  # POP3S: the handshake comes before the greeting
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
@@ -132,9 +133,10 @@ class Pop3Session:
         self._done = False
 
     # -- one burst ------------------------------------------------------------
-    def start(self) -> None:
-        """Greet, then serve the first burst (in the greenlet that accepted the connection)."""
-        if self.implicit_tls:
+    def start(self, implicit_tls: bool = False) -> None:
+        """Greet, then serve the first burst (in the greenlet that accepted the connection);
+        with `implicit_tls` (POP3S) the handshake comes before the greeting."""
+        if implicit_tls:
             try:
                 started = self._start_tls()
             except gevent.GreenletExit:
@@ -167,7 +169,7 @@ class Pop3Session:
             self._park()
 
     def _park(self) -> None:
-        """Wait for the client holding no greenlet; one timer covers both the idle timeout
+        """Wait for the client holding no greenlet; one deadline covers both the idle timeout
         and, before login, the login deadline (whichever comes first decides its callback)."""
         settings = self.ctx.settings
         timeout = settings.idle_timeout
@@ -199,10 +201,15 @@ class Pop3Session:
                 return True
             metrics.bytes_received += len(data)
             buffer = self.buffer
+            if buffer is None:
+                buffer = self.buffer = LineBuffer()
             for line in buffer.feed(data):
                 self._dispatch(protocol.handle(line))
                 if protocol.closing or self.buffer is not buffer:  # after STLS the rest is discarded
                     break
+            else:
+                if buffer.empty:
+                    self.buffer = None
             self.transport.flush()
         if self.ended == "disconnect":
             self.ended = "closed"
@@ -213,9 +220,9 @@ class Pop3Session:
         self.greenlet = gevent.spawn(self.serve)
 
     def on_timeout(self) -> None:
-        """Event-loop callback: the park's one timer ran out. Before login it was set to
+        """Event-loop callback: the park's one deadline passed. Before login it was set to
         min(idle timeout, time left to log in); which of the two it was, the clock says
-        (a timer may fire a hair early by the loop's cached time, hence the slack)."""
+        (a small slack, so that a deadline met to the tick counts)."""
         if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
             self._on_login_timeout()
             return
@@ -223,7 +230,7 @@ class Pop3Session:
         self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
 
     def _on_login_timeout(self) -> None:
-        """login_timeout passed without a login (from the park's timer or from `_park`)."""
+        """login_timeout passed without a login (from the park's deadline or from `_park`)."""
         self._count_login_timeout()
         self.greenlet = gevent.spawn(self.close, LOGIN_TIMEOUT)
 
@@ -271,7 +278,7 @@ class Pop3Session:
         before its ClientHello); bytes that arrive later were sent before the
         ClientHello too and break the handshake, which closes the connection.
         """
-        self.buffer = LineBuffer()
+        self.buffer = None
         transport = self.transport
         transport.discard_input()
         transport.write(STLS_OK)
@@ -284,12 +291,11 @@ class Pop3Session:
         server_tls = self.ctx.tls
         assert server_tls is not None
         try:
-            sock = tls.handshake(self.transport.sock, server_tls.context, tls.HANDSHAKE_TIMEOUT)
+            self.transport = TlsTransport.accept(self.transport, server_tls.context, tls.HANDSHAKE_TIMEOUT)
         except tls.HandshakeFailed as exc:
             self.ended = "tls-failed"
             log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.address, self.port, exc)
             return False
-        self.transport = TlsTransport.upgrade(self.transport, sock)
         self.protocol.tls_started()
         return True
 
@@ -485,10 +491,10 @@ class Pop3Service:
             return
         self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, host, int(address[1]), implicit_tls, proxy)
+        session = Pop3Session(self, sock, host, int(address[1]), proxy)
         self.sessions.add(session)
         session.greenlet = cast(gevent.Greenlet, gevent.getcurrent())  # the server spawned a Greenlet for us
-        session.start()
+        session.start(implicit_tls)
 
     def _proxy_header(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool) -> ProxyHeader | None:
         """The PROXY header of a connection from one of `proxy_networks`; None when the

@@ -19,7 +19,7 @@ from helpers import LineClient, TlsFiles, free_port, running_app, start_tls, tls
 from geventpop3 import tls
 from geventpop3.app import App
 from geventpop3.pop3.session import Pop3Session
-from geventpop3.transport import RECV_SIZE, TlsTransport
+from geventpop3.transport import RECV_SIZE, TlsTransport, Transport
 
 
 class Waiter:
@@ -96,7 +96,7 @@ def test_decrypted_bytes_inside_the_ssl_object_are_served_before_parking(tls_fil
     accepted, _ = listener.accept()
     listener.close()
     client_tls = gevent.spawn(tls_files.client_context().wrap_socket, client, server_hostname="127.0.0.1")
-    transport = TlsTransport(tls.handshake(accepted, server_context))
+    transport = TlsTransport.accept(Transport(accepted), server_context)
     secure_client = client_tls.get(timeout=10)
     try:
         record = b"x" * (RECV_SIZE * 3)  # one TLS record, larger than one read
@@ -124,7 +124,7 @@ def test_a_read_of_a_partial_record_is_nothing_now(tls_files: TlsFiles) -> None:
     client = socket.create_connection(listener.getsockname())
     accepted, _ = listener.accept()
     listener.close()
-    server_side = gevent.spawn(tls.handshake, accepted, server_context)
+    server_side = gevent.spawn(TlsTransport.accept, Transport(accepted), server_context)
     incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
     client_tls = tls_files.client_context().wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
     client.settimeout(5)
@@ -136,7 +136,7 @@ def test_a_read_of_a_partial_record_is_nothing_now(tls_files: TlsFiles) -> None:
             client.sendall(outgoing.read())
             incoming.write(client.recv(65536))
     client.sendall(outgoing.read())
-    transport = TlsTransport(server_side.get(timeout=10))
+    transport = server_side.get(timeout=10)
     try:
         assert transport.read() is None  # nothing sent yet
         client_tls.write(b"NOOP\r\n")

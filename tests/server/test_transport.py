@@ -211,11 +211,39 @@ def _greenlet_count() -> int:
     return sum(1 for obj in gc.get_objects() if isinstance(obj, greenlet) and not obj.dead)
 
 
-def test_a_parked_transport_holds_one_callback_object(pair: tuple[Transport, socket.socket]) -> None:
-    """Memory per held session: the watcher and the timer share one bound method, with no
-    argument tuples (10,000 held sessions make every such object count)."""
+def test_a_parked_transport_holds_one_watcher_and_no_timer(pair: tuple[Transport, socket.socket]) -> None:
+    """Memory per held session: the watcher's callback is the transport itself (no bound
+    method, no argument tuple), and the deadline is a link in the IdleClock's ring of its tick,
+    not a timer object per session (10,000 held sessions make every such object count)."""
     transport, _ = pair
     transport.park(Waiter(), timeout=30)
-    watcher, timer = transport._watcher, transport._timer
-    assert watcher.callback is timer.callback
-    assert watcher.args == timer.args == ()
+    assert transport._watcher.callback is transport
+    assert transport._watcher.args == ()
+    assert transport._next_due is not None  # linked into the clock's ring of its tick
+    transport.unpark()
+    assert transport._next_due is None and transport._prev_due is None
+
+
+def test_deadlines_of_many_parked_transports_are_kept_apart(pair: tuple[Transport, socket.socket]) -> None:
+    """One clock for every transport: a short deadline fires, a long one beside it does not,
+    and a transport woken by data is no longer timed out."""
+    transport, client = pair
+    others = [socket.socketpair() for _ in range(2)]
+    short, long = (Transport(server) for server, _ in others)
+    waiters = [Waiter(), Waiter(), Waiter()]
+    started = time.monotonic()
+    try:
+        transport.park(waiters[0], timeout=0.3)
+        short.park(waiters[1], timeout=0.3)
+        long.park(waiters[2], timeout=30)
+        client.sendall(b"NOOP\r\n")
+        assert waiters[0].ready.wait(5)
+        assert waiters[1].timed_out.wait(5)
+        assert time.monotonic() - started >= 0.29
+        assert not waiters[0].timed_out.wait(0.5)  # woken by data: its deadline is gone
+        assert not waiters[2].timed_out.is_set() and long.parked
+    finally:
+        for one in (short, long):
+            one.close()
+        for _, peer in others:
+            peer.close()
