@@ -1,0 +1,327 @@
+"""Full POP3 sessions/s through HAProxy, with one geventpop3 instance and with two.
+
+Three configurations, measured in interleaved rounds (1 2 3, 3 2 1, 1 2 3, ...), each run
+on fresh server processes and a fresh PostgreSQL database:
+
+- `direct`: one instance, clients connect to it (the baseline, no HAProxy);
+- `haproxy-1`: HAProxy (TCP mode, `send-proxy-v2`) in front of that one instance;
+- `haproxy-2`: HAProxy (`balance roundrobin`) in front of two instances.
+
+Every instance has `--workers 1`, `--state-url` to the one database of the run, its own
+`instance_name` and ports, the same Maildir root (20 users x 10 messages of 4 KiB, from
+loadtest/cpu_per_session.py) and, behind HAProxy, `proxy_networks = ["127.0.0.1/32"]`.
+A session is USER/PASS, STAT, RETR of every message, QUIT; client thread c logs in as
+user c only (no two clients wait for one mailbox, so no [IN-USE] retries). After a
+warm-up (200 sessions, every user on every instance) a fixed count of sessions is
+measured: sessions/s, and the CPU time per session (utime + stime from /proc) of the
+geventpop3 processes, of HAProxy, of the PostgreSQL cluster and of the client.
+
+    python -m loadtest.bench_haproxy                  # 3 rounds, 3000 sessions, 20 clients
+    python -m loadtest.bench_haproxy --rounds 1 --sessions 600 --clients 10
+
+Needs `haproxy` and PostgreSQL's server binaries (tools/install-system-deps.sh) and the
+`postgres` extra. Loopback only; a throw-away PostgreSQL cluster (initdb + pg_ctl on a
+free port, as the `postgres` user when run as root). Bounded: every run stops after
+--run-timeout seconds. Every process and temporary directory it starts is removed at the
+end, also on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.cpu_per_session import USERS, build, own_cpu_seconds, session
+from loadtest.launch import free_port, process_tree, wait_greeting
+
+CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
+
+HAPROXY = """\
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 60s
+    timeout server 60s
+frontend pop3
+    bind 127.0.0.1:{front}
+    default_backend instances
+backend instances
+    balance roundrobin
+{servers}"""
+
+
+def children_cpu_seconds(pid: int) -> float:
+    """cutime + cstime: CPU of `pid`'s children that have exited and been reaped."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of `pid`, its living descendants and its reaped children."""
+    return sum(own_cpu_seconds(member) for member in process_tree(pid)) + children_cpu_seconds(pid)
+
+
+def client_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def postgres_bin() -> Path:
+    """The newest installed PostgreSQL server binaries (Debian: /usr/lib/postgresql/<v>/bin)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
+    if found:
+        return found[-1].parent
+    initdb = shutil.which("initdb")
+    if initdb is None:
+        raise SystemExit("bench_haproxy: PostgreSQL server binaries not installed (tools/install-system-deps.sh)")
+    return Path(initdb).parent
+
+
+class Postgres:
+    """A throw-away cluster on a free loopback port, trust authentication, fsync on (as deployed)."""
+
+    def __init__(self, root: Path) -> None:
+        self.bindir = postgres_bin()
+        self.root = root
+        self.data = root / "data"
+        self.port = free_port()
+        self._as: list[str] = []
+        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
+            import pwd
+
+            entry = pwd.getpwnam("postgres")
+            os.chown(root, entry.pw_uid, entry.pw_gid)
+            self._as = ["runuser", "-u", "postgres", "--"]
+        self._names = itertools.count(1)
+
+    def _run(self, program: str, *args: str, check: bool = True) -> None:
+        # its own session: a Ctrl-C reaches this script only, which stops the cluster in order
+        subprocess.run([*self._as, str(self.bindir / program), *args], capture_output=True, text=True, timeout=120,
+                       check=check, stdin=subprocess.DEVNULL, cwd=self.root, start_new_session=True)
+
+    def start(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8",
+                  "--locale=C")
+        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
+                   "-c max_connections=100 -c shared_buffers=32MB")
+        self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"),
+                  "-o", options)
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", check=False)
+
+    @property
+    def pid(self) -> int:
+        return int((self.data / "postmaster.pid").read_text().split()[0])
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = f"bench{next(self._names)}"
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_accepts(port: int, process: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"haproxy did not listen on port {port}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Run:
+    rate: float
+    cpu_ms: dict[str, float] = field(default_factory=dict)  # geventpop3, haproxy, postgres, client
+
+
+@contextlib.contextmanager
+def configuration(name: str, root: Path, url: str) -> Iterator[tuple[int, list[int], int | None]]:
+    """Start `name`'s processes; yield (the clients' port, geventpop3 pids, haproxy pid)."""
+    behind = name != "direct"
+    count = 2 if name == "haproxy-2" else 1
+    with contextlib.ExitStack() as stack:
+        ports, pids = [], []
+        for index in range(count):
+            port = free_port()
+            config = root / f"{name}-{index}.toml"
+            config.write_text(f'instance_name = "{name}-{index}"\n'
+                              + ('proxy_networks = ["127.0.0.1/32"]\n' if behind else ""))
+            log = open(root / f"{name}-{index}.log", "ab")  # noqa: SIM115 (closed by the stack)
+            stack.callback(log.close)
+            server = subprocess.Popen(
+                [sys.executable, "-P", "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(port),
+                 "-L", "127.0.0.1", "-P", str(free_port()), "-d", str(root / "mail"),
+                 "--users-file", str(root / "users"), "--state-url", url, "--state-dir", str(root / f"state-{index}"),
+                 "--config", str(config), "--workers", "1", "--log-level", "WARNING"],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+            stack.callback(terminate, server)
+            ports.append(port)
+            pids.append(server.pid)
+        for port, pid in zip(ports, pids):
+            if behind:  # a bare connection is refused there (no PROXY header): wait for the port to be bound
+                wait_listening(port, pid)
+            else:
+                wait_greeting(port, 60)
+        if not behind:
+            yield ports[0], pids, None
+            return
+        front = free_port()
+        servers = "".join(f"    server s{index} 127.0.0.1:{port} send-proxy-v2\n" for index, port in enumerate(ports))
+        (root / f"{name}-haproxy.cfg").write_text(HAPROXY.format(front=front, servers=servers))
+        log = open(root / f"{name}-haproxy.log", "ab")  # noqa: SIM115
+        stack.callback(log.close)
+        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(root / f"{name}-haproxy.cfg")],
+                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                 start_new_session=True)
+        stack.callback(terminate, proxy)
+        wait_accepts(front, proxy)
+        yield front, pids, proxy.pid
+
+
+def wait_listening(port: int, pid: int, timeout: float = 60) -> None:
+    """Until something listens on 127.0.0.1:`port` (checked in /proc/net/tcp, no connection made)."""
+    deadline = time.monotonic() + timeout
+    wanted = f"0100007F:{port:04X}"
+    while True:
+        with open("/proc/net/tcp", encoding="ascii") as table:
+            if any(line.split()[1] == wanted and line.split()[3] == "0A" for line in list(table)[1:]):
+                return
+        if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
+            raise RuntimeError(f"geventpop3 did not listen on port {port}")
+        time.sleep(0.05)
+
+
+def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: int, run_timeout: float) -> Run:
+    url = postgres.create_database()
+    with configuration(name, root, url) as (port, pids, proxy):
+        for number in range(200):  # two in a row per user: round robin brings each to both instances
+            session(port, number // 2)
+        per_client = max(1, sessions // clients)
+        deadline = time.monotonic() + run_timeout
+
+        def work(client: int) -> None:
+            for _ in range(per_client):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{name}: not done within --run-timeout {run_timeout:g} s")
+                session(port, client)
+
+        def sample() -> dict[str, float]:
+            return {"geventpop3": sum(tree_cpu_seconds(pid) for pid in pids),
+                    "haproxy": tree_cpu_seconds(proxy) if proxy else 0.0,
+                    "postgres": tree_cpu_seconds(postgres.pid), "client": client_cpu_seconds()}
+
+        before, started = sample(), time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            for future in [pool.submit(work, client) for client in range(clients)]:
+                future.result()
+        elapsed = time.monotonic() - started
+        after = sample()
+    done = per_client * clients
+    return Run(done / elapsed, {key: (after[key] - before[key]) / done * 1000 for key in before})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_haproxy", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, each measuring every configuration (default 3)")
+    parser.add_argument("--sessions", type=int, default=3000, help="measured sessions per run (default 3000)")
+    parser.add_argument("--clients", type=int, default=20, help=f"client threads, at most {USERS} (default 20)")
+    parser.add_argument("--run-timeout", type=float, default=300, help="seconds a run may take (default 300)")
+    opts = parser.parse_args(argv)
+    if not 1 <= opts.clients <= USERS or opts.rounds < 1 or opts.sessions < 1 or opts.run_timeout <= 0:
+        parser.error(f"positive --rounds, --sessions and --run-timeout; --clients from 1 to {USERS}")
+    if shutil.which("haproxy") is None:
+        print("bench_haproxy: haproxy not installed (tools/install-system-deps.sh)", file=sys.stderr)
+        return 2
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    runs: dict[str, list[Run]] = {name: [] for name in CONFIGURATIONS}
+    root = Path(tempfile.mkdtemp(prefix="bench-haproxy-"))
+    postgres = None
+    try:
+        build(str(root))
+        root.chmod(0o711)  # the cluster's own directory inside it belongs to `postgres` when run as root
+        (root / "pg").mkdir()
+        postgres = Postgres(root / "pg")
+        postgres.start()
+        for round_number in range(opts.rounds):
+            order = CONFIGURATIONS if round_number % 2 == 0 else CONFIGURATIONS[::-1]
+            for name in order:
+                run = measure(name, root, postgres, opts.sessions, opts.clients, opts.run_timeout)
+                runs[name].append(run)
+                cpu = ", ".join(f"{key} {value:.3f}" for key, value in run.cpu_ms.items())
+                print(f"round {round_number + 1} {name}: {run.rate:.0f} sessions/s; CPU ms per session: {cpu}",
+                      flush=True)
+    except KeyboardInterrupt:
+        print("bench_haproxy: interrupted, cleaning up", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
+        if postgres is not None:
+            postgres.stop()
+        shutil.rmtree(root, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    report(runs)
+    return 0
+
+
+def report(runs: dict[str, list[Run]]) -> None:
+    keys = ("geventpop3", "haproxy", "postgres", "client")
+    rate = {name: statistics.median(run.rate for run in values) for name, values in runs.items()}
+    cpu = {name: {key: statistics.median(run.cpu_ms[key] for run in values) for key in keys}
+           for name, values in runs.items()}
+    print(f"\nmedians of {len(runs['direct'])} rounds; CPU in ms per session\n")
+    print("| configuration | sessions/s | geventpop3 | HAProxy | PostgreSQL | client | server side total |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name in CONFIGURATIONS:
+        c = cpu[name]
+        total = c["geventpop3"] + c["haproxy"] + c["postgres"]
+        print(f"| {name} | {rate[name]:.0f} | {c['geventpop3']:.3f} | {c['haproxy']:.3f} | {c['postgres']:.3f} "
+              f"| {c['client']:.3f} | {total:.3f} |")
+    print(f"\nhaproxy-2 / haproxy-1: {rate['haproxy-2'] / rate['haproxy-1']:.3f} x sessions/s")
+    print(f"haproxy-1 / direct: {rate['haproxy-1'] / rate['direct']:.3f} x sessions/s; HAProxy "
+          f"{cpu['haproxy-1']['haproxy']:.3f} ms CPU per session")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
