@@ -40,7 +40,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -195,7 +194,7 @@ def configuration(name: str, root: Path, url: str) -> Iterator[tuple[int, list[i
             stack.callback(terminate, server)
             ports.append(port)
             pids.append(server.pid)
-        for port, pid in zip(ports, pids):
+        for port, pid in zip(ports, pids, strict=True):
             if behind:  # a bare connection is refused there (no PROXY header): wait for the port to be bound
                 wait_listening(port, pid)
             else:
