@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -235,9 +236,12 @@ def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: i
             session(port, number // 2)
         per_client = max(1, sessions // clients)
         deadline = time.monotonic() + run_timeout
+        stopping = threading.Event()  # set on Ctrl-C: each client ends after its current session
 
         def work(client: int) -> None:
             for _ in range(per_client):
+                if stopping.is_set():
+                    return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{name}: not done within --run-timeout {run_timeout:g} s")
                 session(port, client)
@@ -249,8 +253,12 @@ def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: i
 
         before, started = sample(), time.monotonic()
         with ThreadPoolExecutor(clients) as pool:
-            for future in [pool.submit(work, client) for client in range(clients)]:
-                future.result()
+            try:
+                for future in [pool.submit(work, client) for client in range(clients)]:
+                    future.result()
+            except BaseException:
+                stopping.set()
+                raise
         elapsed = time.monotonic() - started
         after = sample()
     done = per_client * clients
@@ -274,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     runs: dict[str, list[Run]] = {name: [] for name in CONFIGURATIONS}
     root = Path(tempfile.mkdtemp(prefix="bench-haproxy-"))
     postgres = None
