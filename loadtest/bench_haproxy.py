@@ -53,6 +53,8 @@ from loadtest.launch import free_port, process_tree, wait_greeting
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
 
 HAPROXY = """\
+global
+{global_}
 defaults
     mode tcp
     timeout connect 5s
@@ -173,7 +175,8 @@ class Run:
 
 
 @contextlib.contextmanager
-def configuration(name: str, root: Path, url: str) -> Iterator[tuple[int, list[int], int | None]]:
+def configuration(name: str, root: Path, url: str,
+                  haproxy_threads: int | None = None) -> Iterator[tuple[int, list[int], int | None]]:
     """Start `name`'s processes; yield (the clients' port, geventpop3 pids, haproxy pid)."""
     behind = name != "direct"
     count = 2 if name == "haproxy-2" else 1
@@ -205,7 +208,8 @@ def configuration(name: str, root: Path, url: str) -> Iterator[tuple[int, list[i
             return
         front = free_port()
         servers = "".join(f"    server s{index} 127.0.0.1:{port} send-proxy-v2\n" for index, port in enumerate(ports))
-        (root / f"{name}-haproxy.cfg").write_text(HAPROXY.format(front=front, servers=servers))
+        (root / f"{name}-haproxy.cfg").write_text(HAPROXY.format(
+            front=front, servers=servers, global_=f"    nbthread {haproxy_threads}" if haproxy_threads else ""))
         log = open(root / f"{name}-haproxy.log", "ab")  # noqa: SIM115
         stack.callback(log.close)
         proxy = subprocess.Popen(["haproxy", "-db", "-f", str(root / f"{name}-haproxy.cfg")],
@@ -229,9 +233,10 @@ def wait_listening(port: int, pid: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: int, run_timeout: float) -> Run:
+def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: int, run_timeout: float,
+            haproxy_threads: int | None = None) -> Run:
     url = postgres.create_database()
-    with configuration(name, root, url) as (port, pids, proxy):
+    with configuration(name, root, url, haproxy_threads) as (port, pids, proxy):
         for number in range(200):  # two in a row per user: round robin brings each to both instances
             session(port, number // 2)
         per_client = max(1, sessions // clients)
@@ -271,9 +276,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=3000, help="measured sessions per run (default 3000)")
     parser.add_argument("--clients", type=int, default=20, help=f"client threads, at most {USERS} (default 20)")
     parser.add_argument("--run-timeout", type=float, default=300, help="seconds a run may take (default 300)")
+    parser.add_argument("--haproxy-threads", type=int, metavar="N",
+                        help="HAProxy's nbthread (default: HAProxy's own, one thread per CPU)")
     opts = parser.parse_args(argv)
-    if not 1 <= opts.clients <= USERS or opts.rounds < 1 or opts.sessions < 1 or opts.run_timeout <= 0:
-        parser.error(f"positive --rounds, --sessions and --run-timeout; --clients from 1 to {USERS}")
+    if not 1 <= opts.clients <= USERS or opts.rounds < 1 or opts.sessions < 1 or opts.run_timeout <= 0 \
+            or (opts.haproxy_threads is not None and opts.haproxy_threads < 1):
+        parser.error(f"positive --rounds, --sessions, --run-timeout and --haproxy-threads; --clients from 1 to {USERS}")
     if shutil.which("haproxy") is None:
         print("bench_haproxy: haproxy not installed (tools/install-system-deps.sh)", file=sys.stderr)
         return 2
@@ -295,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         for round_number in range(opts.rounds):
             order = CONFIGURATIONS if round_number % 2 == 0 else CONFIGURATIONS[::-1]
             for name in order:
-                run = measure(name, root, postgres, opts.sessions, opts.clients, opts.run_timeout)
+                run = measure(name, root, postgres, opts.sessions, opts.clients, opts.run_timeout, opts.haproxy_threads)
                 runs[name].append(run)
                 cpu = ", ".join(f"{key} {value:.3f}" for key, value in run.cpu_ms.items())
                 print(f"round {round_number + 1} {name}: {run.rate:.0f} sessions/s; CPU ms per session: {cpu}",
