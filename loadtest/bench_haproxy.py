@@ -48,25 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.cpu_per_session import USERS, build, own_cpu_seconds, session
-from loadtest.launch import free_port, process_tree, wait_greeting
+from loadtest.launch import free_port, haproxy_config, process_tree, start_haproxy, wait_greeting
 
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
-
-HAPROXY = """\
-global
-{global_}
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend pop3
-    bind 127.0.0.1:{front}
-    default_backend instances
-backend instances
-    balance roundrobin
-{servers}"""
-
 
 def children_cpu_seconds(pid: int) -> float:
     """cutime + cstime: CPU of `pid`'s children that have exited and been reaped."""
@@ -207,14 +191,9 @@ def configuration(name: str, root: Path, url: str,
             yield ports[0], pids, None
             return
         front = free_port()
-        servers = "".join(f"    server s{index} 127.0.0.1:{port} send-proxy-v2\n" for index, port in enumerate(ports))
-        (root / f"{name}-haproxy.cfg").write_text(HAPROXY.format(
-            front=front, servers=servers, global_=f"    nbthread {haproxy_threads}" if haproxy_threads else ""))
-        log = open(root / f"{name}-haproxy.log", "ab")  # noqa: SIM115
-        stack.callback(log.close)
-        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(root / f"{name}-haproxy.cfg")],
-                                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        servers = [f"s{index} 127.0.0.1:{port} send-proxy-v2" for index, port in enumerate(ports)]
+        config = haproxy_config({front: servers}, [f"nbthread {haproxy_threads}"] if haproxy_threads else [])
+        proxy = start_haproxy(root, config, f"{name}-haproxy")
         stack.callback(terminate, proxy)
         wait_accepts(front, proxy)
         yield front, pids, proxy.pid

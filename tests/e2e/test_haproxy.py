@@ -23,36 +23,15 @@ from helpers import (
     wait_until,
 )
 
-CONFIG = """\
-global
-    maxconn 2000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend pop3
-    bind 127.0.0.1:{front}
-    default_backend geventpop3
-frontend pop3s
-    bind 127.0.0.1:{front_tls}
-    default_backend geventpop3_tls
-backend geventpop3
-    server one 127.0.0.1:{port} send-proxy-v2 check check-send-proxy inter 200ms
-backend geventpop3_tls
-    server one 127.0.0.1:{pop3s} send-proxy-v2
-"""
+from loadtest.launch import haproxy_config, start_haproxy
 
 
 class HaProxy:
     def __init__(self, directory: Path, port: int, pop3s: int) -> None:
         self.front, self.front_tls = free_port(), free_port()
-        self.config = directory / "haproxy.cfg"
-        self.config.write_text(CONFIG.format(front=self.front, front_tls=self.front_tls, port=port, pop3s=pop3s))
-        self.log = directory / "haproxy.log"
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(["haproxy", "-db", "-f", str(self.config)], stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT)
+        config = haproxy_config({self.front: [f"one 127.0.0.1:{port} send-proxy-v2 check check-send-proxy inter 200ms"],
+                                 self.front_tls: [f"one 127.0.0.1:{pop3s} send-proxy-v2"]}, ["maxconn 2000"])
+        self.process = start_haproxy(directory, config)
         wait_until(lambda: self.process.poll() is None and accepts("127.0.0.1", self.front)
                    and accepts("127.0.0.1", self.front_tls))
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,7 @@ from helpers import (
 )
 
 from admin.client import MsmpError
+from loadtest.launch import haproxy_config, start_haproxy
 
 LEASE = 2.0  # lease_timeout of the test instances, in seconds
 
@@ -251,22 +251,6 @@ def test_run_as_with_a_shared_store_serves_after_the_drop(postgres: PostgresServ
         assert "Traceback" not in server.log()
 
 
-HAPROXY = """\
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 60s
-    timeout server 60s
-frontend pop3
-    bind 127.0.0.1:{front}
-    default_backend instances
-backend instances
-    balance roundrobin
-    server a 127.0.0.1:{a} send-proxy-v2
-    server b 127.0.0.1:{b} send-proxy-v2
-"""
-
-
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (tools/install-system-deps.sh)")
 def test_through_haproxy_a_user_added_on_a_is_served_by_either_instance(
         start_server: Callable[..., ServerProcess], postgres: PostgresServer, tmp_path: Path) -> None:
@@ -275,10 +259,8 @@ def test_through_haproxy_a_user_added_on_a_is_served_by_either_instance(
     a, b = shared_pair(start_server, postgres.create_database(), maildir,
                        config='proxy_networks = ["127.0.0.1/32"]\n')
     front = free_port()
-    (tmp_path / "haproxy.cfg").write_text(HAPROXY.format(front=front, a=a.port, b=b.port))
-    with open(tmp_path / "haproxy.log", "wb") as log:
-        proxy = subprocess.Popen(["haproxy", "-db", "-f", str(tmp_path / "haproxy.cfg")], stdin=subprocess.DEVNULL,
-                                 stdout=log, stderr=subprocess.STDOUT)
+    proxy = start_haproxy(tmp_path, haproxy_config({front: [f"a 127.0.0.1:{a.port} send-proxy-v2",
+                                                            f"b 127.0.0.1:{b.port} send-proxy-v2"]}))
     try:
         wait_until(lambda: proxy.poll() is None and accepts("127.0.0.1", front))
         name = unique_name("lb")
