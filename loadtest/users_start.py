@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.launch import free_port
+from loadtest.launch import free_port, process_tree
 
 PASSWORD = "benchpw"
 CHEAP_SCRYPT = (2**8, 8, 1)
@@ -152,21 +152,21 @@ def check_logins(port: int, count: int, templates: list[str]) -> None:
 
 
 def one_run(root: Path, users_file: Path, count: int, templates: list[str], tree: str,
-            timeout: float) -> tuple[float, float, int]:
+            timeout: float, workers: int = 1) -> tuple[float, float, int]:
     """(seconds from fork to the first greeting, the server's CPU seconds then, its RSS in
     KiB after the logins)."""
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
     args = [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(port), "-P", str(free_port()),
             "-L", "127.0.0.1", "-d", str(root / "mail"), "--no-state", "--users-file", str(users_file),
-            "--login-failure-delay", "0", "--log-level", "WARNING"]
+            "--login-failure-delay", "0", "--log-level", "WARNING", "--workers", str(workers)]
     with open(root / "server.log", "ab") as log:
         started = time.perf_counter()
         process = subprocess.Popen(args, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         first_greeting(port, process, timeout)
         seconds = time.perf_counter() - started
-        cpu = cpu_seconds(process.pid)
+        cpu = sum(cpu_seconds(pid) for pid in process_tree(process.pid))  # with workers: all of them
         check_logins(port, count, templates)
         return seconds, cpu, rss_kib(process.pid)
     finally:
@@ -184,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]), help="the checkout to start")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds a start may take")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="server processes (default 1; with N > 1 the supervisor reads the file, then each worker)")
     args = parser.parse_args(argv)
     extra = Path(args.templates).read_text().split() if args.templates else []
     given = [s.strip().upper() for s in (args.schemes or "").split(",") if s.strip()]
@@ -197,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.users} users ({kind}), users file {users_file.stat().st_size / 2**20:.1f} MiB, tree {args.tree}")
         times, cpus = [], []
         for run in range(args.runs):
-            seconds, cpu, rss = one_run(root, users_file, args.users, templates, args.tree, args.timeout)
+            seconds, cpu, rss = one_run(root, users_file, args.users, templates, args.tree, args.timeout,
+                                        args.workers)
             times.append(seconds)
             cpus.append(cpu)
             print(f"run {run + 1}: {seconds:.3f} s to the first greeting (server CPU {cpu:.2f} s), "
