@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psutil
 
@@ -28,8 +29,9 @@ from loadtest.launch import Certificate, Geventpop3Process, free_port, wait_gree
 from loadtest.pop3_client import Pop3Client, Pop3Error
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
-DOVECOT_START = "/work/shared/tools/dovecot-peer-start.sh"
-DOVECOT_STOP = "/work/shared/tools/dovecot-peer-stop.sh"
+_PEER = Path(__file__).resolve().parents[1] / "tools" / "dovecot-peer"  # the private Dovecot peer's scripts
+DOVECOT_START = str(_PEER / "dovecot-peer-start.sh")
+DOVECOT_STOP = str(_PEER / "dovecot-peer-stop.sh")
 
 
 class BenchError(Exception):

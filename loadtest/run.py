@@ -127,7 +127,7 @@ class Geventpop3Server:
 
 
 class DovecotServer:
-    """The private Dovecot POP3 peer from shared/tools, for comparisons."""
+    """The private Dovecot POP3 peer (tools/dovecot-peer), for comparisons."""
 
     kind = "dovecot"
 
@@ -552,7 +552,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--cacert", default="", help="CA file the clients verify the server with (default: the throw-away CA)")
     add("--tls-cert", default="", help="certificate chain of the local server (default: a throw-away one)")
     add("--tls-key", default="", help="its key (default: the certificate file)")
-    add("--tools", default=str(REPO.parent / "shared" / "tools"), help="folder of the Dovecot peer scripts")
+    add("--tools", default=str(REPO / "tools" / "dovecot-peer"), help="folder of the Dovecot peer scripts")
     args = parser.parse_args(argv)
     scenario = SCENARIOS[args.scenario]
     args.users = args.users or scenario.users
