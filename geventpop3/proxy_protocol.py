@@ -24,6 +24,7 @@ _V2_FIXED: Final = 16
 _PP2_TYPE_SSL: Final = 0x20
 _PP2_SUBTYPE_SSL_VERSION: Final = 0x21
 _PP2_CLIENT_SSL: Final = 0x01
+_TCP_ADDRESS_BYTES: Final = {0x11: 4, 0x21: 16}  # family/protocol byte of TCP over IPv4, IPv6 -> address size
 
 
 class ProxyError(ValueError):
@@ -116,27 +117,17 @@ def _parse_v2(data: bytes) -> ProxyHeader | _NeedMore:
     body = data[_V2_FIXED:length]
     if command == 0:  # LOCAL: the proxy's own connection; whatever follows is skipped
         return ProxyHeader(2, True, None, None, length)
-    source = destination = None
-    family, protocol = family_protocol >> 4, family_protocol & 0x0F
-    used = 0
-    if family == 1 and protocol == 1:  # TCP over IPv4
-        used = 12
-        if size < used:
-            raise ProxyError("PROXY v2: address block too short")
-        src, dst = ipaddress.IPv4Address(body[0:4]), ipaddress.IPv4Address(body[4:8])
-        sport, dport = struct.unpack_from("!HH", body, 8)
-        source, destination = (str(src), sport), (str(dst), dport)
-    elif family == 2 and protocol == 1:  # TCP over IPv6
-        used = 36
-        if size < used:
-            raise ProxyError("PROXY v2: address block too short")
-        src6, dst6 = ipaddress.IPv6Address(body[0:16]), ipaddress.IPv6Address(body[16:32])
-        sport, dport = struct.unpack_from("!HH", body, 32)
-        source, destination = (str(src6), sport), (str(dst6), dport)
-    elif family > 3 or protocol > 2:
-        raise ProxyError("PROXY v2: unknown address family or protocol")
-    else:  # UNSPEC, UDP or UNIX: no TCP client address to use, the TLVs cannot be located
-        return ProxyHeader(2, False, None, None, length)
+    width = _TCP_ADDRESS_BYTES.get(family_protocol)
+    if width is None:
+        if family_protocol >> 4 > 3 or family_protocol & 0x0F > 2:
+            raise ProxyError("PROXY v2: unknown address family or protocol")
+        return ProxyHeader(2, False, None, None, length)  # UNSPEC, UDP or UNIX: no TCP client address
+    used = 2 * width + 4
+    if size < used:
+        raise ProxyError("PROXY v2: address block too short")
+    sport, dport = struct.unpack_from("!HH", body, 2 * width)
+    source = (str(ipaddress.ip_address(body[:width])), sport)
+    destination = (str(ipaddress.ip_address(body[width:2 * width])), dport)
     tls, tls_version = _ssl_tlv(body[used:])
     return ProxyHeader(2, False, source, destination, length, tls, tls_version)
 
