@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import os
 import resource
 import shutil
@@ -48,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.cpu_per_session import USERS, build, own_cpu_seconds, session
-from loadtest.launch import free_port, haproxy_config, process_tree, start_haproxy, wait_greeting
+from loadtest.launch import PostgresServer, free_port, haproxy_config, process_tree, start_haproxy, wait_greeting
 
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
 
@@ -69,67 +68,6 @@ def tree_cpu_seconds(pid: int) -> float:
 def client_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
-
-
-def postgres_bin() -> Path:
-    """The newest installed PostgreSQL server binaries (Debian: /usr/lib/postgresql/<v>/bin)."""
-    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
-    if found:
-        return found[-1].parent
-    initdb = shutil.which("initdb")
-    if initdb is None:
-        raise SystemExit("bench_haproxy: PostgreSQL server binaries not installed (tools/install-system-deps.sh)")
-    return Path(initdb).parent
-
-
-class Postgres:
-    """A throw-away cluster on a free loopback port, trust authentication, fsync on (as deployed)."""
-
-    def __init__(self, root: Path) -> None:
-        self.bindir = postgres_bin()
-        self.root = root
-        self.data = root / "data"
-        self.port = free_port()
-        self._as: list[str] = []
-        if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-            import pwd
-
-            entry = pwd.getpwnam("postgres")
-            os.chown(root, entry.pw_uid, entry.pw_gid)
-            self._as = ["runuser", "-u", "postgres", "--"]
-        self._names = itertools.count(1)
-
-    def _run(self, program: str, *args: str, check: bool = True) -> None:
-        # its own session: a Ctrl-C reaches this script only, which stops the cluster in order
-        subprocess.run([*self._as, str(self.bindir / program), *args], capture_output=True, text=True, timeout=120,
-                       check=check, stdin=subprocess.DEVNULL, cwd=self.root, start_new_session=True)
-
-    def start(self) -> None:
-        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8",
-                  "--locale=C")
-        options = (f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' "
-                   "-c max_connections=100 -c shared_buffers=32MB")
-        self._run("pg_ctl", "start", "-D", str(self.data), "-w", "-t", "60", "-l", str(self.root / "log"),
-                  "-o", options)
-
-    def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60", check=False)
-
-    @property
-    def pid(self) -> int:
-        return int((self.data / "postmaster.pid").read_text().split()[0])
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def create_database(self) -> str:
-        import psycopg
-
-        name = f"bench{next(self._names)}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
-        return self.url(name)
 
 
 def terminate(process: subprocess.Popen[bytes]) -> None:
@@ -212,7 +150,7 @@ def wait_listening(port: int, pid: int, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
-def measure(name: str, root: Path, postgres: Postgres, sessions: int, clients: int, run_timeout: float,
+def measure(name: str, root: Path, postgres: PostgresServer, sessions: int, clients: int, run_timeout: float,
             haproxy_threads: int | None = None) -> Run:
     url = postgres.create_database()
     with configuration(name, root, url, haproxy_threads) as (port, pids, proxy):
@@ -275,10 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     postgres = None
     try:
         build(str(root))
-        root.chmod(0o711)  # the cluster's own directory inside it belongs to `postgres` when run as root
-        (root / "pg").mkdir()
-        postgres = Postgres(root / "pg")
-        postgres.start()
+        postgres = PostgresServer(fsync=True).start()  # fsync on, as deployed
         for round_number in range(opts.rounds):
             order = CONFIGURATIONS if round_number % 2 == 0 else CONFIGURATIONS[::-1]
             for name in order:
@@ -293,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
         if postgres is not None:
-            postgres.stop()
+            postgres.destroy()
         shutil.rmtree(root, ignore_errors=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)
     report(runs)
