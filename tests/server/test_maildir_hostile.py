@@ -218,10 +218,12 @@ def test_measuring_big_files_does_not_block_the_event_loop(tmp_path: Path) -> No
     for number in range(1, 4):
         os.link(first, Path(box.path) / "new" / f"{1000 + number}.big")
     ticks: list[float] = []
+    cpu_ticks: list[float] = []
 
     def ticker() -> None:
         while True:
             ticks.append(time.perf_counter())
+            cpu_ticks.append(time.thread_time())  # the event loop thread's own CPU: a pause by a busy machine adds none
             gevent.sleep(0.005)
 
     clock = gevent.spawn(ticker)
@@ -233,8 +235,12 @@ def test_measuring_big_files_does_not_block_the_event_loop(tmp_path: Path) -> No
     finally:
         clock.kill()
     assert [m.size for m in messages] == [48 * len(block) * 65 // 64] * 4
-    during = [tick for tick in ticks if tick >= started]
-    gaps = [b - a for a, b in zip(during, during[1:], strict=False)]
+    first_tick = next((i for i, tick in enumerate(ticks) if tick >= started), len(ticks))
+    during = ticks[first_tick:]
     # On the event loop, nothing ticked for the whole 2 s; a loaded machine may pause any process.
     assert len(during) >= took / 0.05, (took, len(during))
-    assert max(gaps) < max(0.1, took / 4), (took, sorted(gaps)[-3:])
+    # Work done on the event loop's thread between two ticks shows as that thread's CPU time; a process
+    # merely descheduled by a loaded machine accumulates none, so this holds however busy the machine is.
+    cpu = cpu_ticks[first_tick:]
+    cpu_gaps = [b - a for a, b in zip(cpu, cpu[1:], strict=False)]
+    assert max(cpu_gaps) < 0.05, (took, sorted(cpu_gaps)[-3:])
