@@ -568,17 +568,25 @@ class UserDirectory(Credentials):
     def __init__(self, store: UserStore | None = None, hasher: Hasher | None = None,
                  allow_weak: bool = False) -> None:
         super().__init__(hasher, allow_weak)
-        self._store = store
+        self._store: UserStore | None = None
         self._deleting: set[str] = set()  # withdrawn, waiting for the store write
         self._stored: dict[str, StoredPassword] = {}  # the store's entries (ours to save)
         if store is not None:
-            for name, text in store.load_users().items():
-                try:  # written by set_password: no weak scheme, but an old store may hold anything
-                    entry = schemes.parse(text, self._plain_key, allow_weak=True)
-                except SchemeError as exc:
-                    log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
-                    continue
-                self._stored[name] = entry
+            self.attach_store(store)
+
+    def attach_store(self, store: UserStore) -> None:
+        """Persist in `store` from now on and take its users, under the configured entries of
+        the same name: at construction, or once configured (a worker of geventpop3.cluster
+        parses its users file before its supervisor tells it the stored users)."""
+        self._store = store
+        for name, text in store.load_users().items():
+            try:  # written by set_password: no weak scheme, but an old store may hold anything
+                entry = schemes.parse(text, self._plain_key, allow_weak=True)
+            except SchemeError as exc:
+                log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+                continue
+            self._stored[name] = entry
+            if name not in self._configured:
                 self._put(name, entry)
 
     def _fallback(self, name: str) -> StoredPassword | None:
