@@ -38,7 +38,3 @@ class RestartPolicy:
         if doublings < 0:
             return 0.0  # the first failure of a worker that was ready
         return min(BACKOFF_MAX, BACKOFF_FIRST * 2**doublings)
-
-    def stable(self, served: float | None) -> bool:
-        """Whether a process that served `served` seconds counts as having served (not failed)."""
-        return served is not None and served >= CRASH_WINDOW

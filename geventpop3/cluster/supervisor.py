@@ -93,10 +93,10 @@ class WorkerPool:
     `launch()` starts every interpreter early (they import and read the users file while
     the supervisor still starts); `start(totals)` then watches them. Each worker's first
     message is `hello` with the digest of the users file it read; its answer, `init`, is
-    built then (`initial(digest)`) and queued before any later broadcast."""
+    built then (`initial(slot, digest)`) and queued before any later broadcast."""
 
     def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
-                 initial: Callable[[str], Message]) -> None:
+                 initial: Callable[[int, str], Message]) -> None:
         self.argv = argv
         self.listeners = listeners
         self.count = count
@@ -214,7 +214,7 @@ class WorkerPool:
         messages = channel.messages()
         hello = next(messages, None)
         if hello is not None and hello.get("op") == "hello":
-            channel.start(first=self.initial(str(hello.get("users_digest") or "")))  # no yield until
+            channel.start(first=self.initial(worker.index, str(hello.get("users_digest") or "")))  # no yield until
             self.channels[worker.index] = channel  # registered: no broadcast is missed, none is doubled
             self._read(worker, process, messages)
         elif hello is not None:
@@ -409,7 +409,7 @@ class Supervisor(App):
         self.users_data = self._users_read if self.config.users_file else b""
         return counts
 
-    def _initial(self, users_digest: str) -> Message:
+    def _initial(self, index: int, users_digest: str) -> Message:
         """A new worker's first message: the settings and stored users in force, and the users
         file's content if the worker read another one than this process (`users_digest`, of
         what it read, differs: the file changed in between), so every process has the same users."""
@@ -418,7 +418,7 @@ class Supervisor(App):
         message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
                    "users": dict(self.recorded.users)}
         if users_digest != self.users_digest:
-            log.info("a worker read another users file than the one in force here: it takes this one")
+            log.info("worker %d read another users file than the one in force here: it takes this one", index)
             message["users_data"] = self.users_data.decode()
         return message
 
@@ -451,10 +451,15 @@ class Supervisor(App):
             self.pool.broadcast({"op": "set", "key": key, "value": format_value(new)})
 
     def reload(self) -> list[str]:
-        """Here (the certificate MSMP over TLS uses, the users file) and in every worker."""
+        """Here (the certificate MSMP over TLS uses, the users file) and in every worker. The
+        workers take the users file's content in force here rather than read the file again:
+        the same users everywhere, even if the file changes meanwhile or its reload failed here."""
         problems = super().reload()
         if self.pool is not None:
-            self.pool.broadcast({"op": "reload"})
+            message: Message = {"op": "reload"}
+            if self.config.users_file:
+                message["users_data"] = self.users_data.decode()
+            self.pool.broadcast(message)
         return problems
 
     def shutdown(self) -> None:

@@ -91,7 +91,7 @@ class WorkerApp(App):
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
         self._deleting: dict[str, AbstractContextManager[None]] = {}  # users withdrawn for a DELE in progress
         self._early: UserDirectory | None = None  # the users, parsed before the supervisor's init
-        self._given_users: UsersFile | None = None  # the users file as read early or sent by the supervisor
+        self._given_users: UsersFile | bytes | None = None  # the users file read early, or the supervisor's content
 
     def _bind(self) -> None:
         for service, fds in self.listener_fds.items():
@@ -150,12 +150,14 @@ class WorkerApp(App):
             early.attach_store(SeededUsers(self._init.get("users") or {}))
             return early
         if data is not None:
-            self._given_users = read_users_file(str(self.config.users_file), str(data).encode())
+            self._given_users = str(data).encode()
         return super()._user_directory()
 
     def _read_users_file(self) -> UsersFile:
-        """What `_configure_early` read or the supervisor sent, once; else the file, read now (reload)."""
+        """What `_configure_early` read, or the content the supervisor sent, once; else the file."""
         given, self._given_users = self._given_users, None
+        if isinstance(given, bytes):
+            return read_users_file(str(self.config.users_file), given)
         return given if given is not None else super()._read_users_file()
 
     def _serve(self, ctx: ServerContext) -> None:
@@ -201,7 +203,9 @@ class WorkerApp(App):
             self._begin_delete(ctx, str(message["name"]))
         elif op == "deluser-end":
             self._end_delete(ctx, str(message["name"]), bool(message.get("deleted")))
-        elif op == "reload":
+        elif op == "reload":  # the users file as the supervisor read it (a worker reads no users file but at start)
+            if "users_data" in message:
+                self._given_users = str(message["users_data"]).encode()
             self.reload()
         elif op == "penalty-clear":
             with contextlib.suppress(ValueError):
