@@ -186,9 +186,10 @@ def test_sigkill_of_a_worker_releases_its_locks_and_is_replaced_while_the_other_
         wait_until(lambda: stat(cluster)["Logins ok"] >= 2)
         before = stat(cluster)["Total connections"]
         os.kill(victim, signal.SIGKILL)
-        killed = time.monotonic()
+        killed, killed_at = time.monotonic(), time.time()
         replacement = wait_until(lambda: [pid for pid in workers_of(cluster) if pid not in clients])
-        assert time.monotonic() - killed < 1.0  # replaced within 1 s: the new process runs
+        # Replaced within 1 s: the kernel's start time of the new process, not when a poll saw it.
+        assert psutil.Process(replacement[0]).create_time() - killed_at < 1.0
         # Replaced and serving (the supervisor says so once the new worker is ready).
         wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2)
         replaced_in = time.monotonic() - killed
