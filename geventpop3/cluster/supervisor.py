@@ -87,6 +87,15 @@ class Launched:
     channel: Channel
 
 
+class UnverifiedUsers(UserDirectory):
+    """The supervisor's POP3 users: kept for MSMP (LIST, ADD, DELE) and reloads, never
+    checked against a POP3 password here, so their failure floor is not measured here
+    either (those hash runs would take CPU from the workers while they start)."""
+
+    def _calibrate_soon(self) -> None:
+        pass
+
+
 class WorkerPool:
     """Starts, watches, replaces and stops the worker processes of `count` slots.
 
@@ -398,6 +407,11 @@ class Supervisor(App):
         except BaseException:
             self.pool.abandon()
             raise
+
+    def _user_directory(self) -> UserDirectory:
+        directory = UnverifiedUsers(self._user_store(), allow_weak=self.config.allow_weak_schemes)
+        self._configure_users(directory)
+        return directory
 
     def _read_users_file(self) -> UsersFile:
         users_file = super()._read_users_file()
