@@ -302,6 +302,28 @@ def test_a_worker_started_after_the_users_file_changed_takes_the_supervisors_use
             pop.cmd("QUIT")
 
 
+def test_at_reload_the_workers_take_the_supervisors_users_even_when_its_reload_failed(
+        start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    users_file = tmp_path / "users"
+    users_file.write_text("alice:alicepw\n")
+    server = start_server(users={}, workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                          extra_args=["--users-file", str(users_file)])
+    users_file.write_text("alice:alicepw\nbob:{BOGUS}x\n")
+    with admin(server) as client:
+        answer = client.command("RELOAD")
+        assert not answer.ok and f"{users_file}:2" in answer.text, answer.text
+    # One error, the supervisor's: the workers took the content in force there, not the file.
+    assert server.log().count("users file not reloaded") == 1
+    users_file.write_text("bob:bobpw\n")
+    with admin(server) as client:
+        assert client.command("RELOAD").ok
+    with one_per_worker(server) as clients:
+        for pop in clients.values():
+            assert pop.login("alice", "alicepw").startswith(b"-ERR")
+            assert pop.login("bob", "bobpw").startswith(b"+OK")
+            pop.cmd("QUIT")
+
+
 def test_a_bad_users_file_with_workers_is_one_line_and_exit_2_and_leaves_no_worker(tmp_path: Path) -> None:
     users_file = tmp_path / "users"
     users_file.write_text("alice:alicepw\nbob:{BOGUS}abc\n")
