@@ -39,7 +39,7 @@ from geventpop3.store import Store, StoreError
 from geventpop3.store.persister import Persister
 from geventpop3.store.settings import persist_settings, restore_settings
 from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import HASHER, MIB, Configured, UserDirectory, UserError, UserStore
+from geventpop3.users import HASHER, MIB, Configured, UserDirectory, UserError, UsersFile, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class App:
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
         self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
+        self.users_digest = ""  # of the users file's content in force (users.UsersFile.digest)
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
@@ -174,8 +175,7 @@ class App:
         self.store = self._open_store()
         self._configure_hasher()
         try:
-            directory = UserDirectory(self._user_store(), allow_weak=config.allow_weak_schemes)
-            directory.configure(self._configured_users())
+            directory = self._user_directory()
         except (UsageError, UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
         ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
@@ -209,14 +209,32 @@ class App:
 
         return default_instance_name(self.config.pop3_port)
 
-    def _configured_users(self) -> list[Configured | tuple[str, str]]:
-        """The users of flags, the users file (read now: at start and at each reload) and --demo;
-        UsageError (one line with `path:line`) if the file cannot be read or parsed. The
-        file's notes go to `notes`, logged once its users are taken."""
+    def _user_directory(self) -> UserDirectory:
+        """The POP3 users: the store's, with the configured ones (flags, users file) over them."""
+        directory = UserDirectory(self._user_store(), allow_weak=self.config.allow_weak_schemes)
+        self._configure_users(directory)
+        return directory
+
+    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
+        """`directory.configure` with the configured users as read now (at start and at each
+        reload); once taken, `users_digest` is that of the users file's content in force."""
+        users_file = self._read_users_file() if self.config.users_file else None
+        counts = directory.configure(self._configured_users(users_file))
+        self.users_digest = users_file.digest if users_file is not None else ""
+        return counts
+
+    def _read_users_file(self) -> UsersFile:
+        """The users file, read now (a worker of geventpop3.cluster may take its supervisor's read)."""
+        assert self.config.users_file
+        return read_users_file(self.config.users_file)
+
+    def _configured_users(self, users_file: UsersFile | None) -> list[Configured | tuple[str, str]]:
+        """The users of flags, the users file (read by the caller: UsageError, one line with
+        `path:line`, if it cannot be read or parsed) and --demo. The file's notes go to
+        `notes`, logged once its users are taken."""
         config = self.config
         users: list[Configured | tuple[str, str]] = list(config.users)
-        if config.users_file:
-            users_file = read_users_file(config.users_file)
+        if users_file is not None:
             self.notes = users_file.notes
             users.extend(users_file.entries)
         if config.demo:
@@ -310,7 +328,7 @@ class App:
         problems: list[str] = []
         if self.config.users_file and self.ctx is not None:
             try:
-                added, changed, removed = self.ctx.users.configure(self._configured_users())
+                added, changed, removed = self._configure_users(self.ctx.users)
             except (UsageError, UserError) as exc:
                 problems.append(f"users file not reloaded, the current users stay: {exc}")
             else:

@@ -27,7 +27,7 @@ from geventpop3.privileges import Identity, PrivilegeError, resolve
 from geventpop3.schemes import SchemeError, parse
 from geventpop3.settings import KEYS, SettingError, Settings
 from geventpop3.tls import ServerTls, TlsError, key_permission_warning, reload_warning
-from geventpop3.users import UserError, UsersFile, is_plain, parse_user_flag, parse_users_file
+from geventpop3.users import UserError, UsersFile, is_plain, parse_user_flag, parse_users_data, parse_users_file
 
 DEFAULT_POP3_PORT = 110
 DEFAULT_POP3S_PORT = 995
@@ -284,17 +284,18 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
             raise UsageError(f"invalid {key} {text!r}: {exc}") from None
 
 
-def read_users_file(users_file: str) -> UsersFile:
+def read_users_file(users_file: str, data: bytes | None = None) -> UsersFile:
     """The users file's entries (and notes for the log); UsageError (one line, `path:line`)
     if it cannot be read or parsed. Their password schemes are checked when the directory
-    takes them (users.Credentials.configure).
+    takes them (users.Credentials.configure). `data`: the file's content as read by
+    another process (a worker of geventpop3.cluster takes its supervisor's).
 
     Called by start-up after privileges are dropped, and again at each reload: the server
     reads it as the user it serves as, so a file readable only by root is found out at
     start, not later.
     """
     try:
-        return parse_users_file(users_file)
+        return parse_users_file(users_file) if data is None else parse_users_data(data, users_file)
     except OSError as exc:
         raise UsageError(f"cannot read users file {users_file}: {exc.strerror}") from None
     except UserError as exc:

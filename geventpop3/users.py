@@ -28,8 +28,10 @@ side only ever talks to `UserDirectory`.
 from __future__ import annotations
 
 import gc
+import hashlib
 import heapq
 import hmac
+import io
 import itertools
 import logging
 import os
@@ -566,17 +568,25 @@ class UserDirectory(Credentials):
     def __init__(self, store: UserStore | None = None, hasher: Hasher | None = None,
                  allow_weak: bool = False) -> None:
         super().__init__(hasher, allow_weak)
-        self._store = store
+        self._store: UserStore | None = None
         self._deleting: set[str] = set()  # withdrawn, waiting for the store write
         self._stored: dict[str, StoredPassword] = {}  # the store's entries (ours to save)
         if store is not None:
-            for name, text in store.load_users().items():
-                try:  # written by set_password: no weak scheme, but an old store may hold anything
-                    entry = schemes.parse(text, self._plain_key, allow_weak=True)
-                except SchemeError as exc:
-                    log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
-                    continue
-                self._stored[name] = entry
+            self.attach_store(store)
+
+    def attach_store(self, store: UserStore) -> None:
+        """Persist in `store` from now on and take its users, under the configured entries of
+        the same name: at construction, or once configured (a worker of geventpop3.cluster
+        parses its users file before its supervisor tells it the stored users)."""
+        self._store = store
+        for name, text in store.load_users().items():
+            try:  # written by set_password: no weak scheme, but an old store may hold anything
+                entry = schemes.parse(text, self._plain_key, allow_weak=True)
+            except SchemeError as exc:
+                log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+                continue
+            self._stored[name] = entry
+            if name not in self._configured:
                 self._put(name, entry)
 
     def _fallback(self, name: str) -> StoredPassword | None:
@@ -679,11 +689,21 @@ _SIMPLE_LINE = re.compile(r"([A-Za-z0-9_][A-Za-z0-9._-]{0,39}):([^{$:][^\n]*|[{$
 class UsersFile(NamedTuple):
     entries: list[Configured]
     notes: list[str]  # one line each for the log: what was ignored or left out
+    data: bytes = b""  # the content parsed: a cluster's supervisor hands it to a worker that read another
+    digest: str = ""  # SHA-256 of `data`: whether two processes read the same users
 
 
 def parse_users_file(path: str) -> UsersFile:
-    """The entries of a users file; UserError naming `path:line` for a bad line, OSError
-    if it cannot be read.
+    """The entries of a users file (`parse_users_data` of its content, read at once);
+    OSError if it cannot be read."""
+    with open(path, "rb") as handle:
+        data = handle.read()
+    return parse_users_data(data, path)
+
+
+def parse_users_data(data: bytes, path: str) -> UsersFile:
+    """The entries of the users file `path` whose content is `data`; UserError naming
+    `path:line` for a bad line.
 
     Lines: geventpop3's `name:password` (the rest of the line is the password, colons
     included) or `name:$scrypt$...`, and Dovecot's passwd-file `name:{SCHEME}hash` or
@@ -697,7 +717,7 @@ def parse_users_file(path: str) -> UsersFile:
     left_out: list[str] = []
     simple = _SIMPLE_LINE.fullmatch
     try:
-        with gc_paused(), open(path, encoding="utf-8") as handle:
+        with gc_paused(), io.TextIOWrapper(io.BytesIO(data), encoding="utf-8") as handle:  # as open() reads
             for number, raw in enumerate(handle, 1):
                 line = raw.strip()
                 if not line or line[0] == "#":
@@ -729,7 +749,7 @@ def parse_users_file(path: str) -> UsersFile:
         notes.append(f"users file {path}: left out {len(left_out)} users whose extra field refuses or restricts "
                      f"logins ({', '.join(_RESTRICTING_FIELDS)}): {', '.join(left_out[:10])}"
                      + (", ..." if len(left_out) > 10 else ""))
-    return UsersFile(entries, notes)
+    return UsersFile(entries, notes, data, hashlib.sha256(data).hexdigest())
 
 
 def _restricting(fields: str) -> bool:

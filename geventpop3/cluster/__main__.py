@@ -4,9 +4,9 @@ a worker process, started by the supervisor only (geventpop3.cluster.supervisor)
 gevent patches the standard library first, as in geventpop3.__main__.
 """
 
-from gevent import monkey
+from geventpop3.patching import patch_all
 
-monkey.patch_all()
+patch_all()
 
 import sys  # noqa: E402
 

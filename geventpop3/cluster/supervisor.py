@@ -1,8 +1,9 @@
 """The supervisor of `--workers N` (N > 1): binds, keeps the state, serves MSMP, runs the workers.
 
-Start-up as a single process does it (geventpop3.app.App): bind every listener, drop
-privileges, open the store, users and settings; then start N workers (fresh
-interpreters, geventpop3.cluster.worker) that inherit the POP3 and POP3S listeners,
+Start-up: bind every listener and drop privileges as a single process does
+(geventpop3.app.App); then start N workers (fresh interpreters, geventpop3.cluster.worker)
+that inherit the POP3 and POP3S listeners; while they import and read the users file,
+open the store, users and settings here; then answer each worker's hello with its init,
 wait until each is ready, and only then serve MSMP and the metrics and say ready.
 
 One management plane: MSMP and the metrics are served here only. `SET` reaches the
@@ -13,7 +14,8 @@ access-log entries; this process sums them (aggregate.Totals) and is the one wri
 of the store (the usual Persister).
 
 Faults: a worker that dies is replaced at once if it had been serving, else after a
-backoff that doubles (0.5 s .. 30 s) while it keeps failing at start; SIGTERM/SIGINT
+backoff that doubles (0.5 s .. 30 s) while it keeps failing at start, which includes
+dying soon after it became ready (geventpop3.cluster.restarts); SIGTERM/SIGINT
 stop the workers first (they end their sessions and send their last report), then the
 supervisor's own shutdown flushes the state.
 """
@@ -26,7 +28,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import gevent
 from gevent.event import Event
@@ -35,6 +38,7 @@ from gevent.socket import socket
 from geventpop3.app import SHUTDOWN_GRACE, App, StartupError
 from geventpop3.cluster.aggregate import Totals, WorkerState
 from geventpop3.cluster.channel import Channel, Message, socketpair
+from geventpop3.cluster.restarts import RestartPolicy
 from geventpop3.config import Config
 from geventpop3.context import ServerContext
 from geventpop3.metrics import start_prometheus_server
@@ -42,13 +46,11 @@ from geventpop3.msmp.backend import ManagementBackend
 from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import KEYS, format_value
 from geventpop3.store import Store
-from geventpop3.users import UserError, UserStore
+from geventpop3.users import UserDirectory, UserError, UsersFile, UserStore
 
 log = logging.getLogger(__name__)
 
 START_TIMEOUT = 60.0  # every worker ready within this, or the start fails
-BACKOFF_FIRST = 0.5  # after a worker failed at start; doubles up to BACKOFF_MAX
-BACKOFF_MAX = 30.0
 APPLY_WAIT = 1.0  # an MSMP change is answered once every serving worker applied it, or after this
 CLEAN_EXIT_GRACE = 0.2  # a worker that exits 0 on its own: maybe we are being stopped too (systemd)
 
@@ -77,32 +79,82 @@ class RecordingUsers:
         self.users.pop(name, None)
 
 
-class WorkerPool:
-    """Starts, watches, replaces and stops the worker processes of the slots in `totals`."""
+@dataclass
+class Launched:
+    """A worker process started, and the supervisor's end of its channel (not read yet)."""
 
-    def __init__(self, argv: list[str], listeners: dict[str, list[socket]], totals: Totals,
-                 initial: Callable[[], Message]) -> None:
+    process: subprocess.Popen[bytes]
+    channel: Channel
+
+
+class UnverifiedUsers(UserDirectory):
+    """The supervisor's POP3 users: kept for MSMP (LIST, ADD, DELE) and reloads, never
+    checked against a POP3 password here, so their failure floor is not measured here
+    either (those hash runs would take CPU from the workers while they start)."""
+
+    def _calibrate_soon(self) -> None:
+        pass
+
+
+class WorkerPool:
+    """Starts, watches, replaces and stops the worker processes of `count` slots.
+
+    `launch()` starts every interpreter early (they import and read the users file while
+    the supervisor still starts); `start(totals)` then watches them. Each worker's first
+    message is `hello` with the digest of the users file it read; its answer, `init`, is
+    built then (`initial(slot, digest)`) and queued before any later broadcast."""
+
+    def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
+                 initial: Callable[[int, str], Message]) -> None:
         self.argv = argv
         self.listeners = listeners
-        self.totals = totals
+        self.count = count
         self.initial = initial
-        self.channels: dict[int, Channel] = {}
+        self.totals: Totals | None = None
+        self.channels: dict[int, Channel] = {}  # of the workers that said hello: broadcasts go there
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
-        self.failures = [0] * len(totals.workers)  # failed starts in a row, per slot
+        self.restarts = RestartPolicy(count)
+        self.ready_at: dict[int, float] = {}  # monotonic time each slot's process said ready
         self.stopping = False
         self.started = False
         self.changed = Event()  # a worker became ready or exited (start-up waits on it)
         self.acked = Event()  # a worker applied a broadcast
         self.sequence = 0  # of broadcasts
         self.start_failure: str | None = None
+        self._launched: dict[int, Launched | OSError] = {}
         self._watchers: list[gevent.Greenlet[..., None]] = []
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start every worker and wait until all serve; StartupError if one exits first."""
-        for worker in self.totals.workers:
-            self._spawn(worker)
+    def launch(self) -> None:
+        """Start every worker's interpreter now; each waits for its `init` (sent once `start` runs)."""
+        for index in range(self.count):
+            try:
+                self._launched[index] = self._launch(index)
+            except OSError as exc:
+                self._launched[index] = exc
+
+    def abandon(self) -> None:
+        """The supervisor's start failed before `start`: end the launched workers (the end of
+        their channel stops them before they say anything), reaped."""
+        launched = [item for item in self._launched.values() if isinstance(item, Launched)]
+        self._launched.clear()
+        for item in launched:
+            item.channel.close()
+            if item.process.poll() is None:
+                item.process.terminate()
+        for item in launched:
+            try:
+                item.process.wait(SHUTDOWN_GRACE)
+            except subprocess.TimeoutExpired:
+                item.process.kill()
+                item.process.wait()
+
+    def start(self, totals: Totals, timeout: float = START_TIMEOUT) -> None:
+        """Watch every launched worker and wait until all serve; StartupError if one exits first."""
+        self.totals = totals
+        for worker in totals.workers:
+            self._spawn(worker, self._launched.pop(worker.index, None))
         deadline = time.monotonic() + timeout
-        while not all(w.ready for w in self.totals.workers):
+        while not all(w.ready for w in totals.workers):
             if self.start_failure is not None or time.monotonic() > deadline:
                 why = self.start_failure or f"not every worker was ready within {timeout:.0f} s"
                 self.stop(SHUTDOWN_GRACE)
@@ -118,7 +170,7 @@ class WorkerPool:
         message = {**message, "seq": self.sequence}
         for channel in list(self.channels.values()):
             channel.send(message)
-        if not wait:
+        if not wait or self.totals is None:
             return True
         deadline = time.monotonic() + wait
         while any(w.ready and w.acked < self.sequence for w in self.totals.workers):
@@ -130,10 +182,11 @@ class WorkerPool:
             self.acked.wait(left)
         return True
 
-    def _spawn(self, worker: WorkerState) -> None:
+    def _launch(self, index: int) -> Launched:
+        """A new worker interpreter for slot `index`, with the listeners and its end of a new channel."""
         ours, theirs = socketpair()
         fds = [theirs.fileno()]
-        args = [sys.executable, "-m", "geventpop3.cluster", "--index", str(worker.index),
+        args = [sys.executable, "-m", "geventpop3.cluster", "--index", str(index),
                 "--parent", str(os.getpid()), "--channel", str(theirs.fileno())]
         for service, sockets in self.listeners.items():
             for sock in sockets:
@@ -142,24 +195,61 @@ class WorkerPool:
         try:
             process = subprocess.Popen([*args, "--", *self.argv], pass_fds=fds, stdin=subprocess.DEVNULL,
                                        process_group=0)  # Ctrl-C reaches the supervisor, which stops them
-        except OSError as exc:
+        except OSError:
             ours.close()
+            raise
+        finally:
+            theirs.close()
+        return Launched(process, Channel(ours))
+
+    def _spawn(self, worker: WorkerState, launched: Launched | OSError | None = None) -> None:
+        """Watch `launched` (launched now if None) as the process of `worker`'s slot."""
+        try:
+            if isinstance(launched, OSError):
+                raise launched
+            launched = launched or self._launch(worker.index)
+        except OSError as exc:
             log.error("worker %d: cannot start: %s", worker.index, exc)
             self._failed(worker, f"worker {worker.index} cannot start: {exc}")
             return
-        finally:
-            theirs.close()
-        channel = Channel(ours)
-        channel.start(first=self.initial())  # built and queued without a yield: no broadcast is missed
-        self.channels[worker.index] = channel
-        self.processes[worker.index] = process
-        worker.pid = process.pid
+        self.processes[worker.index] = launched.process
+        worker.pid = launched.process.pid
         worker.starts += 1
-        self._watchers.append(gevent.spawn(self._watch, worker, process, channel))
+        self._watchers.append(gevent.spawn(self._watch, worker, launched.process, launched.channel))
 
     def _watch(self, worker: WorkerState, process: subprocess.Popen[bytes], channel: Channel) -> None:
-        """Read the worker's messages until it ends, then replace it (unless stopping)."""
-        for message in channel.messages():
+        """Answer the worker's hello, read its messages until it ends, then replace it (unless stopping)."""
+        assert self.totals is not None
+        messages = channel.messages()
+        hello = next(messages, None)
+        if hello is not None and hello.get("op") == "hello":
+            channel.start(first=self.initial(worker.index, str(hello.get("users_digest") or "")))  # no yield until
+            self.channels[worker.index] = channel  # registered: no broadcast is missed, none is doubled
+            self._read(worker, process, messages)
+        elif hello is not None:
+            log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
+            process.kill()
+        status = process.wait()
+        channel.close()
+        was_ready = worker.ready
+        self.totals.forget(worker)
+        if self.channels.get(worker.index) is channel:
+            del self.channels[worker.index]
+        if self.processes.get(worker.index) is process:
+            del self.processes[worker.index]
+        if status == 0 and not self.stopping:
+            gevent.sleep(CLEAN_EXIT_GRACE)
+        if self.stopping:
+            return
+        how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+        if was_ready:
+            self._ended(worker, process.pid, how, time.monotonic() - self.ready_at[worker.index])
+            return
+        self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)")
+
+    def _read(self, worker: WorkerState, process: subprocess.Popen[bytes], messages: Iterator[Message]) -> None:
+        assert self.totals is not None
+        for message in messages:
             op = message.get("op")
             if op == "report":
                 self.totals.add(worker, message)
@@ -168,26 +258,21 @@ class WorkerPool:
                 self.acked.set()
             elif op == "ready":
                 worker.ready = True
-                self.failures[worker.index] = 0
+                self.ready_at[worker.index] = time.monotonic()
                 log.info("worker %d serving (pid %d)", worker.index, process.pid)
                 self.changed.set()
-        status = process.wait()
-        channel.close()
-        was_ready = worker.ready
-        self.totals.forget(worker)
-        if self.channels.get(worker.index) is channel:
-            del self.channels[worker.index]
-            del self.processes[worker.index]
-        if status == 0 and not self.stopping:
-            gevent.sleep(CLEAN_EXIT_GRACE)
-        if self.stopping:
-            return
-        how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
-        if was_ready:
-            log.error("worker %d (pid %d) %s; replacing it", worker.index, process.pid, how)
-            self._spawn(worker)
-            return
-        self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)")
+
+    def _ended(self, worker: WorkerState, pid: int, how: str, served: float) -> None:
+        """A worker that had been serving ended: replaced at once, or after a backoff if it
+        failed within CRASH_WINDOW of its start (geventpop3.cluster.restarts); one line either way."""
+        delay = self.restarts.after_exit(worker.index, served)
+        failures = self.restarts.failures[worker.index]
+        if failures == 0:
+            log.error("worker %d (pid %d) %s after serving %.0f s; replacing it", worker.index, pid, how, served)
+        else:
+            log.error("worker %d (pid %d) %s %.1f s after it was ready, a failure at start (failure %d in a row); "
+                      "%s", worker.index, pid, how, served, failures, _next_start(delay))
+        self._start_later(worker, delay)
 
     def _failed(self, worker: WorkerState, why: str) -> None:
         """A worker that did not get to serve: the start fails, or it is tried again later."""
@@ -195,10 +280,15 @@ class WorkerPool:
         if not self.started:
             self.start_failure = self.start_failure or why
             return
-        self.failures[worker.index] += 1
-        delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2 ** (self.failures[worker.index] - 1))
-        log.error("%s; starting it again in %.1f s (failure %d in a row)", why, delay, self.failures[worker.index])
-        gevent.spawn_later(delay, self._respawn, worker)
+        delay = self.restarts.after_exit(worker.index, None)
+        log.error("%s (failure %d in a row); %s", why, self.restarts.failures[worker.index], _next_start(delay))
+        self._start_later(worker, delay)
+
+    def _start_later(self, worker: WorkerState, delay: float) -> None:
+        if delay > 0:
+            gevent.spawn_later(delay, self._respawn, worker)
+        else:
+            self._spawn(worker)
 
     def _respawn(self, worker: WorkerState) -> None:
         if not self.stopping and worker.index not in self.processes:
@@ -222,6 +312,10 @@ class WorkerPool:
                     log.error("worker pid %d did not stop in %.0f s: killed", process.pid, timeout)
                     process.kill()
             gevent.joinall(self._watchers, timeout=5)
+
+
+def _next_start(delay: float) -> str:
+    return f"starting it again in {delay:.1f} s" if delay > 0 else "replacing it now"
 
 
 class ClusterBackend(ManagementBackend):
@@ -282,6 +376,8 @@ class Supervisor(App):
         self.argv = argv
         self.pool: WorkerPool | None = None
         self.recorded = RecordingUsers(None)
+        self.users_data = b""  # the users file's content in force: for a worker that read another one
+        self._users_read = b""  # the content last read, in force once its users are taken
 
     def _drop_privileges(self) -> None:
         super()._drop_privileges()
@@ -297,21 +393,58 @@ class Supervisor(App):
         self.recorded = RecordingUsers(self.store)
         return self.recorded
 
-    def _initial(self) -> Message:
+    def _prepare(self) -> ServerContext:
+        """The workers' interpreters start first: they import, parse the configuration and
+        read the users file while this process opens the state and reads the users file
+        too, then each waits for its `init` (sent once this process is ready, `_serve`).
+        Start-up takes about one read of the users file instead of two in a row."""
+        listeners: dict[str, list[socket]] = {service: list(self.bound[service])
+                                              for service in ("pop3", "pop3s") if service in self.bound}
+        self.pool = WorkerPool(self.argv, listeners, self.config.workers, self._initial)
+        self.pool.launch()
+        try:
+            return super()._prepare()
+        except BaseException:
+            self.pool.abandon()
+            raise
+
+    def _user_directory(self) -> UserDirectory:
+        directory = UnverifiedUsers(self._user_store(), allow_weak=self.config.allow_weak_schemes)
+        self._configure_users(directory)
+        return directory
+
+    def _read_users_file(self) -> UsersFile:
+        users_file = super()._read_users_file()
+        self._users_read = users_file.data
+        return users_file
+
+    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
+        counts = super()._configure_users(directory)
+        self.users_data = self._users_read if self.config.users_file else b""
+        return counts
+
+    def _initial(self, index: int, users_digest: str) -> Message:
+        """A new worker's first message: the settings and stored users in force, and the users
+        file's content if the worker read another one than this process (`users_digest`, of
+        what it read, differs: the file changed in between), so every process has the same users."""
         assert self.ctx is not None
         settings = self.ctx.settings
-        return {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
-                "users": dict(self.recorded.users)}
+        message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
+                   "users": dict(self.recorded.users)}
+        if users_digest != self.users_digest:
+            log.info("worker %d read another users file than the one in force here: it takes this one", index)
+            message["users_data"] = self.users_data.decode()
+        return message
 
     def _serve(self, ctx: ServerContext) -> None:
+        assert self.pool is not None
         self.ctx = ctx
-        listeners: dict[str, list[socket]] = {service: self.bound.pop(service)
-                                              for service in ("pop3", "pop3s") if service in self.bound}
+        for service in ("pop3", "pop3s"):
+            self.bound.pop(service, None)  # the pool's now: its workers serve them
         totals = Totals(ctx, self.config.workers)
-        self.pool = WorkerPool(self.argv, listeners, totals, self._initial)
         ctx.settings.subscribe(self._setting_changed)
         try:
-            self.pool.start()
+            self.pool.start(totals)
         except StartupError:
             self.pool.close_listeners()
             raise
@@ -332,10 +465,15 @@ class Supervisor(App):
             self.pool.broadcast({"op": "set", "key": key, "value": format_value(new)})
 
     def reload(self) -> list[str]:
-        """Here (the certificate MSMP over TLS uses, the users file) and in every worker."""
+        """Here (the certificate MSMP over TLS uses, the users file) and in every worker. The
+        workers take the users file's content in force here rather than read the file again:
+        the same users everywhere, even if the file changes meanwhile or its reload failed here."""
         problems = super().reload()
         if self.pool is not None:
-            self.pool.broadcast({"op": "reload"})
+            message: Message = {"op": "reload"}
+            if self.config.users_file:
+                message["users_data"] = self.users_data.decode()
+            self.pool.broadcast(message)
         return problems
 
     def shutdown(self) -> None:

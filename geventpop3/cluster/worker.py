@@ -5,8 +5,10 @@ geventpop3.cluster.__main__) with the supervisor's command line, the descriptors
 the listening sockets and one end of a socketpair (the channel). It parses the same
 configuration, so it serves exactly as a single process would, except that:
 
-- it binds nothing (the sockets are inherited) and keeps no state store: its first
-  message is the supervisor's current settings and stored users; later messages
+- it binds nothing (the sockets are inherited) and keeps no state store: it reads and
+  parses the users file at once (the supervisor reads it meanwhile), says hello with the
+  digest of what it read, and the answer is the supervisor's current settings and
+  stored users (and the supervisor's users file content if it read another); later messages
   carry every SET, ADD, DELE, RELOAD and PENALTY CLEAR; it reports its counters,
   logged-in users and access-log entries to the supervisor twice a second;
 - it dies with the supervisor: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the
@@ -32,12 +34,12 @@ from geventpop3 import listen
 from geventpop3.app import App
 from geventpop3.cluster.aggregate import report
 from geventpop3.cluster.channel import Channel, Message
-from geventpop3.config import Config
+from geventpop3.config import Config, UsageError, read_users_file
 from geventpop3.context import ServerContext
 from geventpop3.pop3.session import Pop3Server
 from geventpop3.settings import SettingError
 from geventpop3.store import Store
-from geventpop3.users import UserError, UserStore
+from geventpop3.users import UserDirectory, UserError, UsersFile, UserStore
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class WorkerApp(App):
         self._sent_logged_in: dict[str, int] = {}
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
         self._deleting: dict[str, AbstractContextManager[None]] = {}  # users withdrawn for a DELE in progress
+        self._early: UserDirectory | None = None  # the users, parsed before the supervisor's init
+        self._given_users: UsersFile | bytes | None = None  # the users file read early, or the supervisor's content
 
     def _bind(self) -> None:
         for service, fds in self.listener_fds.items():
@@ -106,6 +110,10 @@ class WorkerApp(App):
         return SeededUsers(self._init.get("users") or {})
 
     def _prepare(self) -> ServerContext:
+        """Read and parse the users file first (while the supervisor reads it too), say hello
+        with its digest, then wait for the supervisor's init and start as App does."""
+        self.channel.start()
+        self._early = self._configure_early()
         self._init = next(self._inbox, {})
         if self._init.get("op") != "init":
             raise SystemExit(1)  # the supervisor is gone before it told us anything
@@ -113,6 +121,44 @@ class WorkerApp(App):
         for key, text in (self._init.get("settings") or {}).items():
             self._apply_setting(ctx, key, text, "store")
         return ctx
+
+    def _configure_early(self) -> UserDirectory | None:
+        """The configured users (flags, users file), read and parsed before the supervisor's
+        init, after a hello with the digest of the file read; None if the file could not be
+        read or parsed (the supervisor's content comes in the init then: its digest differs)."""
+        users_file = None
+        if self.config.users_file:
+            with contextlib.suppress(UsageError):
+                users_file = read_users_file(self.config.users_file)
+        self.channel.send({"op": "hello", "users_digest": users_file.digest if users_file is not None else ""})
+        if self.config.users_file and users_file is None:
+            return None
+        directory = UserDirectory(None, allow_weak=self.config.allow_weak_schemes)
+        self._given_users = users_file
+        try:
+            self._configure_users(directory)
+        except (UsageError, UserError):
+            return None
+        return directory
+
+    def _user_directory(self) -> UserDirectory:
+        """The early directory if the supervisor's users file is the one read (the init has no
+        `users_data`), with the stored users; else one of the supervisor's content."""
+        data = self._init.pop("users_data", None)
+        early, self._early = self._early, None
+        if data is None and early is not None:
+            early.attach_store(SeededUsers(self._init.get("users") or {}))
+            return early
+        if data is not None:
+            self._given_users = str(data).encode()
+        return super()._user_directory()
+
+    def _read_users_file(self) -> UsersFile:
+        """What `_configure_early` read, or the content the supervisor sent, once; else the file."""
+        given, self._given_users = self._given_users, None
+        if isinstance(given, bytes):
+            return read_users_file(str(self.config.users_file), given)
+        return given if given is not None else super()._read_users_file()
 
     def _serve(self, ctx: ServerContext) -> None:
         assert self.pop3 is not None
@@ -123,7 +169,6 @@ class WorkerApp(App):
                 server.start()
                 self.pop3_servers.append(server)
                 log.debug("worker %d: %s on %s", self.index, service, listen.describe(listener))
-        self.channel.start()
         self._greenlets = [gevent.spawn(self._read, ctx), gevent.spawn(self._report_loop, ctx)]
 
     def _log_identity(self) -> None:
@@ -158,7 +203,9 @@ class WorkerApp(App):
             self._begin_delete(ctx, str(message["name"]))
         elif op == "deluser-end":
             self._end_delete(ctx, str(message["name"]), bool(message.get("deleted")))
-        elif op == "reload":
+        elif op == "reload":  # the users file as the supervisor read it (a worker reads no users file but at start)
+            if "users_data" in message:
+                self._given_users = str(message["users_data"]).encode()
             self.reload()
         elif op == "penalty-clear":
             with contextlib.suppress(ValueError):

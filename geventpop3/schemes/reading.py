@@ -34,11 +34,14 @@ _REFUSED = {
 }
 
 
+_DIGEST_SIZES: dict[str, int] = {}  # by algorithm, found once: hashlib.new costs 1 µs, per entry of a large file
+
+
 def _digest_entry(name: str, encoding: str | None, data: str) -> StoredPassword:
     algorithm, _ = _DIGESTS.get(name) or _SALTED[name]
     if algorithm not in hashlib.algorithms_available:
         raise SchemeError(f"{name} needs {algorithm.upper()}, which this Python's OpenSSL does not provide")
-    size = hashlib.new(algorithm).digest_size
+    size = _DIGEST_SIZES.get(algorithm) or _DIGEST_SIZES.setdefault(algorithm, hashlib.new(algorithm).digest_size)
     if encoding is None and name in _DIGESTS:  # Dovecot's guess: hex if exactly twice the size
         encoding = "hex" if len(data) == 2 * size and re.fullmatch("[0-9a-fA-F]*", data) else "b64"
     raw = decode_hex(name, data) if encoding == "hex" else decode_b64(name, data)

@@ -1,0 +1,36 @@
+"""geventpop3.cluster.restarts: when a worker slot gets a new process (the processes
+themselves: tests/e2e/test_workers.py)."""
+
+from __future__ import annotations
+
+from geventpop3.cluster.restarts import BACKOFF_MAX, CRASH_WINDOW, RestartPolicy
+
+
+def test_a_worker_that_served_a_while_is_replaced_at_once_every_time() -> None:
+    policy = RestartPolicy(2)
+    assert [policy.after_exit(0, CRASH_WINDOW + 60) for _ in range(5)] == [0.0] * 5
+    assert policy.failures == [0, 0]
+
+
+def test_deaths_soon_after_ready_back_off_from_the_second_and_up_to_the_maximum() -> None:
+    policy = RestartPolicy(1)
+    delays = [policy.after_exit(0, 0.2) for _ in range(10)]
+    assert delays[:6] == [0.0, 0.5, 1.0, 2.0, 4.0, 8.0]
+    assert max(delays) == BACKOFF_MAX == delays[-1]
+    assert policy.failures == [10]
+
+
+def test_workers_that_never_get_ready_back_off_from_the_first() -> None:
+    policy = RestartPolicy(1)
+    assert [policy.after_exit(0, None) for _ in range(4)] == [0.5, 1.0, 2.0, 4.0]
+
+
+def test_a_stable_period_resets_the_count_and_slots_count_apart() -> None:
+    policy = RestartPolicy(2)
+    for _ in range(4):
+        policy.after_exit(0, 1.0)
+    assert policy.after_exit(1, 1.0) == 0.0  # the other slot: its first failure
+    assert policy.after_exit(0, CRASH_WINDOW) == 0.0  # served the whole window: not a failure
+    assert policy.failures == [0, 1]
+    assert policy.after_exit(0, 1.0) == 0.0  # a new series
+    assert policy.after_exit(0, 1.0) == 0.5
