@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
@@ -43,6 +44,9 @@ from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import KEYS, format_value
 from geventpop3.store import Store
 from geventpop3.users import UserError, UserStore
+
+if TYPE_CHECKING:
+    from geventpop3.cluster.shared_store import SupervisorShare
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +99,7 @@ class WorkerPool:
         self.acked = Event()  # a worker applied a broadcast
         self.sequence = 0  # of broadcasts
         self.start_failure: str | None = None
+        self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self._watchers: list[gevent.Greenlet[..., None]] = []
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
@@ -172,6 +177,8 @@ class WorkerPool:
                 log.info("worker %d serving (pid %d)", worker.index, process.pid)
                 self.changed.set()
         status = process.wait()
+        for exited in self.exited:
+            exited(worker.index, process.pid)
         channel.close()
         was_ready = worker.ready
         self.totals.forget(worker)
@@ -282,6 +289,7 @@ class Supervisor(App):
         self.argv = argv
         self.pool: WorkerPool | None = None
         self.recorded = RecordingUsers(None)
+        self.share: SupervisorShare | None = None  # with --state-url (geventpop3.cluster.shared_store)
 
     def _drop_privileges(self) -> None:
         super()._drop_privileges()
@@ -301,7 +309,7 @@ class Supervisor(App):
         assert self.ctx is not None
         settings = self.ctx.settings
         return {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
-                "users": dict(self.recorded.users)}
+                "users": dict(self.recorded.users), **(self.share.init_fields() if self.share else {})}
 
     def _serve(self, ctx: ServerContext) -> None:
         self.ctx = ctx
@@ -309,6 +317,8 @@ class Supervisor(App):
                                               for service in ("pop3", "pop3s") if service in self.bound}
         totals = Totals(ctx, self.config.workers)
         self.pool = WorkerPool(self.argv, listeners, totals, self._initial)
+        if self.share is not None:
+            self.pool.exited.append(self.share.worker_exited)
         ctx.settings.subscribe(self._setting_changed)
         try:
             self.pool.start()
@@ -345,3 +355,24 @@ class Supervisor(App):
             self.pool.close_listeners()
             self.pool.stop(SHUTDOWN_GRACE + 5)
         super().shutdown()
+
+    # -- with --state-url: the shared store's part (geventpop3.cluster.shared_store) ----------
+    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
+        super()._restore_state(ctx, store)
+        if self.config.state_url is None:
+            return
+        from geventpop3.cluster.shared_store import SupervisorShare
+        from geventpop3.store.shared import SharedState
+
+        assert isinstance(ctx.shared, SharedState)
+        # Before any yield, so the follower has not applied anything the workers would miss.
+        self.share = SupervisorShare(ctx.shared, lambda: self.recorded.users, self._broadcast)
+
+    def _broadcast(self, message: Message) -> None:
+        if self.pool is not None:
+            self.pool.broadcast(message)
+
+    def _close_state(self) -> None:
+        if self.share is not None:
+            self.share.stop()  # the workers have stopped: what a killed one left goes now
+        super()._close_state()

@@ -207,3 +207,13 @@ class Leases:
                 "DELETE FROM leases WHERE owner = %s", (self.db.owner,)), wait=1.0)
         except StoreError as exc:
             log.warning("leases not released at shutdown (they expire on their own): %s", exc)
+
+
+def release_owner(db: Database, owner: str, prefix: bool = False) -> int:
+    """Delete every lease of `owner` (with `prefix`: of every owner starting so), processes
+    known to be dead: a cluster worker killed, whose supervisor gives its leases back at
+    once instead of after `lease_timeout`. How many were deleted."""
+    if prefix:
+        owner = owner.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    sql = "DELETE FROM leases WHERE owner LIKE %s" if prefix else "DELETE FROM leases WHERE owner = %s"
+    return int(db.run("release a dead process's leases in", lambda c: c.execute(sql, (owner,)).rowcount, wait=1.0))
