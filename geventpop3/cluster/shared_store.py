@@ -70,7 +70,8 @@ class SupervisorShare:
         self.broadcast = broadcast
         self._told = shared.available
         shared.follower.user_changed.append(self._user_changed)
-        self._greenlets: list[gevent.Greenlet[..., None]] = [gevent.spawn(self._follow_availability)]
+        self._watcher = gevent.spawn(self._follow_availability)
+        self._releases: list[gevent.Greenlet[..., None]] = []
 
     def init_fields(self) -> Message:
         """What a new worker's first message carries: the prefix of its lease owner, the database's state."""
@@ -95,8 +96,8 @@ class SupervisorShare:
     def worker_exited(self, index: int, pid: int) -> None:
         """Worker `index` (process `pid`) is gone: its leases are deleted now (retried
         while the database is down, until they would have expired anyway)."""
-        self._greenlets = [g for g in self._greenlets if not g.dead]
-        self._greenlets.append(gevent.spawn(self._release, lease_owner(self.prefix, index, pid), index))
+        self._releases = [release for release in self._releases if not release.dead]
+        self._releases.append(gevent.spawn(self._release, lease_owner(self.prefix, index, pid), index))
 
     def _release(self, owner: str, index: int) -> None:
         give_up = time.monotonic() + float(self.shared.ctx.settings.lease_timeout)
@@ -116,7 +117,11 @@ class SupervisorShare:
     def stop(self) -> None:
         """After the workers stopped (each gave its leases back): whatever a worker killed
         at the stop deadline left is deleted too."""
-        gevent.killall(self._greenlets, block=True, timeout=2.0)
+        self._watcher.kill(block=True, timeout=1.0)
+        # The workers just stopped have a release each in flight: killed mid-query, its
+        # connection would go back to the pool still busy.
+        gevent.joinall(self._releases, timeout=2.0)
+        gevent.killall(self._releases, block=True, timeout=1.0)
         if not self.shared.available:
             return
         try:
