@@ -90,9 +90,12 @@ def test_a_session_on_one_worker_makes_the_other_worker_and_the_other_instance_a
     with one_per_worker(a) as clients:
         (first_pid, first), (_, second) = clients.items()
         assert first.login("alice", "alicepw").startswith(b"+OK")
-        # The lease is the worker's own: its owner names the worker process, the instance is A's.
+        # The lease is the worker's own: its owner names the supervisor (whose owner the
+        # instances row holds), the worker and its process; the instance is A's.
         (owner, instance), = pair.leases("alice")
-        assert owner.endswith(f"-{first_pid}") and instance == default_instance_name(a.port)
+        (supervisor,), = pair.query("SELECT owner FROM instances WHERE instance = %s", instance)
+        assert instance == default_instance_name(a.port)
+        assert owner.startswith(f"{supervisor}-w") and owner.endswith(f"-{first_pid}"), (owner, supervisor)
         assert second.login("alice", "alicepw").startswith(b"-ERR [IN-USE]")
         assert login_answer(b, "alice", "alicepw").startswith(b"-ERR [IN-USE]")
         assert second.login("bob", "bobpw").startswith(b"+OK")  # another user on the other worker
