@@ -227,6 +227,19 @@ def test_sigterm_of_the_supervisor_with_sessions_open_exits_0_and_leaves_no_leas
     assert "Traceback" not in a.log()
 
 
+def test_the_supervisor_killed_its_workers_give_their_leases_back_on_the_way_out(pair: Pair) -> None:
+    a, b = pair.a, pair.b
+    with LineClient(a.port) as session:
+        assert session.login("alice", "alicepw").startswith(b"+OK")
+        assert len(pair.leases("alice")) == 1
+        assert a.stop(signal.SIGKILL) == -signal.SIGKILL
+        killed = time.monotonic()
+        session.read_until_closed(reset_ok=True)  # the worker got SIGTERM from the kernel (PR_SET_PDEATHSIG)
+        wait_until(lambda: login_answer(b, "alice", "alicepw").startswith(b"+OK"), timeout=10)
+        freed_in = time.monotonic() - killed
+        assert freed_in < 5, f"alice could log in again only after {freed_in:.1f} s"
+
+
 @pytest.fixture
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL of this test's own: it is stopped and started again."""
