@@ -139,7 +139,7 @@ def load_config(args: argparse.Namespace) -> Config:
         allow_weak_schemes=allow_weak,
         ready_file=ready_file_for(args),
         **shared,
-        workers=workers_for(args.workers, file_values.get("workers"), shared.get("state_url")),
+        workers=workers_for(args.workers, file_values.get("workers")),
     )
 
 
@@ -151,20 +151,15 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def workers_for(flag: str | None, from_file: object, state_url: str | None = None) -> int:
-    """`--workers` (text) or the file's `workers` (an integer): 1 to MAX_WORKERS; default: the
-    CPUs, or 1 with a shared PostgreSQL store (whose leases and follower live in the one
-    process that serves: workers of one supervisor do not share them yet)."""
+def workers_for(flag: str | None, from_file: object) -> int:
+    """`--workers` (text) or the file's `workers` (an integer): 1 to MAX_WORKERS; default: the CPUs."""
     value: object = flag if flag is not None else from_file
     if value is None:
-        return 1 if state_url is not None else default_workers()
+        return default_workers()
     if isinstance(value, str) and value.isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
         raise UsageError(f"invalid workers {value!r}: a number of processes from 1 to {MAX_WORKERS}")
-    if value > 1 and state_url is not None:
-        raise UsageError("workers > 1 with state_url is not supported yet: run one instance per core "
-                         "(each with its own instance_name) behind the load balancer")
     return value
 
 

@@ -13,7 +13,7 @@ from geventpop3.users import Credentials, UserDirectory
 if TYPE_CHECKING:  # for the types only: they use this module, and would bring gevent in
     from geventpop3.filters import FilterRunner
     from geventpop3.store.persister import Persister
-    from geventpop3.store.shared import SharedState
+    from geventpop3.store.shared import SessionShare
     from geventpop3.tls import ServerTls
 
 
@@ -35,8 +35,8 @@ class ServerContext:
     # The certificate and the SSLContext new TLS connections get; None: no TLS (no STLS, no POP3S).
     tls: ServerTls | None = None
     # What is shared with other instances through a PostgreSQL store (leases, live settings
-    # and users, STAT over every instance); None with SQLite or no state.
-    shared: SharedState | None = None
+    # and users, STAT over every instance; a cluster worker: its leases only); None with SQLite or no state.
+    shared: SessionShare | None = None
     # Failed logins by client source, shared by POP3 and MSMP (made from settings and metrics).
     penalty: Penalty = field(init=False)
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+import psutil
 import pytest
 
 from admin.client import MsmpClient, MsmpConnectionError
@@ -294,6 +295,59 @@ def started_servers(root: Path) -> Iterator[Callable[..., ServerProcess]]:
         for server in started:
             if server.running:
                 server.stop()
+
+
+# -- worker processes of --workers N (geventpop3.cluster) ------------------------------
+
+def workers_of(server: ServerProcess) -> list[int]:
+    """The pids of the worker processes serving now (children of the supervisor)."""
+    assert server.process is not None
+    return [child.pid for child in psutil.Process(server.process.pid).children()]
+
+
+def worker_serving(server: ServerProcess, client: LineClient, port: int | None = None) -> int:
+    """The pid of the worker holding the server side of `client`'s connection (to `port`, default POP3)."""
+    local_port = client.sock.getsockname()[1]
+    port = port or server.port
+
+    def find() -> int | None:
+        for pid in workers_of(server):
+            try:
+                connections = psutil.Process(pid).net_connections("tcp")
+            except psutil.NoSuchProcess:
+                continue
+            for conn in connections:
+                if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == local_port:
+                    return pid
+        return None
+
+    return wait_until(find)
+
+
+@contextlib.contextmanager
+def one_per_worker(server: ServerProcess, count: int = 2,
+                   connect: Callable[[], LineClient] | None = None, port: int | None = None,
+                   made: list[int] | None = None) -> Iterator[dict[int, LineClient]]:
+    """A greeted POP3 connection on each of `count` workers, by worker pid (extras are closed);
+    `connect` and `port` for another listener than plain POP3; `made` gets how many connections it took."""
+    found: dict[int, LineClient] = {}
+    try:
+        for attempt in range(1, 201):
+            client = connect() if connect is not None else LineClient(server.port)
+            if made is not None:
+                made[:] = [attempt]
+            pid = worker_serving(server, client, port)
+            if pid in found:
+                client.close()
+            else:
+                found[pid] = client
+            if len(found) == count:
+                break
+        assert len(found) == count, f"connections reached only workers {list(found)}"
+        yield found
+    finally:
+        for client in found.values():
+            client.close()
 
 
 # -- sessions on the real server -------------------------------------------------

@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gevent
 from gevent.event import Event
@@ -47,6 +48,9 @@ from geventpop3.msmp.session import start_admin_servers
 from geventpop3.settings import KEYS, format_value
 from geventpop3.store import Store
 from geventpop3.users import UserDirectory, UserError, UsersFile, UserStore
+
+if TYPE_CHECKING:
+    from geventpop3.cluster.shared_store import SupervisorShare
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +126,7 @@ class WorkerPool:
         self.sequence = 0  # of broadcasts
         self.start_failure: str | None = None
         self._launched: dict[int, Launched | OSError] = {}
+        self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self._watchers: list[gevent.Greenlet[..., None]] = []
 
     def launch(self) -> None:
@@ -230,6 +235,8 @@ class WorkerPool:
             log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
             process.kill()
         status = process.wait()
+        for exited in self.exited:
+            exited(worker.index, process.pid)
         channel.close()
         was_ready = worker.ready
         self.totals.forget(worker)
@@ -378,6 +385,7 @@ class Supervisor(App):
         self.recorded = RecordingUsers(None)
         self.users_data = b""  # the users file's content in force: for a worker that read another one
         self._users_read = b""  # the content last read, in force once its users are taken
+        self.share: SupervisorShare | None = None  # with --state-url (geventpop3.cluster.shared_store)
 
     def _drop_privileges(self) -> None:
         super()._drop_privileges()
@@ -430,7 +438,7 @@ class Supervisor(App):
         assert self.ctx is not None
         settings = self.ctx.settings
         message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
-                   "users": dict(self.recorded.users)}
+                   "users": dict(self.recorded.users), **(self.share.init_fields() if self.share else {})}
         if users_digest != self.users_digest:
             log.info("worker %d read another users file than the one in force here: it takes this one", index)
             message["users_data"] = self.users_data.decode()
@@ -442,6 +450,8 @@ class Supervisor(App):
         for service in ("pop3", "pop3s"):
             self.bound.pop(service, None)  # the pool's now: its workers serve them
         totals = Totals(ctx, self.config.workers)
+        if self.share is not None:
+            self.pool.exited.append(self.share.worker_exited)
         ctx.settings.subscribe(self._setting_changed)
         try:
             self.pool.start(totals)
@@ -483,3 +493,24 @@ class Supervisor(App):
             self.pool.close_listeners()
             self.pool.stop(SHUTDOWN_GRACE + 5)
         super().shutdown()
+
+    # -- with --state-url: the shared store's part (geventpop3.cluster.shared_store) ----------
+    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
+        super()._restore_state(ctx, store)
+        if self.config.state_url is None:
+            return
+        from geventpop3.cluster.shared_store import SupervisorShare
+        from geventpop3.store.shared import SharedState
+
+        assert isinstance(ctx.shared, SharedState)
+        # Before any yield, so the follower has not applied anything the workers would miss.
+        self.share = SupervisorShare(ctx.shared, lambda: self.recorded.users, self._broadcast)
+
+    def _broadcast(self, message: Message) -> None:
+        if self.pool is not None:
+            self.pool.broadcast(message)
+
+    def _close_state(self) -> None:
+        if self.share is not None:
+            self.share.stop()  # the workers have stopped: what a killed one left goes now
+        super()._close_state()

@@ -120,6 +120,12 @@ class WorkerApp(App):
         ctx = super()._prepare()
         for key, text in (self._init.get("settings") or {}).items():
             self._apply_setting(ctx, key, text, "store")
+        if self.config.state_url is not None:  # its own leases (geventpop3.cluster.shared_store)
+            from geventpop3.cluster.shared_store import WorkerShare
+
+            ctx.shared = WorkerShare.for_worker(ctx, self.config.state_url, self._instance_name(), self.index,
+                                                self._init)
+            ctx.shared.start()
         return ctx
 
     def _configure_early(self) -> UserDirectory | None:
@@ -197,8 +203,13 @@ class WorkerApp(App):
         op = message.get("op")
         if op == "set":
             self._apply_setting(ctx, str(message["key"]), str(message["value"]), "msmp")
-        elif op == "user":  # added over MSMP: the supervisor's hash (a flag's or the file's entry still wins)
-            ctx.users.take_stored(str(message["name"]), str(message["entry"]))
+        elif op == "user":  # MSMP ADD: the supervisor's hash; None: deleted by another instance
+            entry = message.get("entry")
+            ctx.users.take_stored(str(message["name"]), None if entry is None else str(entry))
+        elif op == "store":  # whether the shared database answers
+            from geventpop3.cluster.shared_store import told_available
+
+            told_available(ctx, bool(message.get("available")))
         elif op == "deluser-begin":
             self._begin_delete(ctx, str(message["name"]))
         elif op == "deluser-end":

@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_TAKE = ("INSERT INTO leases (mailbox, owner, instance, expires)"
+         " SELECT m, %s, %s, now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS m"
+         " ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, instance = excluded.instance,"
+         " expires = excluded.expires WHERE leases.expires < now() OR leases.owner = excluded.owner"
+         " RETURNING mailbox")
 RENEW_INTERVAL = 1.0  # seconds between two renewals of every lease of this process
 HELD, IN_USE, UNAVAILABLE = "held", "in-use", "unavailable"
 _ACQUIRE_WAIT = 1.0  # seconds a login waits for a database connection before [SYS/TEMP]
@@ -99,36 +104,47 @@ class Leases:
             self._batcher = gevent.spawn(self._batch_loop)
 
     def _batch_loop(self) -> None:
-        """One statement for every release waiting, then one for every take waiting, and
-        again while more came meanwhile. Idle, a request goes at once; under load the
-        requests that arrive during a round trip share the next one, so the statements
-        per second stay bounded however many logins there are."""
+        """One statement for every release and every take waiting, and again while more
+        came meanwhile. Idle, a request goes at once; under load the requests that arrive
+        during a round trip share the next one, so the statements per second stay bounded
+        however many logins there are. Releases and takes go in one statement when both
+        wait: each costs a round trip and a wake-up of the database, and a session is one
+        take and one release (with `--workers` each process batches only its own)."""
         while True:
             self._work.wait()
             self._work.clear()
             releases, self._releases = self._releases, {}
             takes, self._takes = self._takes, {}
-            if releases:
-                self._release_batch(releases)
             if takes:
-                self._take_batch(takes)
+                self._take_batch(takes, releases)
+            elif releases:
+                self._release_batch(releases)
 
-    def _take_batch(self, takes: dict[str, AsyncResult[str]]) -> None:
+    def _take_batch(self, takes: dict[str, AsyncResult[str]], releases: dict[str, AsyncResult[None]]) -> None:
+        """The takes, and the releases (the DELETE in a WITH of the same statement). A
+        mailbox both released and taken again here stays ours: only the take runs for it,
+        so the two never touch one row in one statement."""
         names = list(takes)
+        released = [name for name in releases if name not in takes]
+        sql = _TAKE
+        args: tuple[object, ...] = (self.db.owner, self.db.instance, self.timeout(), names)
+        if released:
+            sql = "WITH released AS (DELETE FROM leases WHERE owner = %s AND mailbox = ANY(%s)) " + sql
+            args = (self.db.owner, released, *args)
         try:
-            rows = self.db.run("take leases in", lambda c: c.execute(
-                "INSERT INTO leases (mailbox, owner, instance, expires)"
-                " SELECT m, %s, %s, now() + make_interval(secs => %s) FROM unnest(%s::text[]) AS m"
-                " ON CONFLICT (mailbox) DO UPDATE SET owner = excluded.owner, instance = excluded.instance,"
-                " expires = excluded.expires WHERE leases.expires < now() OR leases.owner = excluded.owner"
-                " RETURNING mailbox", (self.db.owner, self.db.instance, self.timeout(), names)).fetchall(),
-                wait=_ACQUIRE_WAIT)
+            rows = self.db.run("take leases in", lambda c: c.execute(sql, args).fetchall(), wait=_ACQUIRE_WAIT)
         except Exception as exc:  # a StoreError; anything else too: no waiter may hang
             log.error("leases of %d mailboxes not taken: %s", len(names), exc,
                       exc_info=None if isinstance(exc, StoreError) else exc)
+            if released:
+                log.warning("leases of %d mailboxes not released (they expire on their own)", len(released))
             for result in takes.values():
                 result.set(UNAVAILABLE)
+            for done in releases.values():
+                done.set(None)
             return
+        for done in releases.values():
+            done.set(None)
         taken = {str(row[0]) for row in rows}
         for name, result in takes.items():
             result.set(HELD if name in taken else IN_USE)
@@ -207,3 +223,13 @@ class Leases:
                 "DELETE FROM leases WHERE owner = %s", (self.db.owner,)), wait=1.0)
         except StoreError as exc:
             log.warning("leases not released at shutdown (they expire on their own): %s", exc)
+
+
+def release_owner(db: Database, owner: str, prefix: bool = False) -> int:
+    """Delete every lease of `owner` (with `prefix`: of every owner starting so), processes
+    known to be dead: a cluster worker killed, whose supervisor gives its leases back at
+    once instead of after `lease_timeout`. How many were deleted."""
+    if prefix:
+        owner = owner.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    sql = "DELETE FROM leases WHERE owner LIKE %s" if prefix else "DELETE FROM leases WHERE owner = %s"
+    return int(db.run("release a dead process's leases in", lambda c: c.execute(sql, (owner,)).rowcount, wait=1.0))

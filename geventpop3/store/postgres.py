@@ -176,7 +176,10 @@ class Database:
     """
 
     def __init__(self, url: str, instance: str, connect_timeout: float = 5.0, wait: float = 3.0,
-                 max_size: int = 4) -> None:
+                 max_size: int = 4, require: bool = True) -> None:
+        """With `require`, StoreError if no connection is made within `connect_timeout`;
+        without, the pool keeps trying in the background (a cluster worker started during
+        an outage serves, answering logins [SYS/TEMP] until the database answers)."""
         if psycopg is None:
             raise StoreError(INSTALL_HINT)
         self.url = url
@@ -195,6 +198,9 @@ class Database:
             check=_check, reconnect_timeout=86400.0, timeout=wait,
             configure=_configure,
         )
+        if not require:
+            self._pool.open(wait=False)
+            return
         try:
             self._pool.open(wait=True, timeout=connect_timeout)
         except PoolTimeout:

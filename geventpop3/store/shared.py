@@ -8,10 +8,11 @@ After a (re)connect, and every `reread_interval` seconds as a safety net, everyt
 re-read, so a notification lost with a connection is caught up. Once a second it also
 says this instance is alive (the `instances` row: STAT's per-instance lines).
 
-Fits both process models: a single process runs it all; with supervisor and workers
-(geventpop3.cluster) the supervisor holds the store and the `Follower` (the settings
-and users it applies reach its workers as its own changes do), and each worker serving
-POP3 needs only a `Database` and its own `Leases`.
+Fits both process models: a single process runs it all (`SharedState`); with
+supervisor and workers (geventpop3.cluster) the supervisor holds the store and the
+`Follower` (the settings and users it applies reach its workers as its own changes do:
+geventpop3.cluster.shared_store), and each worker serving POP3 has only what a session
+needs (`SessionShare`: a `Database` and its own `Leases`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import gevent
 from gevent.event import Event
@@ -29,35 +30,55 @@ from geventpop3.metrics import Metrics
 from geventpop3.settings import SettingError, format_value
 from geventpop3.store import StoreError
 from geventpop3.store.leases import Leases
-from geventpop3.store.postgres import SETTINGS_CHANNEL, USERS_CHANNEL, PostgresStore, psycopg
+from geventpop3.store.postgres import SETTINGS_CHANNEL, USERS_CHANNEL, Database, PostgresStore, psycopg
 
 log = logging.getLogger(__name__)
 
 ALIVE_WITHIN = 10.0  # seconds: an instance seen longer ago counts as down in STAT
 
 
-class SharedState:
-    """The leases and the follower of one instance (single process, or a supervisor's)."""
+class SessionShare:
+    """What a POP3 session uses of the shared store: this process's leases, and whether
+    the database answers (a failed login is then temporary). A worker of
+    geventpop3.cluster has this alone; `SharedState` adds the rest."""
 
-    def __init__(self, ctx: ServerContext, store: PostgresStore, skip: Collection[str] = (),
-                 reread_interval: float = 30.0) -> None:
-        self.ctx = ctx
-        self.store = store
-        self.leases = Leases(store.db, lambda: float(ctx.settings.lease_timeout))
-        self.follower = Follower(ctx, store, skip, reread_interval)
+    def __init__(self, ctx: ServerContext, db: Database) -> None:
+        self.db = db
+        self.leases = Leases(db, lambda: float(ctx.settings.lease_timeout))
 
     @property
     def available(self) -> bool:
         """Whether the database answered the last time it was asked."""
-        return self.store.db.available
+        return self.db.available
 
     def start(self) -> None:
         self.leases.start()
+
+    def stop(self) -> None:
+        self.leases.stop()
+
+    def stat_lines(self, metrics: Metrics) -> list[str]:
+        """This process's own (MSMP is served where the whole view is: `SharedState`)."""
+        return metrics.stat_lines()
+
+
+class SharedState(SessionShare):
+    """The leases and the follower of one instance (single process, or a supervisor's)."""
+
+    def __init__(self, ctx: ServerContext, store: PostgresStore, skip: Collection[str] = (),
+                 reread_interval: float = 30.0) -> None:
+        super().__init__(ctx, store.db)
+        self.ctx = ctx
+        self.store = store
+        self.follower = Follower(ctx, store, skip, reread_interval)
+
+    def start(self) -> None:
+        super().start()
         self.follower.start()
 
     def stop(self) -> None:
         self.follower.stop()
-        self.leases.stop()
+        super().stop()
 
     def stat_lines(self, metrics: Metrics) -> list[str]:
         """STAT over every instance: the totals (this one's live counters plus the others'
@@ -105,6 +126,9 @@ class Follower:
         self.skip = frozenset(skip)  # settings given as flags here: they win, as at start-up
         self.reread_interval = reread_interval
         self.connected = Event()  # set while LISTENing (tests wait for it)
+        # Called after a user another instance changed is applied here (name, entry or
+        # None): a supervisor tells its workers (geventpop3.cluster.shared_store).
+        self.user_changed: list[Callable[[str, str | None], None]] = []
         self.failures = 0
         self._stopping = Event()
         self._greenlet: gevent.Greenlet[[], None] | None = None
@@ -167,7 +191,7 @@ class Follower:
         if channel == SETTINGS_CHANNEL:
             self.reread_settings()
         elif channel == USERS_CHANNEL:
-            self.ctx.users.take_stored(subject, self.store.load_user(subject))
+            self._take_user(subject, self.store.load_user(subject))
             log.info("user %s %s by another instance", subject, "changed" if subject in self.ctx.users else "removed")
 
     def reread(self) -> None:
@@ -194,7 +218,12 @@ class Follower:
         stored = self.store.load_users()
         held = users.stored_entries()
         for name in set(held) - set(stored):
-            users.take_stored(name, None)
+            self._take_user(name, None)
         for name, encoded in stored.items():
             if held.get(name) != encoded:
-                users.take_stored(name, encoded)
+                self._take_user(name, encoded)
+
+    def _take_user(self, name: str, entry: str | None) -> None:
+        self.ctx.users.take_stored(name, entry)
+        for observer in self.user_changed:
+            observer(name, entry)

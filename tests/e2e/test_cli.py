@@ -98,7 +98,6 @@ def test_version(tmp_path: Path, flag: str) -> None:
     (["-u", "alice:{NO-SUCH-SCHEME}x"], "invalid user alice: unknown password scheme {NO-SUCH-SCHEME}"),
     (["-a", "root:$scrypt$n=3,r=1,p=1$c2FsdA==$ZGlnZXN0"], "invalid admin root: impossible scrypt cost"),
     (["--uidl-format", "%u"], "uidl_format"),
-    (["--state-url", "postgresql://gp@127.0.0.1/gp", "--workers", "2"], "workers > 1 with state_url"),
     (["--uidl-format", "%08xu%08xv"], "uidl_format"),
 ])
 def test_bad_flags(tmp_path: Path, args: list[str], fragment: str) -> None:

@@ -10,8 +10,7 @@ import os
 import signal
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -25,64 +24,15 @@ from helpers import (
     crlf,
     free_port,
     logs_with,
+    one_per_worker,
     run_server,
     state_db,
     tls_client,
     wait_until,
+    workers_of,
 )
 
 MESSAGE = crlf(b"Subject: hello\n\nworkers\n")
-
-
-def workers_of(server: ServerProcess) -> list[int]:
-    """The pids of the worker processes serving now (children of the supervisor)."""
-    assert server.process is not None
-    return [child.pid for child in psutil.Process(server.process.pid).children()]
-
-
-def worker_serving(server: ServerProcess, client: LineClient, port: int | None = None) -> int:
-    """The pid of the worker holding the server side of `client`'s connection (to `port`, default POP3)."""
-    local_port = client.sock.getsockname()[1]
-    port = port or server.port
-
-    def find() -> int | None:
-        for pid in workers_of(server):
-            try:
-                connections = psutil.Process(pid).net_connections("tcp")
-            except psutil.NoSuchProcess:
-                continue
-            for conn in connections:
-                if conn.laddr and conn.laddr.port == port and conn.raddr and conn.raddr.port == local_port:
-                    return pid
-        return None
-
-    return wait_until(find)
-
-
-@contextmanager
-def one_per_worker(server: ServerProcess, count: int = 2,
-                   connect: Callable[[], LineClient] | None = None, port: int | None = None,
-                   made: list[int] | None = None) -> Iterator[dict[int, LineClient]]:
-    """A greeted POP3 connection on each of `count` workers, by worker pid (extras are closed);
-    `connect` and `port` for another listener than plain POP3; `made` gets how many connections it took."""
-    found: dict[int, LineClient] = {}
-    try:
-        for attempt in range(1, 201):
-            client = connect() if connect is not None else LineClient(server.port)
-            if made is not None:
-                made[:] = [attempt]
-            pid = worker_serving(server, client, port)
-            if pid in found:
-                client.close()
-            else:
-                found[pid] = client
-            if len(found) == count:
-                break
-        assert len(found) == count, f"connections reached only workers {list(found)}"
-        yield found
-    finally:
-        for client in found.values():
-            client.close()
 
 
 def stat(server: ServerProcess) -> dict[str, int]:

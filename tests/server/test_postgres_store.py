@@ -206,3 +206,32 @@ def test_concurrent_takes_and_releases_share_statements_and_one_mailbox_goes_to_
         a.db.run = real_run  # type: ignore[method-assign]
         a.stop()
         b.stop()
+
+
+def test_releases_and_takes_waiting_together_go_in_one_statement(stores: list[PostgresStore]) -> None:
+    """A session is a take and a release: waiting together they share a round trip. A
+    mailbox released and taken again in that round stays this process's."""
+    a = Leases(stores[0].db, lambda: 30.0)
+    b = Leases(stores[1].db, lambda: 30.0)
+    statements = []
+    real_run = a.db.run
+
+    def counted(*args: object, **kwargs: object) -> object:
+        statements.append(args[0])
+        return real_run(*args, **kwargs)  # type: ignore[arg-type]
+
+    try:
+        assert a.acquire("x") == HELD and a.acquire("y") == HELD
+        a.db.run = counted  # type: ignore[method-assign]
+        round_ = [gevent.spawn(a.release, "x"), gevent.spawn(a.release, "y"),
+                  gevent.spawn(a.acquire, "y"), gevent.spawn(a.acquire, "z")]
+        gevent.joinall(round_, raise_error=True)
+        assert [g.value for g in round_] == [None, None, HELD, HELD]
+        assert len(statements) == 1
+        a.db.run = real_run  # type: ignore[method-assign]
+        assert [b.acquire(name) for name in ("x", "y", "z")] == [HELD, IN_USE, IN_USE]
+        assert a.held == {"y", "z"}
+    finally:
+        a.db.run = real_run  # type: ignore[method-assign]
+        a.stop()
+        b.stop()
