@@ -25,7 +25,6 @@ Limits against slow and many connections (see docs/configuration.md):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import socket
@@ -54,6 +53,7 @@ from geventpop3.pop3.protocol import (
 )
 from geventpop3.pop3.security import ConnectionSecurity, parse_address
 from geventpop3.proxy_protocol import ProxyError, ProxyHeader
+from geventpop3.runners import Runners
 from geventpop3.store import leases
 from geventpop3.transport import TlsTransport, Transport
 from geventpop3.users import HashingBusy
@@ -217,7 +217,7 @@ class Pop3Session:
 
     def on_ready(self) -> None:
         """Event-loop callback: the client sent something (or closed)."""
-        self.greenlet = gevent.spawn(self.serve)
+        self.greenlet = self.service.runners.spawn(self.serve)
 
     def on_timeout(self) -> None:
         """Event-loop callback: the park's one deadline passed. Before login it was set to
@@ -466,7 +466,11 @@ class Pop3Service:
         # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
         self.user_sessions: dict[tuple[str, str], int] = {}
         self.count_sent = self._count_sent  # one bound method shared by every transport
-        self.handle_tls = functools.partial(self.handle, implicit_tls=True)  # the POP3S listeners' handler
+        self.runners = Runners()  # the greenlets that serve bursts (and first bursts, see Pop3Server)
+
+    def handle_tls(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """The POP3S listeners' handler: the handshake comes before the greeting."""
+        self.handle(sock, address, implicit_tls=True)
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool = False) -> None:
         """StreamServer handler: enforce the connection limits, then greet and serve."""
@@ -563,6 +567,7 @@ class Pop3Service:
         die in time, or one woken but killed before it started) is closed here, so
         every logout is recorded before the state is flushed.
         """
+        self.runners.close()  # a runner ends after its burst: joining it returns
         busy = []
         for session in list(self.sessions):
             session.ended = "shutdown"
@@ -579,7 +584,15 @@ class Pop3Service:
 
 class Pop3Server(StreamServer):
     """A StreamServer whose sessions close their own sockets: a parked session
-    outlives the greenlet that accepted it."""
+    outlives the greenlet that accepted it. A Pop3Service's handler runs in the
+    service's runners (geventpop3.runners), not in a new greenlet per connection."""
+
+    def __init__(self, listener: Any, handle: Any) -> None:
+        service = getattr(handle, "__self__", None)
+        if isinstance(service, Pop3Service):
+            super().__init__(listener, handle, spawn=cast(Any, service.runners.spawn))
+        else:
+            super().__init__(listener, handle)
 
     def do_close(self, *args: Any) -> None:
         pass
