@@ -37,7 +37,7 @@ from gevent.server import StreamServer
 from geventpop3 import maildir, tls
 from geventpop3.context import ServerContext
 from geventpop3.filters import ClientGone
-from geventpop3.lines import Delayed, LineBuffer
+from geventpop3.lines import Delayed, LineBuffer, single_line
 from geventpop3.metrics import AccessEntry
 from geventpop3.penalty import source_of
 from geventpop3.pop3 import proxied
@@ -202,6 +202,11 @@ class Pop3Session:
             metrics.bytes_received += len(data)
             buffer = self.buffer
             if buffer is None:
+                single = single_line(data)  # one whole command, as most bursts are: no LineBuffer
+                if single is not None:
+                    self._dispatch(protocol.handle(single))
+                    self.transport.flush()
+                    continue
                 buffer = self.buffer = LineBuffer()
             for line in buffer.feed(data):
                 self._dispatch(protocol.handle(line))
