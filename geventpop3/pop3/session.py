@@ -145,6 +145,8 @@ class Pop3Session:
                 self.close()
                 return
         self.transport.write(self.protocol.greeting())
+        # The client waits for the greeting before it speaks: no read(2) that would say EAGAIN.
+        self.transport.short_read = True
         self.serve()
 
     def serve(self) -> None:
