@@ -45,6 +45,7 @@ import stat
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
@@ -68,6 +69,7 @@ SIZE_CACHE = "geventpop3.sizes"
 SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
 SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
+SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 SUBDIRS = ("cur", "new", "tmp")
 # Past this many files, stat and size work moves to the thread pool so a big
@@ -548,35 +550,97 @@ def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict
     return sizes
 
 
-def _read_capped(fd: int, cap: int) -> bytes | None:
-    """All of a regular file up to `cap` octets; None if it is bigger or not a regular file."""
+def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
+    """All of a regular file up to `cap` octets (None if it is bigger or not a regular file),
+    and its fstat."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
-        return None
+        return None, info
     parts = []
     total = 0
     while chunk := os.read(fd, info.st_size + 1 - total if total <= info.st_size else CHUNK_SIZE):
         parts.append(chunk)
         total += len(chunk)
         if total > cap:
-            return None  # grew while read
-    return b"".join(parts)
+            return None, info  # grew while read
+    return b"".join(parts), info
 
 
 def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
     file or not whole (its trailer counts the entries and checksums them: a torn write or a
-    stray edit is never read as a wrong size, every size is then measured again)."""
+    stray edit is never read as a wrong size, every size is then measured again).
+
+    What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
+    (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
+    server replaces the file by a rename, never in place, so a new cache is a new inode.
+    The dict returned is shared: read only."""
+    path = os.path.join(maildir, SIZE_CACHE)
     try:
-        fd = os.open(os.path.join(maildir, SIZE_CACHE), _READ_FLAGS)
+        seen = os.lstat(path)
+    except OSError:
+        return {}
+    remembered = _size_memo.get(maildir, _identity(seen))
+    if remembered is not None:
+        return remembered
+    try:
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return {}
     try:
-        data = _read_capped(fd, cap)
+        data, info = _read_capped(fd, cap)
     except OSError:
-        data = None
+        return {}
     finally:
         _close_fd(fd)
+    cache = _parse_size_cache(data)
+    if cache and _identity(info) == _identity(seen):
+        _size_memo.put(maildir, _identity(seen), cache)
+    return cache
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+class _SizeMemo:
+    """The size caches last read, per Maildir, up to SIZE_MEMO_ENTRIES entries in all (the
+    least recently used Maildirs go first). Loads run on the event loop and in pool
+    threads: a real lock, held for dict work only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries = 0
+        self._memo: OrderedDict[str, tuple[tuple[int, ...], dict[str, tuple[int, int]]]] = OrderedDict()
+        self._lock = monkey.get_original("threading", "Lock")()
+
+    def get(self, maildir: str, identity: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+        with self._lock:
+            found = self._memo.get(maildir)
+            if found is None or found[0] != identity:
+                return None
+            self._memo.move_to_end(maildir)
+            return found[1]
+
+    def put(self, maildir: str, identity: tuple[int, ...], cache: dict[str, tuple[int, int]]) -> None:
+        if len(cache) > self.limit:
+            return
+        with self._lock:
+            old = self._memo.pop(maildir, None)
+            if old is not None:
+                self.entries -= len(old[1])
+            self._memo[maildir] = (identity, cache)
+            self.entries += len(cache)
+            while self.entries > self.limit:
+                _, (_, dropped) = self._memo.popitem(last=False)
+                self.entries -= len(dropped)
+
+
+_size_memo = _SizeMemo(SIZE_MEMO_ENTRIES)
+
+
+def _parse_size_cache(data: bytes | None) -> dict[str, tuple[int, int]]:
+    """The entries of a size cache file's content; empty unless it is whole (trailer)."""
     if not data or not data.endswith(b"\n"):
         return {}
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
