@@ -45,10 +45,13 @@ class Runners:
             runner = idle.pop()
             self._hub.loop.run_callback(runner.switch, function, args)
             return runner
-        return gevent.spawn(self._run, function, args)
+        # The first burst in a list the runner empties: a Greenlet keeps its arguments while it
+        # runs, and a runner runs long (they would keep the first session alive).
+        return gevent.spawn(self._run, [(function, args)])
 
-    def _run(self, function: Callable[..., object], args: tuple[object, ...]) -> None:
+    def _run(self, first: list[tuple[Callable[..., object], tuple[object, ...]]]) -> None:
         """A runner's life: a burst, then wait in the hub for the next one (or end)."""
+        function, args = first.pop()
         runner = gevent.getcurrent()
         switch = self._hub.switch
         idle = self.idle

@@ -4,6 +4,7 @@ in-process over real loopback sockets; and shutdown still ends busy sessions at 
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,6 +52,22 @@ def test_bursts_reuse_idle_runners(service: tuple[Pop3Service, int]) -> None:
         assert client.line().startswith(b"+OK Bye")
     wait_until(lambda: not pop3.sessions)
     assert pop3.runners.idle == [runner]  # every burst of the session ran in that one greenlet
+
+
+def test_an_idle_runner_keeps_nothing_of_its_bursts() -> None:
+    runners = Runners()
+
+    class Burst:
+        def __call__(self) -> None:
+            pass
+
+    burst = Burst()
+    alive = weakref.ref(burst)
+    runner = runners.spawn(burst)
+    del burst
+    wait_until(lambda: runners.idle == [runner])
+    assert alive() is None  # neither the Greenlet's arguments nor the loop's locals hold it
+    runners.close()
 
 
 def test_idle_runners_are_bounded() -> None:
