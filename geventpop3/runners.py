@@ -7,8 +7,8 @@ its own (16 KiB, mmap), given back when it ends (munmap), and the fresh pages fa
 on first touch: about 14 µs per burst on this project's machine, over 200 µs of a full
 session's 1.3-1.7 ms. A runner that has served a burst instead waits, idle, for the
 next one and keeps its chunk. At most `keep` runners wait (the idle ones of a load peak
-end), so the memory of a crowd of held sessions is unchanged: a runner is busy only
-while a burst is served.
+end): a fixed few hundred KiB per process (a chunk and a saved stack slice each), not
+memory per session; a held session still holds no greenlet.
 
 The runners are gevent Greenlets: a session's `greenlet` is the runner serving it, and
 killing it (shutdown) raises GreenletExit in the burst, as before. After `close()` (the
