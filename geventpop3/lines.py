@@ -87,6 +87,17 @@ class LineBuffer:
         return len(self._buffer)
 
 
+def single_line(data: bytes, limit: int = MAX_COMMAND_LINE) -> bytes | None:
+    """`data` as one command line, when it is exactly one whole line within the limit (the
+    usual burst of a client that waits for each answer): what `LineBuffer().feed(data)`
+    would give, without making a LineBuffer. None for anything else (no line end yet,
+    several lines, over the limit): feed a LineBuffer then."""
+    end = len(data) - 1
+    if not 0 <= end < limit or data[end] != 10 or data.find(b"\n", 0, end) >= 0:
+        return None
+    return data[:end - 1] if end and data[end - 1] == 13 else data[:end]
+
+
 def dot_stuff_lines(lines: Iterable[str]) -> bytes:
     """A multi-line body: each line CRLF-terminated and dot-stuffed, then `.`."""
     parts = []

@@ -45,6 +45,7 @@ import stat
 import struct
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol, TypeVar
 
@@ -63,10 +64,12 @@ _close_fd = monkey.get_original("os", "close")
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
+SMALL_MESSAGE = CHUNK_SIZE  # octets on disk: RETR reads and sends such a message whole (whole_message)
 SIZE_CACHE = "geventpop3.sizes"
 SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
 SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
+SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 SUBDIRS = ("cur", "new", "tmp")
 # Past this many files, stat and size work moves to the thread pool so a big
@@ -547,35 +550,97 @@ def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict
     return sizes
 
 
-def _read_capped(fd: int, cap: int) -> bytes | None:
-    """All of a regular file up to `cap` octets; None if it is bigger or not a regular file."""
+def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
+    """All of a regular file up to `cap` octets (None if it is bigger or not a regular file),
+    and its fstat."""
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
-        return None
+        return None, info
     parts = []
     total = 0
     while chunk := os.read(fd, info.st_size + 1 - total if total <= info.st_size else CHUNK_SIZE):
         parts.append(chunk)
         total += len(chunk)
         if total > cap:
-            return None  # grew while read
-    return b"".join(parts)
+            return None, info  # grew while read
+    return b"".join(parts), info
 
 
 def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
     file or not whole (its trailer counts the entries and checksums them: a torn write or a
-    stray edit is never read as a wrong size, every size is then measured again)."""
+    stray edit is never read as a wrong size, every size is then measured again).
+
+    What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
+    (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
+    server replaces the file by a rename, never in place, so a new cache is a new inode.
+    The dict returned is shared: read only."""
+    path = os.path.join(maildir, SIZE_CACHE)
     try:
-        fd = os.open(os.path.join(maildir, SIZE_CACHE), _READ_FLAGS)
+        seen = os.lstat(path)
+    except OSError:
+        return {}
+    remembered = _size_memo.get(maildir, _identity(seen))
+    if remembered is not None:
+        return remembered
+    try:
+        fd = os.open(path, _READ_FLAGS)
     except OSError:
         return {}
     try:
-        data = _read_capped(fd, cap)
+        data, info = _read_capped(fd, cap)
     except OSError:
-        data = None
+        return {}
     finally:
         _close_fd(fd)
+    cache = _parse_size_cache(data)
+    if cache and _identity(info) == _identity(seen):
+        _size_memo.put(maildir, _identity(seen), cache)
+    return cache
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+class _SizeMemo:
+    """The size caches last read, per Maildir, up to SIZE_MEMO_ENTRIES entries in all (the
+    least recently used Maildirs go first). Loads run on the event loop and in pool
+    threads: a real lock, held for dict work only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries = 0
+        self._memo: OrderedDict[str, tuple[tuple[int, ...], dict[str, tuple[int, int]]]] = OrderedDict()
+        self._lock = monkey.get_original("threading", "Lock")()
+
+    def get(self, maildir: str, identity: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+        with self._lock:
+            found = self._memo.get(maildir)
+            if found is None or found[0] != identity:
+                return None
+            self._memo.move_to_end(maildir)
+            return found[1]
+
+    def put(self, maildir: str, identity: tuple[int, ...], cache: dict[str, tuple[int, int]]) -> None:
+        if len(cache) > self.limit:
+            return
+        with self._lock:
+            old = self._memo.pop(maildir, None)
+            if old is not None:
+                self.entries -= len(old[1])
+            self._memo[maildir] = (identity, cache)
+            self.entries += len(cache)
+            while self.entries > self.limit:
+                _, (_, dropped) = self._memo.popitem(last=False)
+                self.entries -= len(dropped)
+
+
+_size_memo = _SizeMemo(SIZE_MEMO_ENTRIES)
+
+
+def _parse_size_cache(data: bytes | None) -> dict[str, tuple[int, int]]:
+    """The entries of a size cache file's content; empty unless it is whole (trailer)."""
     if not data or not data.endswith(b"\n"):
         return {}
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
@@ -631,12 +696,14 @@ def _write_all(fd: int, data: bytes) -> None:
 # -- content -----------------------------------------------------------------
 
 class _FileReader:
-    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up."""
+    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up.
+    `size`: the file's size when it was opened (fstat)."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "size")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: int = -1) -> None:
         self.fd = fd
+        self.size = size
 
     def read(self, size: int = CHUNK_SIZE, /) -> bytes:
         return os.read(self.fd, size)
@@ -666,7 +733,7 @@ def open_regular(path: str, file_id: int = 0) -> _FileReader:
     except BaseException:
         _close_fd(fd)
         raise
-    return _FileReader(fd)
+    return _FileReader(fd, info.st_size)
 
 
 def open_message(message: Message) -> _FileReader:
@@ -720,6 +787,34 @@ def crlf_size(path: str, file_id: int = 0) -> int:
     Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
     with open_regular(path, file_id) as handle:
         return sum(len(chunk) for chunk in _crlf_chunks(handle))
+
+
+def whole_message(handle: _FileReader) -> bytes | None:
+    """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
+    piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
+    small, and RETR is most of a session's commands).
+
+    The read asks one octet more than the size fstat gave at the open: getting exactly the
+    size is the end of a regular file. None, the file rewound, for a bigger file or one
+    whose size changed since: `message_chunks` streams it then."""
+    size = handle.size
+    if not 0 <= size <= SMALL_MESSAGE:
+        return None
+    data = os.read(handle.fd, size + 1)
+    if len(data) != size:
+        os.lseek(handle.fd, 0, os.SEEK_SET)
+        return None
+    if b"\r" not in data:  # LF-only, the usual Maildir file
+        data = data.replace(b"\n", b"\r\n")
+    elif data.count(b"\n") != data.count(b"\r\n"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and data[-1:] != b"\n":
+        data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
+    if b"\n." in data:
+        data = _DOT_LINE.sub(b"\n..", data)
+    if data[:1] == b".":
+        data = b"." + data
+    return data
 
 
 def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:

@@ -198,6 +198,10 @@ class Settings:
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
+        # Each value is also an instance attribute, kept equal by `apply`: `settings.idle_timeout`
+        # is then a plain attribute read (a session reads a few per command), not a miss
+        # followed by a __getattr__ call.
+        self.__dict__.update(self._values)
         self._listeners: list[Listener] = []
         self._writers: list[Writer] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
@@ -246,7 +250,7 @@ class Settings:
 
     def apply(self, key: str, value: Any, source: str) -> None:
         old = self._values[key]
-        self._values[key] = value
+        self._values[key] = self.__dict__[key] = value
         if old != value and source != "config":  # start-up values are not changes
             log.info("setting %s changed from %s to %s (by %s)", key, format_value(old), format_value(value), source)
         for listener in list(self._listeners):

@@ -12,6 +12,7 @@ shorter than the report interval counts too) and the others' current connections
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:
 
     from geventpop3.context import ServerContext
 
+# An entry's fields as a tuple (all plain values): dataclasses.astuple deep-copies each, 12 us an entry.
+_ENTRY_VALUES = operator.attrgetter(*(item.name for item in dataclasses.fields(AccessEntry)))
 # Counters a worker reports (max_concurrent is the supervisor's: the maximum of the sum).
 REPORTED = (*(name for name in PERSISTED_COUNTERS if name != "max_concurrent"),
             "auth_penalty_delays", "transformer_seconds")
@@ -48,7 +51,7 @@ def report(ctx: ServerContext, sent_logged_in: dict[str, int]) -> dict[str, Any]
         "peak": peak,
         "penalised": metrics.penalised_sources(),
         "logged_in": changed,
-        "entries": [dataclasses.astuple(entry) for entry in ctx.access_log.take_pending()],
+        "entries": [_ENTRY_VALUES(entry) for entry in ctx.access_log.take_pending()],
     }
 
 

@@ -305,33 +305,42 @@ class Pop3Protocol:
         return number - 1
 
     def _live(self) -> list[tuple[int, Message]]:
-        return [(i, m) for i, m in enumerate(self.messages) if i not in self.deleted]
+        deleted = self.deleted
+        if not deleted:  # the usual case: no DELE yet
+            return list(enumerate(self.messages))
+        return [(i, m) for i, m in enumerate(self.messages) if i not in deleted]
 
     def _stat(self, args: list[bytes]) -> Action:
         if args:
             return ERR_SYNTAX
+        if not self.deleted:
+            messages = self.messages
+            return f"+OK {len(messages)} {sum([m.size for m in messages])}\r\n".encode()
         live = self._live()
         return f"+OK {len(live)} {sum(m.size for _, m in live)}\r\n".encode()
 
     def _list(self, args: list[bytes]) -> Action:
+        if not args:
+            return self._listing_all([f"{i + 1} {m.size}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: str(m.size))
 
     def _uidl(self, args: list[bytes]) -> Action:
+        if not args:
+            return self._listing_all([f"{i + 1} {m.uidl or m.uid}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: m.uidl or m.uid)
 
+    def _listing_all(self, lines: list[str]) -> bytes:
+        """LIST or UIDL of every live message: `lines` between the +OK and the `.`."""
+        return f"+OK {len(lines)} messages\r\n{''.join(lines)}.\r\n".encode()
+
     def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Action:
+        """LIST or UIDL of one message (or a syntax error)."""
         if len(args) > 1:
             return ERR_SYNTAX
-        if args:
-            index = self._message_index(args[0])
-            if isinstance(index, bytes):
-                return index
-            return f"+OK {index + 1} {field(self.messages[index])}\r\n".encode()
-        live = self._live()
-        lines = [f"+OK {len(live)} messages\r\n"]
-        lines.extend(f"{i + 1} {field(m)}\r\n" for i, m in live)
-        lines.append(".\r\n")
-        return "".join(lines).encode()
+        index = self._message_index(args[0])
+        if isinstance(index, bytes):
+            return index
+        return f"+OK {index + 1} {field(self.messages[index])}\r\n".encode()
 
     def _retr(self, args: list[bytes]) -> Action:
         if len(args) != 1:

@@ -25,7 +25,6 @@ Limits against slow and many connections (see docs/configuration.md):
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import re
 import socket
@@ -38,7 +37,7 @@ from gevent.server import StreamServer
 from geventpop3 import maildir, tls
 from geventpop3.context import ServerContext
 from geventpop3.filters import ClientGone
-from geventpop3.lines import Delayed, LineBuffer
+from geventpop3.lines import Delayed, LineBuffer, single_line
 from geventpop3.metrics import AccessEntry
 from geventpop3.penalty import source_of
 from geventpop3.pop3 import proxied
@@ -54,6 +53,7 @@ from geventpop3.pop3.protocol import (
 )
 from geventpop3.pop3.security import ConnectionSecurity, parse_address
 from geventpop3.proxy_protocol import ProxyError, ProxyHeader
+from geventpop3.runners import Runners
 from geventpop3.store import leases
 from geventpop3.transport import TlsTransport, Transport
 from geventpop3.users import HashingBusy
@@ -145,6 +145,8 @@ class Pop3Session:
                 self.close()
                 return
         self.transport.write(self.protocol.greeting())
+        # The client waits for the greeting before it speaks: no read(2) that would say EAGAIN.
+        self.transport.short_read = True
         self.serve()
 
     def serve(self) -> None:
@@ -202,6 +204,11 @@ class Pop3Session:
             metrics.bytes_received += len(data)
             buffer = self.buffer
             if buffer is None:
+                single = single_line(data)  # one whole command, as most bursts are: no LineBuffer
+                if single is not None:
+                    self._dispatch(protocol.handle(single))
+                    self.transport.flush()
+                    continue
                 buffer = self.buffer = LineBuffer()
             for line in buffer.feed(data):
                 self._dispatch(protocol.handle(line))
@@ -217,7 +224,7 @@ class Pop3Session:
 
     def on_ready(self) -> None:
         """Event-loop callback: the client sent something (or closed)."""
-        self.greenlet = gevent.spawn(self.serve)
+        self.greenlet = self.service.runners.spawn(self.serve)
 
     def on_timeout(self) -> None:
         """Event-loop callback: the park's one deadline passed. Before login it was set to
@@ -388,11 +395,15 @@ class Pop3Session:
             return
         write = self.transport.write
         with handle:
-            write(action.header)
-            # Past the +OK line a read error can only end the connection (OSError).
-            for chunk in maildir.message_chunks(handle, action.body_lines):
-                write(chunk)
-        write(b".\r\n")
+            whole = maildir.whole_message(handle) if action.body_lines is None else None
+            if whole is not None:
+                write(b"".join((action.header, whole, b".\r\n")))
+            else:
+                write(action.header)
+                # Past the +OK line a read error can only end the connection (OSError).
+                for chunk in maildir.message_chunks(handle, action.body_lines):
+                    write(chunk)
+                write(b".\r\n")
         if action.body_lines is None:
             self.ctx.metrics.messages_retrieved += 1
 
@@ -466,7 +477,11 @@ class Pop3Service:
         # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
         self.user_sessions: dict[tuple[str, str], int] = {}
         self.count_sent = self._count_sent  # one bound method shared by every transport
-        self.handle_tls = functools.partial(self.handle, implicit_tls=True)  # the POP3S listeners' handler
+        self.runners = Runners()  # the greenlets that serve bursts (and first bursts, see Pop3Server)
+
+    def handle_tls(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """The POP3S listeners' handler: the handshake comes before the greeting."""
+        self.handle(sock, address, implicit_tls=True)
 
     def handle(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool = False) -> None:
         """StreamServer handler: enforce the connection limits, then greet and serve."""
@@ -563,6 +578,7 @@ class Pop3Service:
         die in time, or one woken but killed before it started) is closed here, so
         every logout is recorded before the state is flushed.
         """
+        self.runners.close()  # a runner ends after its burst: joining it returns
         busy = []
         for session in list(self.sessions):
             session.ended = "shutdown"
@@ -579,7 +595,15 @@ class Pop3Service:
 
 class Pop3Server(StreamServer):
     """A StreamServer whose sessions close their own sockets: a parked session
-    outlives the greenlet that accepted it."""
+    outlives the greenlet that accepted it. A Pop3Service's handler runs in the
+    service's runners (geventpop3.runners), not in a new greenlet per connection."""
+
+    def __init__(self, listener: Any, handle: Any) -> None:
+        service = getattr(handle, "__self__", None)
+        if isinstance(service, Pop3Service):
+            super().__init__(listener, handle, spawn=cast(Any, service.runners.spawn))
+        else:
+            super().__init__(listener, handle)
 
     def do_close(self, *args: Any) -> None:
         pass

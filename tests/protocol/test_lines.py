@@ -13,6 +13,7 @@ from geventpop3.lines import (
     LineBuffer,
     dot_stuff_lines,
     response_line,
+    single_line,
 )
 
 
@@ -169,3 +170,19 @@ def test_response_line_never_splits_a_character() -> None:
     assert len(line) <= MAX_RESPONSE_LINE
     assert line.endswith(b"\r\n")
     line[:-2].decode("utf-8")  # strict: raises if a character was cut in two
+
+
+def test_single_line_is_what_a_fresh_buffer_gives() -> None:
+    rng = random.Random(7)
+    samples = [b"", b"\n", b"\r\n", b"\r", b"STAT", b"STAT\r\n", b"STAT\n", b"A\rB\r\r\n", b"NOOP\r\nSTAT\r\n",
+               b"LIST 1\nX", b"x" * (MAX_COMMAND_LINE - 1) + b"\n", b"x" * MAX_COMMAND_LINE + b"\n",
+               b"x" * (MAX_COMMAND_LINE - 2) + b"\r\n", b"x" * (MAX_COMMAND_LINE - 1) + b"\r\n"]
+    samples += [bytes(rng.choice(b"ab\r\n") for _ in range(rng.randint(0, 12))) for _ in range(2000)]
+    for data in samples:
+        lines = LineBuffer().feed(data)
+        fresh = LineBuffer()
+        fresh.feed(data)
+        expected = lines[0] if len(lines) == 1 and fresh.empty and isinstance(lines[0], bytes) else None
+        assert single_line(data) == expected, data
+    assert single_line(b"USER a\r\n") == b"USER a"
+    assert single_line(b"x" * MAX_COMMAND_LINE + b"\n") is None  # over the limit: the buffer reports it

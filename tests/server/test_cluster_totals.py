@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from geventpop3.cluster.aggregate import Totals, report
+from geventpop3.cluster.channel import encode
 from geventpop3.context import ServerContext
 from geventpop3.metrics import AccessEntry
 from geventpop3.settings import Settings
@@ -74,6 +77,11 @@ def test_entries_reach_the_supervisor_once_and_stay_bounded_without_a_store() ->
     totals.add(totals.workers[0], report(worker, sent))
     totals.add(totals.workers[0], report(worker, sent))
     assert [entry.user for entry in supervisor.access_log.pending] == ["alice"]
+    logout = AccessEntry(time=2.5, user="alice", address="::1", port=2, event="logout", retr=10, dele=1, top=2,
+                         bytes=40960, duration=0.25, ended="quit", detail="filter_failures=1")
+    worker.access_log.record(logout)
+    totals.add(totals.workers[0], json.loads(encode(report(worker, sent))))  # as the channel carries it
+    assert supervisor.access_log.pending[-1] == logout  # every field, as recorded
     supervisor.access_log.recent_limit = 2
     many = [["1.0", "bob", "127.0.0.1", 1, "login"]] * 25
     totals.add(totals.workers[0], {"op": "report", "entries": many})

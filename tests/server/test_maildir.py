@@ -8,6 +8,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,6 +129,34 @@ def test_crlf_conversion(name: str, chunk_size: int) -> None:
     raw, expected = CASES[name]
     assert ref_crlf(raw) == expected
     assert crlf(raw, chunk_size) == expected
+
+
+WHOLE_CASES = {**{name: raw for name, (raw, _) in CASES.items()}, "dots": b".a\n..b\n\n.\nc.\n.", "dot cr": b".\r\n.\r",
+               "largest small": b".x\n" * (maildir.SMALL_MESSAGE // 3) + b"\n" * (maildir.SMALL_MESSAGE % 3)}
+
+
+@pytest.mark.parametrize("name", sorted(WHOLE_CASES))
+def test_whole_message_is_what_streaming_sends(tmp_path: Path, name: str) -> None:
+    raw = WHOLE_CASES[name]
+    path = tmp_path / "m"
+    path.write_bytes(raw)
+    with maildir.open_regular(str(path)) as handle:
+        whole = maildir.whole_message(handle)
+    assert whole == stream(raw) == ref_stuff(ref_crlf(raw))
+
+
+def test_whole_message_leaves_big_and_changed_files_to_streaming(tmp_path: Path) -> None:
+    path = tmp_path / "m"
+    path.write_bytes(b"x\n" * (maildir.SMALL_MESSAGE // 2 + 1))  # one octet over
+    with maildir.open_regular(str(path)) as handle:
+        assert maildir.whole_message(handle) is None
+        assert b"".join(maildir.message_chunks(handle)) == ref_crlf(path.read_bytes())
+    path.write_bytes(b".a\nb\n")
+    with maildir.open_regular(str(path)) as handle:
+        with open(path, "ab") as grow:
+            grow.write(b".c\n")  # grew after the open: not the size fstat gave
+        assert maildir.whole_message(handle) is None
+        assert b"".join(maildir.message_chunks(handle)) == b"..a\r\nb\r\n..c\r\n"  # rewound: all of it
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 5])
@@ -365,6 +394,45 @@ def test_corrupt_size_cache_is_ignored(tmp_path: Path) -> None:
     assert snapshot(box)[0].size == 6
     assert cache_lines(box) == ["1000.host 4 6"]
     assert not [name for name in os.listdir(box) if name.endswith(".tmp")]
+
+
+def test_size_cache_read_once_while_the_file_stays(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")
+    assert snapshot(box)[0].size == 6  # measured, cache written
+    cache_path = str(box / maildir.SIZE_CACHE)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path, flags, *args, **kwargs):  # noqa: ANN001, ANN202 - mirrors os.open
+        opened.append(path)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", counting_open)
+    assert snapshot(box)[0].size == 6  # read: the file the memo knows was written after the last read
+    assert snapshot(box)[0].size == 6
+    assert opened.count(cache_path) == 1
+    # Replaced (as the server does: a new file renamed over it) with another size: read again.
+    body = b"1000.host 4 99\n"
+    data = body + b"%s 1 %08x\n" % (maildir.SIZE_CACHE_TRAILER, zlib.crc32(body))
+    (box / "new-cache").write_bytes(data)
+    os.replace(box / "new-cache", cache_path)
+    assert snapshot(box)[0].size == 99  # a planted size for the same raw size: trusted as before
+    # Changed in place (another length): read again.
+    body = b"1000.host 4 7\n"
+    (box / maildir.SIZE_CACHE).write_bytes(body + b"%s 1 %08x\n" % (maildir.SIZE_CACHE_TRAILER, zlib.crc32(body)))
+    assert snapshot(box)[0].size == 7
+
+
+def test_size_memo_is_bounded() -> None:
+    memo = maildir._SizeMemo(limit=3)
+    memo.put("/a", (1,), {"x": (1, 2), "y": (1, 2)})
+    memo.put("/b", (1,), {"z": (1, 2)})
+    assert memo.get("/a", (1,)) is not None and memo.get("/a", (2,)) is None  # another file: not it
+    memo.put("/c", (1,), {"w": (1, 2)})  # 4 entries: the least recently used (/b) goes
+    assert memo.get("/b", (1,)) is None and memo.get("/a", (1,)) is not None and memo.entries == 3
+    memo.put("/d", (1,), {str(n): (1, 2) for n in range(4)})  # bigger than the limit: not kept
+    assert memo.get("/d", (1,)) is None and memo.entries == 3
 
 
 def test_big_snapshot_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
