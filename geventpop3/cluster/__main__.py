@@ -13,7 +13,7 @@ import sys  # noqa: E402
 
 def main(argv: list[str]) -> int:
     from geventpop3.cli import parse_config
-    from geventpop3.cluster.channel import Channel
+    from geventpop3.cluster.channel import MAX_LINE_FROM_SUPERVISOR, Channel
     from geventpop3.cluster.worker import WorkerApp, die_with_parent
     from geventpop3.config import UsageError
 
@@ -30,7 +30,8 @@ def main(argv: list[str]) -> int:
         print(f"geventpop3 worker {index}: {exc}", file=sys.stderr)
         return 2
     config.warnings.clear()  # the supervisor logged them once
-    return WorkerApp(config, index, Channel.from_fd(int(options["--channel"][0])), listeners).run()
+    channel = Channel.from_fd(int(options["--channel"][0]), MAX_LINE_FROM_SUPERVISOR)
+    return WorkerApp(config, index, channel, listeners).run()
 
 
 def _split(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:

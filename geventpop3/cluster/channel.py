@@ -21,6 +21,7 @@ from gevent.queue import Queue
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64 * 1024 * 1024  # a report with many access-log entries stays far below this
+MAX_LINE_FROM_SUPERVISOR = 1 << 30  # init and reload carry the users file's content, which has no size limit
 RECV_SIZE = 256 * 1024
 
 Message = dict[str, Any]
@@ -35,15 +36,16 @@ def socketpair() -> tuple[socket.socket, socket.socket]:
 class Channel:
     """One end of a socketpair speaking JSON lines."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, max_line: int = MAX_LINE) -> None:
         self.sock = sock
+        self.max_line = max_line
         self._outbox: Queue[bytes | None] = Queue()
         self._writer: gevent.Greenlet[..., None] | None = None
         self.closed = False
 
     @classmethod
-    def from_fd(cls, fd: int) -> Channel:
-        return cls(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd))
+    def from_fd(cls, fd: int, max_line: int = MAX_LINE) -> Channel:
+        return cls(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd), max_line)
 
     def start(self, first: Message | None = None) -> None:
         """Start sending what is queued, `first` before everything else."""
@@ -77,8 +79,12 @@ class Channel:
             self.closed = True
 
     def messages(self) -> Iterator[Message]:
-        """Received messages until EOF (or a broken pipe); a malformed line is logged and skipped."""
-        pending = b""
+        """Received messages until EOF (or a broken pipe); a malformed or over-long line is
+        logged and skipped. The buffer grows in place and is searched from where the last
+        search stopped, so a message of many megabytes costs linear time."""
+        pending = bytearray()
+        searched = 0  # bytes of `pending` known to hold no newline
+        dropping = False  # inside a line that was over max_line: skip to its end
         while True:
             try:
                 data = self.sock.recv(RECV_SIZE)
@@ -87,13 +93,14 @@ class Channel:
             if not data:
                 return
             pending += data
-            if b"\n" not in data:
-                if len(pending) > MAX_LINE:
-                    log.error("channel: message too long, dropped")
-                    pending = b""
-                continue
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
+            start = 0
+            while (end := pending.find(b"\n", max(start, searched))) >= 0:
+                line, start, searched = pending[start:end], end + 1, 0
+                if dropping or len(line) > self.max_line:
+                    if not dropping:
+                        log.error("channel: message over %d bytes dropped", self.max_line)
+                    dropping = False
+                    continue
                 try:
                     message = json.loads(line)
                 except ValueError:
@@ -101,6 +108,13 @@ class Channel:
                     continue
                 if isinstance(message, dict):
                     yield message
+            del pending[:start]
+            searched = len(pending)
+            if len(pending) > self.max_line:
+                log.error("channel: message over %d bytes dropped", self.max_line)
+                pending.clear()
+                searched = 0
+                dropping = True
 
     def close(self) -> None:
         self.closed = True
