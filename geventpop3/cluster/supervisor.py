@@ -100,6 +100,17 @@ class UnverifiedUsers(UserDirectory):
         pass
 
 
+def import_flags() -> list[str]:
+    """This interpreter's flags that decide where modules come from, for a worker's: started
+    with `-P` from another checkout's directory, a worker without it would import that
+    checkout's geventpop3 instead of this one (and speak another channel protocol)."""
+    flags = sys.flags
+    if flags.isolated:
+        return ["-I"]
+    chosen = (("-E", flags.ignore_environment), ("-s", flags.no_user_site), ("-P", flags.safe_path))
+    return [flag for flag, on in chosen if on]
+
+
 class WorkerPool:
     """Starts, watches, replaces and stops the worker processes of `count` slots.
 
@@ -191,7 +202,7 @@ class WorkerPool:
         """A new worker interpreter for slot `index`, with the listeners and its end of a new channel."""
         ours, theirs = socketpair()
         fds = [theirs.fileno()]
-        args = [sys.executable, "-m", "geventpop3.cluster", "--index", str(index),
+        args = [sys.executable, *import_flags(), "-m", "geventpop3.cluster", "--index", str(index),
                 "--parent", str(os.getpid()), "--channel", str(theirs.fileno())]
         for service, sockets in self.listeners.items():
             for sock in sockets:

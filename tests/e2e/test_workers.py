@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 import urllib.request
 from collections.abc import Callable
@@ -31,6 +32,8 @@ from helpers import (
     wait_until,
     workers_of,
 )
+
+from loadtest.launch import Geventpop3Process  # noqa: E402
 
 MESSAGE = crlf(b"Subject: hello\n\nworkers\n")
 
@@ -371,3 +374,25 @@ def test_dele_of_a_user_logged_in_on_one_worker_fails_and_leaves_it_on_every_wor
     with one_per_worker(cluster) as clients:
         for pop in clients.values():
             assert pop.login("bob", "bobpw").startswith(b"-ERR")
+
+
+def test_workers_import_the_supervisors_code_when_it_runs_with_safe_path(tmp_path: Path) -> None:
+    """`python -P -m geventpop3` started in a directory holding another `geventpop3` (a
+    checkout, say): the workers must take -P too, or they import that one."""
+    decoy = tmp_path / "geventpop3"
+    (decoy / "cluster").mkdir(parents=True)
+    (decoy / "__init__.py").write_text("")
+    (decoy / "cluster" / "__init__.py").write_text("")
+    (decoy / "cluster" / "__main__.py").write_text("raise SystemExit('the decoy was imported')\n")
+    port = free_port()
+    server = Geventpop3Process(port, ["--workers", "2", "-d", str(tmp_path / "mail"), "-P", str(free_port()),
+                                      "--state-dir", str(tmp_path / "state")],
+                               tmp_path / "server.log", [sys.executable, "-P", "-m", "geventpop3"], cwd=tmp_path)
+    try:
+        server.start(timeout=60)
+        with LineClient(port) as client:
+            assert client.greeting.startswith(b"+OK")
+        assert len(server.pids()) == 3
+    finally:
+        server.stop()
+    assert "decoy" not in (tmp_path / "server.log").read_text()
