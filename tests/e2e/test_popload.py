@@ -9,7 +9,7 @@ checks are real. A user shared by two connections exercises the [IN-USE] retry.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -104,9 +104,9 @@ def _drop_one_message(expected: Expected) -> Expected:
     (_flip_one_octet, "RETR 5 differs"), (_rename_one_uid, "UIDL does not match"), (_drop_one_message, "STAT"),
 ])
 def test_wrong_expectations_are_reported_as_errors(popload: str, bench_server: tuple[ServerProcess, Expected],
-                                                   tmp_path: Path, corrupt: object, reason: str) -> None:
+                                                   tmp_path: Path, corrupt: Callable[[Expected], Expected],
+                                                   reason: str) -> None:
     server, expected = bench_server
-    assert callable(corrupt)
     report = sessions(popload, server.port, manifest(tmp_path / "m", corrupt(expected), MAILBOX_USERS),
                       clients=len(MAILBOX_USERS), duration=5.0, timeout=10)
     assert report["errors"] >= 1
