@@ -302,11 +302,13 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             except PHASE_ERRORS as exc:
                 errors.append(str(exc))
 
+        client_cpu = 0.0
         for _ in range(opts.noop_rounds):
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), own_cpu_seconds()
             pool = Pool(NOOP_INFLIGHT)
             pool.map(noop, clients)
             round_times.append(time.perf_counter() - start)
+            client_cpu += own_cpu_seconds() - cpu
             if errors:
                 raise BenchError(f"{len(errors)} NOOPs failed, first: {errors[0]}")
             samples.append(memory(server.pids()))
@@ -319,6 +321,7 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             "noop_round_s": statistics.median(round_times),
             "noop_p50_ms": 1000 * percentile(latencies, 0.50),
             "noop_p99_ms": 1000 * percentile(latencies, 0.99),
+            "client_cpu_ms_per_noop": 1000 * client_cpu / max(len(latencies), 1),
         })
     finally:
         for client in clients:
