@@ -57,7 +57,7 @@
 #define MAX_LINE 8192          /* a status line longer than this is not POP3 */
 #define MAX_BODY (64u << 20)   /* nor is a body past 64 MiB, here */
 #define SCAN_INTERVAL 0.05     /* seconds between checks of timeouts and retry timers */
-#define MAX_EVENTS 1024
+#define MAX_EVENTS 128        /* a small batch: an answer waits at most one batch for its read */
 
 enum State { S_FREE, S_GREET, S_USER, S_PASS, S_STAT, S_LIST, S_UIDL, S_RETR, S_QUIT, S_CLOSING, S_RETRY,
              S_HELD, S_NOOP };
