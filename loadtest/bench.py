@@ -321,7 +321,7 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             "noop_round_s": statistics.median(round_times),
             "noop_p50_ms": 1000 * percentile(latencies, 0.50),
             "noop_p99_ms": 1000 * percentile(latencies, 0.99),
-            "client_cpu_ms_per_noop": 1000 * client_cpu / max(len(latencies), 1),
+            "client_cpu_us_per_noop": 1e6 * client_cpu / max(len(latencies), 1),
         })
     finally:
         for client in clients:
@@ -361,7 +361,7 @@ def phase_held_c(server: Server, data: Dataset, opts: argparse.Namespace) -> Res
             "kib_per_session_rss": (during_rss - before_rss) / count,
             "noop_round_s": report["noop_round_s"], "noop_p50_ms": report["noop_p50_ms"],
             "noop_p99_ms": report["noop_p99_ms"],
-            "client_cpu_ms_per_noop": 1000 * report["rounds_cpu_s"] / max(report["noops"], 1)}
+            "client_cpu_us_per_noop": 1e6 * report["rounds_cpu_s"] / max(report["noops"], 1)}
 
 
 def percentile(values: list[float], fraction: float) -> float:
