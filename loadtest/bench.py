@@ -341,7 +341,7 @@ def phase_held_c(server: Server, data: Dataset, opts: argparse.Namespace) -> Res
         count = opened["sessions"]
         if count < wanted:
             log(f"  only {count} of {wanted} sessions logged in; first error: {opened['first_error']}")
-            if count < wanted // 2:
+            if count == 0 or count < wanted // 2:
                 raise BenchError(f"only {count} of {wanted} sessions logged in")
         samples = [memory(server.pids())]
         held.go_on()
