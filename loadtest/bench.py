@@ -8,6 +8,14 @@ socket timeouts), so the whole run ends by itself.
     python -m loadtest.bench                    # all phases, 3 runs, with Dovecot
     python -m loadtest.bench --only pipeline --runs 5 --no-dovecot
     python -m loadtest.bench --tls              # sessions, retr, held over implicit TLS (issue 10)
+    python -m loadtest.bench --only sessions --only held --client python   # the gevent client
+
+The sessions and held phases are driven by popload (loadtest/popload.c, compiled on
+demand; `--client c`, the default without TLS) or by the Python gevent client
+(`--client python`). The client shares the cores with the server it measures, so it is
+part of the figures: popload costs a fraction of the Python client's CPU per session and
+does not queue NOOPs behind thousands of greenlets (results/bench-client.md). The other
+phases, and everything over TLS, use the Python client. The report says which one ran.
 
 With --tls both servers get the same throw-away RSA 2048 certificate and every client
 connects over implicit TLS (a full handshake each time, verified against the throw-away
@@ -52,6 +60,7 @@ from loadtest.benchlib import (  # noqa: E402
     cpu_seconds,
     memory,
     own_cpu_seconds,
+    password,
     reset_indexes,
     reset_peak,
     session,
@@ -59,8 +68,12 @@ from loadtest.benchlib import (  # noqa: E402
 )
 from loadtest.launch import Certificate, free_port, make_certificate  # noqa: E402
 from loadtest.pop3_client import Pop3Client, Pop3Error, unstuff  # noqa: E402
+from loadtest.popload import Held, PoploadError, build, write_manifest  # noqa: E402
+from loadtest.popload import sessions as popload_sessions  # noqa: E402
 
 PHASES = ("sessions", "pipeline", "login", "retr", "held")
+CLIENT_PHASES = ("sessions", "held")  # what --client c drives; the others always use the Python client
+NOOP_INFLIGHT = 2000  # NOOPs in flight in a round of the held phase
 TLS_PHASES = ("sessions", "retr", "held")  # the figures issue 10 asks for
 NOTES_MARKER = "<!-- notes: kept when the benchmark rewrites this file -->"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -100,6 +113,8 @@ def one_session(server: Server, user: str, expected: dict[str, bytes]) -> None:
 
 def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
     """Full sessions per second, one client per user, for a fixed duration."""
+    if opts.client == "c":
+        return phase_sessions_c(server, data, opts)
     done = [0]
     in_use = [0]
     errors: list[str] = []
@@ -132,6 +147,21 @@ def phase_sessions(server: Server, data: Dataset, opts: argparse.Namespace) -> R
     return {"sessions_per_s": done[0] / elapsed, "sessions": done[0], "in_use_retries": in_use[0],
             "server_cpu_ms_per_session": 1000 * server_cpu / max(done[0], 1),
             "client_cpu_ms_per_session": 1000 * client_cpu / max(done[0], 1),
+            "server_cores_busy": server_cpu / elapsed, "client_cores_busy": client_cpu / elapsed}
+
+
+def phase_sessions_c(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """phase_sessions driven by popload: the same sessions and checks; its CPU from its own getrusage."""
+    pids = server.pids()
+    server_cpu = cpu_seconds(pids)
+    report = popload_sessions(opts.popload, server.port, opts.sessions_manifest, opts.clients, opts.duration)
+    server_cpu = cpu_seconds(pids) - server_cpu
+    done, elapsed, client_cpu = report["sessions"], report["elapsed"], report["client_cpu_s"]
+    if report["errors"]:
+        raise BenchError(f"{report['errors']} failed sessions, first: {report['first_error']}")
+    return {"sessions_per_s": done / elapsed, "sessions": done, "in_use_retries": report["in_use_retries"],
+            "server_cpu_ms_per_session": 1000 * server_cpu / max(done, 1),
+            "client_cpu_ms_per_session": 1000 * client_cpu / max(done, 1),
             "server_cores_busy": server_cpu / elapsed, "client_cores_busy": client_cpu / elapsed}
 
 
@@ -225,6 +255,8 @@ def serving_pid(pids: list[int], port: int, client_port: int) -> int:
 
 def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
     """N sessions logged in at once, answering NOOP in rounds; server memory before and during."""
+    if opts.client == "c":
+        return phase_held_c(server, data, opts)
     users = data.held_users[:opts.held]
     gevent.sleep(0.5)
     before_pss, before_rss = memory(server.pids())
@@ -270,11 +302,13 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             except PHASE_ERRORS as exc:
                 errors.append(str(exc))
 
+        client_cpu = 0.0
         for _ in range(opts.noop_rounds):
-            start = time.perf_counter()
-            pool = Pool(2000)
+            start, cpu = time.perf_counter(), own_cpu_seconds()
+            pool = Pool(NOOP_INFLIGHT)
             pool.map(noop, clients)
             round_times.append(time.perf_counter() - start)
+            client_cpu += own_cpu_seconds() - cpu
             if errors:
                 raise BenchError(f"{len(errors)} NOOPs failed, first: {errors[0]}")
             samples.append(memory(server.pids()))
@@ -287,12 +321,47 @@ def phase_held(server: Server, data: Dataset, opts: argparse.Namespace) -> Resul
             "noop_round_s": statistics.median(round_times),
             "noop_p50_ms": 1000 * percentile(latencies, 0.50),
             "noop_p99_ms": 1000 * percentile(latencies, 0.99),
+            "client_cpu_us_per_noop": 1e6 * client_cpu / max(len(latencies), 1),
         })
     finally:
         for client in clients:
             client.close()
         gevent.idle()  # gevent closes descriptors from the event loop: let it, or they pile up
     return result
+
+
+def phase_held_c(server: Server, data: Dataset, opts: argparse.Namespace) -> Result:
+    """phase_held driven by popload: it holds the sessions while memory is sampled between its steps."""
+    wanted = min(opts.held, len(data.held_users))
+    gevent.sleep(0.5)
+    before_pss, before_rss = memory(server.pids())
+    with Held(opts.popload, server.port, opts.held_manifest, wanted, opts.noop_rounds, opts.held_concurrency,
+              NOOP_INFLIGHT, opts.held_timeout, timeout=120) as held:
+        opened = held.established()
+        count = opened["sessions"]
+        if count < wanted:
+            log(f"  only {count} of {wanted} sessions logged in; first error: {opened['first_error']}")
+            if count == 0 or count < wanted // 2:
+                raise BenchError(f"only {count} of {wanted} sessions logged in")
+        samples = [memory(server.pids())]
+        held.go_on()
+        for _ in range(opts.noop_rounds):
+            step = held.round()
+            if step["errors"]:
+                raise BenchError(f"{step['errors']} NOOPs failed, first: {step['first_error']}")
+            samples.append(memory(server.pids()))
+            held.go_on()
+        report = held.done()
+    during_pss = max(s[0] for s in samples)
+    during_rss = max(s[1] for s in samples)
+    return {"sessions": count, "failed_logins": opened["failed_logins"], "establish_s": opened["establish_s"],
+            "before_pss_kib": before_pss, "before_rss_kib": before_rss,
+            "during_pss_kib": during_pss, "during_rss_kib": during_rss,
+            "kib_per_session_pss": (during_pss - before_pss) / count,
+            "kib_per_session_rss": (during_rss - before_rss) / count,
+            "noop_round_s": report["noop_round_s"], "noop_p50_ms": report["noop_p50_ms"],
+            "noop_p99_ms": report["noop_p99_ms"],
+            "client_cpu_us_per_noop": 1e6 * report["rounds_cpu_s"] / max(report["noops"], 1)}
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -354,6 +423,8 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
                              many=opts.many if "login" in opts.only else 0,
                              big_size=(opts.big_mib << 20) if "retr" in opts.only else 4096, log=log)
         kinds = ["geventpop3"] + ([] if opts.no_dovecot else ["dovecot"])
+        if opts.client == "c":
+            prepare_popload(data, workdir, opts)
         tls = make_certificate(os.path.join(workdir, "tls")) if opts.tls else None  # RSA 2048, both servers
         for run in range(opts.runs):
             for phase in opts.only:
@@ -381,6 +452,26 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
             # event loop runs, and 10,000 Maildirs' descriptors would pile up past the limit.
             subprocess.run(["rm", "-rf", "--", workdir], check=False)
     return results
+
+
+def prepare_popload(data: Dataset, workdir: str, opts: argparse.Namespace) -> None:
+    """Compile popload into the work directory and write its manifests (expected answers) there."""
+    opts.popload = build(os.path.join(workdir, "popload-cache"))
+    opts.sessions_manifest = write_manifest(
+        os.path.join(workdir, "popload-sessions.manifest"),
+        [(user, password(user), data.expected[user]) for user in data.session_users[:opts.clients]])
+    opts.held_manifest = write_manifest(os.path.join(workdir, "popload-held.manifest"),
+                                        [(user, password(user), {}) for user in data.held_users[:opts.held]])
+
+
+def client_text(opts: argparse.Namespace) -> str:
+    """Which load client made the figures: the report says it in its header."""
+    driven = [phase for phase in opts.only if phase in CLIENT_PHASES]
+    if opts.client == "c" and driven:
+        rest = [phase for phase in opts.only if phase not in CLIENT_PHASES]
+        return (f"load client: popload (C, loadtest/popload.c) for {', '.join(driven)}"
+                + (f"; the Python gevent client for {', '.join(rest)}" if rest else ""))
+    return "load client: the Python gevent client (loadtest/pop3_client.py)"
 
 
 def median(values: list[float] | None) -> float | None:
@@ -411,7 +502,8 @@ def report(results: dict[str, Any], opts: argparse.Namespace) -> str:
              f"Written by `python -m loadtest.bench` on {time.strftime('%Y-%m-%d %H:%M %Z')}; "
              f"runs={opts.runs}, phases={','.join(opts.only)}, geventpop3 --workers "
              f"{opts.workers if opts.workers is not None else 'default (the CPUs)'}"
-             f"{', over implicit TLS (RSA 2048, full handshakes)' if opts.tls else ''}.", "", "## Machine",
+             f"{', over implicit TLS (RSA 2048, full handshakes)' if opts.tls else ''}; "
+             f"{client_text(opts)}.", "", "## Machine",
              *(getattr(opts, "machine", None) or machine()), "",
              "## Headline (medians of the runs; ratio = geventpop3 / Dovecot)", "",
              "| phase | metric | geventpop3 | Dovecot | ratio | target | met |",
@@ -476,12 +568,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"certificate (needs trustme); default phases {','.join(TLS_PHASES)}, default --out {DEFAULT_TLS_OUT}")
     add("--workers", type=int, help="geventpop3's --workers (default: not given, so the server's own default, "
         "the number of CPUs; leave it out for an older --gp-command tree that has no such flag)")
+    add("--client", choices=("c", "python"), help="load client of the sessions and held phases: c (popload, "
+        "compiled on demand with cc; the default) or python (the gevent client; the only one, so the default, "
+        "with --tls)")
     add("--out", help=f"Markdown result file (default {DEFAULT_OUT})")
     opts = parser.parse_args(argv)
     opts.only = [p for p in PHASES if p in (opts.only or (TLS_PHASES if opts.tls else PHASES))]
     opts.out = opts.out or (DEFAULT_TLS_OUT if opts.tls else DEFAULT_OUT)
     if opts.held > 19_000 or opts.runs < 1 or opts.duration <= 0:
         parser.error("--held at most 19000, --runs and --duration positive")
+    if opts.tls and opts.client == "c":
+        parser.error("--client c speaks no TLS: use --client python with --tls")
+    opts.client = opts.client or ("python" if opts.tls else "c")
     return opts
 
 
@@ -493,7 +591,11 @@ def main(argv: list[str] | None = None) -> int:
         log("dovecot is not installed: measuring geventpop3 alone")
         opts.no_dovecot = True
     opts.machine = machine()  # before the phases: afterwards the client may be short of descriptors
-    results = run_all(opts)
+    try:
+        results = run_all(opts)
+    except PoploadError as exc:
+        print(f"loadtest.bench: {exc}", file=sys.stderr)
+        return 2
     text = report(results, opts)
     write_report(text, opts.out)
     print(text)

@@ -3,7 +3,8 @@
 # curl, fetchmail and mpop (POP3 clients, also over TLS), openssl (s_client for STLS), spamassassin/spamc and renattach (filters),
 # dovecot-pop3d (the real Dovecot a migration test serves a Maildir tree with first), haproxy (the PROXY protocol tests),
 # postgresql (the shared store: the tests run initdb/pg_ctl, found in /usr/lib/postgresql/*/bin),
-# dovecot-core (doveadm pw makes and checks the password scheme vectors; libcrypt1 comes with it).
+# dovecot-core (doveadm pw makes and checks the password scheme vectors; libcrypt1 comes with it),
+# gcc and libc6-dev (the benchmark's C load client, loadtest/popload.c, is compiled on demand by its tests and the bench).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
@@ -18,6 +19,8 @@ command -v doveadm >/dev/null || need+=(dovecot-core)
 command -v haproxy >/dev/null || need+=(haproxy)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v dovecot >/dev/null || need+=(dovecot-pop3d)
+command -v cc >/dev/null || need+=(gcc)
+compgen -G "/usr/include/*/sys/epoll.h" >/dev/null || compgen -G "/usr/include/sys/epoll.h" >/dev/null || need+=(libc6-dev)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
