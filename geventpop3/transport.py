@@ -9,9 +9,12 @@ while a message streams).
 Parking, the one memory optimisation of the server: a session waiting for its
 client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher on the event
 loop, puts the transport in the `IdleClock` and returns; the greenlet that served the
-burst then ends. Data (or EOF) calls `waiter.on_ready()`, silence for `timeout`
-seconds (up to `IdleClock.TICK` more) `waiter.on_timeout()`; either runs on the event
-loop and typically spawns a fresh greenlet to carry on. A greenlet blocked in recv()
+burst then ends. Data (or EOF) calls `waiter.answer_parked()`, which may answer right
+there on the event loop and `rearm()` (the watcher stays started, the deadline moves:
+a logged-in session's NOOP costs no greenlet and no epoll_ctl); otherwise the transport
+is unparked and `waiter.on_ready()` called. Silence for `timeout` seconds (up to
+`IdleClock.TICK` more) calls `waiter.on_timeout()`. Both run on the event loop and
+typically spawn a fresh greenlet to carry on. A greenlet blocked in recv()
 keeps its saved stack (about 6 KiB with gevent's frames), so this is what lets one
 process hold 10,000 idle sessions at a few KiB each. For the same reason a parked
 transport holds as little as it can: the watcher's callback is the transport itself
@@ -55,6 +58,12 @@ CLOSE_FLUSH_TIMEOUT = 1.0  # seconds a last answer (idle timeout, shutdown) may 
 
 class Waiter(Protocol):
     """What a parked transport wakes: called on the event loop, holding no greenlet."""
+
+    def answer_parked(self) -> bool:
+        """The client sent something (or closed), the transport still parked: True if the
+        waiter dealt with it right here (answered and `rearm`ed, or unparked and handed on),
+        False to be unparked and told `on_ready()`."""
+        ...
 
     def on_ready(self) -> None: ...
 
@@ -144,6 +153,19 @@ class Transport:
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
+    def queue(self, data: bytes) -> None:
+        """Queue `data`, never sending it here (on the event loop, where no flush may wait)."""
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
+        self._out_size += len(data)
+
+    @property
+    def queued(self) -> int:
+        """Octets queued, not sent yet."""
+        return self._out_size
+
     def _take(self) -> bytes | None:
         """Everything queued, as one bytes, and the queue emptied; None if nothing is."""
         out = self._out
@@ -154,6 +176,26 @@ class Transport:
         if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
             raise OSError(errno.EBADF, "connection closed")
         return b"".join(out) if len(out) > 1 else out[0]
+
+    def send_queued(self) -> bool:
+        """Send what is queued without ever waiting (on the event loop): True if all of it
+        left, False if the client is slow to read (the rest stays queued for `flush()`)."""
+        data = self._take()
+        if data is None:
+            return True
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        if written:
+            self.sent += written
+            if self.on_sent is not None:
+                self.on_sent(written)
+        if written < len(data):
+            self._out = [data[written:]]
+            self._out_size = len(data) - written
+            return False
+        return True
 
     def flush(self) -> None:
         """Send everything queued; waits (this greenlet only) while the client is slow."""
@@ -184,6 +226,27 @@ class Transport:
         self._watcher.start(self)  # the transport itself is the callback (see __call__)
         IdleClock.of_this_thread().add(self, timeout)
 
+    def rearm(self, timeout: float) -> None:
+        """Stay parked after the waiter answered on the event loop (`answer_parked`): the
+        deadline moves to now + `timeout`, the watcher stays started (no epoll_ctl).
+
+        The next read is a real read again: what a short read says (the client waits for
+        answers) held for the burst just answered, not for the next wake."""
+        self.short_read = False
+        clock = IdleClock.of_this_thread()
+        if self._next_due is not None:
+            clock.remove(self)
+        watcher = self._watcher
+        if watcher is None or not watcher.active:  # woken by a callback, not the watcher (TLS pending)
+            if watcher is None:
+                watcher = self._watcher = gevent.get_hub().loop.io(self.fd, 1)
+            watcher.start(self)
+        clock.add(self, timeout)
+
+    def more_buffered(self) -> bool:
+        """Input already taken off the socket but not read yet (TLS: decrypted bytes)."""
+        return False
+
     @property
     def parked(self) -> bool:
         return self._waiter is not None
@@ -199,12 +262,15 @@ class Transport:
     def __call__(self) -> None:
         """Event-loop callback of the watcher: the client sent something (or closed).
 
-        The transport itself is the callback, not a bound method: that would be one more
-        object for every parked session."""
+        The waiter may answer right here and stay parked (`answer_parked`); otherwise the
+        transport is unparked and the waiter told `on_ready()`. The transport itself is
+        the callback, not a bound method: that would be one more object for every parked
+        session."""
         waiter = self._waiter
+        if waiter is None or waiter.answer_parked():
+            return
         self.unpark()
-        if waiter is not None:
-            waiter.on_ready()
+        waiter.on_ready()
 
     def expire(self) -> None:
         """Called by the IdleClock (already unlinked): the park's timeout ran out."""
@@ -377,6 +443,29 @@ class TlsTransport(Transport):
             return b""
         self.received += len(data)
         return data
+
+    def send_queued(self) -> bool:
+        """As Transport.send_queued; when the SSL object cannot take it all now, the whole
+        of it stays queued: OpenSSL wants a write it could not finish repeated with the same
+        bytes, which `flush()` then does."""
+        data = self._take()
+        if data is None:
+            return True
+        try:
+            written = self.tls.write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            written = 0
+        if written < len(data):
+            self._out = [data[written:]]
+            self._out_size = len(data) - written
+        if written:
+            self.sent += written
+            if self.on_sent is not None:
+                self.on_sent(written)
+        return written == len(data)
+
+    def more_buffered(self) -> bool:
+        return bool(self.tls.pending())
 
     def flush(self) -> None:
         data = self._take()

@@ -22,6 +22,9 @@ class Waiter:
         self.ready = Event()
         self.timed_out = Event()
 
+    def answer_parked(self) -> bool:
+        return False  # never answers on the event loop: unparked, then on_ready
+
     def on_ready(self) -> None:
         self.ready.set()
 
