@@ -87,6 +87,17 @@ class LineBuffer:
         return len(self._buffer)
 
 
+def one_line(data: bytes, limit: int = MAX_COMMAND_LINE) -> bytes | None:
+    """`data` as the one whole command line it is, line end stripped, exactly as a fresh
+    LineBuffer would split it; None if it is anything else (several lines, a partial one,
+    one over the limit). What a parked session's client mostly sends: one command at a time,
+    split here without a LineBuffer object for it."""
+    end = data.find(b"\n")
+    if end < 0 or end != len(data) - 1 or end >= limit:
+        return None
+    return data[:end - 1] if data[end - 1:end] == b"\r" else data[:end]
+
+
 def dot_stuff_lines(lines: Iterable[str]) -> bytes:
     """A multi-line body: each line CRLF-terminated and dot-stuffed, then `.`."""
     parts = []

@@ -39,7 +39,7 @@ from gevent.server import StreamServer
 from geventpop3 import maildir, tls
 from geventpop3.context import ServerContext
 from geventpop3.filters import ClientGone
-from geventpop3.lines import Delayed, LineBuffer
+from geventpop3.lines import Delayed, LineBuffer, one_line
 from geventpop3.metrics import AccessEntry
 from geventpop3.penalty import source_of
 from geventpop3.pop3 import proxied
@@ -254,11 +254,16 @@ class Pop3Session:
                 return self._carry_on(None, (), close=True)
             self.ctx.metrics.bytes_received += len(data)
             buffer = self.buffer
-            if buffer is None:
-                buffer = self.buffer = LineBuffer()
-            lines = buffer.feed(data)
-            if buffer.empty:
-                self.buffer = None
+            line = one_line(data) if buffer is None else None
+            lines: list[object]
+            if line is not None:
+                lines = [line]
+            else:
+                if buffer is None:
+                    buffer = self.buffer = LineBuffer()
+                lines = buffer.feed(data)
+                if buffer.empty:
+                    self.buffer = None
             for index, line in enumerate(lines):
                 answer = protocol.handle(line)
                 if type(answer) is not bytes:

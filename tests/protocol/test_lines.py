@@ -12,6 +12,7 @@ from geventpop3.lines import (
     MAX_RESPONSE_LINE,
     LineBuffer,
     dot_stuff_lines,
+    one_line,
     response_line,
 )
 
@@ -169,3 +170,26 @@ def test_response_line_never_splits_a_character() -> None:
     assert len(line) <= MAX_RESPONSE_LINE
     assert line.endswith(b"\r\n")
     line[:-2].decode("utf-8")  # strict: raises if a character was cut in two
+
+
+@pytest.mark.parametrize("data", [
+    b"NOOP\r\n", b"NOOP\n", b"\r\n", b"\n", b"A\rB\r\r\n", b"x" * (MAX_COMMAND_LINE - 2) + b"\r\n",
+    b"x" * (MAX_COMMAND_LINE - 1) + b"\n", b"x" * (MAX_COMMAND_LINE - 1) + b"\r\n", b"x" * MAX_COMMAND_LINE + b"\n",
+    b"NOOP", b"NOOP\r", b"", b"NOOP\r\nSTAT\r\n", b"NOOP\r\nST", b"\x00\xff\n",
+])
+def test_one_line_agrees_with_a_fresh_buffer(data: bytes) -> None:
+    """The parked session's shortcut: one whole line as LineBuffer splits it, else None."""
+    buffer = LineBuffer()
+    lines = buffer.feed(data)
+    expected = lines[0] if len(lines) == 1 and isinstance(lines[0], bytes) and buffer.empty else None
+    assert one_line(data) == expected
+
+
+def test_one_line_agrees_with_a_fresh_buffer_on_random_input() -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        data = bytes(rng.choice(b"ab \r\n") for _ in range(rng.randrange(0, 300)))
+        buffer = LineBuffer()
+        lines = buffer.feed(data)
+        expected = lines[0] if len(lines) == 1 and isinstance(lines[0], bytes) and buffer.empty else None
+        assert one_line(data) == expected, data
