@@ -254,10 +254,10 @@ class Pop3Session:
                 return self._carry_on(None, (), close=True)
             self.ctx.metrics.bytes_received += len(data)
             buffer = self.buffer
-            line = one_line(data) if buffer is None else None
+            single = one_line(data) if buffer is None else None
             lines: list[object]
-            if line is not None:
-                lines = [line]
+            if single is not None:
+                lines = [single]
             else:
                 if buffer is None:
                     buffer = self.buffer = LineBuffer()
