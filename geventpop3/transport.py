@@ -76,7 +76,7 @@ class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
     __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_prev_due", "_next_due", "_waiter", "on_sent")
+                 "_prev_due", "_next_due", "_due", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
@@ -90,6 +90,9 @@ class Transport:
         # While parked: linked into the IdleClock's ring of its deadline's tick.
         self._prev_due: Transport | _Tick | None = None
         self._next_due: Transport | _Tick | None = None
+        # While parked: the tick the deadline is really at, the linked ring's or a later one
+        # (`rearm` moves a deadline later without relinking; the IdleClock relinks at expiry).
+        self._due: _Tick | None = None
         self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
@@ -231,8 +234,16 @@ class Transport:
         deadline moves to now + `timeout`, the watcher stays started (no epoll_ctl).
 
         The next read is a real read again: what a short read says (the client waits for
-        answers) held for the burst just answered, not for the next wake."""
+        answers) held for the burst just answered, not for the next wake. A deadline that
+        only moves later (the common case) is just noted (`_due`), not relinked."""
         self.short_read = False
+        due = self._due
+        clock = IdleClock._current
+        if due is not None and clock is not None and self._watcher.active and clock.loop is self._watcher.loop:
+            head = clock.ring_for(timeout)
+            if head.tick >= due.tick:
+                self._due = head
+                return
         clock = IdleClock.of_this_thread()
         if self._next_due is not None:
             clock.remove(self)
@@ -337,6 +348,10 @@ class IdleClock:
         self._rings: dict[int, _Tick] = {}
         self._next = 0  # the first tick whose ring is not expired yet
         self._timer: Any = None
+        # ring_for's last answer: for `_ring_timeout` until monotonic time `_ring_until`
+        self._ring: _Tick | None = None
+        self._ring_timeout = 0.0
+        self._ring_until = -math.inf
 
     @classmethod
     def of_this_thread(cls) -> IdleClock:
@@ -357,16 +372,36 @@ class IdleClock:
         head = self._rings.get(tick)
         if head is None:
             head = self._rings[tick] = _Tick(tick)
+        self._link(transport, head)
+
+    @staticmethod
+    def _link(transport: Transport, head: _Tick) -> None:
         last = head._prev_due
         transport._prev_due, transport._next_due = last, head
         last._next_due = head._prev_due = transport
+        transport._due = head
+
+    def ring_for(self, timeout: float) -> _Tick:
+        """The head of the ring of now + `timeout` (not necessarily in `_rings` yet: relinking
+        puts it there). Asked at every NOOP of every held session, so the answer is kept for
+        as long as it stays right (until the deadline would round up to the next tick)."""
+        now = time.monotonic()
+        ring = self._ring
+        if ring is not None and now <= self._ring_until and timeout == self._ring_timeout:
+            return ring
+        tick = max(math.ceil((now + timeout) / self.TICK), self._next)
+        ring = self._rings.get(tick)
+        if ring is None:
+            ring = _Tick(tick)
+        self._ring, self._ring_timeout, self._ring_until = ring, timeout, tick * self.TICK - timeout
+        return ring
 
     def remove(self, transport: Transport) -> None:
         """Unlink `transport` (parked: linked); its ring goes once empty."""
         before, after = transport._prev_due, transport._next_due
         assert before is not None and after is not None
         before._next_due, after._prev_due = after, before
-        transport._prev_due = transport._next_due = None
+        transport._prev_due = transport._next_due = transport._due = None
         if before is after and isinstance(before, _Tick) and self._rings.get(before.tick) is before:
             del self._rings[before.tick]
 
@@ -374,6 +409,7 @@ class IdleClock:
         """Expire the transports of every ring whose tick has come; stop when none is left."""
         now = int(time.monotonic() / self.TICK)
         rings = self._rings
+        self._ring = None  # it may be a ring expired here
         while self._next <= now and rings:
             head = rings.pop(self._next, None)
             self._next += 1
@@ -387,9 +423,16 @@ class IdleClock:
                 following = node._next_due
                 assert following is not None
                 node = following
+            expired = []
             for transport in due:  # all unlinked first: an expire() may unpark another of them
                 transport._prev_due = transport._next_due = None
-            for transport in due:
+                later = transport._due
+                if later is not None and later.tick > head.tick:  # rearmed since linked: relink
+                    self._link(transport, rings.setdefault(later.tick, later))
+                else:
+                    transport._due = None
+                    expired.append(transport)
+            for transport in expired:
                 transport.expire()
         if not rings:
             self._timer.stop()
