@@ -194,10 +194,16 @@ Writer = Callable[[str, str], None]
 
 
 class Settings:
-    """Current values by key; attribute access for the hot path (`settings.idle_timeout`)."""
+    """Current values by key; attribute access for the hot path (`settings.idle_timeout`).
+
+    Every value is also an instance attribute, kept equal by `apply`: a plain attribute
+    read costs about 0.1 us, `__getattr__` (reached only after the ordinary lookup failed
+    and built its AttributeError) about 1.5 us, and a held session reads idle_timeout at
+    every command."""
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}
+        self.__dict__.update(self._values)
         self._listeners: list[Listener] = []
         self._writers: list[Writer] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
@@ -246,7 +252,7 @@ class Settings:
 
     def apply(self, key: str, value: Any, source: str) -> None:
         old = self._values[key]
-        self._values[key] = value
+        self._values[key] = self.__dict__[key] = value
         if old != value and source != "config":  # start-up values are not changes
             log.info("setting %s changed from %s to %s (by %s)", key, format_value(old), format_value(value), source)
         for listener in list(self._listeners):
