@@ -102,8 +102,11 @@ class Transport:
 
     @property
     def fd(self) -> int:
-        """The descriptor (asked of the socket: an int kept per session would be 32 bytes more)."""
-        return self.sock.fileno()
+        """The descriptor: the watcher's once there is one (a C attribute, where the socket's
+        fileno() is a Python method of gevent's), else asked of the socket (an int kept per
+        session would be 32 bytes more)."""
+        watcher = self._watcher
+        return watcher.fd if watcher is not None else self.sock.fileno()
 
     # -- input ---------------------------------------------------------------
     def read(self) -> bytes | None:
