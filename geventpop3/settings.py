@@ -194,7 +194,12 @@ Writer = Callable[[str, str], None]
 
 
 class Settings:
-    """Current values by key; attribute access for the hot path (`settings.idle_timeout`)."""
+    """Current values by key; attribute access for the hot path (`settings.idle_timeout`).
+
+    Every value is also an instance attribute, kept equal by `apply`: a plain attribute
+    read costs about 0.1 us, `__getattr__` (reached only after the ordinary lookup failed
+    and built its AttributeError) about 1.5 us, and a held session reads idle_timeout at
+    every command."""
 
     def __init__(self) -> None:
         self._values: dict[str, Any] = {name: key.default for name, key in KEYS.items()}

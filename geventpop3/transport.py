@@ -9,9 +9,12 @@ while a message streams).
 Parking, the one memory optimisation of the server: a session waiting for its
 client holds no greenlet. `park(waiter, timeout)` starts an I/O watcher on the event
 loop, puts the transport in the `IdleClock` and returns; the greenlet that served the
-burst then ends. Data (or EOF) calls `waiter.on_ready()`, silence for `timeout`
-seconds (up to `IdleClock.TICK` more) `waiter.on_timeout()`; either runs on the event
-loop and typically spawns a fresh greenlet to carry on. A greenlet blocked in recv()
+burst then ends. Data (or EOF) calls `waiter.answer_parked()`, which may answer right
+there on the event loop and `rearm()` (the watcher stays started, the deadline moves:
+a logged-in session's NOOP costs no greenlet and no epoll_ctl); otherwise the transport
+is unparked and `waiter.on_ready()` called. Silence for `timeout` seconds (up to
+`IdleClock.TICK` more) calls `waiter.on_timeout()`. Both run on the event loop and
+typically spawn a fresh greenlet to carry on. A greenlet blocked in recv()
 keeps its saved stack (about 6 KiB with gevent's frames), so this is what lets one
 process hold 10,000 idle sessions at a few KiB each. For the same reason a parked
 transport holds as little as it can: the watcher's callback is the transport itself
@@ -56,6 +59,12 @@ CLOSE_FLUSH_TIMEOUT = 1.0  # seconds a last answer (idle timeout, shutdown) may 
 class Waiter(Protocol):
     """What a parked transport wakes: called on the event loop, holding no greenlet."""
 
+    def answer_parked(self) -> bool:
+        """The client sent something (or closed), the transport still parked: True if the
+        waiter dealt with it right here (answered and `rearm`ed, or unparked and handed on),
+        False to be unparked and told `on_ready()`."""
+        ...
+
     def on_ready(self) -> None: ...
 
     def on_timeout(self) -> None: ...
@@ -67,7 +76,7 @@ class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
     __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
-                 "_prev_due", "_next_due", "_waiter", "on_sent")
+                 "_prev_due", "_next_due", "_due", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
@@ -81,6 +90,9 @@ class Transport:
         # While parked: linked into the IdleClock's ring of its deadline's tick.
         self._prev_due: Transport | _Tick | None = None
         self._next_due: Transport | _Tick | None = None
+        # While parked: the tick the deadline is really at, the linked ring's or a later one
+        # (`rearm` moves a deadline later without relinking; the IdleClock relinks at expiry).
+        self._due: _Tick | None = None
         self._waiter: Waiter | None = None  # who is woken, while parked
         self.on_sent = on_sent  # told the octets of every flush (server-wide counters)
         # Answers are already batched per burst; Nagle would only hold the next batch
@@ -90,8 +102,11 @@ class Transport:
 
     @property
     def fd(self) -> int:
-        """The descriptor (asked of the socket: an int kept per session would be 32 bytes more)."""
-        return self.sock.fileno()
+        """The descriptor: the watcher's once there is one (a C attribute, where the socket's
+        fileno() is a Python method of gevent's), else asked of the socket (an int kept per
+        session would be 32 bytes more)."""
+        watcher = self._watcher
+        return watcher.fd if watcher is not None else self.sock.fileno()
 
     # -- input ---------------------------------------------------------------
     def read(self) -> bytes | None:
@@ -144,6 +159,19 @@ class Transport:
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
+    def queue(self, data: bytes) -> None:
+        """Queue `data`, never sending it here (on the event loop, where no flush may wait)."""
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
+        self._out_size += len(data)
+
+    @property
+    def queued(self) -> int:
+        """Octets queued, not sent yet."""
+        return self._out_size
+
     def _take(self) -> bytes | None:
         """Everything queued, as one bytes, and the queue emptied; None if nothing is."""
         out = self._out
@@ -154,6 +182,26 @@ class Transport:
         if self.closed:  # a greenlet that outlived its session must not write into a reused descriptor
             raise OSError(errno.EBADF, "connection closed")
         return b"".join(out) if len(out) > 1 else out[0]
+
+    def send_queued(self) -> bool:
+        """Send what is queued without ever waiting (on the event loop): True if all of it
+        left, False if the client is slow to read (the rest stays queued for `flush()`)."""
+        data = self._take()
+        if data is None:
+            return True
+        try:
+            written = os.write(self.fd, data)
+        except BlockingIOError:
+            written = 0
+        if written:
+            self.sent += written
+            if self.on_sent is not None:
+                self.on_sent(written)
+        if written < len(data):
+            self._out = [data[written:]]
+            self._out_size = len(data) - written
+            return False
+        return True
 
     def flush(self) -> None:
         """Send everything queued; waits (this greenlet only) while the client is slow."""
@@ -187,6 +235,35 @@ class Transport:
         self._watcher.start(self)  # the transport itself is the callback (see __call__)
         IdleClock.of_this_thread().add(self, timeout)
 
+    def rearm(self, timeout: float) -> None:
+        """Stay parked after the waiter answered on the event loop (`answer_parked`): the
+        deadline moves to now + `timeout`, the watcher stays started (no epoll_ctl).
+
+        The next read is a real read again: what a short read says (the client waits for
+        answers) held for the burst just answered, not for the next wake. A deadline that
+        only moves later (the common case) is just noted (`_due`), not relinked."""
+        self.short_read = False
+        due = self._due
+        clock = IdleClock._current
+        if due is not None and clock is not None and self._watcher.active and clock.loop is self._watcher.loop:
+            head = clock.ring_for(timeout)
+            if head.tick >= due.tick:
+                self._due = head
+                return
+        clock = IdleClock.of_this_thread()
+        if self._next_due is not None:
+            clock.remove(self)
+        watcher = self._watcher
+        if watcher is None or not watcher.active:  # woken by a callback, not the watcher (TLS pending)
+            if watcher is None:
+                watcher = self._watcher = gevent.get_hub().loop.io(self.fd, 1)
+            watcher.start(self)
+        clock.add(self, timeout)
+
+    def more_buffered(self) -> bool:
+        """Input already taken off the socket but not read yet (TLS: decrypted bytes)."""
+        return False
+
     @property
     def parked(self) -> bool:
         return self._waiter is not None
@@ -202,12 +279,15 @@ class Transport:
     def __call__(self) -> None:
         """Event-loop callback of the watcher: the client sent something (or closed).
 
-        The transport itself is the callback, not a bound method: that would be one more
-        object for every parked session."""
+        The waiter may answer right here and stay parked (`answer_parked`); otherwise the
+        transport is unparked and the waiter told `on_ready()`. The transport itself is
+        the callback, not a bound method: that would be one more object for every parked
+        session."""
         waiter = self._waiter
+        if waiter is None or waiter.answer_parked():
+            return
         self.unpark()
-        if waiter is not None:
-            waiter.on_ready()
+        waiter.on_ready()
 
     def expire(self) -> None:
         """Called by the IdleClock (already unlinked): the park's timeout ran out."""
@@ -274,6 +354,10 @@ class IdleClock:
         self._rings: dict[int, _Tick] = {}
         self._next = 0  # the first tick whose ring is not expired yet
         self._timer: Any = None
+        # ring_for's last answer: for `_ring_timeout` until monotonic time `_ring_until`
+        self._ring: _Tick | None = None
+        self._ring_timeout = 0.0
+        self._ring_until = -math.inf
 
     @classmethod
     def of_this_thread(cls) -> IdleClock:
@@ -294,16 +378,36 @@ class IdleClock:
         head = self._rings.get(tick)
         if head is None:
             head = self._rings[tick] = _Tick(tick)
+        self._link(transport, head)
+
+    @staticmethod
+    def _link(transport: Transport, head: _Tick) -> None:
         last = head._prev_due
         transport._prev_due, transport._next_due = last, head
         last._next_due = head._prev_due = transport
+        transport._due = head
+
+    def ring_for(self, timeout: float) -> _Tick:
+        """The head of the ring of now + `timeout` (not necessarily in `_rings` yet: relinking
+        puts it there). Asked at every NOOP of every held session, so the answer is kept for
+        as long as it stays right (until the deadline would round up to the next tick)."""
+        now = time.monotonic()
+        ring = self._ring
+        if ring is not None and now <= self._ring_until and timeout == self._ring_timeout:
+            return ring
+        tick = max(math.ceil((now + timeout) / self.TICK), self._next)
+        ring = self._rings.get(tick)
+        if ring is None:
+            ring = _Tick(tick)
+        self._ring, self._ring_timeout, self._ring_until = ring, timeout, tick * self.TICK - timeout
+        return ring
 
     def remove(self, transport: Transport) -> None:
         """Unlink `transport` (parked: linked); its ring goes once empty."""
         before, after = transport._prev_due, transport._next_due
         assert before is not None and after is not None
         before._next_due, after._prev_due = after, before
-        transport._prev_due = transport._next_due = None
+        transport._prev_due = transport._next_due = transport._due = None
         if before is after and isinstance(before, _Tick) and self._rings.get(before.tick) is before:
             del self._rings[before.tick]
 
@@ -311,6 +415,7 @@ class IdleClock:
         """Expire the transports of every ring whose tick has come; stop when none is left."""
         now = int(time.monotonic() / self.TICK)
         rings = self._rings
+        self._ring = None  # it may be a ring expired here
         while self._next <= now and rings:
             head = rings.pop(self._next, None)
             self._next += 1
@@ -324,9 +429,16 @@ class IdleClock:
                 following = node._next_due
                 assert following is not None
                 node = following
+            expired = []
             for transport in due:  # all unlinked first: an expire() may unpark another of them
                 transport._prev_due = transport._next_due = None
-            for transport in due:
+                later = transport._due
+                if later is not None and later.tick > head.tick:  # rearmed since linked: relink
+                    self._link(transport, rings.setdefault(later.tick, later))
+                else:
+                    transport._due = None
+                    expired.append(transport)
+            for transport in expired:
                 transport.expire()
         if not rings:
             self._timer.stop()
@@ -380,6 +492,29 @@ class TlsTransport(Transport):
             return b""
         self.received += len(data)
         return data
+
+    def send_queued(self) -> bool:
+        """As Transport.send_queued; when the SSL object cannot take it all now, the whole
+        of it stays queued: OpenSSL wants a write it could not finish repeated with the same
+        bytes, which `flush()` then does."""
+        data = self._take()
+        if data is None:
+            return True
+        try:
+            written = self.tls.write(data)
+        except (ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            written = 0
+        if written < len(data):
+            self._out = [data[written:]]
+            self._out_size = len(data) - written
+        if written:
+            self.sent += written
+            if self.on_sent is not None:
+                self.on_sent(written)
+        return written == len(data)
+
+    def more_buffered(self) -> bool:
+        return bool(self.tls.pending())
 
     def flush(self) -> None:
         data = self._take()

@@ -29,6 +29,7 @@ import logging
 import re
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any, cast
 
 import gevent
@@ -49,13 +50,14 @@ from geventpop3.pop3.protocol import (
     Refused,
     Retrieve,
     StartTls,
+    State,
     Update,
 )
 from geventpop3.pop3.security import ConnectionSecurity, parse_address
 from geventpop3.proxy_protocol import ProxyError, ProxyHeader
 from geventpop3.runners import Runners
 from geventpop3.store import leases
-from geventpop3.transport import TlsTransport, Transport
+from geventpop3.transport import FLUSH_THRESHOLD, TlsTransport, Transport
 from geventpop3.users import HashingBusy
 
 log = logging.getLogger(__name__)
@@ -149,13 +151,16 @@ class Pop3Session:
         self.transport.short_read = True
         self.serve()
 
-    def serve(self) -> None:
-        """Answer what the client sent; park when it goes quiet, end when it is over."""
+    def serve(self, action: object = None, lines: Sequence[object] = ()) -> None:
+        """Answer what the client sent; park when it goes quiet, end when it is over.
+        `action` and `lines`: what `answer_parked` took in but left to a greenlet."""
         if self._done:
             return
         try:
             self.transport.set_timeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
             self.transport.flush()
+            if action is not None or lines:
+                self._answer_lines(action, lines)
             over = self._answer_burst()
         except gevent.GreenletExit:
             self.ended, over = "shutdown", True
@@ -220,6 +225,80 @@ class Pop3Session:
             self.transport.flush()
         if self.ended == "disconnect":
             self.ended = "closed"
+        return True
+
+    def _answer_lines(self, action: object, lines: Sequence[object]) -> None:
+        """Carry out `action` (if any), then answer `lines` (until the session is closing)."""
+        protocol = self.protocol
+        if action is not None:
+            self._dispatch(action)
+        for line in lines:
+            if protocol.closing:
+                break
+            self._dispatch(protocol.handle(line))
+        self.transport.flush()
+
+    def answer_parked(self) -> bool:
+        """Event-loop callback, still parked: the client sent something (or closed).
+
+        A logged-in session's commands that need nothing but their answer (NOOP, STAT,
+        LIST, UIDL, DELE, RSET, CAPA, errors) are answered right here, and the session
+        stays parked: no greenlet, no watcher stop and start. One read per wake: more
+        input wakes the watcher again at the loop's next turn, after the other sessions
+        ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close, answers
+        the client is slow to read, over FLUSH_THRESHOLD queued) goes on in a greenlet
+        (`serve`), with what was taken in so far. False before login: `on_ready` then."""
+        protocol = self.protocol
+        if protocol.state is not State.TRANSACTION or self._done:
+            return False
+        transport = self.transport
+        try:
+            data = transport.read()
+            if data is None:  # nothing complete (a TLS record in pieces)
+                transport.rearm(self.ctx.settings.idle_timeout)
+                return True
+            if not data:
+                return self._carry_on(None, (), close=True)
+            self.ctx.metrics.bytes_received += len(data)
+            buffer = self.buffer
+            single = single_line(data) if buffer is None else None
+            lines: list[object]
+            if single is not None:
+                lines = [single]
+            else:
+                if buffer is None:
+                    buffer = self.buffer = LineBuffer()
+                lines = buffer.feed(data)
+                if buffer.empty:
+                    self.buffer = None
+            for index, line in enumerate(lines):
+                answer = protocol.handle(line)
+                if type(answer) is not bytes:
+                    return self._carry_on(answer, lines[index + 1:])
+                transport.queue(answer)
+                if transport.queued >= FLUSH_THRESHOLD:
+                    return self._carry_on(None, lines[index + 1:])
+            if not transport.send_queued() or transport.more_buffered():
+                return self._carry_on(None, ())
+            transport.rearm(self.ctx.settings.idle_timeout)
+        except OSError:
+            self.ended = "disconnect"  # reset by peer: nothing to answer
+            return self._carry_on(None, (), close=True)
+        except Exception:  # never let one session take the server down
+            self.ended = "error"
+            log.exception("pop3 session error: rip=%s", self.address)
+            return self._carry_on(None, (), close=True)
+        return True
+
+    def _carry_on(self, action: object, lines: Sequence[object], close: bool = False) -> bool:
+        """What `answer_parked` cannot finish on the event loop goes on in a greenlet."""
+        self.transport.unpark()
+        if close:
+            self.greenlet = gevent.spawn(self.close)
+        elif action is None and not lines:
+            self.greenlet = self.service.runners.spawn(self.serve)
+        else:
+            self.greenlet = self.service.runners.spawn(self.serve, action, lines)
         return True
 
     def on_ready(self) -> None:

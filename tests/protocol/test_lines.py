@@ -186,3 +186,13 @@ def test_single_line_is_what_a_fresh_buffer_gives() -> None:
         assert single_line(data) == expected, data
     assert single_line(b"USER a\r\n") == b"USER a"
     assert single_line(b"x" * MAX_COMMAND_LINE + b"\n") is None  # over the limit: the buffer reports it
+
+
+def test_single_line_agrees_with_a_fresh_buffer_on_long_random_input() -> None:
+    rng = random.Random(7)
+    for _ in range(5000):
+        data = bytes(rng.choice(b"ab \r\n") for _ in range(rng.randrange(0, 300)))
+        buffer = LineBuffer()
+        lines = buffer.feed(data)
+        expected = lines[0] if len(lines) == 1 and isinstance(lines[0], bytes) and buffer.empty else None
+        assert single_line(data) == expected, data

@@ -28,6 +28,9 @@ class Waiter:
     def __init__(self) -> None:
         self.ready = gevent.event.Event()
 
+    def answer_parked(self) -> bool:
+        return False  # never answers on the event loop: unparked, then on_ready
+
     def on_ready(self) -> None:
         self.ready.set()
 

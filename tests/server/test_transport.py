@@ -22,6 +22,9 @@ class Waiter:
         self.ready = Event()
         self.timed_out = Event()
 
+    def answer_parked(self) -> bool:
+        return False  # never answers on the event loop: unparked, then on_ready
+
     def on_ready(self) -> None:
         self.ready.set()
 
@@ -247,3 +250,38 @@ def test_deadlines_of_many_parked_transports_are_kept_apart(pair: tuple[Transpor
             one.close()
         for _, peer in others:
             peer.close()
+
+
+def test_rearm_moves_the_deadline_later_without_an_early_expiry(pair: tuple[Transport, socket.socket]) -> None:
+    """A parked session answering on the loop rearms at every command: a later deadline is
+    only noted, and the clock relinks the transport when its old ring comes due."""
+    transport, _ = pair
+    waiter = Waiter()
+    started = time.monotonic()
+    transport.park(waiter, timeout=0.1)
+    transport.rearm(0.6)
+    assert waiter.timed_out.wait(5)
+    assert time.monotonic() - started >= 0.59
+    assert not transport.parked and transport._next_due is None
+
+
+def test_rearm_moves_the_deadline_earlier(pair: tuple[Transport, socket.socket]) -> None:
+    """The idle timeout lowered meanwhile (MSMP SET): the next rearm's shorter deadline holds."""
+    transport, _ = pair
+    waiter = Waiter()
+    started = time.monotonic()
+    transport.park(waiter, timeout=30)
+    transport.rearm(0.2)
+    assert waiter.timed_out.wait(5)
+    assert 0.19 <= time.monotonic() - started < 5
+
+
+def test_a_rearmed_transport_woken_by_data_is_not_timed_out(pair: tuple[Transport, socket.socket]) -> None:
+    transport, client = pair
+    waiter = Waiter()
+    transport.park(waiter, timeout=0.1)
+    transport.rearm(0.3)
+    client.sendall(b"NOOP\r\n")
+    assert waiter.ready.wait(5)
+    assert not transport.parked and transport._due is None
+    assert not waiter.timed_out.wait(0.6)

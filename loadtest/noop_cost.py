@@ -1,0 +1,195 @@
+"""Server CPU time per NOOP on held (parked, logged-in) sessions, A/B between source trees.
+
+What a held session costs the server each time its client speaks is the wake path: the
+event loop's I/O watcher fires, the session reads, parses, answers, and parks again.
+Wall-clock latency on a shared machine moves with everything else that runs; the CPU
+time of the server's processes (utime + stime from /proc, summed over the process tree
+with --workers) per NOOP answered does not. Each tree's server runs in turn (A, B, B, A,
+...) with `--sessions` users logged in at once, then `--rounds` rounds of one NOOP per
+session with `--in-flight` outstanding at any time (a closed loop, as `loadtest.bench
+--only held` does it), from one epoll-driven client process; one warm-up round is not
+measured.
+
+    python -m loadtest.noop_cost --tree before=/path/to/old --tree now=. --workers 2
+
+Reported per run: server CPU microseconds per NOOP, NOOPs/s, and the client-side
+latency p50/p99 (the client is Python: on a loaded machine those move with the load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from loadtest.launch import free_port, process_tree, wait_greeting
+
+CHEAP_COST = (2**8, 8, 1)  # cheap scrypt: only the NOOPs are measured
+
+
+def build(root: str, users: int) -> None:
+    """`users` empty Maildirs and a users file of cheap scrypt hashes."""
+    from geventpop3.users import hash_password
+
+    entries = []
+    for number in range(users):
+        name = f"n{number}"
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(root, "mail", name, sub), exist_ok=True)
+        entries.append(f"{name}:{hash_password(name + 'pw', CHEAP_COST)}")
+    with open(os.path.join(root, "users"), "w", encoding="ascii") as handle:
+        handle.write("\n".join(entries) + "\n")
+
+
+def own_cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(own_cpu_seconds(member) for member in process_tree(pid))
+
+
+def expect(sock: socket.socket, prefix: bytes) -> None:
+    """Read one answer line (blocking) and check it starts with `prefix`."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(512)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        data += chunk
+    if not data.startswith(prefix):
+        raise RuntimeError(f"unexpected answer {data[:80]!r}")
+
+
+def login(port: int, number: int) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    expect(sock, b"+OK")
+    name = f"n{number}"
+    sock.sendall(f"USER {name}\r\n".encode())
+    expect(sock, b"+OK")
+    sock.sendall(f"PASS {name}pw\r\n".encode())
+    expect(sock, b"+OK")
+    sock.setblocking(False)
+    return sock
+
+
+def noop_rounds(socks: list[socket.socket], rounds: int, in_flight: int) -> list[float]:
+    """`rounds` NOOPs per session, `in_flight` outstanding, round-robin; latencies in seconds."""
+    fds = [s.fileno() for s in socks]
+    poller = select.epoll(len(fds) + 1)
+    for fd in fds:
+        poller.register(fd, select.EPOLLIN)
+    total = rounds * len(fds)
+    sent_at: dict[int, float] = {}
+    latencies: list[float] = []
+    next_index = 0
+    clock = time.perf_counter
+    write, read = os.write, os.read
+
+    def send_next() -> None:
+        nonlocal next_index
+        fd = fds[next_index % len(fds)]
+        if fd in sent_at:  # fewer sessions than in flight: wait for this one's answer
+            return
+        next_index += 1
+        sent_at[fd] = clock()
+        write(fd, b"NOOP\r\n")
+
+    while next_index < min(in_flight, total):
+        send_next()
+    while len(latencies) < total:
+        for fd, _ in poller.poll(60):
+            data = read(fd, 64)
+            if data != b"+OK\r\n":
+                raise RuntimeError(f"NOOP answered {data!r}")
+            latencies.append(clock() - sent_at.pop(fd))
+            if next_index < total:
+                send_next()
+    poller.close()
+    return latencies
+
+
+def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int) -> tuple[float, float, float, float]:
+    """(server CPU us per NOOP, NOOPs/s, p50 ms, p99 ms) of `tree`'s server."""
+    root = tempfile.mkdtemp(prefix="noop-cost-")
+    socks: list[socket.socket] = []
+    try:
+        build(root, sessions)
+        port = free_port()
+        with open(os.path.join(root, "config.toml"), "w") as handle:
+            handle.write(f"max_connections = {sessions + 100}\nmax_connections_per_ip = {sessions + 100}\n"
+                         "idle_timeout = 600\n")
+        command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
+                   "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
+                   "--users-file", os.path.join(root, "users"), "--config", os.path.join(root, "config.toml"),
+                   "--no-state", "--log-level", "WARNING", "--workers", str(workers)]
+        server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_greeting(port, 60)
+            with ThreadPoolExecutor(32) as pool:
+                socks = list(pool.map(lambda n: login(port, n), range(sessions)))
+            noop_rounds(socks, 1, in_flight)  # warm-up
+            cpu, started = cpu_seconds(server.pid), time.perf_counter()
+            latencies = noop_rounds(socks, rounds, in_flight)
+            elapsed = time.perf_counter() - started
+            used = cpu_seconds(server.pid) - cpu
+            latencies.sort()
+            return (used / len(latencies) * 1e6, len(latencies) / elapsed,
+                    latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000)
+        finally:
+            for sock in socks:
+                sock.close()
+            server.terminate()
+            server.wait(30)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtest.noop_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tree", action="append", required=True, metavar="NAME=PATH",
+                        help="a source tree to measure (repeat: two or more)")
+    parser.add_argument("--ab-rounds", type=int, default=4, help="A/B rounds, each measuring every tree once")
+    parser.add_argument("--sessions", type=int, default=4000, help="held sessions (default 4000)")
+    parser.add_argument("--rounds", type=int, default=5, help="measured NOOPs per session (default 5)")
+    parser.add_argument("--in-flight", type=int, default=2000, help="NOOPs outstanding (default 2000)")
+    parser.add_argument("--workers", type=int, default=2, help="server --workers (default 2)")
+    opts = parser.parse_args(argv)
+    trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
+    if len(trees) != len(opts.tree) or not trees:
+        parser.error("--tree NAME=PATH")
+    results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in trees}
+    for ab_round in range(opts.ab_rounds):
+        order = list(trees) if ab_round % 2 == 0 else list(reversed(trees))
+        for name in order:
+            load = os.getloadavg()[0]
+            row = measure(trees[name], opts.sessions, opts.rounds, opts.in_flight, opts.workers)
+            results[name].append(row)
+            print(f"round {ab_round + 1} {name}: {row[0]:.1f} us server CPU per NOOP, {row[1]:.0f} NOOPs/s, "
+                  f"p50 {row[2]:.1f} ms, p99 {row[3]:.1f} ms (load {load:.1f})", flush=True)
+    first = statistics.median(r[0] for r in results[next(iter(trees))])
+    for name, rows in results.items():
+        cpu = statistics.median(r[0] for r in rows)
+        print(f"{name}: median {cpu:.1f} us per NOOP ({cpu / first:.3f} x {next(iter(trees))}), "
+              f"{statistics.median(r[1] for r in rows):.0f} NOOPs/s, "
+              f"p50 {statistics.median(r[2] for r in rows):.1f} ms, "
+              f"p99 {statistics.median(r[3] for r in rows):.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
