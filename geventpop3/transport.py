@@ -151,11 +151,7 @@ class Transport:
     # -- output --------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Queue `data`; it leaves at the next `flush()` or once the queue is large."""
-        if self._out is None:
-            self._out = [data]
-        else:
-            self._out.append(data)
-        self._out_size += len(data)
+        self.queue(data)
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 

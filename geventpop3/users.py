@@ -580,14 +580,18 @@ class UserDirectory(Credentials):
         parses its users file before its supervisor tells it the stored users)."""
         self._store = store
         for name, text in store.load_users().items():
-            try:  # written by set_password: no weak scheme, but an old store may hold anything
-                entry = schemes.parse(text, self._plain_key, allow_weak=True)
-            except SchemeError as exc:
-                log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
-                continue
-            self._stored[name] = entry
-            if name not in self._configured:
-                self._put(name, entry)
+            self._keep_stored(name, text)
+
+    def _keep_stored(self, name: str, text: str) -> None:
+        """A stored user's entry, under a configured one of the same name."""
+        try:  # written by set_password: no weak scheme, but an old store may hold anything
+            entry = schemes.parse(text, self._plain_key, allow_weak=True)
+        except SchemeError as exc:
+            log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
+            return
+        self._stored[name] = entry
+        if name not in self._configured:
+            self._put(name, entry)
 
     def _fallback(self, name: str) -> StoredPassword | None:
         return self._stored.get(name)
@@ -665,16 +669,8 @@ class UserDirectory(Credentials):
             if name not in self._configured:
                 self._pop(name)
             return
-        if old is not None and old.text() == text:
-            return
-        try:
-            entry = schemes.parse(text, self._plain_key, allow_weak=True)
-        except SchemeError as exc:
-            log.warning("state store: user %s has an unusable password entry, left out: %s", name, exc)
-            return
-        self._stored[name] = entry
-        if name not in self._configured:
-            self._put(name, entry)
+        if old is None or old.text() != text:
+            self._keep_stored(name, text)
 
 
 # -- the users file and -u ------------------------------------------------------------

@@ -46,8 +46,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.cpu_per_session import USERS, build, own_cpu_seconds, session
-from loadtest.launch import PostgresServer, free_port, haproxy_config, process_tree, start_haproxy, wait_greeting
+from loadtest.cpu_per_session import USERS, build, session
+from loadtest.launch import PostgresServer, free_port, haproxy_config, start_haproxy, tree_cpu_seconds, wait_greeting
 
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
 
@@ -60,9 +60,9 @@ def children_cpu_seconds(pid: int) -> float:
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(pid: int) -> float:
+def tree_and_reaped_cpu_seconds(pid: int) -> float:
     """CPU of `pid`, its living descendants and its reaped children."""
-    return sum(own_cpu_seconds(member) for member in process_tree(pid)) + children_cpu_seconds(pid)
+    return tree_cpu_seconds(pid) + children_cpu_seconds(pid)
 
 
 def client_cpu_seconds() -> float:
@@ -169,9 +169,9 @@ def measure(name: str, root: Path, postgres: PostgresServer, sessions: int, clie
                 session(port, client)
 
         def sample() -> dict[str, float]:
-            return {"geventpop3": sum(tree_cpu_seconds(pid) for pid in pids),
-                    "haproxy": tree_cpu_seconds(proxy) if proxy else 0.0,
-                    "postgres": tree_cpu_seconds(postgres.pid), "client": client_cpu_seconds()}
+            return {"geventpop3": sum(tree_and_reaped_cpu_seconds(pid) for pid in pids),
+                    "haproxy": tree_and_reaped_cpu_seconds(proxy) if proxy else 0.0,
+                    "postgres": tree_and_reaped_cpu_seconds(postgres.pid), "client": client_cpu_seconds()}
 
         before, started = sample(), time.monotonic()
         with ThreadPoolExecutor(clients) as pool:

@@ -42,44 +42,29 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from loadtest.benchlib import wait_tls_greeting
-from loadtest.launch import Certificate, free_port, make_certificate, process_tree, wait_greeting
+from loadtest.launch import (
+    Certificate,
+    free_port,
+    make_certificate,
+    make_users,
+    own_cpu_seconds,
+    tree_cpu_seconds,
+    wait_greeting,
+)
 
 USERS, MESSAGES = 20, 10
-CHEAP_COST = (2**8, 8, 1)  # the benchmarks' users: cheap to make, cached after the first login
 BODY = b"x" * 70 + b"\n"
 
 
 def build(root: str) -> None:
-    """The Maildir tree and a users file of cheap scrypt hashes."""
-    from geventpop3.users import hash_password
-
-    entries = []
-    for number in range(USERS):
-        name = f"u{number}"
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(os.path.join(root, "mail", name, sub), exist_ok=True)
+    """The users (cheap scrypt hashes) and their Maildirs of MESSAGES messages of 4 KiB each."""
+    names = [f"u{number}" for number in range(USERS)]
+    make_users(root, names)
+    for name in names:
         for index in range(MESSAGES):
             path = os.path.join(root, "mail", name, "cur", f"{1_700_000_000 + index}.M{index}P1.host:2,S")
             with open(path, "wb") as handle:
                 handle.write(b"Subject: m%d\n\n" % index + BODY * 56)
-        entries.append(f"{name}:{hash_password(name + 'pw', CHEAP_COST)}")
-    with open(os.path.join(root, "users"), "w", encoding="ascii") as handle:
-        handle.write("\n".join(entries) + "\n")
-
-
-def own_cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """CPU time of the server's whole process tree (with --workers: the supervisor and its workers)."""
-    return sum(own_cpu_seconds(member) for member in process_tree(pid))
 
 
 def session(port: int, number: int, context: ssl.SSLContext | None = None) -> None:
@@ -156,7 +141,7 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none", workers
             for number in range(200):  # size caches and the password cache, as a running server has them
                 session(port, number, context)
             database = state.startswith("postgres")
-            cpu, started = cpu_seconds(server.pid), time.monotonic()
+            cpu, started = tree_cpu_seconds(server.pid), time.monotonic()
             db_cpu = postgres_cpu_seconds() if database else 0.0
             per_client = max(1, sessions // clients)
             # Client c logs in as user c (mod USERS) only: no two clients wait for one mailbox's
@@ -168,7 +153,7 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none", workers
             done = per_client * clients
             rate = done / (time.monotonic() - started)
             db_ms = (postgres_cpu_seconds() - db_cpu) / done * 1000 if database else 0.0
-            return (cpu_seconds(server.pid) - cpu) / done * 1000, rate, db_ms
+            return (tree_cpu_seconds(server.pid) - cpu) / done * 1000, rate, db_ms
         finally:
             server.terminate()
             server.wait(15)

@@ -68,6 +68,35 @@ def process_tree(root: int) -> list[int]:
     return found
 
 
+CHEAP_COST = (2**8, 8, 1)  # scrypt n, r, p of the load tools' users: cheap to make; logins are not what they measure
+
+
+def make_users(root: str | os.PathLike[str], names: Sequence[str]) -> None:
+    """Empty Maildirs `root`/mail/<name> and a users file `root`/users; each password is name + "pw"."""
+    from geventpop3.users import hash_password
+
+    entries = []
+    for name in names:
+        for sub in ("cur", "new", "tmp"):
+            os.makedirs(os.path.join(root, "mail", name, sub), exist_ok=True)
+        entries.append(f"{name}:{hash_password(name + 'pw', CHEAP_COST)}")
+    Path(root, "users").write_text("\n".join(entries) + "\n", encoding="ascii")
+
+
+def own_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process from /proc (0 if it is gone): a busy machine does not inflate it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii").rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of `pid` and its living descendants (with --workers: the supervisor and every worker)."""
+    return sum(own_cpu_seconds(member) for member in process_tree(pid))
+
+
 @dataclass(frozen=True)
 class Certificate:
     """A throw-away CA (what clients trust) and the server's chain and key it signed."""

@@ -30,36 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, process_tree, wait_greeting
-
-CHEAP_COST = (2**8, 8, 1)  # cheap scrypt: only the NOOPs are measured
-
-
-def build(root: str, users: int) -> None:
-    """`users` empty Maildirs and a users file of cheap scrypt hashes."""
-    from geventpop3.users import hash_password
-
-    entries = []
-    for number in range(users):
-        name = f"n{number}"
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(os.path.join(root, "mail", name, sub), exist_ok=True)
-        entries.append(f"{name}:{hash_password(name + 'pw', CHEAP_COST)}")
-    with open(os.path.join(root, "users"), "w", encoding="ascii") as handle:
-        handle.write("\n".join(entries) + "\n")
-
-
-def own_cpu_seconds(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    return sum(own_cpu_seconds(member) for member in process_tree(pid))
+from loadtest.launch import free_port, make_users, tree_cpu_seconds, wait_greeting
 
 
 def expect(sock: socket.socket, prefix: bytes) -> None:
@@ -127,7 +98,7 @@ def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int)
     root = tempfile.mkdtemp(prefix="noop-cost-")
     socks: list[socket.socket] = []
     try:
-        build(root, sessions)
+        make_users(root, [f"n{number}" for number in range(sessions)])
         port = free_port()
         with open(os.path.join(root, "config.toml"), "w") as handle:
             handle.write(f"max_connections = {sessions + 100}\nmax_connections_per_ip = {sessions + 100}\n"
@@ -143,10 +114,10 @@ def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int)
             with ThreadPoolExecutor(32) as pool:
                 socks = list(pool.map(lambda n: login(port, n), range(sessions)))
             noop_rounds(socks, 1, in_flight)  # warm-up
-            cpu, started = cpu_seconds(server.pid), time.perf_counter()
+            cpu, started = tree_cpu_seconds(server.pid), time.perf_counter()
             latencies = noop_rounds(socks, rounds, in_flight)
             elapsed = time.perf_counter() - started
-            used = cpu_seconds(server.pid) - cpu
+            used = tree_cpu_seconds(server.pid) - cpu
             latencies.sort()
             return (used / len(latencies) * 1e6, len(latencies) / elapsed,
                     latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000)
@@ -172,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     trees = dict(item.split("=", 1) for item in opts.tree if "=" in item)
     if len(trees) != len(opts.tree) or not trees:
         parser.error("--tree NAME=PATH")
+    if min(opts.ab_rounds, opts.sessions, opts.rounds, opts.in_flight, opts.workers) < 1:
+        parser.error("--ab-rounds, --sessions, --rounds, --in-flight and --workers must be positive")
     results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in trees}
     for ab_round in range(opts.ab_rounds):
         order = list(trees) if ab_round % 2 == 0 else list(reversed(trees))
@@ -184,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     first = statistics.median(r[0] for r in results[next(iter(trees))])
     for name, rows in results.items():
         cpu = statistics.median(r[0] for r in rows)
-        print(f"{name}: median {cpu:.1f} us per NOOP ({cpu / first:.3f} x {next(iter(trees))}), "
+        ratio = f"{cpu / first:.3f} x {next(iter(trees))}" if first else "too few NOOPs for the 10 ms CPU clock"
+        print(f"{name}: median {cpu:.1f} us per NOOP ({ratio}), "
               f"{statistics.median(r[1] for r in rows):.0f} NOOPs/s, "
               f"p50 {statistics.median(r[2] for r in rows):.1f} ms, "
               f"p99 {statistics.median(r[3] for r in rows):.1f} ms")

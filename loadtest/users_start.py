@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.launch import free_port, process_tree
+from loadtest.launch import free_port, tree_cpu_seconds
 
 PASSWORD = "benchpw"
 CHEAP_SCRYPT = (2**8, 8, 1)
@@ -117,13 +117,6 @@ def first_greeting(port: int, process: subprocess.Popen[bytes], timeout: float) 
     raise RuntimeError(f"no greeting within {timeout:g} s")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (a busy machine does not inflate it)."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status", encoding="ascii") as handle:
         for line in handle:
@@ -166,7 +159,7 @@ def one_run(root: Path, users_file: Path, count: int, templates: list[str], tree
     try:
         first_greeting(port, process, timeout)
         seconds = time.perf_counter() - started
-        cpu = sum(cpu_seconds(pid) for pid in process_tree(process.pid))  # with workers: all of them
+        cpu = tree_cpu_seconds(process.pid)  # with workers: all of them
         check_logins(port, count, templates)
         return seconds, cpu, rss_kib(process.pid)
     finally:

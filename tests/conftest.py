@@ -53,3 +53,13 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
     finally:
         server.destroy()
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL of the test's own, for tests that stop and start it again."""
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.destroy()

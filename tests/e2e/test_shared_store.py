@@ -6,7 +6,7 @@ from __future__ import annotations
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
@@ -143,16 +143,6 @@ def test_a_bad_or_unreachable_state_url_is_one_line_and_exit_2(tmp_path: Path) -
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own: it is stopped and started again."""
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 class LoginLoad:

@@ -12,7 +12,7 @@ import datetime
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -252,16 +252,6 @@ def test_the_supervisor_killed_its_workers_give_their_leases_back_on_the_way_out
         wait_until(lambda: login_answer(b, "alice", "alicepw").startswith(b"+OK"), timeout=10)
         freed_in = time.monotonic() - killed
         assert freed_in < 5, f"alice could log in again only after {freed_in:.1f} s"
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL of this test's own: it is stopped and started again."""
-    server = PostgresServer().start()
-    try:
-        yield server
-    finally:
-        server.destroy()
 
 
 def test_postgresql_down_logins_are_temporary_on_every_worker_a_replaced_worker_serves_and_all_recover(

@@ -4,6 +4,7 @@ without duplicates, leases, and the follower applying other instances' changes."
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -177,33 +178,42 @@ def test_an_unreachable_database_is_a_store_error_and_leases_answer_unavailable(
         db.close()
 
 
-def test_concurrent_takes_and_releases_share_statements_and_one_mailbox_goes_to_one(
-        stores: list[PostgresStore]) -> None:
-    a = Leases(stores[0].db, lambda: 30.0)
-    b = Leases(stores[1].db, lambda: 30.0)
-    statements = []
-    real_run = a.db.run
+@contextlib.contextmanager
+def statements_of(db: Database) -> Iterator[list[object]]:
+    """The statements `db` runs inside the block: its `run` is wrapped, and put back after."""
+    statements: list[object] = []
+    real_run = db.run
 
     def counted(*args: object, **kwargs: object) -> object:
         statements.append(args[0])
         return real_run(*args, **kwargs)  # type: ignore[arg-type]
 
-    a.db.run = counted  # type: ignore[method-assign]
+    db.run = counted  # type: ignore[method-assign]
     try:
-        names = [f"user{n}" for n in range(50)]
-        takes = [gevent.spawn(a.acquire, name) for name in names]
-        rivals = [gevent.spawn(b.acquire, name) for name in names[:10]]  # B wants some of them too
-        gevent.joinall(takes + rivals, raise_error=True)
-        won_by_a = {name for name, take in zip(names, takes, strict=True) if take.value == HELD}
-        won_by_b = {name for name, take in zip(names, rivals, strict=False) if take.value == HELD}
-        assert won_by_a | won_by_b == set(names) and not won_by_a & won_by_b
-        assert len(statements) < 10  # 50 takes, a few statements
-        statements.clear()
-        gevent.joinall([gevent.spawn(a.release, name) for name in won_by_a], raise_error=True)
-        assert len(statements) < 10
+        yield statements
+    finally:
+        db.run = real_run  # type: ignore[method-assign]
+
+
+def test_concurrent_takes_and_releases_share_statements_and_one_mailbox_goes_to_one(
+        stores: list[PostgresStore]) -> None:
+    a = Leases(stores[0].db, lambda: 30.0)
+    b = Leases(stores[1].db, lambda: 30.0)
+    try:
+        with statements_of(a.db) as statements:
+            names = [f"user{n}" for n in range(50)]
+            takes = [gevent.spawn(a.acquire, name) for name in names]
+            rivals = [gevent.spawn(b.acquire, name) for name in names[:10]]  # B wants some of them too
+            gevent.joinall(takes + rivals, raise_error=True)
+            won_by_a = {name for name, take in zip(names, takes, strict=True) if take.value == HELD}
+            won_by_b = {name for name, take in zip(names, rivals, strict=False) if take.value == HELD}
+            assert won_by_a | won_by_b == set(names) and not won_by_a & won_by_b
+            assert len(statements) < 10  # 50 takes, a few statements
+            statements.clear()
+            gevent.joinall([gevent.spawn(a.release, name) for name in won_by_a], raise_error=True)
+            assert len(statements) < 10
         assert all(b.acquire(name) == HELD for name in won_by_a)
     finally:
-        a.db.run = real_run  # type: ignore[method-assign]
         a.stop()
         b.stop()
 
@@ -213,25 +223,16 @@ def test_releases_and_takes_waiting_together_go_in_one_statement(stores: list[Po
     mailbox released and taken again in that round stays this process's."""
     a = Leases(stores[0].db, lambda: 30.0)
     b = Leases(stores[1].db, lambda: 30.0)
-    statements = []
-    real_run = a.db.run
-
-    def counted(*args: object, **kwargs: object) -> object:
-        statements.append(args[0])
-        return real_run(*args, **kwargs)  # type: ignore[arg-type]
-
     try:
         assert a.acquire("x") == HELD and a.acquire("y") == HELD
-        a.db.run = counted  # type: ignore[method-assign]
-        round_ = [gevent.spawn(a.release, "x"), gevent.spawn(a.release, "y"),
-                  gevent.spawn(a.acquire, "y"), gevent.spawn(a.acquire, "z")]
-        gevent.joinall(round_, raise_error=True)
+        with statements_of(a.db) as statements:
+            round_ = [gevent.spawn(a.release, "x"), gevent.spawn(a.release, "y"),
+                      gevent.spawn(a.acquire, "y"), gevent.spawn(a.acquire, "z")]
+            gevent.joinall(round_, raise_error=True)
         assert [g.value for g in round_] == [None, None, HELD, HELD]
         assert len(statements) == 1
-        a.db.run = real_run  # type: ignore[method-assign]
         assert [b.acquire(name) for name in ("x", "y", "z")] == [HELD, IN_USE, IN_USE]
         assert a.held == {"y", "z"}
     finally:
-        a.db.run = real_run  # type: ignore[method-assign]
         a.stop()
         b.stop()
