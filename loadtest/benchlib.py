@@ -199,7 +199,9 @@ class GeventPop3(Server):
             port, ["-d", data.root, "--users-file", data.users_gevent, "--config", config,
                    "-P", str(free_port()),  # MSMP off the default 4321, which another server may hold
                    "--state-dir", os.path.join(workdir, "state"), *tls_args],
-            os.path.join(workdir, f"geventpop3-{port}.log"), command, stop_timeout=20)
+            os.path.join(workdir, f"geventpop3-{port}.log"), command,
+            cwd=workdir,  # not the caller's: `python -m` puts the cwd first on the path, a checkout there would win
+            stop_timeout=20)
         try:
             self.server.start()
             if tls is not None:
