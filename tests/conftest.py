@@ -7,11 +7,18 @@ from gevent import monkey
 # In-process tests (store, MSMP server) run under gevent like the server does.
 monkey.patch_all()
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from helpers import PostgresServer, ServerProcess, TlsFiles, make_tls_files, started_servers
+
+# Tests press Ctrl-C (SIGINT) on the programs they start. A suite run as a background job
+# of a shell has SIGINT ignored, and exec passes an ignored signal on: those programs would
+# not hear it. A handled signal is reset to the default at exec.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture
