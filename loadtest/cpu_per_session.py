@@ -45,9 +45,11 @@ from loadtest.benchlib import wait_tls_greeting
 from loadtest.launch import (
     Certificate,
     free_port,
+    interleaved,
     make_certificate,
     make_users,
     own_cpu_seconds,
+    ratio_to,
     tree_cpu_seconds,
     wait_greeting,
 )
@@ -188,23 +190,21 @@ def main(argv: list[str] | None = None) -> int:
     db_cpu: dict[str, list[float]] = {name: [] for name in trees}
     certificates = tempfile.mkdtemp(prefix="cpu-per-session-tls-") if opts.tls else None
     tls = make_certificate(certificates) if certificates else None
-    for round_number in range(opts.rounds):
-        order = list(trees) if round_number % 2 == 0 else list(reversed(trees))
-        for name in order:
-            path, workers = trees[name]
-            ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers, tls)
-            results[name].append(ms)
-            rates[name].append(rate)
-            db_cpu[name].append(db_ms)
-            extra = f", database {db_ms:.3f} ms" if db_ms else ""
-            print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session{extra} "
-                  f"({rate:.0f} sessions/s)", flush=True)
+    for round_number, name in interleaved(list(trees), opts.rounds):
+        path, workers = trees[name]
+        ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers, tls)
+        results[name].append(ms)
+        rates[name].append(rate)
+        db_cpu[name].append(db_ms)
+        extra = f", database {db_ms:.3f} ms" if db_ms else ""
+        print(f"round {round_number + 1} {name}: {ms:.3f} ms server CPU per session{extra} "
+              f"({rate:.0f} sessions/s)", flush=True)
     first = statistics.median(results[next(iter(trees))])
     for name, values in results.items():
         median = statistics.median(values)
         db_median = statistics.median(db_cpu[name])
         extra = f" + {db_median:.3f} ms database" if db_median else ""
-        print(f"{name}: median {median:.3f} ms per session{extra}, {median / first:.3f} x {next(iter(trees))}; "
+        print(f"{name}: median {median:.3f} ms per session{extra}, {ratio_to(median, first, next(iter(trees)))}; "
               f"median {statistics.median(rates[name]):.0f} sessions/s")
     if certificates:
         shutil.rmtree(certificates, ignore_errors=True)

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +95,18 @@ def own_cpu_seconds(pid: int) -> float:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU time of `pid` and its living descendants (with --workers: the supervisor and every worker)."""
     return sum(own_cpu_seconds(member) for member in process_tree(pid))
+
+
+def interleaved(names: Sequence[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """(round, name) in the order A, B, B, A, ...: a drift of the machine's load hits every tree alike."""
+    for number in range(rounds):
+        for name in names if number % 2 == 0 else list(reversed(names)):
+            yield number, name
+
+
+def ratio_to(value: float, first: float, first_name: str) -> str:
+    """`value` as a multiple of the first tree's figure (a CPU reading can be 0: too short to tick)."""
+    return f"{value / first:.3f} x {first_name}" if first else "too short a run for the 10 ms CPU clock"
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, make_users, tree_cpu_seconds, wait_greeting
+from loadtest.launch import free_port, interleaved, make_users, ratio_to, tree_cpu_seconds, wait_greeting
 
 
 def expect(sock: socket.socket, prefix: bytes) -> None:
@@ -146,19 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     if min(opts.ab_rounds, opts.sessions, opts.rounds, opts.in_flight, opts.workers) < 1:
         parser.error("--ab-rounds, --sessions, --rounds, --in-flight and --workers must be positive")
     results: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in trees}
-    for ab_round in range(opts.ab_rounds):
-        order = list(trees) if ab_round % 2 == 0 else list(reversed(trees))
-        for name in order:
-            load = os.getloadavg()[0]
-            row = measure(trees[name], opts.sessions, opts.rounds, opts.in_flight, opts.workers)
-            results[name].append(row)
-            print(f"round {ab_round + 1} {name}: {row[0]:.1f} us server CPU per NOOP, {row[1]:.0f} NOOPs/s, "
-                  f"p50 {row[2]:.1f} ms, p99 {row[3]:.1f} ms (load {load:.1f})", flush=True)
+    for ab_round, name in interleaved(list(trees), opts.ab_rounds):
+        load = os.getloadavg()[0]
+        row = measure(trees[name], opts.sessions, opts.rounds, opts.in_flight, opts.workers)
+        results[name].append(row)
+        print(f"round {ab_round + 1} {name}: {row[0]:.1f} us server CPU per NOOP, {row[1]:.0f} NOOPs/s, "
+              f"p50 {row[2]:.1f} ms, p99 {row[3]:.1f} ms (load {load:.1f})", flush=True)
     first = statistics.median(r[0] for r in results[next(iter(trees))])
     for name, rows in results.items():
         cpu = statistics.median(r[0] for r in rows)
-        ratio = f"{cpu / first:.3f} x {next(iter(trees))}" if first else "too few NOOPs for the 10 ms CPU clock"
-        print(f"{name}: median {cpu:.1f} us per NOOP ({ratio}), "
+        print(f"{name}: median {cpu:.1f} us per NOOP ({ratio_to(cpu, first, next(iter(trees)))}), "
               f"{statistics.median(r[1] for r in rows):.0f} NOOPs/s, "
               f"p50 {statistics.median(r[2] for r in rows):.1f} ms, "
               f"p99 {statistics.median(r[3] for r in rows):.1f} ms")
