@@ -53,8 +53,12 @@ class Channel:
         self._writer = gevent.spawn(self._write, head)
 
     def send(self, message: Message) -> None:
+        self.send_encoded(encode(message))
+
+    def send_encoded(self, data: bytes) -> None:
+        """A message already `encode`d: a broadcast encodes once for every worker."""
         if not self.closed:
-            self._outbox.put(encode(message))
+            self._outbox.put(data)
 
     def send_now(self, message: Message, timeout: float = 5.0) -> bool:
         """Send `message` after what is queued and wait until it is written (the last report)."""

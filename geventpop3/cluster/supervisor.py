@@ -38,7 +38,7 @@ from gevent.socket import socket
 
 from geventpop3.app import SHUTDOWN_GRACE, App, StartupError
 from geventpop3.cluster.aggregate import Totals, WorkerState
-from geventpop3.cluster.channel import Channel, Message, socketpair
+from geventpop3.cluster.channel import Channel, Message, encode, socketpair
 from geventpop3.cluster.restarts import RestartPolicy
 from geventpop3.config import Config
 from geventpop3.context import ServerContext
@@ -183,9 +183,9 @@ class WorkerPool:
         """Tell every worker; with `wait`, until each serving one has applied it (at most
         `wait` seconds: a worker that is slower gets it all the same, later). True if all did."""
         self.sequence += 1
-        message = {**message, "seq": self.sequence}
+        data = encode({**message, "seq": self.sequence})  # once: a reload carries the whole users file
         for channel in list(self.channels.values()):
-            channel.send(message)
+            channel.send_encoded(data)
         if not wait or self.totals is None:
             return True
         deadline = time.monotonic() + wait
@@ -231,6 +231,7 @@ class WorkerPool:
         self.processes[worker.index] = launched.process
         worker.pid = launched.process.pid
         worker.starts += 1
+        self._watchers = [watcher for watcher in self._watchers if not watcher.dead]  # one per restart otherwise
         self._watchers.append(gevent.spawn(self._watch, worker, launched.process, launched.channel))
 
     def _watch(self, worker: WorkerState, process: subprocess.Popen[bytes], channel: Channel) -> None:
@@ -241,7 +242,13 @@ class WorkerPool:
         if hello is not None and hello.get("op") == "hello":
             channel.start(first=self.initial(worker.index, str(hello.get("users_digest") or "")))  # no yield until
             self.channels[worker.index] = channel  # registered: no broadcast is missed, none is doubled
-            self._read(worker, process, messages)
+            worker.acked = self.sequence  # init carries every change so far: none to wait for
+            try:
+                self._read(worker, process, messages)
+            except Exception:  # a message this process cannot take: the worker is replaced, the watch goes on
+                log.exception("worker %d (pid %d) sent what the supervisor cannot take: stopped", worker.index,
+                              process.pid)
+                process.kill()
         elif hello is not None:
             log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
             process.kill()
@@ -259,7 +266,7 @@ class WorkerPool:
             gevent.sleep(CLEAN_EXIT_GRACE)
         if self.stopping:
             return
-        how = f"killed by {signal.Signals(-status).name}" if status < 0 else f"exited with status {status}"
+        how = f"killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
         if was_ready:
             self._ended(worker, process.pid, how, time.monotonic() - self.ready_at[worker.index])
             return
@@ -330,6 +337,14 @@ class WorkerPool:
                     log.error("worker pid %d did not stop in %.0f s: killed", process.pid, timeout)
                     process.kill()
             gevent.joinall(self._watchers, timeout=5)
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL, or "signal 40" for a real-time signal, which signal.Signals does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _next_start(delay: float) -> str:

@@ -159,6 +159,17 @@ def test_sigkill_of_a_worker_releases_its_locks_and_is_replaced_while_the_other_
     assert "replacing it" in cluster.log()
 
 
+def test_a_worker_killed_by_a_real_time_signal_is_named_and_replaced(cluster: ServerProcess) -> None:
+    """signal.Signals names no real-time signal: the supervisor still logs one line and replaces the worker."""
+    victim = workers_of(cluster)[0]
+    number = int(signal.SIGRTMIN) + 6
+    os.kill(victim, number)
+    wait_until(lambda: f"killed by signal {number} " in cluster.log())
+    wait_until(lambda: len(workers := workers_of(cluster)) == 2 and victim not in workers)
+    wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2)
+    assert "Traceback" not in cluster.log()
+
+
 def test_sigterm_with_sessions_open_ends_them_without_update_and_exits_0(cluster: ServerProcess) -> None:
     cluster.deliver("alice", MESSAGE)
     with one_per_worker(cluster) as clients:
