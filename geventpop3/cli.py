@@ -103,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(argv: list[str]) -> Config:
-    """Flags (and the config file they name) -> Config; UsageError on anything invalid."""
-    return load_config(build_parser().parse_args(argv))
+def parse_config(argv: list[str], config_data: bytes | None = None) -> Config:
+    """Flags (and the config file they name, or its content `config_data`) -> Config; UsageError on anything invalid."""
+    return load_config(build_parser().parse_args(argv), config_data)
 
 
 def _hash_args(args: list[str]) -> tuple[str, str | None]:

@@ -87,6 +87,7 @@ class Config:
     allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
     ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
     workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.cluster)
+    config_data: bytes | None = None  # the config file as read: workers parse this, never the file again
 
 
 def parse_port(value: object) -> int:
@@ -98,9 +99,12 @@ def parse_port(value: object) -> int:
     return value
 
 
-def load_config(args: argparse.Namespace) -> Config:
-    """The Config for parsed flags `args` (see cli.build_parser): each step validates its part."""
-    file_values = read_config_file(args.config) if args.config else {}
+def load_config(args: argparse.Namespace, config_data: bytes | None = None) -> Config:
+    """The Config for parsed flags `args` (see cli.build_parser): each step validates its part.
+    `config_data`: the config file's content as the supervisor read it (a worker's start)."""
+    if args.config and config_data is None:
+        config_data = read_config_bytes(args.config)
+    file_values = read_config_file(args.config, config_data) if config_data is not None else {}
     settings = Settings()
     settings.named_transformers, settings.transformer_chains = filters_from_file(file_values.get("transformers", {}))
     maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
@@ -140,6 +144,7 @@ def load_config(args: argparse.Namespace) -> Config:
         ready_file=ready_file_for(args),
         **shared,
         workers=workers_for(args.workers, file_values.get("workers")),
+        config_data=config_data,
     )
 
 
@@ -190,13 +195,18 @@ def tls_config(args: argparse.Namespace, file_values: dict[str, Any],
     return server_tls, DEFAULT_POP3S_PORT if port is None else port, [warning] if warning else []
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The TOML file, with its keys known and its non-setting values of the right type."""
+def read_config_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as handle:
-            values = tomllib.load(handle)
+            return handle.read()
     except OSError as exc:
         raise UsageError(f"cannot read config file {path}: {exc.strerror}") from None
+
+
+def read_config_file(path: str, data: bytes) -> dict[str, Any]:
+    """The TOML file's content `data`, with its keys known and its non-setting values of the right type."""
+    try:
+        values = tomllib.loads(data.decode())
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path}: {exc}") from None
     except UnicodeDecodeError:

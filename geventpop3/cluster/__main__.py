@@ -1,4 +1,4 @@
-"""`python -m geventpop3.cluster --index I --parent PID --channel FD --listen SERVICE=FD... -- ARGV`:
+"""`python -m geventpop3.cluster --index I --parent PID --channel FD --listen SERVICE=FD... [--config-fd FD] -- ARGV`:
 a worker process, started by the supervisor only (geventpop3.cluster.supervisor).
 
 gevent patches the standard library first, as in geventpop3.__main__.
@@ -8,12 +8,13 @@ from geventpop3.patching import patch_all
 
 patch_all()
 
+import os  # noqa: E402
 import sys  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
     from geventpop3.cli import parse_config
-    from geventpop3.cluster.channel import MAX_LINE_FROM_SUPERVISOR, Channel
+    from geventpop3.cluster.channel import MAX_LINE_FROM_SUPERVISOR, Channel, read_sealed
     from geventpop3.cluster.worker import WorkerApp, die_with_parent
     from geventpop3.config import UsageError
 
@@ -24,8 +25,13 @@ def main(argv: list[str]) -> int:
     for spec in options.get("--listen", []):
         service, _, fd = spec.partition("=")
         listeners.setdefault(service, []).append(int(fd))
+    config_data = None
+    if "--config-fd" in options:  # the config file as the supervisor read it, not as it may be now
+        config_fd = int(options["--config-fd"][0])
+        config_data = read_sealed(config_fd)
+        os.close(config_fd)
     try:
-        config = parse_config(server_argv)
+        config = parse_config(server_argv, config_data)
     except UsageError as exc:
         print(f"geventpop3 worker {index}: {exc}", file=sys.stderr)
         return 2

@@ -38,7 +38,7 @@ from gevent.socket import socket
 
 from geventpop3.app import SHUTDOWN_GRACE, App, StartupError
 from geventpop3.cluster.aggregate import Totals, WorkerState
-from geventpop3.cluster.channel import Channel, Message, encode, socketpair
+from geventpop3.cluster.channel import Channel, Message, encode, sealed_copy, socketpair
 from geventpop3.cluster.restarts import RestartPolicy
 from geventpop3.config import Config
 from geventpop3.context import ServerContext
@@ -120,9 +120,12 @@ class WorkerPool:
     built then (`initial(slot, digest)`) and queued before any later broadcast."""
 
     def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
-                 initial: Callable[[int, str], Message]) -> None:
+                 initial: Callable[[int, str], Message], config_data: bytes | None = None) -> None:
         self.argv = argv
         self.listeners = listeners
+        # The config file as this process read it, for every worker to parse (--config-fd): a
+        # worker started later must not see an edit (or a half-written file) the others did not.
+        self.config_fd = sealed_copy(config_data) if config_data is not None else None
         self.count = count
         self.initial = initial
         self.totals: Totals | None = None
@@ -208,6 +211,9 @@ class WorkerPool:
             for sock in sockets:
                 args += ["--listen", f"{service}={sock.fileno()}"]
                 fds.append(sock.fileno())
+        if self.config_fd is not None:
+            args += ["--config-fd", str(self.config_fd)]
+            fds.append(self.config_fd)
         try:
             process = subprocess.Popen([*args, "--", *self.argv], pass_fds=fds, stdin=subprocess.DEVNULL,
                                        process_group=0)  # Ctrl-C reaches the supervisor, which stops them
@@ -324,6 +330,9 @@ class WorkerPool:
         for sockets in self.listeners.values():
             for sock in sockets:
                 sock.close()
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+            self.config_fd = None
 
     def stop(self, timeout: float) -> None:
         """SIGTERM every worker, wait for their last reports and exits; SIGKILL after `timeout`."""
@@ -434,7 +443,7 @@ class Supervisor(App):
         Start-up takes about one read of the users file instead of two in a row."""
         listeners: dict[str, list[socket]] = {service: list(self.bound[service])
                                               for service in ("pop3", "pop3s") if service in self.bound}
-        self.pool = WorkerPool(self.argv, listeners, self.config.workers, self._initial)
+        self.pool = WorkerPool(self.argv, listeners, self.config.workers, self._initial, self.config.config_data)
         self.pool.launch()
         try:
             return super()._prepare()

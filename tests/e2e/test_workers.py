@@ -170,6 +170,25 @@ def test_a_worker_killed_by_a_real_time_signal_is_named_and_replaced(cluster: Se
     assert "Traceback" not in cluster.log()
 
 
+def test_a_replacement_worker_parses_the_config_file_the_supervisor_read_not_an_edit(
+        start_server: Callable[..., ServerProcess]) -> None:
+    """Every worker parses the supervisor's copy of the config file: an edit after the start (here
+    half-written) reaches no worker, not even one started after it, until the server is restarted."""
+    cluster = start_server(workers=2, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
+                           config='users = ["carol:carolpw"]\n')
+    cluster.config_path.write_text('users = ["carol:otherpw"\n')
+    victim = workers_of(cluster)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: len(workers := workers_of(cluster)) == 2 and victim not in workers)
+    wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2)
+    with one_per_worker(cluster) as clients:
+        for client in clients.values():
+            assert client.login("carol", "otherpw").startswith(b"-ERR")
+            assert client.login("carol", "carolpw").startswith(b"+OK")
+            assert client.cmd("QUIT").startswith(b"+OK")
+    assert "Traceback" not in cluster.log()
+
+
 def test_sigterm_with_sessions_open_ends_them_without_update_and_exits_0(cluster: ServerProcess) -> None:
     cluster.deliver("alice", MESSAGE)
     with one_per_worker(cluster) as clients:
@@ -301,15 +320,17 @@ def test_a_bad_users_file_with_workers_is_one_line_and_exit_2_and_leaves_no_work
 
 def test_a_worker_that_keeps_failing_at_start_is_retried_with_backoff_and_the_supervisor_stays(
         cluster: ServerProcess) -> None:
-    good = cluster.config_path.read_text()
-    cluster.config_path.write_text(good + "not toml [\n")  # every new worker fails to read it
+    aside = cluster.maildir.with_name("mail-aside")
+    cluster.maildir.rename(aside)
+    cluster.maildir.write_text("not a directory\n")  # every new worker fails to make its Maildir root
     victim = workers_of(cluster)[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: cluster.log().count("failure 2 in a row") == 1, timeout=15)
     assert cluster.running
     with admin(cluster) as client:
         assert counters(client)["Workers"] == 2  # MSMP answers all along
-    cluster.config_path.write_text(good)
+    cluster.maildir.unlink()
+    aside.rename(cluster.maildir)
     wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2, timeout=20)
 
 
