@@ -119,11 +119,26 @@ class App:
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
         self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
         self.users_digest = ""  # of the users file's content in force (users.UsersFile.digest)
+        self.serving = False  # start-up done: SIGHUP reloads at once
+        self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
         self.config.settings.subscribe(self._on_setting)
         raise_file_limit()
+        # From the start on, not once serving: start-up can take seconds (a large users file,
+        # workers starting), and a signal's default action would end the process without a word.
+        # They are handled once start-up yields (SIGTERM, SIGINT) or is done (SIGHUP).
+        handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+        handlers.append(gevent.signal_handler(signal.SIGHUP, self._hangup))
+        try:
+            status = self._start_and_serve()
+        finally:
+            for handler in handlers:
+                handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
+        return status
+
+    def _start_and_serve(self) -> int:
         try:
             self._bind()
             self._drop_privileges()
@@ -136,20 +151,29 @@ class App:
             self._close_listeners()
             self._close_state()
             return 2
-        handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
-        handlers.append(gevent.signal_handler(signal.SIGHUP, self.reload))
-        self._log_identity()
-        for warning in self.config.warnings:  # only now: a start-up error stays one line
-            log.warning("%s", warning)
-        for note in self.notes:
-            log.info("%s", note)
-        self._ready(self.ctx)
-        status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
+        status = 0
+        if not self.stopping.is_set():  # else asked to stop during start-up: straight to shutdown
+            self._log_identity()
+            for warning in self.config.warnings:  # only now: a start-up error stays one line
+                log.warning("%s", warning)
+            for note in self.notes:
+                log.info("%s", note)
+            self._ready(self.ctx)
+            self.serving = True
+            if self.hangup_at_start:
+                log.info("SIGHUP came during start-up: reloading now")
+                self.reload()
+            status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         self.shutdown()
-        for handler in handlers:
-            handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
         return status
+
+    def _hangup(self) -> None:
+        """SIGHUP: reload; during start-up, once serving (what start-up read may predate the change)."""
+        if self.serving:
+            self.reload()
+        else:
+            self.hangup_at_start = True
 
     def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
         """0, or 2 (and stopping) when --ready-file cannot be written: whoever waits for it would wait forever."""

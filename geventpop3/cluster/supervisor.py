@@ -167,13 +167,14 @@ class WorkerPool:
                 item.process.kill()
                 item.process.wait()
 
-    def start(self, totals: Totals, timeout: float = START_TIMEOUT) -> None:
-        """Watch every launched worker and wait until all serve; StartupError if one exits first."""
+    def start(self, totals: Totals, interrupted: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
+        """Watch every launched worker and wait until all serve, or until `interrupted()` (SIGTERM
+        during start-up: the caller stops them); StartupError if one exits first."""
         self.totals = totals
         for worker in totals.workers:
             self._spawn(worker, self._launched.pop(worker.index, None))
         deadline = time.monotonic() + timeout
-        while not all(w.ready for w in totals.workers):
+        while not all(w.ready for w in totals.workers) and not interrupted():
             if self.start_failure is not None or time.monotonic() > deadline:
                 why = self.start_failure or f"not every worker was ready within {timeout:.0f} s"
                 self.stop(SHUTDOWN_GRACE)
@@ -489,10 +490,12 @@ class Supervisor(App):
             self.pool.exited.append(self.share.worker_exited)
         ctx.settings.subscribe(self._setting_changed)
         try:
-            self.pool.start(totals)
+            self.pool.start(totals, self.stopping.is_set)
         except StartupError:
             self.pool.close_listeners()
             raise
+        if self.stopping.is_set():
+            return  # asked to stop during start-up: no MSMP, the workers are stopped at once
         backend = ClusterBackend(ctx, self.reload, self.pool, totals, self.recorded)
         self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
                                                  listeners=self.bound.pop("msmp", []), reload=self.reload,

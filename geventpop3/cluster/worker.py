@@ -180,6 +180,11 @@ class WorkerApp(App):
     def _log_identity(self) -> None:
         pass  # the supervisor says who serves, once
 
+    def _hangup(self) -> None:
+        """SIGHUP sent to a worker itself: reloading here alone would give this worker other users."""
+        log.warning("worker %d: SIGHUP ignored: send it to the supervisor (pid %d), which reloads every worker",
+                    self.index, os.getppid())
+
     def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
         return 0  # the supervisor writes --ready-file, with every listener
 

@@ -7,12 +7,27 @@ import poplib
 import re
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import LineClient, ServerProcess, can_login, crlf, free_port, logged_in, run_server, wait_until
+from helpers import (
+    GEVENTPOP3,
+    REPO,
+    LineClient,
+    ServerProcess,
+    can_login,
+    crlf,
+    free_port,
+    logged_in,
+    run_server,
+    server_env,
+    wait_until,
+)
+
+from loadtest.launch import greets  # noqa: E402
 
 
 @pytest.fixture
@@ -58,6 +73,65 @@ def test_signal_stops_cleanly_without_update(start_server: Callable[..., ServerP
     assert {user: server.message_files(user) for user in ("alice", "bob")} == before
     log = server.log()
     assert "Traceback" not in log, log
+
+
+class SlowStart:
+    """A server whose start-up takes seconds (300,000 users to parse), signalled once its POP3
+    port is bound: the signal handlers are in place by then, start-up is not done."""
+
+    def __init__(self, tmp_path: Path, workers: int) -> None:
+        users = tmp_path / "users"
+        users.write_text("".join(f"user{n}:pw{n}\n" for n in range(300_000)))
+        self.port = free_port()
+        self.log = tmp_path / "server.log"
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                [*GEVENTPOP3, "-l", "127.0.0.1", "-p", str(self.port), "-P", "0", "-d", str(tmp_path / "mail"),
+                 "--no-state", "--users-file", str(users), "--workers", str(workers)],
+                cwd=REPO, env=server_env(), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+        wait_until(self.bound, timeout=30)
+
+    def bound(self) -> bool:
+        """The port takes connections (the kernel's backlog), greeted or not."""
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=1):
+            return True
+        return False
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_during_start_up_stops_in_order_with_exit_0(tmp_path: Path, workers: int,
+                                                                              sig: int) -> None:
+    server = SlowStart(tmp_path, workers)
+    try:
+        server.process.send_signal(sig)
+        assert server.process.wait(60) == 0, server.text()
+        assert "INFO stopped" in server.text() and "Traceback" not in server.text(), server.text()
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_during_start_up_reloads_once_serving(tmp_path: Path, workers: int) -> None:
+    """Not the default action (the process gone without a word): the reload comes once start-up is done."""
+    server = SlowStart(tmp_path, workers)
+    try:
+        server.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: greets(server.port), timeout=60)
+        wait_until(lambda: server.text().count("reload done") == 1 + (workers if workers > 1 else 0), timeout=30)
+        assert "Traceback" not in server.text()
+        server.process.terminate()
+        assert server.process.wait(30) == 0
+    finally:
+        server.stop()
 
 
 def test_restart_after_stop_serves_the_same_mail(start_server: Callable[..., ServerProcess]) -> None:
