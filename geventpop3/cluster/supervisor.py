@@ -141,6 +141,7 @@ class WorkerPool:
         self.start_failure: str | None = None
         self._launched: dict[int, Launched | OSError] = {}
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
+        self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
 
     def launch(self) -> None:
@@ -383,13 +384,15 @@ class ClusterBackend(ManagementBackend):
         user, or put it back if the deletion failed."""
         if name not in self.ctx.users:
             raise UserError("User does not exist")
+        self.pool.withdrawn.add(name)  # a worker that says hello meanwhile gets it in its init
         self.pool.broadcast({"op": "deluser-begin", "name": name}, APPLY_WAIT)
+        deleted = False
         try:
             super().delete_user(name)
-        except BaseException:
-            self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": False}, APPLY_WAIT)
-            raise
-        self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": True}, APPLY_WAIT)
+            deleted = True
+        finally:
+            self.pool.withdrawn.discard(name)
+            self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": deleted}, APPLY_WAIT)
 
     def clear_penalty(self, address: str | None) -> int:
         cleared = super().clear_penalty(address)
@@ -475,6 +478,8 @@ class Supervisor(App):
         settings = self.ctx.settings
         message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
                    "users": dict(self.recorded.users), **(self.share.init_fields() if self.share else {})}
+        if self.pool is not None and self.pool.withdrawn:
+            message["withdrawn"] = sorted(self.pool.withdrawn)
         if users_digest != self.users_digest:
             log.info("worker %d read another users file than the one in force here: it takes this one", index)
             message["users_data"] = self.users_data.decode()

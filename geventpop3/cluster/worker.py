@@ -120,6 +120,8 @@ class WorkerApp(App):
         ctx = super()._prepare()
         for key, text in (self._init.get("settings") or {}).items():
             self._apply_setting(ctx, key, text, "store")
+        for name in self._init.get("withdrawn") or []:  # an MSMP DELE in progress: no login before its end
+            self._begin_delete(ctx, str(name))
         if self.config.state_url is not None:  # its own leases (geventpop3.cluster.shared_store)
             from geventpop3.cluster.shared_store import WorkerShare
 
