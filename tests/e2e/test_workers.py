@@ -216,6 +216,14 @@ def test_sighup_reloads_in_every_worker(cluster: ServerProcess) -> None:
     wait_until(lambda: all(f"geventpop3[{pid}] INFO reload done" in cluster.log() for pid in pids))
 
 
+def test_a_sighup_sent_to_a_worker_itself_is_ignored_with_one_line(cluster: ServerProcess) -> None:
+    """Reloading in one worker alone would give it other users than the rest: only the supervisor reloads."""
+    worker = workers_of(cluster)[0]
+    os.kill(worker, signal.SIGHUP)
+    wait_until(lambda: f"geventpop3[{worker}] WARNING worker" in cluster.log() and "SIGHUP ignored" in cluster.log())
+    assert worker in workers_of(cluster) and "reload done" not in cluster.log()
+
+
 def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess) -> None:
     pids = workers_of(cluster)
     assert cluster.stop(signal.SIGKILL) == -signal.SIGKILL
