@@ -17,7 +17,7 @@ setup(
         "prometheus-client>=0.19,<1",
         # The TLS certificate's notAfter (expiry in STAT and metrics); not_valid_after_utc is 42+.
         "cryptography>=42,<50",
-        # Dovecot's BLF-CRYPT and ARGON2I/ARGON2ID password schemes (geventpop3.schemes)
+        # Dovecot's BLF-CRYPT and ARGON2I/ARGON2ID password schemes (geventpop3.auth.schemes)
         "bcrypt>=4.1,<6",
         "argon2-cffi>=23.1,<26",
     ],
@@ -29,6 +29,7 @@ setup(
             "getmail6>=6.19,<7",
             "ruff>=0.5",
             "mypy>=1.10,<3",
+            "import-linter>=2.1,<3",  # the layer contracts in pyproject.toml (lint-imports in .ci/run)
             "types-gevent>=24.2",
             "hypothesis>=6.100,<7",
             "proxy-protocol>=0.11,<0.12",  # an independent PROXY protocol implementation to check ours against
@@ -53,9 +54,9 @@ setup(
             "geventpop3 = geventpop3.__main__:main",
             "geventpop3-admin = admin.shell:main",
         ],
-        # The fixtures pop3_server and pop3_server_session (geventpop3/pytest_plugin.py)
+        # The fixtures pop3_server and pop3_server_session (geventpop3/testing/pytest_plugin.py)
         "pytest11": [
-            "geventpop3 = geventpop3.pytest_plugin",
+            "geventpop3 = geventpop3.testing.pytest_plugin",
         ],
     },
 )

@@ -519,7 +519,7 @@ class Shell:
 
 def _local_keys() -> list[str]:
     try:
-        from geventpop3.settings import KEYS
+        from geventpop3.core.settings import KEYS
     except ImportError:
         return ["maildir", "transformer"]
     return list(KEYS)

@@ -4,7 +4,7 @@ gevent must patch the standard library before anything else imports socket,
 threading or ssl, so this module does it first and imports the rest afterwards.
 """
 
-from geventpop3.patching import patch_all
+from geventpop3.process.patching import patch_all
 
 patch_all()
 

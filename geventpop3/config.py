@@ -23,11 +23,13 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from geventpop3.privileges import Identity, PrivilegeError, resolve
-from geventpop3.schemes import SchemeError, parse
-from geventpop3.settings import KEYS, SettingError, Settings
-from geventpop3.tls import ServerTls, TlsError, key_permission_warning, reload_warning
-from geventpop3.users import UserError, UsersFile, is_plain, parse_user_flag, parse_users_data, parse_users_file
+from geventpop3.auth.schemes import SchemeError, parse
+from geventpop3.auth.users import UsersFile, is_plain, parse_user_flag, parse_users_data, parse_users_file
+from geventpop3.core.names import UserError
+from geventpop3.core.settings import KEYS, SettingError, Settings
+from geventpop3.net.tls import ServerTls, TlsError, key_permission_warning, reload_warning
+from geventpop3.service.privileges import Identity, PrivilegeError, resolve
+from geventpop3.service.setting_checks import checked_settings
 
 DEFAULT_POP3_PORT = 110
 DEFAULT_POP3S_PORT = 995
@@ -86,7 +88,7 @@ class Config:
     instance_name: str | None = None  # this instance in a shared store (None: <host>-<POP3 port>)
     allow_weak_schemes: bool = False  # users and admins may have PLAIN-MD5, NTLM, ... entries
     ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
-    workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.cluster)
+    workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.process)
     config_data: bytes | None = None  # the config file as read: workers parse this, never the file again
 
 
@@ -100,12 +102,12 @@ def parse_port(value: object) -> int:
 
 
 def load_config(args: argparse.Namespace, config_data: bytes | None = None) -> Config:
-    """The Config for parsed flags `args` (see cli.build_parser): each step validates its part.
+    """The Config for parsed flags `args` (see flags.build_parser): each step validates its part.
     `config_data`: the config file's content as the supervisor read it (a worker's start)."""
     if args.config and config_data is None:
         config_data = read_config_bytes(args.config)
     file_values = read_config_file(args.config, config_data) if config_data is not None else {}
-    settings = Settings()
+    settings = checked_settings()
     settings.named_transformers, settings.transformer_chains = filters_from_file(file_values.get("transformers", {}))
     maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
     explicit = explicit_settings(args)
@@ -293,7 +295,7 @@ def read_users_file(users_file: str, data: bytes | None = None) -> UsersFile:
     """The users file's entries (and notes for the log); UsageError (one line, `path:line`)
     if it cannot be read or parsed. Their password schemes are checked when the directory
     takes them (users.Credentials.configure). `data`: the file's content as read by
-    another process (a worker of geventpop3.cluster takes its supervisor's).
+    another process (a worker of geventpop3.process takes its supervisor's).
 
     Called by start-up after privileges are dropped, and again at each reload: the server
     reads it as the user it serves as, so a file readable only by root is found out at
@@ -319,7 +321,7 @@ def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir
     """Where state lives: as given, none with --no-state, else `<maildir>.state` beside the root."""
     if args.no_state:
         return None
-    given = args.state_dir or file_values.get("state_dir")
+    given: str | None = args.state_dir or file_values.get("state_dir")
     if given:
         return os.path.abspath(given)
     return os.path.join(os.path.dirname(maildir), os.path.basename(maildir) + ".state")
@@ -336,7 +338,7 @@ def shared_store_for(args: argparse.Namespace, file_values: dict[str, Any]) -> d
         return {}
     if args.no_state:
         raise UsageError("--state-url and --no-state exclude each other")
-    from geventpop3.store.postgres import INSTANCE_NAME, check_url
+    from geventpop3.state.postgres import INSTANCE_NAME, check_url
 
     try:
         check_url(url)
@@ -351,7 +353,7 @@ def ready_file_for(args: argparse.Namespace) -> str | None:
     """The --ready-file path, absolute, in a directory that exists (checked now: a typo is a usage error)."""
     if not args.ready_file:
         return None
-    path = os.path.abspath(args.ready_file)
+    path: str = os.path.abspath(args.ready_file)
     if not os.path.isdir(os.path.dirname(path)):
         raise UsageError(f"--ready-file: no directory {os.path.dirname(path)}")
     return path

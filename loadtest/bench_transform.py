@@ -33,8 +33,8 @@ from gevent.pool import Pool  # noqa: E402
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from geventpop3 import maildir  # noqa: E402
-from geventpop3.users import hash_password  # noqa: E402
+from geventpop3.auth.users import hash_password  # noqa: E402
+from geventpop3.mail import maildir  # noqa: E402
 from loadtest.benchlib import session  # noqa: E402
 from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
 

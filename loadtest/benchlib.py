@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from geventpop3.users import hash_password
+from geventpop3.auth.users import hash_password
 from loadtest.launch import Certificate, Geventpop3Process, free_port, wait_greeting
 from loadtest.pop3_client import Pop3Client, Pop3Error
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Protocol
 
 from admin.client import MsmpClient, MsmpConnectionError, MsmpError
-from geventpop3 import maildir
+from geventpop3.mail import maildir
 from loadtest.launch import Geventpop3Process, free_port
 from loadtest.pop3_client import Pop3Client, Pop3ConnectionError, Pop3Error, unstuff
 

@@ -73,7 +73,7 @@ CHEAP_COST = (2**8, 8, 1)  # scrypt n, r, p of the load tools' users: cheap to m
 
 def make_users(root: str | os.PathLike[str], names: Sequence[str]) -> None:
     """Empty Maildirs `root`/mail/<name> and a users file `root`/users; each password is name + "pw"."""
-    from geventpop3.users import hash_password
+    from geventpop3.auth.users import hash_password
 
     entries = []
     for name in names:

@@ -1,7 +1,7 @@
 /*
  * What one idle server-side TLS connection allocates inside OpenSSL, by allocation site
  * (issue 10: memory per held TLS session). Configured as Python's ssl module and
- * geventpop3.tls.build_context configure a server context (options, cipher string,
+ * geventpop3.net.tls.build_context configure a server context (options, cipher string,
  * SSL_MODE_RELEASE_BUFFERS | SSL_MODE_AUTO_RETRY, TLS 1.2 or newer), N connections
  * over BIO pairs each do a full handshake with an in-process client, one line each way
  * and a last read that finds nothing (as a session's before parking); the client is

@@ -42,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE.parent) not in sys.path:
     sys.path.insert(0, str(HERE.parent))
 
-from geventpop3.users import hash_password  # noqa: E402
+from geventpop3.auth.users import hash_password  # noqa: E402
 
 POOL_FILE = "pool.json"
 LOAD_COST = (2**8, 8, 1)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field  # noqa: E402
 
 import gevent  # noqa: E402
 
-from geventpop3.users import hash_password  # noqa: E402
+from geventpop3.auth.users import hash_password  # noqa: E402
 from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
 from loadtest.pop3_client import Pop3Client, Pop3ConnectionError, Pop3Error, unstuff  # noqa: E402
 

@@ -3,7 +3,7 @@
     python -m loadtest.tls_idle_memory MODE N CERT KEY CA
 
 A server in this process accepts N loopback connections from a forked client, shakes
-hands with geventpop3's own TLS context (geventpop3.tls.build_context), writes a line,
+hands with geventpop3's own TLS context (geventpop3.net.tls.build_context), writes a line,
 reads one, writes one, and keeps the socket with no greenlet waiting on it, as a held
 session does. Printed: the growth of this process's RSS per connection (the client's
 memory is in the child). MODE: `default`; `plain` (no TLS, the baseline); `bio` (the
@@ -31,8 +31,8 @@ import gevent  # noqa: E402
 import gevent.pool  # noqa: E402
 import gevent.socket  # noqa: E402
 
-from geventpop3.tls import build_context  # noqa: E402
-from geventpop3.transport import TlsTransport, Transport  # noqa: E402
+from geventpop3.net.tls import build_context  # noqa: E402
+from geventpop3.net.transport import TlsTransport, Transport  # noqa: E402
 
 MODES = ("default", "plain", "bio", "release", "tickets0", "noticket", "tls12", "transport")
 

@@ -54,7 +54,7 @@ def template(scheme: str) -> str:
     if scheme == "PLAIN":
         return PASSWORD
     if scheme == "SCRYPT":
-        from geventpop3.schemes import hash_password
+        from geventpop3.auth.schemes import hash_password
 
         return hash_password(PASSWORD, CHEAP_SCRYPT)
     if scheme in ("SSHA256", "SSHA512"):
@@ -64,7 +64,7 @@ def template(scheme: str) -> str:
 
 def accepted(entry: str) -> str | None:
     """Why the server's schemes.parse refuses `entry`, or None if it accepts it."""
-    from geventpop3 import schemes as parser
+    from geventpop3.auth import schemes as parser
 
     try:
         parser.parse(entry, b"k" * 32)

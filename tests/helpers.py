@@ -31,11 +31,11 @@ import psutil
 import pytest
 
 from admin.client import MsmpClient, MsmpConnectionError
-from geventpop3 import maildir
+from geventpop3.mail import maildir
 from loadtest.launch import PostgresServer  # noqa: F401 - the shared-store tests take it from here
 
 if TYPE_CHECKING:
-    from geventpop3.app import App
+    from geventpop3.process.server import App
 
 REPO = Path(__file__).resolve().parents[1]
 GEVENTPOP3 = [sys.executable, "-m", "geventpop3"]
@@ -297,7 +297,7 @@ def started_servers(root: Path) -> Iterator[Callable[..., ServerProcess]]:
                 server.stop()
 
 
-# -- worker processes of --workers N (geventpop3.cluster) ------------------------------
+# -- worker processes of --workers N (geventpop3.process) ------------------------------
 
 def workers_of(server: ServerProcess) -> list[int]:
     """The pids of the worker processes serving now (children of the supervisor)."""
@@ -597,8 +597,8 @@ def running_app(argv: Sequence[str]) -> Iterator[App]:
     server), with `argv` as its command line; stopped as SIGTERM would stop it."""
     import gevent
 
-    from geventpop3.app import App
-    from geventpop3.cli import parse_config
+    from geventpop3.flags import parse_config
+    from geventpop3.process.server import App
 
     app = App(parse_config(list(argv)))
     runner = gevent.spawn(app.run)
@@ -615,7 +615,7 @@ def running_app(argv: Sequence[str]) -> Iterator[App]:
 @contextlib.contextmanager
 def state_db(server: ServerProcess) -> Iterator[sqlite3.Connection]:
     """A read-only look at the server's SQLite file, as another process sees it."""
-    from geventpop3.app import STATE_DB
+    from geventpop3.process.server import STATE_DB
 
     db = sqlite3.connect(f"file:{server.state_dir / STATE_DB}?mode=ro", uri=True, timeout=5)
     try:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from helpers import ServerProcess, admin, login_error, logs_with, pop3, state_db, wait_until
 
-UNKNOWN = "-unknown-"  # geventpop3.metrics.UNKNOWN_USER
+UNKNOWN = "-unknown-"  # geventpop3.core.metrics.UNKNOWN_USER
 
 
 def stored_buckets(server: ServerProcess) -> dict[str, int]:

@@ -8,7 +8,7 @@ import pytest
 from helpers import ServerProcess
 
 from admin.client import MsmpAuthError, MsmpClient
-from geventpop3.users import hash_password
+from geventpop3.auth.users import hash_password
 
 CHEAP = (2**8, 8, 1)
 

@@ -21,7 +21,7 @@ import pytest
 from helpers import ADMIN, GEVENTPOP3, REPO, LineClient, ServerProcess, admin, counters, server_env, wait_until
 
 from admin.client import MsmpError
-from geventpop3.schemes import parse
+from geventpop3.auth.schemes import parse
 
 PENALTY_CONFIG = "auth_penalty_max = 0.4\n"
 BASE = 0.05

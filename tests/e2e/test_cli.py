@@ -14,8 +14,8 @@ import pytest
 from helpers import run_server
 
 from geventpop3 import __version__
-from geventpop3.cli import parse_config
 from geventpop3.config import UsageError
+from geventpop3.flags import parse_config
 
 
 def run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from helpers import REPO, ServerProcess, accepts, crlf, free_port, pop3, retr, wait_until
 
-from geventpop3 import dovecot_uidlist
+from geventpop3.mail import dovecot_uidlist
 
 PEER_TOOLS = Path(os.environ.get("DOVECOT_PEER_TOOLS", REPO / "tools" / "dovecot-peer"))
 DOVECOT_FORMAT = "%08Xu%08Xv"

@@ -12,7 +12,7 @@ import pexpect
 import pytest
 from helpers import GEVENTPOP3, REPO, server_env, unpatched_close
 
-from geventpop3.schemes import parse
+from geventpop3.auth.schemes import parse
 
 KEY = os.urandom(32)
 

@@ -19,7 +19,7 @@ import gevent
 import pytest
 from helpers import CRLF, LineClient, ServerProcess, crlf, logged_in, pop3, retr, wait_until
 
-from geventpop3 import maildir
+from geventpop3.mail import maildir
 
 SECRET = b"root:$6$not-for-your-eyes:19000:0:99999:7:::\n"
 PLAIN = b"From: a@example.org\nSubject: plain\n\nhello\n"

@@ -28,7 +28,7 @@ from helpers import (
 )
 
 from admin.client import MsmpClient, MsmpConnectionError, Response
-from geventpop3 import maildir
+from geventpop3.mail import maildir
 
 HOSTS = ["127.0.0.1", "::1"]
 AUTH_FAILED = b"-ERR [AUTH]"

@@ -32,7 +32,7 @@ from helpers import (
     wait_until,
 )
 
-STATE_DB = "geventpop3.db"  # geventpop3.app.STATE_DB
+STATE_DB = "geventpop3.db"  # geventpop3.process.server.STATE_DB
 
 
 def restart(server: ServerProcess, sig: int = signal.SIGTERM) -> ServerProcess:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from helpers import LineClient, ServerProcess, filter_tmp_dir, run_server, wait_until
 
-from geventpop3.privileges import ROOT_WARNING
+from geventpop3.service.privileges import ROOT_WARNING
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege tests must start the server as root")
 

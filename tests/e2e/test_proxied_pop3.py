@@ -21,7 +21,7 @@ from helpers import (
     wait_until,
 )
 
-from geventpop3.proxy_protocol import v1_header, v2_header
+from geventpop3.core.proxy_protocol import v1_header, v2_header
 
 PROXIES = 'proxy_networks = ["127.0.0.1/32"]\n'
 CLIENT = ("192.0.2.7", 40001)

@@ -73,7 +73,8 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> str:
     base = tmp_path_factory.mktemp("egg")
     subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(base)], cwd=REPO, check=True,
                    capture_output=True)
-    assert "geventpop3 = geventpop3.pytest_plugin" in (base / "geventpop3.egg-info" / "entry_points.txt").read_text()
+    entry_points = (base / "geventpop3.egg-info" / "entry_points.txt").read_text()
+    assert "geventpop3 = geventpop3.testing.pytest_plugin" in entry_points
     return f"{base}:{REPO}"
 
 
@@ -129,7 +130,7 @@ def test_the_plugin_imports_no_server_code_until_a_fixture_is_used(pytester: pyt
 import sys
 
 def test_unrelated(request):
-    assert "geventpop3.pytest_plugin" in sys.modules  # loaded through its entry point
+    assert "geventpop3.testing.pytest_plugin" in sys.modules  # loaded through its entry point
     assert not [name for name in sys.modules if name.split(".")[0] in ("gevent", "admin")
                 or name.startswith("geventpop3.testing")]
 ''')

@@ -275,6 +275,6 @@ def test_through_haproxy_a_user_added_on_a_is_served_by_either_instance(
 
 
 def _name(server: ServerProcess) -> str:
-    from geventpop3.store.postgres import default_instance_name
+    from geventpop3.state.postgres import default_instance_name
 
     return default_instance_name(server.port)

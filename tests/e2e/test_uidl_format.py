@@ -7,7 +7,7 @@ from pathlib import Path
 
 from helpers import ServerProcess, admin, pop3
 
-from geventpop3 import dovecot_uidlist
+from geventpop3.mail import dovecot_uidlist
 
 UIDLIST = "3 V1796161725 N4 G2f8d1f10bd400f6bc37a000083ecc375\n1 W9 :1733000001.M1P1.mx\n2 Pkept :1733000002.M2P1.mx\n"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from helpers import LineClient, ServerProcess, admin, wait_until
 
-from geventpop3.users import hash_password
+from geventpop3.auth.users import hash_password
 
 CHEAP = (2**8, 8, 1)
 CALIBRATED = re.compile(r"user password checks calibrated: 2 cost classes, a failure takes at least (\d+) ms")

@@ -236,7 +236,7 @@ def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess)
 def test_a_worker_that_keeps_dying_right_after_ready_is_restarted_ever_later_and_the_rest_serves_on(
         cluster: ServerProcess) -> None:
     """Killed as soon as it serves, four times in a row: a crash loop at start. The first
-    replacement starts at once, then 0.5, 1 and 2 s later (geventpop3.cluster.restarts)."""
+    replacement starts at once, then 0.5, 1 and 2 s later (geventpop3.process.restarts)."""
     killed: list[int] = []
     gaps: list[float] = []  # from each kill to the start of the next process in slot 0
 

@@ -2,7 +2,7 @@
 instance B (one process) on one database and one Maildir root.
 
 The supervisor holds the store and follows the other instances; each worker takes its
-own mailbox leases (geventpop3.cluster.shared_store). Which worker serves a connection
+own mailbox leases (geventpop3.process.shared_store). Which worker serves a connection
 is found from the kernel's socket table (helpers.worker_serving), never assumed.
 """
 
@@ -30,7 +30,7 @@ from helpers import (
     workers_of,
 )
 
-from geventpop3.store.postgres import default_instance_name
+from geventpop3.state.postgres import default_instance_name
 
 LEASE = 30.0  # lease_timeout: far longer than any wait below, so nothing here passes by expiry
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from geventpop3.dovecot_uidlist import MAX_LINE, Record, UidListError, parse
+from geventpop3.mail.dovecot_uidlist import MAX_LINE, Record, UidListError, parse
 
 # As Dovecot 2.3 writes it (seen in tests/e2e/test_dovecot_migration.py's trees).
 DOVECOT_FILE = (b"3 V1796161725 N6 G2f8d1f10bd400f6bc37a000083ecc375\n"

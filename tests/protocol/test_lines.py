@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from geventpop3.lines import (
+from geventpop3.core.lines import (
     LINE_TOO_LONG,
     MAX_COMMAND_LINE,
     MAX_RESPONSE_LINE,

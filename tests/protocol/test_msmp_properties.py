@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from geventpop3.lines import MAX_RESPONSE_LINE, Delayed
-from geventpop3.msmp.protocol import MsmpProtocol
-from geventpop3.settings import KEYS, SettingError
-from geventpop3.users import UserError
+from geventpop3.core.lines import MAX_RESPONSE_LINE, Delayed
+from geventpop3.core.msmp.protocol import MsmpProtocol
+from geventpop3.core.names import UserError
+from geventpop3.core.settings import KEYS, SettingError
 
 settings.register_profile("geventpop3-derandomized", derandomize=True, max_examples=200, deadline=None,
                           database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

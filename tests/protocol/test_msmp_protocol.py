@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from geventpop3 import IMPLEMENTATION
-from geventpop3.lines import Delayed
-from geventpop3.msmp.protocol import DEFAULT_LOGS, MAX_LOGIN_FAILURES, MAX_LOGS, MsmpProtocol
-from geventpop3.settings import KEYS, SettingError, Settings
-from geventpop3.users import UserError, valid_password
+from geventpop3.core.lines import Delayed
+from geventpop3.core.msmp.protocol import DEFAULT_LOGS, MAX_LOGIN_FAILURES, MAX_LOGS, MsmpProtocol
+from geventpop3.core.names import UserError, valid_password
+from geventpop3.core.settings import KEYS, SettingError
+from geventpop3.service.setting_checks import checked_settings
 
 
 class MemoryBackend:
@@ -19,7 +20,7 @@ class MemoryBackend:
         self.users: dict[str, str] = {"alice": "pw1"}
         self.logged_in: set[str] = set()
         self.user_limit = 3
-        self.settings = Settings()
+        self.settings = checked_settings()
         self.log_entries: dict[str, list[str]] = {"alice": [f"entry {i}" for i in range(150)]}
         self.stats = ["Total connections: 5", "Current connections: 1"]
         self.logs_asked: list[tuple[str, int]] = []

@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from geventpop3.filters import FAILED_ERROR
-from geventpop3.lines import MAX_RESPONSE_LINE, Delayed, LineBuffer
-from geventpop3.message import Message
-from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
+from geventpop3.core.lines import MAX_RESPONSE_LINE, Delayed, LineBuffer
+from geventpop3.core.message import Message
+from geventpop3.core.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
+from geventpop3.service.filters import FAILED_ERROR
 
 settings.register_profile("geventpop3-derandomized", derandomize=True, max_examples=200, deadline=None,
                           database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

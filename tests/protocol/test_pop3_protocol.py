@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from geventpop3 import IMPLEMENTATION
-from geventpop3.lines import LINE_TOO_LONG, Delayed
-from geventpop3.message import Message
-from geventpop3.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
+from geventpop3.core.lines import LINE_TOO_LONG, Delayed
+from geventpop3.core.message import Message
+from geventpop3.core.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
 
 TRANSACTION_ONLY = [b"STAT", b"LIST", b"LIST 1", b"UIDL", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1", b"NOOP",
                     b"RSET"]

@@ -6,11 +6,12 @@ import base64
 
 import pytest
 
-from geventpop3.lines import LINE_TOO_LONG, Delayed
-from geventpop3.pop3.protocol import ERR_INSECURE, Login, Pop3Protocol, Refused, StartTls, State
-from geventpop3.pop3.sasl import SaslError, decode_plain, decode_response
-from geventpop3.pop3.security import ConnectionSecurity
-from geventpop3.settings import Settings
+from geventpop3.core.lines import LINE_TOO_LONG, Delayed
+from geventpop3.core.pop3.protocol import ERR_INSECURE, Login, Pop3Protocol, Refused, StartTls, State
+from geventpop3.core.pop3.sasl import SaslError, decode_plain, decode_response
+from geventpop3.core.pop3.security import ConnectionSecurity
+from geventpop3.core.settings import Settings
+from geventpop3.service.setting_checks import checked_settings
 
 
 def b64(data: bytes) -> bytes:
@@ -20,7 +21,7 @@ def b64(data: bytes) -> bytes:
 def protocol(client: str = "192.0.2.7", server: str = "192.0.2.1", tls: bool = False, certificate: bool = True,
              settings: Settings | None = None, max_failures: int = 3) -> Pop3Protocol:
     if settings is None:
-        settings = Settings()
+        settings = checked_settings()
         if certificate:  # as config.py does: with a certificate, plaintext logins only where secure
             settings.set("plaintext_auth", "tls", "config")
     security = ConnectionSecurity(settings, client, server, tls=tls, tls_available=certificate)
@@ -50,13 +51,13 @@ def login(proto: Pop3Protocol) -> None:
     ("2001:db8::7", "2001:db8::1", False, "0.0.0.0/0", False),  # other family
 ])
 def test_secure_connection_rule(client: str, server: str, tls: bool, trusted: str, secure: bool) -> None:
-    settings = Settings()
+    settings = checked_settings()
     settings.set("trusted_networks", trusted)
     assert ConnectionSecurity(settings, client, server, tls=tls).secure() is secure
 
 
 def test_trusted_networks_validation_and_format() -> None:
-    settings = Settings()
+    settings = checked_settings()
     assert str(settings.set("trusted_networks", "10.1.2.3/8, 2001:db8::1")) == "10.0.0.0/8,2001:db8::1/128"
     assert settings.get("trusted_networks") == "10.0.0.0/8,2001:db8::1/128"
     for bad in ("10.0.0.0/33", "example.com", "10.0.0.0/8,nonsense"):
@@ -72,7 +73,7 @@ def test_trusted_networks_validation_and_format() -> None:
     ("tls_min_version", ["TLSv1.2", "TLSv1.3"], ["TLSv1.1", "tls1.3", "1.3"]),
 ])
 def test_tls_settings_validate(key: str, good: list[str], bad: list[str]) -> None:
-    settings = Settings()
+    settings = checked_settings()
     for value in good:
         assert settings.set(key, value) == value
     for value in bad:
@@ -105,7 +106,7 @@ def test_capa_in_transaction_has_no_stls() -> None:
 
 
 def test_plaintext_auth_always_allows_insecure_connections() -> None:
-    settings = Settings()
+    settings = checked_settings()
     settings.set("plaintext_auth", "always")
     proto = protocol(settings=settings)
     assert b"USER" in capa(proto)
@@ -138,7 +139,7 @@ def test_the_failure_limit_counts_insecure_refusals() -> None:
 
 
 def test_a_setting_change_applies_between_user_and_pass() -> None:
-    settings = Settings()
+    settings = checked_settings()
     settings.set("plaintext_auth", "always")
     proto = protocol(settings=settings)
     assert proto.handle(b"USER alice") == b"+OK\r\n"
@@ -150,7 +151,7 @@ def test_a_setting_change_applies_between_user_and_pass() -> None:
 
 def test_stls_starts_tls_and_forgets_user() -> None:
     proto = protocol()
-    settings = Settings()
+    settings = checked_settings()
     settings.set("plaintext_auth", "always")
     proto.security.settings = settings
     assert proto.handle(b"USER alice") == b"+OK\r\n"

@@ -15,7 +15,7 @@ from proxyprotocol.tlv import ProxyProtocolSSLTLV, ProxyProtocolTLV
 from proxyprotocol.v1 import ProxyProtocolV1
 from proxyprotocol.v2 import ProxyProtocolV2
 
-from geventpop3.proxy_protocol import NEED_MORE, V2_SIGNATURE, ProxyError, ProxyHeader, parse, v1_header, v2_header
+from geventpop3.core.proxy_protocol import NEED_MORE, V2_SIGNATURE, ProxyError, ProxyHeader, parse, v1_header, v2_header
 
 
 def test_v1_tcp4_and_the_bytes_after_it_belong_to_the_client() -> None:

@@ -16,9 +16,9 @@ import gevent.event
 import pytest
 from helpers import LineClient, running_app, wait_until
 
-from geventpop3 import maildir
-from geventpop3.app import App
-from geventpop3.cli import parse_config
+from geventpop3.flags import parse_config
+from geventpop3.mail import maildir
+from geventpop3.process.server import App
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import gevent
 
-from geventpop3.cluster.channel import Channel, Message, encode, socketpair
+from geventpop3.process.channel import Channel, Message, encode, socketpair
 
 
 def received(data: list[bytes], max_line: int = 1 << 20) -> list[Message]:

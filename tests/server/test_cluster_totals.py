@@ -1,19 +1,19 @@
-"""The supervisor's sums of worker reports (geventpop3.cluster.aggregate), on real contexts."""
+"""The supervisor's sums of worker reports (geventpop3.process.aggregate), on real contexts."""
 
 from __future__ import annotations
 
 import json
 
-from geventpop3.cluster.aggregate import Totals, report
-from geventpop3.cluster.channel import encode
-from geventpop3.context import ServerContext
-from geventpop3.metrics import AccessEntry
-from geventpop3.settings import Settings
-from geventpop3.users import UserDirectory
+from geventpop3.auth.users import UserDirectory
+from geventpop3.core.metrics import AccessEntry
+from geventpop3.process.aggregate import Totals, report
+from geventpop3.process.channel import encode
+from geventpop3.service.context import ServerContext
+from geventpop3.service.setting_checks import checked_settings
 
 
 def context() -> ServerContext:
-    return ServerContext(settings=Settings(), users=UserDirectory())
+    return ServerContext(settings=checked_settings(), users=UserDirectory())
 
 
 def test_counts_continue_the_restored_totals_and_a_new_process_starts_from_zero() -> None:

@@ -22,12 +22,12 @@ import pytest
 from helpers import LineClient, ServerProcess, admin, crlf, filter_tmp_dir, wait_until
 
 from admin.client import MsmpError
-from geventpop3 import maildir
-from geventpop3.context import ServerContext
-from geventpop3.filters import FAILED_ERROR, STDERR_KEEP, ClientGone, Filter, FilterRunner, Limiter, resolve
-from geventpop3.message import Message
-from geventpop3.settings import Settings
-from geventpop3.users import UserDirectory, hash_password
+from geventpop3.auth.users import UserDirectory, hash_password
+from geventpop3.core.message import Message
+from geventpop3.mail import maildir
+from geventpop3.service.context import ServerContext
+from geventpop3.service.filters import FAILED_ERROR, STDERR_KEEP, ClientGone, Filter, FilterRunner, Limiter, resolve
+from geventpop3.service.setting_checks import checked_settings
 
 ROT23 = bytes.maketrans(b"abcdefghijklmnopqrstuvwxyz", b"xyzabcdefghijklmnopqrstuvw")
 HAM = b"From: a@example.org\nTo: alice@example.org\nSubject: hello\n\nfirst line\n.leading dot\nlast line\n"
@@ -57,7 +57,7 @@ class Box:
 
     def __init__(self, root: Path, transformer: str = "none", **settings: str) -> None:
         self.root = root
-        self.settings = Settings()
+        self.settings = checked_settings()
         for key, value in settings.items():
             self.settings.set(key, value)
         self.ctx = ServerContext(settings=self.settings, users=UserDirectory())
@@ -210,7 +210,7 @@ def test_environment_has_context_and_nothing_else(box: Box, tmp_path: Path,
     assert env.pop("GEVENTPOP3_UIDL") == os.path.basename(source)
     assert env.pop("GEVENTPOP3_CLIENT_ADDRESS") == "127.0.0.1"
     assert env.pop("GEVENTPOP3_CLIENT_PORT") == "40000"
-    assert len(env.pop("GEVENTPOP3_FILTER_ID")) == 16  # marks this run's processes (geventpop3.reaper)
+    assert len(env.pop("GEVENTPOP3_FILTER_ID")) == 16  # marks this run's processes (geventpop3.service.reaper)
     assert set(env) <= {"PATH", "LANG", "HOME"}
     assert "hunter2" not in read(message).decode()
 
@@ -290,7 +290,7 @@ def test_chain_runs_in_order(box: Box) -> None:
 
 
 def test_filter_identity_and_resolution() -> None:
-    settings = Settings()
+    settings = checked_settings()
     settings.named_transformers["spam"] = ["spamc", "-x"]
     assert resolve(settings, "none") is None
     assert resolve(settings, "spam") == Filter.of("spam", [["spamc", "-x"]])

@@ -16,13 +16,15 @@ import pytest
 from helpers import LineClient, filter_tmp_dir, wait_until
 from helpers import ipv6_loopback as _ipv6_loopback
 
-from geventpop3 import listen, maildir, users
-from geventpop3.context import ServerContext
-from geventpop3.filters import FilterRunner
-from geventpop3.msmp.session import LINGER_SECONDS, start_admin_servers
-from geventpop3.pop3.session import Pop3Server, Pop3Service, client_host, source_key
-from geventpop3.settings import Settings
-from geventpop3.users import UserDirectory
+from geventpop3.auth import users
+from geventpop3.auth.users import UserDirectory
+from geventpop3.mail import maildir
+from geventpop3.net import listen
+from geventpop3.service.context import ServerContext
+from geventpop3.service.filters import FilterRunner
+from geventpop3.service.msmp.session import LINGER_SECONDS, start_admin_servers
+from geventpop3.service.pop3.session import Pop3Server, Pop3Service, client_host, source_key
+from geventpop3.service.setting_checks import checked_settings
 
 CHEAP = (2**8, 8, 1)  # scrypt cost for test accounts
 SLACK = 1.0  # seconds a deadline may be late on a busy 2-core machine
@@ -34,7 +36,7 @@ IPV6 = pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6")
 def ctx(tmp_path) -> ServerContext:
     root = tmp_path / "mail"
     root.mkdir()
-    context = ServerContext(settings=Settings(), users=UserDirectory())
+    context = ServerContext(settings=checked_settings(), users=UserDirectory())
     context.users.add_configured([(name, users.hash_password(name + "pw", cost=CHEAP)) for name in ("alice", "bob")])
     context.admins.add_configured([("admin", users.hash_password("pw", cost=CHEAP))])
     context.settings.apply("maildir", str(root), "test")

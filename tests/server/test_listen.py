@@ -8,7 +8,7 @@ import socket
 import pytest
 from helpers import ipv6_loopback
 
-from geventpop3.listen import LOOPBACK, describe, open_listeners
+from geventpop3.net.listen import LOOPBACK, describe, open_listeners
 
 # A documentation address (RFC 3849): assigned to no interface here, so binding it fails
 # the way ::1 fails on a host without IPv6 (EADDRNOTAVAIL). Nothing is ever sent to it.

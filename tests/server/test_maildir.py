@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from geventpop3 import maildir
-from geventpop3.maildir import Mailbox
-from geventpop3.message import Message
+from geventpop3.core.message import Message
+from geventpop3.mail import maildir
+from geventpop3.mail.maildir import Mailbox
 
 REPO = str(Path(__file__).resolve().parents[2])
 
@@ -470,7 +470,7 @@ def test_in_use_of_missing_maildir(tmp_path: Path) -> None:
 
 HOLDER = textwrap.dedent("""
     import sys
-    from geventpop3.maildir import Mailbox
+    from geventpop3.mail.maildir import Mailbox
     mailbox = Mailbox(sys.argv[1], sys.argv[2])
     print("locked" if mailbox.lock() else "busy", flush=True)
     sys.stdin.read()
@@ -517,7 +517,7 @@ def test_lock_held_here_is_seen_by_other_process(tmp_path: Path) -> None:
     held = mailbox(box)
     assert held.lock()
     env = dict(os.environ, PYTHONPATH=REPO)
-    check = "import sys; from geventpop3.maildir import Mailbox; print(Mailbox(sys.argv[1], sys.argv[2]).in_use())"
+    check = "import sys; from geventpop3.mail.maildir import Mailbox; print(Mailbox(sys.argv[1], sys.argv[2]).in_use())"
     try:
         out = subprocess.run([sys.executable, "-c", check, str(box.parent), box.name], capture_output=True, env=env,
                              check=True).stdout

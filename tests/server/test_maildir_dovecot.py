@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from geventpop3 import dovecot_uidlist, maildir
-from geventpop3.maildir import UIDL_DOVECOT, Mailbox
-from geventpop3.message import Message
+from geventpop3.core.message import Message
+from geventpop3.core.names import UIDL_DOVECOT
+from geventpop3.mail import dovecot_uidlist, maildir
+from geventpop3.mail.maildir import Mailbox
 
 VALIDITY = 0x6B0F40BD
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import gevent
 import pytest
 
-from geventpop3 import maildir
-from geventpop3.maildir import Mailbox
-from geventpop3.message import Message
+from geventpop3.core.message import Message
+from geventpop3.mail import maildir
+from geventpop3.mail.maildir import Mailbox
 
 SECRET = b"root:$6$secret:19000:0:99999:7:::\n"
 

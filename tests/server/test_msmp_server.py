@@ -16,16 +16,17 @@ from gevent.event import Event
 from helpers import LineClient
 from helpers import ipv6_loopback as _ipv6_loopback
 
-from geventpop3 import IMPLEMENTATION, users
-from geventpop3.context import ServerContext
-from geventpop3.maildir import Mailbox
-from geventpop3.metrics import AccessEntry
-from geventpop3.msmp.session import start_admin_servers
-from geventpop3.settings import Settings
-from geventpop3.store import Store, StoreError
-from geventpop3.store.persister import Persister
-from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import UserDirectory
+from geventpop3 import IMPLEMENTATION
+from geventpop3.auth import users
+from geventpop3.auth.users import UserDirectory
+from geventpop3.core.metrics import AccessEntry
+from geventpop3.mail.maildir import Mailbox
+from geventpop3.service.context import ServerContext
+from geventpop3.service.msmp.session import start_admin_servers
+from geventpop3.service.setting_checks import checked_settings
+from geventpop3.state import Store, StoreError
+from geventpop3.state.persister import Persister
+from geventpop3.state.sqlite import SqliteStore
 
 TIMEOUT = 10.0
 
@@ -71,7 +72,7 @@ class Client:
 def ctx(tmp_path) -> ServerContext:
     root = tmp_path / "mail"
     root.mkdir()
-    context = ServerContext(settings=Settings(), users=UserDirectory())
+    context = ServerContext(settings=checked_settings(), users=UserDirectory())
     context.admins.add_configured([("admin", users.hash_password("pw", cost=(2**8, 8, 1)))])
     context.settings.apply("maildir", str(root), "test")
     context.settings.apply("login_failure_delay", 0.05, "test")

@@ -18,8 +18,8 @@ import greenlet
 import pytest
 from helpers import LineClient, TlsFiles, free_port, running_app, tls_client, wait_until
 
-from geventpop3.app import App
-from geventpop3.pop3.session import Pop3Session
+from geventpop3.process.server import App
+from geventpop3.service.pop3.session import Pop3Session
 
 IDLE_TIMEOUT = 1.0
 

@@ -10,10 +10,11 @@ import pytest
 from gevent import monkey
 from helpers import wait_until
 
-from geventpop3.metrics import Metrics
-from geventpop3.penalty import Penalty, source_of
-from geventpop3.settings import Settings
-from geventpop3.users import Hasher, HashingBusy
+from geventpop3.auth.users import Hasher
+from geventpop3.core.metrics import Metrics
+from geventpop3.core.names import HashingBusy
+from geventpop3.core.penalty import Penalty, source_of
+from geventpop3.service.setting_checks import checked_settings
 
 
 class Clock:
@@ -25,7 +26,7 @@ class Clock:
 
 
 def make(**values: str) -> tuple[Penalty, Clock, Metrics]:
-    settings = Settings()
+    settings = checked_settings()
     for key, value in {"login_failure_delay": "2", **values}.items():
         settings.set(key, value, source="config")
     clock, metrics = Clock(), Metrics()
@@ -192,8 +193,8 @@ def test_upgrading_cheap_hashes_never_makes_logins_busy(hashers: Callable[..., H
     """Cheap entries are rehashed at the default cost after a login, but only on a hash
     thread nobody waits for: waves of logins (a restart's reconnects) are never refused
     because upgrades filled the queue."""
-    from geventpop3.schemes import parse
-    from geventpop3.users import UserDirectory, hash_password
+    from geventpop3.auth.schemes import parse
+    from geventpop3.auth.users import UserDirectory, hash_password
 
     class Store:  # entries of the store are the ones upgraded (and saved)
         def __init__(self, entries: dict[str, str]) -> None:

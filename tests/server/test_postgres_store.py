@@ -12,15 +12,15 @@ import gevent
 import pytest
 from helpers import PostgresServer, wait_until
 
-from geventpop3.context import ServerContext
-from geventpop3.metrics import AccessEntry
-from geventpop3.settings import Settings
-from geventpop3.store import StoreError
-from geventpop3.store.leases import HELD, IN_USE, UNAVAILABLE, Leases
-from geventpop3.store.postgres import Database, PostgresStore
-from geventpop3.store.settings import persist_settings
-from geventpop3.store.shared import SharedState
-from geventpop3.users import UserDirectory
+from geventpop3.auth.users import UserDirectory
+from geventpop3.core.metrics import AccessEntry
+from geventpop3.service.context import ServerContext
+from geventpop3.service.setting_checks import checked_settings
+from geventpop3.state import StoreError
+from geventpop3.state.leases import HELD, IN_USE, UNAVAILABLE, Leases
+from geventpop3.state.postgres import Database, PostgresStore
+from geventpop3.state.settings import persist_settings
+from geventpop3.state.shared import SharedState
 
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
 
@@ -66,7 +66,7 @@ def test_counters_are_rows_per_instance_and_stat_sums_them(stores: list[Postgres
     assert by_name["a-110"][0] == {"total_connections": 5, "logins_ok": 1} and by_name["a-110"][2] is None
     assert by_name["b-110"][:2] == ({"total_connections": 8}, 3) and by_name["b-110"][2] < 5
 
-    ctx = ServerContext(settings=Settings(), users=UserDirectory())
+    ctx = ServerContext(settings=checked_settings(), users=UserDirectory())
     ctx.metrics.restore({"total_connections": 6, "logins_ok": 2})  # A's live values beat its stored ones
     stat = dict(line.split(": ", 1) for line in SharedState(ctx, a).stat_lines(ctx.metrics))
     assert stat["Total connections"] == "14" and stat["Logins ok"] == "2"
@@ -127,8 +127,8 @@ def test_the_renewer_keeps_leases_alive_in_one_statement(stores: list[PostgresSt
 
 def test_the_follower_applies_other_instances_settings_and_users(stores: list[PostgresStore]) -> None:
     a, b = stores
-    ctx_a = ServerContext(settings=Settings(), users=UserDirectory(a))
-    ctx_b = ServerContext(settings=Settings(), users=UserDirectory(b))
+    ctx_a = ServerContext(settings=checked_settings(), users=UserDirectory(a))
+    ctx_b = ServerContext(settings=checked_settings(), users=UserDirectory(b))
     ctx_b.users.add_configured([("carol", "fromfile")])  # a configured entry wins over the store's
     persist_settings(ctx_a.settings, a)
     shared_b = SharedState(ctx_b, b, skip={"log_level"}, reread_interval=3600)
@@ -151,7 +151,7 @@ def test_the_follower_applies_other_instances_settings_and_users(stores: list[Po
 def test_the_follower_catches_up_after_its_connection_is_killed(stores: list[PostgresStore]) -> None:
     """A change made while B was not listening arrives with the re-read after the reconnect."""
     a, b = stores
-    ctx_b = ServerContext(settings=Settings(), users=UserDirectory(b))
+    ctx_b = ServerContext(settings=checked_settings(), users=UserDirectory(b))
     shared_b = SharedState(ctx_b, b, reread_interval=3600)
     shared_b.start()
     try:

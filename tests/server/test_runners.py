@@ -1,4 +1,4 @@
-"""Runners (geventpop3.runners): bursts of POP3 sessions served by reused greenlets,
+"""Runners (geventpop3.net.runners): bursts of POP3 sessions served by reused greenlets,
 in-process over real loopback sockets; and shutdown still ends busy sessions at once."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ import gevent
 import pytest
 from helpers import LineClient, wait_until
 
-from geventpop3 import listen, users
-from geventpop3.context import ServerContext
-from geventpop3.pop3.session import Pop3Server, Pop3Service
-from geventpop3.runners import Runners
-from geventpop3.settings import Settings
-from geventpop3.users import UserDirectory
+from geventpop3.auth import users
+from geventpop3.auth.users import UserDirectory
+from geventpop3.net import listen
+from geventpop3.net.runners import Runners
+from geventpop3.service.context import ServerContext
+from geventpop3.service.pop3.session import Pop3Server, Pop3Service
+from geventpop3.service.setting_checks import checked_settings
 
 CHEAP = (2**8, 8, 1)
 
@@ -26,7 +27,7 @@ CHEAP = (2**8, 8, 1)
 def service(tmp_path: Path) -> Iterator[tuple[Pop3Service, int]]:
     root = tmp_path / "mail"
     root.mkdir()
-    ctx = ServerContext(settings=Settings(), users=UserDirectory())
+    ctx = ServerContext(settings=checked_settings(), users=UserDirectory())
     ctx.users.add_configured([("alice", users.hash_password("alicepw", cost=CHEAP))])
     ctx.settings.apply("maildir", str(root), "test")
     service = Pop3Service(ctx)

@@ -1,4 +1,4 @@
-"""geventpop3.schemes against the real Dovecot: every vector is made at test time by
+"""geventpop3.auth.schemes against the real Dovecot: every vector is made at test time by
 `doveadm pw -s SCHEME` (Debian's dovecot-core, tools/install-system-deps.sh), and every entry
 `hash_entry` makes is checked by `doveadm pw -t`. No I/O of the server: parse and verify only.
 """
@@ -17,8 +17,8 @@ import threading
 import argon2.low_level
 import pytest
 
-from geventpop3 import schemes
-from geventpop3.schemes import SchemeError, libxcrypt, parse
+from geventpop3.auth import schemes
+from geventpop3.auth.schemes import SchemeError, libxcrypt, parse
 
 KEY = os.urandom(32)
 PASSWORD = "pässwörd-1"  # non-ASCII: UTF-8 bytes reach every hash as Dovecot's do

@@ -16,14 +16,15 @@ import gevent
 import pytest
 from helpers import wait_until
 
-from geventpop3.context import ServerContext
-from geventpop3.metrics import UNKNOWN_USER, AccessEntry
-from geventpop3.settings import SettingNotSaved, Settings
-from geventpop3.store import Store, StoreError
-from geventpop3.store.persister import Persister
-from geventpop3.store.settings import persist_settings, restore_settings
-from geventpop3.store.sqlite import SqliteStore
-from geventpop3.users import UserDirectory
+from geventpop3.auth.users import UserDirectory
+from geventpop3.core.metrics import UNKNOWN_USER, AccessEntry
+from geventpop3.core.settings import SettingNotSaved
+from geventpop3.service.context import ServerContext
+from geventpop3.service.setting_checks import checked_settings
+from geventpop3.state import Store, StoreError
+from geventpop3.state.persister import Persister
+from geventpop3.state.settings import persist_settings, restore_settings
+from geventpop3.state.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
@@ -49,7 +50,7 @@ def reopen(request: pytest.FixtureRequest, db_path: str) -> Iterator[Callable[[]
         def make() -> Store:
             return SqliteStore(db_path)
     else:
-        from geventpop3.store.postgres import PostgresStore
+        from geventpop3.state.postgres import PostgresStore
 
         url = request.getfixturevalue("postgres").create_database()
 
@@ -85,7 +86,7 @@ class WriteLock:
 
 
 def make_context() -> ServerContext:
-    return ServerContext(settings=Settings(), users=UserDirectory())
+    return ServerContext(settings=checked_settings(), users=UserDirectory())
 
 
 def run_child(code: str, *args: str) -> subprocess.Popen[str]:
@@ -122,8 +123,8 @@ def test_user_survives_kill_9_mid_stream(db_path: str) -> None:
     child = run_child(
         """
         import sys, time
-        from geventpop3.metrics import AccessEntry
-        from geventpop3.store.sqlite import SqliteStore
+        from geventpop3.core.metrics import AccessEntry
+        from geventpop3.state.sqlite import SqliteStore
         store = SqliteStore(sys.argv[1])
         store.save_user("alice", "$scrypt$saved-before-kill")
         print("saved", flush=True)
@@ -311,9 +312,9 @@ def test_disk_full_raises_store_error(db_path: str) -> None:
     child = run_child(
         """
         import resource, signal, sys, time
-        from geventpop3.metrics import AccessEntry
-        from geventpop3.store import StoreError
-        from geventpop3.store.sqlite import SqliteStore
+        from geventpop3.core.metrics import AccessEntry
+        from geventpop3.state import StoreError
+        from geventpop3.state.sqlite import SqliteStore
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         store = SqliteStore(sys.argv[1])
         store.save_user("alice", "h")
@@ -369,7 +370,7 @@ def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptur
     store = SqliteStore(db_path, busy_timeout=0.02)
     context = make_context()
     persister = Persister(context, store, interval=0.02, error_interval=60)
-    caplog.set_level(logging.WARNING, logger="geventpop3.store.persister")
+    caplog.set_level(logging.WARNING, logger="geventpop3.state.persister")
     lock = WriteLock(db_path)
     persister.start()
     try:
@@ -377,7 +378,7 @@ def test_persister_survives_failing_store(db_path: str, caplog: pytest.LogCaptur
             context.access_log.record(entry("alice", port=port))
         wait_until(lambda: persister.failures >= 3)
         assert persister.running
-        errors = [r for r in caplog.records if r.name == "geventpop3.store.persister" and r.levelno == logging.ERROR]
+        errors = [r for r in caplog.records if r.name == "geventpop3.state.persister" and r.levelno == logging.ERROR]
         assert len(errors) == 1  # loud, but not flooding
         assert "locked" in errors[0].getMessage()
         assert [e.port for e in persister.logs("alice", 10)] == [0, 1, 2]  # still shown by LOGS
@@ -463,7 +464,7 @@ def test_failed_logins_of_unknown_names_share_one_bucket() -> None:
 
 # -- settings persistence ---------------------------------------------------------
 def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCaptureFixture) -> None:
-    live = Settings()
+    live = checked_settings()
     persist_settings(live, store)
     live.set("idle_timeout", "42")
     live.set("transformer_failure", "passthrough")
@@ -471,8 +472,8 @@ def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCa
 
     store.save_setting("max_connections", "0")  # no longer valid
     store.save_setting("no_such_key", "1")
-    caplog.set_level(logging.WARNING, logger="geventpop3.store.settings")
-    fresh = Settings()
+    caplog.set_level(logging.WARNING, logger="geventpop3.state.settings")
+    fresh = checked_settings()
     applied = restore_settings(fresh, store, skip={"transformer_failure"})
     assert applied == {"idle_timeout": "42"}
     assert fresh.idle_timeout == 42.0
@@ -485,7 +486,7 @@ def test_settings_changes_persist_and_restore(store: Store, caplog: pytest.LogCa
 def test_setting_change_refused_if_store_fails(db_path: str, caplog: pytest.LogCaptureFixture) -> None:
     """A SET that could not be saved is not made: the old value stays, now and after a restart."""
     store = SqliteStore(db_path, busy_timeout=0.02)
-    live = Settings()
+    live = checked_settings()
     persist_settings(live, store)
     heard: list[str] = []
     live.subscribe(lambda key, old, new: heard.append(key))
@@ -505,7 +506,7 @@ def test_setting_change_refused_if_store_fails(db_path: str, caplog: pytest.LogC
 
 def test_restore_skips_a_filter_transformer_programs_no_longer_allows(store: Store) -> None:
     store.save_setting("transformer", "cat")
-    restricted = Settings()
+    restricted = checked_settings()
     restricted.apply("transformer_programs", restricted.parse("transformer_programs", "spam,ham"), "config")
     assert restore_settings(restricted, store) == {}
     assert restricted.transformer == "none"

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from geventpop3.cli import parse_config
-from geventpop3.cluster.aggregate import Totals
-from geventpop3.cluster.supervisor import ClusterBackend, Supervisor, WorkerPool
-from geventpop3.context import ServerContext
-from geventpop3.users import UserDirectory
+from geventpop3.auth.users import UserDirectory
+from geventpop3.flags import parse_config
+from geventpop3.process.aggregate import Totals
+from geventpop3.process.supervisor import ClusterBackend, Supervisor, WorkerPool
+from geventpop3.service.context import ServerContext
 
 
 def supervisor(tmp_path: Path) -> tuple[Supervisor, WorkerPool]:

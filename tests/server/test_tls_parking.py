@@ -16,10 +16,10 @@ import gevent
 import pytest
 from helpers import LineClient, TlsFiles, free_port, running_app, start_tls, tls_client, wait_until
 
-from geventpop3 import tls
-from geventpop3.app import App
-from geventpop3.pop3.session import Pop3Session
-from geventpop3.transport import RECV_SIZE, TlsTransport, Transport
+from geventpop3.net import tls
+from geventpop3.net.transport import RECV_SIZE, TlsTransport, Transport
+from geventpop3.process.server import App
+from geventpop3.service.pop3.session import Pop3Session
 
 
 class Waiter:

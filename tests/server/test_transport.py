@@ -12,7 +12,7 @@ import pytest
 from gevent.event import Event
 from gevent.socket import wait_read
 
-from geventpop3.transport import FLUSH_THRESHOLD, RECV_SIZE, Transport
+from geventpop3.net.transport import FLUSH_THRESHOLD, RECV_SIZE, Transport
 
 
 class Waiter:

@@ -10,33 +10,35 @@ import gevent
 import pytest
 from helpers import wait_until
 
-from geventpop3 import schemes, users
-from geventpop3.schemes import SchemeError
-from geventpop3.users import Configured, UserDirectory, UserError
+from geventpop3.auth import schemes, users
+from geventpop3.auth.schemes import SchemeError
+from geventpop3.auth.users import Configured, UserDirectory
+from geventpop3.core import names
+from geventpop3.core.names import UserError
 
 CHEAP = (16, 1, 1)  # scrypt cost for tests that check format, not strength
 
 
 @pytest.mark.parametrize("name", ["a", "alice", "Bob", "x_1", "_x", "0", "a.b", "a-b", "a..b", "a" * 40])
 def test_valid_usernames(name: str) -> None:
-    assert users.valid_username(name)
+    assert names.valid_username(name)
 
 
 @pytest.mark.parametrize("name", ["", ".", "..", ".a", "-a", "a/b", "../x", "a b", "a\n", "a:b", "a@b",
                                   "\u00e9", "a\x00", "a" * 41])
 def test_invalid_usernames(name: str) -> None:
-    assert not users.valid_username(name)
+    assert not names.valid_username(name)
 
 
 @pytest.mark.parametrize("password", ["x", "p@ss:w0rd", "\u00e9t\u00e9", "a" * 100, "$scrypt$looks-like-a-hash"])
 def test_valid_passwords(password: str) -> None:
-    assert users.valid_password(password)
+    assert names.valid_password(password)
 
 
 @pytest.mark.parametrize("password", ["", "a b", "tab\there", "new\nline", "\x00", "\x7f", "a" * 101, "\u00a0",
                                       "\udcff"])
 def test_invalid_passwords(password: str) -> None:
-    assert not users.valid_password(password)
+    assert not names.valid_password(password)
 
 
 KEY = b"k" * 32

@@ -1,9 +1,9 @@
-"""geventpop3.cluster.restarts: when a worker slot gets a new process (the processes
+"""geventpop3.process.restarts: when a worker slot gets a new process (the processes
 themselves: tests/e2e/test_workers.py)."""
 
 from __future__ import annotations
 
-from geventpop3.cluster.restarts import BACKOFF_MAX, CRASH_WINDOW, RestartPolicy
+from geventpop3.process.restarts import BACKOFF_MAX, CRASH_WINDOW, RestartPolicy
 
 
 def test_a_worker_that_served_a_while_is_replaced_at_once_every_time() -> None:

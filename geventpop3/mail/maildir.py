@@ -1,0 +1,928 @@
+"""One user's Maildir as a `Mailbox`: open, lock, snapshot, delete, size; plus streaming.
+
+Sizes: RFC 1939 wants the octets RETR really sends (CRLF line ends, no dot-stuffing).
+Files may use bare LF, so the size is computed once by reading the message and kept
+in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size; a later
+login only stats the files (Dovecot keeps the same fact in its index).
+
+Lock: a one-byte record lock (Linux OFD lock) per user in one shared file per
+Maildir root, `.geventpop3.locks`: no descriptor per session, so 10,000 held sessions
+need 10,000 descriptors, not 20,000. The kernel drops the locks when the process ends,
+however it ends, so they are never stale after a crash, and they work across processes
+sharing the Maildir root.
+
+Safety (whoever can write into a Maildir is not trusted): only regular files are mail.
+cur/ and new/ are opened as directories without following a symlink, every entry is
+lstat'ed (never followed), and a message is opened with O_NOFOLLOW | O_NONBLOCK and
+fstat'ed: anything but a regular file (symlink, FIFO, device, directory), or a file
+that is not the one the snapshot saw (device and inode), is skipped with one log line.
+Every file this module creates uses O_CREAT | O_EXCL | O_NOFOLLOW (the lock file, which
+is shared, O_NOFOLLOW and a regular-file check). A name that is not a safe UIDL (not
+printable ASCII, over 70 octets, not UTF-8, CR/LF...) is still mail: its UIDL is `~`
+and a hash of its raw base name, and names reach log lines only through ascii().
+
+UIDLs after Dovecot (docs/migrating.md): when the Maildir holds Dovecot's `dovecot-uidlist`
+(geventpop3.mail.dovecot_uidlist, read only), a message's UIDL is the one Dovecot saved for it
+(`P`), else per `uidl_format` (`%08Xu%08Xv`: its IMAP UID and the UIDVALIDITY in hex), else
+the base name; messages are listed in Dovecot's order (its POP3 order, then UID), unlisted
+ones after them. A UIDL that breaks RFC 1939 or repeats one listed before gets a `~` hash.
+Sizes from names: `,W=<n>` (Dovecot's virtual size, CRLF octets), or the `W` Dovecot kept
+in dovecot-uidlist, is taken as the size without reading the file when it is plausible
+(see `plausible_size`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+import time
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from typing import Protocol, TypeVar
+
+import gevent
+from gevent import monkey
+
+from geventpop3.core.message import Message
+from geventpop3.core.names import HASHED_UID_PREFIX, UIDL_BASE_NAME, UIDL_DOVECOT, valid_username
+from geventpop3.mail import dovecot_uidlist
+
+# The descriptors here are files and directories, never sockets: close them at once with
+# the real close(2), not gevent's patched one (an fcntl check, then a close deferred to the
+# event loop for the sake of I/O watchers these descriptors never have).
+_close_fd = monkey.get_original("os", "close")
+
+log = logging.getLogger(__name__)
+
+CHUNK_SIZE = 64 * 1024
+SMALL_MESSAGE = CHUNK_SIZE  # octets on disk: RETR reads and sends such a message whole (whole_message)
+SIZE_CACHE = "geventpop3.sizes"
+SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
+SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
+SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
+SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
+LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
+SUBDIRS = ("cur", "new", "tmp")
+# Past this many files, stat and size work moves to the thread pool so a big
+# mailbox does not stall the other sessions (one system call per file).
+THREADPOOL_THRESHOLD = 256
+# Past this many octets of messages without a cached size, measuring them moves to the
+# thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
+THREADPOOL_BYTES = 1 << 20
+UIDLIST_LOOP_MAX = 1 << 20  # a bigger dovecot-uidlist to (re)read goes to the thread pool
+_SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
+_DOT_LINE = re.compile(rb"\n\.")
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_SCANNED = ("new", "cur")  # new/ first: a UIDL in both is served from new/
+
+T = TypeVar("T")
+
+
+class MaildirError(Exception):
+    """The mailbox cannot be used (an unsafe user name...)."""
+
+
+class NotMail(OSError):
+    """A Maildir entry that is not a regular file, or not the file the snapshot saw."""
+
+
+class Readable(Protocol):
+    def read(self, size: int = ..., /) -> bytes: ...
+
+
+def user_maildir(root: str, user: str) -> str:
+    """The user's Maildir under `root`; refuses any name that could leave it."""
+    if not valid_username(user):
+        raise MaildirError("unsafe user name")
+    root = os.path.abspath(root)
+    path = os.path.join(root, user)
+    if os.path.dirname(path) != root:
+        raise MaildirError("unsafe user name")
+    return path
+
+
+def _create(path: str, parents: bool = False) -> None:
+    """The one place a Maildir is made: `path` and its cur/, new/, tmp/ (mode 0700).
+
+    Without `parents` the root must already exist, so a vanished root (an unmounted
+    disk, a mistyped SET maildir) is an error instead of a fresh empty tree."""
+    if parents:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    for directory in (path, *(os.path.join(path, sub) for sub in SUBDIRS)):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+
+
+def uid_of(name: str) -> str:
+    """The UIDL of a Maildir file name: its base name (before ':') when that is a safe UIDL.
+
+    Otherwise (not printable ASCII, a space, CR/LF, over 70 octets, empty, not UTF-8 -
+    os.listdir gives such bytes surrogate-escaped - or starting with `~`): `~` and a hash
+    of the raw base name, stable across flag changes and never equal to a plain name."""
+    uid = name.split(":", 1)[0]
+    if uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70 and uid[0] != "~":
+        return uid
+    return _hashed_uid(name)
+
+
+def _hashed_uid(name: str) -> str:
+    raw = os.fsencode(name).split(b":", 1)[0]
+    return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def _safe_uidl(uidl: str) -> bool:
+    """RFC 1939: 1 to 70 characters 0x21-0x7E; and not `~`, kept for hashed UIDLs."""
+    return uidl.isascii() and uidl.isprintable() and " " not in uidl and 0 < len(uidl) <= 70 and uidl[0] != "~"
+
+
+def _hashed_uidl(value: str, domain: bytes) -> str:
+    raw = domain + os.fsencode(value)
+    return HASHED_UID_PREFIX + hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def size_from_name(name: str, raw: int) -> int | None:
+    """The CRLF size a Maildir name gives with `,W=<n>`, when it is plausible; else None.
+
+    W= is Dovecot's virtual size: the octets with CRLF line ends, what LIST must show.
+    S= (the size on disk) alone is never used as a POP3 size; see `plausible_size`."""
+    base = name.split(":", 1)[0]
+    if ",W=" not in base:
+        return None
+    fields: dict[str, int] = {}
+    for key, digits in _SIZE_FIELD.findall(base):
+        fields.setdefault(key, int(digits))
+    return plausible_size(raw, fields.get("W"), fields.get("S"))
+
+
+def plausible_size(raw: int, virtual: int | None, physical: int | None) -> int | None:
+    """`virtual` (a W= size) if a file of `raw` octets on disk could have it, else None.
+
+    Plausible: raw <= W <= 2 raw + 2 (CRLF only adds a CR per LF, and a final CRLF), and
+    the S= given with it, if any, equals `raw`: a name or record whose S= no longer fits
+    the file is stale, so its W= is not trusted either and the file is measured."""
+    if virtual is None or (physical is not None and physical != raw) or not raw <= virtual <= 2 * raw + 2:
+        return None
+    return virtual
+
+
+def _file_id(info: os.stat_result) -> int:
+    return info.st_dev << 64 | info.st_ino
+
+
+class Mailbox:
+    """One user's Maildir under a root: what a POP3 session and the MSMP backend do with it.
+
+    Creating the object only computes names (and refuses a user name that could leave
+    the root, with MaildirError), so it costs no system call; each method says what it costs.
+    The lock costs no descriptor per session: a process opens one shared lock file per
+    Maildir root (`<root>/.geventpop3.locks`) and takes a one-byte record lock at an
+    offset derived from the user name (Linux OFD locks, else POSIX locks). The kernel
+    drops a process's locks when it exits, however it ends; inside the process a table
+    keeps two sessions of one user apart (record locks never conflict with their owner).
+    """
+
+    __slots__ = ("path", "user")  # a held session keeps one: no more than it needs
+
+    def __init__(self, root: str, user: str) -> None:
+        self.path = user_maildir(root, user)
+        self.user = user
+
+    @property
+    def _offset(self) -> int:
+        """The lock's offset, computed when locking and releasing only (not kept: an int per held session)."""
+        return _lock_offset(self.user)
+
+    def open(self) -> None:
+        """Create the Maildir (cur/, new/, tmp/) if it is missing; one stat if it is there.
+
+        The root must exist: OSError (FileNotFoundError) if it vanished."""
+        if not os.path.isdir(os.path.join(self.path, "new")):
+            _create(self.path)
+
+    # -- lock ------------------------------------------------------------------
+    def lock(self) -> bool:
+        """True if we now hold the lock; False at once if someone else does. One fcntl."""
+        if self.path in _HELD:
+            return False
+        if not _record_lock(_lock_fd(os.path.dirname(self.path)), self._offset, fcntl.F_WRLCK):
+            return False
+        _HELD[self.path] = self
+        return True
+
+    def release(self) -> None:
+        """Give the lock up if this object holds it; harmless otherwise."""
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]
+            with contextlib.suppress(OSError):
+                _record_lock(_lock_fd(os.path.dirname(self.path)), self._offset, fcntl.F_UNLCK)
+
+    @property
+    def locked(self) -> bool:
+        """True while this object holds the lock."""
+        return _HELD.get(self.path) is self
+
+    def in_use(self) -> bool:
+        """True if some session (in any process) holds the lock; False for a missing Maildir."""
+        if self.path in _HELD:
+            return True
+        if not os.path.isdir(self.path):
+            return False
+        try:
+            if self.lock():
+                self.release()
+                return False
+        except OSError:
+            return False
+        return True
+
+    # -- content -----------------------------------------------------------------
+    def snapshot(self, uidl_format: str = UIDL_BASE_NAME) -> list[Message]:
+        """The mailbox as a session sees it for its whole life (sizes as RETR sends them,
+        UIDLs per `uidl_format` and the Maildir's dovecot-uidlist, if it has one).
+
+        Warm cache: one directory listing and one lstat per file (and one for
+        dovecot-uidlist), nothing read. Many files, many uncached octets, and every
+        cache write (fsync) go to the thread pool."""
+        notes: list[str] = []
+        with _Subdirs(self.path, notes) as dirs:
+            names = dirs.names()
+            if len(names) > THREADPOOL_THRESHOLD:
+                messages = _in_pool(_scan, self.path, dirs, names, uidl_format, notes, False)
+            else:
+                messages = _scan(self.path, dirs, names, uidl_format, notes, True)
+        _log_notes(notes)
+        return messages
+
+    def delete(self, messages: list[Message]) -> list[Message]:
+        """UPDATE: remove the files of `messages`, then fsync the directories that lost one,
+        so mail the client was told is gone stays gone after a power loss; returns those that
+        could not be removed. In the thread pool (fsync is disk work)."""
+        if not messages:
+            return []
+        return _in_pool(_delete, self.path, messages)
+
+    def size(self) -> tuple[int, int]:
+        """(messages, octets as stored) of what a snapshot would list: MSMP `LIST <user>`.
+
+        A directory scan and one lstat per file, no reading; a missing Maildir is (0, 0)."""
+        notes: list[str] = []
+        with _Subdirs(self.path, notes) as dirs:
+            names = dirs.names()
+            if len(names) > THREADPOOL_THRESHOLD:
+                found = _in_pool(dirs.regular_files, names, notes)
+            else:
+                found = dirs.regular_files(names, notes)
+        _log_notes(notes)
+        return len(found), sum(raw for _, _, raw, _ in found)
+
+
+def _in_pool(function: Callable[..., T], *args: object) -> T:
+    """Run `function` in gevent's thread pool; this greenlet waits, the others run."""
+    return gevent.get_hub().threadpool.apply(function, args)
+
+
+def _log_notes(notes: list[str]) -> None:
+    """Log on the event loop what a scan skipped (workers only collect: logging's locks are gevent's)."""
+    for note in notes:
+        log.warning("maildir: %s", note)
+
+
+# One descriptor per Maildir root for the whole process, and the locks this process holds.
+_LOCK_FDS: dict[str, int] = {}
+_HELD: dict[str, Mailbox] = {}
+_OFD = hasattr(fcntl, "F_OFD_SETLK")
+_FLOCK = "hhqqi4x"  # struct flock on Linux: type, whence, start, len, pid
+
+
+def _lock_offset(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode(), digest_size=8).digest(), "big") >> 2
+
+
+def _lock_fd(root: str) -> int:
+    """The shared lock file, opened once: never through a symlink, only a regular file."""
+    fd = _LOCK_FDS.get(root)
+    if fd is None:
+        path = os.path.join(root, LOCK_FILE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            _close_fd(fd)
+            raise NotMail(errno.EINVAL, "lock file is not a regular file", path)
+        _LOCK_FDS[root] = fd
+    return fd
+
+
+def _record_lock(fd: int, offset: int, kind: int) -> bool:
+    """Set or clear one byte's lock without waiting; False if another process holds it."""
+    try:
+        if _OFD:
+            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0))
+        else:
+            mode = fcntl.LOCK_UN if kind == fcntl.F_UNLCK else fcntl.LOCK_EX | fcntl.LOCK_NB
+            fcntl.lockf(fd, mode, 1, offset, os.SEEK_SET)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+# -- scanning ------------------------------------------------------------------
+
+class _Subdirs:
+    """new/ and cur/ of one Maildir, opened as directories and never through a symlink.
+
+    Entries are looked at relative to these descriptors (lstat, unlink), so swapping
+    cur/ for a symlink after the open cannot lead anywhere else. What cannot be used
+    goes to `notes` (one line each), for the caller to log."""
+
+    __slots__ = ("maildir", "fds")
+
+    def __init__(self, maildir: str, notes: list[str]) -> None:
+        self.maildir = maildir
+        self.fds: dict[str, int] = {}
+        for sub in _SCANNED:
+            try:
+                self.fds[sub] = os.open(os.path.join(maildir, sub), _DIR_FLAGS)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:  # ELOOP/ENOTDIR: a symlink or a file where the directory should be
+                notes.append(f"skipped {ascii(os.path.join(maildir, sub))}: not a directory ({exc.strerror})")
+
+    def __enter__(self) -> _Subdirs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self.fds.values():
+            _close_fd(fd)
+        self.fds.clear()
+
+    def names(self) -> list[tuple[str, tuple[str, str]]]:
+        """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
+        (delivery order); a UIDL met twice is served once. No stat: the listing only."""
+        found: dict[str, tuple[str, str]] = {}
+        for sub, fd in self.fds.items():
+            for name in os.listdir(fd):
+                if name[0] != ".":
+                    uid = name.split(":", 1)[0]  # uid_of(), inlined: this runs once per file per login
+                    if not (uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70
+                            and uid[0] != "~"):
+                        uid = _hashed_uid(name)
+                    if uid not in found:
+                        found[uid] = (sub, name)
+        return sorted(found.items())
+
+    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]],
+                      notes: list[str]) -> list[tuple[str, str, int, int]]:
+        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each."""
+        prefix = {sub: os.path.join(self.maildir, sub, "") for sub in self.fds}
+        fds = self.fds
+        found = []
+        for uid, (sub, name) in names:
+            try:
+                info = os.lstat(name, dir_fd=fds[sub])
+            except OSError:
+                continue  # vanished between listing and stat: not part of the snapshot
+            if stat.S_ISREG(info.st_mode):
+                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
+            else:
+                notes.append(f"skipped {ascii(prefix[sub] + name)}: not a regular file")
+        return found
+
+    def find(self, uid: str) -> tuple[str, str] | None:
+        """(subdir, name) of the file whose UIDL is `uid` now (another program renamed it)."""
+        for sub, fd in self.fds.items():
+            try:
+                names = os.listdir(fd)
+            except OSError:
+                continue
+            for name in names:
+                if name[0] != "." and uid_of(name) == uid:
+                    return sub, name
+        return None
+
+
+# -- snapshot ----------------------------------------------------------------
+
+def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
+          notes: list[str], on_loop: bool) -> list[Message]:
+    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order."""
+    try:
+        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
+    except dovecot_uidlist.ReadOnLoopTooBig:
+        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
+    messages = _build_snapshot(maildir, dirs, names, uidlist, notes, on_loop)
+    if uidlist is None:
+        return messages  # UIDLs are the base names, unique already
+    return _name_messages(maildir, messages, uidlist, uidl_format, notes)
+
+
+def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]],
+                    uidlist: dovecot_uidlist.UidList | None, notes: list[str], on_loop: bool) -> list[Message]:
+    """Stat every file, take sizes from names (W=), Dovecot's uidlist (W) or the cache,
+    measure the rest, save the cache if it changed.
+
+    `on_loop`: called on the event loop, so the cache read is capped lower and what reads
+    many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
+    files = dirs.regular_files(names, notes)
+    cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
+    fresh: dict[str, tuple[int, int]] = {}
+    messages = []
+    pending = []
+    records = uidlist.records if uidlist is not None else {}
+    for uid, path, raw, fid in files:
+        # No cache entry for these: the name, or Dovecot's file, keeps the size.
+        named = size_from_name(path[path.rindex("/") + 1:], raw) if ",W=" in path else None
+        if named is None and records:
+            record = records.get(_base_name(path))
+            if record is not None:
+                named = plausible_size(raw, record.virtual_size, record.physical_size)
+        if named is not None:
+            messages.append(Message(uid, path, named, path, None, fid))
+            continue
+        cached = cache.get(uid)
+        if cached is not None and cached[0] == raw:
+            fresh[uid] = cached
+            messages.append(Message(uid, path, cached[1], path, None, fid))
+        else:
+            pending.append((uid, path, raw, fid))
+    if pending:
+        if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
+            measured = _in_pool(_measure, pending, notes)
+        else:
+            measured = _measure(pending, notes)
+        for uid, path, raw, fid in pending:
+            if uid in measured:  # else vanished or swapped: not part of the snapshot
+                fresh[uid] = (raw, measured[uid])
+                messages.append(Message(uid, path, measured[uid], path, None, fid))
+        messages.sort(key=_by_uid)
+    if fresh != cache:
+        if on_loop:
+            _in_pool(_save_size_cache, maildir, fresh)
+        else:
+            _save_size_cache(maildir, fresh)
+    return messages
+
+
+def _by_uid(message: Message) -> str:
+    return message.uid
+
+
+def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidlist.UidList, uidl_format: str,
+                   notes: list[str]) -> list[Message]:
+    """The snapshot with Dovecot's UIDLs and order (see the module docstring).
+
+    `%08Xu%08Xv` is written as Dovecot writes it: Dovecot's `X` modifier prints lower-case
+    hex (2.3's var_expand uses "%llx"), so its UIDLs look like `000000016b0f40bd`."""
+    records = uidlist.records
+    suffix = f"{uidlist.uid_validity:08x}"
+    dovecot_format = uidl_format == UIDL_DOVECOT
+    keyed: list[tuple[tuple[int, int], int, Message]] = []
+    for position, message in enumerate(messages):  # position: unlisted ones keep base name order
+        record = records.get(_base_name(message.source))
+        if record is None:
+            keyed.append(((1 << 33, 0), position, message))
+            continue
+        saved = record.pop3_uidl
+        if saved:  # "" is Dovecot's shorthand for the base name, the %f UIDL
+            message.uidl = saved if _safe_uidl(saved) else _hashed_uidl(saved, b"P:")
+        elif saved is None and dovecot_format:
+            message.uidl = f"{record.uid:08x}{suffix}"
+        order = record.pop3_order if record.pop3_order is not None else 0xFFFFFFFF
+        keyed.append(((order, record.uid), position, message))
+    keyed.sort(key=_first_two)
+    ordered = [message for _, _, message in keyed]
+    repeated = _make_unique(ordered)
+    if repeated:
+        notes.append(f"{ascii(maildir)}: {repeated} UIDLs from {dovecot_uidlist.NAME} repeated one listed "
+                     "before; those messages got hashed UIDLs")
+    return ordered
+
+
+def _first_two(item: tuple[tuple[int, int], int, Message]) -> tuple[tuple[int, int], int]:
+    return item[0], item[1]
+
+
+def _base_name(path: str) -> str:
+    return path[path.rindex("/") + 1:].split(":", 1)[0]
+
+
+def _make_unique(messages: list[Message]) -> int:
+    """Give a message whose UIDL an earlier one has a `~` hash of its base name instead;
+    returns how many needed it. Base names are unique, so their hashes are."""
+    seen: set[str] = set()
+    repeated = 0
+    for message in messages:
+        uidl = message.uidl or message.uid
+        if uidl in seen:
+            repeated += 1
+            uidl = message.uidl = _hashed_uidl(_base_name(message.source), b"")
+            while uidl in seen:  # only if a hash collided: hash again
+                uidl = message.uidl = _hashed_uidl(uidl, b"again:")
+        seen.add(uidl)
+    return repeated
+
+
+def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:
+    """uid -> CRLF size of each pending file that is still the regular file the scan saw."""
+    sizes = {}
+    for uid, path, _, fid in pending:
+        try:
+            sizes[uid] = crlf_size(path, fid)
+        except NotMail as exc:
+            notes.append(f"skipped {ascii(path)}: {exc.strerror}")
+        except OSError:
+            continue  # vanished meanwhile
+    return sizes
+
+
+def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
+    """All of a regular file up to `cap` octets (None if it is bigger or not a regular file),
+    and its fstat."""
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > cap:
+        return None, info
+    parts = []
+    total = 0
+    while chunk := os.read(fd, info.st_size + 1 - total if total <= info.st_size else CHUNK_SIZE):
+        parts.append(chunk)
+        total += len(chunk)
+        if total > cap:
+            return None, info  # grew while read
+    return b"".join(parts), info
+
+
+def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
+    """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
+    file or not whole (its trailer counts the entries and checksums them: a torn write or a
+    stray edit is never read as a wrong size, every size is then measured again).
+
+    What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
+    (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
+    server replaces the file by a rename, never in place, so a new cache is a new inode.
+    The dict returned is shared: read only."""
+    path = os.path.join(maildir, SIZE_CACHE)
+    try:
+        seen = os.lstat(path)
+    except OSError:
+        return {}
+    remembered = _size_memo.get(maildir, _identity(seen))
+    if remembered is not None:
+        return remembered
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return {}
+    try:
+        data, info = _read_capped(fd, cap)
+    except OSError:
+        return {}
+    finally:
+        _close_fd(fd)
+    cache = _parse_size_cache(data)
+    if cache and _identity(info) == _identity(seen):
+        _size_memo.put(maildir, _identity(seen), cache)
+    return cache
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+class _SizeMemo:
+    """The size caches last read, per Maildir, up to SIZE_MEMO_ENTRIES entries in all (the
+    least recently used Maildirs go first). Loads run on the event loop and in pool
+    threads: a real lock, held for dict work only."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries = 0
+        self._memo: OrderedDict[str, tuple[tuple[int, ...], dict[str, tuple[int, int]]]] = OrderedDict()
+        self._lock = monkey.get_original("threading", "Lock")()
+
+    def get(self, maildir: str, identity: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+        with self._lock:
+            found = self._memo.get(maildir)
+            if found is None or found[0] != identity:
+                return None
+            self._memo.move_to_end(maildir)
+            return found[1]
+
+    def put(self, maildir: str, identity: tuple[int, ...], cache: dict[str, tuple[int, int]]) -> None:
+        if len(cache) > self.limit:
+            return
+        with self._lock:
+            old = self._memo.pop(maildir, None)
+            if old is not None:
+                self.entries -= len(old[1])
+            self._memo[maildir] = (identity, cache)
+            self.entries += len(cache)
+            while self.entries > self.limit:
+                _, (_, dropped) = self._memo.popitem(last=False)
+                self.entries -= len(dropped)
+
+
+_size_memo = _SizeMemo(SIZE_MEMO_ENTRIES)
+
+
+def _parse_size_cache(data: bytes | None) -> dict[str, tuple[int, int]]:
+    """The entries of a size cache file's content; empty unless it is whole (trailer)."""
+    if not data or not data.endswith(b"\n"):
+        return {}
+    end = data.rfind(b"\n", 0, len(data) - 1) + 1
+    body = data[:end]
+    if data[end:-1] != b"%s %d %08x" % (SIZE_CACHE_TRAILER, body.count(b"\n"), zlib.crc32(body)):
+        return {}
+    cache: dict[str, tuple[int, int]] = {}
+    try:
+        for line in body.decode("ascii").splitlines():
+            uid, raw, size = line.split(" ")
+            cache[uid] = (int(raw), int(size))
+    except ValueError:  # checksummed but not ours (UnicodeDecodeError is a ValueError)
+        return {}
+    return cache
+
+
+def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
+    """Write a unique new file (O_EXCL | O_NOFOLLOW: nothing planted is written through),
+    fsync it, rename it over the cache.
+
+    The directory is not fsynced: after a power loss the name gives the old cache or the
+    new one, both whole (the file was synced before the rename) and both right, since an
+    entry counts only for a file of the same UIDL and raw size; the fsync spares a full
+    re-measure of the mailbox after a crash, the trailer catches what a disk still tears."""
+    body = "".join(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items()).encode("ascii")
+    data = body + b"%s %d %08x\n" % (SIZE_CACHE_TRAILER, len(cache), zlib.crc32(body))
+    final = os.path.join(maildir, SIZE_CACHE)
+    if len(data) > SIZE_CACHE_MAX:
+        return  # beyond what a load would accept; the old file stays right for what it lists
+    temp = f"{final}.{os.urandom(8).hex()}.tmp"
+    try:
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
+    except OSError:
+        return
+    try:
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            _close_fd(fd)
+        os.replace(temp, final)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+# -- content -----------------------------------------------------------------
+
+class _FileReader:
+    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up.
+    `size`: the file's size when it was opened (fstat)."""
+
+    __slots__ = ("fd", "size")
+
+    def __init__(self, fd: int, size: int = -1) -> None:
+        self.fd = fd
+        self.size = size
+
+    def read(self, size: int = CHUNK_SIZE, /) -> bytes:
+        return os.read(self.fd, size)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            _close_fd(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> _FileReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_regular(path: str, file_id: int = 0) -> _FileReader:
+    """Open a message file to read: never through a symlink, never blocking (a FIFO), only a
+    regular file, and (with `file_id`) only the very file a snapshot saw. NotMail otherwise."""
+    fd = os.open(path, _READ_FLAGS)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotMail(errno.EINVAL, "not a regular file", path)
+        if file_id and _file_id(info) != file_id:
+            raise NotMail(errno.ESTALE, "replaced since the snapshot", path)
+    except BaseException:
+        _close_fd(fd)
+        raise
+    return _FileReader(fd, info.st_size)
+
+
+def open_message(message: Message) -> _FileReader:
+    """What RETR/TOP stream: `message.path` as `open_regular` opens it (the snapshot's file
+    identity is checked when the path is the Maildir file itself); a refusal is logged once."""
+    file_id = message.file_id if message.path == message.source else 0
+    try:
+        return open_regular(message.path, file_id)
+    except NotMail as exc:
+        log.warning("maildir: refused %s: %s", ascii(message.path), exc.strerror)
+        raise
+
+
+def _crlf_chunks(handle: Readable, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The file with every line ending CRLF and a final CRLF if it lacked one.
+
+    A CR at the end of a chunk is held back, so a CRLF split across two reads is
+    recognised; a lone LF becomes CRLF; a lone CR is left alone.
+    """
+    held_cr = False
+    last = b"\n"
+    while True:
+        chunk = handle.read(chunk_size)
+        if not chunk:
+            break
+        if held_cr:
+            chunk = b"\r" + chunk
+        held_cr = chunk.endswith(b"\r")
+        if held_cr:
+            chunk = chunk[:-1]
+            if not chunk:
+                continue
+        if b"\r" not in chunk:  # LF-only, the usual Maildir file: one pass
+            data = chunk.replace(b"\n", b"\r\n")
+        elif chunk.count(b"\n") == chunk.count(b"\r\n"):  # already CRLF throughout
+            data = chunk
+        else:
+            data = chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        last = data[-1:]
+        yield data
+    if held_cr:
+        yield b"\r\r\n"  # a trailing lone CR, then the final line end
+    elif last != b"\n":
+        yield b"\r\n"
+
+
+def crlf_size(path: str, file_id: int = 0) -> int:
+    """Octets RETR sends for this file (CRLF line ends, before dot-stuffing).
+
+    Reads the whole file: a caller on the event loop sends big files to the thread pool.
+    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
+    with open_regular(path, file_id) as handle:
+        return sum(len(chunk) for chunk in _crlf_chunks(handle))
+
+
+def whole_message(handle: _FileReader) -> bytes | None:
+    """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
+    piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
+    small, and RETR is most of a session's commands).
+
+    The read asks one octet more than the size fstat gave at the open: getting exactly the
+    size is the end of a regular file. None, the file rewound, for a bigger file or one
+    whose size changed since: `message_chunks` streams it then."""
+    size = handle.size
+    if not 0 <= size <= SMALL_MESSAGE:
+        return None
+    data = os.read(handle.fd, size + 1)
+    if len(data) != size:
+        os.lseek(handle.fd, 0, os.SEEK_SET)
+        return None
+    if b"\r" not in data:  # LF-only, the usual Maildir file
+        data = data.replace(b"\n", b"\r\n")
+    elif data.count(b"\n") != data.count(b"\r\n"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and data[-1:] != b"\n":
+        data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
+    if b"\n." in data:
+        data = _DOT_LINE.sub(b"\n..", data)
+    if data[:1] == b".":
+        data = b"." + data
+    return data
+
+
+def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
+    """The headers, the blank line, then at most `body_lines` lines of the body."""
+    in_header = True
+    at_line_start = True
+    for data in chunks:
+        start = 0
+        if in_header:
+            if at_line_start and data.startswith(b"\r\n"):
+                start = 2
+            else:
+                found = data.find(b"\r\n\r\n")
+                if found < 0:
+                    at_line_start = data.endswith(b"\n")
+                    yield data
+                    continue
+                start = found + 4
+            in_header = False
+        end = start
+        while body_lines > 0:
+            found = data.find(b"\n", end)
+            if found < 0:
+                break
+            end = found + 1
+            body_lines -= 1
+        if body_lines > 0:
+            at_line_start = data.endswith(b"\n")
+            yield data
+            continue
+        yield data[:end]
+        return
+
+
+def message_chunks(handle: Readable, body_lines: int | None = None) -> Iterator[bytes]:
+    """RETR (body_lines None) or TOP content: CRLF, dot-stuffed, ending in CRLF.
+
+    The terminating `.` line is the caller's. Memory is one chunk whatever the size.
+    """
+    chunks = _crlf_chunks(handle)
+    if body_lines is not None:
+        chunks = _top_chunks(chunks, body_lines)
+    at_line_start = True
+    ends_with_newline = True
+    for data in chunks:
+        if not data:
+            continue
+        if b"\n." in data:
+            data = _DOT_LINE.sub(b"\n..", data)  # 3x faster than bytes.replace here
+        if at_line_start and data[:1] == b".":
+            data = b"." + data
+        at_line_start = ends_with_newline = data.endswith(b"\n")
+        yield data
+    if not ends_with_newline:
+        yield b"\r\n"  # TOP may stop inside a line only if the file itself does
+
+
+# -- UPDATE ------------------------------------------------------------------
+
+def _delete(maildir: str, messages: list[Message]) -> list[Message]:
+    """Remove the files of `messages`, fsync the directories that lost one; returns those
+    that could not be removed (or whose removal could not be made durable).
+
+    Unlinks go through the directory descriptors (no symlink followed on the way). A file
+    that another program renamed (flags changed) is looked up by its UIDL; one that is
+    already gone counts as deleted.
+    """
+    failed = []
+    removed: dict[str, list[Message]] = {}
+    with _Subdirs(maildir, []) as dirs:
+        for message in messages:
+            sub = os.path.basename(os.path.dirname(message.source))
+            target: tuple[str, str] | None = (sub, os.path.basename(message.source))
+            try:
+                while target is not None:
+                    try:
+                        os.unlink(target[1], dir_fd=dirs.fds[target[0]])
+                        removed.setdefault(target[0], []).append(message)
+                        break
+                    except (FileNotFoundError, KeyError):
+                        found = dirs.find(message.uid)
+                        target = None if found == target else found
+            except OSError:
+                failed.append(message)
+        for sub, gone in removed.items():
+            try:
+                os.fsync(dirs.fds[sub])
+            except OSError:
+                failed += gone  # removed, but not durably: never a false +OK
+    return failed
+
+
+def deliver(maildir: str, content: bytes) -> str:
+    """Deliver one message the Maildir way: write into tmp/ (a new file, O_EXCL), then rename into new/.
+
+    A delivery agent's job (--demo, tests, load tests): the Maildir and its parents are
+    created if missing."""
+    host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+    # One clock reading, microseconds zero-padded: names sort in delivery order.
+    now = time.time_ns()
+    name = f"{now // 10**9}.M{now // 1000 % 1_000_000:06d}P{os.getpid()}R{os.urandom(4).hex()}.{host}"
+    temp = os.path.join(maildir, "tmp", name)
+    try:
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
+    except FileNotFoundError:
+        _create(maildir, parents=True)
+        fd = os.open(temp, _CREATE_FLAGS, 0o600)
+    try:
+        _write_all(fd, content)
+        os.fsync(fd)
+    finally:
+        _close_fd(fd)
+    final = os.path.join(maildir, "new", name)
+    os.rename(temp, final)
+    return final

@@ -1,0 +1,449 @@
+"""Wires the server together: listeners, privileges, state, users, signals, reload and shutdown.
+
+Start-up order: bind every listener (POP3, MSMP, metrics) as whoever started us, so
+port 110 can be bound as root; then drop to `--run-as` for good (a warning if we stay
+root); only then touch the Maildir root, the state store and the users file, as the
+user that will serve; last, start accepting on the sockets bound first.
+
+SIGHUP and MSMP `RELOAD` run `App.reload()`: everything that can be re-read while
+running is re-read there (the users file, the TLS certificate and key), each part keeping
+its old state when its new one fails, and the problems come back as one line each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import ipaddress
+import logging
+import os
+import resource
+import signal
+import sys
+
+import gevent
+from gevent.event import Event
+from gevent.pool import Pool
+from gevent.pywsgi import WSGIServer
+from gevent.server import StreamServer
+from gevent.socket import socket
+
+from geventpop3.auth.users import HASHER, MIB, Configured, UserDirectory, UsersFile, UserStore
+from geventpop3.config import Config, UsageError, read_users_file
+from geventpop3.core.names import UserError
+from geventpop3.mail import maildir
+from geventpop3.net import listen, tls
+from geventpop3.process import ready
+from geventpop3.service import privileges
+from geventpop3.service.context import ServerContext
+from geventpop3.service.filters import FilterRunner
+from geventpop3.service.msmp.session import start_admin_servers
+from geventpop3.service.pop3.session import Pop3Server, Pop3Service
+from geventpop3.service.prometheus import start_prometheus_server
+from geventpop3.state import Store, StoreError
+from geventpop3.state.persister import Persister
+from geventpop3.state.settings import persist_settings, restore_settings
+from geventpop3.state.sqlite import SqliteStore
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_GRACE = 5.0
+STATE_DB = "geventpop3.db"
+DEMO_USER = ("demo", "demo")
+DEMO_MESSAGE = (
+    b"From: geventpop3 <postmaster@localhost>\n"
+    b"To: demo@localhost\n"
+    b"Subject: Welcome to geventpop3\n"
+    b"\n"
+    b"This message was delivered into ./mail/demo/new by geventpop3 --demo.\n"
+    b"Fetch it with any POP3 client, then deliver your own with a rename into new/.\n"
+)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s geventpop3[%(process)d] %(levelname)s %(message)s",
+    )
+
+
+def raise_file_limit() -> None:
+    """Each session is a descriptor: use all the descriptors the system allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+class StartupError(Exception):
+    """The server cannot start: one line for the operator, exit status 2."""
+
+
+def open_store(state_dir: str | None, state_url: str | None = None, instance: str = "") -> Store | None:
+    """The PostgreSQL store of `state_url`, else the SQLite one in `state_dir`, or None with
+    --no-state (the one way to run without state).
+
+    A store that cannot be used stops the start (StartupError), a database that does not
+    answer too: running on without it would answer +OK to changes forgotten at the next
+    restart, and an instance that never read the shared users cannot tell them apart."""
+    if state_url is not None:
+        from geventpop3.state.postgres import PostgresStore
+
+        try:
+            return PostgresStore(state_url, instance)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+    if state_dir is None:
+        return None
+    try:
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StartupError(f"cannot create state directory {state_dir}: {exc.strerror}") from None
+    try:
+        return SqliteStore(os.path.join(state_dir, STATE_DB))
+    except StoreError as exc:
+        raise StartupError(f"{exc} (fix or move it away, or start with --no-state)") from None
+
+
+class App:
+    """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stopping = Event()
+        self.pop3_servers: list[StreamServer] = []
+        self.admin_servers: list[StreamServer] = []
+        self.admin_sessions = Pool()  # MSMP handlers: ended at shutdown before the state closes
+        self.metrics_servers: list[WSGIServer] = []
+        self.pop3: Pop3Service | None = None
+        self.ctx: ServerContext | None = None
+        self.store: Store | None = None
+        self.persister: Persister | None = None
+        self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
+        self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
+        self.users_digest = ""  # of the users file's content in force (users.UsersFile.digest)
+        self.serving = False  # start-up done: SIGHUP reloads at once
+        self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
+
+    def run(self) -> int:
+        configure_logging(self.config.settings.log_level)
+        self.config.settings.subscribe(self._on_setting)
+        raise_file_limit()
+        # From the start on, not once serving: start-up can take seconds (a large users file,
+        # workers starting), and a signal's default action would end the process without a word.
+        # They are handled once start-up yields (SIGTERM, SIGINT) or is done (SIGHUP).
+        handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
+        handlers.append(gevent.signal_handler(signal.SIGHUP, self._hangup))
+        try:
+            status = self._start_and_serve()
+        finally:
+            for handler in handlers:
+                handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
+        return status
+
+    def _start_and_serve(self) -> int:
+        try:
+            self._bind()
+            self._drop_privileges()
+            self.ctx = self._prepare()
+            gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
+            served = ready.endpoints(self.bound)  # _serve takes the sockets out of self.bound
+            self._serve(self.ctx)
+        except StartupError as exc:
+            print(f"geventpop3: {exc}", file=sys.stderr)
+            self._close_listeners()
+            self._close_state()
+            return 2
+        status = 0
+        if not self.stopping.is_set():  # else asked to stop during start-up: straight to shutdown
+            self._log_identity()
+            for warning in self.config.warnings:  # only now: a start-up error stays one line
+                log.warning("%s", warning)
+            for note in self.notes:
+                log.info("%s", note)
+            self._ready(self.ctx)
+            self.serving = True
+            if self.hangup_at_start:
+                log.info("SIGHUP came during start-up: reloading now")
+                self.reload()
+            status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
+        self.stopping.wait()
+        self.shutdown()
+        return status
+
+    def _hangup(self) -> None:
+        """SIGHUP: reload; during start-up, once serving (what start-up read may predate the change)."""
+        if self.serving:
+            self.reload()
+        else:
+            self.hangup_at_start = True
+
+    def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
+        """0, or 2 (and stopping) when --ready-file cannot be written: whoever waits for it would wait forever."""
+        if self.config.ready_file is None:
+            return 0
+        try:
+            ready.write(self.config.ready_file, served)
+        except OSError as exc:
+            log.error("cannot write ready file %s: %s; stopping", self.config.ready_file, exc.strerror)
+            self.stopping.set()
+            return 2
+        return 0
+
+    def _prepare(self) -> ServerContext:
+        """Maildir root, state store, users and the shared context, before any listener opens."""
+        config = self.config
+        settings = config.settings
+        try:
+            os.makedirs(config.maildir, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
+        settings.apply("maildir", config.maildir, "config")
+        self.store = self._open_store()
+        self._configure_hasher()
+        try:
+            directory = self._user_directory()
+        except (UsageError, UserError, StoreError) as exc:
+            raise StartupError(str(exc)) from None
+        ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
+        if config.tls is not None:
+            try:
+                config.tls.follow(settings)  # tls_min_version: now, after a restored SET, and live
+            except tls.TlsError as exc:
+                raise StartupError(str(exc)) from None
+            ctx.metrics.tls_seconds_left = config.tls.seconds_left
+        ctx.admins.allow_weak = config.allow_weak_schemes
+        try:
+            ctx.admins.configure(config.admins)
+        except UserError as exc:
+            raise StartupError(str(exc)) from None
+        self.pop3 = Pop3Service(ctx)
+        if self.store is not None:
+            self._restore_state(ctx, self.store)
+        ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
+        if config.demo:
+            demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
+            demo.open()
+            if demo.size()[0] == 0:
+                maildir.deliver(demo.path, DEMO_MESSAGE)
+        return ctx
+
+    def _instance_name(self) -> str:
+        """This instance in a shared store: `instance_name`, else <host>-<POP3 port>."""
+        if self.config.instance_name or self.config.state_url is None:
+            return self.config.instance_name or ""
+        from geventpop3.state.postgres import default_instance_name
+
+        return default_instance_name(self.config.pop3_port)
+
+    def _user_directory(self) -> UserDirectory:
+        """The POP3 users: the store's, with the configured ones (flags, users file) over them."""
+        directory = UserDirectory(self._user_store(), allow_weak=self.config.allow_weak_schemes)
+        self._configure_users(directory)
+        return directory
+
+    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
+        """`directory.configure` with the configured users as read now (at start and at each
+        reload); once taken, `users_digest` is that of the users file's content in force."""
+        users_file = self._read_users_file() if self.config.users_file else None
+        counts = directory.configure(self._configured_users(users_file))
+        self.users_digest = users_file.digest if users_file is not None else ""
+        return counts
+
+    def _read_users_file(self) -> UsersFile:
+        """The users file, read now (a worker of geventpop3.process may take its supervisor's read)."""
+        assert self.config.users_file
+        return read_users_file(self.config.users_file)
+
+    def _configured_users(self, users_file: UsersFile | None) -> list[Configured | tuple[str, str]]:
+        """The users of flags, the users file (read by the caller: UsageError, one line with
+        `path:line`, if it cannot be read or parsed) and --demo. The file's notes go to
+        `notes`, logged once its users are taken."""
+        config = self.config
+        users: list[Configured | tuple[str, str]] = list(config.users)
+        if users_file is not None:
+            self.notes = users_file.notes
+            users.extend(users_file.entries)
+        if config.demo:
+            users.append(DEMO_USER)
+        return users
+
+    def _configure_hasher(self) -> None:
+        settings = self.config.settings
+        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue, settings.auth_hash_memory * MIB)
+
+    def _open_store(self) -> Store | None:
+        """The state store this process writes (a worker of geventpop3.process has none)."""
+        return open_store(self.config.state_dir, self.config.state_url, self._instance_name())
+
+    def _user_store(self) -> UserStore | None:
+        """Where users added over MSMP persist (the cluster's supervisor also remembers them for its workers)."""
+        return self.store
+
+    def _ready(self, ctx: ServerContext) -> None:
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s", ctx.settings.maildir, len(ctx.users),
+                 self.store.location if self.store is not None else "none")
+
+    def _bind(self) -> None:
+        """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""
+        config = self.config
+        try:
+            self.bound["pop3"] = listen.open_listeners(config.pop3_addresses, config.pop3_port, "POP3")
+            if config.tls is not None and config.pop3s_port:
+                self.bound["pop3s"] = listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S")
+            self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
+                                                       defaults=listen.LOOPBACK)
+            if not config.admin_tls:
+                config.warnings.extend(_plaintext_admin_warnings(self.bound["msmp"]))
+            if config.metrics_port is not None:
+                self.bound["metrics"] = listen.open_listeners([config.metrics_address], config.metrics_port,
+                                                              "metrics")
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+            raise StartupError(why if why.startswith("cannot ") else "cannot listen: " + why) from None
+
+    def _drop_privileges(self) -> None:
+        """Become the --run-as user for good, before any Maildir, state or users file is read."""
+        identity = self.config.run_as
+        if identity is None:
+            return
+        if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
+            import geventpop3.state.shared  # noqa: F401
+        privileges.preload()
+        try:
+            privileges.drop(identity)
+        except privileges.PrivilegeError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _log_identity(self) -> None:
+        """Who serves, once started (a start-up error stays one line): a warning if it is root."""
+        identity = self.config.run_as
+        if identity is not None:
+            log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)
+        elif os.geteuid() == 0:
+            log.warning(privileges.ROOT_WARNING)
+
+    def _serve(self, ctx: ServerContext) -> None:
+        """Start accepting on the sockets bound before the drop."""
+        assert self.pop3 is not None
+        for listener in self.bound.pop("pop3", []):
+            server = Pop3Server(listener, self.pop3.handle)
+            server.start()
+            self.pop3_servers.append(server)
+            log.info("pop3 listening on %s", listen.describe(listener))
+        for listener in self.bound.pop("pop3s", []):
+            server = Pop3Server(listener, self.pop3.handle_tls)
+            server.start()
+            self.pop3_servers.append(server)
+            log.info("pop3s listening on %s", listen.describe(listener))
+        self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
+                                                 listeners=self.bound.pop("msmp", []), reload=self.reload,
+                                                 server_tls=ctx.tls if self.config.admin_tls else None)
+        for listener in self.bound.pop("metrics", []):
+            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
+            log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
+
+    def reload(self) -> list[str]:
+        """Re-read what can be re-read while running (SIGHUP, MSMP `RELOAD`); the problems, one line each.
+
+        The users file: its added, changed and removed users take effect for new logins
+        (open sessions go on; users added over MSMP stay). The certificate and key: a new
+        context from the same paths, swapped in for new connections (POP3S, STLS, MSMP with
+        --admin-tls) only if it loads; open sessions keep theirs. A part that fails keeps
+        its current state and is logged, one line.
+        """
+        problems: list[str] = []
+        if self.config.users_file and self.ctx is not None:
+            try:
+                added, changed, removed = self._configure_users(self.ctx.users)
+            except (UsageError, UserError) as exc:
+                problems.append(f"users file not reloaded, the current users stay: {exc}")
+            else:
+                log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
+                         self.config.users_file, len(self.ctx.users), added, changed, removed)
+                for note in self.notes:
+                    log.info("%s", note)
+        server_tls = self.config.tls
+        if server_tls is not None:
+            try:
+                server_tls.reload()
+            except tls.TlsError as exc:
+                problems.append(f"certificate not reloaded, the current one stays: {exc}")
+            else:
+                log.info("certificate reloaded: %s, expires in %d days", server_tls.cert, server_tls.days_left())
+        for problem in problems:
+            log.error("reload: %s", problem)
+        if not problems:
+            log.info("reload done")
+        return problems
+
+    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
+        """Counters and SET values of earlier runs; flags given now still win. A database
+        that cannot be read stops the start, as one that cannot be opened does."""
+        try:
+            ctx.metrics.restore(store.load_counters())
+            restore_settings(ctx.settings, store, skip=self.config.explicit)
+        except StoreError as exc:
+            raise StartupError(str(exc)) from None
+        persist_settings(ctx.settings, store)
+        self.persister = Persister(ctx, store)
+        ctx.persister = self.persister
+        self.persister.start()
+        if self.config.state_url is not None:  # shared with other instances: leases, live settings and users
+            from geventpop3.state.shared import SharedState
+
+            ctx.shared = SharedState(ctx, store, skip=self.config.explicit)  # type: ignore[arg-type]
+            ctx.shared.start()
+
+    def shutdown(self) -> None:
+        """Stop accepting, end admin and POP3 sessions (no UPDATE without QUIT), then flush state.
+
+        The order matters: every session has ended (and logged its logout) before the
+        persister writes its last batch and the store closes.
+        """
+        log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
+        if self.config.ready_file is not None:
+            ready.remove(self.config.ready_file)  # no longer serving: a reader must not take the ports
+        self._close_listeners()
+        self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
+        if self.pop3 is not None:
+            self.pop3.shutdown(SHUTDOWN_GRACE)
+        self._close_state()
+        log.info("stopped")
+
+    def _close_state(self) -> None:
+        if self.ctx is not None and self.ctx.shared is not None:
+            self.ctx.shared.stop()  # after the sessions: gives back the leases they left
+        if self.persister is not None:
+            self.persister.stop()
+        if self.store is not None:
+            self.store.close()
+
+    def _close_listeners(self) -> None:
+        for server in [*self.pop3_servers, *self.admin_servers, *self.metrics_servers]:
+            server.close()
+        for sockets in self.bound.values():  # bound, but start-up stopped before they served
+            for sock in sockets:
+                sock.close()
+        self.bound.clear()
+
+    def _on_setting(self, key: str, old: object, new: object) -> None:
+        if key == "log_level":
+            logging.getLogger().setLevel(str(new))
+        elif key in ("auth_hash_threads", "auth_hash_queue", "auth_hash_memory"):
+            self._configure_hasher()
+
+
+def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:
+    """A warning per MSMP listener beyond loopback (127.0.0.0/8, ::1) when it speaks plaintext."""
+    warnings = []
+    for listener in listeners:
+        host = str(listener.getsockname()[0])
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if not address.is_loopback:
+            warnings.append(f"MSMP listens on {listen.describe(listener)}, beyond loopback, without --admin-tls: "
+                            "admin passwords and commands cross the network in plaintext")
+    return warnings

@@ -1,0 +1,560 @@
+"""The supervisor of `--workers N` (N > 1): binds, keeps the state, serves MSMP, runs the workers.
+
+Start-up: bind every listener and drop privileges as a single process does
+(geventpop3.process.server.App); then start N workers (fresh interpreters, geventpop3.process.worker)
+that inherit the POP3 and POP3S listeners; while they import and read the users file,
+open the store, users and settings here; then answer each worker's hello with its init,
+wait until each is ready, and only then serve MSMP and the metrics and say ready.
+
+One management plane: MSMP and the metrics are served here only. `SET` reaches the
+workers through the settings listener, `ADD`, `DELE`, `PENALTY CLEAR` through the
+backend, `RELOAD` and SIGHUP through `reload()`: each is a message on every worker's
+channel, applied there at once. The workers report counters, logged-in users and
+access-log entries; this process sums them (aggregate.Totals) and is the one writer
+of the store (the usual Persister).
+
+Faults: a worker that dies is replaced at once if it had been serving, else after a
+backoff that doubles (0.5 s .. 30 s) while it keeps failing at start, which includes
+dying soon after it became ready (geventpop3.process.restarts); SIGTERM/SIGINT
+stop the workers first (they end their sessions and send their last report), then the
+supervisor's own shutdown flushes the state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import gevent
+from gevent.event import Event
+from gevent.socket import socket
+
+from geventpop3.auth.users import UserDirectory, UsersFile, UserStore
+from geventpop3.config import Config
+from geventpop3.core.names import UserError
+from geventpop3.core.settings import KEYS, format_value
+from geventpop3.process.aggregate import Totals, WorkerState
+from geventpop3.process.channel import Channel, Message, encode, sealed_copy, socketpair
+from geventpop3.process.restarts import RestartPolicy
+from geventpop3.process.server import SHUTDOWN_GRACE, App, StartupError
+from geventpop3.service.context import ServerContext
+from geventpop3.service.msmp.backend import ManagementBackend
+from geventpop3.service.msmp.session import start_admin_servers
+from geventpop3.service.prometheus import start_prometheus_server
+from geventpop3.state import Store
+
+if TYPE_CHECKING:
+    from geventpop3.process.shared_store import SupervisorShare
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT = 60.0  # every worker ready within this, or the start fails
+APPLY_WAIT = 1.0  # an MSMP change is answered once every serving worker applied it, or after this
+CLEAN_EXIT_GRACE = 0.2  # a worker that exits 0 on its own: maybe we are being stopped too (systemd)
+
+
+class RecordingUsers:
+    """The store's users as the supervisor's UserDirectory writes them, remembered, so a
+    new worker gets them without a database read (and with --no-state too)."""
+
+    def __init__(self, store: Store | None) -> None:
+        self.store = store
+        self.users: dict[str, str] = {}
+
+    def load_users(self) -> dict[str, str]:
+        users = self.store.load_users() if self.store is not None else {}
+        self.users = dict(users)
+        return users
+
+    def save_user(self, name: str, password_hash: str) -> None:
+        if self.store is not None:
+            self.store.save_user(name, password_hash)
+        self.users[name] = password_hash
+
+    def delete_user(self, name: str) -> None:
+        if self.store is not None:
+            self.store.delete_user(name)
+        self.users.pop(name, None)
+
+
+@dataclass
+class Launched:
+    """A worker process started, and the supervisor's end of its channel (not read yet)."""
+
+    process: subprocess.Popen[bytes]
+    channel: Channel
+
+
+class UnverifiedUsers(UserDirectory):
+    """The supervisor's POP3 users: kept for MSMP (LIST, ADD, DELE) and reloads, never
+    checked against a POP3 password here, so their failure floor is not measured here
+    either (those hash runs would take CPU from the workers while they start)."""
+
+    def _calibrate_soon(self) -> None:
+        pass
+
+
+def import_flags() -> list[str]:
+    """This interpreter's flags that decide where modules come from, for a worker's: started
+    with `-P` from another checkout's directory, a worker without it would import that
+    checkout's geventpop3 instead of this one (and speak another channel protocol)."""
+    flags = sys.flags
+    if flags.isolated:
+        return ["-I"]
+    chosen = (("-E", flags.ignore_environment), ("-s", flags.no_user_site), ("-P", flags.safe_path))
+    return [flag for flag, on in chosen if on]
+
+
+class WorkerPool:
+    """Starts, watches, replaces and stops the worker processes of `count` slots.
+
+    `launch()` starts every interpreter early (they import and read the users file while
+    the supervisor still starts); `start(totals)` then watches them. Each worker's first
+    message is `hello` with the digest of the users file it read; its answer, `init`, is
+    built then (`initial(slot, digest)`) and queued before any later broadcast."""
+
+    def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
+                 initial: Callable[[int, str], Message], config_data: bytes | None = None) -> None:
+        self.argv = argv
+        self.listeners = listeners
+        # The config file as this process read it, for every worker to parse (--config-fd): a
+        # worker started later must not see an edit (or a half-written file) the others did not.
+        self.config_fd = sealed_copy(config_data) if config_data is not None else None
+        self.count = count
+        self.initial = initial
+        self.totals: Totals | None = None
+        self.channels: dict[int, Channel] = {}  # of the workers that said hello: broadcasts go there
+        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.restarts = RestartPolicy(count)
+        self.ready_at: dict[int, float] = {}  # monotonic time each slot's process said ready
+        self.stopping = False
+        self.started = False
+        self.changed = Event()  # a worker became ready or exited (start-up waits on it)
+        self.acked = Event()  # a worker applied a broadcast
+        self.sequence = 0  # of broadcasts
+        self.start_failure: str | None = None
+        self._launched: dict[int, Launched | OSError] = {}
+        self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
+        self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
+        self._watchers: list[gevent.Greenlet[..., None]] = []
+
+    def launch(self) -> None:
+        """Start every worker's interpreter now; each waits for its `init` (sent once `start` runs)."""
+        for index in range(self.count):
+            try:
+                self._launched[index] = self._launch(index)
+            except OSError as exc:
+                self._launched[index] = exc
+
+    def abandon(self) -> None:
+        """The supervisor's start failed before `start`: end the launched workers (the end of
+        their channel stops them before they say anything), reaped."""
+        launched = [item for item in self._launched.values() if isinstance(item, Launched)]
+        self._launched.clear()
+        for item in launched:
+            item.channel.close()
+            if item.process.poll() is None:
+                item.process.terminate()
+        for item in launched:
+            try:
+                item.process.wait(SHUTDOWN_GRACE)
+            except subprocess.TimeoutExpired:
+                item.process.kill()
+                item.process.wait()
+
+    def start(self, totals: Totals, interrupted: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
+        """Watch every launched worker and wait until all serve, or until `interrupted()` (SIGTERM
+        during start-up: the caller stops them); StartupError if one exits first."""
+        self.totals = totals
+        for worker in totals.workers:
+            self._spawn(worker, self._launched.pop(worker.index, None))
+        deadline = time.monotonic() + timeout
+        while not all(w.ready for w in totals.workers) and not interrupted():
+            if self.start_failure is not None or time.monotonic() > deadline:
+                why = self.start_failure or f"not every worker was ready within {timeout:.0f} s"
+                self.stop(SHUTDOWN_GRACE)
+                raise StartupError(why)
+            self.changed.clear()
+            self.changed.wait(0.5)
+        self.started = True
+
+    def broadcast(self, message: Message, wait: float = 0.0) -> bool:
+        """Tell every worker; with `wait`, until each serving one has applied it (at most
+        `wait` seconds: a worker that is slower gets it all the same, later). True if all did."""
+        self.sequence += 1
+        data = encode({**message, "seq": self.sequence})  # once: a reload carries the whole users file
+        for channel in list(self.channels.values()):
+            channel.send_encoded(data)
+        if not wait or self.totals is None:
+            return True
+        deadline = time.monotonic() + wait
+        while any(w.ready and w.acked < self.sequence for w in self.totals.workers):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("not every worker applied %s within %.1f s", message.get("op"), wait)
+                return False
+            self.acked.clear()
+            self.acked.wait(left)
+        return True
+
+    def _launch(self, index: int) -> Launched:
+        """A new worker interpreter for slot `index`, with the listeners and its end of a new channel."""
+        ours, theirs = socketpair()
+        fds = [theirs.fileno()]
+        args = [sys.executable, *import_flags(), "-m", "geventpop3.process", "--index", str(index),
+                "--parent", str(os.getpid()), "--channel", str(theirs.fileno())]
+        for service, sockets in self.listeners.items():
+            for sock in sockets:
+                args += ["--listen", f"{service}={sock.fileno()}"]
+                fds.append(sock.fileno())
+        if self.config_fd is not None:
+            args += ["--config-fd", str(self.config_fd)]
+            fds.append(self.config_fd)
+        try:
+            process = subprocess.Popen([*args, "--", *self.argv], pass_fds=fds, stdin=subprocess.DEVNULL,
+                                       process_group=0)  # Ctrl-C reaches the supervisor, which stops them
+        except OSError:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return Launched(process, Channel(ours))
+
+    def _spawn(self, worker: WorkerState, launched: Launched | OSError | None = None) -> None:
+        """Watch `launched` (launched now if None) as the process of `worker`'s slot."""
+        try:
+            if isinstance(launched, OSError):
+                raise launched
+            launched = launched or self._launch(worker.index)
+        except OSError as exc:
+            log.error("worker %d: cannot start: %s", worker.index, exc)
+            self._failed(worker, f"worker {worker.index} cannot start: {exc}")
+            return
+        self.processes[worker.index] = launched.process
+        worker.pid = launched.process.pid
+        worker.starts += 1
+        self._watchers = [watcher for watcher in self._watchers if not watcher.dead]  # one per restart otherwise
+        self._watchers.append(gevent.spawn(self._watch, worker, launched.process, launched.channel))
+
+    def _watch(self, worker: WorkerState, process: subprocess.Popen[bytes], channel: Channel) -> None:
+        """Answer the worker's hello, read its messages until it ends, then replace it (unless stopping)."""
+        assert self.totals is not None
+        messages = channel.messages()
+        hello = next(messages, None)
+        if hello is not None and hello.get("op") == "hello":
+            channel.start(first=self.initial(worker.index, str(hello.get("users_digest") or "")))  # no yield until
+            self.channels[worker.index] = channel  # registered: no broadcast is missed, none is doubled
+            worker.acked = self.sequence  # init carries every change so far: none to wait for
+            try:
+                self._read(worker, process, messages)
+            except Exception:  # a message this process cannot take: the worker is replaced, the watch goes on
+                log.exception("worker %d (pid %d) sent what the supervisor cannot take: stopped", worker.index,
+                              process.pid)
+                process.kill()
+        elif hello is not None:
+            log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
+            process.kill()
+        status = process.wait()
+        for exited in self.exited:
+            exited(worker.index, process.pid)
+        channel.close()
+        was_ready = worker.ready
+        self.totals.forget(worker)
+        if self.channels.get(worker.index) is channel:
+            del self.channels[worker.index]
+        if self.processes.get(worker.index) is process:
+            del self.processes[worker.index]
+        if status == 0 and not self.stopping:
+            gevent.sleep(CLEAN_EXIT_GRACE)
+        if self.stopping:
+            return
+        how = f"killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
+        if was_ready:
+            self._ended(worker, process.pid, how, time.monotonic() - self.ready_at[worker.index])
+            return
+        self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)")
+
+    def _read(self, worker: WorkerState, process: subprocess.Popen[bytes], messages: Iterator[Message]) -> None:
+        assert self.totals is not None
+        for message in messages:
+            op = message.get("op")
+            if op == "report":
+                self.totals.add(worker, message)
+            elif op == "ack":
+                worker.acked = int(message.get("seq", 0))
+                self.acked.set()
+            elif op == "ready":
+                worker.ready = True
+                self.ready_at[worker.index] = time.monotonic()
+                log.info("worker %d serving (pid %d)", worker.index, process.pid)
+                self.changed.set()
+
+    def _ended(self, worker: WorkerState, pid: int, how: str, served: float) -> None:
+        """A worker that had been serving ended: replaced at once, or after a backoff if it
+        failed within CRASH_WINDOW of its start (geventpop3.process.restarts); one line either way."""
+        delay = self.restarts.after_exit(worker.index, served)
+        failures = self.restarts.failures[worker.index]
+        if failures == 0:
+            log.error("worker %d (pid %d) %s after serving %.0f s; replacing it", worker.index, pid, how, served)
+        else:
+            log.error("worker %d (pid %d) %s %.1f s after it was ready, a failure at start (failure %d in a row); "
+                      "%s", worker.index, pid, how, served, failures, _next_start(delay))
+        self._start_later(worker, delay)
+
+    def _failed(self, worker: WorkerState, why: str) -> None:
+        """A worker that did not get to serve: the start fails, or it is tried again later."""
+        self.changed.set()
+        if not self.started:
+            self.start_failure = self.start_failure or why
+            return
+        delay = self.restarts.after_exit(worker.index, None)
+        log.error("%s (failure %d in a row); %s", why, self.restarts.failures[worker.index], _next_start(delay))
+        self._start_later(worker, delay)
+
+    def _start_later(self, worker: WorkerState, delay: float) -> None:
+        if delay > 0:
+            gevent.spawn_later(delay, self._respawn, worker)
+        else:
+            self._spawn(worker)
+
+    def _respawn(self, worker: WorkerState) -> None:
+        if not self.stopping and worker.index not in self.processes:
+            self._spawn(worker)
+
+    def close_listeners(self) -> None:
+        """The supervisor's copies of the POP3 listeners: closed once no worker will start again."""
+        for sockets in self.listeners.values():
+            for sock in sockets:
+                sock.close()
+        if self.config_fd is not None:
+            os.close(self.config_fd)
+            self.config_fd = None
+
+    def stop(self, timeout: float) -> None:
+        """SIGTERM every worker, wait for their last reports and exits; SIGKILL after `timeout`."""
+        self.stopping = True
+        for process in list(self.processes.values()):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        if not gevent.joinall(self._watchers, timeout=timeout) or any(not w.dead for w in self._watchers):
+            for process in list(self.processes.values()):
+                if process.poll() is None:
+                    log.error("worker pid %d did not stop in %.0f s: killed", process.pid, timeout)
+                    process.kill()
+            gevent.joinall(self._watchers, timeout=5)
+
+
+def signal_name(number: int) -> str:
+    """SIGKILL, or "signal 40" for a real-time signal, which signal.Signals does not name."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _next_start(delay: float) -> str:
+    return f"starting it again in {delay:.1f} s" if delay > 0 else "replacing it now"
+
+
+class ClusterBackend(ManagementBackend):
+    """MSMP over the supervisor's context, telling every worker what changed."""
+
+    def __init__(self, ctx: ServerContext, reload: Callable[[], list[str]], pool: WorkerPool, totals: Totals,
+                 recorded: RecordingUsers) -> None:
+        super().__init__(ctx, reload)
+        self.pool = pool
+        self.totals = totals
+        self.recorded = recorded
+
+    def add_user(self, name: str, password: str) -> bool:
+        """Hashed once, here; the workers take the entry (the password never leaves this process)."""
+        created = super().add_user(name, password)
+        self.pool.broadcast({"op": "user", "name": name, "entry": self.recorded.users[name]}, APPLY_WAIT)
+        return created
+
+    def delete_user(self, name: str) -> None:
+        """Withdrawn in every worker first (no login can start there any more), then deleted
+        here (the checks, the Maildir moved aside, the store); then the workers forget the
+        user, or put it back if the deletion failed."""
+        if name not in self.ctx.users:
+            raise UserError("User does not exist")
+        self.pool.withdrawn.add(name)  # a worker that says hello meanwhile gets it in its init
+        self.pool.broadcast({"op": "deluser-begin", "name": name}, APPLY_WAIT)
+        deleted = False
+        try:
+            super().delete_user(name)
+            deleted = True
+        finally:
+            self.pool.withdrawn.discard(name)
+            self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": deleted}, APPLY_WAIT)
+
+    def clear_penalty(self, address: str | None) -> int:
+        cleared = super().clear_penalty(address)
+        self.pool.broadcast({"op": "penalty-clear", "address": address}, APPLY_WAIT)
+        return cleared
+
+    def set_setting(self, key: str, value: str) -> None:
+        """Saved and applied here (the settings listener tells the workers), then waits for them."""
+        super().set_setting(key, value)
+        self.pool.broadcast({"op": "sync"}, APPLY_WAIT)
+
+    def reload(self) -> list[str]:
+        """As SIGHUP (Supervisor.reload), answered once the workers reloaded too."""
+        problems = super().reload()
+        self.pool.broadcast({"op": "sync"}, APPLY_WAIT)
+        return problems
+
+    def stat_lines(self) -> list[str]:
+        return [*super().stat_lines(), *self.totals.stat_lines()]
+
+
+class Supervisor(App):
+    """App whose POP3 is served by worker processes (see the module docstring)."""
+
+    def __init__(self, config: Config, argv: list[str]) -> None:
+        super().__init__(config)
+        self.argv = argv
+        self.pool: WorkerPool | None = None
+        self.recorded = RecordingUsers(None)
+        self.users_data = b""  # the users file's content in force: for a worker that read another one
+        self._users_read = b""  # the content last read, in force once its users are taken
+        self.share: SupervisorShare | None = None  # with --state-url (geventpop3.process.shared_store)
+
+    def _drop_privileges(self) -> None:
+        super()._drop_privileges()
+        server_tls = self.config.tls
+        if server_tls is None or self.config.run_as is None:
+            return
+        for path in dict.fromkeys((server_tls.cert, server_tls.key)):  # in order, once
+            if not os.access(path, os.R_OK):
+                raise StartupError(f"with --workers, {self.config.run_as.user} must be able to read {path}: "
+                                   "every worker loads the certificate and key")
+
+    def _user_store(self) -> UserStore | None:
+        self.recorded = RecordingUsers(self.store)
+        return self.recorded
+
+    def _prepare(self) -> ServerContext:
+        """The workers' interpreters start first: they import, parse the configuration and
+        read the users file while this process opens the state and reads the users file
+        too, then each waits for its `init` (sent once this process is ready, `_serve`).
+        Start-up takes about one read of the users file instead of two in a row."""
+        listeners: dict[str, list[socket]] = {service: list(self.bound[service])
+                                              for service in ("pop3", "pop3s") if service in self.bound}
+        self.pool = WorkerPool(self.argv, listeners, self.config.workers, self._initial, self.config.config_data)
+        self.pool.launch()
+        try:
+            return super()._prepare()
+        except BaseException:
+            self.pool.abandon()
+            raise
+
+    def _user_directory(self) -> UserDirectory:
+        directory = UnverifiedUsers(self._user_store(), allow_weak=self.config.allow_weak_schemes)
+        self._configure_users(directory)
+        return directory
+
+    def _read_users_file(self) -> UsersFile:
+        users_file = super()._read_users_file()
+        self._users_read = users_file.data
+        return users_file
+
+    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
+        counts = super()._configure_users(directory)
+        self.users_data = self._users_read if self.config.users_file else b""
+        return counts
+
+    def _initial(self, index: int, users_digest: str) -> Message:
+        """A new worker's first message: the settings and stored users in force, and the users
+        file's content if the worker read another one than this process (`users_digest`, of
+        what it read, differs: the file changed in between), so every process has the same users."""
+        assert self.ctx is not None
+        settings = self.ctx.settings
+        message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
+                   "users": dict(self.recorded.users), **(self.share.init_fields() if self.share else {})}
+        if self.pool is not None and self.pool.withdrawn:
+            message["withdrawn"] = sorted(self.pool.withdrawn)
+        if users_digest != self.users_digest:
+            log.info("worker %d read another users file than the one in force here: it takes this one", index)
+            message["users_data"] = self.users_data.decode()
+        return message
+
+    def _serve(self, ctx: ServerContext) -> None:
+        assert self.pool is not None
+        self.ctx = ctx
+        for service in ("pop3", "pop3s"):
+            self.bound.pop(service, None)  # the pool's now: its workers serve them
+        totals = Totals(ctx, self.config.workers)
+        if self.share is not None:
+            self.pool.exited.append(self.share.worker_exited)
+        ctx.settings.subscribe(self._setting_changed)
+        try:
+            self.pool.start(totals, self.stopping.is_set)
+        except StartupError:
+            self.pool.close_listeners()
+            raise
+        if self.stopping.is_set():
+            return  # asked to stop during start-up: no MSMP, the workers are stopped at once
+        backend = ClusterBackend(ctx, self.reload, self.pool, totals, self.recorded)
+        self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
+                                                 listeners=self.bound.pop("msmp", []), reload=self.reload,
+                                                 server_tls=ctx.tls if self.config.admin_tls else None,
+                                                 backend=backend)
+        for listener in self.bound.pop("metrics", []):
+            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=[totals]))
+
+    def _ready(self, ctx: ServerContext) -> None:
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s workers=%d", ctx.settings.maildir, len(ctx.users),
+                 self.store.location if self.store is not None else "none", self.config.workers)
+
+    def _setting_changed(self, key: str, old: object, new: object) -> None:
+        if self.pool is not None and old != new:
+            self.pool.broadcast({"op": "set", "key": key, "value": format_value(new)})
+
+    def reload(self) -> list[str]:
+        """Here (the certificate MSMP over TLS uses, the users file) and in every worker. The
+        workers take the users file's content in force here rather than read the file again:
+        the same users everywhere, even if the file changes meanwhile or its reload failed here."""
+        problems = super().reload()
+        if self.pool is not None:
+            message: Message = {"op": "reload"}
+            if self.config.users_file:
+                message["users_data"] = self.users_data.decode()
+            self.pool.broadcast(message)
+        return problems
+
+    def shutdown(self) -> None:
+        """Workers first (their sessions end, their last reports arrive), then the state."""
+        if self.pool is not None:
+            log.info("stopping %d workers", len(self.pool.processes))
+            self.pool.close_listeners()
+            self.pool.stop(SHUTDOWN_GRACE + 5)
+        super().shutdown()
+
+    # -- with --state-url: the shared store's part (geventpop3.process.shared_store) ----------
+    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
+        super()._restore_state(ctx, store)
+        if self.config.state_url is None:
+            return
+        from geventpop3.process.shared_store import SupervisorShare
+        from geventpop3.state.shared import SharedState
+
+        assert isinstance(ctx.shared, SharedState)
+        # Before any yield, so the follower has not applied anything the workers would miss.
+        self.share = SupervisorShare(ctx.shared, lambda: self.recorded.users, self._broadcast)
+
+    def _broadcast(self, message: Message) -> None:
+        if self.pool is not None:
+            self.pool.broadcast(message)
+
+    def _close_state(self) -> None:
+        if self.share is not None:
+            self.share.stop()  # the workers have stopped: what a killed one left goes now
+        super()._close_state()

@@ -1,0 +1,688 @@
+"""One POP3 session: transport <-> protocol core <-> Maildir, blocking style per burst.
+
+`serve()` is the handler for one burst of client input: read what the client sent,
+feed each line to the protocol core, carry out the actions it asks for (login,
+retrieve, update) and write the answers, then park until the client speaks again.
+The socket side, write batching and parking live in `geventpop3.net.transport`; the
+rules of POP3 in `geventpop3.core.pop3.protocol`. TLS (implicit on the POP3S port, or
+after STLS) is one step here, `_start_tls`: handshake, then the transport is swapped
+for a `TlsTransport` and the protocol starts AUTHORIZATION again. The service keeps
+the one registry of open sessions, the per-address and per-user+address counts
+behind the connection limits, and ends every session at shutdown.
+
+Limits against slow and many connections (see docs/configuration.md):
+- `login_timeout`: from connect to a successful login. It needs no timer of its own:
+  a session that is not logged in parks for min(idle timeout, time left to log in),
+  and the park's one deadline says which of the two ran out. A client trickling one
+  byte at a time is also checked at every read.
+- `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
+- `max_sessions_per_user_ip`: logins of one user from one source in flight (password
+  check, lock, scan, first filter run). Logged-in sessions are not counted here: the
+  mailbox lock already allows one per user, and keeping a count per logged-in
+  session would cost every held session memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, cast
+
+import gevent
+from gevent.server import StreamServer
+
+from geventpop3.core.lines import Delayed, LineBuffer, single_line
+from geventpop3.core.metrics import AccessEntry
+from geventpop3.core.names import HashingBusy
+from geventpop3.core.penalty import source_of
+from geventpop3.core.pop3.protocol import (
+    DELAYED_FAILURES,
+    STLS_OK,
+    Login,
+    Pop3Protocol,
+    Refused,
+    Retrieve,
+    StartTls,
+    State,
+    Update,
+)
+from geventpop3.core.pop3.security import ConnectionSecurity, parse_address
+from geventpop3.core.proxy_protocol import ProxyError, ProxyHeader
+from geventpop3.mail import maildir
+from geventpop3.net import proxied, tls
+from geventpop3.net.runners import Runners
+from geventpop3.net.transport import FLUSH_THRESHOLD, TlsTransport, Transport
+from geventpop3.service.context import ServerContext
+from geventpop3.service.filters import ClientGone
+from geventpop3.state import leases
+
+log = logging.getLogger(__name__)
+
+TOO_MANY = b"-ERR [SYS/TEMP] too many connections\r\n"
+TOO_MANY_FROM_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
+IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
+LOGIN_TIMEOUT = b"-ERR Login timeout, closing connection\r\n"
+HEALTH_OK = b"+OK geventpop3 ready\r\n"  # to a load balancer's health check (PROXY LOCAL)
+TIMER_SLACK = 0.05  # seconds: a login deadline this close counts as reached
+_UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
+
+
+def loggable(name: str | None) -> str:
+    """A user name safe to put in a log line (no spaces, no control characters)."""
+    if name is None:
+        return "-"
+    return _UNSAFE_LOG_CHARS.sub("?", name)[:64] or "?"
+
+
+def client_host(address: tuple[Any, ...]) -> str:
+    """The client's address as text; dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d,
+    which is a.b.c.d here (in logs and in the limits)."""
+    host = str(address[0])
+    return host[7:] if host.startswith("::ffff:") and "." in host else host
+
+
+def source_key(host: str) -> str:
+    """What the per-source limits count by: an IPv4 address, or the /64 of an IPv6 one
+    (one site gets a whole /64, so counting single IPv6 addresses would be no limit);
+    the same sources as the auth penalty's."""
+    return source_of(host) or host
+
+
+def _server_address(sock: socket.socket) -> str:
+    """The server's address on this connection (a client on it counts as local)."""
+    try:
+        return str(sock.getsockname()[0])
+    except OSError:
+        return ""
+
+
+class Pop3Session:
+    """Drives one `Pop3Protocol` over one `Transport`."""
+
+    __slots__ = (
+        "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
+        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
+    )
+
+    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
+                 proxy: ProxyHeader | None = None) -> None:
+        ctx = service.ctx
+        self.service = service
+        self.ctx = ctx
+        self.transport = Transport(sock, on_sent=service.count_sent)
+        # A partial command line between bursts; None when there is none, as between most
+        # bursts (a held session then keeps no LineBuffer).
+        self.buffer: LineBuffer | None = None
+        self.address = host
+        self.port = port
+        settings = ctx.settings
+        # Behind a proxy the server address is the one the client reached (the proxy's), and
+        # TLS the proxy terminated (v2 SSL TLV) makes the connection secure.
+        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
+        security = ConnectionSecurity(settings, self.address, server, tls=proxy is not None and proxy.tls,
+                                      tls_available=ctx.tls is not None)
+        self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
+        self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
+        self.started = time.monotonic()  # also the start of the login deadline
+        self.ended = "disconnect"
+        self.deleted_count = 0
+        self.transform_failures = 0
+        self.greenlet: gevent.Greenlet[..., None] | None = None  # None while parked: no greenlet waits for the client
+        self._done = False
+
+    # -- one burst ------------------------------------------------------------
+    def start(self, implicit_tls: bool = False) -> None:
+        """Greet, then serve the first burst (in the greenlet that accepted the connection);
+        with `implicit_tls` (POP3S) the handshake comes before the greeting."""
+        if implicit_tls:
+            try:
+                started = self._start_tls()
+            except gevent.GreenletExit:
+                self.ended, started = "shutdown", False
+            if not started:
+                self.close()
+                return
+        self.transport.write(self.protocol.greeting())
+        # The client waits for the greeting before it speaks: no read(2) that would say EAGAIN.
+        self.transport.short_read = True
+        self.serve()
+
+    def serve(self, action: object = None, lines: Sequence[object] = ()) -> None:
+        """Answer what the client sent; park when it goes quiet, end when it is over.
+        `action` and `lines`: what `answer_parked` took in but left to a greenlet."""
+        if self._done:
+            return
+        try:
+            self.transport.set_timeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
+            self.transport.flush()
+            if action is not None or lines:
+                self._answer_lines(action, lines)
+            over = self._answer_burst()
+        except gevent.GreenletExit:
+            self.ended, over = "shutdown", True
+        except OSError:
+            self.ended, over = "disconnect", True  # reset by peer, broken pipe: nothing to answer
+        except Exception:  # never let one session take the server down
+            self.ended, over = "error", True
+            log.exception("pop3 session error: rip=%s", self.address)
+        self.greenlet = None
+        if over:
+            self.close(LOGIN_TIMEOUT if self.ended == "login-timeout" else b"")
+        else:
+            self._park()
+
+    def _park(self) -> None:
+        """Wait for the client holding no greenlet; one deadline covers both the idle timeout
+        and, before login, the login deadline (whichever comes first decides its callback)."""
+        settings = self.ctx.settings
+        timeout = settings.idle_timeout
+        if self.protocol.user is None:
+            left = self._login_time_left()
+            if left <= 0:
+                self._on_login_timeout()
+                return
+            timeout = min(timeout, left)
+        self.transport.park(self, timeout)
+
+    def _login_time_left(self) -> float:
+        return float(self.started + self.ctx.settings.login_timeout - time.monotonic())
+
+    def _answer_burst(self) -> bool:
+        """Read and answer until the client has nothing more for now (False: park)
+        or the session is over (True)."""
+        protocol = self.protocol
+        metrics = self.ctx.metrics
+        while not protocol.closing:
+            transport = self.transport  # a new one after STLS
+            if protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
+                self._count_login_timeout()
+                return True
+            data = transport.read()
+            if data is None:
+                return False
+            if not data:
+                return True
+            metrics.bytes_received += len(data)
+            buffer = self.buffer
+            if buffer is None:
+                single = single_line(data)  # one whole command, as most bursts are: no LineBuffer
+                if single is not None:
+                    self._dispatch(protocol.handle(single))
+                    self.transport.flush()
+                    continue
+                buffer = self.buffer = LineBuffer()
+            for line in buffer.feed(data):
+                self._dispatch(protocol.handle(line))
+                if protocol.closing or self.buffer is not buffer:  # after STLS the rest is discarded
+                    break
+            else:
+                if buffer.empty:
+                    self.buffer = None
+            self.transport.flush()
+        if self.ended == "disconnect":
+            self.ended = "closed"
+        return True
+
+    def _answer_lines(self, action: object, lines: Sequence[object]) -> None:
+        """Carry out `action` (if any), then answer `lines` (until the session is closing)."""
+        protocol = self.protocol
+        if action is not None:
+            self._dispatch(action)
+        for line in lines:
+            if protocol.closing:
+                break
+            self._dispatch(protocol.handle(line))
+        self.transport.flush()
+
+    def answer_parked(self) -> bool:
+        """Event-loop callback, still parked: the client sent something (or closed).
+
+        A logged-in session's commands that need nothing but their answer (NOOP, STAT,
+        LIST, UIDL, DELE, RSET, CAPA, errors) are answered right here, and the session
+        stays parked: no greenlet, no watcher stop and start. One read per wake: more
+        input wakes the watcher again at the loop's next turn, after the other sessions
+        ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close, answers
+        the client is slow to read, over FLUSH_THRESHOLD queued) goes on in a greenlet
+        (`serve`), with what was taken in so far. False before login: `on_ready` then."""
+        protocol = self.protocol
+        if protocol.state is not State.TRANSACTION or self._done:
+            return False
+        transport = self.transport
+        try:
+            data = transport.read()
+            if data is None:  # nothing complete (a TLS record in pieces)
+                transport.rearm(self.ctx.settings.idle_timeout)
+                return True
+            if not data:
+                return self._carry_on(None, (), close=True)
+            self.ctx.metrics.bytes_received += len(data)
+            buffer = self.buffer
+            single = single_line(data) if buffer is None else None
+            lines: list[object]
+            if single is not None:
+                lines = [single]
+            else:
+                if buffer is None:
+                    buffer = self.buffer = LineBuffer()
+                lines = buffer.feed(data)
+                if buffer.empty:
+                    self.buffer = None
+            for index, line in enumerate(lines):
+                answer = protocol.handle(line)
+                if type(answer) is not bytes:
+                    return self._carry_on(answer, lines[index + 1:])
+                transport.queue(answer)
+                if transport.queued >= FLUSH_THRESHOLD:
+                    return self._carry_on(None, lines[index + 1:])
+            if not transport.send_queued() or transport.more_buffered():
+                return self._carry_on(None, ())
+            transport.rearm(self.ctx.settings.idle_timeout)
+        except OSError:
+            self.ended = "disconnect"  # reset by peer: nothing to answer
+            return self._carry_on(None, (), close=True)
+        except Exception:  # never let one session take the server down
+            self.ended = "error"
+            log.exception("pop3 session error: rip=%s", self.address)
+            return self._carry_on(None, (), close=True)
+        return True
+
+    def _carry_on(self, action: object, lines: Sequence[object], close: bool = False) -> bool:
+        """What `answer_parked` cannot finish on the event loop goes on in a greenlet."""
+        self.transport.unpark()
+        if close:
+            self.greenlet = gevent.spawn(self.close)
+        elif action is None and not lines:
+            self.greenlet = self.service.runners.spawn(self.serve)
+        else:
+            self.greenlet = self.service.runners.spawn(self.serve, action, lines)
+        return True
+
+    def on_ready(self) -> None:
+        """Event-loop callback: the client sent something (or closed)."""
+        self.greenlet = self.service.runners.spawn(self.serve)
+
+    def on_timeout(self) -> None:
+        """Event-loop callback: the park's one deadline passed. Before login it was set to
+        min(idle timeout, time left to log in); which of the two it was, the clock says
+        (a small slack, so that a deadline met to the tick counts)."""
+        if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
+            self._on_login_timeout()
+            return
+        self.ended = "timeout"
+        self.greenlet = gevent.spawn(self.close, IDLE_TIMEOUT)
+
+    def _on_login_timeout(self) -> None:
+        """login_timeout passed without a login (from the park's deadline or from `_park`)."""
+        self._count_login_timeout()
+        self.greenlet = gevent.spawn(self.close, LOGIN_TIMEOUT)
+
+    def _count_login_timeout(self) -> None:
+        self.ended = "login-timeout"
+        self.ctx.metrics.login_timeouts += 1
+        log.info("pop3 login timeout: rip=%s rport=%d", self.address, self.port)
+
+    def close(self, last_words: bytes = b"") -> None:
+        """End the session once, however it ended: lock, logs, counters, socket."""
+        if self._done:
+            return
+        self._done = True
+        self.service.forget(self)
+        try:
+            self.finish()
+        finally:
+            self.ctx.metrics.connection_closed()
+            self.transport.close(last_words)
+
+    def _dispatch(self, action: object) -> None:
+        if type(action) is bytes:
+            self.transport.write(action)
+        elif isinstance(action, Retrieve):
+            self._retrieve(action)
+        elif isinstance(action, Login):
+            self._dispatch(self._login(action))
+        elif isinstance(action, Refused):
+            self._dispatch(self._login_failed(action.user, "insecure", action.mech))
+        elif isinstance(action, StartTls):
+            self._stls()
+        elif isinstance(action, Update):
+            self.transport.write(self._update(action))
+        elif isinstance(action, Delayed):
+            # A failed login: its answer leaves only after the delay (slows guessing).
+            self.transport.flush()
+            gevent.sleep(action.seconds)
+            self.transport.write(action.data)
+
+    # -- TLS -----------------------------------------------------------------
+    def _stls(self) -> None:
+        """STLS accepted: nothing the client sent after it is ever executed.
+
+        Unread input is discarded before the +OK leaves (a client must wait for it
+        before its ClientHello); bytes that arrive later were sent before the
+        ClientHello too and break the handshake, which closes the connection.
+        """
+        self.buffer = None
+        transport = self.transport
+        transport.discard_input()
+        transport.write(STLS_OK)
+        transport.flush()
+        if not self._start_tls():
+            self.protocol.closing = True  # nothing more is said in plaintext
+
+    def _start_tls(self) -> bool:
+        """The server side of the handshake under its deadline; False (logged) if it failed."""
+        server_tls = self.ctx.tls
+        assert server_tls is not None
+        try:
+            self.transport = TlsTransport.accept(self.transport, server_tls.context, tls.HANDSHAKE_TIMEOUT)
+        except tls.HandshakeFailed as exc:
+            self.ended = "tls-failed"
+            log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.address, self.port, exc)
+            return False
+        self.protocol.tls_started()
+        return True
+
+    def _tls_description(self) -> str:
+        transport = self.transport
+        if not isinstance(transport, TlsTransport) and self.protocol.security.tls:
+            return "proxy"  # TLS ended at the load balancer (PROXY v2 SSL TLV)
+        return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
+
+    # -- actions -------------------------------------------------------------
+    def _login(self, action: Login) -> bytes | Delayed:
+        """Check, lock and scan, counted in max_sessions_per_user_ip while it runs."""
+        user = action.user
+        service = self.service
+        key = (user, source_key(self.address))
+        if service.user_sessions.get(key, 0) >= self.ctx.settings.max_sessions_per_user_ip:
+            self.ctx.metrics.refused_user_ip += 1
+            return self._login_failed(user, "user-ip")
+        service.user_sessions[key] = service.user_sessions.get(key, 0) + 1
+        try:
+            return self._open_mailbox(action)
+        finally:  # logged in, failed or killed: no longer in flight
+            service.leave_user_sessions(key)
+
+    def _open_mailbox(self, action: Login) -> bytes | Delayed:
+        ctx = self.ctx
+        user = action.user
+        mech = action.mech
+        try:  # a source with recent failures waits behind clean ones for a hash thread
+            ok = ctx.users.verify(user, action.password, priority=ctx.penalty.failures(self.address))
+        except HashingBusy:
+            return self._login_failed(user, "busy", mech)
+        if not ok:
+            # With a shared store that is down, this instance cannot be sure its users are
+            # current: every failure is temporary then (delayed all the same).
+            shared = ctx.shared
+            return self._login_failed(user, "auth" if shared is None or shared.available else "unverified", mech)
+        ctx.penalty.succeeded(self.address)
+        try:
+            mailbox = maildir.Mailbox(ctx.settings.maildir, user)
+            mailbox.open()  # creates the Maildir at a user's first login
+            if not mailbox.lock():
+                return self._login_failed(user, "in-use", mech)
+        except (OSError, maildir.MaildirError) as exc:
+            log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
+            return self._login_failed(user, "temp", mech)
+        if ctx.shared is not None:  # the lease other instances see; the lock above is this host's
+            lease = ctx.shared.leases.acquire(user)
+            if lease != leases.HELD:
+                mailbox.release()
+                return self._login_failed(user, "in-use" if lease == leases.IN_USE else "temp", mech)
+        try:
+            messages = mailbox.snapshot(ctx.settings.uidl_format)
+            if ctx.filters is not None:
+                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port,
+                                               client_gone=self.transport.peer_gone)
+                self.transform_failures = sum(1 for m in messages if m.error is not None)
+        except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
+            self._unlock(mailbox, user)
+            log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
+                     loggable(user), self.address, self.port)
+            raise
+        except Exception as exc:
+            self._unlock(mailbox, user)
+            log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
+            return self._login_failed(user, "temp", mech)
+        self.mailbox = mailbox
+        ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
+        ctx.metrics.logins_ok += 1
+        log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user), self.address,
+                 self.port, mech, self._tls_description(), len(messages))
+        self._record("login", user)
+        return self.protocol.login_succeeded(user, messages)
+
+    def _login_failed(self, user: str | None, reason: str, mech: str = "user") -> bytes | Delayed:
+        """Every failed login, USER/PASS or AUTH: counted, logged, answered by the protocol core."""
+        self.ctx.metrics.logins_failed += 1
+        log.warning("pop3 login failed: user=%s rip=%s rport=%d mech=%s tls=%s reason=%s", loggable(user),
+                    self.address, self.port, mech, self._tls_description(), reason)
+        if user is not None:  # AUTH refused before its exchange names nobody
+            self._record("login-failed", user, detail=f"reason={reason}")
+        delay = self.ctx.penalty.failed(self.address) if reason in DELAYED_FAILURES else None
+        return self.protocol.login_failed(reason, delay)
+
+    def _retrieve(self, action: Retrieve) -> None:
+        try:
+            handle = maildir.open_message(action.message)  # only the regular file the snapshot saw
+        except OSError:
+            self.transport.write(self.protocol.retrieve_failed())
+            return
+        write = self.transport.write
+        with handle:
+            whole = maildir.whole_message(handle) if action.body_lines is None else None
+            if whole is not None:
+                write(b"".join((action.header, whole, b".\r\n")))
+            else:
+                write(action.header)
+                # Past the +OK line a read error can only end the connection (OSError).
+                for chunk in maildir.message_chunks(handle, action.body_lines):
+                    write(chunk)
+                write(b".\r\n")
+        if action.body_lines is None:
+            self.ctx.metrics.messages_retrieved += 1
+
+    def _update(self, action: Update) -> bytes:
+        self.ended = "quit"
+        deleted = action.deleted
+        if not deleted:
+            self._release_mailbox()
+            return self.protocol.update_done(0)
+        assert self.mailbox is not None
+        shared = self.ctx.shared
+        if shared is not None and not shared.leases.confirm(self.mailbox.user):
+            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(self.protocol.user))
+            self._release_mailbox()
+            return self.protocol.update_done(len(deleted))
+        failed = self.mailbox.delete(deleted)
+        self.deleted_count = len(deleted) - len(failed)
+        self.ctx.metrics.messages_deleted += self.deleted_count
+        if failed:
+            log.error("pop3 update: user=%s could not delete %d messages", loggable(self.protocol.user), len(failed))
+        self._release_mailbox()  # before the answer: a client may reconnect the moment it reads it
+        return self.protocol.update_done(len(failed))
+
+    # -- end -----------------------------------------------------------------
+    def _unlock(self, mailbox: maildir.Mailbox, user: str) -> None:
+        """Give up the lock and, with a shared store, the lease."""
+        mailbox.release()
+        if self.ctx.shared is not None:
+            self.ctx.shared.leases.release(user)
+
+    def _release_mailbox(self) -> None:
+        if self.mailbox is None:
+            return
+        self._unlock(self.mailbox, self.mailbox.user)
+        self.mailbox = None
+        user = self.protocol.user or ""
+        count = self.ctx.logged_in.get(user, 0) - 1
+        if count > 0:
+            self.ctx.logged_in[user] = count
+        else:
+            self.ctx.logged_in.pop(user, None)
+
+    def finish(self) -> None:
+        """Release the lock and log the logout, however the session ended."""
+        self._release_mailbox()
+        user = self.protocol.user
+        if user is None:
+            return
+        log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
+                 loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
+                 self.protocol.tops, self.transport.sent, self.ended)
+        detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
+        self._record("logout", user, detail=detail)
+
+    def _record(self, event: str, user: str, detail: str = "") -> None:
+        self.ctx.access_log.record(AccessEntry(
+            time=time.time(), user=loggable(user), address=self.address, port=self.port, event=event,
+            retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.transport.sent,
+            duration=time.monotonic() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
+        ))
+
+
+class Pop3Service:
+    """All POP3 sessions of one process: the StreamServer handler, the one registry of
+    open sessions, and shutdown."""
+
+    def __init__(self, ctx: ServerContext) -> None:
+        self.ctx = ctx
+        self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
+        self.per_source: dict[str, int] = {}  # source_key -> open connections (max_connections_per_ip)
+        # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
+        self.user_sessions: dict[tuple[str, str], int] = {}
+        self.count_sent = self._count_sent  # one bound method shared by every transport
+        self.runners = Runners()  # the greenlets that serve bursts (and first bursts, see Pop3Server)
+
+    def handle_tls(self, sock: socket.socket, address: tuple[Any, ...]) -> None:
+        """The POP3S listeners' handler: the handshake comes before the greeting."""
+        self.handle(sock, address, implicit_tls=True)
+
+    def handle(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool = False) -> None:
+        """StreamServer handler: enforce the connection limits, then greet and serve."""
+        metrics = self.ctx.metrics
+        settings = self.ctx.settings
+        proxy = None
+        if settings.proxy_networks:
+            proxy = self._proxy_header(sock, address, implicit_tls)
+            if proxy is None:
+                return
+            if proxy.source is not None:
+                address = proxy.source
+        host = client_host(address)
+        key = source_key(host)
+        if metrics.current_connections >= settings.max_connections:
+            self._refuse(sock, TOO_MANY, implicit_tls)
+            return
+        if self.per_source.get(key, 0) >= settings.max_connections_per_ip:
+            metrics.refused_per_ip += 1
+            log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", host)
+            self._refuse(sock, TOO_MANY_FROM_SOURCE, implicit_tls)
+            return
+        self.per_source[key] = self.per_source.get(key, 0) + 1
+        metrics.connection_opened()
+        session = Pop3Session(self, sock, host, int(address[1]), proxy)
+        self.sessions.add(session)
+        session.greenlet = cast("gevent.Greenlet[..., None]", gevent.getcurrent())  # the server spawned it
+        session.start(implicit_tls)
+
+    def _proxy_header(self, sock: socket.socket, address: tuple[Any, ...], implicit_tls: bool) -> ProxyHeader | None:
+        """The PROXY header of a connection from one of `proxy_networks`; None when the
+        connection is closed here: from anywhere else (a client going around the proxy
+        would choose its own address), a missing or bad header, or the proxy's own
+        health check (LOCAL), which is no session (on the plain port it gets a greeting
+        line, for a check that expects one; POP3S checks are bare TCP connects)."""
+        peer = client_host(address)
+        parsed = parse_address(peer)
+        if parsed is None or not any(parsed in network for network in self.ctx.settings.proxy_networks):
+            self.ctx.metrics.refused_proxy += 1
+            log.info("pop3 connection refused: rip=%s not in proxy_networks", peer)
+            sock.close()
+            return None
+        try:
+            header = proxied.read_header(sock)
+        except ProxyError as exc:
+            self.ctx.metrics.refused_proxy += 1
+            log.info("pop3 connection refused: rip=%s bad PROXY header: %s", peer, exc)
+            sock.close()
+            return None
+        if header.local:
+            log.debug("pop3 PROXY LOCAL (health check) from %s", peer)
+            if not implicit_tls:
+                with contextlib.suppress(OSError):
+                    sock.sendall(HEALTH_OK)
+            sock.close()
+            return None
+        return header
+
+    def _refuse(self, sock: socket.socket, answer: bytes, implicit_tls: bool) -> None:
+        self.ctx.metrics.total_connections += 1  # accepted, then refused: still a connection
+        if not implicit_tls:  # a TLS client would take plaintext for a broken handshake
+            with contextlib.suppress(OSError):
+                sock.sendall(answer)
+        sock.close()
+
+    def forget(self, session: Pop3Session) -> None:
+        """A session has ended: out of the registry and the per-source count."""
+        self.sessions.discard(session)
+        key = source_key(session.address)
+        count = self.per_source.get(key, 0) - 1
+        if count > 0:
+            self.per_source[key] = count
+        else:
+            self.per_source.pop(key, None)
+
+    def leave_user_sessions(self, key: tuple[str, str]) -> None:
+        count = self.user_sessions.get(key, 0) - 1
+        if count > 0:
+            self.user_sessions[key] = count
+        else:
+            self.user_sessions.pop(key, None)
+
+    def _count_sent(self, octets: int) -> None:
+        self.ctx.metrics.bytes_sent += octets
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def shutdown(self, timeout: float) -> None:
+        """End every session without UPDATE, each with its logout logged.
+
+        Parked sessions are closed at once; busy ones are killed (their greenlet ends
+        the session). Whatever is still open after `timeout` (a greenlet that did not
+        die in time, or one woken but killed before it started) is closed here, so
+        every logout is recorded before the state is flushed.
+        """
+        self.runners.close()  # a runner ends after its burst: joining it returns
+        busy = []
+        for session in list(self.sessions):
+            session.ended = "shutdown"
+            if session.greenlet is None:
+                session.close()
+            else:
+                busy.append(session.greenlet)
+        gevent.killall(busy, block=False)
+        gevent.joinall(busy, timeout=timeout)
+        for session in list(self.sessions):
+            session.ended = "shutdown"
+            session.close()
+
+
+class Pop3Server(StreamServer):
+    """A StreamServer whose sessions close their own sockets: a parked session
+    outlives the greenlet that accepted it. A Pop3Service's handler runs in the
+    service's runners (geventpop3.net.runners), not in a new greenlet per connection."""
+
+    def __init__(self, listener: Any, handle: Any) -> None:
+        service = getattr(handle, "__self__", None)
+        if isinstance(service, Pop3Service):
+            super().__init__(listener, handle, spawn=cast(Any, service.runners.spawn))
+        else:
+            super().__init__(listener, handle)
+
+    def do_close(self, *args: Any) -> None:
+        pass
