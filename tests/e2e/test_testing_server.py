@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from helpers import REPO, ipv6_loopback, server_env, wait_until
 
-from geventpop3 import testing
 from geventpop3.testing import Pop3TestServer, Pop3TestServerError
+from geventpop3.testing import server as testing
 
 
 def alive(pid: int) -> bool:
