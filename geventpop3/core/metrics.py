@@ -1,8 +1,9 @@
 """Counters and the access log: the one owner of every number the server reports.
 
-The hot path only increments attributes and appends to a list; persistence (the
-SQLite store) drains `AccessLog.take_pending()` and reads `Metrics.snapshot()` from a
-background greenlet, so no command ever waits for a database write.
+The numbers are those of the registry (geventpop3.core.counters). The hot path only
+increments attributes and appends to a list; persistence (the SQLite store) drains
+`AccessLog.take_pending()` and reads `Metrics.snapshot()` from a background greenlet,
+so no command ever waits for a database write.
 """
 
 from __future__ import annotations
@@ -11,121 +12,71 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
-# Counters that persist across restarts (totals), as opposed to gauges.
-PERSISTED_COUNTERS = (
-    "total_connections",
-    "max_concurrent",
-    "bytes_sent",
-    "bytes_received",
-    "logins_ok",
-    "logins_failed",
-    "messages_retrieved",
-    "messages_deleted",
-    "transformer_runs",
-    "transformer_failures",
-    "transformer_timeouts",
-    "transformer_cache_hits",
-    "refused_per_ip",
-    "refused_proxy",
-    "refused_user_ip",
-    "login_timeouts",
-    "admin_refused",
-    "admin_login_timeouts",
-)
+from geventpop3.core.counters import REGISTRY, Definition, persisted
 
 
 class Metrics:
-    """Plain integer counters; cheap enough to touch on every command."""
+    """The numbers of `registry` (geventpop3.core.counters) as plain attributes, cheap
+    enough to touch on every command (`metrics.bytes_sent += n`), and what reads them."""
 
-    def __init__(self) -> None:
+    if TYPE_CHECKING:  # the numbers are set from the registry: any of them, typed loosely
+        def __getattr__(self, name: str) -> Any: ...
+        def __setattr__(self, name: str, value: Any) -> None: ...
+
+    def __init__(self, registry: tuple[Definition, ...] = REGISTRY) -> None:
+        self.registry = registry
         self.started_at = time.time()
-        self.current_connections = 0
-        self.total_connections = 0
-        self.max_concurrent = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.logins_ok = 0
-        self.logins_failed = 0
-        self.messages_retrieved = 0
-        self.messages_deleted = 0
-        self.transformer_runs = 0
-        self.transformer_failures = 0
-        self.transformer_timeouts = 0
-        self.transformer_cache_hits = 0
-        self.transformer_seconds = 0.0
-        # Refusals by the connection limits (geventpop3.service.pop3.session, geventpop3.service.msmp.session).
-        self.refused_per_ip = 0  # POP3 connections over max_connections_per_ip
-        self.refused_proxy = 0  # POP3 connections closed for proxy_networks (outside them, or a bad header)
-        self.refused_user_ip = 0  # POP3 logins over max_sessions_per_user_ip
-        self.login_timeouts = 0  # POP3 connections closed at login_timeout
-        self.admin_refused = 0  # MSMP connections over admin_max_connections
-        self.admin_login_timeouts = 0  # MSMP connections closed at admin_login_timeout
-        # The authentication penalty (geventpop3.core.penalty): failed-login answers it made wait
-        # longer than login_failure_delay, and the sources it tracks now (it installs the reader).
-        self.auth_penalty_delays = 0
+        # Readers their owners install: the authentication penalty (geventpop3.core.penalty)
+        # its count of sources; the app, when a certificate is configured, its seconds left.
         self.penalised_sources: Callable[[], int] = lambda: 0
-        # Seconds until the TLS certificate new connections get expires (the app installs
-        # the reader when a certificate is configured); read at each STAT and scrape, so
-        # it follows reloads.
         self.tls_seconds_left: Callable[[], float] | None = None
+        for definition in registry:
+            if not definition.reader:
+                setattr(self, definition.attribute, definition.zero)
 
     def connection_opened(self) -> None:
         self.total_connections += 1
         self.current_connections += 1
         if self.current_connections > self.max_concurrent:
-            self.max_concurrent = self.current_connections
+            self.max_concurrent: int = self.current_connections  # typed: an assignment here declares it
 
     def connection_closed(self) -> None:
         self.current_connections -= 1
 
+    def value(self, definition: Definition) -> float | None:
+        """A registered number now; None for a reader with nothing to show (no certificate)."""
+        value = getattr(self, definition.attribute)
+        if definition.reader:
+            return None if value is None else value()
+        return value  # type: ignore[no-any-return]
+
     def snapshot(self) -> dict[str, int]:
-        return {name: getattr(self, name) for name in PERSISTED_COUNTERS}
+        """The persisted totals, for the store."""
+        return {name: getattr(self, name) for name in persisted(self.registry)}
 
     def restore(self, saved: dict[str, int]) -> None:
         """Continue the totals of an earlier run (from the store)."""
+        names = persisted(self.registry)
         for name, value in saved.items():
-            if name in PERSISTED_COUNTERS:
+            if name in names:
                 setattr(self, name, int(value))
 
     def uptime(self) -> float:
         return time.time() - self.started_at
 
-    def stat_lines(self) -> list[str]:
-        """The MSMP STAT body: the four lines msmp.md requires, then the extras."""
-        return [
-            f"Total connections: {self.total_connections}",
-            f"Current connections: {self.current_connections}",
-            f"Historical maximum traffic: {self.max_concurrent}",
-            f"Total transferred bytes: {self.bytes_sent + self.bytes_received}",
-            f"Bytes sent: {self.bytes_sent}",
-            f"Bytes received: {self.bytes_received}",
-            f"Logins ok: {self.logins_ok}",
-            f"Logins failed: {self.logins_failed}",
-            f"Messages retrieved: {self.messages_retrieved}",
-            f"Messages deleted: {self.messages_deleted}",
-            f"Transformer runs: {self.transformer_runs}",
-            f"Transformer failures: {self.transformer_failures}",
-            f"Transformer timeouts: {self.transformer_timeouts}",
-            f"Transformer cache hits: {self.transformer_cache_hits}",
-            f"Transformer seconds: {self.transformer_seconds:.3f}",
-            f"Connections refused per IP: {self.refused_per_ip}",
-            f"Connections refused by PROXY rules: {self.refused_proxy}",
-            f"Logins refused per user and IP: {self.refused_user_ip}",
-            f"Login timeouts: {self.login_timeouts}",
-            f"Admin connections refused: {self.admin_refused}",
-            f"Admin login timeouts: {self.admin_login_timeouts}",
-            f"Penalised sources: {self.penalised_sources()}",
-            f"Penalty delays: {self.auth_penalty_delays}",
-            f"Uptime seconds: {int(self.uptime())}",
-            *self._certificate_lines(),
-        ]
+    def transferred_bytes(self) -> int:
+        return self.bytes_sent + self.bytes_received  # type: ignore[no-any-return]
 
-    def _certificate_lines(self) -> list[str]:
-        """`Certificate expires in days: N` (whole days, negative once expired), with TLS only."""
-        if self.tls_seconds_left is None:
-            return []
-        return [f"Certificate expires in days: {int(self.tls_seconds_left() // 86400)}"]
+    def stat_lines(self) -> list[str]:
+        """The MSMP STAT body, in the registry's order: the four lines msmp.md requires first."""
+        lines: list[str] = []
+        for definition in self.registry:
+            value = self.value(definition)
+            if value is not None:
+                lines.append(definition.stat_line(value))
+        return lines
 
 
 @dataclass

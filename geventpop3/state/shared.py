@@ -18,6 +18,7 @@ needs (`SessionShare`: a `Database` and its own `Leases`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -93,12 +94,8 @@ class SharedState(SessionShare):
         own = self.store.instance
         rows = {name: (counters, current, age) for name, counters, current, age in instances}
         rows[own] = (metrics.snapshot(), metrics.current_connections, 0.0)
-        totals = Metrics()
-        totals.started_at = metrics.started_at
-        totals.penalised_sources = metrics.penalised_sources
-        totals.tls_seconds_left = metrics.tls_seconds_left
-        totals.transformer_seconds = metrics.transformer_seconds
-        totals.auth_penalty_delays = metrics.auth_penalty_delays
+        totals = copy.copy(metrics)  # this instance's readers and unpersisted numbers; the totals below
+        totals.current_connections = 0
         summed: dict[str, int] = {}
         lines = []
         alive = 0
