@@ -48,6 +48,8 @@ class Definition:
             raise ValueError(f"{self.attribute}: a max, and only a max, names the gauge it is the highest of")
         if self.reader and self.persisted:
             raise ValueError(f"{self.attribute}: a reader's value is computed, it cannot be persisted")
+        if self.reader and self.reported and self.kind is not GAUGE:
+            raise ValueError(f"{self.attribute}: a reader the workers report is a gauge (added to the supervisor's)")
 
     @property
     def zero(self) -> int | float:
@@ -119,3 +121,8 @@ REGISTRY: tuple[Definition, ...] = (
 def persisted(registry: tuple[Definition, ...]) -> tuple[str, ...]:
     """The attributes saved in the store: the totals that go on across restarts."""
     return tuple(d.attribute for d in registry if d.persisted)
+
+
+def reported(registry: tuple[Definition, ...]) -> tuple[Definition, ...]:
+    """The definitions a worker sends its supervisor in each report."""
+    return tuple(d for d in registry if d.reported)

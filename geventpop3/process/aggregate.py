@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from geventpop3.core.counters import COUNTER, GAUGE, MAX, Definition
+from geventpop3.core.counters import COUNTER, GAUGE, MAX, reported
 from geventpop3.core.metrics import AccessEntry, Metrics
 
 if TYPE_CHECKING:
@@ -29,10 +29,6 @@ if TYPE_CHECKING:
 
 # An entry's fields as a tuple (all plain values): dataclasses.astuple deep-copies each, 12 us an entry.
 _ENTRY_VALUES = operator.attrgetter(*(item.name for item in dataclasses.fields(AccessEntry)))
-
-
-def reported(registry: tuple[Definition, ...]) -> tuple[Definition, ...]:
-    return tuple(d for d in registry if d.reported)
 
 
 def report(ctx: ServerContext, sent_logged_in: dict[str, int]) -> dict[str, Any]:

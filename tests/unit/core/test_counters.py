@@ -103,6 +103,8 @@ def test_a_definition_that_cannot_work_is_refused() -> None:
         Definition("open", GAUGE, "Open", None, of="current_connections")
     with pytest.raises(ValueError, match="cannot be persisted"):
         Definition("age", GAUGE, "Age", None, reader=True, persisted=True)
+    with pytest.raises(ValueError, match="is a gauge"):
+        Definition("sum", COUNTER, "Sum", None, reader=True)
 
 
 def test_stat_values_whole_truncated_or_with_decimals() -> None:
