@@ -67,7 +67,7 @@ class Metrics:
         return time.time() - self.started_at
 
     def transferred_bytes(self) -> int:
-        return self.bytes_sent + self.bytes_received  # type: ignore[no-any-return]
+        return int(self.bytes_sent + self.bytes_received)
 
     def stat_lines(self) -> list[str]:
         """The MSMP STAT body, in the registry's order: the four lines msmp.md requires first."""
