@@ -150,7 +150,7 @@ class Role(Protocol):
         """After SIGTERM/SIGINT: end the sessions, then the state."""
 
     def close_state(self, server: Server) -> None:
-        """The start failed after `prepare` began: close what it opened."""
+        """The start failed (StartupError at any step, the listeners closed already): close the state."""
 
 
 class Server:
@@ -170,8 +170,7 @@ class Server:
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
         self.hasher = Hasher()  # the password checks' threads: the context's (users and admins)
-        users = list(config.users)
-        self.users = UsersSource(config.users_file, users, [DEMO_USER] if config.demo else [])
+        self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
         self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
 
