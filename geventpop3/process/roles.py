@@ -13,10 +13,13 @@ offers. Three roles, no inheritance between them:
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from geventpop3.auth.users import UserDirectory
-from geventpop3.process.server import Endpoints, Server
-from geventpop3.service.context import ServerContext
+
+if TYPE_CHECKING:  # server.App makes a Single: the types only, no cycle
+    from geventpop3.process.server import Endpoints, Server
+    from geventpop3.service.context import ServerContext
 
 log = logging.getLogger(__name__)
 
