@@ -1,4 +1,4 @@
-"""The `geventpop3` command line: flags -> `Config` (geventpop3.config) -> `App.run()`;
+"""The `geventpop3` command line: flags -> `Config` (geventpop3.config) -> `Server(config, role).run()`;
 and `geventpop3 hash [-s SCHEME] [NAME]`, which makes a hashed entry for `-u`, `-a` or a users file.
 
 A bad flag or value prints one line and exits 2, never a traceback.
@@ -94,10 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"geventpop3: {exc}", file=sys.stderr)
         return 2
+    from geventpop3.process.server import Server
+
     if config.workers > 1:
         from geventpop3.process.supervisor import Supervisor
 
-        return Supervisor(config, argv).run()
-    from geventpop3.process.server import App
+        return Server(config, Supervisor(argv)).run()
+    from geventpop3.process.roles import Single
 
-    return App(config).run()
+    return Server(config, Single()).run()

@@ -9,7 +9,7 @@ Every value is checked here, in one place: ports, listen addresses, filter comma
 and chains, settings (through `Settings.parse`), users, admins, the `--run-as`
 identity, and the TLS certificate and key (loaded into the context the server will
 use, while still root). Nothing else here touches the disk beyond reading the config
-file: the users file is read by start-up (`app.py`) after privileges are dropped, as
+file: the users file is read by start-up (auth.source.UsersSource) after privileges are dropped, as
 the user that will serve, so a file that user cannot read stops the start there;
 creating the Maildir root and the state directory is start-up's job too.
 """
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from geventpop3.auth.schemes import SchemeError, parse
-from geventpop3.auth.users import UsersFile, is_plain, parse_user_flag, parse_users_data, parse_users_file
+from geventpop3.auth.users import is_plain, parse_user_flag
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import KEYS, SettingError, Settings
 from geventpop3.net.tls import ServerTls, TlsError, key_permission_warning, reload_warning
@@ -101,13 +101,15 @@ def parse_port(value: object) -> int:
     return value
 
 
-def load_config(args: argparse.Namespace, config_data: bytes | None = None) -> Config:
+def load_config(args: argparse.Namespace, config_data: bytes | None = None, checked: bool = True) -> Config:
     """The Config for parsed flags `args` (see flags.build_parser): each step validates its part.
-    `config_data`: the config file's content as the supervisor read it (a worker's start)."""
+    `config_data`: the config file's content as the supervisor read it (a worker's start).
+    `checked`: settings values are checked against this machine (setting_checks); a worker
+    takes what its supervisor checked, with the parsers alone (no disk, no PATH look-up)."""
     if args.config and config_data is None:
         config_data = read_config_bytes(args.config)
     file_values = read_config_file(args.config, config_data) if config_data is not None else {}
-    settings = checked_settings()
+    settings = checked_settings() if checked else Settings()
     settings.named_transformers, settings.transformer_chains = filters_from_file(file_values.get("transformers", {}))
     maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
     explicit = explicit_settings(args)
@@ -289,24 +291,6 @@ def apply_settings(settings: Settings, file_values: dict[str, Any], explicit: di
             settings.apply(key, settings.parse(key, text), "config")
         except SettingError as exc:
             raise UsageError(f"invalid {key} {text!r}: {exc}") from None
-
-
-def read_users_file(users_file: str, data: bytes | None = None) -> UsersFile:
-    """The users file's entries (and notes for the log); UsageError (one line, `path:line`)
-    if it cannot be read or parsed. Their password schemes are checked when the directory
-    takes them (users.Credentials.configure). `data`: the file's content as read by
-    another process (a worker of geventpop3.process takes its supervisor's).
-
-    Called by start-up after privileges are dropped, and again at each reload: the server
-    reads it as the user it serves as, so a file readable only by root is found out at
-    start, not later.
-    """
-    try:
-        return parse_users_file(users_file) if data is None else parse_users_data(data, users_file)
-    except OSError as exc:
-        raise UsageError(f"cannot read users file {users_file}: {exc.strerror}") from None
-    except UserError as exc:
-        raise UsageError(str(exc)) from None
 
 
 def run_as_for(args: argparse.Namespace, file_values: dict[str, Any]) -> Identity | None:

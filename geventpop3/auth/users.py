@@ -201,9 +201,6 @@ class Hasher:
             waiter.event.set()
 
 
-HASHER = Hasher()  # shared by users and admins; app.py applies the settings
-
-
 def is_plain(secret: str) -> bool:
     """Whether an entry's secret is a plain password (`pw`, `{PLAIN}pw`), not a hash:
     for the warning about plain passwords on the command line."""
@@ -269,7 +266,8 @@ class Credentials:
     kind = "admin"  # in log lines
 
     def __init__(self, hasher: Hasher | None = None, allow_weak: bool = False) -> None:
-        self._hasher = hasher if hasher is not None else HASHER
+        # The server passes its context's one hasher (users and admins share it); alone, its own.
+        self.hasher = hasher if hasher is not None else Hasher()
         self.allow_weak = allow_weak  # weak schemes (MD5-CRYPT, PLAIN-MD5, ...) accepted (allow_weak_schemes)
         self._plain_key = os.urandom(32)  # plain passwords are kept only as a digest keyed with it
         self._cache_key = os.urandom(32)
@@ -389,9 +387,9 @@ class Credentials:
         against = entry if entry is not None else self._unknown_dummy()
         if against is None or against.cheap:
             dearest = self._unknown_dummy()
-            with self._hasher.turn(priority, memory=dearest.memory if dearest is not None else 0):
+            with self.hasher.turn(priority, memory=dearest.memory if dearest is not None else 0):
                 return False, 0.0
-        ok, took = self._hasher.run(_timed_verify, against, password, priority=priority, memory=against.memory)
+        ok, took = self.hasher.run(_timed_verify, against, password, priority=priority, memory=against.memory)
         self._observe(took)
         return ok and entry is not None, took
 
@@ -464,8 +462,8 @@ class Credentials:
             dummy = sample.dummy()
             times = [_timed_verify(dummy, password)[1] for _ in range(CALIBRATION_RUNS)]
         else:
-            dummy = self._hasher.run(sample.dummy, bounded=False, memory=sample.memory)
-            times = [self._hasher.run(_timed_verify, dummy, password, bounded=False, memory=dummy.memory)[1]
+            dummy = self.hasher.run(sample.dummy, bounded=False, memory=sample.memory)
+            times = [self.hasher.run(_timed_verify, dummy, password, bounded=False, memory=dummy.memory)[1]
                      for _ in range(CALIBRATION_RUNS)]
         return dummy, statistics.median(times)
 
@@ -478,7 +476,7 @@ class Credentials:
 
     def _upgrade(self, name: str, entry: StoredPassword, password: str) -> None:
         try:
-            stronger = self._hasher.run(Scrypt.make, password, only_if_idle=True, memory=DEFAULT_HASH_MEMORY)
+            stronger = self.hasher.run(Scrypt.make, password, only_if_idle=True, memory=DEFAULT_HASH_MEMORY)
             if self._entries.get(name) is not entry:  # changed or gone while hashing
                 return
             self._save_upgrade(name, stronger)
@@ -592,7 +590,7 @@ class UserDirectory(Credentials):
             raise UserError("Unsafe username")
         if not valid_password(password):
             raise UserError("Invalid password")
-        entry = self._hasher.run(Scrypt.make, password, bounded=False, memory=DEFAULT_HASH_MEMORY)
+        entry = self.hasher.run(Scrypt.make, password, bounded=False, memory=DEFAULT_HASH_MEMORY)
         if name in self._deleting:  # checked after the hash, which yields
             raise UserError("User is being deleted, try again")
         created = name not in self._entries
@@ -602,28 +600,27 @@ class UserDirectory(Credentials):
         self._put(name, entry)
         return created
 
-    @contextmanager
-    def deleting(self, name: str) -> Iterator[None]:
-        """Delete `name`: withdrawn at once, before anything can yield, so no login
-        succeeds from here on; then the block runs (the caller's own steps, such as
-        moving mail aside), then the store write. If the block or the store write
-        raises, the user is put back as it was and the exception goes on."""
+    def withdraw(self, name: str) -> Withdrawal:
+        """Begin deleting `name`: withdrawn at once, before anything can yield, so no login
+        succeeds from here on; the handle then forgets it for good (`commit`, the store
+        write) or puts it back as it was (`rollback`). UserError if there is no such user."""
         entry = self._pop(name)
         if entry is None:
             raise UserError("User does not exist")
-        stored = self._stored.pop(name, None)
         self._deleting.add(name)
+        return Withdrawal(self, name, entry, self._stored.pop(name, None))
+
+    @contextmanager
+    def deleting(self, name: str) -> Iterator[None]:
+        """Delete `name` (`withdraw`) around the block (the caller's own steps, such as
+        moving mail aside): committed after it, rolled back if it raises."""
+        withdrawal = self.withdraw(name)
         try:
             yield
-            if self._store is not None:
-                self._store.delete_user(name)
         except BaseException:
-            self._put(name, entry)
-            if stored is not None:
-                self._stored[name] = stored
+            withdrawal.rollback()
             raise
-        finally:
-            self._deleting.discard(name)
+        withdrawal.commit()
 
     def delete(self, name: str) -> None:
         with self.deleting(name):
@@ -650,6 +647,47 @@ class UserDirectory(Credentials):
             return
         if old is None or old.text() != text:
             self._keep_stored(name, text)
+
+
+class Withdrawal:
+    """A user withdrawn by `UserDirectory.withdraw`, until `commit` or `rollback` (the first
+    call counts; later ones do nothing). A cluster worker holds one per MSMP DELE in progress,
+    between the supervisor's `begin` and its outcome."""
+
+    def __init__(self, directory: UserDirectory, name: str, entry: StoredPassword,
+                 stored: StoredPassword | None) -> None:
+        self.directory = directory
+        self.name = name
+        self._entry = entry
+        self._stored = stored
+        self._open = True
+
+    def commit(self) -> None:
+        """The deletion went through: written to the store (rolled back if that write raises)."""
+        if not self._open:
+            return
+        store = self.directory._store
+        try:
+            if store is not None:
+                store.delete_user(self.name)
+        except BaseException:
+            self.rollback()
+            raise
+        self._close()
+
+    def rollback(self) -> None:
+        """The deletion failed: the user is back as it was."""
+        if not self._open:
+            return
+        directory = self.directory
+        directory._put(self.name, self._entry)
+        if self._stored is not None:
+            directory._stored[self.name] = self._stored
+        self._close()
+
+    def _close(self) -> None:
+        self._open = False
+        self.directory._deleting.discard(self.name)
 
 
 # -- the users file and -u ------------------------------------------------------------

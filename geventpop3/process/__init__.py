@@ -1,7 +1,9 @@
-"""Several worker processes behind the same ports, one supervisor (`--workers N`, N > 1).
+"""Processes: `server.Server(config, role).run()`, one fixed start-up sequence for every role.
 
-`supervisor` binds every listener, keeps the one state store and serves MSMP and the
-metrics; `worker` serves POP3 on the inherited listeners; `channel` is the message
-pipe between them; `aggregate` sums what the workers report. `--workers 1` uses none
-of this: it is the single process of geventpop3.process.server. See docs/architecture.md.
+`roles.Single` is the one process of `--workers 1`. With `--workers N` (N > 1),
+`supervisor.Supervisor` binds every listener, keeps the one state store and serves
+MSMP and the metrics, and N `worker.Worker` processes serve POP3 on the inherited
+listeners; `messages` is their typed control plane, `channel` the pipe that carries it,
+`aggregate` sums what the workers report, `restarts` says when a dead worker is replaced.
+See docs/architecture.md.
 """

@@ -13,10 +13,11 @@ import sys  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    from geventpop3.config import UsageError
-    from geventpop3.flags import parse_config
+    from geventpop3.config import UsageError, load_config
+    from geventpop3.flags import build_parser
     from geventpop3.process.channel import MAX_LINE_FROM_SUPERVISOR, Channel, read_sealed
-    from geventpop3.process.worker import WorkerApp, die_with_parent
+    from geventpop3.process.server import Server
+    from geventpop3.process.worker import Worker, die_with_parent
 
     options, server_argv = _split(argv)
     index = int(options["--index"][0])
@@ -31,13 +32,13 @@ def main(argv: list[str]) -> int:
         config_data = read_sealed(config_fd)
         os.close(config_fd)
     try:
-        config = parse_config(server_argv, config_data)
+        config = load_config(build_parser().parse_args(server_argv), config_data, checked=False)
     except UsageError as exc:
         print(f"geventpop3 worker {index}: {exc}", file=sys.stderr)
         return 2
     config.warnings.clear()  # the supervisor logged them once
     channel = Channel.from_fd(int(options["--channel"][0]), MAX_LINE_FROM_SUPERVISOR)
-    return WorkerApp(config, index, channel, listeners).run()
+    return Server(config, Worker(index, channel, listeners)).run()
 
 
 def _split(argv: list[str]) -> tuple[dict[str, list[str]], list[str]]:

@@ -1,6 +1,7 @@
-"""Messages between the supervisor and one worker: JSON lines over a Unix socketpair.
+"""The pipe between the supervisor and one worker: JSON lines over a Unix socketpair.
 
-One JSON object per line, `{"op": ..., ...}`. Sending never blocks the caller: a
+One JSON object per line, `{"op": ..., ...}`: geventpop3.process.messages says which
+objects are messages and what they mean; this module only carries them. Sending never blocks the caller: a
 message is queued and one writer greenlet sends them in order, so a wedged peer
 cannot stall an MSMP command that broadcasts a change. The first message can be held
 back until `start(first)`, so a new worker gets its initial state before any change
@@ -29,7 +30,7 @@ MAX_LINE = 64 * 1024 * 1024  # a report with many access-log entries stays far b
 MAX_LINE_FROM_SUPERVISOR = 1 << 30  # init and reload carry the users file's content, which has no size limit
 RECV_SIZE = 256 * 1024
 
-Message = dict[str, Any]
+Message = dict[str, Any]  # a message as JSON carries it (messages.encode, messages.decode)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

@@ -1,11 +1,17 @@
-"""Wires the server together: listeners, privileges, state, users, signals, reload and shutdown.
+"""One server process: `Server(config, role).run()`, the same fixed sequence for every role.
 
-Start-up order: bind every listener (POP3, MSMP, metrics) as whoever started us, so
-port 110 can be bound as root; then drop to `--run-as` for good (a warning if we stay
-root); only then touch the Maildir root, the state store and the users file, as the
-user that will serve; last, start accepting on the sockets bound first.
+bind -> drop privileges -> prepare -> serve -> (started, ready) -> wait -> shutdown.
+Bind every listener (POP3, MSMP, metrics) as whoever started us, so port 110 can be
+bound as root; then drop to `--run-as` for good (a warning if we stay root); only then
+touch the Maildir root, the state store and the users file, as the user that will
+serve; then start accepting on the sockets bound first; wait for SIGTERM/SIGINT; stop.
 
-SIGHUP and MSMP `RELOAD` run `App.reload()`: everything that can be re-read while
+What each step does is the role's (geventpop3.process.roles: single; .supervisor;
+.worker), an object passed in; `Server` holds what every role shares (the listeners,
+the context, the store, the hasher, the users source) and the steps they are made of
+(`bind_all`, `prepare_context`, `serve_pop3`, `reload_local`, `stop_serving`, ...).
+
+SIGHUP and MSMP `RELOAD` run `Server.reload()`: everything that can be re-read while
 running is re-read there (the users file, the TLS certificate and key), each part keeping
 its old state when its new one fails, and the problems come back as one line each.
 """
@@ -20,6 +26,8 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import gevent
 from gevent.event import Event
@@ -28,8 +36,9 @@ from gevent.pywsgi import WSGIServer
 from gevent.server import StreamServer
 from gevent.socket import socket
 
-from geventpop3.auth.users import HASHER, MIB, Configured, UserDirectory, UsersFile, UserStore
-from geventpop3.config import Config, UsageError, read_users_file
+from geventpop3.auth.source import UsersSource
+from geventpop3.auth.users import MIB, Hasher, UserDirectory, UsersFile
+from geventpop3.config import Config
 from geventpop3.core.names import UserError
 from geventpop3.mail import maildir
 from geventpop3.net import listen, tls
@@ -37,6 +46,7 @@ from geventpop3.process import ready
 from geventpop3.service import privileges
 from geventpop3.service.context import ServerContext
 from geventpop3.service.filters import FilterRunner
+from geventpop3.service.msmp.backend import ManagementBackend
 from geventpop3.service.msmp.session import start_admin_servers
 from geventpop3.service.pop3.session import Pop3Server, Pop3Service
 from geventpop3.service.prometheus import start_prometheus_server
@@ -106,11 +116,49 @@ def open_store(state_dir: str | None, state_url: str | None = None, instance: st
         raise StartupError(f"{exc} (fix or move it away, or start with --no-state)") from None
 
 
-class App:
+Endpoints = dict[str, list[dict[str, object]]]  # ready.endpoints: what --ready-file says
+
+
+class Role(Protocol):
+    """What one kind of process does at each step of `Server.run` (geventpop3.process.roles)."""
+
+    def bind(self, server: Server) -> None:
+        """Put the listening sockets in `server.bound` (none accepts yet)."""
+
+    def drop(self, server: Server) -> None:
+        """Become the --run-as user for good."""
+
+    def prepare(self, server: Server) -> ServerContext:
+        """Maildir root, state, users: the context, before any listener accepts."""
+
+    def serve(self, server: Server, ctx: ServerContext) -> None:
+        """Start accepting on the sockets of `server.bound` (taking them out)."""
+
+    def started(self, server: Server, ctx: ServerContext) -> None:
+        """Say it serves (the log, the supervisor)."""
+
+    def ready(self, server: Server, served: Endpoints) -> int:
+        """After the signal handlers know it serves: --ready-file; 0, or 2 if stopping."""
+
+    def hangup(self, server: Server) -> None:
+        """SIGHUP."""
+
+    def reload(self, server: Server) -> list[str]:
+        """Re-read what can be re-read; the problems, one line each."""
+
+    def shutdown(self, server: Server) -> None:
+        """After SIGTERM/SIGINT: end the sessions, then the state."""
+
+    def close_state(self, server: Server) -> None:
+        """The start failed (StartupError at any step, the listeners closed already): close the state."""
+
+
+class Server:
     """One server process: `run()` blocks until SIGTERM/SIGINT, then returns 0 (2 if it cannot start)."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, role: Role) -> None:
         self.config = config
+        self.role = role
         self.stopping = Event()
         self.pop3_servers: list[StreamServer] = []
         self.admin_servers: list[StreamServer] = []
@@ -121,8 +169,8 @@ class App:
         self.store: Store | None = None
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
-        self.notes: list[str] = []  # about the users file last read (ignored fields, users left out)
-        self.users_digest = ""  # of the users file's content in force (users.UsersFile.digest)
+        self.hasher = Hasher()  # the password checks' threads: the context's (users and admins)
+        self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
         self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
 
@@ -134,52 +182,53 @@ class App:
         # workers starting), and a signal's default action would end the process without a word.
         # They are handled once start-up yields (SIGTERM, SIGINT) or is done (SIGHUP).
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
-        handlers.append(gevent.signal_handler(signal.SIGHUP, self._hangup))
+        handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: self.role.hangup(self)))
         try:
-            status = self._start_and_serve()
+            status = self._run()
         finally:
             for handler in handlers:
                 handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
         return status
 
-    def _start_and_serve(self) -> int:
+    def _run(self) -> int:
+        role = self.role
         try:
-            self._bind()
-            self._drop_privileges()
-            self.ctx = self._prepare()
+            role.bind(self)
+            role.drop(self)
+            self.ctx = ctx = role.prepare(self)
             gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
-            served = ready.endpoints(self.bound)  # _serve takes the sockets out of self.bound
-            self._serve(self.ctx)
+            served = ready.endpoints(self.bound)  # serving takes the sockets out of self.bound
+            role.serve(self, ctx)
         except StartupError as exc:
             print(f"geventpop3: {exc}", file=sys.stderr)
-            self._close_listeners()
-            self._close_state()
+            self.close_listeners()
+            role.close_state(self)
             return 2
         status = 0
         if not self.stopping.is_set():  # else asked to stop during start-up: straight to shutdown
-            self._log_identity()
-            for warning in self.config.warnings:  # only now: a start-up error stays one line
-                log.warning("%s", warning)
-            for note in self.notes:
-                log.info("%s", note)
-            self._ready(self.ctx)
+            role.started(self, ctx)
             self.serving = True
             if self.hangup_at_start:
                 log.info("SIGHUP came during start-up: reloading now")
                 self.reload()
-            status = self._write_ready_file(served)  # after the signal handlers: a reader may signal at once
+            status = role.ready(self, served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
-        self.shutdown()
+        role.shutdown(self)
         return status
 
-    def _hangup(self) -> None:
+    def reload(self) -> list[str]:
+        """SIGHUP, MSMP `RELOAD`: the role's reload."""
+        return self.role.reload(self)
+
+    # -- the steps roles are made of ------------------------------------------------------
+    def reload_when_serving(self) -> None:
         """SIGHUP: reload; during start-up, once serving (what start-up read may predate the change)."""
         if self.serving:
             self.reload()
         else:
             self.hangup_at_start = True
 
-    def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
+    def write_ready_file(self, served: Endpoints) -> int:
         """0, or 2 (and stopping) when --ready-file cannot be written: whoever waits for it would wait forever."""
         if self.config.ready_file is None:
             return 0
@@ -191,8 +240,9 @@ class App:
             return 2
         return 0
 
-    def _prepare(self) -> ServerContext:
-        """Maildir root, state store, users and the shared context, before any listener opens."""
+    def prepare_context(self, directory: Callable[[], UserDirectory], keep_state: bool = True) -> ServerContext:
+        """Maildir root, state store (`keep_state`), users (`directory()`, made with
+        `self.hasher`) and the shared context, before any listener opens."""
         config = self.config
         settings = config.settings
         try:
@@ -200,13 +250,14 @@ class App:
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
-        self.store = self._open_store()
+        if keep_state:
+            self.store = open_store(config.state_dir, config.state_url, self.instance_name())
         self._configure_hasher()
         try:
-            directory = self._user_directory()
-        except (UsageError, UserError, StoreError) as exc:
+            users = directory()
+        except (UserError, StoreError) as exc:
             raise StartupError(str(exc)) from None
-        ctx = ServerContext(settings=settings, users=directory, tls=config.tls)
+        ctx = ServerContext(settings=settings, users=users, tls=config.tls)
         if config.tls is not None:
             try:
                 config.tls.follow(settings)  # tls_min_version: now, after a restored SET, and live
@@ -229,7 +280,12 @@ class App:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
 
-    def _instance_name(self) -> str:
+    def configured_users(self, directory: UserDirectory) -> UserDirectory:
+        """`directory` with the configured users of the users file as read now (UserError if it cannot be)."""
+        self.users.configure(directory, self.users.read())
+        return directory
+
+    def instance_name(self) -> str:
         """This instance in a shared store: `instance_name`, else <host>-<POP3 port>."""
         if self.config.instance_name or self.config.state_url is None:
             return self.config.instance_name or ""
@@ -237,55 +293,11 @@ class App:
 
         return default_instance_name(self.config.pop3_port)
 
-    def _user_directory(self) -> UserDirectory:
-        """The POP3 users: the store's, with the configured ones (flags, users file) over them."""
-        directory = UserDirectory(self._user_store(), allow_weak=self.config.allow_weak_schemes)
-        self._configure_users(directory)
-        return directory
-
-    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
-        """`directory.configure` with the configured users as read now (at start and at each
-        reload); once taken, `users_digest` is that of the users file's content in force."""
-        users_file = self._read_users_file() if self.config.users_file else None
-        counts = directory.configure(self._configured_users(users_file))
-        self.users_digest = users_file.digest if users_file is not None else ""
-        return counts
-
-    def _read_users_file(self) -> UsersFile:
-        """The users file, read now (a worker of geventpop3.process may take its supervisor's read)."""
-        assert self.config.users_file
-        return read_users_file(self.config.users_file)
-
-    def _configured_users(self, users_file: UsersFile | None) -> list[Configured | tuple[str, str]]:
-        """The users of flags, the users file (read by the caller: UsageError, one line with
-        `path:line`, if it cannot be read or parsed) and --demo. The file's notes go to
-        `notes`, logged once its users are taken."""
-        config = self.config
-        users: list[Configured | tuple[str, str]] = list(config.users)
-        if users_file is not None:
-            self.notes = users_file.notes
-            users.extend(users_file.entries)
-        if config.demo:
-            users.append(DEMO_USER)
-        return users
-
     def _configure_hasher(self) -> None:
         settings = self.config.settings
-        HASHER.configure(settings.auth_hash_threads, settings.auth_hash_queue, settings.auth_hash_memory * MIB)
+        self.hasher.configure(settings.auth_hash_threads, settings.auth_hash_queue, settings.auth_hash_memory * MIB)
 
-    def _open_store(self) -> Store | None:
-        """The state store this process writes (a worker of geventpop3.process has none)."""
-        return open_store(self.config.state_dir, self.config.state_url, self._instance_name())
-
-    def _user_store(self) -> UserStore | None:
-        """Where users added over MSMP persist (the cluster's supervisor also remembers them for its workers)."""
-        return self.store
-
-    def _ready(self, ctx: ServerContext) -> None:
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s", ctx.settings.maildir, len(ctx.users),
-                 self.store.location if self.store is not None else "none")
-
-    def _bind(self) -> None:
+    def bind_all(self) -> None:
         """Bind every listener (POP3, MSMP, metrics if asked for); none accepts yet."""
         config = self.config
         try:
@@ -303,7 +315,7 @@ class App:
             why = exc.strerror or str(exc)
             raise StartupError(why if why.startswith("cannot ") else "cannot listen: " + why) from None
 
-    def _drop_privileges(self) -> None:
+    def drop_privileges(self) -> None:
         """Become the --run-as user for good, before any Maildir, state or users file is read."""
         identity = self.config.run_as
         if identity is None:
@@ -316,53 +328,64 @@ class App:
         except privileges.PrivilegeError as exc:
             raise StartupError(str(exc)) from None
 
-    def _log_identity(self) -> None:
-        """Who serves, once started (a start-up error stays one line): a warning if it is root."""
-        identity = self.config.run_as
-        if identity is not None:
-            log.info("running as user %s (uid %d, gid %d)", identity.user, identity.uid, identity.gid)
+    def log_start(self, identity: bool = True) -> None:
+        """Once started (a start-up error stays one line): who serves, with a warning if it is
+        root (`identity`), the configuration's warnings, the notes about the users file."""
+        run_as = self.config.run_as
+        if not identity:
+            pass
+        elif run_as is not None:
+            log.info("running as user %s (uid %d, gid %d)", run_as.user, run_as.uid, run_as.gid)
         elif os.geteuid() == 0:
             log.warning(privileges.ROOT_WARNING)
+        for warning in self.config.warnings:
+            log.warning("%s", warning)
+        for note in self.users.notes:
+            log.info("%s", note)
 
-    def _serve(self, ctx: ServerContext) -> None:
-        """Start accepting on the sockets bound before the drop."""
+    def serve_pop3(self, max_accept: int | None = None, level: int = logging.INFO) -> None:
+        """Start accepting POP3 and POP3S on the sockets bound before the drop."""
         assert self.pop3 is not None
-        for listener in self.bound.pop("pop3", []):
-            server = Pop3Server(listener, self.pop3.handle)
-            server.start()
-            self.pop3_servers.append(server)
-            log.info("pop3 listening on %s", listen.describe(listener))
-        for listener in self.bound.pop("pop3s", []):
-            server = Pop3Server(listener, self.pop3.handle_tls)
-            server.start()
-            self.pop3_servers.append(server)
-            log.info("pop3s listening on %s", listen.describe(listener))
+        for service, handler in (("pop3", self.pop3.handle), ("pop3s", self.pop3.handle_tls)):
+            for listener in self.bound.pop(service, []):
+                server = Pop3Server(listener, handler)
+                if max_accept is not None:
+                    server.max_accept = max_accept
+                server.start()
+                self.pop3_servers.append(server)
+                log.log(level, "%s listening on %s", service, listen.describe(listener))
+
+    def serve_admin(self, ctx: ServerContext, backend: ManagementBackend | None = None,
+                    collectors: Sequence[Any] = ()) -> None:
+        """Start MSMP (over `backend`, else the context's own) and the metrics endpoint."""
         self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
                                                  listeners=self.bound.pop("msmp", []), reload=self.reload,
-                                                 server_tls=ctx.tls if self.config.admin_tls else None)
+                                                 server_tls=ctx.tls if self.config.admin_tls else None,
+                                                 backend=backend)
         for listener in self.bound.pop("metrics", []):
-            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener))
+            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=list(collectors)))
             log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
 
-    def reload(self) -> list[str]:
+    def reload_local(self, users_file: Callable[[], UsersFile | None]) -> list[str]:
         """Re-read what can be re-read while running (SIGHUP, MSMP `RELOAD`); the problems, one line each.
 
-        The users file: its added, changed and removed users take effect for new logins
-        (open sessions go on; users added over MSMP stay). The certificate and key: a new
-        context from the same paths, swapped in for new connections (POP3S, STLS, MSMP with
-        --admin-tls) only if it loads; open sessions keep theirs. A part that fails keeps
-        its current state and is logged, one line.
+        The users file (`users_file()`: read now, or taken from the supervisor): its added,
+        changed and removed users take effect for new logins (open sessions go on; users
+        added over MSMP stay). The certificate and key: a new context from the same paths,
+        swapped in for new connections (POP3S, STLS, MSMP with --admin-tls) only if it
+        loads; open sessions keep theirs. A part that fails keeps its current state and is
+        logged, one line.
         """
         problems: list[str] = []
         if self.config.users_file and self.ctx is not None:
             try:
-                added, changed, removed = self._configure_users(self.ctx.users)
-            except (UsageError, UserError) as exc:
+                added, changed, removed = self.users.configure(self.ctx.users, users_file())
+            except UserError as exc:
                 problems.append(f"users file not reloaded, the current users stay: {exc}")
             else:
                 log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
                          self.config.users_file, len(self.ctx.users), added, changed, removed)
-                for note in self.notes:
+                for note in self.users.notes:
                     log.info("%s", note)
         server_tls = self.config.tls
         if server_tls is not None:
@@ -396,23 +419,24 @@ class App:
             ctx.shared = SharedState(ctx, store, skip=self.config.explicit)  # type: ignore[arg-type]
             ctx.shared.start()
 
-    def shutdown(self) -> None:
+    def stop_serving(self) -> None:
         """Stop accepting, end admin and POP3 sessions (no UPDATE without QUIT), then flush state.
 
         The order matters: every session has ended (and logged its logout) before the
         persister writes its last batch and the store closes.
         """
         log.info("shutting down: %d open sessions", len(self.pop3) if self.pop3 else 0)
-        if self.config.ready_file is not None:
-            ready.remove(self.config.ready_file)  # no longer serving: a reader must not take the ports
-        self._close_listeners()
+        self.close_listeners()
         self.admin_sessions.kill(block=True, timeout=SHUTDOWN_GRACE)
         if self.pop3 is not None:
             self.pop3.shutdown(SHUTDOWN_GRACE)
-        self._close_state()
-        log.info("stopped")
 
-    def _close_state(self) -> None:
+    def remove_ready_file(self) -> None:
+        """No longer serving: a reader of --ready-file must not take the ports."""
+        if self.config.ready_file is not None:
+            ready.remove(self.config.ready_file)
+
+    def close_state(self) -> None:
         if self.ctx is not None and self.ctx.shared is not None:
             self.ctx.shared.stop()  # after the sessions: gives back the leases they left
         if self.persister is not None:
@@ -420,7 +444,7 @@ class App:
         if self.store is not None:
             self.store.close()
 
-    def _close_listeners(self) -> None:
+    def close_listeners(self) -> None:
         for server in [*self.pop3_servers, *self.admin_servers, *self.metrics_servers]:
             server.close()
         for sockets in self.bound.values():  # bound, but start-up stopped before they served
@@ -433,6 +457,15 @@ class App:
             logging.getLogger().setLevel(str(new))
         elif key in ("auth_hash_threads", "auth_hash_queue", "auth_hash_memory"):
             self._configure_hasher()
+
+
+class App(Server):
+    """A single process (`--workers 1`): `Server(config, Single())`, as tests and embedders start it."""
+
+    def __init__(self, config: Config) -> None:
+        from geventpop3.process.roles import Single
+
+        super().__init__(config, Single())
 
 
 def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:

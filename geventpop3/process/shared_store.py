@@ -33,10 +33,11 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import gevent
 
+from geventpop3.process.messages import Init, Message, StoreState, User
 from geventpop3.state import StoreError
 from geventpop3.state.leases import release_owner
 from geventpop3.state.postgres import Database
@@ -49,8 +50,6 @@ log = logging.getLogger(__name__)
 
 AVAILABILITY_CHECK = 0.25  # seconds between two looks at whether the database answers
 RELEASE_RETRY = 1.0  # seconds between attempts to release a dead worker's leases while the database is down
-
-Message = dict[str, Any]
 
 
 def lease_owner(prefix: str, index: int, pid: int) -> str:
@@ -68,14 +67,10 @@ class SupervisorShare:
         self.prefix = shared.db.owner
         self.users = users
         self.broadcast = broadcast
-        self._told = shared.available
+        self.told = shared.available  # what the workers were told of the database: a new one's Init says it too
         shared.follower.user_changed.append(self._user_changed)
         self._watcher = gevent.spawn(self._follow_availability)
         self._releases: list[gevent.Greenlet[..., None]] = []
-
-    def init_fields(self) -> Message:
-        """What a new worker's first message carries: the prefix of its lease owner, the database's state."""
-        return {"lease_prefix": self.prefix, "store_available": self._told}
 
     def _user_changed(self, name: str, entry: str | None) -> None:
         users = self.users()
@@ -83,15 +78,15 @@ class SupervisorShare:
             users.pop(name, None)
         else:
             users[name] = entry
-        self.broadcast({"op": "user", "name": name, "entry": entry})
+        self.broadcast(User(name, entry))
 
     def _follow_availability(self) -> None:
         while True:
             gevent.sleep(AVAILABILITY_CHECK)
             available = self.shared.available
-            if available != self._told:
-                self._told = available
-                self.broadcast({"op": "store", "available": available})
+            if available != self.told:
+                self.told = available
+                self.broadcast(StoreState(available))
 
     def worker_exited(self, index: int, pid: int) -> None:
         """Worker `index` (process `pid`) is gone: its leases are deleted now (retried
@@ -142,9 +137,9 @@ class WorkerShare(SessionShare):
         self.supervisor_says = available
 
     @classmethod
-    def for_worker(cls, ctx: ServerContext, url: str, instance: str, index: int, init: Message) -> WorkerShare:
-        prefix = str(init.get("lease_prefix") or uuid.uuid4().hex)
-        return cls(ctx, url, instance, lease_owner(prefix, index, os.getpid()), bool(init.get("store_available", True)))
+    def for_worker(cls, ctx: ServerContext, url: str, instance: str, index: int, init: Init) -> WorkerShare:
+        prefix = init.lease_prefix or uuid.uuid4().hex
+        return cls(ctx, url, instance, lease_owner(prefix, index, os.getpid()), init.store_available)
 
     @property
     def available(self) -> bool:
@@ -156,6 +151,6 @@ class WorkerShare(SessionShare):
 
 
 def told_available(ctx: ServerContext, available: bool) -> None:
-    """The supervisor says whether the database answers (a worker's `store` message)."""
+    """The supervisor says whether the database answers (messages.StoreState)."""
     if isinstance(ctx.shared, WorkerShare):
         ctx.shared.supervisor_says = available

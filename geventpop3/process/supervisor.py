@@ -1,15 +1,18 @@
 """The supervisor of `--workers N` (N > 1): binds, keeps the state, serves MSMP, runs the workers.
 
-Start-up: bind every listener and drop privileges as a single process does
-(geventpop3.process.server.App); then start N workers (fresh interpreters, geventpop3.process.worker)
+The `Supervisor` role of `Server(config, role)` (geventpop3.process.server). Start-up:
+bind every listener and drop privileges as a single process does
+(geventpop3.process.roles.Single); then start N workers (fresh interpreters, geventpop3.process.worker)
 that inherit the POP3 and POP3S listeners; while they import and read the users file,
 open the store, users and settings here; then answer each worker's hello with its init,
 wait until each is ready, and only then serve MSMP and the metrics and say ready.
 
-One management plane: MSMP and the metrics are served here only. `SET` reaches the
-workers through the settings listener, `ADD`, `DELE`, `PENALTY CLEAR` through the
-backend, `RELOAD` and SIGHUP through `reload()`: each is a message on every worker's
-channel, applied there at once. The workers report counters, logged-in users and
+One management plane: MSMP and the metrics are served here only. Each change made over
+MSMP (`SET`, `ADD`, `DELE`, `PENALTY CLEAR`, `RELOAD`) is one broadcast of a typed
+message (geventpop3.process.messages) on every worker's channel, answered once every
+serving worker acknowledged it; SIGHUP and the changes another instance makes (with
+--state-url) are broadcast too, without waiting. A `SET` carries the value as checked
+here: the workers only parse it. The workers report counters, logged-in users and
 access-log entries; this process sums them (aggregate.Totals) and is the one writer
 of the store (the usual Persister).
 
@@ -29,25 +32,39 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import gevent
 from gevent.event import Event
 from gevent.socket import socket
 
-from geventpop3.auth.users import UserDirectory, UsersFile, UserStore
-from geventpop3.config import Config
+from geventpop3.auth.users import UserDirectory
 from geventpop3.core.names import UserError
-from geventpop3.core.settings import KEYS, format_value
+from geventpop3.core.settings import KEYS, Settings, format_value
+from geventpop3.process import messages
 from geventpop3.process.aggregate import Totals, WorkerState
-from geventpop3.process.channel import Channel, Message, encode, sealed_copy, socketpair
+from geventpop3.process.channel import Channel, encode, sealed_copy, socketpair
+from geventpop3.process.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    DelUser,
+    Hello,
+    Init,
+    Message,
+    PenaltyClear,
+    Ready,
+    Received,
+    Reload,
+    Report,
+    Set,
+    User,
+)
 from geventpop3.process.restarts import RestartPolicy
-from geventpop3.process.server import SHUTDOWN_GRACE, App, StartupError
+from geventpop3.process.server import SHUTDOWN_GRACE, Endpoints, Server, StartupError
 from geventpop3.service.context import ServerContext
 from geventpop3.service.msmp.backend import ManagementBackend
-from geventpop3.service.msmp.session import start_admin_servers
-from geventpop3.service.prometheus import start_prometheus_server
 from geventpop3.state import Store
 
 if TYPE_CHECKING:
@@ -144,6 +161,8 @@ class WorkerPool:
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
+        self._handlers: dict[type[Message], Callable[[WorkerState, subprocess.Popen[bytes], Any], None]] = {
+            Report: self._report, Ack: self._ack, Ready: self._ready}
 
     def launch(self) -> None:
         """Start every worker's interpreter now; each waits for its `init` (sent once `start` runs)."""
@@ -189,7 +208,7 @@ class WorkerPool:
         """Tell every worker; with `wait`, until each serving one has applied it (at most
         `wait` seconds: a worker that is slower gets it all the same, later). True if all did."""
         self.sequence += 1
-        data = encode({**message, "seq": self.sequence})  # once: a reload carries the whole users file
+        data = encode(messages.encode(message, self.sequence))  # once: a reload carries the whole users file
         for channel in list(self.channels.values()):
             channel.send_encoded(data)
         if not wait or self.totals is None:
@@ -198,7 +217,7 @@ class WorkerPool:
         while any(w.ready and w.acked < self.sequence for w in self.totals.workers):
             left = deadline - time.monotonic()
             if left <= 0:
-                log.warning("not every worker applied %s within %.1f s", message.get("op"), wait)
+                log.warning("not every worker applied %s within %.1f s", message.OP, wait)
                 return False
             self.acked.clear()
             self.acked.wait(left)
@@ -246,18 +265,24 @@ class WorkerPool:
     def _watch(self, worker: WorkerState, process: subprocess.Popen[bytes], channel: Channel) -> None:
         """Answer the worker's hello, read its messages until it ends, then replace it (unless stopping)."""
         assert self.totals is not None
-        messages = channel.messages()
-        hello = next(messages, None)
-        if hello is not None and hello.get("op") == "hello":
-            channel.start(first=self.initial(worker.index, str(hello.get("users_digest") or "")))  # no yield until
+        received = messages.decoded(channel.messages(), f"worker {worker.index}")
+        hello = next(received, None)
+        if hello is not None and isinstance(hello.message, Hello) and hello.message.version == PROTOCOL_VERSION:
+            first = self.initial(worker.index, hello.message.users_digest)
+            channel.start(first=messages.encode(first))  # no yield until
             self.channels[worker.index] = channel  # registered: no broadcast is missed, none is doubled
             worker.acked = self.sequence  # init carries every change so far: none to wait for
             try:
-                self._read(worker, process, messages)
+                self._read(worker, process, received)
             except Exception:  # a message this process cannot take: the worker is replaced, the watch goes on
                 log.exception("worker %d (pid %d) sent what the supervisor cannot take: stopped", worker.index,
                               process.pid)
                 process.kill()
+        elif hello is not None and isinstance(hello.message, Hello):
+            log.error("worker %d (pid %d) speaks control protocol version %d, this supervisor %d (started from "
+                      "another geventpop3?): stopped", worker.index, process.pid, hello.message.version,
+                      PROTOCOL_VERSION)
+            process.kill()
         elif hello is not None:
             log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
             process.kill()
@@ -281,20 +306,28 @@ class WorkerPool:
             return
         self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)")
 
-    def _read(self, worker: WorkerState, process: subprocess.Popen[bytes], messages: Iterator[Message]) -> None:
+    def _read(self, worker: WorkerState, process: subprocess.Popen[bytes], received: Iterator[Received]) -> None:
+        for message, _ in received:
+            handler = self._handlers.get(type(message))
+            if handler is None:
+                log.error("worker %d (pid %d): %s is no message for the supervisor, ignored", worker.index,
+                          process.pid, message.OP)
+                continue
+            handler(worker, process, message)
+
+    def _report(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Report) -> None:
         assert self.totals is not None
-        for message in messages:
-            op = message.get("op")
-            if op == "report":
-                self.totals.add(worker, message)
-            elif op == "ack":
-                worker.acked = int(message.get("seq", 0))
-                self.acked.set()
-            elif op == "ready":
-                worker.ready = True
-                self.ready_at[worker.index] = time.monotonic()
-                log.info("worker %d serving (pid %d)", worker.index, process.pid)
-                self.changed.set()
+        self.totals.add(worker, message.fields)
+
+    def _ack(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Ack) -> None:
+        worker.acked = message.applied
+        self.acked.set()
+
+    def _ready(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Ready) -> None:
+        worker.ready = True
+        self.ready_at[worker.index] = time.monotonic()
+        log.info("worker %d serving (pid %d)", worker.index, process.pid)
+        self.changed.set()
 
     def _ended(self, worker: WorkerState, pid: int, how: str, served: float) -> None:
         """A worker that had been serving ended: replaced at once, or after a backoff if it
@@ -363,198 +396,209 @@ def _next_start(delay: float) -> str:
     return f"starting it again in {delay:.1f} s" if delay > 0 else "replacing it now"
 
 
+class SettingsRelay:
+    """Every change of the supervisor's settings, told to every worker as one `Set` of the
+    value as formatted here (checked here; a worker only parses it). A SET over MSMP is
+    sent by `set` (one broadcast, acknowledged); any other change (another instance's,
+    through the shared store's follower) as it is applied here."""
+
+    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self._own: list[str] = []  # keys being SET over MSMP: `set` broadcasts them
+        settings.subscribe(self._changed)
+
+    @contextmanager
+    def own(self, key: str) -> Iterator[None]:
+        """The caller broadcasts the changes of `key` made in the block."""
+        self._own.append(key)
+        try:
+            yield
+        finally:
+            self._own.remove(key)
+
+    def _changed(self, key: str, old: object, new: object) -> None:
+        if old != new and key not in self._own:
+            self.pool.broadcast(Set(key, format_value(new)))
+
+
 class ClusterBackend(ManagementBackend):
-    """MSMP over the supervisor's context, telling every worker what changed."""
+    """MSMP over the supervisor's context, telling every worker what changed: one
+    broadcast per change, answered once every serving worker applied it (or after APPLY_WAIT)."""
 
     def __init__(self, ctx: ServerContext, reload: Callable[[], list[str]], pool: WorkerPool, totals: Totals,
-                 recorded: RecordingUsers) -> None:
+                 recorded: RecordingUsers, relay: SettingsRelay) -> None:
         super().__init__(ctx, reload)
         self.pool = pool
         self.totals = totals
         self.recorded = recorded
+        self.relay = relay
 
     def add_user(self, name: str, password: str) -> bool:
         """Hashed once, here; the workers take the entry (the password never leaves this process)."""
         created = super().add_user(name, password)
-        self.pool.broadcast({"op": "user", "name": name, "entry": self.recorded.users[name]}, APPLY_WAIT)
+        self.pool.broadcast(User(name, self.recorded.users[name]), APPLY_WAIT)
         return created
 
     def delete_user(self, name: str) -> None:
         """Withdrawn in every worker first (no login can start there any more), then deleted
         here (the checks, the Maildir moved aside, the store); then the workers forget the
-        user, or put it back if the deletion failed."""
+        user (commit), or put it back if the deletion failed (rollback)."""
         if name not in self.ctx.users:
             raise UserError("User does not exist")
         self.pool.withdrawn.add(name)  # a worker that says hello meanwhile gets it in its init
-        self.pool.broadcast({"op": "deluser-begin", "name": name}, APPLY_WAIT)
+        self.pool.broadcast(DelUser(name, "begin"), APPLY_WAIT)
         deleted = False
         try:
             super().delete_user(name)
             deleted = True
         finally:
             self.pool.withdrawn.discard(name)
-            self.pool.broadcast({"op": "deluser-end", "name": name, "deleted": deleted}, APPLY_WAIT)
+            self.pool.broadcast(DelUser(name, "commit" if deleted else "rollback"), APPLY_WAIT)
 
     def clear_penalty(self, address: str | None) -> int:
         cleared = super().clear_penalty(address)
-        self.pool.broadcast({"op": "penalty-clear", "address": address}, APPLY_WAIT)
+        self.pool.broadcast(PenaltyClear(address), APPLY_WAIT)
         return cleared
 
     def set_setting(self, key: str, value: str) -> None:
-        """Saved and applied here (the settings listener tells the workers), then waits for them."""
-        super().set_setting(key, value)
-        self.pool.broadcast({"op": "sync"}, APPLY_WAIT)
-
-    def reload(self) -> list[str]:
-        """As SIGHUP (Supervisor.reload), answered once the workers reloaded too."""
-        problems = super().reload()
-        self.pool.broadcast({"op": "sync"}, APPLY_WAIT)
-        return problems
+        """Checked, saved and applied here, then one broadcast of the value in force, acknowledged."""
+        with self.relay.own(key):
+            super().set_setting(key, value)
+        self.pool.broadcast(Set(key, self.ctx.settings.get(key)), APPLY_WAIT)
 
     def stat_lines(self) -> list[str]:
         return [*super().stat_lines(), *self.totals.stat_lines()]
 
 
-class Supervisor(App):
-    """App whose POP3 is served by worker processes (see the module docstring)."""
+class Supervisor:
+    """The role whose POP3 is served by worker processes (see the module docstring)."""
 
-    def __init__(self, config: Config, argv: list[str]) -> None:
-        super().__init__(config)
+    def __init__(self, argv: list[str]) -> None:
         self.argv = argv
         self.pool: WorkerPool | None = None
         self.recorded = RecordingUsers(None)
-        self.users_data = b""  # the users file's content in force: for a worker that read another one
-        self._users_read = b""  # the content last read, in force once its users are taken
         self.share: SupervisorShare | None = None  # with --state-url (geventpop3.process.shared_store)
 
-    def _drop_privileges(self) -> None:
-        super()._drop_privileges()
-        server_tls = self.config.tls
-        if server_tls is None or self.config.run_as is None:
+    def bind(self, server: Server) -> None:
+        server.bind_all()
+
+    def drop(self, server: Server) -> None:
+        server.drop_privileges()
+        config = server.config
+        if config.tls is None or config.run_as is None:
             return
-        for path in dict.fromkeys((server_tls.cert, server_tls.key)):  # in order, once
+        for path in dict.fromkeys((config.tls.cert, config.tls.key)):  # in order, once
             if not os.access(path, os.R_OK):
-                raise StartupError(f"with --workers, {self.config.run_as.user} must be able to read {path}: "
+                raise StartupError(f"with --workers, {config.run_as.user} must be able to read {path}: "
                                    "every worker loads the certificate and key")
 
-    def _user_store(self) -> UserStore | None:
-        self.recorded = RecordingUsers(self.store)
-        return self.recorded
-
-    def _prepare(self) -> ServerContext:
+    def prepare(self, server: Server) -> ServerContext:
         """The workers' interpreters start first: they import, parse the configuration and
         read the users file while this process opens the state and reads the users file
-        too, then each waits for its `init` (sent once this process is ready, `_serve`).
+        too, then each waits for its `Init` (sent once this process serves, `serve`).
         Start-up takes about one read of the users file instead of two in a row."""
-        listeners: dict[str, list[socket]] = {service: list(self.bound[service])
-                                              for service in ("pop3", "pop3s") if service in self.bound}
-        self.pool = WorkerPool(self.argv, listeners, self.config.workers, self._initial, self.config.config_data)
+        config = server.config
+        listeners: dict[str, list[socket]] = {service: list(server.bound[service])
+                                              for service in ("pop3", "pop3s") if service in server.bound}
+        self.pool = WorkerPool(self.argv, listeners, config.workers, lambda index, digest: self.initial(
+            server, index, digest), config.config_data)
         self.pool.launch()
         try:
-            return super()._prepare()
+            ctx = server.prepare_context(lambda: self._directory(server))
+            if config.state_url is not None:
+                self._share(ctx)
         except BaseException:
             self.pool.abandon()
             raise
+        return ctx
 
-    def _user_directory(self) -> UserDirectory:
-        directory = UnverifiedUsers(self._user_store(), allow_weak=self.config.allow_weak_schemes)
-        self._configure_users(directory)
-        return directory
+    def _directory(self, server: Server) -> UserDirectory:
+        self.recorded = RecordingUsers(server.store)
+        directory = UnverifiedUsers(self.recorded, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        return server.configured_users(directory)
 
-    def _read_users_file(self) -> UsersFile:
-        users_file = super()._read_users_file()
-        self._users_read = users_file.data
-        return users_file
-
-    def _configure_users(self, directory: UserDirectory) -> tuple[int, int, int]:
-        counts = super()._configure_users(directory)
-        self.users_data = self._users_read if self.config.users_file else b""
-        return counts
-
-    def _initial(self, index: int, users_digest: str) -> Message:
-        """A new worker's first message: the settings and stored users in force, and the users
-        file's content if the worker read another one than this process (`users_digest`, of
-        what it read, differs: the file changed in between), so every process has the same users."""
-        assert self.ctx is not None
-        settings = self.ctx.settings
-        message = {"op": "init", "settings": {key: settings.get(key) for key in KEYS},
-                   "users": dict(self.recorded.users), **(self.share.init_fields() if self.share else {})}
-        if self.pool is not None and self.pool.withdrawn:
-            message["withdrawn"] = sorted(self.pool.withdrawn)
-        if users_digest != self.users_digest:
-            log.info("worker %d read another users file than the one in force here: it takes this one", index)
-            message["users_data"] = self.users_data.decode()
-        return message
-
-    def _serve(self, ctx: ServerContext) -> None:
-        assert self.pool is not None
-        self.ctx = ctx
-        for service in ("pop3", "pop3s"):
-            self.bound.pop(service, None)  # the pool's now: its workers serve them
-        totals = Totals(ctx, self.config.workers)
-        if self.share is not None:
-            self.pool.exited.append(self.share.worker_exited)
-        ctx.settings.subscribe(self._setting_changed)
-        try:
-            self.pool.start(totals, self.stopping.is_set)
-        except StartupError:
-            self.pool.close_listeners()
-            raise
-        if self.stopping.is_set():
-            return  # asked to stop during start-up: no MSMP, the workers are stopped at once
-        backend = ClusterBackend(ctx, self.reload, self.pool, totals, self.recorded)
-        self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
-                                                 listeners=self.bound.pop("msmp", []), reload=self.reload,
-                                                 server_tls=ctx.tls if self.config.admin_tls else None,
-                                                 backend=backend)
-        for listener in self.bound.pop("metrics", []):
-            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=[totals]))
-
-    def _ready(self, ctx: ServerContext) -> None:
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s workers=%d", ctx.settings.maildir, len(ctx.users),
-                 self.store.location if self.store is not None else "none", self.config.workers)
-
-    def _setting_changed(self, key: str, old: object, new: object) -> None:
-        if self.pool is not None and old != new:
-            self.pool.broadcast({"op": "set", "key": key, "value": format_value(new)})
-
-    def reload(self) -> list[str]:
-        """Here (the certificate MSMP over TLS uses, the users file) and in every worker. The
-        workers take the users file's content in force here rather than read the file again:
-        the same users everywhere, even if the file changes meanwhile or its reload failed here."""
-        problems = super().reload()
-        if self.pool is not None:
-            message: Message = {"op": "reload"}
-            if self.config.users_file:
-                message["users_data"] = self.users_data.decode()
-            self.pool.broadcast(message)
-        return problems
-
-    def shutdown(self) -> None:
-        """Workers first (their sessions end, their last reports arrive), then the state."""
-        if self.pool is not None:
-            log.info("stopping %d workers", len(self.pool.processes))
-            self.pool.close_listeners()
-            self.pool.stop(SHUTDOWN_GRACE + 5)
-        super().shutdown()
-
-    # -- with --state-url: the shared store's part (geventpop3.process.shared_store) ----------
-    def _restore_state(self, ctx: ServerContext, store: Store) -> None:
-        super()._restore_state(ctx, store)
-        if self.config.state_url is None:
-            return
+    def _share(self, ctx: ServerContext) -> None:
+        """With --state-url: the shared store's part (geventpop3.process.shared_store), made
+        before any yield, so the follower has not applied anything the workers would miss."""
         from geventpop3.process.shared_store import SupervisorShare
         from geventpop3.state.shared import SharedState
 
         assert isinstance(ctx.shared, SharedState)
-        # Before any yield, so the follower has not applied anything the workers would miss.
         self.share = SupervisorShare(ctx.shared, lambda: self.recorded.users, self._broadcast)
 
     def _broadcast(self, message: Message) -> None:
         if self.pool is not None:
             self.pool.broadcast(message)
 
-    def _close_state(self) -> None:
+    def initial(self, server: Server, index: int, users_digest: str) -> Init:
+        """A new worker's first message: the settings and stored users in force, and the users
+        file's content if the worker read another one than this process (`users_digest`, of
+        what it read, differs: the file changed in between), so every process has the same users."""
+        assert server.ctx is not None
+        settings = server.ctx.settings
+        users_data = None
+        if not server.users.matches(users_digest):
+            log.info("worker %d read another users file than the one in force here: it takes this one", index)
+            users_data = server.users.data.decode()
+        share = self.share
+        return Init(settings={key: settings.get(key) for key in KEYS}, users=dict(self.recorded.users),
+                    withdrawn=tuple(sorted(self.pool.withdrawn)) if self.pool is not None else (),
+                    users_data=users_data, lease_prefix=share.prefix if share is not None else None,
+                    store_available=share.told if share is not None else True)
+
+    def serve(self, server: Server, ctx: ServerContext) -> None:
+        assert self.pool is not None
+        for service in ("pop3", "pop3s"):
+            server.bound.pop(service, None)  # the pool's now: its workers serve them
+        totals = Totals(ctx, server.config.workers)
+        if self.share is not None:
+            self.pool.exited.append(self.share.worker_exited)
+        relay = SettingsRelay(ctx.settings, self.pool)
+        try:
+            self.pool.start(totals, server.stopping.is_set)
+        except StartupError:
+            self.pool.close_listeners()
+            raise
+        if server.stopping.is_set():
+            return  # asked to stop during start-up: no MSMP, the workers are stopped at once
+        backend = ClusterBackend(ctx, lambda: self.reload(server, APPLY_WAIT), self.pool, totals, self.recorded,
+                                 relay)
+        server.serve_admin(ctx, backend, collectors=[totals])
+
+    def started(self, server: Server, ctx: ServerContext) -> None:
+        server.log_start()
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s workers=%d", ctx.settings.maildir, len(ctx.users),
+                 server.store.location if server.store is not None else "none", server.config.workers)
+
+    def ready(self, server: Server, served: Endpoints) -> int:
+        return server.write_ready_file(served)
+
+    def hangup(self, server: Server) -> None:
+        server.reload_when_serving()
+
+    def reload(self, server: Server, wait: float = 0.0) -> list[str]:
+        """Here (the certificate MSMP over TLS uses, the users file) and in every worker, which
+        take the users file's content in force here rather than read the file again: the
+        same users everywhere, even if the file changes meanwhile or its reload failed here.
+        `wait`: at most this long for every worker to have reloaded (MSMP RELOAD)."""
+        problems = server.reload_local(server.users.read)
+        if self.pool is not None:
+            self.pool.broadcast(Reload(server.users.data.decode() if server.config.users_file else None), wait)
+        return problems
+
+    def shutdown(self, server: Server) -> None:
+        """Workers first (their sessions end, their last reports arrive), then the state."""
+        if self.pool is not None:
+            log.info("stopping %d workers", len(self.pool.processes))
+            self.pool.close_listeners()
+            self.pool.stop(SHUTDOWN_GRACE + 5)
+        server.remove_ready_file()
+        server.stop_serving()
+        self.close_state(server)
+        log.info("stopped")
+
+    def close_state(self, server: Server) -> None:
         if self.share is not None:
             self.share.stop()  # the workers have stopped: what a killed one left goes now
-        super()._close_state()
+        server.close_state()

@@ -3,14 +3,18 @@
 Started as a fresh interpreter (`python -m geventpop3.process ...`, see
 geventpop3.process.__main__) with the supervisor's command line, the descriptors of
 the listening sockets and one end of a socketpair (the channel). It parses the same
-configuration, so it serves exactly as a single process would, except that:
+configuration and runs `Server(config, Worker(...))`, so it serves exactly as a single
+process would, except that:
 
 - it binds nothing (the sockets are inherited) and keeps no state store: it reads and
-  parses the users file at once (the supervisor reads it meanwhile), says hello with the
-  digest of what it read, and the answer is the supervisor's current settings and
-  stored users (and the supervisor's users file content if it read another); later messages
-  carry every SET, ADD, DELE, RELOAD and PENALTY CLEAR; it reports its counters,
-  logged-in users and access-log entries to the supervisor twice a second;
+  parses the users file at once (the supervisor reads it meanwhile), says `Hello` with
+  the digest of what it read, and the answer (`Init`) is the supervisor's current
+  settings and stored users (and the supervisor's users file content if it read
+  another); later messages (geventpop3.process.messages) carry every SET, ADD, DELE,
+  RELOAD and PENALTY CLEAR, each dispatched through a table and acknowledged; it
+  reports its counters, logged-in users and access-log entries twice a second;
+- its settings are not checked against the machine (the supervisor checked them): a
+  value is only parsed;
 - it dies with the supervisor: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the
   supervisor dies, and the end of the channel stops it too (the pipe check, on any
   system); either way it ends its sessions without UPDATE, as at SIGTERM.
@@ -24,23 +28,35 @@ import logging
 import os
 import signal
 import sys
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from typing import Any
 
 import gevent
 from gevent import socket
 
-from geventpop3.auth.users import UserDirectory, UsersFile, UserStore
-from geventpop3.config import Config, UsageError, read_users_file
+from geventpop3.auth.users import UserDirectory, Withdrawal
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import SettingError
-from geventpop3.net import listen
+from geventpop3.process import messages
 from geventpop3.process.aggregate import report
-from geventpop3.process.channel import Channel, Message
-from geventpop3.process.server import App
+from geventpop3.process.channel import Channel
+from geventpop3.process.messages import (
+    PROTOCOL_VERSION,
+    Ack,
+    DelUser,
+    Hello,
+    Init,
+    Message,
+    PenaltyClear,
+    Ready,
+    Reload,
+    Report,
+    Set,
+    StoreState,
+    User,
+)
+from geventpop3.process.server import Endpoints, Server
 from geventpop3.service.context import ServerContext
-from geventpop3.service.pop3.session import Pop3Server
-from geventpop3.state import Store
 
 log = logging.getLogger(__name__)
 
@@ -78,185 +94,169 @@ def die_with_parent(parent: int) -> None:
         raise SystemExit(1)
 
 
-class WorkerApp(App):
-    """App with inherited listeners, no store, and the channel to the supervisor."""
+class Worker:
+    """The role of a worker process (see the module docstring)."""
 
-    def __init__(self, config: Config, index: int, channel: Channel, listeners: dict[str, list[int]]) -> None:
-        super().__init__(config)
+    def __init__(self, index: int, channel: Channel, listeners: dict[str, list[int]]) -> None:
         self.index = index
         self.channel = channel
         self.listener_fds = listeners
-        self._inbox = channel.messages()
-        self._init: Message = {}
+        self._inbox = messages.decoded(channel.messages(), f"worker {index}")
         self._sent_logged_in: dict[str, int] = {}
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
-        self._deleting: dict[str, AbstractContextManager[None]] = {}  # users withdrawn for a DELE in progress
-        self._early: UserDirectory | None = None  # the users, parsed before the supervisor's init
-        self._given_users: UsersFile | bytes | None = None  # the users file read early, or the supervisor's content
+        self._withdrawals: dict[str, Withdrawal] = {}  # users withdrawn for an MSMP DELE in progress
+        self._users_data: str | None = None  # the users file in force in the supervisor, as its last Reload said
+        self._handlers: dict[type[Message], Callable[[Server, ServerContext, Any], None]] = {
+            Set: self._set, User: self._user, DelUser: self._deluser, Reload: self._reload,
+            PenaltyClear: self._penalty_clear, StoreState: self._store_state}
 
-    def _bind(self) -> None:
+    def bind(self, server: Server) -> None:
         for service, fds in self.listener_fds.items():
-            self.bound[service] = [socket.socket(fileno=fd) for fd in fds]
+            server.bound[service] = [socket.socket(fileno=fd) for fd in fds]
 
-    def _drop_privileges(self) -> None:
-        identity = self.config.run_as
+    def drop(self, server: Server) -> None:
+        identity = server.config.run_as
         if identity is not None and os.geteuid() == identity.uid:
             return  # the supervisor dropped already, before starting us
-        super()._drop_privileges()
+        server.drop_privileges()
 
-    def _open_store(self) -> Store | None:
-        return None
-
-    def _user_store(self) -> UserStore | None:
-        return SeededUsers(self._init.get("users") or {})
-
-    def _prepare(self) -> ServerContext:
+    def prepare(self, server: Server) -> ServerContext:
         """Read and parse the users file first (while the supervisor reads it too), say hello
-        with its digest, then wait for the supervisor's init and start as App does."""
+        with its digest, then wait for the supervisor's `Init` and start from it."""
         self.channel.start()
-        self._early = self._configure_early()
-        self._init = next(self._inbox, {})
-        if self._init.get("op") != "init":
+        early = self._early_users(server)
+        first = next(self._inbox, None)
+        if first is None or not isinstance(first.message, Init):
             raise SystemExit(1)  # the supervisor is gone before it told us anything
-        ctx = super()._prepare()
-        for key, text in (self._init.get("settings") or {}).items():
+        init = first.message
+        ctx = server.prepare_context(lambda: self._directory(server, init, early), keep_state=False)
+        for key, text in init.settings.items():
             self._apply_setting(ctx, key, text, "store")
-        for name in self._init.get("withdrawn") or []:  # an MSMP DELE in progress: no login before its end
-            self._begin_delete(ctx, str(name))
-        if self.config.state_url is not None:  # its own leases (geventpop3.process.shared_store)
+        for name in init.withdrawn:  # an MSMP DELE in progress: no login before its end
+            self._withdraw(ctx, name)
+        if server.config.state_url is not None:  # its own leases (geventpop3.process.shared_store)
             from geventpop3.process.shared_store import WorkerShare
 
-            ctx.shared = WorkerShare.for_worker(ctx, self.config.state_url, self._instance_name(), self.index,
-                                                self._init)
+            ctx.shared = WorkerShare.for_worker(ctx, server.config.state_url, server.instance_name(), self.index,
+                                                init)
             ctx.shared.start()
         return ctx
 
-    def _configure_early(self) -> UserDirectory | None:
+    def _early_users(self, server: Server) -> UserDirectory | None:
         """The configured users (flags, users file), read and parsed before the supervisor's
-        init, after a hello with the digest of the file read; None if the file could not be
-        read or parsed (the supervisor's content comes in the init then: its digest differs)."""
+        `Init`, after a `Hello` with the digest of the file read; None if the file could not
+        be read or parsed (the supervisor's content comes in the `Init` then: its digest differs)."""
+        source = server.users
         users_file = None
-        if self.config.users_file:
-            with contextlib.suppress(UsageError):
-                users_file = read_users_file(self.config.users_file)
-        self.channel.send({"op": "hello", "users_digest": users_file.digest if users_file is not None else ""})
-        if self.config.users_file and users_file is None:
+        with contextlib.suppress(UserError):
+            users_file = source.read()
+        self.channel.send(messages.encode(Hello(PROTOCOL_VERSION, users_file.digest if users_file else "")))
+        if source.path and users_file is None:
             return None
-        directory = UserDirectory(None, allow_weak=self.config.allow_weak_schemes)
-        self._given_users = users_file
+        directory = UserDirectory(None, server.hasher, allow_weak=server.config.allow_weak_schemes)
         try:
-            self._configure_users(directory)
-        except (UsageError, UserError):
+            source.configure(directory, users_file)
+        except UserError:
             return None
         return directory
 
-    def _user_directory(self) -> UserDirectory:
-        """The early directory if the supervisor's users file is the one read (the init has no
-        `users_data`), with the stored users; else one of the supervisor's content."""
-        data = self._init.pop("users_data", None)
-        early, self._early = self._early, None
-        if data is None and early is not None:
-            early.attach_store(SeededUsers(self._init.get("users") or {}))
+    def _directory(self, server: Server, init: Init, early: UserDirectory | None) -> UserDirectory:
+        """The early directory if the supervisor's users file is the one read (the `Init` has
+        no `users_data`), with the stored users; else one of the supervisor's content."""
+        seeded = SeededUsers(init.users)
+        if init.users_data is None and early is not None:
+            early.attach_store(seeded)
             return early
-        if data is not None:
-            self._given_users = str(data).encode()
-        return super()._user_directory()
+        source = server.users
+        users_file = source.use(init.users_data.encode()) if init.users_data is not None else source.read()
+        directory = UserDirectory(seeded, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        source.configure(directory, users_file)
+        return directory
 
-    def _read_users_file(self) -> UsersFile:
-        """What `_configure_early` read, or the content the supervisor sent, once; else the file."""
-        given, self._given_users = self._given_users, None
-        if isinstance(given, bytes):
-            return read_users_file(str(self.config.users_file), given)
-        return given if given is not None else super()._read_users_file()
+    def serve(self, server: Server, ctx: ServerContext) -> None:
+        server.serve_pop3(MAX_ACCEPT, logging.DEBUG)
+        self._greenlets = [gevent.spawn(self._read, server, ctx), gevent.spawn(self._report_loop, server, ctx)]
 
-    def _serve(self, ctx: ServerContext) -> None:
-        assert self.pop3 is not None
-        for service, handler in (("pop3", self.pop3.handle), ("pop3s", self.pop3.handle_tls)):
-            for listener in self.bound.pop(service, []):
-                server = Pop3Server(listener, handler)
-                server.max_accept = MAX_ACCEPT
-                server.start()
-                self.pop3_servers.append(server)
-                log.debug("worker %d: %s on %s", self.index, service, listen.describe(listener))
-        self._greenlets = [gevent.spawn(self._read, ctx), gevent.spawn(self._report_loop, ctx)]
+    def started(self, server: Server, ctx: ServerContext) -> None:
+        server.log_start(identity=False)  # the supervisor says who serves, once
+        log.info("worker %d ready", self.index)
+        self.channel.send(messages.encode(Ready(os.getpid())))
 
-    def _log_identity(self) -> None:
-        pass  # the supervisor says who serves, once
+    def ready(self, server: Server, served: Endpoints) -> int:
+        return 0  # the supervisor writes --ready-file, with every listener
 
-    def _hangup(self) -> None:
+    def hangup(self, server: Server) -> None:
         """SIGHUP sent to a worker itself: reloading here alone would give this worker other users."""
         log.warning("worker %d: SIGHUP ignored: send it to the supervisor (pid %d), which reloads every worker",
                     self.index, os.getppid())
 
-    def _write_ready_file(self, served: dict[str, list[dict[str, object]]]) -> int:
-        return 0  # the supervisor writes --ready-file, with every listener
+    def reload(self, server: Server) -> list[str]:
+        """The users file as the supervisor's last `Reload` carried it (a worker reads no users
+        file but at start), and the certificate."""
+        data = self._users_data
+        source = server.users
+        return server.reload_local(lambda: source.use(data.encode()) if data is not None else source.read())
 
-    def _ready(self, ctx: ServerContext) -> None:
-        log.info("worker %d ready", self.index)
-        self.channel.send({"op": "ready", "pid": os.getpid()})
-
-    def _read(self, ctx: ServerContext) -> None:
-        for message in self._inbox:
+    def _read(self, server: Server, ctx: ServerContext) -> None:
+        """The supervisor's messages, each through the table, acknowledged when it waits for that."""
+        for message, seq in self._inbox:
+            handler = self._handlers.get(type(message))
             try:
-                self._handle(ctx, message)
+                if handler is None:
+                    log.error("worker %d: %s is no message for a worker, ignored", self.index, message.OP)
+                else:
+                    handler(server, ctx, message)
             except Exception:  # noqa: BLE001 - one bad message must not stop the worker
-                log.exception("worker %d: message %s failed", self.index, message.get("op"))
-            if "seq" in message:
-                self.channel.send({"op": "ack", "seq": message["seq"]})
-        if not self.stopping.is_set():
+                log.exception("worker %d: message %s failed", self.index, message.OP)
+            if seq is not None:
+                self.channel.send(messages.encode(Ack(seq)))
+        if not server.stopping.is_set():
             log.warning("worker %d: the supervisor is gone, stopping", self.index)
-            self.stopping.set()
+            server.stopping.set()
 
-    def _handle(self, ctx: ServerContext, message: Message) -> None:
-        op = message.get("op")
-        if op == "set":
-            self._apply_setting(ctx, str(message["key"]), str(message["value"]), "msmp")
-        elif op == "user":  # MSMP ADD: the supervisor's hash; None: deleted by another instance
-            entry = message.get("entry")
-            ctx.users.take_stored(str(message["name"]), None if entry is None else str(entry))
-        elif op == "store":  # whether the shared database answers
-            from geventpop3.process.shared_store import told_available
+    # -- the handlers of the table ------------------------------------------------------------
+    def _set(self, server: Server, ctx: ServerContext, message: Set) -> None:
+        self._apply_setting(ctx, message.key, message.value, "msmp")
 
-            told_available(ctx, bool(message.get("available")))
-        elif op == "deluser-begin":
-            self._begin_delete(ctx, str(message["name"]))
-        elif op == "deluser-end":
-            self._end_delete(ctx, str(message["name"]), bool(message.get("deleted")))
-        elif op == "reload":  # the users file as the supervisor read it (a worker reads no users file but at start)
-            if "users_data" in message:
-                self._given_users = str(message["users_data"]).encode()
-            self.reload()
-        elif op == "penalty-clear":
-            with contextlib.suppress(ValueError):
-                ctx.penalty.clear(message.get("address"))
-        elif op == "stop":
-            self.stopping.set()
+    def _user(self, server: Server, ctx: ServerContext, message: User) -> None:
+        """MSMP ADD: the supervisor's hash; None: deleted by another instance."""
+        ctx.users.take_stored(message.name, message.entry)
 
-    def _begin_delete(self, ctx: ServerContext, name: str) -> None:
-        """Withdraw `name` now (UserDirectory.deleting, entered and held open) until the
-        supervisor says whether its deletion went through."""
-        deleting = ctx.users.deleting(name)
-        try:
-            deleting.__enter__()
-        except UserError:
-            return  # not a user here (added after this worker's start failed?): nothing to withdraw
-        self._deleting[name] = deleting
-
-    def _end_delete(self, ctx: ServerContext, name: str, deleted: bool) -> None:
-        """Forget the user (the deletion went through) or put it back as it was."""
-        deleting = self._deleting.pop(name, None)
-        if deleting is None:  # started after the withdrawal: only the outcome matters
-            if deleted:
-                with contextlib.suppress(UserError), ctx.users.deleting(name):
-                    pass
+    def _deluser(self, server: Server, ctx: ServerContext, message: DelUser) -> None:
+        if message.step == "begin":
+            self._withdraw(ctx, message.name)
             return
-        if deleted:
-            deleting.__exit__(None, None, None)
+        withdrawal = self._withdrawals.pop(message.name, None)
+        if withdrawal is None:  # started after the withdrawal: only the outcome matters
+            if message.step == "commit":
+                with contextlib.suppress(UserError):
+                    ctx.users.withdraw(message.name).commit()
+        elif message.step == "commit":
+            withdrawal.commit()
         else:
-            kept = UserError("deletion failed in the supervisor")
-            deleting.__exit__(UserError, kept, None)  # deleting() puts the user back
+            withdrawal.rollback()
+
+    def _reload(self, server: Server, ctx: ServerContext, message: Reload) -> None:
+        self._users_data = message.users_data
+        server.reload()
+
+    def _penalty_clear(self, server: Server, ctx: ServerContext, message: PenaltyClear) -> None:
+        with contextlib.suppress(ValueError):
+            ctx.penalty.clear(message.address)
+
+    def _store_state(self, server: Server, ctx: ServerContext, message: StoreState) -> None:
+        """Whether the shared database answers."""
+        from geventpop3.process.shared_store import told_available
+
+        told_available(ctx, message.available)
+
+    def _withdraw(self, ctx: ServerContext, name: str) -> None:
+        """Withdraw `name` now, until the supervisor says whether its deletion went through."""
+        with contextlib.suppress(UserError):  # not a user here (added after this worker's start failed?)
+            self._withdrawals[name] = ctx.users.withdraw(name)
 
     def _apply_setting(self, ctx: ServerContext, key: str, text: str, source: str) -> None:
+        """The supervisor's value, parsed (this process's settings check nothing against the machine)."""
         settings = ctx.settings
         if settings.get(key) == text:
             return
@@ -265,15 +265,21 @@ class WorkerApp(App):
         except SettingError as exc:
             log.error("worker %d: setting %s=%r not applied: %s", self.index, key, text, exc)
 
-    def _report_loop(self, ctx: ServerContext) -> None:
-        while not self.stopping.wait(REPORT_INTERVAL):
-            self.channel.send(report(ctx, self._sent_logged_in))
+    def _report_loop(self, server: Server, ctx: ServerContext) -> None:
+        while not server.stopping.wait(REPORT_INTERVAL):
+            self.channel.send(messages.encode(Report(report(ctx, self._sent_logged_in))))
 
-    def shutdown(self) -> None:
-        """As a single process; then the last report (the sessions' logouts) goes to the supervisor."""
+    def shutdown(self, server: Server) -> None:
+        """As a single process (but --ready-file is the supervisor's); then the last report
+        (the sessions' logouts) goes to the supervisor."""
         for greenlet in self._greenlets:
             greenlet.kill(block=False)
-        super().shutdown()
-        if self.ctx is not None:
-            self.channel.send_now(report(self.ctx, self._sent_logged_in))
+        server.stop_serving()
+        server.close_state()
+        log.info("stopped")
+        if server.ctx is not None:
+            self.channel.send_now(messages.encode(Report(report(server.ctx, self._sent_logged_in))))
         self.channel.close()
+
+    def close_state(self, server: Server) -> None:
+        server.close_state()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from geventpop3.auth.users import Credentials, UserDirectory
+from geventpop3.auth.users import Credentials, Hasher, UserDirectory
 from geventpop3.core.metrics import AccessLog, Metrics
 from geventpop3.core.penalty import Penalty
 from geventpop3.core.settings import Settings
@@ -30,8 +30,6 @@ class ServerContext:
     filters: FilterRunner | None = None
     # POP3 users with an open session in this process -> number of sessions.
     logged_in: dict[str, int] = field(default_factory=dict)
-    # MSMP administrators, checked like POP3 users but a separate set.
-    admins: Credentials = field(default_factory=Credentials)
     # The certificate and the SSLContext new TLS connections get; None: no TLS (no STLS, no POP3S).
     tls: ServerTls | None = None
     # What is shared with other instances through a PostgreSQL store (leases, live settings
@@ -39,8 +37,15 @@ class ServerContext:
     shared: SessionShare | None = None
     # Failed logins by client source, shared by POP3 and MSMP (made from settings and metrics).
     penalty: Penalty = field(init=False)
+    # The password-hashing threads every check of this process waits for: the users' (the
+    # server makes the directory with the one it configures from the settings).
+    hasher: Hasher = field(init=False)
+    # MSMP administrators, checked like POP3 users but a separate set, on the same hasher.
+    admins: Credentials = field(init=False)
 
     def __post_init__(self) -> None:
+        self.hasher = self.users.hasher
+        self.admins = Credentials(self.hasher)
         # Failed logins under names that are no user share one access-log bucket.
         self.access_log.known_user = self.users.__contains__
         self.penalty = Penalty(self.settings, self.metrics)
