@@ -110,7 +110,7 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
         config_data = read_config_bytes(args.config)
     file_values = read_config_file(args.config, config_data) if config_data is not None else {}
     settings = checked_settings() if checked else Settings()
-    settings.named_transformers, settings.transformer_chains = filters_from_file(file_values.get("transformers", {}))
+    settings.named_filters, settings.filter_chains = filters_from_file(file_values.get("transformers", {}))
     maildir = os.path.abspath(args.maildir or file_values.get("maildir") or DEFAULT_MAILDIR)
     explicit = explicit_settings(args)
     apply_settings(settings, file_values, explicit)

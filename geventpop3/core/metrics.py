@@ -94,7 +94,7 @@ class AccessEntry:
     bytes: int = 0
     duration: float = 0.0
     ended: str = ""  # how a logout ended: quit, disconnect, timeout, shutdown, error
-    detail: str = ""  # e.g. transformer failures during the session
+    detail: str = ""  # e.g. filter failures during the session
 
     def line(self) -> str:
         """`YYYY-MM-DD HH:MM:SS IP: <address> <event> ...` as msmp.md shows."""

@@ -211,9 +211,9 @@ class Settings:
         self._listeners: list[Listener] = []
         self._writers: list[Writer] = []
         # Named filters from the config file: name -> argv. Not settable over MSMP.
-        self.named_transformers: dict[str, list[str]] = {}
-        # Named chains: name -> names of named_transformers run in order (geventpop3.service.filters).
-        self.transformer_chains: dict[str, list[str]] = {}
+        self.named_filters: dict[str, list[str]] = {}
+        # Named chains: name -> names of named_filters run in order (geventpop3.service.filters).
+        self.filter_chains: dict[str, list[str]] = {}
 
     def __getattr__(self, name: str) -> Any:
         try:

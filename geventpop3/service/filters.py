@@ -107,14 +107,14 @@ class Filter:
 def resolve(settings: Settings, value: str) -> Filter | None:
     """The filter `value` names: `none`, a chain or named command of the config file, or a command line.
 
-    A chain (`settings.transformer_chains`: name -> names of commands) runs its
+    A chain (`settings.filter_chains`: name -> names of commands) runs its
     commands in order, each reading the previous one's output. Chains and commands
     were checked once, when the config file was read (config.filters_from_file).
     """
     if value == "none":
         return None
-    named = settings.named_transformers
-    chains = settings.transformer_chains
+    named = settings.named_filters
+    chains = settings.filter_chains
     if value in chains:
         return Filter.of(value, [named[step] for step in chains[value]])
     if value in named:

@@ -27,7 +27,7 @@ def maildir_root(settings: Settings, path: str) -> str:
 def filter_program(settings: Settings, value: str) -> str:
     """`none`, a named filter or chain, or a command line whose program exists and is
     executable: caught at SET, not at RETR."""
-    if value == "none" or value in settings.named_transformers or value in settings.transformer_chains:
+    if value == "none" or value in settings.named_filters or value in settings.filter_chains:
         return value
     try:
         argv = shlex.split(value)

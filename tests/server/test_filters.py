@@ -278,8 +278,8 @@ def test_stale_temporaries_are_removed(box: Box) -> None:
 
 def test_chain_runs_in_order(box: Box) -> None:
     box.deliver(HAM)
-    box.settings.named_transformers.update(upper=["tr", "a-z", "A-Z"], tag=["sed", "-e", "1i X-Tag: t"])
-    box.settings.transformer_chains = {"both": ["upper", "tag"]}
+    box.settings.named_filters.update(upper=["tr", "a-z", "A-Z"], tag=["sed", "-e", "1i X-Tag: t"])
+    box.settings.filter_chains = {"both": ["upper", "tag"]}
     box.use("both")
     (message,) = box.login()
     assert read(message) == b"X-Tag: t\n" + HAM.upper()
@@ -291,7 +291,7 @@ def test_chain_runs_in_order(box: Box) -> None:
 
 def test_filter_identity_and_resolution() -> None:
     settings = checked_settings()
-    settings.named_transformers["spam"] = ["spamc", "-x"]
+    settings.named_filters["spam"] = ["spamc", "-x"]
     assert resolve(settings, "none") is None
     assert resolve(settings, "spam") == Filter.of("spam", [["spamc", "-x"]])
     assert resolve(settings, "spamc -x").identity == resolve(settings, "spam").identity  # same argv, same cache
