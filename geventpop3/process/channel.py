@@ -30,7 +30,7 @@ MAX_LINE = 64 * 1024 * 1024  # a report with many access-log entries stays far b
 MAX_LINE_FROM_SUPERVISOR = 1 << 30  # init and reload carry the users file's content, which has no size limit
 RECV_SIZE = 256 * 1024
 
-Message = dict[str, Any]  # a message as JSON carries it (messages.encode, messages.decode)
+Frame = dict[str, Any]  # a message as JSON carries it (messages.encode, messages.decode)
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -53,12 +53,12 @@ class Channel:
     def from_fd(cls, fd: int, max_line: int = MAX_LINE) -> Channel:
         return cls(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd), max_line)
 
-    def start(self, first: Message | None = None) -> None:
+    def start(self, first: Frame | None = None) -> None:
         """Start sending what is queued, `first` before everything else."""
         head = [encode(first)] if first is not None else []
         self._writer = gevent.spawn(self._write, head)
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Frame) -> None:
         self.send_encoded(encode(message))
 
     def send_encoded(self, data: bytes) -> None:
@@ -66,7 +66,7 @@ class Channel:
         if not self.closed:
             self._outbox.put(data)
 
-    def send_now(self, message: Message, timeout: float = 5.0) -> bool:
+    def send_now(self, message: Frame, timeout: float = 5.0) -> bool:
         """Send `message` after what is queued and wait until it is written (the last report)."""
         if self.closed or self._writer is None:
             return False
@@ -88,7 +88,7 @@ class Channel:
             log.debug("channel: send failed: %s", exc)
             self.closed = True
 
-    def messages(self) -> Iterator[Message]:
+    def messages(self) -> Iterator[Frame]:
         """Received messages until EOF (or a broken pipe); a malformed or over-long line is
         logged and skipped. The buffer grows in place and is searched from where the last
         search stopped, so a message of many megabytes costs linear time."""
@@ -133,7 +133,7 @@ class Channel:
         self.sock.close()
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Frame) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
 
 

@@ -131,18 +131,18 @@ class Report:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-Message = Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
-TYPES: dict[str, type[Message]] = {cls.OP: cls for cls in get_args(Message)}
+ControlMessage = Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
+TYPES: dict[str, type[ControlMessage]] = {cls.OP: cls for cls in get_args(ControlMessage)}
 
 
 class Received(NamedTuple):
     """A decoded message, and its sequence number if the sender waits for an Ack."""
 
-    message: Message
+    message: ControlMessage
     seq: int | None = None
 
 
-def encode(message: Message, seq: int | None = None) -> dict[str, Any]:
+def encode(message: ControlMessage, seq: int | None = None) -> dict[str, Any]:
     """The JSON object that carries `message` (Channel frames it as one line)."""
     if isinstance(message, Report):
         frame = {"op": Report.OP, **message.fields}
@@ -186,7 +186,7 @@ def decoded(frames: Iterable[dict[str, Any]], sender: str) -> Iterator[Received]
             log.error("%s: message refused (another version of geventpop3?): %s", sender, exc)
 
 
-def _hints(cls: type[Message]) -> dict[str, Any]:
+def _hints(cls: type[ControlMessage]) -> dict[str, Any]:
     hints = _HINTS.get(cls)
     if hints is None:
         names = {item.name for item in dataclasses.fields(cls)}
@@ -194,10 +194,10 @@ def _hints(cls: type[Message]) -> dict[str, Any]:
     return hints
 
 
-_HINTS: dict[type[Message], dict[str, Any]] = {}
+_HINTS: dict[type[ControlMessage], dict[str, Any]] = {}
 
 
-def _required(cls: type[Message], name: str) -> bool:
+def _required(cls: type[ControlMessage], name: str) -> bool:
     item = next(item for item in dataclasses.fields(cls) if item.name == name)
     return item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING
 

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 
-from geventpop3.process.messages import Init, Message, StoreState, User
+from geventpop3.process.messages import ControlMessage, Init, StoreState, User
 from geventpop3.state import StoreError
 from geventpop3.state.leases import release_owner
 from geventpop3.state.postgres import Database
@@ -62,7 +62,7 @@ class SupervisorShare:
     map new workers are started with; `broadcast` tells every running worker."""
 
     def __init__(self, shared: SharedState, users: Callable[[], dict[str, str]],
-                 broadcast: Callable[[Message], object]) -> None:
+                 broadcast: Callable[[ControlMessage], object]) -> None:
         self.shared = shared
         self.prefix = shared.db.owner
         self.users = users

@@ -49,10 +49,10 @@ from geventpop3.process.channel import Channel, encode, sealed_copy, socketpair
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    ControlMessage,
     DelUser,
     Hello,
     Init,
-    Message,
     PenaltyClear,
     Ready,
     Received,
@@ -138,7 +138,7 @@ class WorkerPool:
     built then (`initial(slot, digest)`) and queued before any later broadcast."""
 
     def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
-                 initial: Callable[[int, str], Message], config_data: bytes | None = None) -> None:
+                 initial: Callable[[int, str], ControlMessage], config_data: bytes | None = None) -> None:
         self.argv = argv
         self.listeners = listeners
         # The config file as this process read it, for every worker to parse (--config-fd): a
@@ -161,7 +161,7 @@ class WorkerPool:
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
-        self._handlers: dict[type[Message], Callable[[WorkerState, subprocess.Popen[bytes], Any], None]] = {
+        self._handlers: dict[type[ControlMessage], Callable[[WorkerState, subprocess.Popen[bytes], Any], None]] = {
             Report: self._report, Ack: self._ack, Ready: self._ready}
 
     def launch(self) -> None:
@@ -204,7 +204,7 @@ class WorkerPool:
             self.changed.wait(0.5)
         self.started = True
 
-    def broadcast(self, message: Message, wait: float = 0.0) -> bool:
+    def broadcast(self, message: ControlMessage, wait: float = 0.0) -> bool:
         """Tell every worker; with `wait`, until each serving one has applied it (at most
         `wait` seconds: a worker that is slower gets it all the same, later). True if all did."""
         self.sequence += 1
@@ -527,7 +527,7 @@ class Supervisor:
         assert isinstance(ctx.shared, SharedState)
         self.share = SupervisorShare(ctx.shared, lambda: self.recorded.users, self._broadcast)
 
-    def _broadcast(self, message: Message) -> None:
+    def _broadcast(self, message: ControlMessage) -> None:
         if self.pool is not None:
             self.pool.broadcast(message)
 

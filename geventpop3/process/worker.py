@@ -43,10 +43,10 @@ from geventpop3.process.channel import Channel
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    ControlMessage,
     DelUser,
     Hello,
     Init,
-    Message,
     PenaltyClear,
     Ready,
     Reload,
@@ -106,7 +106,7 @@ class Worker:
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
         self._withdrawals: dict[str, Withdrawal] = {}  # users withdrawn for an MSMP DELE in progress
         self._users_data: str | None = None  # the users file in force in the supervisor, as its last Reload said
-        self._handlers: dict[type[Message], Callable[[Server, ServerContext, Any], None]] = {
+        self._handlers: dict[type[ControlMessage], Callable[[Server, ServerContext, Any], None]] = {
             Set: self._set, User: self._user, DelUser: self._deluser, Reload: self._reload,
             PenaltyClear: self._penalty_clear, StoreState: self._store_state}
 

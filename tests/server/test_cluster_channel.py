@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import gevent
 
-from geventpop3.process.channel import Channel, Message, encode, socketpair
+from geventpop3.process.channel import Channel, Frame, encode, socketpair
 
 
-def received(data: list[bytes], max_line: int = 1 << 20) -> list[Message]:
+def received(data: list[bytes], max_line: int = 1 << 20) -> list[Frame]:
     ours, theirs = socketpair()
     reader = Channel(ours, max_line)
-    got: list[Message] = []
+    got: list[Frame] = []
     listener = gevent.spawn(lambda: got.extend(reader.messages()))
     for chunk in data:
         theirs.sendall(chunk)

@@ -15,10 +15,10 @@ from geventpop3.process import messages
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    ControlMessage,
     DelUser,
     Hello,
     Init,
-    Message,
     MessageError,
     PenaltyClear,
     Ready,
@@ -38,7 +38,7 @@ names = st.dictionaries(text, text, max_size=4)
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | text,
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(text, inner, max_size=3),
                            max_leaves=10)
-any_message: st.SearchStrategy[Message] = st.one_of(
+any_message: st.SearchStrategy[ControlMessage] = st.one_of(
     st.builds(Hello, st.integers(), text),
     st.builds(Init, names, names, st.lists(text, max_size=3).map(tuple), st.none() | text, st.none() | text,
               st.booleans()),
@@ -59,7 +59,7 @@ def through_json(frame: dict[str, Any]) -> dict[str, Any]:
 
 
 @given(any_message, st.none() | st.integers(min_value=0))
-def test_every_message_decodes_to_what_was_encoded(message: Message, seq: int | None) -> None:
+def test_every_message_decodes_to_what_was_encoded(message: ControlMessage, seq: int | None) -> None:
     assert decode(through_json(encode(message, seq))) == Received(message, seq)
 
 
