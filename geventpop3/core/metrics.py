@@ -1,7 +1,7 @@
 """Counters and the access log: the one owner of every number the server reports.
 
 The numbers are those of the registry (geventpop3.core.counters). The hot path only
-increments attributes and appends to a list; persistence (the SQLite store) drains
+increments attributes and appends to a list; persistence (the state store, SQLite or PostgreSQL) drains
 `AccessLog.take_pending()` and reads `Metrics.snapshot()` from a background greenlet,
 so no command ever waits for a database write.
 """

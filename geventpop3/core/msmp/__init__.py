@@ -1,4 +1,4 @@
-"""MSMP, the management protocol: the pure core (protocol) and the socket side (session)."""
+"""MSMP, the management protocol: its pure core (the socket side is geventpop3.service.msmp)."""
 
 from geventpop3.core.msmp.protocol import MAX_LOGIN_FAILURES, Backend, MsmpProtocol
 
