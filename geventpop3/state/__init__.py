@@ -1,8 +1,9 @@
 """Persistent state: users, settings, counters and the access log, behind one interface.
 
 The rest of the server depends only on `Store` and `StoreError` from here. A backend
-is a module of this package implementing `Store` (`sqlite.SqliteStore`, embedded, and `postgres.PostgresStore`, shared by several instances); the
-backend-independent parts sit beside it: `persister.Persister`, the background writer
+is a module of this package implementing `Store` (`sqlite.SqliteStore`, embedded;
+`postgres.PostgresStore`, shared by several instances); the backend-independent parts
+sit beside it: `persister.Persister`, the background writer
 of counters and access-log entries, and `settings`, which keeps MSMP `SET` changes
 across restarts.
 """
