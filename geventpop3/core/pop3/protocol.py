@@ -1,12 +1,13 @@
 """POP3 (RFC 1939, RFC 2449, RFC 3206) as a state machine without I/O.
 
 `handle(line)` takes one command line (CRLF already stripped) and returns either the
-response bytes, or an action the session must carry out first because it needs disk,
-the user directory or the socket: `Login`, `Refused`, `Retrieve`, `Update` or
-`StartTls`. The session then reports back (`login_succeeded`, `login_failed`,
-`update_done`, `retrieve_failed`, `tls_started`) and gets the bytes to send. Nothing
-here touches a socket or a file, so every command in every state is unit-tested
-directly.
+response bytes, computed here without I/O or waiting, or an action the session must
+carry out first because it needs disk, the user directory or the socket: `Login`,
+`Refused`, `Retrieve`, `Update` or `StartTls`. The session then reports back
+(`login_succeeded`, `login_failed`, `update_done`, `retrieve_failed`, `tls_started`)
+and gets the bytes to send. Nothing here touches a socket or a file, so every command
+in every state is unit-tested directly. Framing, and the contract sessions rely on to
+answer on the event loop, are in geventpop3.core.pop3.connection.
 
 Authentication: USER/PASS and SASL (AUTH PLAIN/LOGIN, geventpop3.core.pop3.sasl) both end
 in the same `Login`; the plaintext policy (geventpop3.core.pop3.security) turns either
@@ -72,7 +73,10 @@ class Update:
     deleted: list[Message]
 
 
-Action = bytes | Login | Refused | StartTls | Retrieve | Update | Delayed
+# What needs I/O, a password check, a lock or the socket: the session carries it out.
+Action = Login | Refused | StartTls | Retrieve | Update
+# What `handle` returns: the answer itself (computed without I/O), or an action.
+Outcome = bytes | Action
 
 
 @cache
@@ -156,7 +160,7 @@ class Pop3Protocol:
         return GREETING
 
     # -- input -------------------------------------------------------------
-    def handle(self, line: bytes | object) -> Action:
+    def handle(self, line: bytes | object) -> Outcome:
         if line is LINE_TOO_LONG:
             self._sasl = None  # an over-long SASL response ends the exchange
             return ERR_TOO_LONG
@@ -170,7 +174,7 @@ class Pop3Protocol:
             return ERR_NOT_IN_AUTH if keyword in _AUTHORIZATION_ONLY else _unknown(keyword)
         return handler(self, rest.split())
 
-    def _handle_authorization(self, line: bytes | object) -> Action:
+    def _handle_authorization(self, line: bytes | object) -> Outcome:
         """AUTHORIZATION (and UPDATE, which answers nothing more)."""
         if self.state is State.UPDATE:
             return ERR_ENDING  # QUIT was taken: no second Update, no more marks
@@ -187,7 +191,7 @@ class Pop3Protocol:
         return handler(self, rest.split())
 
     # -- AUTHORIZATION -------------------------------------------------------
-    def _user(self, args: list[bytes]) -> Action:
+    def _user(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         user = args[0].decode("utf-8", "replace")
@@ -196,7 +200,7 @@ class Pop3Protocol:
         self._pending_user = user
         return OK
 
-    def _pass(self, rest: bytes) -> Action:
+    def _pass(self, rest: bytes) -> Outcome:
         if self._pending_user is None:
             return ERR_NO_USER
         if not rest:
@@ -206,7 +210,7 @@ class Pop3Protocol:
             return Refused(user, "user")
         return Login(user, rest.decode("utf-8", "surrogateescape"))
 
-    def _auth(self, args: list[bytes]) -> Action:
+    def _auth(self, args: list[bytes]) -> Outcome:
         """AUTH: alone, the mechanism list; else start a SASL exchange (RFC 5034)."""
         plaintext = self.security.plaintext_allowed()
         if not args:
@@ -226,7 +230,7 @@ class Pop3Protocol:
             return bytes(exc.args[0])
         return self._sasl_answer(exchange, answer)
 
-    def _sasl_step(self, line: bytes) -> Action:
+    def _sasl_step(self, line: bytes) -> Outcome:
         exchange, self._sasl = self._sasl, None
         assert exchange is not None
         try:
@@ -235,13 +239,13 @@ class Pop3Protocol:
             return bytes(exc.args[0])
         return self._sasl_answer(exchange, answer)
 
-    def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Action:
+    def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Outcome:
         if isinstance(answer, bytes):  # a challenge: the next line is the client's response
             self._sasl = exchange
             return answer
         return Login(answer.user, answer.password, exchange.mechanism.lower())
 
-    def _stls(self, args: list[bytes]) -> Action:
+    def _stls(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         if self.security.tls:
@@ -280,16 +284,16 @@ class Pop3Protocol:
             return Delayed(seconds, LOGIN_FAILURES[reason])
         return LOGIN_FAILURES[reason]
 
-    def _quit_auth(self, args: list[bytes]) -> Action:
+    def _quit_auth(self, args: list[bytes]) -> Outcome:
         self.closing = True
         return b"+OK Bye\r\n"
 
-    def _capa(self, args: list[bytes]) -> Action:
+    def _capa(self, args: list[bytes]) -> Outcome:
         security = self.security
         stls = self.state is State.AUTHORIZATION and security.offer_stls
         return capa_response(security.plaintext_allowed(), stls)
 
-    def _not_supported(self, args: list[bytes]) -> Action:
+    def _not_supported(self, args: list[bytes]) -> Outcome:
         return ERR_NOT_SUPPORTED
 
     # -- TRANSACTION ---------------------------------------------------------
@@ -310,7 +314,7 @@ class Pop3Protocol:
             return list(enumerate(self.messages))
         return [(i, m) for i, m in enumerate(self.messages) if i not in deleted]
 
-    def _stat(self, args: list[bytes]) -> Action:
+    def _stat(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         if not self.deleted:
@@ -319,12 +323,12 @@ class Pop3Protocol:
         live = self._live()
         return f"+OK {len(live)} {sum(m.size for _, m in live)}\r\n".encode()
 
-    def _list(self, args: list[bytes]) -> Action:
+    def _list(self, args: list[bytes]) -> Outcome:
         if not args:
             return self._listing_all([f"{i + 1} {m.size}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: str(m.size))
 
-    def _uidl(self, args: list[bytes]) -> Action:
+    def _uidl(self, args: list[bytes]) -> Outcome:
         if not args:
             return self._listing_all([f"{i + 1} {m.uidl or m.uid}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: m.uidl or m.uid)
@@ -333,7 +337,7 @@ class Pop3Protocol:
         """LIST or UIDL of every live message: `lines` between the +OK and the `.`."""
         return f"+OK {len(lines)} messages\r\n{''.join(lines)}.\r\n".encode()
 
-    def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Action:
+    def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Outcome:
         """LIST or UIDL of one message (or a syntax error)."""
         if len(args) > 1:
             return ERR_SYNTAX
@@ -342,7 +346,7 @@ class Pop3Protocol:
             return index
         return f"+OK {index + 1} {field(self.messages[index])}\r\n".encode()
 
-    def _retr(self, args: list[bytes]) -> Action:
+    def _retr(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -354,7 +358,7 @@ class Pop3Protocol:
         self.retrieved += 1
         return Retrieve(f"+OK {message.size} octets\r\n".encode(), message, None)
 
-    def _top(self, args: list[bytes]) -> Action:
+    def _top(self, args: list[bytes]) -> Outcome:
         if len(args) != 2:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -372,7 +376,7 @@ class Pop3Protocol:
         """The message file could not be opened (it vanished): the session goes on."""
         return ERR_UNAVAILABLE
 
-    def _dele(self, args: list[bytes]) -> Action:
+    def _dele(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -384,16 +388,16 @@ class Pop3Protocol:
             self.deleted = {index}
         return f"+OK Message {index + 1} deleted\r\n".encode()
 
-    def _noop(self, args: list[bytes]) -> Action:
+    def _noop(self, args: list[bytes]) -> Outcome:
         return OK if not args else ERR_SYNTAX
 
-    def _rset(self, args: list[bytes]) -> Action:
+    def _rset(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         self.deleted = NOTHING_DELETED
         return f"+OK {len(self.messages)} messages\r\n".encode()
 
-    def _quit_transaction(self, args: list[bytes]) -> Action:
+    def _quit_transaction(self, args: list[bytes]) -> Outcome:
         self.state = State.UPDATE
         return Update([self.messages[i] for i in sorted(self.deleted)])
 
@@ -408,7 +412,7 @@ def _unknown(keyword: bytes) -> bytes:
     return ERR_UNKNOWN if keyword else b"-ERR Empty command\r\n"
 
 
-_AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
+_AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Outcome]] = {
     b"USER": Pop3Protocol._user,
     b"QUIT": Pop3Protocol._quit_auth,
     b"CAPA": Pop3Protocol._capa,
@@ -417,7 +421,7 @@ _AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
     b"STLS": Pop3Protocol._stls,
 }
 _AUTHORIZATION_ONLY = frozenset((b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"))
-_TRANSACTION_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
+_TRANSACTION_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Outcome]] = {
     b"STAT": Pop3Protocol._stat,
     b"LIST": Pop3Protocol._list,
     b"UIDL": Pop3Protocol._uidl,
