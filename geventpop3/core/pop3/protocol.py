@@ -129,13 +129,23 @@ AUTHENTICATED = ConnectionSecurity(None)  # shared by every logged-in session
 NOTHING_DELETED: frozenset[int] = frozenset()
 
 
+class _Authorization:
+    """What only AUTHORIZATION needs: dropped at login, so a held session does not keep it."""
+
+    __slots__ = ("failures", "max_failures", "failure_delay", "pending_user", "sasl")
+
+    def __init__(self, max_failures: int, failure_delay: float) -> None:
+        self.failures = 0
+        self.max_failures = max_failures
+        self.failure_delay = failure_delay  # seconds before a wrong password is answered
+        self.pending_user: str | None = None  # USER given, PASS awaited
+        self.sasl: sasl.SaslExchange | None = None  # an AUTH exchange waiting for the client's response
+
+
 class Pop3Protocol:
     """One POP3 session's state; the session module owns the socket."""
 
-    __slots__ = (
-        "state", "closing", "messages", "deleted", "user", "failures", "max_failures",
-        "retrieved", "tops", "_pending_user", "failure_delay", "security", "_sasl",
-    )
+    __slots__ = ("state", "closing", "messages", "deleted", "user", "retrieved", "tops", "security", "_authorization")
 
     def __init__(self, max_failures: int = 3, failure_delay: float = 0.0,
                  security: ConnectionSecurity | None = None) -> None:
@@ -146,23 +156,25 @@ class Pop3Protocol:
         # set() is 216 bytes, and most sessions of a held crowd never delete).
         self.deleted: set[int] | frozenset[int] = NOTHING_DELETED
         self.user: str | None = None
-        self.failures = 0
-        self.max_failures = max_failures
-        self.failure_delay = failure_delay  # seconds before a wrong password is answered
         self.retrieved = 0
         self.tops = 0
-        self._pending_user: str | None = None
         # What the plaintext policy and STLS need to know; the default allows plaintext, offers no TLS.
         self.security = security if security is not None else ConnectionSecurity(None)
-        self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange waiting for the client's response
+        self._authorization: _Authorization | None = _Authorization(max_failures, failure_delay)  # None once logged in
 
     def greeting(self) -> bytes:
         return GREETING
 
+    @property
+    def failures(self) -> int:
+        """Failed logins on this connection so far (kept until the login that succeeds)."""
+        return self._authorization.failures if self._authorization is not None else 0
+
     # -- input -------------------------------------------------------------
     def handle(self, line: bytes | object) -> Outcome:
         if line is LINE_TOO_LONG:
-            self._sasl = None  # an over-long SASL response ends the exchange
+            if self._authorization is not None:
+                self._authorization.sasl = None  # an over-long SASL response ends the exchange
             return ERR_TOO_LONG
         if self.state is not State.TRANSACTION:
             return self._handle_authorization(line)
@@ -179,12 +191,14 @@ class Pop3Protocol:
         if self.state is State.UPDATE:
             return ERR_ENDING  # QUIT was taken: no second Update, no more marks
         assert isinstance(line, bytes)
-        if self._sasl is not None:
-            return self._sasl_step(line)
+        auth = self._authorization
+        assert auth is not None
+        if auth.sasl is not None:
+            return self._sasl_step(auth, line)
         keyword, _, rest = line.partition(b" ")
         keyword = keyword.upper()
         if keyword == b"PASS":
-            return self._pass(rest)  # a password may contain spaces: keep the rest whole
+            return self._pass(auth, rest)  # a password may contain spaces: keep the rest whole
         handler = _AUTH_COMMANDS.get(keyword)
         if handler is None:
             return ERR_NOT_AUTH if keyword in _TRANSACTION_COMMANDS else _unknown(keyword)
@@ -197,15 +211,16 @@ class Pop3Protocol:
         user = args[0].decode("utf-8", "replace")
         if not self.security.plaintext_allowed():
             return Refused(user, "user")  # refused at USER already, as Dovecot
-        self._pending_user = user
+        assert self._authorization is not None
+        self._authorization.pending_user = user
         return OK
 
-    def _pass(self, rest: bytes) -> Outcome:
-        if self._pending_user is None:
+    def _pass(self, auth: _Authorization, rest: bytes) -> Outcome:
+        if auth.pending_user is None:
             return ERR_NO_USER
         if not rest:
             return ERR_SYNTAX
-        user, self._pending_user = self._pending_user, None
+        user, auth.pending_user = auth.pending_user, None
         if not self.security.plaintext_allowed():  # trusted_networks or plaintext_auth changed since USER
             return Refused(user, "user")
         return Login(user, rest.decode("utf-8", "surrogateescape"))
@@ -230,8 +245,8 @@ class Pop3Protocol:
             return bytes(exc.args[0])
         return self._sasl_answer(exchange, answer)
 
-    def _sasl_step(self, line: bytes) -> Outcome:
-        exchange, self._sasl = self._sasl, None
+    def _sasl_step(self, auth: _Authorization, line: bytes) -> Outcome:
+        exchange, auth.sasl = auth.sasl, None
         assert exchange is not None
         try:
             answer = exchange.step(line)
@@ -241,7 +256,8 @@ class Pop3Protocol:
 
     def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Outcome:
         if isinstance(answer, bytes):  # a challenge: the next line is the client's response
-            self._sasl = exchange
+            assert self._authorization is not None
+            self._authorization.sasl = exchange
             return answer
         return Login(answer.user, answer.password, exchange.mechanism.lower())
 
@@ -257,16 +273,18 @@ class Pop3Protocol:
     def tls_started(self) -> None:
         """The handshake after STLS succeeded: AUTHORIZATION starts again (a USER before is forgotten)."""
         self.security.tls = True
-        self._pending_user = None
-        self._sasl = None
+        assert self._authorization is not None
+        self._authorization.pending_user = None
+        self._authorization.sasl = None
 
     def login_succeeded(self, user: str, messages: list[Message]) -> bytes:
         self.state = State.TRANSACTION
         self.user = user
         self.messages = messages
         # The connection's security answered its last question (no STLS, no password from
-        # here on): a logged-in session, held for minutes, drops its per-connection object.
+        # here on): a logged-in session, held for minutes, drops its per-connection objects.
         self.security = AUTHENTICATED
+        self._authorization = None
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
     def login_failed(self, reason: str, delay: float | None = None) -> bytes | Delayed:
@@ -276,10 +294,12 @@ class Pop3Protocol:
         A wrong password (or unknown user) is answered only after `delay` seconds (the
         session's penalty for the client's source; `failure_delay` when not given), which
         slows password guessing; a busy or broken mailbox is answered at once."""
-        self.failures += 1
-        if self.failures >= self.max_failures:
+        auth = self._authorization
+        assert auth is not None
+        auth.failures += 1
+        if auth.failures >= auth.max_failures:
             self.closing = True
-        seconds = self.failure_delay if delay is None else delay
+        seconds = auth.failure_delay if delay is None else delay
         if reason in DELAYED_FAILURES and seconds > 0:
             return Delayed(seconds, LOGIN_FAILURES[reason])
         return LOGIN_FAILURES[reason]

@@ -40,8 +40,7 @@ class Opened:
     """Logged in: the mailbox is locked (and leased) until the session releases it."""
 
     mailbox: maildir.Mailbox
-    messages: list[Message]
-    filter_failures: int  # messages the filters could not prepare (offered as -ERR at RETR)
+    messages: list[Message]  # the snapshot, filtered: a message the filters could not prepare has its error
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,11 +104,9 @@ class LoginPipeline:
                 return Failed("in-use" if lease == leases.IN_USE else "temp")
         try:
             messages = mailbox.snapshot(ctx.settings.uidl_format)
-            failures = 0
             if ctx.filters is not None:
                 messages = ctx.filters.prepare(messages, user=user, address=peer.address, port=peer.port,
                                                client_gone=client_gone)
-                failures = sum(1 for m in messages if m.error is not None)
         except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
             self.release(mailbox)
             log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
@@ -119,7 +116,7 @@ class LoginPipeline:
             self.release(mailbox)
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
             return Failed("temp")
-        return Opened(mailbox, messages, failures)
+        return Opened(mailbox, messages)
 
     def release(self, mailbox: maildir.Mailbox) -> None:
         """Give up the lock and, with a shared store, the lease (at logout, or a failure past the lock)."""

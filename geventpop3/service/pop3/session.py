@@ -90,7 +90,7 @@ class Pop3Session:
 
     __slots__ = (
         "service", "transport", "peer", "connection", "mailbox",
-        "started", "ended", "deleted_count", "filter_failures", "greenlet", "_done",
+        "started", "ended", "deleted_count", "greenlet", "_done",
     )
 
     def __init__(self, service: Pop3Service, sock: socket.socket, peer: Peer, server: str) -> None:
@@ -108,7 +108,6 @@ class Pop3Session:
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
         self.deleted_count = 0
-        self.filter_failures = 0
         self.greenlet: gevent.Greenlet[..., None] | None = None  # None while parked: no greenlet waits for the client
         self._done = False
 
@@ -386,14 +385,13 @@ class Pop3Session:
         match outcome:
             case Failed(reason):
                 return self._login_failed(action.user, reason, action.mech)
-            case Opened(mailbox, messages, failures):
+            case Opened(mailbox, messages):
                 pass
             case _:
                 assert_never(outcome)
         ctx = self.ctx
         user = action.user
         self.mailbox = mailbox
-        self.filter_failures = failures
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
         ctx.metrics.logins_ok += 1
         log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user),
@@ -470,7 +468,10 @@ class Pop3Session:
         log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
                  loggable(user), self.peer.address, self.peer.port, protocol.retrieved, self.deleted_count,
                  protocol.tops, self.transport.sent, self.ended)
-        detail = f"filter_failures={self.filter_failures}" if self.filter_failures else ""
+        # Messages the first filter run could not prepare (offered as -ERR at RETR): counted
+        # here, once, rather than kept in every held session.
+        failures = sum(1 for message in protocol.messages if message.error is not None)
+        detail = f"filter_failures={failures}" if failures else ""
         self._record("logout", user, detail=detail)
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
