@@ -145,7 +145,8 @@ class _Authorization:
 class Pop3Protocol:
     """One POP3 session's state; the session module owns the socket."""
 
-    __slots__ = ("state", "closing", "messages", "deleted", "user", "retrieved", "tops", "security", "_authorization")
+    __slots__ = ("state", "closing", "messages", "deleted", "user", "retrieved", "tops", "expunged", "security",
+                 "_authorization")
 
     def __init__(self, max_failures: int = 3, failure_delay: float = 0.0,
                  security: ConnectionSecurity | None = None) -> None:
@@ -158,6 +159,7 @@ class Pop3Protocol:
         self.user: str | None = None
         self.retrieved = 0
         self.tops = 0
+        self.expunged = 0  # messages UPDATE removed (as `update_done` was told)
         # What the plaintext policy and STLS need to know; the default allows plaintext, offers no TLS.
         self.security = security if security is not None else ConnectionSecurity(None)
         self._authorization: _Authorization | None = _Authorization(max_failures, failure_delay)  # None once logged in
@@ -422,7 +424,10 @@ class Pop3Protocol:
         return Update([self.messages[i] for i in sorted(self.deleted)])
 
     def update_done(self, failed: int) -> bytes:
+        """UPDATE is over: `failed` of the marked messages are still there (all of them when
+        none could be deleted)."""
         self.closing = True
+        self.expunged = len(self.deleted) - failed
         if failed:
             return f"-ERR [SYS/TEMP] {failed} messages could not be deleted\r\n".encode()
         return f"+OK Bye, {len(self.deleted)} messages deleted\r\n".encode()

@@ -89,14 +89,13 @@ class Pop3Session:
     """Drives one `Pop3Connection` over one `Transport`."""
 
     __slots__ = (
-        "service", "transport", "peer", "connection", "mailbox",
-        "started", "ended", "deleted_count", "greenlet", "_done",
+        "service", "ctx", "transport", "peer", "connection", "mailbox", "started", "ended", "greenlet", "_done",
     )
 
     def __init__(self, service: Pop3Service, sock: socket.socket, peer: Peer, server: str) -> None:
         """`server`: the address the client reached (behind a proxy, the proxy's)."""
         self.service = service
-        ctx = service.ctx
+        self.ctx = ctx = service.ctx
         self.transport = Transport(sock, on_sent=service.count_sent)
         self.peer = peer
         settings = ctx.settings
@@ -107,18 +106,8 @@ class Pop3Session:
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
-        self.deleted_count = 0
         self.greenlet: gevent.Greenlet[..., None] | None = None  # None while parked: no greenlet waits for the client
         self._done = False
-
-    @property
-    def ctx(self) -> ServerContext:
-        return self.service.ctx
-
-    @property
-    def protocol(self) -> Pop3Protocol:
-        """The protocol state: user, messages, marks."""
-        return self.connection.protocol
 
     # -- the one driver --------------------------------------------------------
     def _step(self, on_hub: bool) -> NeedData | Close | Action | None:
@@ -187,7 +176,7 @@ class Pop3Session:
             if not started:
                 self.close()
                 return
-        self.transport.write(self.protocol.greeting())
+        self.transport.write(self.connection.protocol.greeting())
         self.serve()
 
     def serve(self, action: Action | None = None) -> None:
@@ -220,12 +209,13 @@ class Pop3Session:
         connection = self.connection
         metrics = self.ctx.metrics
         while True:
-            if isinstance(self._step(on_hub=False), Close):
+            over = isinstance(self._step(on_hub=False), Close)
+            transport = self.transport  # a new one after STLS
+            transport.flush()
+            if over:
                 if self.ended == "disconnect":
                     self.ended = "closed"
                 return True
-            transport = self.transport  # a new one after STLS
-            transport.flush()
             if connection.protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
                 self._count_login_timeout()
                 return True
@@ -241,7 +231,7 @@ class Pop3Session:
         """Wait for the client holding no greenlet; one deadline covers both the idle timeout
         and, before login, the login deadline (whichever comes first decides its callback)."""
         timeout = self.ctx.settings.idle_timeout
-        if self.protocol.user is None:
+        if self.connection.protocol.user is None:
             left = self._login_time_left()
             if left <= 0:
                 self._on_login_timeout()
@@ -267,22 +257,22 @@ class Pop3Session:
         connection = self.connection
         if connection.protocol.state is not State.TRANSACTION or self._done:
             return False
-        service = self.service
+        ctx = self.ctx
         transport = self.transport
         try:
             data = transport.read()
             if data is None:  # nothing complete (a TLS record in pieces)
-                transport.rearm(service.ctx.settings.idle_timeout)
+                transport.rearm(ctx.settings.idle_timeout)
                 return True
             if not data:
                 return self._carry_on(None, close=True)
-            service.ctx.metrics.bytes_received += len(data)
+            ctx.metrics.bytes_received += len(data)
             connection.receive_data(data)
             match self._step(on_hub=True):
                 case NeedData():
                     if not transport.send_queued() or transport.more_buffered():
                         return self._carry_on(None)
-                    transport.rearm(service.ctx.settings.idle_timeout)
+                    transport.rearm(ctx.settings.idle_timeout)
                 case Close() | None:
                     return self._carry_on(None)
                 case action:
@@ -315,7 +305,7 @@ class Pop3Session:
         """Event-loop callback: the park's one deadline passed. Before login it was set to
         min(idle timeout, time left to log in); which of the two it was, the clock says
         (a small slack, so that a deadline met to the tick counts)."""
-        if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
+        if self.connection.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
             self._on_login_timeout()
             return
         self.ended = "timeout"
@@ -357,7 +347,7 @@ class Pop3Session:
         transport.write(STLS_OK)
         transport.flush()
         if not self._start_tls():
-            self.protocol.closing = True  # nothing more is said in plaintext
+            self.connection.protocol.closing = True  # nothing more is said in plaintext
 
     def _start_tls(self) -> bool:
         """The server side of the handshake under its deadline; False (logged) if it failed."""
@@ -369,7 +359,7 @@ class Pop3Session:
             self.ended = "tls-failed"
             log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.peer.address, self.peer.port, exc)
             return False
-        self.protocol.tls_started()
+        self.connection.protocol.tls_started()
         return True
 
     def _tls_description(self) -> str:
@@ -397,7 +387,7 @@ class Pop3Session:
         log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user),
                  self.peer.address, self.peer.port, action.mech, self._tls_description(), len(messages))
         self._record("login", user)
-        return self.protocol.login_succeeded(user, messages)
+        return self.connection.protocol.login_succeeded(user, messages)
 
     def _login_failed(self, user: str | None, reason: str, mech: str = "user") -> bytes | Delayed:
         """Every failed login, USER/PASS or AUTH: counted, logged, answered by the protocol core."""
@@ -407,13 +397,13 @@ class Pop3Session:
         if user is not None:  # AUTH refused before its exchange names nobody
             self._record("login-failed", user, detail=f"reason={reason}")
         delay = self.ctx.penalty.failed(self.peer.address) if reason in DELAYED_FAILURES else None
-        return self.protocol.login_failed(reason, delay)
+        return self.connection.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
         try:
             handle = maildir.open_message(action.message)  # only the regular file the snapshot saw
         except OSError:
-            self.transport.write(self.protocol.retrieve_failed())
+            self.transport.write(self.connection.protocol.retrieve_failed())
             return
         write = self.transport.write
         with handle:
@@ -427,23 +417,23 @@ class Pop3Session:
 
     def _update(self, action: Update) -> bytes:
         self.ended = "quit"
+        protocol = self.connection.protocol
         deleted = action.deleted
         if not deleted:
             self._release_mailbox()
-            return self.protocol.update_done(0)
+            return protocol.update_done(0)
         assert self.mailbox is not None
         shared = self.ctx.shared
         if shared is not None and not shared.leases.confirm(self.mailbox.user):
-            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(self.protocol.user))
+            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(protocol.user))
             self._release_mailbox()
-            return self.protocol.update_done(len(deleted))
+            return protocol.update_done(len(deleted))
         failed = self.mailbox.delete(deleted)
-        self.deleted_count = len(deleted) - len(failed)
-        self.ctx.metrics.messages_deleted += self.deleted_count
+        self.ctx.metrics.messages_deleted += len(deleted) - len(failed)
         if failed:
-            log.error("pop3 update: user=%s could not delete %d messages", loggable(self.protocol.user), len(failed))
+            log.error("pop3 update: user=%s could not delete %d messages", loggable(protocol.user), len(failed))
         self._release_mailbox()  # before the answer: a client may reconnect the moment it reads it
-        return self.protocol.update_done(len(failed))
+        return protocol.update_done(len(failed))
 
     # -- end -----------------------------------------------------------------
     def _release_mailbox(self) -> None:
@@ -451,7 +441,7 @@ class Pop3Session:
             return
         self.service.login.release(self.mailbox)
         self.mailbox = None
-        user = self.protocol.user or ""
+        user = self.connection.protocol.user or ""
         count = self.ctx.logged_in.get(user, 0) - 1
         if count > 0:
             self.ctx.logged_in[user] = count
@@ -461,12 +451,12 @@ class Pop3Session:
     def finish(self) -> None:
         """Release the lock and log the logout, however the session ended."""
         self._release_mailbox()
-        protocol = self.protocol
+        protocol = self.connection.protocol
         user = protocol.user
         if user is None:
             return
         log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
-                 loggable(user), self.peer.address, self.peer.port, protocol.retrieved, self.deleted_count,
+                 loggable(user), self.peer.address, self.peer.port, protocol.retrieved, protocol.expunged,
                  protocol.tops, self.transport.sent, self.ended)
         # Messages the first filter run could not prepare (offered as -ERR at RETR): counted
         # here, once, rather than kept in every held session.
@@ -475,10 +465,10 @@ class Pop3Session:
         self._record("logout", user, detail=detail)
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
-        protocol = self.protocol
+        protocol = self.connection.protocol
         self.ctx.access_log.record(AccessEntry(
             time=time.time(), user=loggable(user), address=self.peer.address, port=self.peer.port, event=event,
-            retr=protocol.retrieved, dele=self.deleted_count, top=protocol.tops, bytes=self.transport.sent,
+            retr=protocol.retrieved, dele=protocol.expunged, top=protocol.tops, bytes=self.transport.sent,
             duration=time.monotonic() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
         ))
 
