@@ -132,7 +132,7 @@ class Pop3Session:
                         return None
                 case NeedData() | Close():
                     return event
-                case Login() | Refused() | Retrieve() | Update() | StartTls():
+                case Retrieve() | Update() | Login() | Refused() | StartTls():  # the most frequent first
                     if on_hub:
                         return event
                     self._act(event)
@@ -143,14 +143,14 @@ class Pop3Session:
     def _act(self, action: Action) -> None:
         """Carry out what the core asked for (in a runner: this may wait), then answer."""
         match action:
-            case Login():
-                self._answer(self._login(action))
-            case Refused():
-                self._answer(self._login_failed(action.user, "insecure", action.mech))
             case Retrieve():
                 self._retrieve(action)
             case Update():
                 self.transport.write(self._update(action))
+            case Login():
+                self._answer(self._login(action))
+            case Refused():
+                self._answer(self._login_failed(action.user, "insecure", action.mech))
             case StartTls():
                 self._stls()
             case _:
