@@ -153,13 +153,15 @@ class Transport:
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
-    def queue(self, data: bytes) -> None:
-        """Queue `data`, never sending it here (on the event loop, where no flush may wait)."""
+    def queue(self, data: bytes) -> int:
+        """Queue `data`, never sending it here (on the event loop, where no flush may wait);
+        returns the octets now queued."""
         if self._out is None:
             self._out = [data]
         else:
             self._out.append(data)
         self._out_size += len(data)
+        return self._out_size
 
     @property
     def queued(self) -> int:

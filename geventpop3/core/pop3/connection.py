@@ -56,12 +56,15 @@ class Pop3Connection:
     """Framing plus the protocol state machine of one connection; `protocol` is the state
     (user, messages, marks) the session reports back to."""
 
-    __slots__ = ("protocol", "_buffer", "_lines")
+    __slots__ = ("protocol", "_buffer", "_line", "_lines")
 
     def __init__(self, protocol: Pop3Protocol) -> None:
         self.protocol = protocol
         # A partial line between bursts; None when there is none (most of the time).
         self._buffer: LineBuffer | None = None
+        # The line of a one-line burst, not answered yet; None when there is none. The usual
+        # burst (a client waiting for each answer) so makes no list.
+        self._line: bytes | None = None
         # Lines received and not answered yet, the oldest last (pop() takes it); None when none.
         self._lines: list[object] | None = None
 
@@ -70,16 +73,16 @@ class Pop3Connection:
         buffer = self._buffer
         if buffer is None:
             single = single_line(data)  # one whole command, as most bursts are: no LineBuffer
-            if single is not None:
-                if self._lines is None:
-                    self._lines = [single]
-                else:
-                    self._lines.insert(0, single)
+            if single is not None and self._line is None and self._lines is None:
+                self._line = single
                 return
             buffer = self._buffer = LineBuffer()
         lines = buffer.feed(data)
         if buffer.empty:
             self._buffer = None
+        if self._line is not None:  # it came first
+            lines.insert(0, self._line)
+            self._line = None
         if lines:
             lines.reverse()
             if self._lines:
@@ -92,12 +95,16 @@ class Pop3Connection:
         protocol = self.protocol
         if protocol.closing:
             return CLOSE
-        lines = self._lines
-        if not lines:
-            return NEED_DATA
-        line = lines.pop()
-        if not lines:
-            self._lines = None  # a held session keeps no empty list
+        line: object = self._line
+        if line is not None:
+            self._line = None
+        else:
+            lines = self._lines
+            if not lines:
+                return NEED_DATA
+            line = lines.pop()
+            if not lines:
+                self._lines = None  # a held session keeps no empty list
         event = protocol.handle(line)
         if type(event) is StartTls:
             self.discard()
@@ -105,5 +112,6 @@ class Pop3Connection:
 
     def discard(self) -> None:
         """Forget every line received and not answered, and any partial line."""
+        self._line = None
         self._lines = None
         self._buffer = None

@@ -127,8 +127,7 @@ class Pop3Session:
                     if not on_hub:
                         transport.write(event)
                         continue
-                    transport.queue(event)
-                    if transport.queued >= FLUSH_THRESHOLD:
+                    if transport.queue(event) >= FLUSH_THRESHOLD:
                         return None
                 case NeedData() | Close():
                     return event
