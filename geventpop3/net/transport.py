@@ -75,13 +75,12 @@ _original_poll = monkey.get_original("select", "poll")  # gevent's own poll() kn
 class Transport:
     """A connected socket with a write queue and an event-loop parking place."""
 
-    __slots__ = ("sock", "sent", "received", "closed", "short_read", "_out", "_out_size", "_watcher",
+    __slots__ = ("sock", "sent", "closed", "short_read", "_out", "_out_size", "_watcher",
                  "_prev_due", "_next_due", "_due", "_waiter", "on_sent")
 
     def __init__(self, sock: socket.socket | tls.TlsSocket, on_sent: Callable[[int], None] | None = None) -> None:
         self.sock = sock
         self.sent = 0
-        self.received = 0
         self.closed = False
         self.short_read = False  # the last read took less than asked: the client is now waiting
         self._out: list[bytes] | None = None  # answers not sent yet; None (not an empty list) between bursts
@@ -122,7 +121,6 @@ class Transport:
             data = os.read(self.fd, RECV_SIZE)
         except BlockingIOError:
             return None
-        self.received += len(data)
         self.short_read = 0 < len(data) < RECV_SIZE
         return data
 
@@ -155,13 +153,15 @@ class Transport:
         if self._out_size >= FLUSH_THRESHOLD:
             self.flush()
 
-    def queue(self, data: bytes) -> None:
-        """Queue `data`, never sending it here (on the event loop, where no flush may wait)."""
+    def queue(self, data: bytes) -> int:
+        """Queue `data`, never sending it here (on the event loop, where no flush may wait);
+        returns the octets now queued."""
         if self._out is None:
             self._out = [data]
         else:
             self._out.append(data)
         self._out_size += len(data)
+        return self._out_size
 
     @property
     def queued(self) -> int:
@@ -216,11 +216,8 @@ class Transport:
             self.on_sent(len(data))
 
     def set_timeout(self, seconds: float) -> None:
-        """Bounds a blocked send: a client that stops reading cannot hold a greenlet forever.
-        (Set at every burst: only a change reaches the socket.)"""
-        sock = self.sock
-        if sock.timeout != seconds:
-            sock.settimeout(seconds)
+        """Bounds a blocked send: a client that stops reading cannot hold a greenlet forever."""
+        self.sock.settimeout(seconds)
 
     # -- parking -------------------------------------------------------------
     def park(self, waiter: Waiter, timeout: float) -> None:
@@ -476,7 +473,6 @@ class TlsTransport(Transport):
         sock, connection = tls.accept(cast(socket.socket, plain.sock), context, timeout)
         secure = cls(sock, connection, plain.on_sent)
         secure.sent = plain.sent
-        secure.received = plain.received
         return secure
 
     def read(self) -> bytes | None:
@@ -486,7 +482,6 @@ class TlsTransport(Transport):
             return None
         except (ssl.SSLEOFError, ssl.SSLZeroReturnError):  # closed, with or without close_notify: the end
             return b""
-        self.received += len(data)
         return data
 
     def send_queued(self) -> bool:

@@ -1,12 +1,13 @@
 """POP3 (RFC 1939, RFC 2449, RFC 3206) as a state machine without I/O.
 
 `handle(line)` takes one command line (CRLF already stripped) and returns either the
-response bytes, or an action the session must carry out first because it needs disk,
-the user directory or the socket: `Login`, `Refused`, `Retrieve`, `Update` or
-`StartTls`. The session then reports back (`login_succeeded`, `login_failed`,
-`update_done`, `retrieve_failed`, `tls_started`) and gets the bytes to send. Nothing
-here touches a socket or a file, so every command in every state is unit-tested
-directly.
+response bytes, computed here without I/O or waiting, or an action the session must
+carry out first because it needs disk, the user directory or the socket: `Login`,
+`Refused`, `Retrieve`, `Update` or `StartTls`. The session then reports back
+(`login_succeeded`, `login_failed`, `update_done`, `retrieve_failed`, `tls_started`)
+and gets the bytes to send. Nothing here touches a socket or a file, so every command
+in every state is unit-tested directly. Framing, and the contract sessions rely on to
+answer on the event loop, are in geventpop3.core.pop3.connection.
 
 Authentication: USER/PASS and SASL (AUTH PLAIN/LOGIN, geventpop3.core.pop3.sasl) both end
 in the same `Login`; the plaintext policy (geventpop3.core.pop3.security) turns either
@@ -72,7 +73,10 @@ class Update:
     deleted: list[Message]
 
 
-Action = bytes | Login | Refused | StartTls | Retrieve | Update | Delayed
+# What needs I/O, a password check, a lock or the socket: the session carries it out.
+Action = Login | Refused | StartTls | Retrieve | Update
+# What `handle` returns: the answer itself (computed without I/O), or an action.
+Outcome = bytes | Action
 
 
 @cache
@@ -125,13 +129,24 @@ AUTHENTICATED = ConnectionSecurity(None)  # shared by every logged-in session
 NOTHING_DELETED: frozenset[int] = frozenset()
 
 
+class _Authorization:
+    """What only AUTHORIZATION needs: dropped at login, so a held session does not keep it."""
+
+    __slots__ = ("failures", "max_failures", "failure_delay", "pending_user", "sasl")
+
+    def __init__(self, max_failures: int, failure_delay: float) -> None:
+        self.failures = 0
+        self.max_failures = max_failures
+        self.failure_delay = failure_delay  # seconds before a wrong password is answered
+        self.pending_user: str | None = None  # USER given, PASS awaited
+        self.sasl: sasl.SaslExchange | None = None  # an AUTH exchange waiting for the client's response
+
+
 class Pop3Protocol:
     """One POP3 session's state; the session module owns the socket."""
 
-    __slots__ = (
-        "state", "closing", "messages", "deleted", "user", "failures", "max_failures",
-        "retrieved", "tops", "_pending_user", "failure_delay", "security", "_sasl",
-    )
+    __slots__ = ("state", "closing", "messages", "deleted", "user", "retrieved", "tops", "expunged", "security",
+                 "_authorization")
 
     def __init__(self, max_failures: int = 3, failure_delay: float = 0.0,
                  security: ConnectionSecurity | None = None) -> None:
@@ -142,23 +157,26 @@ class Pop3Protocol:
         # set() is 216 bytes, and most sessions of a held crowd never delete).
         self.deleted: set[int] | frozenset[int] = NOTHING_DELETED
         self.user: str | None = None
-        self.failures = 0
-        self.max_failures = max_failures
-        self.failure_delay = failure_delay  # seconds before a wrong password is answered
         self.retrieved = 0
         self.tops = 0
-        self._pending_user: str | None = None
+        self.expunged = 0  # messages UPDATE removed (as `update_done` was told)
         # What the plaintext policy and STLS need to know; the default allows plaintext, offers no TLS.
         self.security = security if security is not None else ConnectionSecurity(None)
-        self._sasl: sasl.SaslExchange | None = None  # an AUTH exchange waiting for the client's response
+        self._authorization: _Authorization | None = _Authorization(max_failures, failure_delay)  # None once logged in
 
     def greeting(self) -> bytes:
         return GREETING
 
+    @property
+    def failures(self) -> int:
+        """Failed logins on this connection so far (kept until the login that succeeds)."""
+        return self._authorization.failures if self._authorization is not None else 0
+
     # -- input -------------------------------------------------------------
-    def handle(self, line: bytes | object) -> Action:
+    def handle(self, line: bytes | object) -> Outcome:
         if line is LINE_TOO_LONG:
-            self._sasl = None  # an over-long SASL response ends the exchange
+            if self._authorization is not None:
+                self._authorization.sasl = None  # an over-long SASL response ends the exchange
             return ERR_TOO_LONG
         if self.state is not State.TRANSACTION:
             return self._handle_authorization(line)
@@ -170,43 +188,46 @@ class Pop3Protocol:
             return ERR_NOT_IN_AUTH if keyword in _AUTHORIZATION_ONLY else _unknown(keyword)
         return handler(self, rest.split())
 
-    def _handle_authorization(self, line: bytes | object) -> Action:
+    def _handle_authorization(self, line: bytes | object) -> Outcome:
         """AUTHORIZATION (and UPDATE, which answers nothing more)."""
         if self.state is State.UPDATE:
             return ERR_ENDING  # QUIT was taken: no second Update, no more marks
         assert isinstance(line, bytes)
-        if self._sasl is not None:
-            return self._sasl_step(line)
+        auth = self._authorization
+        assert auth is not None
+        if auth.sasl is not None:
+            return self._sasl_step(auth, line)
         keyword, _, rest = line.partition(b" ")
         keyword = keyword.upper()
         if keyword == b"PASS":
-            return self._pass(rest)  # a password may contain spaces: keep the rest whole
+            return self._pass(auth, rest)  # a password may contain spaces: keep the rest whole
         handler = _AUTH_COMMANDS.get(keyword)
         if handler is None:
             return ERR_NOT_AUTH if keyword in _TRANSACTION_COMMANDS else _unknown(keyword)
         return handler(self, rest.split())
 
     # -- AUTHORIZATION -------------------------------------------------------
-    def _user(self, args: list[bytes]) -> Action:
+    def _user(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         user = args[0].decode("utf-8", "replace")
         if not self.security.plaintext_allowed():
             return Refused(user, "user")  # refused at USER already, as Dovecot
-        self._pending_user = user
+        assert self._authorization is not None
+        self._authorization.pending_user = user
         return OK
 
-    def _pass(self, rest: bytes) -> Action:
-        if self._pending_user is None:
+    def _pass(self, auth: _Authorization, rest: bytes) -> Outcome:
+        if auth.pending_user is None:
             return ERR_NO_USER
         if not rest:
             return ERR_SYNTAX
-        user, self._pending_user = self._pending_user, None
+        user, auth.pending_user = auth.pending_user, None
         if not self.security.plaintext_allowed():  # trusted_networks or plaintext_auth changed since USER
             return Refused(user, "user")
         return Login(user, rest.decode("utf-8", "surrogateescape"))
 
-    def _auth(self, args: list[bytes]) -> Action:
+    def _auth(self, args: list[bytes]) -> Outcome:
         """AUTH: alone, the mechanism list; else start a SASL exchange (RFC 5034)."""
         plaintext = self.security.plaintext_allowed()
         if not args:
@@ -226,8 +247,8 @@ class Pop3Protocol:
             return bytes(exc.args[0])
         return self._sasl_answer(exchange, answer)
 
-    def _sasl_step(self, line: bytes) -> Action:
-        exchange, self._sasl = self._sasl, None
+    def _sasl_step(self, auth: _Authorization, line: bytes) -> Outcome:
+        exchange, auth.sasl = auth.sasl, None
         assert exchange is not None
         try:
             answer = exchange.step(line)
@@ -235,13 +256,14 @@ class Pop3Protocol:
             return bytes(exc.args[0])
         return self._sasl_answer(exchange, answer)
 
-    def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Action:
+    def _sasl_answer(self, exchange: sasl.SaslExchange, answer: bytes | sasl.Credentials) -> Outcome:
         if isinstance(answer, bytes):  # a challenge: the next line is the client's response
-            self._sasl = exchange
+            assert self._authorization is not None
+            self._authorization.sasl = exchange
             return answer
         return Login(answer.user, answer.password, exchange.mechanism.lower())
 
-    def _stls(self, args: list[bytes]) -> Action:
+    def _stls(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         if self.security.tls:
@@ -253,16 +275,18 @@ class Pop3Protocol:
     def tls_started(self) -> None:
         """The handshake after STLS succeeded: AUTHORIZATION starts again (a USER before is forgotten)."""
         self.security.tls = True
-        self._pending_user = None
-        self._sasl = None
+        assert self._authorization is not None
+        self._authorization.pending_user = None
+        self._authorization.sasl = None
 
     def login_succeeded(self, user: str, messages: list[Message]) -> bytes:
         self.state = State.TRANSACTION
         self.user = user
         self.messages = messages
         # The connection's security answered its last question (no STLS, no password from
-        # here on): a logged-in session, held for minutes, drops its per-connection object.
+        # here on): a logged-in session, held for minutes, drops its per-connection objects.
         self.security = AUTHENTICATED
+        self._authorization = None
         return f"+OK Logged in, {len(messages)} messages\r\n".encode()
 
     def login_failed(self, reason: str, delay: float | None = None) -> bytes | Delayed:
@@ -272,24 +296,26 @@ class Pop3Protocol:
         A wrong password (or unknown user) is answered only after `delay` seconds (the
         session's penalty for the client's source; `failure_delay` when not given), which
         slows password guessing; a busy or broken mailbox is answered at once."""
-        self.failures += 1
-        if self.failures >= self.max_failures:
+        auth = self._authorization
+        assert auth is not None
+        auth.failures += 1
+        if auth.failures >= auth.max_failures:
             self.closing = True
-        seconds = self.failure_delay if delay is None else delay
+        seconds = auth.failure_delay if delay is None else delay
         if reason in DELAYED_FAILURES and seconds > 0:
             return Delayed(seconds, LOGIN_FAILURES[reason])
         return LOGIN_FAILURES[reason]
 
-    def _quit_auth(self, args: list[bytes]) -> Action:
+    def _quit_auth(self, args: list[bytes]) -> Outcome:
         self.closing = True
         return b"+OK Bye\r\n"
 
-    def _capa(self, args: list[bytes]) -> Action:
+    def _capa(self, args: list[bytes]) -> Outcome:
         security = self.security
         stls = self.state is State.AUTHORIZATION and security.offer_stls
         return capa_response(security.plaintext_allowed(), stls)
 
-    def _not_supported(self, args: list[bytes]) -> Action:
+    def _not_supported(self, args: list[bytes]) -> Outcome:
         return ERR_NOT_SUPPORTED
 
     # -- TRANSACTION ---------------------------------------------------------
@@ -310,7 +336,7 @@ class Pop3Protocol:
             return list(enumerate(self.messages))
         return [(i, m) for i, m in enumerate(self.messages) if i not in deleted]
 
-    def _stat(self, args: list[bytes]) -> Action:
+    def _stat(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         if not self.deleted:
@@ -319,12 +345,12 @@ class Pop3Protocol:
         live = self._live()
         return f"+OK {len(live)} {sum(m.size for _, m in live)}\r\n".encode()
 
-    def _list(self, args: list[bytes]) -> Action:
+    def _list(self, args: list[bytes]) -> Outcome:
         if not args:
             return self._listing_all([f"{i + 1} {m.size}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: str(m.size))
 
-    def _uidl(self, args: list[bytes]) -> Action:
+    def _uidl(self, args: list[bytes]) -> Outcome:
         if not args:
             return self._listing_all([f"{i + 1} {m.uidl or m.uid}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: m.uidl or m.uid)
@@ -333,7 +359,7 @@ class Pop3Protocol:
         """LIST or UIDL of every live message: `lines` between the +OK and the `.`."""
         return f"+OK {len(lines)} messages\r\n{''.join(lines)}.\r\n".encode()
 
-    def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Action:
+    def _listing(self, args: list[bytes], field: Callable[[Message], str]) -> Outcome:
         """LIST or UIDL of one message (or a syntax error)."""
         if len(args) > 1:
             return ERR_SYNTAX
@@ -342,7 +368,7 @@ class Pop3Protocol:
             return index
         return f"+OK {index + 1} {field(self.messages[index])}\r\n".encode()
 
-    def _retr(self, args: list[bytes]) -> Action:
+    def _retr(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -354,7 +380,7 @@ class Pop3Protocol:
         self.retrieved += 1
         return Retrieve(f"+OK {message.size} octets\r\n".encode(), message, None)
 
-    def _top(self, args: list[bytes]) -> Action:
+    def _top(self, args: list[bytes]) -> Outcome:
         if len(args) != 2:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -372,7 +398,7 @@ class Pop3Protocol:
         """The message file could not be opened (it vanished): the session goes on."""
         return ERR_UNAVAILABLE
 
-    def _dele(self, args: list[bytes]) -> Action:
+    def _dele(self, args: list[bytes]) -> Outcome:
         if len(args) != 1:
             return ERR_SYNTAX
         index = self._message_index(args[0])
@@ -384,21 +410,24 @@ class Pop3Protocol:
             self.deleted = {index}
         return f"+OK Message {index + 1} deleted\r\n".encode()
 
-    def _noop(self, args: list[bytes]) -> Action:
+    def _noop(self, args: list[bytes]) -> Outcome:
         return OK if not args else ERR_SYNTAX
 
-    def _rset(self, args: list[bytes]) -> Action:
+    def _rset(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
         self.deleted = NOTHING_DELETED
         return f"+OK {len(self.messages)} messages\r\n".encode()
 
-    def _quit_transaction(self, args: list[bytes]) -> Action:
+    def _quit_transaction(self, args: list[bytes]) -> Outcome:
         self.state = State.UPDATE
         return Update([self.messages[i] for i in sorted(self.deleted)])
 
     def update_done(self, failed: int) -> bytes:
+        """UPDATE is over: `failed` of the marked messages are still there (all of them when
+        none could be deleted)."""
         self.closing = True
+        self.expunged = len(self.deleted) - failed
         if failed:
             return f"-ERR [SYS/TEMP] {failed} messages could not be deleted\r\n".encode()
         return f"+OK Bye, {len(self.deleted)} messages deleted\r\n".encode()
@@ -408,7 +437,7 @@ def _unknown(keyword: bytes) -> bytes:
     return ERR_UNKNOWN if keyword else b"-ERR Empty command\r\n"
 
 
-_AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
+_AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Outcome]] = {
     b"USER": Pop3Protocol._user,
     b"QUIT": Pop3Protocol._quit_auth,
     b"CAPA": Pop3Protocol._capa,
@@ -417,7 +446,7 @@ _AUTH_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
     b"STLS": Pop3Protocol._stls,
 }
 _AUTHORIZATION_ONLY = frozenset((b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"))
-_TRANSACTION_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Action]] = {
+_TRANSACTION_COMMANDS: dict[bytes, Callable[[Pop3Protocol, list[bytes]], Outcome]] = {
     b"STAT": Pop3Protocol._stat,
     b"LIST": Pop3Protocol._list,
     b"UIDL": Pop3Protocol._uidl,

@@ -1,14 +1,22 @@
-"""One POP3 session: transport <-> protocol core <-> Maildir, blocking style per burst.
+"""One POP3 session: transport <-> connection core <-> Maildir, blocking style per burst.
 
-`serve()` is the handler for one burst of client input: read what the client sent,
-feed each line to the protocol core, carry out the actions it asks for (login,
-retrieve, update) and write the answers, then park until the client speaks again.
-The socket side, write batching and parking live in `geventpop3.net.transport`; the
-rules of POP3 in `geventpop3.core.pop3.protocol`. TLS (implicit on the POP3S port, or
-after STLS) is one step here, `_start_tls`: handshake, then the transport is swapped
-for a `TlsTransport` and the protocol starts AUTHORIZATION again. The service keeps
-the one registry of open sessions, the per-address and per-user+address counts
-behind the connection limits, and ends every session at shutdown.
+The rules of POP3 and its framing live in `geventpop3.core.pop3.connection`: the session
+feeds it what the client sent and carries out the events it returns, all in one place,
+`_step()`, called from both places a session runs:
+
+- a runner greenlet (`serve`, geventpop3.net.runners) serves a burst of client input:
+  read, step, write, until the client goes quiet; then the session parks.
+- parked (no greenlet, an event-loop watcher, geventpop3.net.transport), a logged-in
+  session's input is stepped right in the watcher's callback (`answer_parked`): `bytes`
+  answers are written there, on the hub, and the first action (RETR, QUIT, ...) goes to a
+  runner, with the lines not answered yet still in the connection. The core's contract
+  (every bytes answer is computed without I/O or yielding) is what makes that safe.
+
+A login is one call, `LoginPipeline.open` (geventpop3.service.pop3.login). TLS (implicit on
+the POP3S port, or after STLS) is one step here, `_start_tls`: handshake, then the
+transport is swapped for a `TlsTransport` and the protocol starts AUTHORIZATION again. The
+service keeps the one registry of open sessions, the per-address counts behind the
+connection limits, and ends every session at shutdown.
 
 Limits against slow and many connections (see docs/configuration.md):
 - `login_timeout`: from connect to a successful login. It needs no timer of its own:
@@ -17,31 +25,31 @@ Limits against slow and many connections (see docs/configuration.md):
   byte at a time is also checked at every read.
 - `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
 - `max_sessions_per_user_ip`: logins of one user from one source in flight (password
-  check, lock, scan, first filter run). Logged-in sessions are not counted here: the
-  mailbox lock already allows one per user, and keeping a count per logged-in
-  session would cost every held session memory.
+  check, lock, scan, first filter run; counted by the LoginPipeline). Logged-in sessions
+  are not counted here: the mailbox lock already allows one per user, and keeping a count
+  per logged-in session would cost every held session memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import socket
 import time
-from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any, assert_never, cast
 
 import gevent
 from gevent.server import StreamServer
 
-from geventpop3.core.lines import Delayed, LineBuffer, single_line
+from geventpop3.core.lines import Delayed
 from geventpop3.core.metrics import AccessEntry
-from geventpop3.core.names import HashingBusy
-from geventpop3.core.penalty import source_of
+from geventpop3.core.peer import Peer, client_host
+from geventpop3.core.peer import source_key as source_key  # where the limits' tests look for it
+from geventpop3.core.pop3.connection import Close, NeedData, Pop3Connection
 from geventpop3.core.pop3.protocol import (
     DELAYED_FAILURES,
     STLS_OK,
+    Action,
     Login,
     Pop3Protocol,
     Refused,
@@ -57,8 +65,7 @@ from geventpop3.net import proxied, tls
 from geventpop3.net.runners import Runners
 from geventpop3.net.transport import FLUSH_THRESHOLD, TlsTransport, Transport
 from geventpop3.service.context import ServerContext
-from geventpop3.service.filters import ClientGone
-from geventpop3.state import leases
+from geventpop3.service.pop3.login import Failed, LoginPipeline, Opened, loggable
 
 log = logging.getLogger(__name__)
 
@@ -68,28 +75,6 @@ IDLE_TIMEOUT = b"-ERR Idle timeout, closing connection\r\n"
 LOGIN_TIMEOUT = b"-ERR Login timeout, closing connection\r\n"
 HEALTH_OK = b"+OK geventpop3 ready\r\n"  # to a load balancer's health check (PROXY LOCAL)
 TIMER_SLACK = 0.05  # seconds: a login deadline this close counts as reached
-_UNSAFE_LOG_CHARS = re.compile(r"[^A-Za-z0-9._@+-]")
-
-
-def loggable(name: str | None) -> str:
-    """A user name safe to put in a log line (no spaces, no control characters)."""
-    if name is None:
-        return "-"
-    return _UNSAFE_LOG_CHARS.sub("?", name)[:64] or "?"
-
-
-def client_host(address: tuple[Any, ...]) -> str:
-    """The client's address as text; dual-stack listeners see IPv4 clients as ::ffff:a.b.c.d,
-    which is a.b.c.d here (in logs and in the limits)."""
-    host = str(address[0])
-    return host[7:] if host.startswith("::ffff:") and "." in host else host
-
-
-def source_key(host: str) -> str:
-    """What the per-source limits count by: an IPv4 address, or the /64 of an IPv6 one
-    (one site gets a whole /64, so counting single IPv6 addresses would be no limit);
-    the same sources as the auth penalty's."""
-    return source_of(host) or host
 
 
 def _server_address(sock: socket.socket) -> str:
@@ -101,40 +86,84 @@ def _server_address(sock: socket.socket) -> str:
 
 
 class Pop3Session:
-    """Drives one `Pop3Protocol` over one `Transport`."""
+    """Drives one `Pop3Connection` over one `Transport`."""
 
     __slots__ = (
-        "ctx", "service", "transport", "buffer", "address", "port", "protocol", "mailbox",
-        "started", "ended", "deleted_count", "transform_failures", "greenlet", "_done",
+        "service", "ctx", "transport", "peer", "connection", "mailbox", "started", "ended", "greenlet", "_done",
     )
 
-    def __init__(self, service: Pop3Service, sock: socket.socket, host: str, port: int,
-                 proxy: ProxyHeader | None = None) -> None:
-        ctx = service.ctx
+    def __init__(self, service: Pop3Service, sock: socket.socket, peer: Peer, server: str) -> None:
+        """`server`: the address the client reached (behind a proxy, the proxy's)."""
         self.service = service
-        self.ctx = ctx
+        self.ctx = ctx = service.ctx
         self.transport = Transport(sock, on_sent=service.count_sent)
-        # A partial command line between bursts; None when there is none, as between most
-        # bursts (a held session then keeps no LineBuffer).
-        self.buffer: LineBuffer | None = None
-        self.address = host
-        self.port = port
+        self.peer = peer
         settings = ctx.settings
-        # Behind a proxy the server address is the one the client reached (the proxy's), and
-        # TLS the proxy terminated (v2 SSL TLV) makes the connection secure.
-        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
-        security = ConnectionSecurity(settings, self.address, server, tls=proxy is not None and proxy.tls,
+        security = ConnectionSecurity(settings, peer.address, server, tls=peer.secure,
                                       tls_available=ctx.tls is not None)
-        self.protocol = Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security)
+        self.connection = Pop3Connection(
+            Pop3Protocol(settings.max_login_failures, settings.login_failure_delay, security))
         self.mailbox: maildir.Mailbox | None = None  # set while logged in: the lock is held
         self.started = time.monotonic()  # also the start of the login deadline
         self.ended = "disconnect"
-        self.deleted_count = 0
-        self.transform_failures = 0
         self.greenlet: gevent.Greenlet[..., None] | None = None  # None while parked: no greenlet waits for the client
         self._done = False
 
-    # -- one burst ------------------------------------------------------------
+    # -- the one driver --------------------------------------------------------
+    def _step(self, on_hub: bool) -> NeedData | Close | Action | None:
+        """Answer the lines the connection holds, in order, until it needs data or is over
+        (that event is returned).
+
+        In a runner (`on_hub` False) every action is carried out here, waiting as it must.
+        On the hub (`answer_parked`) answers are only queued, never waited for: the first
+        action is returned undone, and None once more than FLUSH_THRESHOLD is queued; a
+        runner goes on from there, the lines after it still in the connection."""
+        connection = self.connection
+        transport = self.transport
+        while True:
+            event = connection.next_event()
+            match event:
+                case bytes():
+                    if not on_hub:
+                        transport.write(event)
+                        continue
+                    if transport.queue(event) >= FLUSH_THRESHOLD:
+                        return None
+                case NeedData() | Close():
+                    return event
+                case Retrieve() | Update() | Login() | Refused() | StartTls():  # the most frequent first
+                    if on_hub:
+                        return event
+                    self._act(event)
+                    transport = self.transport  # a new one after STLS
+                case _:
+                    assert_never(event)
+
+    def _act(self, action: Action) -> None:
+        """Carry out what the core asked for (in a runner: this may wait), then answer."""
+        match action:
+            case Retrieve():
+                self._retrieve(action)
+            case Update():
+                self.transport.write(self._update(action))
+            case Login():
+                self._answer(self._login(action))
+            case Refused():
+                self._answer(self._login_failed(action.user, "insecure", action.mech))
+            case StartTls():
+                self._stls()
+            case _:
+                assert_never(action)
+
+    def _answer(self, answer: bytes | Delayed) -> None:
+        if isinstance(answer, Delayed):
+            # A failed login: its answer leaves only after the delay (slows guessing).
+            self.transport.flush()
+            gevent.sleep(answer.seconds)
+            answer = answer.data
+        self.transport.write(answer)
+
+    # -- in a runner -------------------------------------------------------------
     def start(self, implicit_tls: bool = False) -> None:
         """Greet, then serve the first burst (in the greenlet that accepted the connection);
         with `implicit_tls` (POP3S) the handshake comes before the greeting."""
@@ -146,21 +175,19 @@ class Pop3Session:
             if not started:
                 self.close()
                 return
-        self.transport.write(self.protocol.greeting())
-        # The client waits for the greeting before it speaks: no read(2) that would say EAGAIN.
-        self.transport.short_read = True
+        self.transport.write(self.connection.protocol.greeting())
         self.serve()
 
-    def serve(self, action: object = None, lines: Sequence[object] = ()) -> None:
+    def serve(self, action: Action | None = None) -> None:
         """Answer what the client sent; park when it goes quiet, end when it is over.
-        `action` and `lines`: what `answer_parked` took in but left to a greenlet."""
+        `action`: what `answer_parked` took in but left to a runner."""
         if self._done:
             return
         try:
             self.transport.set_timeout(self.ctx.settings.idle_timeout)  # bounds a stalled send
             self.transport.flush()
-            if action is not None or lines:
-                self._answer_lines(action, lines)
+            if action is not None:
+                self._act(action)
             over = self._answer_burst()
         except gevent.GreenletExit:
             self.ended, over = "shutdown", True
@@ -168,19 +195,42 @@ class Pop3Session:
             self.ended, over = "disconnect", True  # reset by peer, broken pipe: nothing to answer
         except Exception:  # never let one session take the server down
             self.ended, over = "error", True
-            log.exception("pop3 session error: rip=%s", self.address)
+            log.exception("pop3 session error: rip=%s", self.peer.address)
         self.greenlet = None
         if over:
             self.close(LOGIN_TIMEOUT if self.ended == "login-timeout" else b"")
         else:
             self._park()
 
+    def _answer_burst(self) -> bool:
+        """Step, read and answer until the client has nothing more for now (False: park)
+        or the session is over (True)."""
+        connection = self.connection
+        metrics = self.ctx.metrics
+        while True:
+            over = isinstance(self._step(on_hub=False), Close)
+            transport = self.transport  # a new one after STLS
+            transport.flush()
+            if over:
+                if self.ended == "disconnect":
+                    self.ended = "closed"
+                return True
+            if connection.protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
+                self._count_login_timeout()
+                return True
+            data = transport.read()
+            if data is None:
+                return False
+            if not data:
+                return True
+            metrics.bytes_received += len(data)
+            connection.receive_data(data)
+
     def _park(self) -> None:
         """Wait for the client holding no greenlet; one deadline covers both the idle timeout
         and, before login, the login deadline (whichever comes first decides its callback)."""
-        settings = self.ctx.settings
-        timeout = settings.idle_timeout
-        if self.protocol.user is None:
+        timeout = self.ctx.settings.idle_timeout
+        if self.connection.protocol.user is None:
             left = self._login_time_left()
             if left <= 0:
                 self._on_login_timeout()
@@ -191,114 +241,59 @@ class Pop3Session:
     def _login_time_left(self) -> float:
         return float(self.started + self.ctx.settings.login_timeout - time.monotonic())
 
-    def _answer_burst(self) -> bool:
-        """Read and answer until the client has nothing more for now (False: park)
-        or the session is over (True)."""
-        protocol = self.protocol
-        metrics = self.ctx.metrics
-        while not protocol.closing:
-            transport = self.transport  # a new one after STLS
-            if protocol.user is None and self._login_time_left() <= 0:  # a client that never stops sending
-                self._count_login_timeout()
-                return True
-            data = transport.read()
-            if data is None:
-                return False
-            if not data:
-                return True
-            metrics.bytes_received += len(data)
-            buffer = self.buffer
-            if buffer is None:
-                single = single_line(data)  # one whole command, as most bursts are: no LineBuffer
-                if single is not None:
-                    self._dispatch(protocol.handle(single))
-                    self.transport.flush()
-                    continue
-                buffer = self.buffer = LineBuffer()
-            for line in buffer.feed(data):
-                self._dispatch(protocol.handle(line))
-                if protocol.closing or self.buffer is not buffer:  # after STLS the rest is discarded
-                    break
-            else:
-                if buffer.empty:
-                    self.buffer = None
-            self.transport.flush()
-        if self.ended == "disconnect":
-            self.ended = "closed"
-        return True
-
-    def _answer_lines(self, action: object, lines: Sequence[object]) -> None:
-        """Carry out `action` (if any), then answer `lines` (until the session is closing)."""
-        protocol = self.protocol
-        if action is not None:
-            self._dispatch(action)
-        for line in lines:
-            if protocol.closing:
-                break
-            self._dispatch(protocol.handle(line))
-        self.transport.flush()
-
+    # -- parked: event-loop callbacks ------------------------------------------
     def answer_parked(self) -> bool:
         """Event-loop callback, still parked: the client sent something (or closed).
 
         A logged-in session's commands that need nothing but their answer (NOOP, STAT,
-        LIST, UIDL, DELE, RSET, CAPA, errors) are answered right here, and the session
-        stays parked: no greenlet, no watcher stop and start. One read per wake: more
-        input wakes the watcher again at the loop's next turn, after the other sessions
-        ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close, answers
-        the client is slow to read, over FLUSH_THRESHOLD queued) goes on in a greenlet
-        (`serve`), with what was taken in so far. False before login: `on_ready` then."""
-        protocol = self.protocol
-        if protocol.state is not State.TRANSACTION or self._done:
+        LIST, UIDL, DELE, RSET, CAPA, errors) are answered right here by `_step`, and the
+        session stays parked: no greenlet, no watcher stop and start. One read per wake:
+        more input wakes the watcher again at the loop's next turn, after the other
+        sessions ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close,
+        answers the client is slow to read, over FLUSH_THRESHOLD queued) goes on in a
+        runner (`serve`), the lines not answered yet still in the connection. False
+        before login: `on_ready` then."""
+        connection = self.connection
+        if connection.protocol.state is not State.TRANSACTION or self._done:
             return False
+        ctx = self.ctx
         transport = self.transport
         try:
             data = transport.read()
             if data is None:  # nothing complete (a TLS record in pieces)
-                transport.rearm(self.ctx.settings.idle_timeout)
+                transport.rearm(ctx.settings.idle_timeout)
                 return True
             if not data:
-                return self._carry_on(None, (), close=True)
-            self.ctx.metrics.bytes_received += len(data)
-            buffer = self.buffer
-            single = single_line(data) if buffer is None else None
-            lines: list[object]
-            if single is not None:
-                lines = [single]
-            else:
-                if buffer is None:
-                    buffer = self.buffer = LineBuffer()
-                lines = buffer.feed(data)
-                if buffer.empty:
-                    self.buffer = None
-            for index, line in enumerate(lines):
-                answer = protocol.handle(line)
-                if type(answer) is not bytes:
-                    return self._carry_on(answer, lines[index + 1:])
-                transport.queue(answer)
-                if transport.queued >= FLUSH_THRESHOLD:
-                    return self._carry_on(None, lines[index + 1:])
-            if not transport.send_queued() or transport.more_buffered():
-                return self._carry_on(None, ())
-            transport.rearm(self.ctx.settings.idle_timeout)
+                return self._carry_on(None, close=True)
+            ctx.metrics.bytes_received += len(data)
+            connection.receive_data(data)
+            match self._step(on_hub=True):
+                case NeedData():
+                    if not transport.send_queued() or transport.more_buffered():
+                        return self._carry_on(None)
+                    transport.rearm(ctx.settings.idle_timeout)
+                case Close() | None:
+                    return self._carry_on(None)
+                case action:
+                    return self._carry_on(action)
         except OSError:
             self.ended = "disconnect"  # reset by peer: nothing to answer
-            return self._carry_on(None, (), close=True)
+            return self._carry_on(None, close=True)
         except Exception:  # never let one session take the server down
             self.ended = "error"
-            log.exception("pop3 session error: rip=%s", self.address)
-            return self._carry_on(None, (), close=True)
+            log.exception("pop3 session error: rip=%s", self.peer.address)
+            return self._carry_on(None, close=True)
         return True
 
-    def _carry_on(self, action: object, lines: Sequence[object], close: bool = False) -> bool:
+    def _carry_on(self, action: Action | None, close: bool = False) -> bool:
         """What `answer_parked` cannot finish on the event loop goes on in a greenlet."""
         self.transport.unpark()
         if close:
             self.greenlet = gevent.spawn(self.close)
-        elif action is None and not lines:
+        elif action is None:
             self.greenlet = self.service.runners.spawn(self.serve)
         else:
-            self.greenlet = self.service.runners.spawn(self.serve, action, lines)
+            self.greenlet = self.service.runners.spawn(self.serve, action)
         return True
 
     def on_ready(self) -> None:
@@ -309,7 +304,7 @@ class Pop3Session:
         """Event-loop callback: the park's one deadline passed. Before login it was set to
         min(idle timeout, time left to log in); which of the two it was, the clock says
         (a small slack, so that a deadline met to the tick counts)."""
-        if self.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
+        if self.connection.protocol.user is None and self._login_time_left() <= TIMER_SLACK:
             self._on_login_timeout()
             return
         self.ended = "timeout"
@@ -323,7 +318,7 @@ class Pop3Session:
     def _count_login_timeout(self) -> None:
         self.ended = "login-timeout"
         self.ctx.metrics.login_timeouts += 1
-        log.info("pop3 login timeout: rip=%s rport=%d", self.address, self.port)
+        log.info("pop3 login timeout: rip=%s rport=%d", self.peer.address, self.peer.port)
 
     def close(self, last_words: bytes = b"") -> None:
         """End the session once, however it ended: lock, logs, counters, socket."""
@@ -337,40 +332,21 @@ class Pop3Session:
             self.ctx.metrics.connection_closed()
             self.transport.close(last_words)
 
-    def _dispatch(self, action: object) -> None:
-        if type(action) is bytes:
-            self.transport.write(action)
-        elif isinstance(action, Retrieve):
-            self._retrieve(action)
-        elif isinstance(action, Login):
-            self._dispatch(self._login(action))
-        elif isinstance(action, Refused):
-            self._dispatch(self._login_failed(action.user, "insecure", action.mech))
-        elif isinstance(action, StartTls):
-            self._stls()
-        elif isinstance(action, Update):
-            self.transport.write(self._update(action))
-        elif isinstance(action, Delayed):
-            # A failed login: its answer leaves only after the delay (slows guessing).
-            self.transport.flush()
-            gevent.sleep(action.seconds)
-            self.transport.write(action.data)
-
     # -- TLS -----------------------------------------------------------------
     def _stls(self) -> None:
         """STLS accepted: nothing the client sent after it is ever executed.
 
-        Unread input is discarded before the +OK leaves (a client must wait for it
+        The connection has dropped the lines it held (geventpop3.core.pop3.connection);
+        unread input is discarded before the +OK leaves (a client must wait for it
         before its ClientHello); bytes that arrive later were sent before the
         ClientHello too and break the handshake, which closes the connection.
         """
-        self.buffer = None
         transport = self.transport
         transport.discard_input()
         transport.write(STLS_OK)
         transport.flush()
         if not self._start_tls():
-            self.protocol.closing = True  # nothing more is said in plaintext
+            self.connection.protocol.closing = True  # nothing more is said in plaintext
 
     def _start_tls(self) -> bool:
         """The server side of the handshake under its deadline; False (logged) if it failed."""
@@ -380,145 +356,91 @@ class Pop3Session:
             self.transport = TlsTransport.accept(self.transport, server_tls.context, tls.HANDSHAKE_TIMEOUT)
         except tls.HandshakeFailed as exc:
             self.ended = "tls-failed"
-            log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.address, self.port, exc)
+            log.info("pop3 tls handshake failed: rip=%s rport=%d error=%s", self.peer.address, self.peer.port, exc)
             return False
-        self.protocol.tls_started()
+        self.connection.protocol.tls_started()
         return True
 
     def _tls_description(self) -> str:
         transport = self.transport
-        if not isinstance(transport, TlsTransport) and self.protocol.security.tls:
+        if not isinstance(transport, TlsTransport) and self.peer.secure:
             return "proxy"  # TLS ended at the load balancer (PROXY v2 SSL TLV)
         return tls.describe(transport.tls if isinstance(transport, TlsTransport) else None)
 
     # -- actions -------------------------------------------------------------
     def _login(self, action: Login) -> bytes | Delayed:
-        """Check, lock and scan, counted in max_sessions_per_user_ip while it runs."""
-        user = action.user
-        service = self.service
-        key = (user, source_key(self.address))
-        if service.user_sessions.get(key, 0) >= self.ctx.settings.max_sessions_per_user_ip:
-            self.ctx.metrics.refused_user_ip += 1
-            return self._login_failed(user, "user-ip")
-        service.user_sessions[key] = service.user_sessions.get(key, 0) + 1
-        try:
-            return self._open_mailbox(action)
-        finally:  # logged in, failed or killed: no longer in flight
-            service.leave_user_sessions(key)
-
-    def _open_mailbox(self, action: Login) -> bytes | Delayed:
+        """The LoginPipeline, then the outcome counted, logged and answered."""
+        outcome = self.service.login.open(action, self.peer, self.transport.peer_gone)
+        match outcome:
+            case Failed(reason):
+                return self._login_failed(action.user, reason, action.mech)
+            case Opened(mailbox, messages):
+                pass
+            case _:
+                assert_never(outcome)
         ctx = self.ctx
         user = action.user
-        mech = action.mech
-        try:  # a source with recent failures waits behind clean ones for a hash thread
-            ok = ctx.users.verify(user, action.password, priority=ctx.penalty.failures(self.address))
-        except HashingBusy:
-            return self._login_failed(user, "busy", mech)
-        if not ok:
-            # With a shared store that is down, this instance cannot be sure its users are
-            # current: every failure is temporary then (delayed all the same).
-            shared = ctx.shared
-            return self._login_failed(user, "auth" if shared is None or shared.available else "unverified", mech)
-        ctx.penalty.succeeded(self.address)
-        try:
-            mailbox = maildir.Mailbox(ctx.settings.maildir, user)
-            mailbox.open()  # creates the Maildir at a user's first login
-            if not mailbox.lock():
-                return self._login_failed(user, "in-use", mech)
-        except (OSError, maildir.MaildirError) as exc:
-            log.error("pop3 mailbox error: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp", mech)
-        if ctx.shared is not None:  # the lease other instances see; the lock above is this host's
-            lease = ctx.shared.leases.acquire(user)
-            if lease != leases.HELD:
-                mailbox.release()
-                return self._login_failed(user, "in-use" if lease == leases.IN_USE else "temp", mech)
-        try:
-            messages = mailbox.snapshot(ctx.settings.uidl_format)
-            if ctx.filters is not None:
-                messages = ctx.filters.prepare(messages, user=user, address=self.address, port=self.port,
-                                               client_gone=self.transport.peer_gone)
-                self.transform_failures = sum(1 for m in messages if m.error is not None)
-        except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
-            self._unlock(mailbox, user)
-            log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
-                     loggable(user), self.address, self.port)
-            raise
-        except Exception as exc:
-            self._unlock(mailbox, user)
-            log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)
-            return self._login_failed(user, "temp", mech)
         self.mailbox = mailbox
         ctx.logged_in[user] = ctx.logged_in.get(user, 0) + 1
         ctx.metrics.logins_ok += 1
-        log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user), self.address,
-                 self.port, mech, self._tls_description(), len(messages))
+        log.info("pop3 login: user=%s rip=%s rport=%d mech=%s tls=%s messages=%d", loggable(user),
+                 self.peer.address, self.peer.port, action.mech, self._tls_description(), len(messages))
         self._record("login", user)
-        return self.protocol.login_succeeded(user, messages)
+        return self.connection.protocol.login_succeeded(user, messages)
 
     def _login_failed(self, user: str | None, reason: str, mech: str = "user") -> bytes | Delayed:
         """Every failed login, USER/PASS or AUTH: counted, logged, answered by the protocol core."""
         self.ctx.metrics.logins_failed += 1
         log.warning("pop3 login failed: user=%s rip=%s rport=%d mech=%s tls=%s reason=%s", loggable(user),
-                    self.address, self.port, mech, self._tls_description(), reason)
+                    self.peer.address, self.peer.port, mech, self._tls_description(), reason)
         if user is not None:  # AUTH refused before its exchange names nobody
             self._record("login-failed", user, detail=f"reason={reason}")
-        delay = self.ctx.penalty.failed(self.address) if reason in DELAYED_FAILURES else None
-        return self.protocol.login_failed(reason, delay)
+        delay = self.ctx.penalty.failed(self.peer.address) if reason in DELAYED_FAILURES else None
+        return self.connection.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
         try:
             handle = maildir.open_message(action.message)  # only the regular file the snapshot saw
         except OSError:
-            self.transport.write(self.protocol.retrieve_failed())
+            self.transport.write(self.connection.protocol.retrieve_failed())
             return
         write = self.transport.write
         with handle:
-            whole = maildir.whole_message(handle) if action.body_lines is None else None
-            if whole is not None:
-                write(b"".join((action.header, whole, b".\r\n")))
-            else:
-                write(action.header)
-                # Past the +OK line a read error can only end the connection (OSError).
-                for chunk in maildir.message_chunks(handle, action.body_lines):
-                    write(chunk)
-                write(b".\r\n")
+            write(action.header)
+            # Past the +OK line a read error can only end the connection (OSError).
+            for chunk in maildir.message_chunks(handle, action.body_lines):
+                write(chunk)
+            write(b".\r\n")
         if action.body_lines is None:
             self.ctx.metrics.messages_retrieved += 1
 
     def _update(self, action: Update) -> bytes:
         self.ended = "quit"
+        protocol = self.connection.protocol
         deleted = action.deleted
         if not deleted:
             self._release_mailbox()
-            return self.protocol.update_done(0)
+            return protocol.update_done(0)
         assert self.mailbox is not None
         shared = self.ctx.shared
         if shared is not None and not shared.leases.confirm(self.mailbox.user):
-            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(self.protocol.user))
+            log.error("pop3 update: user=%s lease lost or unconfirmed: nothing deleted", loggable(protocol.user))
             self._release_mailbox()
-            return self.protocol.update_done(len(deleted))
+            return protocol.update_done(len(deleted))
         failed = self.mailbox.delete(deleted)
-        self.deleted_count = len(deleted) - len(failed)
-        self.ctx.metrics.messages_deleted += self.deleted_count
+        self.ctx.metrics.messages_deleted += len(deleted) - len(failed)
         if failed:
-            log.error("pop3 update: user=%s could not delete %d messages", loggable(self.protocol.user), len(failed))
+            log.error("pop3 update: user=%s could not delete %d messages", loggable(protocol.user), len(failed))
         self._release_mailbox()  # before the answer: a client may reconnect the moment it reads it
-        return self.protocol.update_done(len(failed))
+        return protocol.update_done(len(failed))
 
     # -- end -----------------------------------------------------------------
-    def _unlock(self, mailbox: maildir.Mailbox, user: str) -> None:
-        """Give up the lock and, with a shared store, the lease."""
-        mailbox.release()
-        if self.ctx.shared is not None:
-            self.ctx.shared.leases.release(user)
-
     def _release_mailbox(self) -> None:
         if self.mailbox is None:
             return
-        self._unlock(self.mailbox, self.mailbox.user)
+        self.service.login.release(self.mailbox)
         self.mailbox = None
-        user = self.protocol.user or ""
+        user = self.connection.protocol.user or ""
         count = self.ctx.logged_in.get(user, 0) - 1
         if count > 0:
             self.ctx.logged_in[user] = count
@@ -528,19 +450,24 @@ class Pop3Session:
     def finish(self) -> None:
         """Release the lock and log the logout, however the session ended."""
         self._release_mailbox()
-        user = self.protocol.user
+        protocol = self.connection.protocol
+        user = protocol.user
         if user is None:
             return
         log.info("pop3 logout: user=%s rip=%s rport=%d retr=%d dele=%d top=%d bytes=%d ended=%s",
-                 loggable(user), self.address, self.port, self.protocol.retrieved, self.deleted_count,
-                 self.protocol.tops, self.transport.sent, self.ended)
-        detail = f"filter_failures={self.transform_failures}" if self.transform_failures else ""
+                 loggable(user), self.peer.address, self.peer.port, protocol.retrieved, protocol.expunged,
+                 protocol.tops, self.transport.sent, self.ended)
+        # Messages the first filter run could not prepare (offered as -ERR at RETR): counted
+        # here, once, rather than kept in every held session.
+        failures = sum(1 for message in protocol.messages if message.error is not None)
+        detail = f"filter_failures={failures}" if failures else ""
         self._record("logout", user, detail=detail)
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
+        protocol = self.connection.protocol
         self.ctx.access_log.record(AccessEntry(
-            time=time.time(), user=loggable(user), address=self.address, port=self.port, event=event,
-            retr=self.protocol.retrieved, dele=self.deleted_count, top=self.protocol.tops, bytes=self.transport.sent,
+            time=time.time(), user=loggable(user), address=self.peer.address, port=self.peer.port, event=event,
+            retr=protocol.retrieved, dele=protocol.expunged, top=protocol.tops, bytes=self.transport.sent,
             duration=time.monotonic() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
         ))
 
@@ -552,9 +479,8 @@ class Pop3Service:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
-        self.per_source: dict[str, int] = {}  # source_key -> open connections (max_connections_per_ip)
-        # (user, source_key) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
-        self.user_sessions: dict[tuple[str, str], int] = {}
+        self.per_source: dict[str, int] = {}  # Peer.source -> open connections (max_connections_per_ip)
+        self.login = LoginPipeline(ctx)  # one for every session: it keeps nothing per session
         self.count_sent = self._count_sent  # one bound method shared by every transport
         self.runners = Runners()  # the greenlets that serve bursts (and first bursts, see Pop3Server)
 
@@ -571,21 +497,21 @@ class Pop3Service:
             proxy = self._proxy_header(sock, address, implicit_tls)
             if proxy is None:
                 return
-            if proxy.source is not None:
-                address = proxy.source
-        host = client_host(address)
-        key = source_key(host)
+        peer = Peer.accepted(address, proxy)
+        key = peer.source
         if metrics.current_connections >= settings.max_connections:
             self._refuse(sock, TOO_MANY, implicit_tls)
             return
         if self.per_source.get(key, 0) >= settings.max_connections_per_ip:
             metrics.refused_per_ip += 1
-            log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", host)
+            log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", peer.address)
             self._refuse(sock, TOO_MANY_FROM_SOURCE, implicit_tls)
             return
         self.per_source[key] = self.per_source.get(key, 0) + 1
         metrics.connection_opened()
-        session = Pop3Session(self, sock, host, int(address[1]), proxy)
+        # Behind a proxy the server address is the one the client reached (the proxy's).
+        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
+        session = Pop3Session(self, sock, peer, server)
         self.sessions.add(session)
         session.greenlet = cast("gevent.Greenlet[..., None]", gevent.getcurrent())  # the server spawned it
         session.start(implicit_tls)
@@ -629,19 +555,12 @@ class Pop3Service:
     def forget(self, session: Pop3Session) -> None:
         """A session has ended: out of the registry and the per-source count."""
         self.sessions.discard(session)
-        key = source_key(session.address)
+        key = session.peer.source
         count = self.per_source.get(key, 0) - 1
         if count > 0:
             self.per_source[key] = count
         else:
             self.per_source.pop(key, None)
-
-    def leave_user_sessions(self, key: tuple[str, str]) -> None:
-        count = self.user_sessions.get(key, 0) - 1
-        if count > 0:
-            self.user_sessions[key] = count
-        else:
-            self.user_sessions.pop(key, None)
 
     def _count_sent(self, octets: int) -> None:
         self.ctx.metrics.bytes_sent += octets
