@@ -54,7 +54,7 @@ class UsersSource:
 
     def configure(self, directory: UserDirectory, users_file: UsersFile | None) -> tuple[int, int, int]:
         """Make the users given and those of `users_file` the configured ones of `directory`
-        (users.Credentials.configure: UserError, nothing changed, if one is unusable);
+        (users.PasswordStore.configure: UserError, nothing changed, if one is unusable);
         (added, changed, removed). Then that content is the one in force here."""
         entries = [*self.before, *(users_file.entries if users_file is not None else ()), *self.after]
         counts = directory.configure(entries)

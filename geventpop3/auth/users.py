@@ -1,5 +1,5 @@
-"""Credentials: name and password rules, the stored passwords of POP3 users and MSMP
-admins, and how they are checked.
+"""Credentials: the stored passwords of POP3 users and MSMP admins, and how they are
+checked (the rules for names and new passwords are geventpop3.core.names).
 
 Entries are `schemes.StoredPassword` objects, parsed once (no hashing at start: a users
 file of 100,000 entries loads in a fraction of a second); a plain password is kept only
@@ -19,7 +19,7 @@ in use, measured once per class in the background (`_calibrate`) with a margin, 
 slower verifications seen in the last minute; until a class is measured the floor is a
 conservative second.
 
-`Credentials` holds configured entries (the MSMP admins; flags and the users file);
+`PasswordStore` holds configured entries (the MSMP admins; flags and the users file);
 `UserDirectory` adds run-time changes persisted in a `UserStore` (the SQLite store of the
 management plane, or nothing) and re-reads the configured entries at reload: the POP3
 side only ever talks to `UserDirectory`.
@@ -255,7 +255,7 @@ class Configured(NamedTuple):
         return f"{self.path}:{self.line}"
 
 
-class Credentials:
+class PasswordStore:
     """Names and their stored passwords, verified at equal cost for unknown names.
 
     Used as is for the MSMP admins (fixed at start-up) and, through `UserDirectory`,
@@ -535,7 +535,7 @@ class UserStore(Protocol):
     def delete_user(self, name: str) -> None: ...
 
 
-class UserDirectory(Credentials):
+class UserDirectory(PasswordStore):
     """Every POP3 user: from flags and the users file (`configure`, again at each reload),
     and from the store (MSMP ADD/DELE). A configured entry wins over the store's entry of
     the same name, as at start-up; the store's comes back when the file drops the name."""

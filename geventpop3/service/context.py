@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from geventpop3.auth.users import Credentials, Hasher, UserDirectory
+from geventpop3.auth.users import Hasher, PasswordStore, UserDirectory
 from geventpop3.core.metrics import AccessLog, Metrics
 from geventpop3.core.penalty import Penalty
 from geventpop3.core.settings import Settings
@@ -41,11 +41,11 @@ class ServerContext:
     # server makes the directory with the one it configures from the settings).
     hasher: Hasher = field(init=False)
     # MSMP administrators, checked like POP3 users but a separate set, on the same hasher.
-    admins: Credentials = field(init=False)
+    admins: PasswordStore = field(init=False)
 
     def __post_init__(self) -> None:
         self.hasher = self.users.hasher
-        self.admins = Credentials(self.hasher)
+        self.admins = PasswordStore(self.hasher)
         # Failed logins under names that are no user share one access-log bucket.
         self.access_log.known_user = self.users.__contains__
         self.penalty = Penalty(self.settings, self.metrics)

@@ -354,7 +354,7 @@ def test_delete_withdraws_at_once_and_restores_when_the_store_fails() -> None:
 
 
 def test_admins_are_credentials_without_a_store() -> None:
-    admins = users.Credentials()
+    admins = users.PasswordStore()
     admins.configure([("admin", "plain"), ("root", users.hash_password("hashed", CHEAP))])
     assert admins.verify("admin", "plain") and admins.verify("root", "hashed")
     assert not admins.verify("root", users.hash_password("hashed", CHEAP))

@@ -36,7 +36,7 @@ class ManagementBackend:
 
     # -- admins ---------------------------------------------------------------
     def check_admin(self, name: str, password: str, peer: str) -> bool:
-        """Same cost for an unknown name as for a wrong password (users.Credentials); the
+        """Same cost for an unknown name as for a wrong password (users.PasswordStore); the
         penalty of `peer` orders the wait for a hash thread, a success clears it."""
         penalty = self.ctx.penalty
         ok = self.ctx.admins.verify(name, password, priority=penalty.failures(peer))
