@@ -27,7 +27,7 @@ from helpers import (
     wait_until,
 )
 
-from loadtest.launch import greets  # noqa: E402
+from geventpop3.testing.ports import greets  # noqa: E402
 
 
 @pytest.fixture
