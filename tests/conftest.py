@@ -1,4 +1,10 @@
-"""Fixtures only; what they are built from lives in helpers.py."""
+"""Fixtures and the tier markers; what the fixtures are built from lives in helpers.py.
+
+Tiers (docs/testing.md): tests/unit (no server), tests/inprocess (the app or a service in
+a greenlet here), tests/e2e (server processes), tests/external (needs Debian packages or
+servers). Every test of tests/external, and every test that takes a PostgreSQL, is marked
+`external` here; modules mark their own `slow` tests.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,18 @@ from pathlib import Path
 
 import pytest
 from helpers import PostgresServer, ServerProcess, TlsFiles, make_tls_files, started_servers
+
+EXTERNAL = Path(__file__).parent / "external"
+EXTERNAL_FIXTURES = {"postgres", "own_postgres"}  # a PostgreSQL server: initdb and pg_ctl
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """`external` for tests/external and for any test using a PostgreSQL fixture."""
+    for item in items:
+        if item.path.is_relative_to(EXTERNAL) or EXTERNAL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.external)
+
 
 # Tests press Ctrl-C (SIGINT) on the programs they start. A suite run as a background job
 # of a shell has SIGINT ignored, and exec passes an ignored signal on: those programs would
