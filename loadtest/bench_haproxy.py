@@ -46,8 +46,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geventpop3.testing.haproxy import haproxy_config, start_haproxy
+from geventpop3.testing.ports import free_port
+from geventpop3.testing.postgres import PostgresServer
 from loadtest.cpu_per_session import USERS, build, session
-from loadtest.launch import PostgresServer, free_port, haproxy_config, start_haproxy, tree_cpu_seconds, wait_greeting
+from loadtest.launch import tree_cpu_seconds, wait_greeting
 
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
 

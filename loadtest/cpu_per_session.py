@@ -41,12 +41,11 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from geventpop3.testing.certs import Certificates, make_certificates
+from geventpop3.testing.ports import free_port
 from loadtest.benchlib import wait_tls_greeting
 from loadtest.launch import (
-    Certificate,
-    free_port,
     interleaved,
-    make_certificate,
     make_users,
     own_cpu_seconds,
     ratio_to,
@@ -118,7 +117,7 @@ def state_args(state: str) -> list[str]:
 
 
 def measure(tree: str, sessions: int, clients: int, state: str = "none", workers: int | None = None,
-            tls: Certificate | None = None) -> tuple[float, float, float]:
+            tls: Certificates | None = None) -> tuple[float, float, float]:
     """(server CPU ms per session, sessions/s, database CPU ms per session) of `tree`'s
     server, after a warm-up; CPU summed over the server's process tree."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
@@ -189,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in trees}
     db_cpu: dict[str, list[float]] = {name: [] for name in trees}
     certificates = tempfile.mkdtemp(prefix="cpu-per-session-tls-") if opts.tls else None
-    tls = make_certificate(certificates) if certificates else None
+    tls = make_certificates(certificates, rsa=True) if certificates else None
     for round_number, name in interleaved(list(trees), opts.rounds):
         path, workers = trees[name]
         ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers, tls)

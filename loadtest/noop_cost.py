@@ -30,7 +30,8 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from loadtest.launch import free_port, interleaved, make_users, ratio_to, tree_cpu_seconds, wait_greeting
+from geventpop3.testing.ports import free_port
+from loadtest.launch import interleaved, make_users, ratio_to, tree_cpu_seconds, wait_greeting
 
 
 def expect(sock: socket.socket, prefix: bytes) -> None:
