@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import pytest
 from helpers import (
     ServerProcess,
     admin,
@@ -321,6 +322,7 @@ def accepts_pop3(server: ServerProcess) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_change_that_cannot_be_saved_answers_err_and_changes_nothing(
         start_server: Callable[..., ServerProcess]) -> None:
     """ADD and SET while another process holds the write lock: -ERR (after the 5 s busy

@@ -17,10 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from helpers import TlsFiles
-
-pytestmark = pytest.mark.slow  # Locust runs of several seconds each
 
 REPO = Path(__file__).resolve().parents[2]
 
