@@ -130,8 +130,9 @@ def start(argv: Sequence[str], *, ready_file: Path, log_path: Path, timeout: flo
 
 
 def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait for the child to exit without reaping it: its pid, so its process group id, stays
-    taken until then, and the group can be killed without hitting a reused id."""
+    """Wait for the child to exit without reaping it where we can: its pid, so its process
+    group id, stays taken until then. (A gevent-patched subprocess reaps at once; the group
+    id stays safe while a member lives, as Linux reuses no id in use as a group's.)"""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -155,7 +156,7 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: f
         if not _exited(process, timeout):
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        if kill_group and process.returncode is None:  # not reaped: the group id cannot have been reused
-            os.killpg(process.pid, signal.SIGKILL)
+    if kill_group:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)  # the leader's pid is the group's id (process_group=0)
     return process.wait()
