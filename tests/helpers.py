@@ -32,12 +32,11 @@ from admin.client import MsmpClient, MsmpConnectionError
 from geventpop3.mail import maildir
 from geventpop3.testing import launcher
 from geventpop3.testing.certs import Certificates, make_certificates, make_stray_key
-from geventpop3.testing.lineclient import CRLF, LineClient, start_tls, tls_line_client
-from geventpop3.testing.ports import accepts, free_dual_port, ipv6_loopback, wait_until
-from geventpop3.testing.postgres import PostgresServer
-
-__all__ = ["CRLF", "LineClient", "PostgresServer", "accepts", "free_port", "ipv6_loopback", "start_tls",
-           "wait_until"]  # the rest is defined here
+from geventpop3.testing.lineclient import CRLF, LineClient, tls_line_client
+from geventpop3.testing.lineclient import start_tls as start_tls  # re-exported for the tests, as below
+from geventpop3.testing.ports import accepts, free_dual_port, wait_until
+from geventpop3.testing.ports import ipv6_loopback as ipv6_loopback
+from geventpop3.testing.postgres import PostgresServer as PostgresServer
 
 if TYPE_CHECKING:
     from geventpop3.process.server import App

@@ -132,7 +132,7 @@ def start(argv: Sequence[str], *, ready_file: Path, log_path: Path, timeout: flo
 def _exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
     """Wait for the child to exit without reaping it where we can: its pid, so its process
     group id, stays taken until then. (A gevent-patched subprocess reaps at once; the group
-    id stays safe while a member lives, as Linux reuses no id in use as a group's.)"""
+    id stays safe while a member lives: Linux gives no new process an id a group uses.)"""
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -149,13 +149,17 @@ def stop(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: f
          kill_group: bool = True) -> int:
     """Send `sig` (SIGKILL after `timeout`) and return the exit status; with `kill_group`,
     SIGKILL what is left of its process group (workers, filters) once it has exited. A test
-    of what the workers do when their supervisor dies passes False."""
-    if process.poll() is None:
+    of what the workers do when their supervisor dies passes False.
+
+    A child that had already exited and been reaped is left alone, group included: its id
+    may belong to another process by now (pids wrap, at 32768 in small containers)."""
+    if process.poll() is not None:
+        return process.returncode
+    with contextlib.suppress(ProcessLookupError):
+        process.send_signal(sig)
+    if not _exited(process, timeout):
         with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        if not _exited(process, timeout):
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
+            process.kill()
     if kill_group:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)  # the leader's pid is the group's id (process_group=0)
