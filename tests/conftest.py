@@ -13,7 +13,9 @@ from gevent import monkey
 # In-process tests (store, MSMP server) run under gevent like the server does.
 monkey.patch_all()
 
+import ctypes
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +39,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # not hear it. A handled signal is reset to the default at exec.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_subreaper_after_the_module() -> Iterator[None]:
+    """Filters run in this process make it a child subreaper (geventpop3.service.reaper),
+    and their clean-up kills every adopted child that is no filter. A PostgreSQL started
+    meanwhile (pg_ctl daemonises: the postmaster is adopted) would be killed by a later
+    module's filters: each module ends with the process as it found it."""
+    yield
+    reaper = sys.modules.get("geventpop3.service.reaper")
+    if reaper is not None and reaper._subreaper:
+        ctypes.CDLL(None, use_errno=True).prctl(reaper.PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+        reaper._subreaper = False
 
 
 @pytest.fixture
