@@ -48,6 +48,8 @@ from gevent.pool import Pool  # noqa: E402
 if __package__ in (None, ""):  # run as a script: make `loadtest` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from geventpop3.testing.certs import Certificates, make_certificates  # noqa: E402
+from geventpop3.testing.ports import free_port  # noqa: E402
 from loadtest.benchlib import (  # noqa: E402
     PHASE_ERRORS,
     BenchError,
@@ -66,7 +68,6 @@ from loadtest.benchlib import (  # noqa: E402
     session,
     status_kib,
 )
-from loadtest.launch import Certificate, free_port, make_certificate  # noqa: E402
 from loadtest.pop3_client import Pop3Client, Pop3Error, unstuff  # noqa: E402
 from loadtest.popload import Held, PoploadError, build, write_manifest  # noqa: E402
 from loadtest.popload import sessions as popload_sessions  # noqa: E402
@@ -411,7 +412,7 @@ TLS_HEADLINE: dict[str, list[Headline]] = {
 # -- driver --------------------------------------------------------------------
 
 def start_server(kind: str, port: int, data: Dataset, workdir: str, opts: argparse.Namespace,
-                 tls: Certificate | None = None) -> Server:
+                 tls: Certificates | None = None) -> Server:
     if kind == "geventpop3":
         return GeventPop3(port, data, workdir, shlex.split(opts.gp_command) if opts.gp_command else None, tls,
                           workers=opts.workers)
@@ -433,7 +434,7 @@ def run_all(opts: argparse.Namespace) -> dict[str, dict[str, dict[str, list[floa
         kinds = ["geventpop3"] + ([] if opts.no_dovecot else ["dovecot"])
         if opts.client == "c":
             prepare_popload(data, workdir, opts)
-        tls = make_certificate(os.path.join(workdir, "tls")) if opts.tls else None  # RSA 2048, both servers
+        tls = make_certificates(os.path.join(workdir, "tls"), rsa=True) if opts.tls else None  # RSA 2048, both servers
         for run in range(opts.runs):
             for phase in opts.only:
                 for offset, kind in enumerate(kinds):

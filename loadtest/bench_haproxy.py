@@ -46,8 +46,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from geventpop3.testing import launcher
+from geventpop3.testing.haproxy import haproxy_config, start_haproxy
+from geventpop3.testing.ports import free_port
+from geventpop3.testing.postgres import PostgresServer
 from loadtest.cpu_per_session import USERS, build, session
-from loadtest.launch import PostgresServer, free_port, haproxy_config, start_haproxy, tree_cpu_seconds, wait_greeting
+from loadtest.launch import tree_cpu_seconds
 
 CONFIGURATIONS = ("direct", "haproxy-1", "haproxy-2")
 
@@ -109,22 +113,17 @@ def configuration(name: str, root: Path, url: str,
             config = root / f"{name}-{index}.toml"
             config.write_text(f'instance_name = "{name}-{index}"\n'
                               + ('proxy_networks = ["127.0.0.1/32"]\n' if behind else ""))
-            log = open(root / f"{name}-{index}.log", "ab")  # noqa: SIM115 (closed by the stack)
-            stack.callback(log.close)
-            server = subprocess.Popen(
+            server = launcher.launch(
                 [sys.executable, "-P", "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(port),
                  "-L", "127.0.0.1", "-P", str(free_port()), "-d", str(root / "mail"),
                  "--users-file", str(root / "users"), "--state-url", url, "--state-dir", str(root / f"state-{index}"),
                  "--config", str(config), "--workers", "1", "--log-level", "WARNING"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
-            stack.callback(terminate, server)
+                ready_file=root / f"{name}-{index}.ready", log_path=root / f"{name}-{index}.log", cwd=root,
+                env=os.environ)
+            stack.callback(launcher.stop, server)
+            launcher.wait_ready(server, root / f"{name}-{index}.ready", 60)
             ports.append(port)
             pids.append(server.pid)
-        for port, pid in zip(ports, pids, strict=True):
-            if behind:  # a bare connection is refused there (no PROXY header): wait for the port to be bound
-                wait_listening(port, pid)
-            else:
-                wait_greeting(port, 60)
         if not behind:
             yield ports[0], pids, None
             return
@@ -135,19 +134,6 @@ def configuration(name: str, root: Path, url: str,
         stack.callback(terminate, proxy)
         wait_accepts(front, proxy)
         yield front, pids, proxy.pid
-
-
-def wait_listening(port: int, pid: int, timeout: float = 60) -> None:
-    """Until something listens on 127.0.0.1:`port` (checked in /proc/net/tcp, no connection made)."""
-    deadline = time.monotonic() + timeout
-    wanted = f"0100007F:{port:04X}"
-    while True:
-        with open("/proc/net/tcp", encoding="ascii") as table:
-            if any(line.split()[1] == wanted and line.split()[3] == "0A" for line in list(table)[1:]):
-                return
-        if not os.path.exists(f"/proc/{pid}") or time.monotonic() > deadline:
-            raise RuntimeError(f"geventpop3 did not listen on port {port}")
-        time.sleep(0.05)
 
 
 def measure(name: str, root: Path, postgres: PostgresServer, sessions: int, clients: int, run_timeout: float,

@@ -35,8 +35,9 @@ if __package__ in (None, ""):  # run as a script: make `loadtest` importable
 
 from geventpop3.auth.users import hash_password  # noqa: E402
 from geventpop3.mail import maildir  # noqa: E402
+from geventpop3.testing.ports import free_port  # noqa: E402
 from loadtest.benchlib import session  # noqa: E402
-from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
+from loadtest.launch import Geventpop3Process  # noqa: E402
 
 CRLF = b"\r\n"
 CHEAP_COST = (2**8, 8, 1)  # benchmark users only: the login cost is not what we measure

@@ -3,7 +3,7 @@
 Kept apart from `bench.py` so the phases read as measurements, not plumbing. The client
 is `loadtest.pop3_client` (the caller monkey-patches, so its sockets are gevent's); the
 phases check every byte it reads against what was delivered, so a fast but wrong server
-cannot win. With a `Certificate` both servers also listen for implicit TLS, `port` is then
+cannot win. With `Certificates` both servers also listen for implicit TLS, `port` is then
 that POP3S port and `ssl_context` what the client verifies them with.
 """
 
@@ -25,7 +25,9 @@ from pathlib import Path
 import psutil
 
 from geventpop3.auth.users import hash_password
-from loadtest.launch import Certificate, Geventpop3Process, free_port, wait_greeting
+from geventpop3.testing.certs import Certificates
+from geventpop3.testing.ports import free_port
+from loadtest.launch import Geventpop3Process, wait_greeting
 from loadtest.pop3_client import Pop3Client, Pop3Error
 
 BENCH_HASH_COST = (2**8, 8, 1)  # cheap scrypt, for the benchmark's 10,000 users only
@@ -185,7 +187,7 @@ class GeventPop3(Server):
     name = "geventpop3"
 
     def __init__(self, port: int, data: Dataset, workdir: str, command: list[str] | None = None,
-                 tls: Certificate | None = None, workers: int | None = None) -> None:
+                 tls: Certificates | None = None, workers: int | None = None) -> None:
         self.port = port
         tls_args = [] if workers is None else ["--workers", str(workers)]
         if tls is not None:
@@ -220,7 +222,7 @@ class GeventPop3(Server):
 class Dovecot(Server):
     name = "dovecot"
 
-    def __init__(self, port: int, data: Dataset, tls: Certificate | None = None) -> None:
+    def __init__(self, port: int, data: Dataset, tls: Certificates | None = None) -> None:
         self.port = port
         env = dict(os.environ)
         if tls is not None:  # the peer script's options: STLS on `port`, implicit TLS on POP3S_PORT
@@ -339,7 +341,7 @@ def reset_peak(pid: int) -> None:
 
 # -- client ------------------------------------------------------------------
 
-def client_context(tls: Certificate) -> ssl.SSLContext:
+def client_context(tls: Certificates) -> ssl.SSLContext:
     """What the benchmark's clients verify a server with: the throw-away CA, host name checked."""
     return ssl.create_default_context(cafile=str(tls.ca))
 

@@ -35,23 +35,22 @@ import poplib
 import shutil
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+from geventpop3.testing import launcher
+from geventpop3.testing.certs import Certificates, make_certificates
+from geventpop3.testing.ports import free_port
 from loadtest.benchlib import wait_tls_greeting
 from loadtest.launch import (
-    Certificate,
-    free_port,
     interleaved,
-    make_certificate,
     make_users,
     own_cpu_seconds,
     ratio_to,
     tree_cpu_seconds,
-    wait_greeting,
 )
 
 USERS, MESSAGES = 20, 10
@@ -118,7 +117,7 @@ def state_args(state: str) -> list[str]:
 
 
 def measure(tree: str, sessions: int, clients: int, state: str = "none", workers: int | None = None,
-            tls: Certificate | None = None) -> tuple[float, float, float]:
+            tls: Certificates | None = None) -> tuple[float, float, float]:
     """(server CPU ms per session, sessions/s, database CPU ms per session) of `tree`'s
     server, after a warm-up; CPU summed over the server's process tree."""
     root = tempfile.mkdtemp(prefix="cpu-per-session-")
@@ -134,10 +133,9 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none", workers
             port = free_port()
             context = ssl.create_default_context(cafile=str(tls.ca))
             command += ["--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--pop3s-port", str(port)]
-        server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, _ = launcher.start(command, ready_file=Path(root, "ready.json"), log_path=Path(root, "server.log"),
+                                   timeout=30, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root)
         try:
-            wait_greeting(plain_port, 30)
             if context is not None:
                 wait_tls_greeting(port, context, 30)
             for number in range(200):  # size caches and the password cache, as a running server has them
@@ -157,8 +155,7 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none", workers
             db_ms = (postgres_cpu_seconds() - db_cpu) / done * 1000 if database else 0.0
             return (tree_cpu_seconds(server.pid) - cpu) / done * 1000, rate, db_ms
         finally:
-            server.terminate()
-            server.wait(15)
+            launcher.stop(server)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -189,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in trees}
     db_cpu: dict[str, list[float]] = {name: [] for name in trees}
     certificates = tempfile.mkdtemp(prefix="cpu-per-session-tls-") if opts.tls else None
-    tls = make_certificate(certificates) if certificates else None
+    tls = make_certificates(certificates, rsa=True) if certificates else None
     for round_number, name in interleaved(list(trees), opts.rounds):
         path, workers = trees[name]
         ms, rate, db_ms = measure(path, opts.sessions, opts.clients, states.get(name, "none"), workers, tls)

@@ -16,9 +16,9 @@ restart the users acknowledged by `ADD` must all be listed; at the end:
   disk twice;
 - every user acknowledged by `ADD` is listed and can log in.
 
-The CI test (tests/e2e/test_crash.py) runs `run_crash` with a few kills on the test
-suite's ServerProcess; this command runs it on its own server process, for as many
-kills as asked, and stops by itself. Exit status 0 when no invariant broke, 1 otherwise.
+The CI test (tests/external/test_crash.py) runs this command with 20 kills. It runs on
+its own server process, for as many kills as asked, and stops by itself. Exit status 0
+when no invariant broke and SIGTERM then stops the server cleanly, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ from typing import Protocol
 
 from admin.client import MsmpClient, MsmpConnectionError, MsmpError
 from geventpop3.mail import maildir
-from loadtest.launch import Geventpop3Process, free_port
+from geventpop3.testing import launcher
+from geventpop3.testing.ports import free_port
+from loadtest.launch import Geventpop3Process
 from loadtest.pop3_client import Pop3Client, Pop3ConnectionError, Pop3Error, unstuff
 
 _ID = re.compile(rb"\r\nX-Crash-Id: (\d+)\r\n")
@@ -394,7 +396,7 @@ def run_crash(server: Restartable, users: dict[str, str], admin: tuple[str, str]
 class CrashServer:
     """geventpop3 for the command: POP3 and MSMP on 127.0.0.1, its Maildir and state under `root`."""
 
-    def __init__(self, root: Path, users: dict[str, str], admin: tuple[str, str]) -> None:
+    def __init__(self, root: Path, users: dict[str, str], admin: tuple[str, str], workers: int | None = None) -> None:
         self.root = root
         self.maildir = root / "mail"
         self.port = free_port()
@@ -403,6 +405,8 @@ class CrashServer:
                 "--state-dir", str(root / "state"), "--login-failure-delay", "0.05", "-a", ":".join(admin)]
         for name, password in users.items():
             args += ["-u", f"{name}:{password}"]
+        if workers is not None:
+            args += ["--workers", str(workers)]
         self.process = Geventpop3Process(self.port, args, root / "server.log")
 
     def start(self) -> CrashServer:
@@ -417,15 +421,10 @@ class CrashServer:
             time.sleep(0.02)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Send `sig` (SIGKILL after 30 s); the exit status. A killed supervisor's workers end on their own."""
         process = self.process.process
         assert process is not None
-        if process.poll() is None:
-            process.send_signal(sig)
-        try:
-            return process.wait(30)
-        except Exception:
-            process.kill()
-            return process.wait()
+        return launcher.stop(process, sig, 30, kill_group=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -435,13 +434,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=4, help="POP3 clients at once (default 4)")
     parser.add_argument("--users", type=int, default=8, help="mailboxes (default 8)")
     parser.add_argument("--dir", help="work directory (default: a temporary one, removed after a clean run)")
+    parser.add_argument("--server-workers", type=int, help="the server's --workers (default: the server's own)")
     options = parser.parse_args(argv)
     if options.kills < 1 or options.workers < 1 or options.users < 1:
         parser.error("--kills, --workers and --users must be at least 1")
     root = Path(options.dir or tempfile.mkdtemp(prefix="geventpop3-crash-"))
     root.mkdir(parents=True, exist_ok=True)
     users = {f"mbox{i}": f"mbox{i}pw" for i in range(options.users)}
-    server = CrashServer(root, users, ("admin", "adminpw")).start()
+    server = CrashServer(root, users, ("admin", "adminpw"), options.server_workers).start()
     step = max(1, options.kills // 20)
 
     def progress(kill: int) -> None:
@@ -452,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
         report = run_crash(server, users, ("admin", "adminpw"), options.kills, options.seed, options.workers,
                            progress)
     finally:
-        server.stop()
+        status = server.stop()
+    if status != 0:  # after all that, SIGTERM must still stop it cleanly
+        report.violations.append(f"the server exited {status} at SIGTERM after the run")
     print("\n".join(report.lines()))
     if report.ok and not options.dir:
         shutil.rmtree(root, ignore_errors=True)

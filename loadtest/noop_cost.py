@@ -24,13 +24,15 @@ import select
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
-from loadtest.launch import free_port, interleaved, make_users, ratio_to, tree_cpu_seconds, wait_greeting
+from geventpop3.testing import launcher
+from geventpop3.testing.ports import free_port
+from loadtest.launch import interleaved, make_users, ratio_to, tree_cpu_seconds
 
 
 def expect(sock: socket.socket, prefix: bytes) -> None:
@@ -107,10 +109,9 @@ def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int)
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
                    "--users-file", os.path.join(root, "users"), "--config", os.path.join(root, "config.toml"),
                    "--no-state", "--log-level", "WARNING", "--workers", str(workers)]
-        server = subprocess.Popen(command, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server, _ = launcher.start(command, ready_file=Path(root, "ready.json"), log_path=Path(root, "server.log"),
+                                   timeout=60, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root)
         try:
-            wait_greeting(port, 60)
             with ThreadPoolExecutor(32) as pool:
                 socks = list(pool.map(lambda n: login(port, n), range(sessions)))
             noop_rounds(socks, 1, in_flight)  # warm-up
@@ -124,8 +125,7 @@ def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int)
         finally:
             for sock in socks:
                 sock.close()
-            server.terminate()
-            server.wait(30)
+            launcher.stop(server, timeout=30)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

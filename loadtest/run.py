@@ -45,14 +45,9 @@ REPO = HERE.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from loadtest.launch import (  # noqa: E402
-    Certificate,
-    Geventpop3Process,
-    free_port,
-    make_certificate,
-    process_tree,
-    wait_greeting,
-)
+from geventpop3.testing.certs import Certificates, make_certificates  # noqa: E402
+from geventpop3.testing.ports import free_port  # noqa: E402
+from loadtest.launch import Geventpop3Process, process_tree, wait_greeting  # noqa: E402
 from loadtest.setup_pool import ensure_pool  # noqa: E402
 
 DOVECOT_START = "dovecot-peer-start.sh"
@@ -96,7 +91,7 @@ class Geventpop3Server:
     kind = "geventpop3"
 
     def __init__(self, pool, out: Path, settings: dict[str, str], extra: list[str],  # noqa: ANN001
-                 source: Path = REPO, tls: Certificate | None = None) -> None:
+                 source: Path = REPO, tls: Certificates | None = None) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.pop3s_port = free_port() if tls else 0
         if tls:
@@ -131,7 +126,7 @@ class DovecotServer:
 
     kind = "dovecot"
 
-    def __init__(self, pool, out: Path, tools: Path, tls: Certificate | None = None) -> None:  # noqa: ANN001
+    def __init__(self, pool, out: Path, tools: Path, tls: Certificates | None = None) -> None:  # noqa: ANN001
         self.pool, self.out, self.tools = pool, out, tools
         self.port = free_port()
         self.pop3s_port = free_port() if tls else 0
@@ -511,16 +506,14 @@ def run_once(args, out: Path) -> dict:  # noqa: ANN001
                      reasons, baseline, duration)
 
 
-def _certificate(args, out: Path) -> Certificate | None:  # noqa: ANN001
+def _certificate(args, out: Path) -> Certificates | None:  # noqa: ANN001
     """The local server's certificate for a TLS run: the one given, or a throw-away one in out/tls."""
     if args.tls == "none" or args.server == "none":
         return None
     if args.tls_cert:
-        return Certificate(Path(args.cacert or args.tls_cert), Path(args.tls_cert), Path(args.tls_key or args.tls_cert))
-    try:
-        return make_certificate(out / "tls")
-    except ImportError:
-        raise RuntimeError("--tls without --tls-cert needs trustme (pip install trustme)") from None
+        cert = Path(args.tls_cert)
+        return Certificates(Path(args.cacert or cert), cert, Path(args.tls_key or cert))
+    return make_certificates(out / "tls", rsa=True)  # RuntimeError without trustme
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, field  # noqa: E402
 import gevent  # noqa: E402
 
 from geventpop3.auth.users import hash_password  # noqa: E402
-from loadtest.launch import Geventpop3Process, free_port  # noqa: E402
+from geventpop3.testing.ports import free_port  # noqa: E402
+from loadtest.launch import Geventpop3Process  # noqa: E402
 from loadtest.pop3_client import Pop3Client, Pop3ConnectionError, Pop3Error, unstuff  # noqa: E402
 
 SOAK_HASH_COST = (2**8, 8, 1)  # cheap scrypt: the soak measures sessions, not hashing

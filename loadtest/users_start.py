@@ -34,7 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from loadtest.launch import free_port, tree_cpu_seconds
+from geventpop3.testing.ports import free_port
+from loadtest.launch import tree_cpu_seconds
 
 PASSWORD = "benchpw"
 CHEAP_SCRYPT = (2**8, 8, 1)

@@ -1,4 +1,5 @@
-"""What the tests share: free ports, polling, the server process, a raw line client.
+"""What the tests share on top of geventpop3.testing: the server process with an admin,
+users and a config file, sessions on it, worker lookups, the app in this process.
 
 Imported as `from helpers import ...`: pytest puts tests/ on sys.path when it loads
 tests/conftest.py (rootdir-relative "prepend" import mode, no __init__.py files), both
@@ -14,86 +15,43 @@ import os
 import poplib
 import shutil
 import signal
-import socket
 import sqlite3
 import ssl
-import struct
 import subprocess
-import sys
 import tempfile
-import time
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import psutil
 import pytest
 
 from admin.client import MsmpClient, MsmpConnectionError
 from geventpop3.mail import maildir
-from loadtest.launch import PostgresServer  # noqa: F401 - the shared-store tests take it from here
+from geventpop3.testing import launcher
+from geventpop3.testing.certs import Certificates, make_certificates, make_stray_key
+from geventpop3.testing.lineclient import CRLF, LineClient, tls_line_client
+from geventpop3.testing.lineclient import start_tls as start_tls  # re-exported for the tests, as below
+from geventpop3.testing.ports import accepts, free_dual_port, wait_until
+from geventpop3.testing.ports import ipv6_loopback as ipv6_loopback
+from geventpop3.testing.postgres import PostgresServer as PostgresServer
 
 if TYPE_CHECKING:
     from geventpop3.process.server import App
 
 REPO = Path(__file__).resolve().parents[1]
-GEVENTPOP3 = [sys.executable, "-m", "geventpop3"]
+GEVENTPOP3 = list(launcher.GEVENTPOP3)
 LOOPBACKS = ("127.0.0.1", "::1")
 DEFAULT_USERS = {"alice": "alicepw", "bob": "bobpw", "carol": "carolpw"}
 ADMIN = ("admin", "adminpw")
-CRLF = b"\r\n"
-
-T = TypeVar("T")
 _names = itertools.count(1)
 
 
-# -- ports and polling ---------------------------------------------------------
+# -- ports ----------------------------------------------------------------------
 
-def free_port() -> int:
-    """A port free on both loopback families right now."""
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        try:
-            with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe6:
-                probe6.bind(("::1", port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no free port")
-
-
-def ipv6_loopback() -> bool:
-    """True if this host can bind ::1."""
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
-            sock.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-def accepts(host: str, port: int, timeout: float = 0.5) -> bool:
-    """True if something accepts TCP connections on host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02) -> T:
-    """Poll `predicate` until it returns something true, or fail after `timeout`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
+free_port = free_dual_port  # one port on both loopbacks: the suite's servers listen on 127.0.0.1 and ::1
 
 
 def unique_name(prefix: str = "u") -> str:
@@ -144,9 +102,7 @@ def unpatched_close() -> Iterator[None]:
 
 def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a server subprocess: this checkout first on PYTHONPATH."""
-    merged = dict(os.environ, **(env or {}))
-    merged["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), merged.get("PYTHONPATH", "")]))
-    return merged
+    return launcher.child_env(env)
 
 
 def run_server(*args: str, cwd: Path | str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -158,10 +114,12 @@ def run_server(*args: str, cwd: Path | str | None = None, timeout: float = 30) -
 class ServerProcess:
     """`python -m geventpop3 ...` in a subprocess, with its Maildir, state, config file and log.
 
-    `listen` and `admin_listen` become -l and -L flags (None: the server's default loopback
-    pair, no flag). start() waits until the POP3 port (and the MSMP port, with an admin)
-    accepts on every host in `ready_hosts` / `admin_listen`. stop() and start() again
-    restart on the same directories and ports; `args` may be edited in between.
+    Started by geventpop3.testing's launcher. `listen` and `admin_listen` become -l and -L
+    flags (None: the server's default loopback pair, no flag). The ports are picked free on
+    both loopbacks, not 0: one port for both families, kept across restarts. start() waits
+    for the ready file, then until the POP3 port (and the MSMP port, with an admin) accepts
+    on every host in `ready_hosts` / `admin_listen`. stop() and start() again restart on
+    the same directories and ports; `args` may be edited in between.
     """
 
     def __init__(self, root: Path, users: dict[str, str] | None = None, config: str = "",
@@ -185,6 +143,12 @@ class ServerProcess:
             defaults += "auth_penalty_max = 0.2\n"
         self.config_path.write_text(defaults + config)
         self.log_path = root / "server.log"
+        # Not under `root`: a server run with --run-as writes it after dropping root, and
+        # pytest's directories are private to root.
+        ready_dir = Path(tempfile.mkdtemp(prefix="geventpop3-ready-"))
+        ready_dir.chmod(0o777)
+        weakref.finalize(self, shutil.rmtree, ready_dir, True)
+        self.ready_path = ready_dir / "ready.json"
         self.env = server_env(env)
         args = [*GEVENTPOP3, *(arg for host in listen or () for arg in ("-l", host)), "-p", str(self.port),
                 "-P", str(self.admin_port), *(arg for host in admin_listen or () for arg in ("-L", host)),
@@ -199,38 +163,31 @@ class ServerProcess:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30) -> ServerProcess:
-        """Launch `args`; return once every listener accepts (fails with the log if it exits)."""
-        readies = self._readies()
-        with open(self.log_path, "ab") as log:  # the child keeps its own descriptor
-            self.process = subprocess.Popen(self.args, cwd=REPO, env=self.env, stdin=subprocess.DEVNULL,
-                                            stdout=log, stderr=subprocess.STDOUT)
+        """Launch `args`; return once it serves and every listener accepts (fails with the log if it exits)."""
+        self.process = launcher.launch(self.args, ready_file=self.ready_path, log_path=self.log_path, cwd=REPO,
+                                       env=self.env)
+        try:
+            launcher.wait_ready(self.process, self.ready_path, timeout)
+        except launcher.LaunchError as exc:
+            if exc.returncode is None:
+                raise AssertionError(f"server did not start: {self.log()}") from None
+            raise AssertionError(f"server exited {exc.returncode}: {self.log()}") from None
         endpoints = [(host, self.port) for host in self.ready_hosts]
         endpoints += [(host, self.admin_port) for host in self.admin_hosts]
-        deadline = time.monotonic() + timeout
-        # Listeners are bound (and the kernel queues connections) before start-up ends:
-        # ready means this start's "ready" line is in the log, and every listener accepts.
-        while self._readies() == readies or not all(accepts(host, port) for host, port in endpoints):
-            if self.process.poll() is not None:
-                raise AssertionError(f"server exited {self.process.returncode}: {self.log()}")
-            if time.monotonic() > deadline:
-                self.stop(signal.SIGKILL)
-                raise AssertionError(f"server did not start: {self.log()}")
-            time.sleep(0.02)
+        wait_until(lambda: all(accepts(host, port) for host, port in endpoints), timeout)
         return self
 
-    def _readies(self) -> int:
-        return self.log().count("geventpop3 ready:")
-
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
-        """Send `sig` (SIGKILL after `timeout`) and return the exit status."""
+        """Send `sig` (SIGKILL after `timeout`) and return the exit status; its workers are left
+        to react on their own (tests of a supervisor's death watch them)."""
         assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return launcher.stop(self.process, sig, timeout, kill_group=False)
+
+    def clean_up(self) -> None:
+        """At the end of a test: stop it if running, and whatever is left of its process group."""
+        if self.running:
+            assert self.process is not None
+            launcher.stop(self.process)
 
     def restart(self, sig: int = signal.SIGTERM) -> int:
         """Stop with `sig` and start again on the same flags, directories and ports; the exit status."""
@@ -293,8 +250,7 @@ def started_servers(root: Path) -> Iterator[Callable[..., ServerProcess]]:
         yield start
     finally:
         for server in started:
-            if server.running:
-                server.stop()
+            server.clean_up()
 
 
 # -- worker processes of --workers N (geventpop3.process) ------------------------------
@@ -420,173 +376,27 @@ def can_login(server: ServerProcess, user: str) -> bool:
         return ok
 
 
-# -- the raw line client ---------------------------------------------------------
-
-class LineClient:
-    """POP3 or MSMP on a plain socket (IPv4 or IPv6): raw bytes out, exact lines in.
-
-    Every read has a timeout, so a hang fails fast; `max_line` (octets with CRLF) is
-    asserted on every line read when given.
-    """
-
-    def __init__(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0, greet: bool = True,
-                 max_line: int | None = None, source: str | None = None) -> None:
-        # `source`: the client's own address (127.0.0.2 is a non-local client of a server on 127.0.0.1)
-        self.sock = socket.create_connection((host, port), timeout=timeout,
-                                             source_address=(source, 0) if source else None)
-        self._buffer = bytearray()  # deleting its front is cheap: a 64 MiB answer reads in linear time
-        self.max_line = max_line
-        self.greeting = self.line() if greet else b""
-
-    def __enter__(self) -> LineClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def buffer(self) -> bytes:
-        """What arrived and is not read yet."""
-        return bytes(self._buffer)
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def fill(self) -> bool:
-        """Read what arrives into `buffer`; False once the server has closed."""
-        data = self.sock.recv(65536)
-        self._buffer += data
-        return bool(data)
-
-    def readline(self) -> bytes:
-        """One line with its CRLF, as a socket file gives it; the rest (b"" at the end) once closed."""
-        scan = 0
-        while (end := self._buffer.find(CRLF, scan)) < 0:
-            scan = max(0, len(self._buffer) - 1)
-            if not self.fill():
-                rest = bytes(self._buffer)
-                self._buffer.clear()
-                return rest
-        line = bytes(self._buffer[:end + 2])
-        del self._buffer[:end + 2]
-        return line
-
-    def line(self) -> bytes:
-        """One line without its CRLF; raises EOFError if the server closed."""
-        line = self.readline()
-        if not line.endswith(CRLF):
-            raise EOFError(f"connection closed, pending {line[:80]!r}")
-        if self.max_line is not None:
-            assert len(line) <= self.max_line, line[:80]
-        return line[:-2]
-
-    def cmd(self, text: str | bytes) -> bytes:
-        """Send one command line, return the first answer line."""
-        self.send((text.encode() if isinstance(text, str) else text) + CRLF)
-        return self.line()
-
-    def body_lines(self) -> list[bytes]:
-        """The lines of a multi-line body after its +OK line, up to the lone dot, un-dot-stuffed."""
-        lines = []
-        while (line := self.line()) != b".":
-            lines.append(line[1:] if line.startswith(b".") else line)
-        return lines
-
-    def body(self) -> bytes:
-        """A multi-line body after its +OK line: un-dot-stuffed, CRLF line ends kept."""
-        return b"".join(part + CRLF for part in self.body_lines())
-
-    def multi(self, text: str) -> tuple[bytes, bytes]:
-        """A multi-line command: (its +OK line, its body)."""
-        first = self.cmd(text)
-        assert first.startswith(b"+OK"), first
-        return first, self.body()
-
-    def login(self, user: str, password: str) -> bytes:
-        """USER (must be +OK) then PASS; the answer to PASS."""
-        assert self.cmd(f"USER {user}") == b"+OK"
-        return self.cmd(f"PASS {password}")
-
-    def retr(self, number: int) -> bytes:
-        return self.multi(f"RETR {number}")[1]
-
-    def read_until_closed(self, timeout: float = 10.0, reset_ok: bool = False) -> bytes:
-        """Everything until the server closes (a reset counts with `reset_ok`); fails if `timeout` s pass silent."""
-        self.sock.settimeout(timeout)
-        try:
-            while self.fill():
-                pass
-        except ConnectionResetError:
-            if not reset_ok:
-                raise
-        except TimeoutError:
-            raise AssertionError(f"connection still open after {timeout} s: {self.buffer[-80:]!r}") from None
-        data = bytes(self._buffer)
-        self._buffer.clear()
-        return data
-
-    def reset(self) -> None:
-        """Close with an RST (SO_LINGER 0) instead of a FIN."""
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        self.sock.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-# -- TLS: a throw-away CA, clients that verify against it ------------------------
+# -- TLS: the session's throw-away CA, clients that verify against it --------------
 
 @dataclass(frozen=True)
-class TlsFiles:
-    """A CA made for the test session and a server certificate it signed (localhost, 127.0.0.1, ::1)."""
+class TlsFiles(Certificates):
+    """geventpop3.testing's certificates for localhost, 127.0.0.1 and ::1, and a stray key."""
 
-    ca: Path  # the CA certificate clients trust (--cacert, -CAfile)
-    cert: Path  # the server's chain, leaf first
-    key: Path  # its private key, mode 0600
-    other_key: Path  # a key that does not belong to `cert`
+    other_key: Path = Path()  # a key that does not belong to `cert`
 
-    def server_args(self, pop3s_port: int | None = None) -> list[str]:
-        args = ["--tls-cert", str(self.cert), "--tls-key", str(self.key)]
-        return args + ["--pop3s-port", str(pop3s_port if pop3s_port is not None else 0)]
-
-    def client_context(self, maximum: ssl.TLSVersion | None = None) -> ssl.SSLContext:
-        """A client context that verifies the server against the test CA (host name too)."""
-        context = ssl.create_default_context(cafile=str(self.ca))
-        if maximum is not None:
-            context.maximum_version = maximum
-        return context
+    def server_args(self, pop3s_port: int | None = None) -> list[str]:  # type: ignore[override]
+        return super().server_args() + ["--pop3s-port", str(pop3s_port if pop3s_port is not None else 0)]
 
 
 def make_tls_files(directory: Path) -> TlsFiles:
-    import trustme  # a test extra: only the TLS tests need it
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ca = trustme.CA()
-    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-    files = TlsFiles(directory / "ca.pem", directory / "cert.pem", directory / "key.pem", directory / "other-key.pem")
-    ca.cert_pem.write_to_path(str(files.ca))
-    for index, blob in enumerate(leaf.cert_chain_pems):
-        blob.write_to_path(str(files.cert), append=index > 0)
-    leaf.private_key_pem.write_to_path(str(files.key))
-    ca.issue_cert("other.example").private_key_pem.write_to_path(str(files.other_key))
-    for key in (files.key, files.other_key):
-        key.chmod(0o600)
-    return files
-
-
-def start_tls(client: LineClient, context: ssl.SSLContext, host: str = "127.0.0.1") -> None:
-    """Turn `client`'s socket into TLS (after STLS's +OK, or at once for POP3S), verifying the server."""
-    assert not client.buffer, f"plaintext left unread before the handshake: {client.buffer!r}"
-    client.sock = context.wrap_socket(client.sock, server_hostname=host)
+    made = make_certificates(directory)
+    return TlsFiles(made.ca, made.cert, made.key, make_stray_key(directory / "other-key.pem"))
 
 
 def tls_client(port: int, files: TlsFiles, host: str = "127.0.0.1", context: ssl.SSLContext | None = None,
                source: str | None = None) -> LineClient:
     """A raw POP3S client, handshake done and greeting read; `source` binds the client's address."""
-    client = LineClient(port, host, greet=False, source=source)
-    start_tls(client, context or files.client_context(), host)
-    client.greeting = client.line()
-    return client
+    return tls_line_client(port, context or files.client_context(), host, source)
 
 
 # -- the app in this process -----------------------------------------------------

@@ -30,25 +30,22 @@ import re
 import secrets
 import shlex
 import shutil
-import signal
-import site
 import socket
 import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from admin.client import MsmpClient, MsmpConnectionError
+from geventpop3.testing import launcher
+from geventpop3.testing.certs import make_certificates
+from geventpop3.testing.ports import free_port
 
 __all__ = ["Pop3TestServer", "Pop3TestServerError"]
-
-Served = dict[str, Any]  # the ready file: {"pid": ..., "pop3": [{"host": ..., "port": ...}], ...}
 
 ADMIN_NAME = "pop3test"
 # Test-friendly defaults, each overridable through `settings`: a failed login is answered at once.
@@ -56,7 +53,6 @@ DEFAULT_SETTINGS: dict[str, object] = {"login_failure_delay": 0, "auth_penalty_m
 CHEAP_COST = (2, 1, 1)  # scrypt n, r, p: microseconds instead of 50 ms; the server verifies it alike
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-POLL = 0.005
 FAULT_FILTER = """#!/bin/sh
 # Pop3TestServer's fault filter: the message unchanged, unless a fault is set for its UIDL
 # in the directory given as $1 (a file named after the UIDL: "tempfail" or "slow SECONDS").
@@ -130,61 +126,6 @@ def _toml_value(value: object) -> str:
     raise TypeError(f"setting value {value!r}: use str, int, float, bool or a list of str")
 
 
-def _free_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return int(probe.getsockname()[1])
-
-
-def _child_env(tmp: Path) -> dict[str, str]:
-    """The test process's environment, with the child's temporary files in our directory and
-    this copy of geventpop3 importable (a source checkout is not on the child's path by itself)."""
-    env = dict(os.environ, TMPDIR=str(tmp))
-    source = str(Path(__file__).resolve().parents[1])
-    paths = env.get("PYTHONPATH", "").split(os.pathsep) if env.get("PYTHONPATH") else []
-    installed = {os.path.realpath(path) for path in [*site.getsitepackages(), site.getusersitepackages()]}
-    if source not in paths and os.path.realpath(source) not in installed:
-        env["PYTHONPATH"] = os.pathsep.join([source, *paths])
-    return env
-
-
-def _exit_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the server gets SIGTERM if the test process dies without cleaning up (SIGKILL)."""
-    if _PRCTL is not None:
-        _PRCTL(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-def _prctl() -> Callable[..., int] | None:
-    """libc's prctl, looked up now: between fork and exec only the call may run."""
-    if sys.platform != "linux":
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-_PRCTL = _prctl()
-
-
-def _wait_exited(process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Wait for the child to exit without reaping it (its pid, so its process group id, stays
-    taken until then: the group can be killed without hitting a reused id)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None:
-                return True
-        except ChildProcessError:  # reaped already
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL)
-
-
 def _cleanup(processes: list[subprocess.Popen[bytes]], root: Path) -> None:
     """End the server (SIGTERM, then SIGKILL for its whole process group) and remove `root`.
 
@@ -192,13 +133,7 @@ def _cleanup(processes: list[subprocess.Popen[bytes]], root: Path) -> None:
     exist: the finalizer that calls it must not keep the server object alive."""
     try:
         for process in processes:
-            if process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    process.send_signal(signal.SIGTERM)
-                _wait_exited(process, STOP_TIMEOUT)
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)  # what is left of the group; the leader if it hung
-            process.wait()
+            launcher.stop(process, timeout=STOP_TIMEOUT)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -262,7 +197,7 @@ class Pop3TestServer:
         argv = [sys.executable, "-m", "geventpop3", "-l", self.host, "-p", "0", "-L", self.host, "-P", "0",
                 "-d", str(self.maildir), "--no-state", "--config", str(self.root / "server.toml"),
                 "--users-file", str(self._users_file), "-a", f"{self.admin_user}:{cheap_hash(self.admin_password)}",
-                "--ready-file", str(self._ready_path), "--workers", "1"]  # one process: fastest to start
+                "--workers", "1"]  # one process: fastest to start; the launcher adds --ready-file
         if self.tls:
             argv += self._make_certificate()
         if self.faults:
@@ -271,18 +206,11 @@ class Pop3TestServer:
 
     def _make_certificate(self) -> list[str]:
         try:
-            import trustme
-        except ImportError:
-            raise Pop3TestServerError("tls=True needs trustme: pip install 'geventpop3[testing]'") from None
-        directory = self.root / "tls"
-        directory.mkdir()
-        ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1", common_name="localhost")  # fetchmail wants a CN
-        self.ca_path = directory / "ca.pem"
-        ca.cert_pem.write_to_path(str(self.ca_path))
-        leaf.private_key_and_cert_chain_pem.write_to_path(str(directory / "server.pem"))
-        (directory / "server.pem").chmod(0o600)
-        return ["--tls-cert", str(directory / "server.pem")]
+            files = make_certificates(self.root / "tls", common_name="localhost")  # fetchmail wants a CN
+        except RuntimeError as exc:
+            raise Pop3TestServerError(f"tls=True: {exc}") from None
+        self.ca_path = files.ca
+        return files.server_args()
 
     def _make_fault_filter(self) -> str:
         """The filter script and its fault directory, reachable by `nobody` (filters of a root server run as it)."""
@@ -298,36 +226,22 @@ class Pop3TestServer:
     def _start(self, argv: list[str], timeout: float) -> None:
         attempts = 3 if self.tls else 1  # the POP3S port is picked free, and may be taken before the bind
         for attempt in range(attempts):
-            pop3s = ["--pop3s-port", str(_free_port(self.host))] if self.tls else []
-            with open(self._log_path, "ab") as log:
-                in_main_thread = threading.current_thread() is threading.main_thread()
-                self._processes.append(subprocess.Popen(  # in the list at once: an interrupt cannot lose it
-                    argv + pop3s, cwd=self.root, env=_child_env(self.root / "tmp"), stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, process_group=0,
-                    preexec_fn=_exit_with_parent if _PRCTL is not None and in_main_thread else None))
-            self.process = self._processes[-1]
-            served = self._wait_ready(self.process, timeout)
-            if served is not None:
-                self._take(served)
+            pop3s = ["--pop3s-port", str(free_port(self.host))] if self.tls else []
+            process = launcher.launch(argv + pop3s, ready_file=self._ready_path, log_path=self._log_path,
+                                      cwd=self.root, env=launcher.child_env(tmp=self.root / "tmp"),
+                                      started=self._processes)
+            self.process = process
+            try:
+                self._take(launcher.wait_ready(process, self._ready_path, timeout))
                 return
+            except launcher.LaunchError as exc:
+                if exc.returncode is None:
+                    raise Pop3TestServerError(f"{exc}:\n{self._tail()}") from None
             if attempt + 1 < attempts and re.search(r"cannot listen for POP3S .*in use", self._tail()):
                 continue
-            raise Pop3TestServerError(f"geventpop3 exited {self.process.returncode} at start:\n{self._tail()}")
+            raise Pop3TestServerError(f"geventpop3 exited {process.returncode} at start:\n{self._tail()}")
 
-    def _wait_ready(self, process: subprocess.Popen[bytes], timeout: float) -> Served | None:
-        """The ready file's endpoints once the server serves; None if it exited first."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(FileNotFoundError):
-                served: Served = json.loads(self._ready_path.read_text())
-                return served
-            if process.poll() is not None:
-                return None
-            if time.monotonic() > deadline:
-                raise Pop3TestServerError(f"geventpop3 not ready within {timeout} s:\n{self._tail()}")
-            time.sleep(POLL)
-
-    def _take(self, served: Served) -> None:
+    def _take(self, served: launcher.Served) -> None:
         self.pid = int(served["pid"])
         self.port = int(served["pop3"][0]["port"])
         self.admin_port = int(served["msmp"][0]["port"])

@@ -18,6 +18,7 @@ import subprocess
 import time
 from collections.abc import Callable
 
+import pytest
 from helpers import (
     ServerProcess,
     admin,
@@ -321,11 +322,12 @@ def accepts_pop3(server: ServerProcess) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_change_that_cannot_be_saved_answers_err_and_changes_nothing(
         start_server: Callable[..., ServerProcess]) -> None:
     """ADD and SET while another process holds the write lock: -ERR (after the 5 s busy
     timeout), and the old state stays, in the running server and after a restart. (DELE's
-    failing store: tests/server/test_msmp_server.py, in-process.)"""
+    failing store: tests/inprocess/test_msmp_server.py, in-process.)"""
     server = start_server()
     # Busy timeouts, each maybe behind one of the persister's: a patient client.
     with contextlib.closing(server.admin_client(timeout=60)) as client:

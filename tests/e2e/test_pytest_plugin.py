@@ -137,6 +137,7 @@ def test_unrelated(request):
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
 
 
+@pytest.mark.external  # one example runs fetchmail
 def test_the_examples_in_docs_testing_md_pass(pytester: pytest.Pytester, suite: Path) -> None:
     """Every block of docs/testing.md that begins with `# name.py` is written out and run
     (poplib plain and over TLS with a fault, fetchmail over TLS): the page shows code that works."""

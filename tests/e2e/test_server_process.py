@@ -27,7 +27,7 @@ from helpers import (
     wait_until,
 )
 
-from loadtest.launch import greets  # noqa: E402
+from geventpop3.testing.ports import greets  # noqa: E402
 
 
 @pytest.fixture
@@ -106,6 +106,7 @@ class SlowStart:
         self.process.wait()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_stop_signal_during_start_up_stops_in_order_with_exit_0(tmp_path: Path, workers: int,
@@ -119,6 +120,7 @@ def test_a_stop_signal_during_start_up_stops_in_order_with_exit_0(tmp_path: Path
         server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_during_start_up_reloads_once_serving(tmp_path: Path, workers: int) -> None:
     """Not the default action (the process gone without a word): the reload comes once start-up is done."""

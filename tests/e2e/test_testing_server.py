@@ -100,8 +100,8 @@ def test_a_pop3s_port_taken_before_the_server_binds_it_is_picked_again(monkeypat
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         ports = [taken.getsockname()[1]]
-        pick = testing._free_port
-        monkeypatch.setattr(testing, "_free_port", lambda host: ports.pop(0) if ports else pick(host))
+        pick = testing.free_port
+        monkeypatch.setattr(testing, "free_port", lambda host: ports.pop(0) if ports else pick(host))
         with Pop3TestServer(tls=True) as server:
             assert server.pop3s_port not in (None, taken.getsockname()[1])
             assert any("in use" in line for line in server.log)

@@ -120,6 +120,7 @@ def test_poplib_refuses_a_server_it_cannot_verify(tls_server: TlsServer) -> None
         poplib.POP3_SSL("127.0.0.1", tls_server.pop3s, context=ssl.create_default_context(), timeout=10)
 
 
+@pytest.mark.external  # curl
 def test_curl_over_implicit_tls_and_stls(tls_server: TlsServer) -> None:
     content = b"Subject: curl\n\nfetched by curl\n"
     tls_server.server.deliver("carol", content)
@@ -133,12 +134,14 @@ def test_curl_over_implicit_tls_and_stls(tls_server: TlsServer) -> None:
     assert stls.stdout == crlf(content)
 
 
+@pytest.mark.external  # curl
 def test_curl_without_the_ca_fails_verification(tls_server: TlsServer) -> None:
     result = subprocess.run(["curl", "-sS", "--max-time", "20", "-u", f"carol:{USERS['carol']}",
                              f"pop3s://127.0.0.1:{tls_server.pop3s}/"], capture_output=True, timeout=30)
     assert result.returncode == 60, result.stderr  # peer certificate cannot be authenticated
 
 
+@pytest.mark.external  # openssl
 def test_openssl_s_client_starttls_pop3(tls_server: TlsServer) -> None:
     script = f"USER dave\nPASS {USERS['dave']}\nSTAT\nQUIT\n"
     result = subprocess.run(

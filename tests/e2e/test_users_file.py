@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import LineClient, ServerProcess, admin, wait_until
 
 from geventpop3.auth.users import hash_password
@@ -83,6 +84,7 @@ def pass_seconds(server: ServerProcess, user: str, password: str) -> float:
         return seconds
 
 
+@pytest.mark.slow
 def test_unknown_user_and_wrong_password_take_the_same_time_with_cheap_and_dear_entries(
         start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """A plain entry (microseconds to check) beside a default-cost scrypt entry (tens of ms):

@@ -33,7 +33,7 @@ from helpers import (
     workers_of,
 )
 
-from loadtest.launch import Geventpop3Process  # noqa: E402
+from geventpop3.testing import launcher
 
 MESSAGE = crlf(b"Subject: hello\n\nworkers\n")
 
@@ -424,15 +424,14 @@ def test_workers_import_the_supervisors_code_when_it_runs_with_safe_path(tmp_pat
     (decoy / "__init__.py").write_text("")
     (decoy / "cluster" / "__init__.py").write_text("")
     (decoy / "cluster" / "__main__.py").write_text("raise SystemExit('the decoy was imported')\n")
-    port = free_port()
-    server = Geventpop3Process(port, ["--workers", "2", "-d", str(tmp_path / "mail"), "-P", str(free_port()),
-                                      "--state-dir", str(tmp_path / "state")],
-                               tmp_path / "server.log", [sys.executable, "-P", "-m", "geventpop3"], cwd=tmp_path)
+    process, served = launcher.start(
+        [sys.executable, "-P", "-m", "geventpop3", "-l", "127.0.0.1", "-p", "0", "--workers", "2",
+         "-d", str(tmp_path / "mail"), "-P", "0", "--state-dir", str(tmp_path / "state")],
+        ready_file=tmp_path / "ready.json", log_path=tmp_path / "server.log", timeout=60, cwd=tmp_path)
     try:
-        server.start(timeout=60)
-        with LineClient(port) as client:
+        with LineClient(served["pop3"][0]["port"]) as client:
             assert client.greeting.startswith(b"+OK")
-        assert len(server.pids()) == 3
+        assert len(psutil.Process(process.pid).children(recursive=True)) == 2
     finally:
-        server.stop()
+        launcher.stop(process)
     assert "decoy" not in (tmp_path / "server.log").read_text()

@@ -23,7 +23,7 @@ from helpers import (
     wait_until,
 )
 
-from loadtest.launch import haproxy_config, start_haproxy
+from geventpop3.testing.haproxy import haproxy_config, start_haproxy
 
 
 class HaProxy:

@@ -18,7 +18,7 @@ from geventpop3.core.message import Message
 from geventpop3.mail import maildir
 from geventpop3.mail.maildir import Mailbox
 
-REPO = str(Path(__file__).resolve().parents[2])
+REPO = str(Path(__file__).resolve().parents[3])
 
 
 # -- reference implementation ------------------------------------------------

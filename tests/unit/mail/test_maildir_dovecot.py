@@ -1,7 +1,7 @@
 """Mailbox snapshots over Maildirs Dovecot left behind, in process, over real files:
 UIDLs and order from dovecot-uidlist, sizes from ,W= names, and hostile uidlists.
 
-The real Dovecot is the reference in tests/e2e/test_dovecot_migration.py; here are the
+The real Dovecot is the reference in tests/external/test_dovecot_migration.py; here are the
 cases Dovecot does not make on its own (bad and repeated UIDLs, hostile files)."""
 
 from __future__ import annotations

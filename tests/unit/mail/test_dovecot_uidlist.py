@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from geventpop3.mail.dovecot_uidlist import MAX_LINE, Record, UidListError, parse
 
-# As Dovecot 2.3 writes it (seen in tests/e2e/test_dovecot_migration.py's trees).
+# As Dovecot 2.3 writes it (seen in tests/external/test_dovecot_migration.py's trees).
 DOVECOT_FILE = (b"3 V1796161725 N6 G2f8d1f10bd400f6bc37a000083ecc375\n"
                 b"1 W32 :1733000001.M1P1.host\n"
                 b"2 P000000026b0f40bd W24 :1733000002.M2P1.host\n"

@@ -26,7 +26,7 @@ from geventpop3.state.persister import Persister
 from geventpop3.state.settings import persist_settings, restore_settings
 from geventpop3.state.sqlite import SqliteStore
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FAKE_HASH = "$scrypt$n=16384,r=8,p=1$c2FsdA==$aGFzaA=="
 
 

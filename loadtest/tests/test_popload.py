@@ -1,4 +1,4 @@
-"""popload, the benchmark's C load client, against a real geventpop3 process.
+"""popload, the benchmark's C load client, against a real geventpop3 process (Pop3TestServer).
 
 It is compiled as the benchmark compiles it, runs both modes for about a second, and
 must report real sessions with no error; given expected data that differs from what was
@@ -13,10 +13,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ServerProcess
 
+from geventpop3.testing import Pop3TestServer
 from loadtest.benchlib import crlf, deliver, make_message
 from loadtest.popload import Held, PoploadError, build, sessions, write_manifest
+
+pytestmark = pytest.mark.external  # a C compiler
 
 MAILBOX_USERS = [f"m{i}" for i in range(3)]
 HELD_USERS = [f"h{i:02d}" for i in range(40)]
@@ -29,34 +31,29 @@ def popload(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="module")
-def bench_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, Expected]]:
+def bench_server() -> Iterator[tuple[Pop3TestServer, Expected]]:
     """A server with 10 messages of 4 KiB (dot lines included) for each mailbox user."""
-    root = tmp_path_factory.mktemp("popload-server")
     users = {user: f"pw-{user}" for user in MAILBOX_USERS + HELD_USERS}
-    server = ServerProcess(root, users=users, admin=False, listen=["127.0.0.1"])
-    expected: Expected = {}
-    for user in MAILBOX_USERS + HELD_USERS:
-        for sub in ("cur", "new", "tmp"):
-            os.makedirs(os.path.join(server.user_dir(user), sub), exist_ok=True)
-    for user in MAILBOX_USERS:
-        expected[user] = {}
-        for index in range(10):
-            uid = f"{1700000000 + index}.M{index:06d}P1.test-{user}"
-            content = make_message(f"{user}-{index}", 4096)
-            deliver(server.user_dir(user), uid, content)
-            expected[user][uid] = crlf(content)
-    server.start()
-    try:
+    with Pop3TestServer(users=users) as server:
+        expected: Expected = {}
+        for user in MAILBOX_USERS + HELD_USERS:
+            for sub in ("cur", "new", "tmp"):
+                os.makedirs(os.path.join(server.user_dir(user), sub), exist_ok=True)
+        for user in MAILBOX_USERS:
+            expected[user] = {}
+            for index in range(10):
+                uid = f"{1700000000 + index}.M{index:06d}P1.test-{user}"
+                content = make_message(f"{user}-{index}", 4096)
+                deliver(str(server.user_dir(user)), uid, content)
+                expected[user][uid] = crlf(content)
         yield server, expected
-    finally:
-        server.stop()
 
 
 def manifest(path: Path, expected: Expected, users: list[str]) -> str:
     return write_manifest(path, [(user, f"pw-{user}", expected.get(user, {})) for user in users])
 
 
-def test_sessions_mode_runs_checked_sessions(popload: str, bench_server: tuple[ServerProcess, Expected],
+def test_sessions_mode_runs_checked_sessions(popload: str, bench_server: tuple[Pop3TestServer, Expected],
                                              tmp_path: Path) -> None:
     server, expected = bench_server
     report = sessions(popload, server.port, manifest(tmp_path / "m", expected, MAILBOX_USERS),
@@ -68,7 +65,7 @@ def test_sessions_mode_runs_checked_sessions(popload: str, bench_server: tuple[S
     assert 0 < report["client_cpu_s"] < report["elapsed"] + 1
 
 
-def test_a_shared_user_is_retried_on_in_use(popload: str, bench_server: tuple[ServerProcess, Expected],
+def test_a_shared_user_is_retried_on_in_use(popload: str, bench_server: tuple[Pop3TestServer, Expected],
                                             tmp_path: Path) -> None:
     server, expected = bench_server
     report = sessions(popload, server.port, manifest(tmp_path / "m", expected, ["m0", "m0", "m0"]),
@@ -103,7 +100,7 @@ def _drop_one_message(expected: Expected) -> Expected:
 @pytest.mark.parametrize(("corrupt", "reason"), [
     (_flip_one_octet, "RETR 5 differs"), (_rename_one_uid, "UIDL does not match"), (_drop_one_message, "STAT"),
 ])
-def test_wrong_expectations_are_reported_as_errors(popload: str, bench_server: tuple[ServerProcess, Expected],
+def test_wrong_expectations_are_reported_as_errors(popload: str, bench_server: tuple[Pop3TestServer, Expected],
                                                    tmp_path: Path, corrupt: Callable[[Expected], Expected],
                                                    reason: str) -> None:
     server, expected = bench_server
@@ -114,7 +111,7 @@ def test_wrong_expectations_are_reported_as_errors(popload: str, bench_server: t
     assert report["elapsed"] < 5.0  # after the first error no new session starts
 
 
-def test_held_mode_times_noop_rounds(popload: str, bench_server: tuple[ServerProcess, Expected],
+def test_held_mode_times_noop_rounds(popload: str, bench_server: tuple[Pop3TestServer, Expected],
                                      tmp_path: Path) -> None:
     server, _ = bench_server
     path = write_manifest(tmp_path / "m", [(user, f"pw-{user}", {}) for user in HELD_USERS])
@@ -135,7 +132,7 @@ def test_held_mode_times_noop_rounds(popload: str, bench_server: tuple[ServerPro
 
 
 def test_held_mode_counts_a_wrong_password_as_a_failed_login(popload: str,
-                                                             bench_server: tuple[ServerProcess, Expected],
+                                                             bench_server: tuple[Pop3TestServer, Expected],
                                                              tmp_path: Path) -> None:
     server, _ = bench_server
     path = write_manifest(tmp_path / "m", [("h00", "pw-h00", {}), ("h01", "wrong", {})])

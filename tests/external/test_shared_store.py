@@ -28,7 +28,7 @@ from helpers import (
 )
 
 from admin.client import MsmpError
-from loadtest.launch import haproxy_config, start_haproxy
+from geventpop3.testing.haproxy import haproxy_config, start_haproxy
 
 LEASE = 2.0  # lease_timeout of the test instances, in seconds
 
