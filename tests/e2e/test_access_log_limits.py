@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 from helpers import ServerProcess, admin, login_error, logs_with, pop3, state_db, wait_until
 
 UNKNOWN = "-unknown-"  # geventpop3.core.metrics.UNKNOWN_USER
@@ -21,6 +22,7 @@ def session(server: ServerProcess, user: str, password: str) -> None:
     pop3(server, user, password).quit()
 
 
+@pytest.mark.slow
 def test_made_up_names_share_one_bucket_and_cannot_erase_a_users_entries(
         start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
@@ -43,6 +45,7 @@ def test_made_up_names_share_one_bucket_and_cannot_erase_a_users_entries(
     wait_until(lambda: stored_buckets(server) == {"alice": 5, UNKNOWN: 3})
 
 
+@pytest.mark.slow
 def test_the_whole_access_log_has_a_cap(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config="log_retention_total = 12\n")
     for _ in range(6):

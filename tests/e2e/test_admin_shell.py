@@ -183,6 +183,7 @@ def test_watch_in_shell_returns_to_prompt(msmp_server: ServerProcess, home: Path
     assert finish(child) == 0
 
 
+@pytest.mark.slow
 def test_live_view_until_ctrl_c(msmp_server: ServerProcess, home: Path) -> None:
     child = spawn([*server_flags(msmp_server), "--watch"], home, ADMIN_PASSWORD)
     child.expect(r"refresh 1\s")

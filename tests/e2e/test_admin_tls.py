@@ -74,6 +74,7 @@ def test_the_host_name_is_checked_against_the_address_given(start_server: Callab
     assert refused.returncode == 2 and "IP address mismatch" in refused.stderr, refused.stderr
 
 
+@pytest.mark.slow
 def test_the_client_library_speaks_tls_and_sees_a_reloaded_certificate(
         start_server: Callable[..., ServerProcess], tls_files: TlsFiles) -> None:
     server = start_admin_tls(start_server, tls_files)

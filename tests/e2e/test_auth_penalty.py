@@ -78,6 +78,7 @@ def test_failures_from_one_source_wait_longer_and_longer_across_connections(pena
         assert entry["failures"] == "5" and float(entry["delay"]) == 8 * BASE, entry
 
 
+@pytest.mark.slow
 def test_another_source_is_not_penalised_and_success_resets_its_own(penalised: ServerProcess) -> None:
     for _ in range(4):
         failed_login_seconds(penalised)
@@ -89,6 +90,7 @@ def test_another_source_is_not_penalised_and_success_resets_its_own(penalised: S
     assert after_success < penalised_time - 0.15, (after_success, penalised_time)
 
 
+@pytest.mark.slow
 def test_msmp_and_pop3_share_the_penalty(penalised: ServerProcess) -> None:
     for _ in range(4):
         failed_login_seconds(penalised, source="127.0.0.3")
@@ -133,6 +135,7 @@ def test_msmp_penalty_lists_and_clears(penalised: ServerProcess) -> None:
     assert cleared < 0.4, cleared
 
 
+@pytest.mark.slow
 def test_penalty_is_forgotten_after_quiet_time(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config=PENALTY_CONFIG + "auth_penalty_forget = 2\n", login_failure_delay=BASE)
     for _ in range(3):

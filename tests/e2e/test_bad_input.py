@@ -235,6 +235,7 @@ def mail_contents(server: ServerProcess) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.slow
 def test_bad_input_disturbs_nobody(start_server: Callable[..., ServerProcess], name: str) -> None:
     case = CASES[name]
     server = start_server(config=case.config)

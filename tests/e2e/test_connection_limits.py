@@ -8,6 +8,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+import pytest
 from helpers import LineClient, ServerProcess, accepts, admin, counters, free_port, ipv6_loopback, wait_until
 
 PER_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
@@ -46,6 +47,7 @@ def test_per_address_cap_from_the_file_changed_by_set_and_counted(
         client.close()
 
 
+@pytest.mark.slow
 def test_login_timeout_from_the_file_ends_a_trickling_client(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config="login_timeout = 1\nidle_timeout = 30\n")
     client = LineClient(server.port)

@@ -394,6 +394,7 @@ def test_sizes_uidl_top_and_stored_files_on_the_wire(start_server: Callable[...,
     assert {path: Path(path).read_bytes() for path in server.message_files("alice")} == files
 
 
+@pytest.mark.slow
 def test_failures_and_timeouts_answer_temp_and_the_session_goes_on(start_server: Callable[..., ServerProcess],
                                                                     tmp_path: Path) -> None:
     picky = script(tmp_path, "picky.sh", """\
@@ -454,6 +455,7 @@ def test_cache_hit_on_second_session_and_set_applies_to_new_sessions(start_serve
         assert msmp.get("transformer") == upper
 
 
+@pytest.mark.slow
 def test_64_mib_through_cat_no_deadlock_bounded_memory(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(extra_args=["-t", "cat"])
     line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-+\n"  # 76 octets
@@ -479,6 +481,7 @@ def test_64_mib_through_cat_no_deadlock_bounded_memory(start_server: Callable[..
     assert after - before < 32 * 1024, (before, after)  # KiB: far less than the 64 MiB message
 
 
+@pytest.mark.slow
 def test_fifty_sessions_through_a_slow_filter_never_exceed_the_bound(start_server: Callable[..., ServerProcess],
                                                                       tmp_path: Path) -> None:
     running = tmp_path / "running"

@@ -267,6 +267,7 @@ def test_max_connections_applies_to_new_connections(server: ServerProcess) -> No
         assert first.cmd("QUIT").startswith(b"+OK") and third.cmd("QUIT").startswith(b"+OK")
 
 
+@pytest.mark.slow
 def test_idle_timeout_applies_to_new_sessions(server: ServerProcess) -> None:
     with admin(server) as client:
         assert client.set("idle_timeout", "1") == "Changed value"

@@ -63,6 +63,7 @@ def pop3_session(server: ServerProcess, user: str, password: str, host: str = "1
 
 # -- clean restart -------------------------------------------------------------
 
+@pytest.mark.slow
 def test_restart_keeps_users_settings_logs_and_counters(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
     other_root = server.root / "mail2"
@@ -170,6 +171,7 @@ def test_kill_9_right_after_add_keeps_the_user(start_server: Callable[..., Serve
     pop3_session(server, "alice", "alicepw")
 
 
+@pytest.mark.slow
 def test_kill_9_loses_at_most_the_last_second_of_counters(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
     for i in range(3):
@@ -231,6 +233,7 @@ class WriteLock:
         self.db.close()
 
 
+@pytest.mark.slow
 def test_unwritable_state_database_never_stops_pop3(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server()
     for i in range(2):

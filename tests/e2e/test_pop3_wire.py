@@ -221,6 +221,7 @@ def test_top(server: ServerProcess) -> None:
     client.close()
 
 
+@pytest.mark.slow
 def test_idle_timeout_closes_silent_client_only(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config="idle_timeout = 1\n")
     busy = logged_in(server, "bob")
@@ -292,6 +293,7 @@ def test_unknown_user_and_wrong_password_same_answer(server: ServerProcess) -> N
     assert answers.pop().startswith(b"-ERR [AUTH]")
 
 
+@pytest.mark.slow
 def test_path_user_names_are_refused(server: ServerProcess) -> None:
     outside = sorted(os.listdir(server.root))
     inside = sorted(os.listdir(server.maildir))

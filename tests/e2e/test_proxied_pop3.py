@@ -68,12 +68,14 @@ def test_a_connection_from_outside_proxy_networks_is_closed_unanswered(
 
 @pytest.mark.parametrize("first", [b"USER alice\r\n", b"PROXY TCP4 192.0.2.7 nonsense\r\n",
                                    b"\r\n\r\n\x00\r\nQUIT\n\x99"])
+@pytest.mark.slow
 def test_a_missing_or_bad_header_closes_the_connection(start_server: Callable[..., ServerProcess],
                                                        first: bytes) -> None:
     server = start_server(config=PROXIES)
     assert closed_without_greeting(proxied(server, first)) == b""
 
 
+@pytest.mark.slow
 def test_a_header_that_never_completes_is_cut_at_its_deadline(start_server: Callable[..., ServerProcess]) -> None:
     server = start_server(config=PROXIES)
     client = proxied(server, b"PROXY TCP4 ")  # and then nothing: closed after 3 s, not held

@@ -97,6 +97,7 @@ def gone(record: Path) -> bool:
     return not Path(f"/proc/{seen['pid']}").exists() and not Path(seen["root"]).exists()
 
 
+@pytest.mark.slow
 def test_a_suite_using_the_fixtures_passes_and_fails_as_written(pytester: pytest.Pytester, suite: Path) -> None:
     pytester.makeconftest(CONFTEST)
     pytester.makepyfile(test_mail=SUITE)
@@ -108,6 +109,7 @@ def test_a_suite_using_the_fixtures_passes_and_fails_as_written(pytester: pytest
     assert all(gone(record) for record in suite.iterdir())  # after a passing and a failing test alike
 
 
+@pytest.mark.slow
 def test_an_interrupted_suite_leaves_no_server(pytester: pytest.Pytester, suite: Path) -> None:
     pytester.makepyfile(test_interrupted='''
 import json, os, sys

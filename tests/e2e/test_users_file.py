@@ -107,6 +107,7 @@ def test_unknown_user_and_wrong_password_take_the_same_time_with_cheap_and_dear_
     assert max(medians.values()) - min(medians.values()) < 0.5 * max(medians.values()), (medians, floor)
 
 
+@pytest.mark.slow
 def test_reload_adds_changes_and_removes_users_and_open_sessions_go_on(
         start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     server, users_file = users_server(start_server, tmp_path, (

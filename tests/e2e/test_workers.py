@@ -99,6 +99,7 @@ def test_set_changes_every_worker_and_add_logs_in_through_every_worker(cluster: 
                 assert pop.login("dave", "davepw").startswith(b"-ERR")
 
 
+@pytest.mark.slow
 def test_stat_totals_are_the_sum_of_what_clients_did_on_every_worker(cluster: ServerProcess) -> None:
     cluster.deliver("carol", MESSAGE)
     before = settled_stat(cluster)
@@ -233,6 +234,7 @@ def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess)
         LineClient(cluster.port, timeout=2)
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_dying_right_after_ready_is_restarted_ever_later_and_the_rest_serves_on(
         cluster: ServerProcess) -> None:
     """Killed as soon as it serves, four times in a row: a crash loop at start. The first
@@ -263,6 +265,7 @@ def test_a_worker_that_keeps_dying_right_after_ready_is_restarted_ever_later_and
     wait_until(lambda: sum(v for k, v in stat(cluster).items() if k.endswith("serving")) == 2, timeout=30)
 
 
+@pytest.mark.slow
 def test_a_worker_started_after_the_users_file_changed_takes_the_supervisors_users(
         start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
     """The same users in every process: a replacement worker that reads a file edited since
@@ -326,6 +329,7 @@ def test_a_bad_users_file_with_workers_is_one_line_and_exit_2_and_leaves_no_work
     assert {child.pid for child in psutil.Process().children(recursive=True)} <= before
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_failing_at_start_is_retried_with_backoff_and_the_supervisor_stays(
         cluster: ServerProcess) -> None:
     aside = cluster.maildir.with_name("mail-aside")

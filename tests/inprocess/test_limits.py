@@ -106,6 +106,7 @@ def test_a_trickling_client_is_closed_at_the_login_timeout(ctx: ServerContext, p
     assert logged_in.cmd("QUIT").startswith(b"+OK")
 
 
+@pytest.mark.slow
 def test_a_silent_client_gets_the_login_timeout_before_the_idle_timeout(ctx: ServerContext, pop3_port: int) -> None:
     ctx.settings.apply("login_timeout", 1.0, "test")
     ctx.settings.apply("idle_timeout", 30.0, "test")

@@ -135,6 +135,7 @@ def test_address_in_use_is_an_oserror(ctx: ServerContext, port: int) -> None:
 
 
 @pytest.mark.parametrize("host", HOSTS)
+@pytest.mark.slow
 def test_every_command(ctx: ServerContext, connect, host: str) -> None:
     client = connect(host, login=False)
     assert client.cmd("STAT") == "-ERR Not authenticated"
@@ -260,6 +261,7 @@ def test_overlong_line_and_binary_junk(connect) -> None:
     assert client.cmd("GET transformer") == "+OK none"
 
 
+@pytest.mark.slow
 def test_failed_logins_are_delayed_and_the_third_closes(ctx: ServerContext, connect) -> None:
     client = connect(login=False)
     for attempt in range(3):
@@ -404,6 +406,7 @@ def test_dele_with_the_store_failing_keeps_the_user_and_its_mail(ctx: ServerCont
     assert list(held_store.store.load_users()) == ["bob"]
 
 
+@pytest.mark.slow
 def test_answers_before_a_failed_login_go_out_before_its_delay(ctx: ServerContext, connect) -> None:
     """The session flushes what is queued, waits the Delayed's seconds, then sends it."""
     ctx.settings.apply("login_failure_delay", 2.0, "test")

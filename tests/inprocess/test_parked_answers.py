@@ -115,6 +115,7 @@ def test_commands_that_wait_go_on_in_order(app: App, tls_files: TlsFiles, tmp_pa
 
 
 @pytest.mark.parametrize("how", ["plain", "tls"])
+@pytest.mark.slow
 def test_a_client_slow_to_read_gets_every_answer(app: App, tls_files: TlsFiles, tmp_path: Path, how: str) -> None:
     """10 MB of pipelined LIST answers the client does not read for a while: more than the
     loop may queue (FLUSH_THRESHOLD) and more than loopback socket buffers take, so the rest
@@ -137,6 +138,7 @@ def test_a_client_slow_to_read_gets_every_answer(app: App, tls_files: TlsFiles, 
 
 
 @pytest.mark.parametrize("how", ["plain", "tls"])
+@pytest.mark.slow
 def test_the_idle_timeout_counts_from_the_last_command(app: App, tls_files: TlsFiles, how: str) -> None:
     assert app.ctx is not None
     app.ctx.settings.set("idle_timeout", str(IDLE_TIMEOUT))

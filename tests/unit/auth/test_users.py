@@ -142,6 +142,7 @@ def test_directory_cached_login_still_rejects_wrong_password() -> None:
     assert directory.verify("alice", "right")
 
 
+@pytest.mark.slow
 def test_directory_set_password_and_delete_with_store() -> None:
     store = MemoryStore({"old": users.hash_password("oldpw", CHEAP)})
     directory = UserDirectory(store)
@@ -319,6 +320,7 @@ def test_parse_user_flag_error_never_shows_the_password() -> None:
         assert "hunter2" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_unknown_user_pays_the_cost_of_the_entries_in_use() -> None:
     """Regression: unknown names were checked at the default cost whatever the entries used,
     so with dearer (or cheaper) hashes a wrong name answered faster than a wrong password."""
@@ -364,6 +366,7 @@ def test_admins_are_credentials_without_a_store() -> None:
 
 # -- equal timing across cost classes, and the upgrade of weak store entries -----------
 
+@pytest.mark.slow
 def test_failures_cost_the_same_for_unknown_names_and_entries_of_any_class() -> None:
     """Regression: an entry of a cheaper class (a plain password: microseconds) answered a
     wrong password far sooner than an unknown name checked against a slow hash, which told

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -156,6 +157,7 @@ def check_answer(item: object, answer: object, closing_before: bool) -> None:
 
 @DERANDOMIZED
 @given(backend=backends, login=st.booleans(), data=chunks)
+@pytest.mark.slow
 def test_random_input_never_raises_and_answers_are_well_formed(backend: HostileBackend, login: bool,
                                                                data: list[bytes]) -> None:
     protocol = MsmpProtocol(backend)
@@ -169,6 +171,7 @@ def test_random_input_never_raises_and_answers_are_well_formed(backend: HostileB
 
 @DERANDOMIZED
 @given(backend=backends, data=chunks)
+@pytest.mark.slow
 def test_receive_answers_every_line_until_closing(backend: HostileBackend, data: list[bytes]) -> None:
     """The all-in-one path: as many answers as lines (until QUIT or the third failure), each well formed."""
     protocol = MsmpProtocol(backend)

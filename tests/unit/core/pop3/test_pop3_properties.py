@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import string
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -324,6 +325,7 @@ class MailboxModel(RuleBasedStateMachine):
 
 MailboxModel.TestCase.settings = DERANDOMIZED
 TestMailboxModel = MailboxModel.TestCase
+TestMailboxModel.pytestmark = [pytest.mark.slow]  # about 3.5 s
 
 
 # -- random bytes -------------------------------------------------------------------
