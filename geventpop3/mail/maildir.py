@@ -64,6 +64,7 @@ _close_fd = monkey.get_original("os", "close")
 log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 64 * 1024
+SMALL_MESSAGE = CHUNK_SIZE  # octets on disk: RETR reads and sends such a message whole (whole_message)
 SIZE_CACHE = "geventpop3.sizes"
 SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
@@ -691,12 +692,14 @@ def _write_all(fd: int, data: bytes) -> None:
 # -- content -----------------------------------------------------------------
 
 class _FileReader:
-    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up."""
+    """A descriptor with read() and close(): no buffering layer, no extra system call to set one up.
+    `size`: the file's size when it was opened (fstat)."""
 
-    __slots__ = ("fd",)
+    __slots__ = ("fd", "size")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, size: int = -1) -> None:
         self.fd = fd
+        self.size = size
 
     def read(self, size: int = CHUNK_SIZE, /) -> bytes:
         return os.read(self.fd, size)
@@ -726,7 +729,7 @@ def open_regular(path: str, file_id: int = 0) -> _FileReader:
     except BaseException:
         _close_fd(fd)
         raise
-    return _FileReader(fd)
+    return _FileReader(fd, info.st_size)
 
 
 def open_message(message: Message) -> _FileReader:
@@ -780,6 +783,34 @@ def crlf_size(path: str, file_id: int = 0) -> int:
     Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
     with open_regular(path, file_id) as handle:
         return sum(len(chunk) for chunk in _crlf_chunks(handle))
+
+
+def whole_message(handle: _FileReader) -> bytes | None:
+    """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
+    piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
+    small, and RETR is most of a session's commands).
+
+    The read asks one octet more than the size fstat gave at the open: getting exactly the
+    size is the end of a regular file. None, the file rewound, for a bigger file or one
+    whose size changed since: `message_chunks` streams it then."""
+    size = handle.size
+    if not 0 <= size <= SMALL_MESSAGE:
+        return None
+    data = os.read(handle.fd, size + 1)
+    if len(data) != size:
+        os.lseek(handle.fd, 0, os.SEEK_SET)
+        return None
+    if b"\r" not in data:  # LF-only, the usual Maildir file
+        data = data.replace(b"\n", b"\r\n")
+    elif data.count(b"\n") != data.count(b"\r\n"):
+        data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    if data and data[-1:] != b"\n":
+        data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
+    if b"\n." in data:
+        data = _DOT_LINE.sub(b"\n..", data)
+    if data[:1] == b".":
+        data = b"." + data
+    return data
 
 
 def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:

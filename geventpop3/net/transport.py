@@ -216,8 +216,11 @@ class Transport:
             self.on_sent(len(data))
 
     def set_timeout(self, seconds: float) -> None:
-        """Bounds a blocked send: a client that stops reading cannot hold a greenlet forever."""
-        self.sock.settimeout(seconds)
+        """Bounds a blocked send: a client that stops reading cannot hold a greenlet forever.
+        (Set at every burst: only a change reaches the socket.)"""
+        sock = self.sock
+        if sock.timeout != seconds:
+            sock.settimeout(seconds)
 
     # -- parking -------------------------------------------------------------
     def park(self, waiter: Waiter, timeout: float) -> None:

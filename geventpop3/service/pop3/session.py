@@ -406,11 +406,15 @@ class Pop3Session:
             return
         write = self.transport.write
         with handle:
-            write(action.header)
-            # Past the +OK line a read error can only end the connection (OSError).
-            for chunk in maildir.message_chunks(handle, action.body_lines):
-                write(chunk)
-            write(b".\r\n")
+            whole = maildir.whole_message(handle) if action.body_lines is None else None
+            if whole is not None:
+                write(b"".join((action.header, whole, b".\r\n")))
+            else:
+                write(action.header)
+                # Past the +OK line a read error can only end the connection (OSError).
+                for chunk in maildir.message_chunks(handle, action.body_lines):
+                    write(chunk)
+                write(b".\r\n")
         if action.body_lines is None:
             self.ctx.metrics.messages_retrieved += 1
 

@@ -132,26 +132,31 @@ def test_crlf_conversion(name: str, chunk_size: int) -> None:
 
 
 WHOLE_CASES = {**{name: raw for name, (raw, _) in CASES.items()}, "dots": b".a\n..b\n\n.\nc.\n.", "dot cr": b".\r\n.\r",
-               "one chunk": b".x\n" * (maildir.CHUNK_SIZE // 3) + b"\n" * (maildir.CHUNK_SIZE % 3)}
+               "largest small": b".x\n" * (maildir.SMALL_MESSAGE // 3) + b"\n" * (maildir.SMALL_MESSAGE % 3)}
 
 
 @pytest.mark.parametrize("name", sorted(WHOLE_CASES))
-def test_a_file_streams_as_the_reference_converts_it(tmp_path: Path, name: str) -> None:
+def test_whole_message_is_what_streaming_sends(tmp_path: Path, name: str) -> None:
     raw = WHOLE_CASES[name]
     path = tmp_path / "m"
     path.write_bytes(raw)
     with maildir.open_regular(str(path)) as handle:
-        sent = b"".join(maildir.message_chunks(handle))
-    assert sent == stream(raw) == ref_stuff(ref_crlf(raw))
+        whole = maildir.whole_message(handle)
+    assert whole == stream(raw) == ref_stuff(ref_crlf(raw))
 
 
-def test_a_file_that_grows_after_the_open_streams_all_of_it(tmp_path: Path) -> None:
+def test_whole_message_leaves_big_and_changed_files_to_streaming(tmp_path: Path) -> None:
     path = tmp_path / "m"
+    path.write_bytes(b"x\n" * (maildir.SMALL_MESSAGE // 2 + 1))  # one octet over
+    with maildir.open_regular(str(path)) as handle:
+        assert maildir.whole_message(handle) is None
+        assert b"".join(maildir.message_chunks(handle)) == ref_crlf(path.read_bytes())
     path.write_bytes(b".a\nb\n")
     with maildir.open_regular(str(path)) as handle:
         with open(path, "ab") as grow:
-            grow.write(b".c\n")
-        assert b"".join(maildir.message_chunks(handle)) == b"..a\r\nb\r\n..c\r\n"
+            grow.write(b".c\n")  # grew after the open: not the size fstat gave
+        assert maildir.whole_message(handle) is None
+        assert b"".join(maildir.message_chunks(handle)) == b"..a\r\nb\r\n..c\r\n"  # rewound: all of it
 
 
 @pytest.mark.parametrize("chunk_size", [1, 2, 3, 4, 5])
