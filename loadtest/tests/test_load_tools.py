@@ -87,3 +87,15 @@ def test_pool_is_one_mailbox_per_user_and_refills(tmp_path: Path) -> None:
     assert pool.refill("dd00001") == 12
     assert len(os.listdir(box)) == 30
     assert pool.refill("dd00001") == 0
+
+
+@pytest.mark.slow
+def test_heap_per_session_reports_a_plausible_figure(capsys: pytest.CaptureFixture[str]) -> None:
+    from loadtest import heap_per_session
+
+    repo = Path(__file__).resolve().parents[2]
+    assert heap_per_session.main(["--tree", f"here={repo}", "--sessions", "60", "--rounds", "1", "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    figure = float(out.rsplit("median ", 1)[1].split(" B", 1)[0])
+    assert 500 < figure < 20_000  # a socket pair, a session and its protocol: about 2.4 KB here
+    assert "/geventpop3/" in out  # the growth is attributed to the server's own lines
