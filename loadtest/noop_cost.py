@@ -19,6 +19,7 @@ latency p50/p99 (the client is Python: on a loaded machine those move with the l
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import select
 import shutil
@@ -60,36 +61,40 @@ def login(port: int, number: int) -> socket.socket:
 
 
 def noop_rounds(socks: list[socket.socket], rounds: int, in_flight: int) -> list[float]:
-    """`rounds` NOOPs per session, `in_flight` outstanding, round-robin; latencies in seconds."""
+    """`rounds` NOOPs per session on average, `in_flight` outstanding (at most one per session),
+    always to the session idle longest; latencies in seconds."""
     fds = [s.fileno() for s in socks]
     poller = select.epoll(len(fds) + 1)
     for fd in fds:
         poller.register(fd, select.EPOLLIN)
     total = rounds * len(fds)
+    idle = collections.deque(fds)
     sent_at: dict[int, float] = {}
     latencies: list[float] = []
-    next_index = 0
+    sent = 0
     clock = time.perf_counter
     write, read = os.write, os.read
 
     def send_next() -> None:
-        nonlocal next_index
-        fd = fds[next_index % len(fds)]
-        if fd in sent_at:  # fewer sessions than in flight: wait for this one's answer
-            return
-        next_index += 1
+        nonlocal sent
+        fd = idle.popleft()
+        sent += 1
         sent_at[fd] = clock()
         write(fd, b"NOOP\r\n")
 
-    while next_index < min(in_flight, total):
+    while sent < min(in_flight, len(fds), total):
         send_next()
     while len(latencies) < total:
-        for fd, _ in poller.poll(60):
+        ready = poller.poll(60)
+        if not ready:
+            raise RuntimeError(f"no NOOP answered for 60 s ({len(sent_at)} outstanding)")
+        for fd, _ in ready:
             data = read(fd, 64)
             if data != b"+OK\r\n":
                 raise RuntimeError(f"NOOP answered {data!r}")
             latencies.append(clock() - sent_at.pop(fd))
-            if next_index < total:
+            idle.append(fd)
+            if sent < total:
                 send_next()
     poller.close()
     return latencies

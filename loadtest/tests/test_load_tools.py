@@ -99,3 +99,13 @@ def test_heap_per_session_reports_a_plausible_figure(capsys: pytest.CaptureFixtu
     figure = float(out.rsplit("median ", 1)[1].split(" B", 1)[0])
     assert 500 < figure < 20_000  # a socket pair, a session and its protocol: about 2.4 KB here
     assert "/geventpop3/" in out  # the growth is attributed to the server's own lines
+
+
+@pytest.mark.slow
+def test_noop_cost_with_fewer_sessions_than_in_flight() -> None:
+    """It hung when --sessions < --in-flight: every session now has at most one NOOP out."""
+    from loadtest import noop_cost
+
+    repo = Path(__file__).resolve().parents[2]
+    cpu_us, rate, p50_ms, p99_ms = noop_cost.measure(str(repo), sessions=3, rounds=20, in_flight=100, workers=1)
+    assert rate > 0 and 0 < p50_ms <= p99_ms and cpu_us >= 0
