@@ -5,6 +5,7 @@
 # postgresql (the shared store: the tests run initdb/pg_ctl, found in /usr/lib/postgresql/*/bin),
 # dovecot-core (doveadm pw makes and checks the password scheme vectors; libcrypt1 comes with it),
 # gcc and libc6-dev (the benchmark's C load client, loadtest/popload.c, is compiled on demand by its tests and the bench).
+# valgrind (loadtest.instructions counts instructions per session under callgrind; its test runs it briefly).
 # Installs only what is missing; uses sudo when not root.
 set -euo pipefail
 need=()
@@ -20,6 +21,7 @@ command -v haproxy >/dev/null || need+=(haproxy)
 compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || need+=(postgresql)
 command -v dovecot >/dev/null || need+=(dovecot-pop3d)
 command -v cc >/dev/null || need+=(gcc)
+command -v valgrind >/dev/null || need+=(valgrind)
 compgen -G "/usr/include/*/sys/epoll.h" >/dev/null || compgen -G "/usr/include/sys/epoll.h" >/dev/null || need+=(libc6-dev)
 [ ${#need[@]} -eq 0 ] && exit 0
 sudo=""
