@@ -250,7 +250,8 @@ class Server:
             os.makedirs(config.maildir, mode=0o700, exist_ok=True)  # user names are nobody else's business
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
-        _warn_if_open(config.maildir, "Maildir root")
+        if keep_state:  # the process that keeps the state says it, once
+            config.warnings.extend(_open_warning(config.maildir, "Maildir root"))
         settings.apply("maildir", config.maildir, "config")
         if keep_state:
             self.store = open_store(config.state_dir, config.state_url, self.instance_name())
@@ -500,13 +501,16 @@ class App(Server):
         super().__init__(config, Single())
 
 
-def _warn_if_open(path: str, what: str) -> None:
+def _open_warning(path: str, what: str) -> list[str]:
     """A warning when others may list or read `path` (an existing directory keeps its mode: the operator's)."""
-    with contextlib.suppress(OSError):
+    try:
         mode = os.stat(path).st_mode & 0o777
-        if mode & 0o007:
-            log.warning("%s %s is mode %04o: other users may list or read it; chmod 0700 (or 0750 with a mail "
-                        "group)", what, path, mode)
+    except OSError:
+        return []
+    if not mode & 0o007:
+        return []
+    return [f"{what} {path} is mode {mode:04o}: other users may list or read it; chmod 0700 "
+            "(or 0750 with a mail group)"]
 
 
 def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:

@@ -517,7 +517,9 @@ class FilterRunner:
         user_root = os.path.join(self.cache_dir, user)
         directory = os.path.join(user_root, flt.identity)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            for level in (user_root, directory):  # each 0700 (makedirs gives parents the umask's mode)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(level, 0o700)
             self._drop_other_filters(user_root, flt.identity)
             cached = self._scan(directory, messages)
         except OSError as exc:  # the cache is unusable (disk full, permissions): the login still works
