@@ -276,7 +276,7 @@ class Server:
         if self.store is not None:
             self._restore_state(ctx, self.store)
         ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None,
-                                   self.filter_launcher())
+                                   self.filter_launcher(quiet=not keep_state))
         if config.demo:
             demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
             demo.open()
@@ -284,20 +284,20 @@ class Server:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
 
-    def filter_launcher(self) -> Launcher:
+    def filter_launcher(self, quiet: bool = False) -> Launcher:
         """How this process's filters start: through the spawner (ours, or the one our parent
         forked), as `filter_user` if we are still root, else as ourselves; never as the
         --run-as user (without a spawner after a drop, no filter may run)."""
         config = self.config
         spawner = os.environ.get(SPAWNER_ENV)
         if spawner:
-            return Launcher(spawner=spawner)
+            return Launcher(spawner=spawner, quiet=quiet)
         if os.geteuid() == 0:
-            return Launcher(identity=config.filter_user, error=config.filter_problem)
+            return Launcher(identity=config.filter_user, error=config.filter_problem, quiet=quiet)
         if config.run_as is not None:
             return Launcher(error=config.filter_problem or "no filter spawner: filters cannot run as "
-                                                             f"{config.run_as.user}, the server's user")
-        return Launcher()
+                                                             f"{config.run_as.user}, the server's user", quiet=quiet)
+        return Launcher(quiet=quiet)
 
     def start_filter_spawner(self) -> None:
         """Before the drop: fork the root-side filter spawner (geventpop3.process.filter_spawner),

@@ -219,6 +219,7 @@ class Launcher:
     spawner: str | None = None
     identity: Identity | None = None
     error: str | None = None
+    quiet: bool = False  # say nothing at start (a worker: its supervisor said it)
 
 
 @dataclass(frozen=True)
@@ -435,7 +436,9 @@ class FilterRunner:
         self.launcher = launcher if launcher is not None else self._default_launcher()
         if self.launcher.spawner is None:
             reaper.become_subreaper()  # escaped descendants of filters are adopted by us, then killed
-        if self.launcher.error is not None:
+        if self.launcher.quiet:
+            pass
+        elif self.launcher.error is not None:
             log.error("%s: every filter run will fail", self.launcher.error)
         elif self.launcher.spawner is None and self.launcher.identity is None:
             log.info("filters run as the server's own user (it was not started as root): they can read what "
