@@ -19,6 +19,7 @@ import re
 import socket
 import stat
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -234,3 +235,26 @@ def test_a_filter_user_that_is_root_or_the_server_is_refused(tmp_path: Path, arg
     result = run_server("-p", "0", "-P", "0", "-d", str(tmp_path / "mail"), "--no-state", *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_spawner_enforces_the_timeout_and_reports_stderr(start_server: Callable[..., ServerProcess],
+                                                            tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    pids.mkdir(mode=0o777)
+    pids.chmod(0o777)
+    script = tmp_path / "slow.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {pids}/filter\necho complaint >&2\nexec sleep 120\n")
+    script.chmod(0o755)
+    give_to_daemon(tmp_path)
+    server = start_server(config="transformer_timeout = 1\n",
+                          extra_args=["--run-as", "daemon", "--run-as-group", "daemon", "-t", str(script)])
+    server.deliver("alice", HAM)
+    assert DAEMON is not None
+    chown_tree(server.maildir, DAEMON.pw_uid, DAEMON.pw_gid)
+    started = time.monotonic()
+    with LineClient(server.port, timeout=30) as client:
+        assert client.login("alice", "alicepw").startswith(b"+OK")
+        assert client.cmd("RETR 1").startswith(b"-ERR")  # the default policy: the message fails
+    assert time.monotonic() - started < 15
+    assert not Path(f"/proc/{int((pids / 'filter').read_text())}").exists()
+    wait_until(lambda: "kind=timeout" in server.log() and "complaint" in server.log())
