@@ -86,8 +86,7 @@ class Request:
             raise ValueError("not an object")
         argv, env, max_output, timeout = value.get("argv"), value.get("env"), value.get("max_output"), \
             value.get("timeout")
-        if not isinstance(argv, list) or not argv or not all(isinstance(arg, str) and arg for arg in argv[:1]) \
-                or not all(isinstance(arg, str) for arg in argv):
+        if not isinstance(argv, list) or not argv or not all(isinstance(arg, str) for arg in argv) or not argv[0]:
             raise ValueError("bad argv")
         if not isinstance(env, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise ValueError("bad env")
@@ -218,9 +217,10 @@ def _send(conn: socket.socket, message: dict[str, Any]) -> bool:
     return True
 
 
-def _start(request: Request, fds: list[int], identity: Identity) -> Popen[bytes] | str:
+def _start(request: Request, fds: list[int], identity: Identity, token: str) -> Popen[bytes] | str:
     env = dict(request.env)
     env["HOME"] = identity.home
+    env[reaper.FILTER_TOKEN_VAR] = token  # ours: a worker's word must not name another run's processes
     try:
         return Popen(request.argv, stdin=fds[0], stdout=fds[1], stderr=fds[2], env=env, close_fds=True,
                      start_new_session=True, cwd=empty_dir(),
@@ -237,10 +237,10 @@ def _start(request: Request, fds: list[int], identity: Identity) -> Popen[bytes]
 
 def run_request(request: Request, fds: list[int], identity: Identity, conn: socket.socket) -> None:
     """Start the filter, answer its pid, wait (timeout, or `conn` closed: kill), clean up, answer its status."""
-    token = request.env.get(reaper.FILTER_TOKEN_VAR) or os.urandom(8).hex()
+    token = os.urandom(8).hex()
     _running[token] = 0
     try:
-        started = _start(request, fds, identity)
+        started = _start(request, fds, identity, token)
     except BaseException:
         del _running[token]
         raise
