@@ -250,11 +250,13 @@ class Server:
             os.makedirs(config.maildir, mode=0o700, exist_ok=True)  # user names are nobody else's business
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
-        if keep_state:  # the process that keeps the state says it, once
-            config.warnings.extend(_open_warning(config.maildir, "Maildir root"))
         settings.apply("maildir", config.maildir, "config")
-        if keep_state:
+        if keep_state:  # the process that keeps the state says it, once
+            config.warnings.extend(_open_warning(config.maildir, "Maildir root",
+                                                 "chmod 0700 (or 0750 with a mail group)"))
             self.store = open_store(config.state_dir, config.state_url, self.instance_name())
+            if config.state_dir is not None and config.state_url is None:
+                config.warnings.extend(_open_warning(config.state_dir, "state directory", "chmod 0700"))
         self._configure_hasher()
         try:
             users = directory()
@@ -501,7 +503,7 @@ class App(Server):
         super().__init__(config, Single())
 
 
-def _open_warning(path: str, what: str) -> list[str]:
+def _open_warning(path: str, what: str, fix: str) -> list[str]:
     """A warning when others may list or read `path` (an existing directory keeps its mode: the operator's)."""
     try:
         mode = os.stat(path).st_mode & 0o777
@@ -509,8 +511,7 @@ def _open_warning(path: str, what: str) -> list[str]:
         return []
     if not mode & 0o007:
         return []
-    return [f"{what} {path} is mode {mode:04o}: other users may list or read it; chmod 0700 "
-            "(or 0750 with a mail group)"]
+    return [f"{what} {path} is mode {mode:04o}: other users may list or read it; {fix}"]
 
 
 def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:
