@@ -126,12 +126,18 @@ def test_a_filter_can_reach_nothing_but_its_message(start_server: Callable[..., 
     key.write_text("-----BEGIN PRIVATE KEY-----\n")
     os.chown(key, 0, 0)
     key.chmod(0o600)
+    users = tmp_path / "users"  # as deploy.md says: the server user's, 0600
+    users.write_text("dave:davepw\n")
+    users.chmod(0o600)
+    if run_as:
+        os.chown(users, DAEMON.pw_uid, DAEMON.pw_gid)
     pid_file = tmp_path / "pids"
     bob_message = mail / "bob" / "new" / "1.M1P1.host"  # delivered once the server made the root
-    opens = {"maildir": bob_message, "listing": mail / "bob" / "new", "state": state / "geventpop3.db", "key": key}
+    opens = {"maildir": bob_message, "listing": mail / "bob" / "new", "state": state / "geventpop3.db", "key": key,
+             "users": users}
     script = probe(tmp_path, opens, {"plant": mail / "bob" / "new" / "planted", "root": mail / "planted"}, pid_file)
     server = start_server(workers=workers, extra_args=[*args, "-d", str(mail), "--state-dir", str(state),
-                                                       "-t", script])
+                                                       "--users-file", str(users), "-t", script])
     assert server.process is not None
     maildir.deliver(str(mail / "bob"), b"Subject: bob's\n\nsecret\n")
     next((mail / "bob" / "new").iterdir()).rename(bob_message)
