@@ -65,6 +65,15 @@ def tree(pid: int) -> list[int]:
     return found
 
 
+def gone(pid: int) -> bool:
+    """Dead: no such process, or a zombie waiting to be collected."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat_line[stat_line.rfind(")") + 2:][:1] in ("Z", "X")
+
+
 def interpreter_usable_by_others() -> bool:
     """Whether a user with no rights of its own may run this interpreter (workers start it after the drop)."""
     path = Path(os.path.realpath(sys.executable))
@@ -185,6 +194,7 @@ def spawner_name(server_pid: int) -> str:
 
 
 def test_the_spawner_serves_only_the_server_user(start_server: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    assert DAEMON is not None
     give_to_daemon(tmp_path)
     server = start_server(extra_args=["--run-as", "daemon", "--run-as-group", "daemon"])
     assert server.process is not None
@@ -203,6 +213,11 @@ def test_the_spawner_serves_only_the_server_user(start_server: Callable[..., Ser
             answer = b""
         assert answer == b""  # closed without an answer
     wait_until(lambda: "filter spawner: refused a connection from uid 0" in server.log())
+    spawners = [pid for pid in tree(server.process.pid)[1:] if os.stat(f"/proc/{pid}").st_uid == 0]
+    assert len(spawners) == 1  # the only root process: it reads no network input
+    assert os.stat(f"/proc/{server.process.pid}").st_uid == DAEMON.pw_uid
+    server.stop()
+    wait_until(lambda: gone(spawners[0]), timeout=10)  # it ends with the server
 
 
 def test_the_spawner_kills_a_filter_whose_login_is_abandoned_and_what_it_left(
@@ -226,8 +241,7 @@ def test_the_spawner_kills_a_filter_whose_login_is_abandoned_and_what_it_left(
                and (pids / "escaped").read_text().strip() != "")
     filter_pid, escaped_pid = (int((pids / name).read_text()) for name in ("filter", "escaped"))
     client.close()  # the login is abandoned: the worker closes its spawner connection, the spawner kills
-    wait_until(lambda: not Path(f"/proc/{filter_pid}").exists() and not Path(f"/proc/{escaped_pid}").exists(),
-               timeout=15)
+    wait_until(lambda: gone(filter_pid) and gone(escaped_pid), timeout=15)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -262,5 +276,5 @@ def test_the_spawner_enforces_the_timeout_and_reports_stderr(start_server: Calla
         assert client.login("alice", "alicepw").startswith(b"+OK")
         assert client.cmd("RETR 1").startswith(b"-ERR")  # the default policy: the message fails
     assert time.monotonic() - started < 15
-    assert not Path(f"/proc/{int((pids / 'filter').read_text())}").exists()
+    assert gone(int((pids / "filter").read_text()))
     wait_until(lambda: "kind=timeout" in server.log() and "complaint" in server.log())
