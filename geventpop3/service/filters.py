@@ -250,10 +250,10 @@ def _start(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str],
 
 def _spawner_call(sock: socket.socket, timeout: float) -> dict[str, object]:
     """One JSON message from the spawner; FilterFailed if it went away or said nothing in time."""
+    sock.settimeout(timeout)
     try:
-        with gevent.Timeout(timeout):
-            data = sock.recv(MESSAGE_MAX)
-    except (gevent.Timeout, OSError):
+        data = sock.recv(MESSAGE_MAX)
+    except OSError:  # socket.timeout among them
         raise FilterFailed("filter spawner did not answer") from None
     try:
         answer = json.loads(data) if data else None
@@ -282,6 +282,7 @@ def _run_remote(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str
     reader: gevent.Greenlet[..., bytes] | None = None
     try:
         try:
+            sock.settimeout(SPAWNER_GRACE)
             sock.connect("\0" + limits.spawner)
             request = json.dumps({"argv": list(argv), "env": env, "max_output": limits.max_output,
                                   "timeout": timeout}).encode()
