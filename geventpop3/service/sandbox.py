@@ -8,7 +8,7 @@ A filter parses attacker-controlled mail, so it is treated as hostile once it ru
 - rlimits: RLIMIT_FSIZE at `max_output` + 1 (an output past the cap is cut by the
   kernel), CPU a little past the timeout, 1024 descriptors, no core files, and with a
   user of its own a bound on its processes (against a fork bomb);
-- an empty working directory it cannot write (`empty_dir`), and the signals a filter
+- an empty working directory it cannot write (`empty_dir`, 0555), and the signals a filter
   expects at their defaults (the server ignores some).
 
 `Sandbox` is a `preexec_fn`: the filter spawner (geventpop3.process.filter_spawner)
@@ -25,6 +25,7 @@ import math
 import os
 import resource
 import signal
+import stat
 import tempfile
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ DEFAULT_SIGNALS = (signal.SIGXFSZ, signal.SIGINT, signal.SIGTERM, signal.SIGHUP,
 
 _libc: ctypes.CDLL | None = None
 _empty_dir: str | None = None
+_private = False  # _empty_dir is this process's own, to remove at its exit
 
 
 def _prctl() -> ctypes.CDLL | None:
@@ -50,14 +52,39 @@ def _prctl() -> ctypes.CDLL | None:
 
 
 def empty_dir() -> str:
-    """An empty directory, mode 0555, made once per process and removed at its exit: every filter's cwd."""
-    global _empty_dir
-    if _empty_dir is None or not os.path.isdir(_empty_dir):
-        path = tempfile.mkdtemp(prefix="geventpop3-filter-cwd-")
-        os.chmod(path, 0o555)
-        atexit.register(_remove, path)
-        _empty_dir = path
+    """An empty directory, mode 0555, that this process's user owns: every filter's cwd.
+
+    One per user for the whole machine (`<tmp>/geventpop3-empty-<uid>`), made once and
+    kept, so no run leaves one behind (a server killed with SIGKILL runs no clean-up); it
+    is used only while it is a real directory of ours, 0555 and empty, else this process
+    makes a private one, removed at its exit."""
+    global _empty_dir, _private
+    if _empty_dir is None or not _usable(_empty_dir):
+        shared = os.path.join(tempfile.gettempdir(), f"geventpop3-empty-{os.geteuid()}")
+        try:
+            os.mkdir(shared, 0o555)
+        except FileExistsError:
+            pass
+        except OSError:
+            shared = ""
+        if shared and _usable(shared):
+            _empty_dir, _private = shared, False
+        else:
+            private = tempfile.mkdtemp(prefix="geventpop3-empty-")
+            os.chmod(private, 0o555)
+            atexit.register(_remove, private)
+            _empty_dir, _private = private, True
     return _empty_dir
+
+
+def _usable(path: str) -> bool:
+    """A directory (not a link) of this user, mode 0555, with nothing in it."""
+    try:
+        status = os.lstat(path)
+        return (stat.S_ISDIR(status.st_mode) and status.st_uid == os.geteuid()
+                and stat.S_IMODE(status.st_mode) == 0o555 and not os.listdir(path))
+    except OSError:
+        return False
 
 
 def _remove(path: str) -> None:
@@ -66,9 +93,9 @@ def _remove(path: str) -> None:
 
 
 def remove_empty_dir() -> None:
-    """Remove `empty_dir` now (a process that ends with os._exit runs no atexit)."""
+    """Remove a private `empty_dir` now (a process that ends with os._exit runs no atexit)."""
     global _empty_dir
-    if _empty_dir is not None:
+    if _empty_dir is not None and _private:
         _remove(_empty_dir)
         _empty_dir = None
 
