@@ -53,6 +53,8 @@ from geventpop3.service.sandbox import Sandbox, empty_dir, remove_empty_dir
 log = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+COMM = b"gp3-filterspawn"  # at most 15 bytes
 PARENT_POLL = 1.0  # seconds between checks that the server is still there
 BACKLOG = 128
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -128,14 +130,17 @@ def start(identity: Identity, server_uid: int, inherited: Iterable[socket.socket
     return Spawner(pid, name)
 
 
-def _die_with(parent: int) -> None:
+def _die_with_server() -> None:
+    """SIGTERM when the server dies (Linux); the parent check covers the rest. Named for `ps -o comm`."""
     with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        libc.prctl(PR_SET_NAME, ctypes.c_char_p(COMM), 0, 0, 0)
 
 
 def serve(listener: socket.socket, identity: Identity, server_uid: int, parent: int) -> int:
     """The spawner's life: serve requests until SIGTERM or until the server is gone; 0."""
-    _die_with(parent)
+    _die_with_server()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; filters reset it
     stop = gevent.event.Event()
     handler = gevent.signal_handler(signal.SIGTERM, stop.set)

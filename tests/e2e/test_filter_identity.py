@@ -213,8 +213,9 @@ def test_the_spawner_serves_only_the_server_user(start_server: Callable[..., Ser
             answer = b""
         assert answer == b""  # closed without an answer
     wait_until(lambda: "filter spawner: refused a connection from uid 0" in server.log())
-    spawners = [pid for pid in tree(server.process.pid)[1:] if os.stat(f"/proc/{pid}").st_uid == 0]
-    assert len(spawners) == 1  # the only root process: it reads no network input
+    roots = [pid for pid in tree(server.process.pid) if os.stat(f"/proc/{pid}").st_uid == 0]
+    spawners = [pid for pid in roots if Path(f"/proc/{pid}/comm").read_text().strip() == "gp3-filterspawn"]
+    assert roots == spawners and len(spawners) == 1  # the only root process: it reads no network input
     assert os.stat(f"/proc/{server.process.pid}").st_uid == DAEMON.pw_uid
     server.stop()
     wait_until(lambda: gone(spawners[0]), timeout=10)  # it ends with the server
