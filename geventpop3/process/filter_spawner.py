@@ -33,7 +33,6 @@ import os
 import signal
 import struct
 import sys
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from subprocess import SubprocessError
@@ -57,6 +56,7 @@ PR_SET_NAME = 15
 COMM = b"gp3-filterspawn"  # at most 15 bytes
 PARENT_POLL = 1.0  # seconds between checks that the server is still there
 BACKLOG = 128
+ACCEPT_RETRY = 0.1  # seconds before accepting again after an error
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 # Filters running now, token -> pid (0 between fork and exec): their orphans are theirs.
@@ -150,7 +150,12 @@ def serve(listener: socket.socket, identity: Identity, server_uid: int, parent: 
 
     def accept() -> None:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except OSError as exc:  # out of descriptors, say: go on once some are free
+                log.error("filter spawner: cannot accept: %s", exc.strerror or exc)
+                gevent.sleep(ACCEPT_RETRY)
+                continue
             sessions.spawn(handle_connection, conn, identity, server_uid)
 
     def watch_parent() -> None:
@@ -264,10 +269,9 @@ def run_request(request: Request, fds: list[int], identity: Identity, conn: sock
         if _send(conn, {"pid": proc.pid}):
             closed: gevent.Greenlet[..., None] = gevent.spawn(_wait_closed, conn)
             try:
-                deadline = time.monotonic() + request.timeout
                 waiter: gevent.Greenlet[..., None] = gevent.spawn(_wait_exit, proc)
                 try:
-                    gevent.wait([waiter, closed], count=1, timeout=max(deadline - time.monotonic(), 0))
+                    gevent.wait([waiter, closed], count=1, timeout=request.timeout)
                     timed_out = not waiter.ready() and not closed.ready()
                 finally:
                     waiter.kill()
