@@ -28,7 +28,7 @@ from geventpop3.auth.users import is_plain, parse_user_flag
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import KEYS, SettingError, Settings
 from geventpop3.net.tls import ServerTls, TlsError, key_permission_warning, reload_warning
-from geventpop3.service.privileges import Identity, PrivilegeError, resolve
+from geventpop3.service.privileges import Identity, PrivilegeError, filter_user, resolve
 from geventpop3.service.setting_checks import checked_settings
 
 DEFAULT_POP3_PORT = 110
@@ -47,7 +47,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
     "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool, "state_url": str,
-    "instance_name": str, "workers": int,
+    "instance_name": str, "workers": int, "filter_user": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -83,6 +83,8 @@ class Config:
     warnings: list[str] = field(default_factory=list)  # logged once logging is set up
     users_file: str | None = None
     run_as: Identity | None = None  # drop to this user once every listener is bound
+    filter_user: Identity | None = None  # filters run as this user while the server starts as root
+    filter_problem: str | None = None  # why no filter may run under a root start (no filter_user)
     admin_tls: bool = False  # MSMP listeners speak implicit TLS with `tls`'s certificate
     state_url: str | None = None  # a PostgreSQL store shared by several instances; None: SQLite in state_dir
     instance_name: str | None = None  # this instance in a shared store (None: <host>-<POP3 port>)
@@ -120,6 +122,7 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
     if admin_tls and server_tls is None:
         raise UsageError("--admin-tls needs a certificate (--tls-cert)")
     run_as = run_as_for(args, file_values)
+    filter_identity, filter_problem = filter_user_for(args, file_values, run_as, settings)
     allow_weak = bool(args.allow_weak_schemes or file_values.get("allow_weak_schemes", False))
     if server_tls is not None and run_as is not None:
         unreadable = reload_warning((server_tls.cert, server_tls.key), run_as.uid, run_as.gid, run_as.user)
@@ -143,6 +146,8 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
         warnings=warnings + plain_password_warnings(args),
         users_file=args.users_file or file_values.get("users_file"),
         run_as=run_as,
+        filter_user=filter_identity,
+        filter_problem=filter_problem,
         admin_tls=admin_tls,
         allow_weak_schemes=allow_weak,
         ready_file=ready_file_for(args),
@@ -299,6 +304,23 @@ def run_as_for(args: argparse.Namespace, file_values: dict[str, Any]) -> Identit
         return resolve(args.run_as or file_values.get("run_as"), args.run_as_group or file_values.get("run_as_group"))
     except PrivilegeError as exc:
         raise UsageError(str(exc)) from None
+
+
+def filter_user_for(args: argparse.Namespace, file_values: dict[str, Any], run_as: Identity | None,
+                    settings: Settings) -> tuple[Identity | None, str | None]:
+    """The user `--filter-user`/`filter_user` names (an unknown one, root or the --run-as user:
+    a usage error), or the default one (geventpop3.service.privileges.filter_user).
+
+    Started as root with a filter configured, a default that cannot be used stops the start
+    too: every login would fail its filtering. Without a filter it is only logged (a later
+    `SET transformer` fails each run with the reason)."""
+    try:
+        identity, problem = filter_user(args.filter_user or file_values.get("filter_user"), run_as)
+    except PrivilegeError as exc:
+        raise UsageError(str(exc)) from None
+    if problem is not None and os.geteuid() == 0 and settings.transformer != "none":
+        raise UsageError(problem)
+    return identity, problem
 
 
 def state_dir_for(args: argparse.Namespace, file_values: dict[str, Any], maildir: str) -> str | None:

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--run-as", metavar="USER",
         help="after binding every listener, drop root for good and run as USER (see docs/deploy.md)")
     add("--run-as-group", metavar="GROUP", help="with --run-as: the group to run as (default: USER's own)")
+    add("--filter-user", metavar="USER",
+        help="filters run as USER while the server starts as root; never root nor the --run-as user "
+             "(default: geventpop3-filter if it exists, else nobody; see docs/filters.md)")
     add("--workers", metavar="N",
         help="POP3 worker processes behind the same ports, under one supervisor (default: the number of "
              "CPUs); 1: a single process")

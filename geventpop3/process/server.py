@@ -42,10 +42,10 @@ from geventpop3.config import Config
 from geventpop3.core.names import UserError
 from geventpop3.mail import maildir
 from geventpop3.net import listen, tls
-from geventpop3.process import ready
+from geventpop3.process import filter_spawner, ready
 from geventpop3.service import privileges
 from geventpop3.service.context import ServerContext
-from geventpop3.service.filters import FilterRunner
+from geventpop3.service.filters import SPAWNER_ENV, FilterRunner, Launcher
 from geventpop3.service.msmp.backend import ManagementBackend
 from geventpop3.service.msmp.session import start_admin_servers
 from geventpop3.service.pop3.session import Pop3Server, Pop3Service
@@ -173,6 +173,7 @@ class Server:
         self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
         self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
+        self.filter_spawner: filter_spawner.Spawner | None = None  # forked before the drop (root only)
 
     def run(self) -> int:
         configure_logging(self.config.settings.log_level)
@@ -246,12 +247,16 @@ class Server:
         config = self.config
         settings = config.settings
         try:
-            os.makedirs(config.maildir, exist_ok=True)
+            os.makedirs(config.maildir, mode=0o700, exist_ok=True)  # user names are nobody else's business
         except OSError as exc:
             raise StartupError(f"cannot create Maildir root {config.maildir}: {exc.strerror}") from None
         settings.apply("maildir", config.maildir, "config")
-        if keep_state:
+        if keep_state:  # the process that keeps the state says it, once
+            config.warnings.extend(_open_warning(config.maildir, "Maildir root",
+                                                 "chmod 0700 (or 0750 with a mail group)"))
             self.store = open_store(config.state_dir, config.state_url, self.instance_name())
+            if config.state_dir is not None and config.state_url is None:
+                config.warnings.extend(_open_warning(config.state_dir, "state directory", "chmod 0700"))
         self._configure_hasher()
         try:
             users = directory()
@@ -272,13 +277,42 @@ class Server:
         self.pop3 = Pop3Service(ctx)
         if self.store is not None:
             self._restore_state(ctx, self.store)
-        ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None)
+        ctx.filters = FilterRunner(ctx, os.path.join(config.state_dir, "filtered") if config.state_dir else None,
+                                   self.filter_launcher(quiet=not keep_state))
         if config.demo:
             demo = maildir.Mailbox(settings.maildir, DEMO_USER[0])
             demo.open()
             if demo.size()[0] == 0:
                 maildir.deliver(demo.path, DEMO_MESSAGE)
         return ctx
+
+    def filter_launcher(self, quiet: bool = False) -> Launcher:
+        """How this process's filters start: through the spawner (ours, or the one our parent
+        forked), as `filter_user` if we are still root, else as ourselves; never as the
+        --run-as user (without a spawner after a drop, no filter may run)."""
+        config = self.config
+        spawner = os.environ.get(SPAWNER_ENV)
+        if spawner:
+            return Launcher(spawner=spawner, quiet=quiet)
+        if os.geteuid() == 0:
+            return Launcher(identity=config.filter_user, error=config.filter_problem, quiet=quiet)
+        if config.run_as is not None:
+            return Launcher(error=config.filter_problem or "no filter spawner: filters cannot run as "
+                                                             f"{config.run_as.user}, the server's user", quiet=quiet)
+        return Launcher(quiet=quiet)
+
+    def start_filter_spawner(self) -> None:
+        """Before the drop: fork the root-side filter spawner (geventpop3.process.filter_spawner),
+        unless this process is not root, stays root, or a spawner serves us already (a worker)."""
+        config = self.config
+        if (config.run_as is None or os.geteuid() != 0 or config.filter_user is None
+                or os.environ.get(SPAWNER_ENV)):
+            return
+        inherited = [sock for sockets in self.bound.values() for sock in sockets]
+        try:
+            self.filter_spawner = filter_spawner.start(config.filter_user, config.run_as.uid, inherited)
+        except OSError as exc:
+            raise StartupError(f"cannot start the filter spawner: {exc.strerror or exc}") from None
 
     def configured_users(self, directory: UserDirectory) -> UserDirectory:
         """`directory` with the configured users of the users file as read now (UserError if it cannot be)."""
@@ -323,6 +357,7 @@ class Server:
         if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
             import geventpop3.state.shared  # noqa: F401
         privileges.preload()
+        self.start_filter_spawner()
         try:
             privileges.drop(identity)
         except privileges.PrivilegeError as exc:
@@ -466,6 +501,17 @@ class App(Server):
         from geventpop3.process.roles import Single
 
         super().__init__(config, Single())
+
+
+def _open_warning(path: str, what: str, fix: str) -> list[str]:
+    """A warning when others may list or read `path` (an existing directory keeps its mode: the operator's)."""
+    try:
+        mode = os.stat(path).st_mode & 0o777
+    except OSError:
+        return []
+    if not mode & 0o007:
+        return []
+    return [f"{what} {path} is mode {mode:04o}: other users may list or read it; {fix}"]
 
 
 def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:

@@ -14,12 +14,18 @@ by a greenlet that keeps the first 4 KiB for the log. A spool file becomes a cac
 entry (by rename) only after the filter exited 0 with a non-empty output; every other
 outcome removes it.
 
-Bounds: a filter runs as the server's user, or as `nobody` when the server is root
-(`geventpop3.service.privileges`), with RLIMIT_FSIZE at `transformer_max_output` + 1 so an
-output past the cap is cut by the kernel (SIGXFSZ, or EFBIG where the signal is
-ignored) and the filter fails; descendants that escaped its process group are killed
-when it ends (`geventpop3.service.reaper`); and `prepare()` stops at once, killing the filters
-it started, when the client that is logging in goes away.
+Bounds: a filter never runs as the server (geventpop3.service.sandbox): while the server
+started as root, it runs as `filter_user`, started by the root-side filter spawner
+(geventpop3.process.filter_spawner) the runner asks over a UNIX socket, passing the
+stored message, the spool file and a stderr pipe as descriptors (`Launcher.spawner`);
+a server that stays root starts it itself as `filter_user`; a server that never was
+root runs it as its own user (a developer's run, logged once). Either way it gets
+PR_SET_NO_NEW_PRIVS, an empty working directory and its rlimits, RLIMIT_FSIZE at
+`transformer_max_output` + 1 so an output past the cap is cut by the kernel (SIGXFSZ,
+or EFBIG where the signal is ignored) and the filter fails; descendants that escaped its
+process group are killed when it ends (`geventpop3.service.reaper`, in whichever process
+started it); and `prepare()` stops at once, killing the filters it started, when the
+client that is logging in goes away.
 """
 
 from __future__ import annotations
@@ -30,10 +36,10 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shlex
 import shutil
 import signal
+import struct
 import tempfile
 import time
 from collections import deque
@@ -43,7 +49,9 @@ from subprocess import PIPE, SubprocessError, TimeoutExpired
 from typing import IO, TYPE_CHECKING
 
 import gevent
+from gevent import socket
 from gevent.event import Event
+from gevent.fileobject import FileObjectPosix
 from gevent.pool import Pool
 from gevent.subprocess import Popen
 
@@ -52,6 +60,7 @@ from geventpop3.core.names import valid_username
 from geventpop3.mail.maildir import crlf_size, open_regular
 from geventpop3.service import privileges, reaper
 from geventpop3.service.privileges import Identity, PrivilegeError
+from geventpop3.service.sandbox import Sandbox, empty_dir
 
 if TYPE_CHECKING:
     from geventpop3.core.settings import Settings
@@ -69,6 +78,11 @@ BOOT_MARK = ".boot-id"  # in the cache root: the boot its entries were written i
 FAILED_ERROR = "message filter failed, try again later"
 CLIENT_POLL = 0.2  # seconds between checks that the client logging in is still there
 TOO_LARGE = "output over transformer_max_output"
+
+SPAWNER_ENV = "GEVENTPOP3_FILTER_SPAWNER"  # the spawner's abstract socket name, for the workers
+SPAWNER_GRACE = 10.0  # seconds past the timeout to wait for the spawner's answer
+MESSAGE_MAX = 1 << 16  # bytes of one spawner message
+FD_COUNT = 3  # stdin, stdout, stderr
 
 # Filters running now in this process, token -> pid: their orphans are theirs to clean up.
 _running: dict[str, int] = {}
@@ -195,26 +209,35 @@ def _kill_group(proc: Popen[bytes]) -> None:
 
 
 @dataclass(frozen=True)
+class Launcher:
+    """How this process starts filters: through the root-side spawner, or itself as a user (or as ours).
+
+    `spawner`: the filter spawner's abstract socket name; `identity`: the user to switch
+    to when starting a filter here (only a root process can); `error`: no filter may run
+    (the reason, one line)."""
+
+    spawner: str | None = None
+    identity: Identity | None = None
+    error: str | None = None
+    quiet: bool = False  # say nothing at start (a worker: its supervisor said it)
+
+
+@dataclass(frozen=True)
 class ChildLimits:
-    """What bounds one filter process: its output cap and the user it runs as (None: ours)."""
+    """What bounds one filter process: its output cap, the user it runs as (None: ours), how it starts."""
 
     max_output: int
     identity: Identity | None = None
     token: str = field(default_factory=lambda: os.urandom(8).hex())
-
-    def setup(self) -> None:
-        """preexec_fn, in the forked child: cap file writes, then drop to the filter's user."""
-        signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the kernel should kill
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_output + 1, self.max_output + 1))
-        if self.identity is not None:
-            privileges.become(self.identity)
+    spawner: str | None = None  # set: the spawner starts it (as its filter user), not this process
 
 
 def _start(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str],
-           limits: ChildLimits) -> Popen[bytes]:
+           limits: ChildLimits, timeout: float) -> Popen[bytes]:
     try:
         return Popen(list(argv), stdin=stdin, stdout=out_fd, stderr=PIPE, env=env, close_fds=True,
-                     start_new_session=True, preexec_fn=limits.setup)
+                     start_new_session=True, cwd=empty_dir(),
+                     preexec_fn=Sandbox(limits.max_output, timeout, limits.identity))
     except FileNotFoundError:
         raise FilterFailed("not found") from None
     except PermissionError:
@@ -225,23 +248,74 @@ def _start(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str],
         raise FilterFailed(f"cannot start: {exc}") from None
 
 
-def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float,
-                limits: ChildLimits, source_id: int = 0) -> None:
-    """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed.
+def _spawner_call(sock: socket.socket, timeout: float) -> dict[str, object]:
+    """One JSON message from the spawner; FilterFailed if it went away or said nothing in time."""
+    sock.settimeout(timeout)
+    try:
+        data = sock.recv(MESSAGE_MAX)
+    except OSError:  # socket.timeout among them
+        raise FilterFailed("filter spawner did not answer") from None
+    try:
+        answer = json.loads(data) if data else None
+    except ValueError:
+        answer = None
+    if not isinstance(answer, dict):
+        raise FilterFailed("filter spawner unavailable")
+    error = answer.get("error")
+    if isinstance(error, str):
+        raise FilterFailed(error)
+    return answer
 
-    `source` is opened as RETR opens mail (never through a link, only a regular file,
-    with `source_id` only the file the snapshot saw), `output` is created new, never
-    through a planted link."""
-    env = dict(env)
-    env[reaper.FILTER_TOKEN_VAR] = limits.token
-    if limits.identity is not None:
-        env["HOME"] = limits.identity.home
+
+def _run_remote(argv: Sequence[str], stdin: int, out_fd: int, env: dict[str, str], timeout: float,
+                limits: ChildLimits) -> tuple[int, str | None, gevent.Greenlet[..., bytes]]:
+    """Ask the spawner to run `argv`: (exit status as Popen's returncode, "timeout" or None, the stderr reader).
+
+    The spawner starts the filter as its user with our descriptors, kills its group on
+    timeout or when this connection closes (a session killed meanwhile: the socket is
+    closed at once), cleans up what it left and answers the exit status. Its stderr is a
+    pipe of ours, drained meanwhile as a filter started here is."""
+    assert limits.spawner is not None
+    err_read, err_write = os.pipe()
+    pipe = FileObjectPosix(err_read, "rb", close=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    reader: gevent.Greenlet[..., bytes] | None = None
+    try:
+        try:
+            sock.settimeout(SPAWNER_GRACE)
+            sock.connect("\0" + limits.spawner)
+            request = json.dumps({"argv": list(argv), "env": env, "max_output": limits.max_output,
+                                  "timeout": timeout}).encode()
+            sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      struct.pack(f"{FD_COUNT}i", stdin, out_fd, err_write))])
+        except OSError as exc:
+            raise FilterFailed(f"filter spawner unavailable: {exc.strerror or exc}") from None
+        finally:
+            os.close(err_write)  # the filter holds it now: EOF once it and its descendants are done
+        reader = gevent.spawn(_drain, pipe)
+        _spawner_call(sock, SPAWNER_GRACE)  # started
+        done = _spawner_call(sock, timeout + SPAWNER_GRACE)
+        code = done.get("exit")
+        if not isinstance(code, int):
+            raise FilterFailed("filter spawner unavailable")
+        reader.join(timeout=STDERR_GRACE)  # the spawner killed the whole tree: EOF comes at once
+        return code, "timeout" if done.get("timeout") else None, reader
+    finally:  # also when the session is killed: closing the socket makes the spawner kill the filter
+        sock.close()
+        if reader is not None:
+            reader.kill()
+        pipe.close()
+
+
+def _run_local(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float,
+               limits: ChildLimits, source_id: int) -> tuple[int, str | None, gevent.Greenlet[..., bytes]]:
+    """Start the filter here (as `limits.identity` if root, else as ourselves) and wait for it."""
     _running[limits.token] = 0  # from the fork on, its processes carry the token: leave them alone
     try:
         with open_regular(source, source_id) as stdin:
             out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
-                proc = _start(argv, stdin.fd, out_fd, env, limits)
+                proc = _start(argv, stdin.fd, out_fd, env, limits, timeout)
             finally:
                 os.close(out_fd)
     except BaseException:
@@ -265,6 +339,29 @@ def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, st
         proc.stderr.close()
         del _running[limits.token]
         reaper.kill_leftovers(set(_running.values()), set(_running), tokenless=0 not in _running.values())
+    return code, kind, reader
+
+
+def run_program(argv: Sequence[str], source: str, output: str, env: dict[str, str], timeout: float,
+                limits: ChildLimits, source_id: int = 0) -> None:
+    """Run one filter: `source` on stdin, stdout into the new file `output`; raise FilterFailed.
+
+    `source` is opened as RETR opens mail (never through a link, only a regular file,
+    with `source_id` only the file the snapshot saw), `output` is created new, never
+    through a planted link."""
+    env = dict(env)
+    env[reaper.FILTER_TOKEN_VAR] = limits.token
+    if limits.identity is not None:
+        env["HOME"] = limits.identity.home
+    if limits.spawner is not None:
+        with open_regular(source, source_id) as stdin:
+            out_fd = os.open(output, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                code, kind, reader = _run_remote(argv, stdin.fd, out_fd, env, timeout, limits)
+            finally:
+                os.close(out_fd)
+    else:
+        code, kind, reader = _run_local(argv, source, output, env, timeout, limits, source_id)
     stderr = reader.value or b""
     if kind is None and (code == -signal.SIGXFSZ or os.stat(output).st_size > limits.max_output):
         kind = TOO_LARGE
@@ -319,8 +416,9 @@ def _parse_entry(name: str) -> tuple[str, int, int] | None:
 class FilterRunner:
     """The server's filter runner and output cache; `ctx.filters` of the sessions."""
 
-    def __init__(self, ctx: ServerContext, cache_dir: str | None) -> None:
-        """`cache_dir`: normally <state-dir>/filtered; None (no state dir) uses a private temporary one."""
+    def __init__(self, ctx: ServerContext, cache_dir: str | None, launcher: Launcher | None = None) -> None:
+        """`cache_dir`: normally <state-dir>/filtered; None (no state dir) uses a private temporary one.
+        `launcher`: how filters start (the server's choice); None: as this process can, by itself."""
         self.ctx = ctx
         try:
             if cache_dir is None:  # --no-state: a private cache that goes with the process
@@ -336,15 +434,25 @@ class FilterRunner:
                         getattr(exc, "strerror", None) or exc)
         self.sync = not self._same_boot()
         self.limiter = Limiter(ctx.settings.transformer_concurrency)
-        reaper.become_subreaper()  # escaped descendants of filters are adopted by us, then killed
-        self.identity: Identity | None = None
-        self.identity_error: str | None = None  # set: no unprivileged user, so no filter may run
-        try:
-            self.identity = privileges.filter_identity()
-        except PrivilegeError as exc:
-            self.identity_error = str(exc)
-            log.error("%s: every filter run will fail", exc)
+        self.launcher = launcher if launcher is not None else self._default_launcher()
+        if self.launcher.spawner is None:
+            reaper.become_subreaper()  # escaped descendants of filters are adopted by us, then killed
+        if self.launcher.quiet:
+            pass
+        elif self.launcher.error is not None:
+            log.error("%s: every filter run will fail", self.launcher.error)
+        elif self.launcher.spawner is None and self.launcher.identity is None:
+            log.info("filters run as the server's own user (it was not started as root): they can read what "
+                     "it reads; start as root with --run-as for a filter_user of their own (docs/filters.md)")
         ctx.settings.subscribe(self._on_setting)
+
+    @staticmethod
+    def _default_launcher() -> Launcher:
+        """Without the server's word: as the default filter user when root, else as ourselves."""
+        try:
+            return Launcher(identity=privileges.filter_identity())
+        except PrivilegeError as exc:
+            return Launcher(error=str(exc))
 
     def _same_boot(self) -> bool:
         """Empty the cache if it was written before the last boot; True if entries need no fsync.
@@ -413,7 +521,9 @@ class FilterRunner:
         user_root = os.path.join(self.cache_dir, user)
         directory = os.path.join(user_root, flt.identity)
         try:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            for level in (user_root, directory):  # each 0700 (makedirs gives parents the umask's mode)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(level, 0o700)
             self._drop_other_filters(user_root, flt.identity)
             cached = self._scan(directory, messages)
         except OSError as exc:  # the cache is unusable (disk full, permissions): the login still works
@@ -509,9 +619,11 @@ class FilterRunner:
                     started = time.monotonic()
                     metrics.transformer_runs += 1
                     try:
-                        if self.identity_error is not None:
-                            raise FilterFailed(self.identity_error)
-                        limits = ChildLimits(settings.transformer_max_output, self.identity)
+                        launcher = self.launcher
+                        if launcher.error is not None:
+                            raise FilterFailed(launcher.error)
+                        limits = ChildLimits(settings.transformer_max_output, launcher.identity,
+                                             spawner=launcher.spawner)
                         source_id = message.file_id if current == message.source else 0
                         run_program(argv, current, output, env, settings.transformer_timeout, limits, source_id)
                     except FilterFailed as failure:

@@ -2,8 +2,10 @@
 
 The server binds its listeners (port 110 needs root), then drops to `--run-as USER`
 (and `--run-as-group GROUP`) for good, before it reads any Maildir, state or users
-file: a flaw exploited later gets that user, not root. Filters never run as root:
-they run as the server's user, or as `nobody` while the server itself is root.
+file: a flaw exploited later gets that user, not root. Filters never run as root nor
+as the server's user while the server starts as root: they run as `filter_user`
+(`--filter-user`, default `geventpop3-filter` when that user exists, else `nobody`);
+see `filter_user` below and geventpop3.process.filter_spawner.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pwd
 from dataclasses import dataclass
 
 UNPRIVILEGED_USER = "nobody"
+FILTER_USER = "geventpop3-filter"  # the dedicated user docs/filters.md tells how to create
 UNPRIVILEGED_GROUPS = ("nogroup", "nobody")  # Debian's, then Red Hat's
 ROOT_WARNING = ("running as root without --run-as: a flaw in the server would give an attacker the whole "
                 "machine; start as root with --run-as USER to bind and then drop (see docs/deploy.md)")
@@ -105,26 +108,56 @@ def drop(identity: Identity) -> None:
         raise PrivilegeError(f"switching to user {identity.user} left another user or group id in place")
 
 
-def filter_identity() -> Identity | None:
-    """Who filters run as: None (the server's own user) unless the server is root, then `nobody`."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        entry = pwd.getpwnam(UNPRIVILEGED_USER)
-    except KeyError:
-        raise PrivilegeError(f"no user {UNPRIVILEGED_USER!r} to run filters as while the server is root") from None
+def _identity(entry: pwd.struct_passwd) -> Identity:
     gid = entry.pw_gid
-    for name in UNPRIVILEGED_GROUPS:
-        try:
-            gid = grp.getgrnam(name).gr_gid
-            break
-        except KeyError:
-            continue
+    if entry.pw_name == UNPRIVILEGED_USER:  # nobody's group, whatever the distribution calls it
+        for name in UNPRIVILEGED_GROUPS:
+            try:
+                gid = grp.getgrnam(name).gr_gid
+                break
+            except KeyError:
+                continue
     return Identity(entry.pw_name, entry.pw_uid, gid, entry.pw_dir)
 
 
-def become(identity: Identity) -> None:
-    """In a forked child before exec: take `identity` with no supplementary groups."""
-    os.setgroups([])
-    os.setgid(identity.gid)
-    os.setuid(identity.uid)
+def filter_user(name: str | None, server: Identity | None) -> tuple[Identity | None, str | None]:
+    """Who filters run as while the server starts as root, and why none may run (or None).
+
+    `name` given (`--filter-user`): that user, or PrivilegeError when it is unknown, root
+    or `server` (the --run-as user): the operator's explicit word is checked at once.
+    Not given: `geventpop3-filter` if it exists, else `nobody`; when that is the server's
+    own user or missing, no user and the reason (no filter may run).
+    """
+    if name is not None:
+        try:
+            entry = pwd.getpwuid(int(name)) if name.isdigit() else pwd.getpwnam(name)
+        except (KeyError, OverflowError):
+            raise PrivilegeError(f"unknown user {name!r} for --filter-user") from None
+        if entry.pw_uid == 0:
+            raise PrivilegeError(f"--filter-user {name}: filters never run as root")
+        if server is not None and entry.pw_uid == server.uid:
+            raise PrivilegeError(f"--filter-user {name}: that is the server's own user (--run-as), "
+                                 "a filter could read every Maildir")
+        return _identity(entry), None
+    for default in (FILTER_USER, UNPRIVILEGED_USER):
+        try:
+            entry = pwd.getpwnam(default)
+        except KeyError:
+            continue
+        if entry.pw_uid == 0:
+            continue
+        if server is not None and entry.pw_uid == server.uid:
+            return None, (f"filters would run as {default}, the server's own user (--run-as): create the user "
+                          f"{FILTER_USER} or set --filter-user (docs/filters.md)")
+        return _identity(entry), None
+    return None, f"no user {FILTER_USER} or {UNPRIVILEGED_USER} to run filters as: set --filter-user"
+
+
+def filter_identity() -> Identity | None:
+    """Who filters run as without a configuration (an embedded runner): None (our own user) unless root."""
+    if os.geteuid() != 0:
+        return None
+    identity, problem = filter_user(None, None)
+    if identity is None:
+        raise PrivilegeError(problem or "no user to run filters as")
+    return identity

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -98,6 +99,22 @@ def _entry(row: Iterable[Any]) -> AccessEntry:
     return AccessEntry(**{name: value for (name, _), value in zip(_COLUMNS, row, strict=True)})
 
 
+def _owner_only(path: str) -> None:
+    """Create the database file mode 0600 (SQLite gives its -wal and -shm files the same mode),
+    or take group and other access away from an existing one: it holds password hashes."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return  # sqlite3.connect says what is wrong
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class SqliteStore:
     """One SQLite file; every method blocks only the calling greenlet."""
 
@@ -120,6 +137,7 @@ class SqliteStore:
         return outcome
 
     def _open(self) -> None:
+        _owner_only(self.location)
         try:
             db = sqlite3.connect(self.location, timeout=self._busy_timeout, isolation_level=None,
                                  check_same_thread=False)

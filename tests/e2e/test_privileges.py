@@ -2,7 +2,8 @@
 
 Started as root (CI is), the server really drops: /proc/<pid>/status shows the new
 user and group, it still serves POP3 on the port it bound before, and a filter's
-`id -u` is that user's. The directories are chowned to `nobody`, which Debian has.
+`id -u` is `nobody`'s (the default filter user), never the server's. The directories are
+chowned to `daemon`, which Debian has, so the server's user and the filter's differ.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from geventpop3.service.privileges import ROOT_WARNING
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="privilege tests must start the server as root")
 
 NOBODY = pwd.getpwnam("nobody") if os.geteuid() == 0 else None
+DAEMON = pwd.getpwnam("daemon") if os.geteuid() == 0 else None
 ID_FILTER = "sh -c 'id -u; id -g; cat'"  # run without a shell by the server; sh is just the program
 HAM = b"Subject: hello\n\nbody\n"
 
@@ -57,24 +59,25 @@ def filtered_ids(server: ServerProcess) -> tuple[int, int]:
 
 def test_run_as_drops_to_the_user_and_still_serves(start_server: Callable[..., ServerProcess],
                                                    tmp_path: Path) -> None:
-    assert NOBODY is not None
+    assert NOBODY is not None and DAEMON is not None
     root = tmp_path / "server0"  # what start_server will use
     (root / "mail").mkdir(parents=True)
-    chown_tree(tmp_path, NOBODY.pw_uid, NOBODY.pw_gid)
-    group = grp.getgrgid(NOBODY.pw_gid).gr_name
-    server = start_server(extra_args=["-t", ID_FILTER, "--run-as", "nobody", "--run-as-group", group])
+    chown_tree(tmp_path, DAEMON.pw_uid, DAEMON.pw_gid)
+    group = grp.getgrgid(DAEMON.pw_gid).gr_name
+    server = start_server(extra_args=["-t", ID_FILTER, "--run-as", "daemon", "--run-as-group", group])
     assert server.process is not None
     pid = server.process.pid
     # The kernel accepts on a listener as soon as it is bound, which is before the drop.
-    wait_until(lambda: "running as user nobody" in server.log())
+    wait_until(lambda: "running as user daemon" in server.log())
     uids, gids, groups = ids(pid)
-    assert uids == [NOBODY.pw_uid] * 4 and gids == [NOBODY.pw_gid] * 4
+    assert uids == [DAEMON.pw_uid] * 4 and gids == [DAEMON.pw_gid] * 4
     assert 0 not in groups
     server.deliver("alice", HAM)
-    chown_tree(root / "mail", NOBODY.pw_uid, NOBODY.pw_gid)
-    assert filtered_ids(server) == (NOBODY.pw_uid, NOBODY.pw_gid)  # the filter runs as the server's user
+    chown_tree(root / "mail", DAEMON.pw_uid, DAEMON.pw_gid)
+    # The filter runs as the filter user, started by the root-side spawner, not as the server's user.
+    assert filtered_ids(server) == (NOBODY.pw_uid, grp.getgrnam("nogroup").gr_gid)
     log = server.log()
-    assert "running as user nobody" in log and ROOT_WARNING not in log
+    assert "running as user daemon" in log and ROOT_WARNING not in log
     assert [line for line in log.splitlines() if "Traceback" in line] == []
 
 

@@ -510,3 +510,18 @@ def test_restore_skips_a_filter_transformer_programs_no_longer_allows(store: Sto
     restricted.apply("transformer_programs", restricted.parse("transformer_programs", "spam,ham"), "config")
     assert restore_settings(restricted, store) == {}
     assert restricted.transformer == "none"
+
+
+def test_the_sqlite_database_is_owner_only(tmp_path: Path) -> None:
+    """It holds password hashes: created 0600 (its -wal and -shm take its mode), an existing one tightened."""
+    fresh = SqliteStore(str(tmp_path / "fresh.db"))
+    fresh.save_user("alice", "hash")
+    old = tmp_path / "old.db"
+    old.touch(0o644)
+    old.chmod(0o644)
+    tightened = SqliteStore(str(old))
+    tightened.save_user("alice", "hash")
+    for path in tmp_path.iterdir():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    fresh.close()
+    tightened.close()
