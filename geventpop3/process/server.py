@@ -423,10 +423,10 @@ class Server:
             except UserError as exc:
                 problems.append(f"users file not reloaded, the current users stay: {exc}")
             else:
-                log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
-                         self.config.users_file, len(self.ctx.users), added, changed, removed)
+                log.log(level, "users file reloaded: %s: %d users, %d added, %d changed, %d removed",
+                        self.config.users_file, len(self.ctx.users), added, changed, removed)
                 for note in self.users.notes:
-                    log.info("%s", note)
+                    log.log(level, "%s", note)
         server_tls = self.config.tls
         if server_tls is not None and certificate is not False:
             try:

@@ -126,8 +126,10 @@ class WorkerProcess:
         return self.returncode
 
     def send_signal(self, signum: int) -> None:
+        """To the worker, if it still runs. In its first instant it is root still (it drops at
+        once): the signal is then refused, and the end of its channel stops it instead."""
         if self.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(self.pid, signum)
 
     def terminate(self) -> None:
@@ -606,19 +608,24 @@ class Supervisor:
             if server_tls is not None:  # the pair in force here: the keeper's if it read a new one
                 cert, key = server_tls.cert_pem.decode("latin-1"), server_tls.key_pem.decode("latin-1")
             message = Reload(server.users.data.decode() if server.config.users_file else None, cert, key)
-            if wait:
-                self._reload_workers(message, wait)
-            else:
-                gevent.spawn(self._reload_workers, message, APPLY_WAIT)
+            self.pool.broadcast(message, wait)
+            gevent.spawn(self._reloaded, self.pool.sequence)
         return problems
 
-    def _reload_workers(self, message: Reload, wait: float) -> None:
-        """One broadcast, and one line once every serving worker has reloaded (a worker's own
-        lines are DEBUG; its problems are logged by it, ERROR)."""
-        assert self.pool is not None
-        if self.pool.broadcast(message, wait):
-            serving = sum(1 for process in self.pool.processes.values() if process.poll() is None)
-            log.info("reload done in %d workers", serving)
+    def _reloaded(self, sequence: int) -> None:
+        """One line once every serving worker has applied the reload numbered `sequence` (a
+        worker's own lines are DEBUG; its problems it logs itself, ERROR)."""
+        pool = self.pool
+        assert pool is not None and pool.totals is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while (late := [w for w in pool.totals.workers if w.ready and w.acked < sequence]) and not pool.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("reload: %d workers did not confirm it within %.0f s", len(late), START_TIMEOUT)
+                return
+            pool.acked.clear()
+            pool.acked.wait(min(left, 1.0))
+        log.info("reload done in %d workers", sum(1 for w in pool.totals.workers if w.ready))
 
     def shutdown(self, server: Server) -> None:
         """Workers first (their sessions end, their last reports arrive), then the state."""

@@ -89,6 +89,7 @@ def run_forked(config: Config, index: int, channel_fd: int, listeners: dict[str,
     in force come in the `Init`."""
     config.warnings.clear()  # the supervisor logged them once
     config.settings.drop_checks()  # values come checked by the supervisor: parsed only
+    gevent.sleep(0.001)  # one turn of the loop made new: a signal the supervisor had pending at the fork is not ours
     channel = Channel.from_fd(channel_fd, MAX_LINE_FROM_SUPERVISOR)
     return Server(config, Worker(index, channel, listeners)).run()
 
