@@ -31,7 +31,6 @@ from helpers import (
     keeper_of,
     one_per_worker,
     tls_client,
-    wait_until,
     workers_of,
 )
 
