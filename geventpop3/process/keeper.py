@@ -100,6 +100,13 @@ def limit_malloc_arenas(count: int = 2) -> None:
         libc.mallopt(-8, count)  # M_ARENA_MAX
 
 
+def trim_malloc() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): start-up parses
+    (the users file, the state) leave megabytes freed but kept by malloc otherwise."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 WorkerStart = Callable[[int, int, dict[str, list[int]]], int]  # (index, channel fd, listener fds) -> exit status
 
 

@@ -43,7 +43,7 @@ from geventpop3.core.names import UserError
 from geventpop3.mail import maildir
 from geventpop3.net import listen, tls
 from geventpop3.process import ready
-from geventpop3.process.keeper import Keeper, limit_malloc_arenas
+from geventpop3.process.keeper import Keeper, limit_malloc_arenas, trim_malloc
 from geventpop3.service import privileges
 from geventpop3.service.context import ServerContext
 from geventpop3.service.filters import FilterRunner
@@ -215,6 +215,7 @@ class Server:
             role.drop(self)
             self.ctx = ctx = role.prepare(self)
             gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
+            trim_malloc()  # and what it freed goes back to the system
             served = ready.endpoints(self.bound)  # serving takes the sockets out of self.bound
             role.serve(self, ctx)
         except StartupError as exc:
