@@ -24,6 +24,7 @@ from helpers import (
     counters,
     crlf,
     free_port,
+    keeper_of,
     logs_with,
     one_per_worker,
     run_server,
@@ -226,7 +227,10 @@ def test_a_sighup_sent_to_a_worker_itself_is_ignored_with_one_line(cluster: Serv
 
 
 def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess) -> None:
-    pids = workers_of(cluster)
+    """And its keeper, which holds the POP3 listeners: the port is free at once for a restart."""
+    keeper = keeper_of(cluster)
+    assert keeper is not None
+    pids = [*workers_of(cluster), keeper]
     assert cluster.stop(signal.SIGKILL) == -signal.SIGKILL
     wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
                                for pid in pids))
