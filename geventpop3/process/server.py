@@ -377,7 +377,7 @@ class Server:
         for warning in self.config.warnings:
             log.warning("%s", warning)
         for note in self.users.notes:
-            log.info("%s", note)
+            log.log(logging.INFO if identity else logging.DEBUG, "%s", note)  # a worker's: the supervisor's too
 
     def serve_pop3(self, max_accept: int | None = None, level: int = logging.INFO) -> None:
         """Start accepting POP3 and POP3S on the sockets bound before the drop."""

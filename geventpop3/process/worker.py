@@ -155,6 +155,7 @@ class Worker:
         if source.path and users_file is None:
             return None
         directory = UserDirectory(None, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        directory.calibration_log_level = logging.DEBUG
         try:
             source.configure(directory, users_file)
         except UserError:
@@ -171,6 +172,7 @@ class Worker:
         source = server.users
         users_file = source.use(init.users_data.encode()) if init.users_data is not None else source.read()
         directory = UserDirectory(seeded, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        directory.calibration_log_level = logging.DEBUG
         source.configure(directory, users_file)
         return directory
 
