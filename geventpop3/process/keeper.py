@@ -176,8 +176,13 @@ class Keeper:
         split = int(answer["cert"])
         return data[:split], data[split:]
 
-    def close(self) -> None:
-        """The end of the socket: the keeper stops its workers (if any are left) and exits."""
+    def close(self, timeout: float = STOP_GRACE + 1) -> None:
+        """The end of the socket: the keeper stops its workers (if any are left) and exits;
+        wait (at most `timeout`) until it has, so that the POP3 port it holds is free once
+        the server has returned (a restart binds it again)."""
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+        self.gone.wait(timeout)
         self._reader.kill(block=False)
         self.sock.close()
 
