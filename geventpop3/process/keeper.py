@@ -121,6 +121,8 @@ class Keeper:
         self._exits: dict[int, Callable[[int], None]] = {}  # pid -> called with the exit status
         self._early: dict[int, int] = {}  # exits reported before their watcher was registered
         self.gone = Event()
+        self.closing = False
+        self.on_gone: Callable[[], None] | None = None  # the keeper ended before `close`
         self._reader = gevent.spawn(self._read)
 
     @classmethod
@@ -180,6 +182,7 @@ class Keeper:
         """The end of the socket: the keeper stops its workers (if any are left) and exits;
         wait (at most `timeout`) until it has, so that the POP3 port it holds is free once
         the server has returned (a restart binds it again)."""
+        self.closing = True
         with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
         self.gone.wait(timeout)
@@ -235,6 +238,11 @@ class Keeper:
             self.gone.set()
             if self._answer is not None and not self._answer.ready():
                 self._answer.set(({"op": "error", "why": "the keeper is gone"}, []))
+            if not self.closing and self.on_gone is not None:
+                self.on_gone()
+            watchers, self._exits = self._exits, {}
+            for watcher in watchers.values():  # its workers die with it (PR_SET_PDEATHSIG)
+                watcher(-signal.SIGKILL)
 
 
 def _read_all(fd: int) -> bytes:

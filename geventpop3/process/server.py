@@ -177,6 +177,7 @@ class Server:
         self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
         self.keeper: Keeper | None = None  # the privileged side (geventpop3.process.keeper), if forked
+        self.failed = False  # stopping because of a fault, not a signal: exit status 1
         self.listening: list[str] = []  # "POP3 on 0.0.0.0:110", ...: every listener bound, for the log
         self._signal_handlers: list[Any] = []
         self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
@@ -233,7 +234,7 @@ class Server:
             status = role.ready(self, served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         role.shutdown(self)
-        return status
+        return 1 if self.failed else status
 
     def reload(self) -> list[str]:
         """SIGHUP, MSMP `RELOAD`: the role's reload."""
@@ -350,6 +351,14 @@ class Server:
         gc.collect()
         gc.freeze()  # what the keeper and its workers share is never written by a collection
         self.keeper = Keeper.start(self, listeners, worker)
+        self.keeper.on_gone = self._keeper_gone
+
+    def _keeper_gone(self) -> None:
+        """The keeper ended on its own (killed): no worker can start, no key be read again."""
+        log.error("the keeper (pid %d) is gone: no worker can be started and no certificate reloaded; stopping",
+                  self.keeper.pid if self.keeper is not None else 0)
+        self.failed = True
+        self.stopping.set()
 
     def drop_privileges(self) -> None:
         """Become the --run-as user for good, before any Maildir, state or users file is read."""

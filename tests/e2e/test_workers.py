@@ -238,6 +238,20 @@ def test_the_supervisor_killed_takes_its_workers_with_it(cluster: ServerProcess)
         LineClient(cluster.port, timeout=2)
 
 
+def test_the_keeper_killed_stops_the_server_with_one_error_and_exit_1(cluster: ServerProcess) -> None:
+    """Without it no worker can start and no certificate be read again: stopping beats serving on
+    with workers that are gone (they die with it) and a supervisor that cannot replace them."""
+    keeper = keeper_of(cluster)
+    assert keeper is not None
+    pids = workers_of(cluster)
+    os.kill(keeper, signal.SIGKILL)
+    assert cluster.process is not None
+    assert cluster.process.wait(30) == 1
+    assert f"ERROR the keeper (pid {keeper}) is gone" in cluster.log() and "Traceback" not in cluster.log()
+    wait_until(lambda: not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                               for pid in pids))
+
+
 @pytest.mark.slow
 def test_a_worker_that_keeps_dying_right_after_ready_is_restarted_ever_later_and_the_rest_serves_on(
         cluster: ServerProcess) -> None:
