@@ -20,6 +20,8 @@ setup(
         # Dovecot's BLF-CRYPT and ARGON2I/ARGON2ID password schemes (geventpop3.auth.schemes)
         "bcrypt>=4.1,<6",
         "argon2-cffi>=23.1,<26",
+        # The workers' and the keeper's titles in ps (geventpop3: worker 1)
+        "setproctitle>=1.3,<2",
     ],
     extras_require={
         "test": [

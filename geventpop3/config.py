@@ -8,7 +8,8 @@ for this start; a persisted SET is the operator's latest word otherwise.
 Every value is checked here, in one place: ports, listen addresses, filter commands
 and chains, settings (through `Settings.parse`), users, admins, the `--run-as`
 identity, and the TLS certificate and key (loaded into the context the server will
-use, while still root). Nothing else here touches the disk beyond reading the config
+use, while still root; reloads read them again on the privileged side, the keeper,
+geventpop3.process.keeper). Nothing else here touches the disk beyond reading the config
 file: the users file is read by start-up (auth.source.UsersSource) after privileges are dropped, as
 the user that will serve, so a file that user cannot read stops the start there;
 creating the Maildir root and the state directory is start-up's job too.
@@ -27,7 +28,7 @@ from geventpop3.auth.schemes import SchemeError, parse
 from geventpop3.auth.users import is_plain, parse_user_flag
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import KEYS, SettingError, Settings
-from geventpop3.net.tls import ServerTls, TlsError, key_permission_warning, reload_warning
+from geventpop3.net.tls import ServerTls, TlsError, key_permission_warning
 from geventpop3.service.privileges import Identity, PrivilegeError, filter_user, resolve
 from geventpop3.service.setting_checks import checked_settings
 
@@ -124,9 +125,6 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
     run_as = run_as_for(args, file_values)
     filter_identity, filter_problem = filter_user_for(args, file_values, run_as, settings)
     allow_weak = bool(args.allow_weak_schemes or file_values.get("allow_weak_schemes", False))
-    if server_tls is not None and run_as is not None:
-        unreadable = reload_warning((server_tls.cert, server_tls.key), run_as.uid, run_as.gid, run_as.user)
-        warnings += [unreadable] if unreadable else []
     return Config(
         pop3_addresses=args.pop3_address or _as_list(file_values.get("pop3_address")),
         pop3_port=_first_port(args.pop3_port, file_values.get("pop3_port"), DEFAULT_POP3_PORT),

@@ -256,9 +256,25 @@ def started_servers(root: Path) -> Iterator[Callable[..., ServerProcess]]:
 # -- worker processes of --workers N (geventpop3.process) ------------------------------
 
 def workers_of(server: ServerProcess) -> list[int]:
-    """The pids of the worker processes serving now (children of the supervisor)."""
+    """The pids of the worker processes serving now (children of the keeper, a child of the
+    supervisor: geventpop3.process.keeper), by their process title."""
     assert server.process is not None
-    return [child.pid for child in psutil.Process(server.process.pid).children()]
+    pids = []
+    for child in psutil.Process(server.process.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[:1] and child.cmdline()[0].startswith("geventpop3: worker"):
+                pids.append(child.pid)
+    return pids
+
+
+def keeper_of(server: ServerProcess) -> int | None:
+    """The pid of the server's keeper, if it has one."""
+    assert server.process is not None
+    for child in psutil.Process(server.process.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if child.cmdline()[:1] == ["geventpop3: keeper"]:
+                return child.pid
+    return None
 
 
 def worker_serving(server: ServerProcess, client: LineClient, port: int | None = None) -> int:

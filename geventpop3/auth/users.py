@@ -264,6 +264,7 @@ class PasswordStore:
     """
 
     kind = "admin"  # in log lines
+    calibration_log_level = logging.INFO  # a worker's are DEBUG: its supervisor speaks for the server
 
     def __init__(self, hasher: Hasher | None = None, allow_weak: bool = False) -> None:
         # The server passes its context's one hasher (users and admins share it); alone, its own.
@@ -453,8 +454,8 @@ class PasswordStore:
                     return
         for cls in [cls for cls in self._dummies if cls not in self._classes]:
             del self._dummies[cls]
-        log.info("%s password checks calibrated: %d cost classes, a failure takes at least %.0f ms",
-                 self.kind, len(self._classes), 1000 * self.failure_floor())
+        log.log(self.calibration_log_level, "%s password checks calibrated: %d cost classes, a failure takes at "
+                "least %.0f ms", self.kind, len(self._classes), 1000 * self.failure_floor())
 
     def _measure(self, sample: StoredPassword) -> tuple[StoredPassword, float]:
         password = os.urandom(8).hex()

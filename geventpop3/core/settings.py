@@ -269,6 +269,15 @@ class Settings:
     def subscribe(self, listener: Listener) -> None:
         self._listeners.append(listener)
 
+    def drop_checks(self) -> None:
+        """Parse values without the machine checks (a worker takes what its supervisor checked)."""
+        self._checks = {}
+
+    def unsubscribe(self, listener: Listener) -> None:
+        """`listener` hears no more changes (a forked process leaving its parent's listeners)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def add_writer(self, writer: Writer) -> None:
         """`writer(key, value_text)` persists a change made by `set` before it is applied;
         it raises SettingNotSaved to refuse the change."""

@@ -54,33 +54,42 @@ class HandshakeFailed(Exception):
 
 
 def build_context(cert: str, key: str, min_version: str = "TLSv1.2") -> ssl.SSLContext:
+    """A server-side context from the files `cert` and `key` (read now, by this process)."""
+    cert_pem, key_pem = read_pair(cert, key)
+    return context_from_pem(cert_pem, key_pem, min_version, cert, key)
+
+
+def context_from_pem(cert_pem: bytes, key_pem: bytes, min_version: str = "TLSv1.2", cert: str = "certificate",
+                     key: str = "key") -> ssl.SSLContext:
     """A server-side context: no compression, no renegotiation, Python's default ciphers
-    with the server's preference, `min_version` or newer, and the certificate chain."""
+    with the server's preference, `min_version` or newer, and the certificate chain and key
+    given as bytes (`cert` and `key` only name them in errors).
+
+    The bytes reach OpenSSL through an anonymous memory file opened as /proc/self/fd/N
+    (load_cert_chain takes paths only): a process that cannot read the key file (the
+    server's user, when the key is root's) gets the key from the privileged side (the
+    keeper, geventpop3.process.keeper) and never needs a file of its own."""
     context = gevent.ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = _VERSIONS[min_version]
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_RENEGOTIATION
+    fd = os.memfd_create("geventpop3-tls", os.MFD_CLOEXEC)
     try:
-        context.load_cert_chain(cert, key)
-    except FileNotFoundError as exc:
-        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: no such file") from None
-    except PermissionError as exc:
-        raise TlsError(f"cannot read {exc.filename or _unreadable(cert, key)}: permission denied") from None
+        view = memoryview(cert_pem + b"\n" + key_pem)
+        while view:
+            view = view[os.write(fd, view):]
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
     except ssl.SSLError as exc:
         raise TlsError(f"certificate {cert} and key {key} do not load as a pair: {_ssl_reason(exc)}") from None
     except OSError as exc:
-        raise TlsError(f"cannot read certificate {cert} or key {key}: {exc.strerror or exc}") from None
+        raise TlsError(f"cannot load certificate {cert} and key {key}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
     return context
 
 
-def _unreadable(cert: str, key: str) -> str:
-    """Which of the two files cannot be opened (ssl's errors do not say)."""
-    for path in (cert, key):
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError:
-            return path
-    return cert
+def read_pair(cert: str, key: str) -> tuple[bytes, bytes]:
+    """The bytes of the certificate file and of the key file; TlsError naming the one that cannot be read."""
+    return _read(cert), _read(key)
 
 
 def _ssl_reason(exc: ssl.SSLError) -> str:
@@ -99,49 +108,35 @@ def key_permission_warning(key: str) -> str | None:
     return None
 
 
-def reload_warning(paths: typing.Iterable[str], uid: int, gid: int, user: str) -> str | None:
-    """A warning when `user` (whom --run-as drops to) cannot read a certificate or key
-    file: the start reads them as root, but a later reload would fail and keep the old one."""
-    groups = set(os.getgrouplist(user, gid))
-    for path in dict.fromkeys(paths):
-        try:
-            info = os.stat(path)
-        except OSError:
-            continue
-        mode = info.st_mode
-        readable = (info.st_uid == uid and mode & stat.S_IRUSR) or (
-            info.st_uid != uid and info.st_gid in groups and mode & stat.S_IRGRP) or (
-            info.st_uid != uid and info.st_gid not in groups and mode & stat.S_IROTH)
-        if not readable:
-            return (f"TLS file {path} is not readable by {user} (--run-as): the server starts, "
-                    "but a certificate reload will fail (see docs/deploy.md)")
-    return None
-
-
 class ServerTls:
     """The certificate and key paths, the context new connections get, and its expiry.
 
-    `reload()` is the one way the context changes: at a certificate reload and at every
-    change of `tls_min_version`. Open connections keep the context they were wrapped with.
+    The context is built from bytes (`use`), kept with it so that a change of
+    `tls_min_version` rebuilds it without reading the files again: only the process that
+    started the server (root, or the keeper it leaves behind) needs to read the key file.
+    `reload()` reads the files (the keeper's way, and a process that can read them);
+    `use(cert_pem, key_pem)` takes bytes read elsewhere. Open connections keep the context
+    they were wrapped with.
     """
 
     def __init__(self, cert: str, key: str, min_version: str = "TLSv1.2") -> None:
         self.cert = cert
         self.key = key
         self.min_version = min_version
-        self.context, self.not_after = load(cert, key, min_version)
+        self.cert_pem, self.key_pem = b"", b""
+        self.reload(min_version)
 
     def follow(self, settings: typing.Any) -> None:
         """Rebuild on every change of `tls_min_version` in `settings` (now, if a restored
         SET differs: TlsError then). A live change whose rebuild fails is logged and the
         current context stays."""
         if settings.tls_min_version != self.min_version:
-            self.reload(settings.tls_min_version)
+            self.use(self.cert_pem, self.key_pem, settings.tls_min_version)
 
         def on_change(key: str, old: object, new: object) -> None:
             if key == "tls_min_version" and old != new:
                 try:
-                    self.reload(str(new))
+                    self.use(self.cert_pem, self.key_pem, str(new))
                 except TlsError as exc:
                     log.error("tls_min_version %s not applied, the current context stays: %s", new, exc)
 
@@ -149,10 +144,27 @@ class ServerTls:
 
     def reload(self, min_version: str | None = None) -> None:
         """A new context from the files (and `min_version`, default the current one),
-        swapped in only once it loaded; on TlsError everything stays as it was."""
+        swapped in only once it loaded; on TlsError everything stays as it was.
+
+        A renewal may replace the two files between the reads of the certificate and the
+        key: a pair that does not load is read again (up to three times) if a file changed."""
         version = self.min_version if min_version is None else min_version
-        context, not_after = load(self.cert, self.key, version)
-        self.context, self.not_after, self.min_version = context, not_after, version
+        for attempt in range(3):
+            pair = read_pair(self.cert, self.key)
+            try:
+                self.use(*pair, version)
+                return
+            except TlsError:
+                if attempt == 2 or read_pair(self.cert, self.key) == pair:
+                    raise
+
+    def use(self, cert_pem: bytes, key_pem: bytes, min_version: str | None = None) -> None:
+        """The context of this certificate and key (bytes), swapped in only once it loaded."""
+        version = self.min_version if min_version is None else min_version
+        context = context_from_pem(cert_pem, key_pem, version, self.cert, self.key)
+        expiry = not_after(cert_pem, self.cert)
+        self.context, self.not_after, self.min_version = context, expiry, version
+        self.cert_pem, self.key_pem = cert_pem, key_pem
 
     def days_left(self, now: float | None = None) -> int:
         """Whole days until the certificate expires (negative once it has)."""
@@ -160,20 +172,6 @@ class ServerTls:
 
     def seconds_left(self, now: float | None = None) -> float:
         return self.not_after - (time.time() if now is None else now)
-
-
-def load(cert: str, key: str, min_version: str) -> tuple[ssl.SSLContext, float]:
-    """The context for `cert` and `key` and the leaf's notAfter (Unix time); TlsError if unusable.
-
-    The certificate file is read before and after the context loads it: should a renewal
-    replace it in between, the load is repeated, so the expiry is the loaded certificate's.
-    """
-    for _ in range(3):
-        before = _read(cert)
-        context = build_context(cert, key, min_version)
-        if _read(cert) == before:
-            return context, not_after(before, cert)
-    raise TlsError(f"certificate {cert} keeps changing while it is loaded")
 
 
 def _read(path: str) -> bytes:

@@ -6,17 +6,12 @@ message is queued and one writer greenlet sends them in order, so a wedged peer
 cannot stall an MSMP command that broadcasts a change. The first message can be held
 back until `start(first)`, so a new worker gets its initial state before any change
 broadcast while that state was being put together.
-
-The config file goes another way: the supervisor's copy of it, sealed in memory
-(`sealed_copy`), is inherited by every worker, which parses it before any message.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -135,30 +130,3 @@ class Channel:
 
 def encode(message: Frame) -> bytes:
     return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def sealed_copy(data: bytes) -> int:
-    """An anonymous in-memory file holding `data`, sealed against any change (memfd_create)."""
-    fd = os.memfd_create("geventpop3-config", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
-                    | fcntl.F_SEAL_WRITE)
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def read_sealed(fd: int) -> bytes:
-    """All of what `sealed_copy` wrote (pread: the file offset is shared with every other worker)."""
-    size = os.fstat(fd).st_size
-    data = b""
-    while len(data) < size:
-        chunk = os.pread(fd, size - len(data), len(data))
-        if not chunk:
-            break
-        data += chunk
-    return data

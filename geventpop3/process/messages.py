@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, get_args, get_origin, get
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class MessageError(ValueError):
@@ -84,10 +84,13 @@ class DelUser:
 
 @dataclass(frozen=True)
 class Reload:
-    """SIGHUP or MSMP RELOAD: the users file's content in force in the supervisor (None: no users file)."""
+    """SIGHUP or MSMP RELOAD: the users file's content in force in the supervisor (None: no users file),
+    and the certificate and key to use from now on."""
 
     OP: ClassVar[str] = "reload"
     users_data: str | None = None
+    cert: str | None = None  # the certificate and key (PEM) the keeper read; None: keep the current ones
+    key: str | None = None
 
 
 @dataclass(frozen=True)

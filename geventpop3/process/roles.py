@@ -13,6 +13,7 @@ offers. Three roles, no inheritance between them:
 from __future__ import annotations
 
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from geventpop3.auth.users import UserDirectory
@@ -31,6 +32,11 @@ class Single:
         server.bind_all()
 
     def drop(self, server: Server) -> None:
+        """With TLS and --run-as, the keeper first: the key may be root's alone, and a
+        reload must read it again (geventpop3.process.keeper)."""
+        config = server.config
+        if config.tls is not None and config.run_as is not None and os.geteuid() == 0:
+            server.start_keeper({})
         server.drop_privileges()
 
     def prepare(self, server: Server) -> ServerContext:

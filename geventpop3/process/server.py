@@ -27,7 +27,7 @@ import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import gevent
 from gevent.event import Event
@@ -43,6 +43,7 @@ from geventpop3.core.names import UserError
 from geventpop3.mail import maildir
 from geventpop3.net import listen, tls
 from geventpop3.process import filter_spawner, ready
+from geventpop3.process.keeper import Keeper, limit_malloc_arenas, trim_malloc
 from geventpop3.service import privileges
 from geventpop3.service.context import ServerContext
 from geventpop3.service.filters import SPAWNER_ENV, FilterRunner, Launcher
@@ -54,6 +55,9 @@ from geventpop3.state import Store, StoreError
 from geventpop3.state.persister import Persister
 from geventpop3.state.settings import persist_settings, restore_settings
 from geventpop3.state.sqlite import SqliteStore
+
+if TYPE_CHECKING:
+    from geventpop3.process.keeper import WorkerStart
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +176,10 @@ class Server:
         self.hasher = Hasher()  # the password checks' threads: the context's (users and admins)
         self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
+        self.keeper: Keeper | None = None  # the privileged side (geventpop3.process.keeper), if forked
+        self.failed = False  # stopping because of a fault, not a signal: exit status 1
+        self.listening: list[str] = []  # "POP3 on 0.0.0.0:110", ...: every listener bound, for the log
+        self._signal_handlers: list[Any] = []
         self.hangup_at_start = False  # SIGHUP during start-up: reload once serving
         self.filter_spawner: filter_spawner.Spawner | None = None  # forked before the drop (root only)
 
@@ -179,17 +187,28 @@ class Server:
         configure_logging(self.config.settings.log_level)
         self.config.settings.subscribe(self._on_setting)
         raise_file_limit()
+        limit_malloc_arenas()
         # From the start on, not once serving: start-up can take seconds (a large users file,
         # workers starting), and a signal's default action would end the process without a word.
         # They are handled once start-up yields (SIGTERM, SIGINT) or is done (SIGHUP).
         handlers = [gevent.signal_handler(signum, self.stopping.set) for signum in (signal.SIGTERM, signal.SIGINT)]
         handlers.append(gevent.signal_handler(signal.SIGHUP, lambda: self.role.hangup(self)))
+        self._signal_handlers = handlers
         try:
             status = self._run()
         finally:
-            for handler in handlers:
-                handler.cancel()  # the process is done with them (matters when run in-process, as tests do)
+            self.leave_process()  # the process is done with them (matters when run in-process, as tests do)
+            if self.keeper is not None:
+                self.keeper.close()
         return status
+
+    def leave_process(self) -> None:
+        """Stop hearing signals and setting changes: the process is done with this server, or
+        is a fork of it that will be another (the keeper, and the workers forked from it)."""
+        for handler in self._signal_handlers:
+            handler.cancel()
+        self._signal_handlers = []
+        self.config.settings.unsubscribe(self._on_setting)
 
     def _run(self) -> int:
         role = self.role
@@ -198,6 +217,7 @@ class Server:
             role.drop(self)
             self.ctx = ctx = role.prepare(self)
             gc.freeze()  # what start-up made (100,000 users, say) stays out of every later collection
+            trim_malloc()  # and what it freed goes back to the system
             served = ready.endpoints(self.bound)  # serving takes the sockets out of self.bound
             role.serve(self, ctx)
         except StartupError as exc:
@@ -215,7 +235,7 @@ class Server:
             status = role.ready(self, served)  # after the signal handlers: a reader may signal at once
         self.stopping.wait()
         role.shutdown(self)
-        return status
+        return 1 if self.failed else status
 
     def reload(self) -> list[str]:
         """SIGHUP, MSMP `RELOAD`: the role's reload."""
@@ -348,15 +368,39 @@ class Server:
         except OSError as exc:
             why = exc.strerror or str(exc)
             raise StartupError(why if why.startswith("cannot ") else "cannot listen: " + why) from None
+        self.listening = describe_listeners(self.bound, bool(config.admin_tls))
+
+    def preload(self) -> None:
+        """Import now what would otherwise be imported later: before the drop (the dropped
+        user may not be able to read the Python installation), and before the keeper is
+        forked (its workers then share these pages instead of importing them each)."""
+        if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
+            import geventpop3.state.shared  # noqa: F401
+        privileges.preload()
+
+    def start_keeper(self, listeners: dict[str, list[socket]], worker: WorkerStart | None = None) -> None:
+        """Fork the keeper (geventpop3.process.keeper) now, before the drop: what it keeps of
+        root serves only to start workers (`worker`, on `listeners`) and to read the key."""
+        self.preload()
+        self.start_filter_spawner()  # first: the keeper's workers inherit its name in the environment
+        gc.collect()
+        gc.freeze()  # what the keeper and its workers share is never written by a collection
+        self.keeper = Keeper.start(self, listeners, worker)
+        self.keeper.on_gone = self._keeper_gone
+
+    def _keeper_gone(self) -> None:
+        """The keeper ended on its own (killed): no worker can start, no key be read again."""
+        log.error("the keeper (pid %d) is gone: no worker can be started and no certificate reloaded; stopping",
+                  self.keeper.pid if self.keeper is not None else 0)
+        self.failed = True
+        self.stopping.set()
 
     def drop_privileges(self) -> None:
         """Become the --run-as user for good, before any Maildir, state or users file is read."""
         identity = self.config.run_as
         if identity is None:
             return
-        if self.config.state_url is not None:  # the PostgreSQL modules, read while we still may
-            import geventpop3.state.shared  # noqa: F401
-        privileges.preload()
+        self.preload()
         self.start_filter_spawner()
         try:
             privileges.drop(identity)
@@ -373,10 +417,12 @@ class Server:
             log.info("running as user %s (uid %d, gid %d)", run_as.user, run_as.uid, run_as.gid)
         elif os.geteuid() == 0:
             log.warning(privileges.ROOT_WARNING)
+        if self.listening:
+            log.info("listening: %s", ", ".join(self.listening))
         for warning in self.config.warnings:
             log.warning("%s", warning)
         for note in self.users.notes:
-            log.info("%s", note)
+            log.log(logging.INFO if identity else logging.DEBUG, "%s", note)  # a worker's: the supervisor's too
 
     def serve_pop3(self, max_accept: int | None = None, level: int = logging.INFO) -> None:
         """Start accepting POP3 and POP3S on the sockets bound before the drop."""
@@ -401,7 +447,9 @@ class Server:
             self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=list(collectors)))
             log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
 
-    def reload_local(self, users_file: Callable[[], UsersFile | None]) -> list[str]:
+    def reload_local(self, users_file: Callable[[], UsersFile | None],
+                     certificate: tuple[bytes, bytes] | Literal[False] | None = None,
+                     level: int = logging.INFO) -> list[str]:
         """Re-read what can be re-read while running (SIGHUP, MSMP `RELOAD`); the problems, one line each.
 
         The users file (`users_file()`: read now, or taken from the supervisor): its added,
@@ -409,7 +457,10 @@ class Server:
         added over MSMP stay). The certificate and key: a new context from the same paths,
         swapped in for new connections (POP3S, STLS, MSMP with --admin-tls) only if it
         loads; open sessions keep theirs. A part that fails keeps its current state and is
-        logged, one line.
+        logged, one line. `certificate`: the bytes to use (a worker's, from its supervisor),
+        False to keep the current one; None: read by the keeper if there is one, else here.
+        `level`: of the lines saying what was reloaded (a worker's are DEBUG: its supervisor
+        says it once).
         """
         problems: list[str] = []
         if self.config.users_file and self.ctx is not None:
@@ -418,22 +469,28 @@ class Server:
             except UserError as exc:
                 problems.append(f"users file not reloaded, the current users stay: {exc}")
             else:
-                log.info("users file reloaded: %s: %d users, %d added, %d changed, %d removed",
-                         self.config.users_file, len(self.ctx.users), added, changed, removed)
+                log.log(level, "users file reloaded: %s: %d users, %d added, %d changed, %d removed",
+                        self.config.users_file, len(self.ctx.users), added, changed, removed)
                 for note in self.users.notes:
-                    log.info("%s", note)
+                    log.log(level, "%s", note)
         server_tls = self.config.tls
-        if server_tls is not None:
+        if server_tls is not None and certificate is not False:
             try:
-                server_tls.reload()
+                if certificate is not None:
+                    server_tls.use(*certificate)
+                elif self.keeper is not None:
+                    server_tls.use(*self.keeper.certificate())  # read by the privileged side
+                else:
+                    server_tls.reload()
             except tls.TlsError as exc:
                 problems.append(f"certificate not reloaded, the current one stays: {exc}")
             else:
-                log.info("certificate reloaded: %s, expires in %d days", server_tls.cert, server_tls.days_left())
+                log.log(level, "certificate reloaded: %s, expires in %d days", server_tls.cert,
+                        server_tls.days_left())
         for problem in problems:
             log.error("reload: %s", problem)
         if not problems:
-            log.info("reload done")
+            log.log(level, "reload done")
         return problems
 
     def _restore_state(self, ctx: ServerContext, store: Store) -> None:
@@ -526,3 +583,16 @@ def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:
             warnings.append(f"MSMP listens on {listen.describe(listener)}, beyond loopback, without --admin-tls: "
                             "admin passwords and commands cross the network in plaintext")
     return warnings
+
+
+SERVICE_NAMES = {"pop3": "POP3", "pop3s": "POP3S", "msmp": "MSMP", "metrics": "metrics"}
+
+
+def describe_listeners(bound: dict[str, list[socket]], admin_tls: bool) -> list[str]:
+    """`POP3 on 0.0.0.0:110`, ...: every listener in `bound`, as the start's log line names them."""
+    names = []
+    for service, sockets in bound.items():
+        for sock in sockets:
+            suffix = " (TLS)" if service == "msmp" and admin_tls else ""
+            names.append(f"{SERVICE_NAMES.get(service, service)} on {listen.describe(sock)}{suffix}")
+    return names

@@ -1,11 +1,14 @@
 """The supervisor of `--workers N` (N > 1): binds, keeps the state, serves MSMP, runs the workers.
 
 The `Supervisor` role of `Server(config, role)` (geventpop3.process.server). Start-up:
-bind every listener and drop privileges as a single process does
-(geventpop3.process.roles.Single); then start N workers (fresh interpreters, geventpop3.process.worker)
-that inherit the POP3 and POP3S listeners; while they import and read the users file,
-open the store, users and settings here; then answer each worker's hello with its init,
-wait until each is ready, and only then serve MSMP and the metrics and say ready.
+bind every listener, import what the workers need and fork the keeper
+(geventpop3.process.keeper), the one process that stays root (if started as root) and
+reads no network input; then drop privileges as a single process does. Then ask the
+keeper for N workers (forked from it: geventpop3.process.worker) that inherit the POP3
+and POP3S listeners; while they read the users file, open the store, users and
+settings here; then answer each worker's hello with its init, wait until each is
+ready, and only then serve MSMP and the metrics and say ready. The keeper reports
+each worker's exit; certificate reloads go through it too (the key may be root's alone).
 
 One management plane: MSMP and the metrics are served here only. Each change made over
 MSMP (`SET`, `ADD`, `DELE`, `PENALTY CLEAR`, `RELOAD`) is one broadcast of a typed
@@ -16,20 +19,20 @@ here: the workers only parse it. The workers report counters, logged-in users an
 access-log entries; this process sums them (aggregate.Totals) and is the one writer
 of the store (the usual Persister).
 
-Faults: a worker that dies is replaced at once if it had been serving, else after a
-backoff that doubles (0.5 s .. 30 s) while it keeps failing at start, which includes
-dying soon after it became ready (geventpop3.process.restarts); SIGTERM/SIGINT
+Faults: a worker that dies is replaced at once if it had been serving or was killed
+from outside (SIGKILL, the OOM killer), else after a backoff that doubles (0.5 s .. 30 s)
+while it keeps failing at start by itself, which includes dying soon after it became
+ready (geventpop3.process.restarts); SIGTERM/SIGINT
 stop the workers first (they end their sessions and send their last report), then the
 supervisor's own shutdown flushes the state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -45,7 +48,8 @@ from geventpop3.core.names import UserError
 from geventpop3.core.settings import KEYS, Settings, format_value
 from geventpop3.process import messages
 from geventpop3.process.aggregate import Totals, WorkerState
-from geventpop3.process.channel import Channel, encode, sealed_copy, socketpair
+from geventpop3.process.channel import Channel, encode, socketpair
+from geventpop3.process.keeper import Keeper, KeeperError
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -61,7 +65,7 @@ from geventpop3.process.messages import (
     Set,
     User,
 )
-from geventpop3.process.restarts import RestartPolicy
+from geventpop3.process.restarts import RestartPolicy, by_itself
 from geventpop3.process.server import SHUTDOWN_GRACE, Endpoints, Server, StartupError
 from geventpop3.service.context import ServerContext
 from geventpop3.service.msmp.backend import ManagementBackend
@@ -101,11 +105,45 @@ class RecordingUsers:
         self.users.pop(name, None)
 
 
+class WorkerProcess:
+    """A worker the keeper forked: its pid, signals, and its exit status as the keeper reports it."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.returncode: int | None = None  # as subprocess gives it: negative for a signal
+        self._ended = Event()
+
+    def exited(self, status: int) -> None:
+        self.returncode = status
+        self._ended.set()
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """The exit status, or None if the worker still runs after `timeout` seconds."""
+        self._ended.wait(timeout)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        """To the worker, if it still runs. In its first instant it is root still (it drops at
+        once): the signal is then refused, and the end of its channel stops it instead."""
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 @dataclass
 class Launched:
     """A worker process started, and the supervisor's end of its channel (not read yet)."""
 
-    process: subprocess.Popen[bytes]
+    process: WorkerProcess
     channel: Channel
 
 
@@ -118,17 +156,6 @@ class UnverifiedUsers(UserDirectory):
         pass
 
 
-def import_flags() -> list[str]:
-    """This interpreter's flags that decide where modules come from, for a worker's: started
-    with `-P` from another checkout's directory, a worker without it would import that
-    checkout's geventpop3 instead of this one (and speak another channel protocol)."""
-    flags = sys.flags
-    if flags.isolated:
-        return ["-I"]
-    chosen = (("-E", flags.ignore_environment), ("-s", flags.no_user_site), ("-P", flags.safe_path))
-    return [flag for flag, on in chosen if on]
-
-
 class WorkerPool:
     """Starts, watches, replaces and stops the worker processes of `count` slots.
 
@@ -137,18 +164,13 @@ class WorkerPool:
     message is `hello` with the digest of the users file it read; its answer, `init`, is
     built then (`initial(slot, digest)`) and queued before any later broadcast."""
 
-    def __init__(self, argv: list[str], listeners: dict[str, list[socket]], count: int,
-                 initial: Callable[[int, str], ControlMessage], config_data: bytes | None = None) -> None:
-        self.argv = argv
-        self.listeners = listeners
-        # The config file as this process read it, for every worker to parse (--config-fd): a
-        # worker started later must not see an edit (or a half-written file) the others did not.
-        self.config_fd = sealed_copy(config_data) if config_data is not None else None
+    def __init__(self, keeper: Keeper | None, count: int, initial: Callable[[int, str], ControlMessage]) -> None:
+        self.keeper = keeper  # forks the workers (with the configuration as this process read it)
         self.count = count
         self.initial = initial
         self.totals: Totals | None = None
         self.channels: dict[int, Channel] = {}  # of the workers that said hello: broadcasts go there
-        self.processes: dict[int, subprocess.Popen[bytes]] = {}
+        self.processes: dict[int, WorkerProcess] = {}
         self.restarts = RestartPolicy(count)
         self.ready_at: dict[int, float] = {}  # monotonic time each slot's process said ready
         self.stopping = False
@@ -161,7 +183,7 @@ class WorkerPool:
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
-        self._handlers: dict[type[ControlMessage], Callable[[WorkerState, subprocess.Popen[bytes], Any], None]] = {
+        self._handlers: dict[type[ControlMessage], Callable[[WorkerState, WorkerProcess, Any], None]] = {
             Report: self._report, Ack: self._ack, Ready: self._ready}
 
     def launch(self) -> None:
@@ -182,11 +204,9 @@ class WorkerPool:
             if item.process.poll() is None:
                 item.process.terminate()
         for item in launched:
-            try:
-                item.process.wait(SHUTDOWN_GRACE)
-            except subprocess.TimeoutExpired:
+            if item.process.wait(SHUTDOWN_GRACE) is None:
                 item.process.kill()
-                item.process.wait()
+                item.process.wait(SHUTDOWN_GRACE)
 
     def start(self, totals: Totals, interrupted: Callable[[], bool], timeout: float = START_TIMEOUT) -> None:
         """Watch every launched worker and wait until all serve, or until `interrupted()` (SIGTERM
@@ -224,24 +244,16 @@ class WorkerPool:
         return True
 
     def _launch(self, index: int) -> Launched:
-        """A new worker interpreter for slot `index`, with the listeners and its end of a new channel."""
+        """A new worker for slot `index`, forked by the keeper, with its end of a new channel."""
+        if self.keeper is None:
+            raise OSError("no keeper to start workers")
         ours, theirs = socketpair()
-        fds = [theirs.fileno()]
-        args = [sys.executable, *import_flags(), "-m", "geventpop3.process", "--index", str(index),
-                "--parent", str(os.getpid()), "--channel", str(theirs.fileno())]
-        for service, sockets in self.listeners.items():
-            for sock in sockets:
-                args += ["--listen", f"{service}={sock.fileno()}"]
-                fds.append(sock.fileno())
-        if self.config_fd is not None:
-            args += ["--config-fd", str(self.config_fd)]
-            fds.append(self.config_fd)
+        process = WorkerProcess()
         try:
-            process = subprocess.Popen([*args, "--", *self.argv], pass_fds=fds, stdin=subprocess.DEVNULL,
-                                       process_group=0)  # Ctrl-C reaches the supervisor, which stops them
-        except OSError:
+            process.pid = self.keeper.fork_worker(index, theirs.fileno(), process.exited)
+        except KeeperError as exc:
             ours.close()
-            raise
+            raise OSError(str(exc)) from None
         finally:
             theirs.close()
         return Launched(process, Channel(ours))
@@ -262,7 +274,7 @@ class WorkerPool:
         self._watchers = [watcher for watcher in self._watchers if not watcher.dead]  # one per restart otherwise
         self._watchers.append(gevent.spawn(self._watch, worker, launched.process, launched.channel))
 
-    def _watch(self, worker: WorkerState, process: subprocess.Popen[bytes], channel: Channel) -> None:
+    def _watch(self, worker: WorkerState, process: WorkerProcess, channel: Channel) -> None:
         """Answer the worker's hello, read its messages until it ends, then replace it (unless stopping)."""
         assert self.totals is not None
         received = messages.decoded(channel.messages(), f"worker {worker.index}")
@@ -287,6 +299,7 @@ class WorkerPool:
             log.error("worker %d (pid %d) did not say hello: stopped", worker.index, process.pid)
             process.kill()
         status = process.wait()
+        assert status is not None
         for exited in self.exited:
             exited(worker.index, process.pid)
         channel.close()
@@ -302,11 +315,12 @@ class WorkerPool:
             return
         how = f"killed by {signal_name(-status)}" if status < 0 else f"exited with status {status}"
         if was_ready:
-            self._ended(worker, process.pid, how, time.monotonic() - self.ready_at[worker.index])
+            self._ended(worker, process.pid, how, time.monotonic() - self.ready_at[worker.index], status)
             return
-        self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)")
+        self._failed(worker, f"worker {worker.index} {how} before it was ready (its error is logged above)",
+                     status)
 
-    def _read(self, worker: WorkerState, process: subprocess.Popen[bytes], received: Iterator[Received]) -> None:
+    def _read(self, worker: WorkerState, process: WorkerProcess, received: Iterator[Received]) -> None:
         for message, _ in received:
             handler = self._handlers.get(type(message))
             if handler is None:
@@ -315,40 +329,49 @@ class WorkerPool:
                 continue
             handler(worker, process, message)
 
-    def _report(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Report) -> None:
+    def _report(self, worker: WorkerState, process: WorkerProcess, message: Report) -> None:
         assert self.totals is not None
         self.totals.add(worker, message.fields)
 
-    def _ack(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Ack) -> None:
+    def _ack(self, worker: WorkerState, process: WorkerProcess, message: Ack) -> None:
         worker.acked = message.applied
         self.acked.set()
 
-    def _ready(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Ready) -> None:
+    def _ready(self, worker: WorkerState, process: WorkerProcess, message: Ready) -> None:
         worker.ready = True
         self.ready_at[worker.index] = time.monotonic()
-        log.info("worker %d serving (pid %d)", worker.index, process.pid)
+        if self.started:  # the first ones are said once, by the supervisor's start
+            log.info("worker %d serving (pid %d)", worker.index, process.pid)
         self.changed.set()
 
-    def _ended(self, worker: WorkerState, pid: int, how: str, served: float) -> None:
+    def _ended(self, worker: WorkerState, pid: int, how: str, served: float, status: int) -> None:
         """A worker that had been serving ended: replaced at once, or after a backoff if it
-        failed within CRASH_WINDOW of its start (geventpop3.process.restarts); one line either way."""
-        delay = self.restarts.after_exit(worker.index, served)
+        failed by itself within CRASH_WINDOW of its start (geventpop3.process.restarts); one
+        line either way."""
+        delay = self.restarts.after_exit(worker.index, served, status)
         failures = self.restarts.failures[worker.index]
-        if failures == 0:
+        if not by_itself(status):
+            log.error("worker %d (pid %d) %s after serving %.1f s, from outside; replacing it now", worker.index,
+                      pid, how, served)
+        elif failures == 0:
             log.error("worker %d (pid %d) %s after serving %.0f s; replacing it", worker.index, pid, how, served)
         else:
             log.error("worker %d (pid %d) %s %.1f s after it was ready, a failure at start (failure %d in a row); "
                       "%s", worker.index, pid, how, served, failures, _next_start(delay))
         self._start_later(worker, delay)
 
-    def _failed(self, worker: WorkerState, why: str) -> None:
-        """A worker that did not get to serve: the start fails, or it is tried again later."""
+    def _failed(self, worker: WorkerState, why: str, status: int = 1) -> None:
+        """A worker that did not get to serve: the start fails, or it is tried again (at once
+        if it was killed from outside, else later)."""
         self.changed.set()
         if not self.started:
             self.start_failure = self.start_failure or why
             return
-        delay = self.restarts.after_exit(worker.index, None)
-        log.error("%s (failure %d in a row); %s", why, self.restarts.failures[worker.index], _next_start(delay))
+        delay = self.restarts.after_exit(worker.index, None, status)
+        if not by_itself(status):
+            log.error("%s, from outside; %s", why.replace(" (its error is logged above)", ""), _next_start(delay))
+        else:
+            log.error("%s (failure %d in a row); %s", why, self.restarts.failures[worker.index], _next_start(delay))
         self._start_later(worker, delay)
 
     def _start_later(self, worker: WorkerState, delay: float) -> None:
@@ -362,13 +385,8 @@ class WorkerPool:
             self._spawn(worker)
 
     def close_listeners(self) -> None:
-        """The supervisor's copies of the POP3 listeners: closed once no worker will start again."""
-        for sockets in self.listeners.values():
-            for sock in sockets:
-                sock.close()
-        if self.config_fd is not None:
-            os.close(self.config_fd)
-            self.config_fd = None
+        """The POP3 listeners are the keeper's and the workers': nothing to close here (the
+        keeper closes its copies when the supervisor's end of its socket closes)."""
 
     def stop(self, timeout: float) -> None:
         """SIGTERM every worker, wait for their last reports and exits; SIGKILL after `timeout`."""
@@ -474,8 +492,8 @@ class ClusterBackend(ManagementBackend):
 class Supervisor:
     """The role whose POP3 is served by worker processes (see the module docstring)."""
 
-    def __init__(self, argv: list[str]) -> None:
-        self.argv = argv
+    def __init__(self, argv: list[str] | None = None) -> None:
+        self.argv = argv or []  # the command line (the workers are forked with its configuration)
         self.pool: WorkerPool | None = None
         self.recorded = RecordingUsers(None)
         self.share: SupervisorShare | None = None  # with --state-url (geventpop3.process.shared_store)
@@ -484,14 +502,15 @@ class Supervisor:
         server.bind_all()
 
     def drop(self, server: Server) -> None:
-        server.drop_privileges()
+        """The keeper first (it keeps the POP3 listeners and forks the workers from what is
+        imported now), then the drop."""
+        from geventpop3.process import worker  # imported before the fork: every worker shares it
+
         config = server.config
-        if config.tls is None or config.run_as is None:
-            return
-        for path in dict.fromkeys((config.tls.cert, config.tls.key)):  # in order, once
-            if not os.access(path, os.R_OK):
-                raise StartupError(f"with --workers, {config.run_as.user} must be able to read {path}: "
-                                   "every worker loads the certificate and key")
+        listeners: dict[str, list[socket]] = {service: list(server.bound[service]) for service in ("pop3", "pop3s")
+                                              if service in server.bound}
+        server.start_keeper(listeners, lambda index, fd, fds: worker.run_forked(config, index, fd, fds))
+        server.drop_privileges()
 
     def prepare(self, server: Server) -> ServerContext:
         """The workers' interpreters start first: they import, parse the configuration and
@@ -499,10 +518,7 @@ class Supervisor:
         too, then each waits for its `Init` (sent once this process serves, `serve`).
         Start-up takes about one read of the users file instead of two in a row."""
         config = server.config
-        listeners: dict[str, list[socket]] = {service: list(server.bound[service])
-                                              for service in ("pop3", "pop3s") if service in server.bound}
-        self.pool = WorkerPool(self.argv, listeners, config.workers, lambda index, digest: self.initial(
-            server, index, digest), config.config_data)
+        self.pool = WorkerPool(server.keeper, config.workers, lambda index, digest: self.initial(server, index, digest))
         self.pool.launch()
         try:
             ctx = server.prepare_context(lambda: self._directory(server))
@@ -550,7 +566,8 @@ class Supervisor:
     def serve(self, server: Server, ctx: ServerContext) -> None:
         assert self.pool is not None
         for service in ("pop3", "pop3s"):
-            server.bound.pop(service, None)  # the pool's now: its workers serve them
+            for sock in server.bound.pop(service, []):  # the keeper's and its workers': not held here
+                sock.close()
         totals = Totals(ctx, server.config.workers)
         if self.share is not None:
             self.pool.exited.append(self.share.worker_exited)
@@ -568,8 +585,10 @@ class Supervisor:
 
     def started(self, server: Server, ctx: ServerContext) -> None:
         server.log_start()
-        log.info("geventpop3 ready: maildir=%s users=%d state=%s workers=%d", ctx.settings.maildir, len(ctx.users),
-                 server.store.location if server.store is not None else "none", server.config.workers)
+        pids = sorted((index, process.pid) for index, process in self.pool.processes.items()) if self.pool else []
+        log.info("geventpop3 ready: maildir=%s users=%d state=%s workers=%d (%s)", ctx.settings.maildir,
+                 len(ctx.users), server.store.location if server.store is not None else "none",
+                 server.config.workers, ", ".join(f"worker {index} pid {pid}" for index, pid in pids))
 
     def ready(self, server: Server, served: Endpoints) -> int:
         return server.write_ready_file(served)
@@ -584,8 +603,29 @@ class Supervisor:
         `wait`: at most this long for every worker to have reloaded (MSMP RELOAD)."""
         problems = server.reload_local(server.users.read)
         if self.pool is not None:
-            self.pool.broadcast(Reload(server.users.data.decode() if server.config.users_file else None), wait)
+            server_tls = server.config.tls
+            cert = key = None
+            if server_tls is not None:  # the pair in force here: the keeper's if it read a new one
+                cert, key = server_tls.cert_pem.decode("latin-1"), server_tls.key_pem.decode("latin-1")
+            message = Reload(server.users.data.decode() if server.config.users_file else None, cert, key)
+            self.pool.broadcast(message, wait)
+            gevent.spawn(self._reloaded, self.pool.sequence)
         return problems
+
+    def _reloaded(self, sequence: int) -> None:
+        """One line once every serving worker has applied the reload numbered `sequence` (a
+        worker's own lines are DEBUG; its problems it logs itself, ERROR)."""
+        pool = self.pool
+        assert pool is not None and pool.totals is not None
+        deadline = time.monotonic() + START_TIMEOUT
+        while (late := [w for w in pool.totals.workers if w.ready and w.acked < sequence]) and not pool.stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("reload: %d workers did not confirm it within %.0f s", len(late), START_TIMEOUT)
+                return
+            pool.acked.clear()
+            pool.acked.wait(min(left, 1.0))
+        log.info("reload done in %d workers", sum(1 for w in pool.totals.workers if w.ready))
 
     def shutdown(self, server: Server) -> None:
         """Workers first (their sessions end, their last reports arrive), then the state."""

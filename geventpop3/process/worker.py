@@ -1,33 +1,31 @@
 """One worker process: POP3 and POP3S on listeners inherited from the supervisor.
 
-Started as a fresh interpreter (`python -m geventpop3.process ...`, see
-geventpop3.process.__main__) with the supervisor's command line, the descriptors of
-the listening sockets and one end of a socketpair (the channel). It parses the same
-configuration and runs `Server(config, Worker(...))`, so it serves exactly as a single
-process would, except that:
+Forked by the keeper (geventpop3.process.keeper) at the supervisor's request, from the
+preloaded process the supervisor was before it dropped privileges: it drops at once,
+then runs `Server(config, Worker(...))` with the supervisor's configuration as it was
+at the fork, the listening sockets and one end of a socketpair (the channel) to the
+supervisor, so it serves exactly as a single process would, except that:
 
 - it binds nothing (the sockets are inherited) and keeps no state store: it reads and
   parses the users file at once (the supervisor reads it meanwhile), says `Hello` with
   the digest of what it read, and the answer (`Init`) is the supervisor's current
   settings and stored users (and the supervisor's users file content if it read
   another); later messages (geventpop3.process.messages) carry every SET, ADD, DELE,
-  RELOAD and PENALTY CLEAR, each dispatched through a table and acknowledged; it
-  reports its counters, logged-in users and access-log entries twice a second;
+  RELOAD (with the certificate and key the keeper read) and PENALTY CLEAR, each
+  dispatched through a table and acknowledged; it reports its counters, logged-in users
+  and access-log entries twice a second;
 - its settings are not checked against the machine (the supervisor checked them): a
   value is only parsed;
-- it dies with the supervisor: PR_SET_PDEATHSIG (Linux) sends it SIGTERM when the
-  supervisor dies, and the end of the channel stops it too (the pipe check, on any
-  system); either way it ends its sessions without UPDATE, as at SIGTERM.
+- it dies with the keeper, which dies with the supervisor (PR_SET_PDEATHSIG, Linux:
+  SIGTERM), and the end of the channel stops it too; either way it ends its sessions
+  without UPDATE, as at SIGTERM.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import os
-import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -35,11 +33,12 @@ import gevent
 from gevent import socket
 
 from geventpop3.auth.users import UserDirectory, Withdrawal
+from geventpop3.config import Config
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import SettingError
 from geventpop3.process import messages
 from geventpop3.process.aggregate import report
-from geventpop3.process.channel import Channel
+from geventpop3.process.channel import MAX_LINE_FROM_SUPERVISOR, Channel
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -61,7 +60,6 @@ from geventpop3.service.context import ServerContext
 log = logging.getLogger(__name__)
 
 REPORT_INTERVAL = 0.5  # seconds between reports: what a killed worker's counters may lose
-PR_SET_PDEATHSIG = 1
 # One connection per wake-up: with the listener shared by every worker, the one woken
 # first must not take a whole burst while the others are idle (docs/architecture.md).
 MAX_ACCEPT = 1
@@ -84,14 +82,16 @@ class SeededUsers:
         self.users.pop(name, None)
 
 
-def die_with_parent(parent: int) -> None:
-    """SIGTERM when the supervisor dies (Linux); exit now if it died already."""
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    if os.getppid() != parent:
-        raise SystemExit(1)
+def run_forked(config: Config, index: int, channel_fd: int, listeners: dict[str, list[int]]) -> int:
+    """Worker `index` in a child of the keeper (geventpop3.process.keeper), which has dropped
+    privileges already: the configuration is the supervisor's as it was at the fork (the
+    config file as it read it, the certificate as the keeper last loaded it), the settings
+    in force come in the `Init`."""
+    config.warnings.clear()  # the supervisor logged them once
+    config.settings.drop_checks()  # values come checked by the supervisor: parsed only
+    gevent.sleep(0.001)  # one turn of the loop made new: a signal the supervisor had pending at the fork is not ours
+    channel = Channel.from_fd(channel_fd, MAX_LINE_FROM_SUPERVISOR)
+    return Server(config, Worker(index, channel, listeners)).run()
 
 
 class Worker:
@@ -106,6 +106,7 @@ class Worker:
         self._greenlets: list[gevent.Greenlet[..., Any]] = []
         self._withdrawals: dict[str, Withdrawal] = {}  # users withdrawn for an MSMP DELE in progress
         self._users_data: str | None = None  # the users file in force in the supervisor, as its last Reload said
+        self._certificate: tuple[bytes, bytes] | None = None  # the last Reload's certificate and key
         self._handlers: dict[type[ControlMessage], Callable[[Server, ServerContext, Any], None]] = {
             Set: self._set, User: self._user, DelUser: self._deluser, Reload: self._reload,
             PenaltyClear: self._penalty_clear, StoreState: self._store_state}
@@ -130,6 +131,7 @@ class Worker:
             raise SystemExit(1)  # the supervisor is gone before it told us anything
         init = first.message
         ctx = server.prepare_context(lambda: self._directory(server, init, early), keep_state=False)
+        server.users.data = b""  # only a supervisor hands the content on: 1.4 MB for 10,000 users, not kept
         for key, text in init.settings.items():
             self._apply_setting(ctx, key, text, "store")
         for name in init.withdrawn:  # an MSMP DELE in progress: no login before its end
@@ -154,6 +156,7 @@ class Worker:
         if source.path and users_file is None:
             return None
         directory = UserDirectory(None, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        directory.calibration_log_level = logging.DEBUG
         try:
             source.configure(directory, users_file)
         except UserError:
@@ -170,6 +173,7 @@ class Worker:
         source = server.users
         users_file = source.use(init.users_data.encode()) if init.users_data is not None else source.read()
         directory = UserDirectory(seeded, server.hasher, allow_weak=server.config.allow_weak_schemes)
+        directory.calibration_log_level = logging.DEBUG
         source.configure(directory, users_file)
         return directory
 
@@ -179,7 +183,7 @@ class Worker:
 
     def started(self, server: Server, ctx: ServerContext) -> None:
         server.log_start(identity=False)  # the supervisor says who serves, once
-        log.info("worker %d ready", self.index)
+        log.debug("worker %d ready", self.index)  # the supervisor says it, once for all
         self.channel.send(messages.encode(Ready(os.getpid())))
 
     def ready(self, server: Server, served: Endpoints) -> int:
@@ -192,10 +196,14 @@ class Worker:
 
     def reload(self, server: Server) -> list[str]:
         """The users file as the supervisor's last `Reload` carried it (a worker reads no users
-        file but at start), and the certificate."""
+        file but at start), and the certificate and key it carried (the keeper read them;
+        none: the current ones stay). The supervisor logs the outcome, once."""
         data = self._users_data
         source = server.users
-        return server.reload_local(lambda: source.use(data.encode()) if data is not None else source.read())
+        pem = self._certificate
+        self._certificate = None
+        return server.reload_local(lambda: source.use(data.encode()) if data is not None else source.read(),
+                                   pem if pem is not None else False, logging.DEBUG)
 
     def _read(self, server: Server, ctx: ServerContext) -> None:
         """The supervisor's messages, each through the table, acknowledged when it waits for that."""
@@ -238,6 +246,8 @@ class Worker:
 
     def _reload(self, server: Server, ctx: ServerContext, message: Reload) -> None:
         self._users_data = message.users_data
+        if message.cert is not None and message.key is not None:
+            self._certificate = (message.cert.encode("latin-1"), message.key.encode("latin-1"))
         server.reload()
 
     def _penalty_clear(self, server: Server, ctx: ServerContext, message: PenaltyClear) -> None:

@@ -25,7 +25,7 @@ def supervisor(tmp_path: Path) -> tuple[Server, Supervisor, WorkerPool]:
     users = UserDirectory(None)
     users.configure(config.users)
     server.ctx = ServerContext(settings=config.settings, users=users)
-    sup.pool = WorkerPool([], {}, 2, lambda index, digest: sup.initial(server, index, digest))
+    sup.pool = WorkerPool(None, 2, lambda index, digest: sup.initial(server, index, digest))
     return server, sup, sup.pool
 
 
