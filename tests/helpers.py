@@ -150,9 +150,13 @@ class ServerProcess:
         weakref.finalize(self, shutil.rmtree, ready_dir, True)
         self.ready_path = ready_dir / "ready.json"
         self.env = server_env(env)
+        # MSMP's socket of its own (the default is one per machine for root), as well as TCP.
+        self.admin_socket = root / "msmp.sock"
+        assert len(bytes(self.admin_socket)) <= 107, f"socket path too long: {self.admin_socket}"
         args = [*GEVENTPOP3, *(arg for host in listen or () for arg in ("-l", host)), "-p", str(self.port),
                 "-P", str(self.admin_port), *(arg for host in admin_listen or () for arg in ("-L", host)),
-                "-d", str(self.maildir), "--state-dir", str(self.state_dir), "--config", str(self.config_path)]
+                "-d", str(self.maildir), "--state-dir", str(self.state_dir), "--config", str(self.config_path),
+                "--admin-socket", str(self.admin_socket)]
         for name, password in self.users.items():
             args += ["-u", f"{name}:{password}"]
         if admin:
@@ -217,8 +221,12 @@ class ServerProcess:
         return found
 
     def msmp_client(self, host: str | None = None, timeout: float = 10.0) -> MsmpClient:
-        """An MSMP client for this server, not yet connected."""
+        """An MSMP client for this server over TCP, not yet connected."""
         return MsmpClient(host or self.admin_host, self.admin_port, timeout)
+
+    def socket_client(self, timeout: float = 10.0) -> MsmpClient:
+        """An MSMP client for this server's UNIX socket, not yet connected."""
+        return MsmpClient(path=str(self.admin_socket), timeout=timeout)
 
     def admin_client(self, host: str | None = None, timeout: float = 15.0) -> MsmpClient:
         """A connected, logged-in MSMP client; the caller closes it."""
