@@ -418,7 +418,9 @@ def running_app(argv: Sequence[str]) -> Iterator[App]:
     from geventpop3.flags import parse_config
     from geventpop3.process.server import App
 
-    app = App(parse_config(list(argv)))
+    # MSMP over TCP only (callers give -P): the default socket is one per machine for root.
+    socket_args = [] if "--admin-socket" in argv else ["--admin-socket", "none"]
+    app = App(parse_config([*argv, *socket_args]))
     runner = gevent.spawn(app.run)
     wait_until(lambda: app.admin_servers or runner.dead)
     assert not runner.dead, runner.value
