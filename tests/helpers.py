@@ -106,9 +106,13 @@ def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_server(*args: str, cwd: Path | str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`python -m geventpop3 ARGS` to completion (start-up errors, --help): output captured."""
-    return subprocess.run([*GEVENTPOP3, *args], cwd=cwd or REPO, env=server_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    """`python -m geventpop3 ARGS` to completion (start-up errors, --help): output captured.
+    With MSMP over TCP (-P or -L) and no --admin-socket, `--admin-socket none` is added: the
+    default socket is one per machine for root, which servers of other tests may hold."""
+    tcp = any(arg in ("-P", "-L", "--admin-port", "--admin-address") for arg in args)
+    extra = ["--admin-socket", "none"] if tcp and "--admin-socket" not in args else []
+    return subprocess.run([*GEVENTPOP3, *args, *extra], cwd=cwd or REPO, env=server_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 class ServerProcess:

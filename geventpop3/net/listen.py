@@ -61,7 +61,7 @@ UNIX_BACKLOG = 128
 
 
 def open_unix_listener(path: str, label: str, owner: tuple[int, int] = (-1, -1),
-                       group_access: bool = False) -> socket.socket:
+                       group_access: bool = False, notes: list[str] | None = None) -> socket.socket:
     """A listening UNIX socket at `path`, made mode 0600 (0660 with `group_access`) from its
     start (no moment wider), then given to `owner` (uid, gid; -1: unchanged) without
     following a link. OSError whose text names the label and path otherwise.
@@ -70,12 +70,18 @@ def open_unix_listener(path: str, label: str, owner: tuple[int, int] = (-1, -1),
     us or `owner` can write to (unless sticky), or anyone could replace the socket. What is
     at `path` already: a socket no one listens on (left by a killed server) is replaced; a
     live one is another server's, a link or any other file is not ours: the start stops
-    there, nothing followed or removed."""
+    there, nothing followed or removed. A replaced socket is said in `notes` (for the log
+    once started: a start that fails later stays one line), else logged now."""
     directory = os.path.dirname(path) or "."
     try:
         os.makedirs(directory, mode=0o755, exist_ok=True)
         _check_directory(directory, owner[0])
-        _clear_stale(path)
+        if _clear_stale(path):
+            note = f"removed the stale socket {path}"
+            if notes is not None:
+                notes.append(note)
+            else:
+                log.info("%s", note)
         old_umask = os.umask(0o117 if group_access else 0o177)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -113,12 +119,12 @@ def _check_directory(directory: str, owner_uid: int) -> None:
         raise OSError(errno.EPERM, f"its directory {directory} is writable by others, who could replace the socket")
 
 
-def _clear_stale(path: str) -> None:
-    """Remove a socket at `path` that no one listens on; OSError for anything else there."""
+def _clear_stale(path: str) -> bool:
+    """Remove a socket at `path` that no one listens on (True); OSError for anything else there."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(info.st_mode):
         kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
         raise OSError(errno.EEXIST, f"it exists and is {kind}: not replaced")
@@ -128,10 +134,9 @@ def _clear_stale(path: str) -> None:
         probe.connect(path)
     except ConnectionRefusedError:
         os.unlink(path)  # stale: a server that died without removing it
-        log.info("removed the stale socket %s", path)
-        return
+        return True
     except FileNotFoundError:
-        return
+        return False
     except OSError:
         pass  # a full backlog, a timeout: someone is there
     finally:

@@ -170,6 +170,7 @@ class Server:
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
         self.admin_socket_file: tuple[int, int | None] = (0, None)  # (binding pid, inode): removed at the end
+        self.start_notes: list[str] = []  # said once started (log_start): a failed start stays one line
         self.hasher = Hasher()  # the password checks' threads: the context's (users and admins)
         self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
@@ -307,7 +308,8 @@ class Server:
                 self.bound["pop3s"] = listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S")
             if config.admin_socket is not None:
                 self.bound["msmp_socket"] = [listen.open_unix_listener(
-                    config.admin_socket, "MSMP", self._admin_socket_owner(), config.admin_group is not None)]
+                    config.admin_socket, "MSMP", self._admin_socket_owner(), config.admin_group is not None,
+                    self.start_notes)]
                 self.admin_socket_file = (os.getpid(), listen.socket_inode(config.admin_socket))
             if config.admin_port is not None:
                 self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
@@ -353,7 +355,7 @@ class Server:
             log.warning(privileges.ROOT_WARNING)
         for warning in self.config.warnings:
             log.warning("%s", warning)
-        for note in self.users.notes:
+        for note in [*self.start_notes, *self.users.notes]:
             log.info("%s", note)
 
     def serve_pop3(self, max_accept: int | None = None, level: int = logging.INFO) -> None:
