@@ -1,5 +1,8 @@
 """A small blocking MSMP client, shared by the admin shell, the tests and the Locust load tests.
 
+It connects to the server's UNIX socket by default (`default_socket()`), or over TCP when
+given a host or a port.
+
 It uses the plain `socket` module, looked up at call time, so it works both in a normal
 process and in one that gevent has monkey-patched (Locust does that): the same code then
 blocks only its own greenlet.
@@ -8,14 +11,32 @@ blocks only its own greenlet.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import ssl
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Self
 
-DEFAULT_HOST = "127.0.0.1"
-DEFAULT_PORT = 4321
+DEFAULT_HOST = "127.0.0.1"  # over TCP, when only a port is given
+DEFAULT_PORT = 4321  # over TCP, when only a host is given
+SYSTEM_SOCKET = "/run/geventpop3/msmp.sock"  # the server's socket when started as root
+
+
+def default_socket() -> str:
+    """The socket a server started without --admin-socket listens on, as geventpop3's
+    config.default_admin_socket says: for root SYSTEM_SOCKET; for another user the one a
+    server of theirs makes (in $XDG_RUNTIME_DIR, else /tmp/geventpop3-UID) if it exists,
+    else SYSTEM_SOCKET if that exists (an admin in the server's admin_group), else theirs."""
+    euid = os.geteuid()
+    if euid == 0:
+        return SYSTEM_SOCKET
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    own = (os.path.join(runtime, "geventpop3", "msmp.sock") if os.path.isabs(runtime)
+           else f"/tmp/geventpop3-{euid}/msmp.sock")
+    if not os.path.exists(own) and os.path.exists(SYSTEM_SOCKET):
+        return SYSTEM_SOCKET
+    return own
 
 # Commands whose +OK response carries a dot-terminated body (both forms of LIST).
 MULTILINE_COMMANDS = frozenset({"LIST", "STAT", "LOGS", "HELP", "CAPA"})
@@ -121,15 +142,25 @@ class MsmpClient:
     (e.g. by Ctrl-C) leaves the stream out of step, so the client then refuses to go on.
     """
 
-    def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, timeout: float | None = 10.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
-        """`ssl_context`: speak implicit TLS (a server started with --admin-tls), verifying
-        the server as the context says (see `tls_context`); the host name checked is `host`."""
+    def __init__(self, host: str | None = None, port: int | None = None, timeout: float | None = 10.0,
+                 ssl_context: ssl.SSLContext | None = None, path: str | None = None) -> None:
+        """The UNIX socket at `path`; else TCP to `host` and `port` when either is given
+        (DEFAULT_HOST, DEFAULT_PORT for the other); else the socket at `default_socket()`.
+        `ssl_context` (TCP only): speak implicit TLS (a server started with --admin-tls),
+        verifying the server as the context says (see `tls_context`); the host name checked is `host`."""
+        if path is None and host is None and port is None:
+            path = default_socket()
+        if path is not None and (host is not None or port is not None):
+            raise ValueError("give a socket path or a host and port, not both")
+        if path is not None and ssl_context is not None:
+            raise ValueError("TLS is for MSMP over TCP, not the socket")
+        host = host or ("" if path is not None else DEFAULT_HOST)
         # Accept "[::1]" as people write IPv6 addresses in URLs.
         if host.startswith("[") and host.endswith("]"):
             host = host[1:-1]
+        self.path = path
         self.host = host
-        self.port = port
+        self.port = port if port is not None else (0 if path is not None else DEFAULT_PORT)
         self.timeout = timeout
         self.ssl_context = ssl_context
         self.greeting = ""
@@ -145,11 +176,13 @@ class MsmpClient:
         if self._sock is not None:
             return self.greeting
         try:
-            self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+            self._sock = self._open()
         except TimeoutError as exc:
             raise MsmpTimeout(f"timed out connecting to {self.where}") from exc
         except OSError as exc:
-            raise MsmpConnectionError(f"cannot connect to {self.where}: {_reason(exc)}") from exc
+            hint = (" (is the server running? its socket is in its log; -s PATH, or -L/-P for TCP)"
+                    if self.path is not None and isinstance(exc, FileNotFoundError | ConnectionRefusedError) else "")
+            raise MsmpConnectionError(f"cannot connect to {self.where}: {_reason(exc)}{hint}") from exc
         if self.ssl_context is not None:
             self._sock = self._start_tls(self._sock, self.ssl_context)
         self._buffer = b""
@@ -163,6 +196,18 @@ class MsmpClient:
             raise MsmpProtocolError(f"not an MSMP server at {self.where}: {line[:80]!r}")
         self.greeting = line[3:].strip()
         return self.greeting
+
+    def _open(self) -> socket.socket:
+        if self.path is None:
+            return socket.create_connection((self.host, self.port), timeout=self.timeout)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _start_tls(self, sock: socket.socket, context: ssl.SSLContext) -> socket.socket:
         """The TLS side of `sock`, the server verified; MsmpConnectionError (one line) if not."""
@@ -379,7 +424,9 @@ class MsmpClient:
 
     @property
     def where(self) -> str:
-        """host:port as people write it ([::1]:4321 for IPv6), for messages."""
+        """host:port as people write it ([::1]:4321 for IPv6), or the socket's path, for messages."""
+        if self.path is not None:
+            return self.path
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 

@@ -24,6 +24,7 @@ from typing import Any, NoReturn, TextIO
 from admin.client import (
     DEFAULT_HOST,
     DEFAULT_PORT,
+    SYSTEM_SOCKET,
     MsmpAuthError,
     MsmpClient,
     MsmpConnectionError,
@@ -97,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
         f"History: ${ENV_HISTORY} or {DEFAULT_HISTORY}. "
         "Exit status: 0 +OK, 1 -ERR or login refused, 2 usage or connection error.",
     )
-    parser.add_argument("-L", "--address", dest="host", default=DEFAULT_HOST, metavar="ADDR",
-                        help="the MSMP server's address (default %(default)s; IPv6 works, e.g. ::1)")
-    parser.add_argument("-P", "--port", type=_port, default=DEFAULT_PORT, metavar="PORT",
-                        help="the MSMP server's port (default %(default)s)")
+    parser.add_argument("-s", "--socket", metavar="PATH",
+                        help=f"the server's MSMP socket (default: {SYSTEM_SOCKET} as root, else your own "
+                        "server's in $XDG_RUNTIME_DIR/geventpop3 or /tmp/geventpop3-UID, else the system's)")
+    parser.add_argument("-L", "--address", dest="host", metavar="ADDR",
+                        help=f"MSMP over TCP: the server's address (default {DEFAULT_HOST} with -P; IPv6 works: ::1)")
+    parser.add_argument("-P", "--port", type=_port, metavar="PORT",
+                        help=f"MSMP over TCP: the server's port (default {DEFAULT_PORT} with -L)")
     parser.add_argument("--tls", action="store_true",
                         help="implicit TLS (a server started with --admin-tls), verifying its certificate "
                         "and that it is for the address given")
@@ -125,6 +129,10 @@ def client_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
     """The TLS context --tls and --cacert ask for; UsageError for a CA file that cannot be used."""
     if args.cacert and not args.tls:
         raise UsageError("--cacert needs --tls")
+    if args.socket is not None and (args.host is not None or args.port is not None):
+        raise UsageError("-s/--socket or -L/-P (TCP), not both")
+    if args.tls and args.host is None and args.port is None:
+        raise UsageError("--tls is for MSMP over TCP: give -L and/or -P")
     if not args.tls:
         return None
     try:
@@ -278,11 +286,11 @@ def live_view(client: MsmpClient, out: TextIO, interval: float = 1.0, as_json: b
 class Connection:
     """A logged-in client plus what it takes to log in again after the server dropped us."""
 
-    def __init__(self, host: str, port: int, timeout: float, user: str,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, host: str | None, port: int | None, timeout: float, user: str,
+                 ssl_context: ssl.SSLContext | None = None, path: str | None = None) -> None:
         self.user = user
         self.password = ""
-        self.client = MsmpClient(host, port, timeout, ssl_context)
+        self.client = MsmpClient(host, port, timeout, ssl_context, path)
 
     @property
     def where(self) -> str:
@@ -546,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         _err(f"{PROG}: {exc}")
         return EXIT_FAIL
-    conn = Connection(args.host, args.port, args.timeout, args.user, context)
+    conn = Connection(args.host, args.port, args.timeout, args.user, context, args.socket)
     try:
         for word in args.command:
             if any(c in word for c in "\r\n\0"):

@@ -18,9 +18,11 @@ creating the Maildir root and the state directory is start-up's job too.
 from __future__ import annotations
 
 import argparse
+import grp
 import os
 import shlex
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +36,10 @@ from geventpop3.service.setting_checks import checked_settings
 
 DEFAULT_POP3_PORT = 110
 DEFAULT_POP3S_PORT = 995
-DEFAULT_ADMIN_PORT = 4321
+DEFAULT_ADMIN_PORT = 4321  # MSMP over TCP, when asked for (-P, -L, admin_port, admin_address)
+# MSMP's UNIX socket when started as root; other users get one in their runtime directory.
+SYSTEM_ADMIN_SOCKET = "/run/geventpop3/msmp.sock"
+MAX_SOCKET_PATH = 107  # octets: sockaddr_un's sun_path, its final NUL left out
 DEFAULT_MAILDIR = "./mail"
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 MAX_WORKERS = 256
@@ -48,7 +53,7 @@ FILE_ONLY_KEYS: dict[str, type | tuple[type, ...]] = {
     "metrics_port": int, "users": list, "admins": list, "users_file": str, "state_dir": str,
     "metrics_address": str, "transformers": dict, "tls_cert": str, "tls_key": str, "pop3s_port": int,
     "run_as": str, "run_as_group": str, "admin_tls": bool, "allow_weak_schemes": bool, "state_url": str,
-    "instance_name": str, "workers": int, "filter_user": str,
+    "instance_name": str, "workers": int, "filter_user": str, "admin_socket": str, "admin_group": str,
 }
 # Live settings the file gives as TOML values; they are checked by Settings.parse, only these by type here.
 _SETTING_TYPES: dict[str, type | tuple[type, ...]] = {
@@ -68,8 +73,8 @@ class Config:
 
     pop3_addresses: list[str] | None  # None: all interfaces, both families
     pop3_port: int
-    admin_addresses: list[str] | None  # None: the loopback addresses (listen.ADMIN_DEFAULTS)
-    admin_port: int
+    admin_addresses: list[str] | None  # None: the loopback addresses (listen.LOOPBACK)
+    admin_port: int | None  # None: no MSMP over TCP (neither a port nor an address configured)
     maildir: str  # absolute; created at start-up if missing
     users: list[tuple[str, str]]  # from flags and the config file; the users file is read at start-up
     admins: list[tuple[str, str]]
@@ -93,6 +98,8 @@ class Config:
     ready_file: str | None = None  # where to write the bound endpoints once serving (--ready-file)
     workers: int = 1  # POP3 worker processes; 1: one process, no supervisor (geventpop3.process)
     config_data: bytes | None = None  # the config file as read: workers parse this, never the file again
+    admin_socket: str | None = None  # MSMP's UNIX socket (absolute); None: none (TCP only)
+    admin_group: int | None = None  # the socket is 0660 with this group; None: 0600
 
 
 def parse_port(value: object) -> int:
@@ -125,11 +132,16 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
     run_as = run_as_for(args, file_values)
     filter_identity, filter_problem = filter_user_for(args, file_values, run_as, settings)
     allow_weak = bool(args.allow_weak_schemes or file_values.get("allow_weak_schemes", False))
+    admin_addresses = args.admin_address or _as_list(file_values.get("admin_address"))
+    admin_port = _optional_port(args.admin_port, file_values.get("admin_port"))
+    if admin_port is None and admin_addresses:
+        admin_port = DEFAULT_ADMIN_PORT
+    admin_socket, admin_group = admin_socket_for(args, file_values, admin_port is not None)
     return Config(
         pop3_addresses=args.pop3_address or _as_list(file_values.get("pop3_address")),
         pop3_port=_first_port(args.pop3_port, file_values.get("pop3_port"), DEFAULT_POP3_PORT),
-        admin_addresses=args.admin_address or _as_list(file_values.get("admin_address")),
-        admin_port=_first_port(args.admin_port, file_values.get("admin_port"), DEFAULT_ADMIN_PORT),
+        admin_addresses=admin_addresses,
+        admin_port=admin_port,
         maildir=maildir,
         users=_pairs(args.user + list(file_values.get("users", [])), "user", allow_weak),
         admins=_pairs(args.admin + list(file_values.get("admins", [])), "admin", allow_weak),
@@ -152,7 +164,48 @@ def load_config(args: argparse.Namespace, config_data: bytes | None = None, chec
         **shared,
         workers=workers_for(args.workers, file_values.get("workers")),
         config_data=config_data,
+        admin_socket=admin_socket,
+        admin_group=admin_group,
     )
+
+
+def default_admin_socket(euid: int, environ: Mapping[str, str]) -> str:
+    """Where MSMP's UNIX socket is when none is given: SYSTEM_ADMIN_SOCKET for root, else
+    geventpop3/msmp.sock in $XDG_RUNTIME_DIR, else /tmp/geventpop3-<uid>/msmp.sock.
+    (admin.client.default_socket finds it the same way.)"""
+    if euid == 0:
+        return SYSTEM_ADMIN_SOCKET
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):
+        return os.path.join(runtime, "geventpop3", "msmp.sock")
+    return f"/tmp/geventpop3-{euid}/msmp.sock"
+
+
+def admin_socket_for(args: argparse.Namespace, file_values: dict[str, Any], tcp: bool) -> tuple[str | None, int | None]:
+    """MSMP's UNIX socket path (None: `none`, TCP only) and its group's id (`admin_group`),
+    checked: an absolute path short enough for a socket address, a group that exists."""
+    given: str | None = args.admin_socket if args.admin_socket is not None else file_values.get("admin_socket")
+    group: str | None = args.admin_group or file_values.get("admin_group")
+    if given == "none":
+        if not tcp:
+            raise UsageError("admin_socket none needs MSMP over TCP (-P/--admin-port or -L/--admin-address): "
+                             "MSMP would be unreachable")
+        if group is not None:
+            raise UsageError("admin_group needs the admin socket (admin_socket is none)")
+        return None, None
+    if given == "":
+        raise UsageError("invalid admin_socket '': a path, or none")
+    path = os.path.abspath(given) if given else default_admin_socket(os.geteuid(), os.environ)
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise UsageError(f"invalid admin_socket {path!r}: longer than {MAX_SOCKET_PATH} octets, "
+                         "too long for a UNIX socket")
+    if group is None:
+        return path, None
+    try:
+        gid = grp.getgrgid(int(group)).gr_gid if group.isdigit() else grp.getgrnam(group).gr_gid
+    except (KeyError, OverflowError):
+        raise UsageError(f"unknown group {group!r} for admin_group") from None
+    return path, gid
 
 
 def default_workers() -> int:

@@ -15,6 +15,7 @@ from geventpop3.config import (
     DEFAULT_MAILDIR,
     DEFAULT_POP3_PORT,
     DEFAULT_POP3S_PORT,
+    SYSTEM_ADMIN_SOCKET,
     Config,
     UsageError,
     load_config,
@@ -47,8 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="POP3 listen address, IPv4/IPv6 or host name; repeatable (default: all interfaces, both families)")
     add("-p", "--pop3-port", type=_port, metavar="PORT", help=f"POP3 port (default {DEFAULT_POP3_PORT})")
     add("-L", "--admin-address", action="append", metavar="ADDR",
-        help="MSMP listen address; repeatable (default: 127.0.0.1 and ::1)")
-    add("-P", "--admin-port", type=_port, metavar="PORT", help=f"MSMP port (default {DEFAULT_ADMIN_PORT})")
+        help="MSMP over TCP on this address; repeatable (with -P alone: 127.0.0.1 and ::1)")
+    add("-P", "--admin-port", type=_port, metavar="PORT",
+        help=f"MSMP over TCP on this port (with -L alone: {DEFAULT_ADMIN_PORT}; default: no TCP, the socket only)")
+    add("--admin-socket", metavar="PATH",
+        help=f"MSMP's UNIX socket, mode 0600 (default {SYSTEM_ADMIN_SOCKET} as root, else "
+             "$XDG_RUNTIME_DIR/geventpop3/msmp.sock or /tmp/geventpop3-UID/msmp.sock); none: TCP only")
+    add("--admin-group", metavar="GROUP",
+        help="the admin socket is mode 0660 with this group, for admins who are not the server's user")
     add("-u", "--user", action="append", default=[], metavar="NAME:PASS", help="a POP3 user; repeatable")
     add("-a", "--admin", action="append", default=[], metavar="NAME:PASS", help="an MSMP admin; repeatable")
     add("-t", "--transformer", metavar="CMD", help="filter for retrieved mail, a command line (no shell)")

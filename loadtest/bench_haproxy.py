@@ -117,7 +117,7 @@ def configuration(name: str, root: Path, url: str,
                 [sys.executable, "-P", "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(port),
                  "-L", "127.0.0.1", "-P", str(free_port()), "-d", str(root / "mail"),
                  "--users-file", str(root / "users"), "--state-url", url, "--state-dir", str(root / f"state-{index}"),
-                 "--config", str(config), "--workers", "1", "--log-level", "WARNING"],
+                 "--config", str(config), "--workers", "1", "--log-level", "WARNING", *launcher.tcp_only_msmp()],
                 ready_file=root / f"{name}-{index}.ready", log_path=root / f"{name}-{index}.log", cwd=root,
                 env=os.environ)
             stack.callback(launcher.stop, server)

@@ -128,6 +128,7 @@ def measure(tree: str, sessions: int, clients: int, state: str = "none", workers
         command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(plain_port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
                    "--users-file", os.path.join(root, "users"), *state_args(state), "--log-level", "WARNING",
+                   *launcher.tcp_only_msmp(tree),
                    *(["--workers", str(workers)] if workers is not None else [])]
         if tls is not None:
             port = free_port()

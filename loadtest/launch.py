@@ -99,7 +99,9 @@ class Geventpop3Process:
                  command: Sequence[str] | None = None, cwd: str | os.PathLike[str] | None = None,
                  stop_timeout: float = 30) -> None:
         self.port = port
-        self.args = [*(command or launcher.GEVENTPOP3), "-l", "127.0.0.1", "-p", str(port), *args]
+        # MSMP over TCP (callers give -P): no socket, or every server started so would want the same one.
+        socket_args = launcher.tcp_only_msmp() if command is None and "--admin-socket" not in args else []
+        self.args = [*(command or launcher.GEVENTPOP3), "-l", "127.0.0.1", "-p", str(port), *args, *socket_args]
         self.log_path = Path(log_path)
         self.ready_path = Path(f"{log_path}.ready")
         self.cwd = cwd

@@ -113,7 +113,7 @@ def measure(tree: str, sessions: int, rounds: int, in_flight: int, workers: int)
         command = [sys.executable, "-P", "-m", "geventpop3", "-p", str(port), "-l", "127.0.0.1",
                    "-P", str(free_port()), "-L", "127.0.0.1", "-d", os.path.join(root, "mail"),
                    "--users-file", os.path.join(root, "users"), "--config", os.path.join(root, "config.toml"),
-                   "--no-state", "--log-level", "WARNING", "--workers", str(workers)]
+                   "--no-state", "--log-level", "WARNING", "--workers", str(workers), *launcher.tcp_only_msmp(tree)]
         server, _ = launcher.start(command, ready_file=Path(root, "ready.json"), log_path=Path(root, "server.log"),
                                    timeout=60, env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root)
         try:

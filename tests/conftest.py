@@ -71,10 +71,11 @@ def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
 def msmp_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One server per test module for the admin client and shell: alice, an admin, MSMP on 127.0.0.1.
 
-    The tests sharing it use unique user names and restore what they SET."""
+    The tests sharing it use unique user names and restore what they SET; some hold several
+    MSMP connections from 127.0.0.1 at once, over the default per-source cap."""
     with started_servers(tmp_path_factory.mktemp("geventpop3")) as start:
         yield start(users={"alice": "alicepw"}, listen=["127.0.0.1"], admin_listen=["127.0.0.1"],
-                    login_failure_delay=0.1)
+                    login_failure_delay=0.1, config="admin_max_connections_per_source = 20\n")
 
 
 @pytest.fixture(scope="session")

@@ -106,9 +106,13 @@ def server_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_server(*args: str, cwd: Path | str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """`python -m geventpop3 ARGS` to completion (start-up errors, --help): output captured."""
-    return subprocess.run([*GEVENTPOP3, *args], cwd=cwd or REPO, env=server_env(), capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    """`python -m geventpop3 ARGS` to completion (start-up errors, --help): output captured.
+    With MSMP over TCP (-P or -L) and no --admin-socket, `--admin-socket none` is added: the
+    default socket is one per machine for root, which servers of other tests may hold."""
+    tcp = any(arg in ("-P", "-L", "--admin-port", "--admin-address") for arg in args)
+    extra = ["--admin-socket", "none"] if tcp and "--admin-socket" not in args else []
+    return subprocess.run([*GEVENTPOP3, *args, *extra], cwd=cwd or REPO, env=server_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
 
 
 class ServerProcess:
@@ -150,9 +154,13 @@ class ServerProcess:
         weakref.finalize(self, shutil.rmtree, ready_dir, True)
         self.ready_path = ready_dir / "ready.json"
         self.env = server_env(env)
+        # MSMP's socket of its own (the default is one per machine for root), as well as TCP.
+        self.admin_socket = root / "msmp.sock"
+        assert len(bytes(self.admin_socket)) <= 107, f"socket path too long: {self.admin_socket}"
         args = [*GEVENTPOP3, *(arg for host in listen or () for arg in ("-l", host)), "-p", str(self.port),
                 "-P", str(self.admin_port), *(arg for host in admin_listen or () for arg in ("-L", host)),
-                "-d", str(self.maildir), "--state-dir", str(self.state_dir), "--config", str(self.config_path)]
+                "-d", str(self.maildir), "--state-dir", str(self.state_dir), "--config", str(self.config_path),
+                "--admin-socket", str(self.admin_socket)]
         for name, password in self.users.items():
             args += ["-u", f"{name}:{password}"]
         if admin:
@@ -217,8 +225,12 @@ class ServerProcess:
         return found
 
     def msmp_client(self, host: str | None = None, timeout: float = 10.0) -> MsmpClient:
-        """An MSMP client for this server, not yet connected."""
+        """An MSMP client for this server over TCP, not yet connected."""
         return MsmpClient(host or self.admin_host, self.admin_port, timeout)
+
+    def socket_client(self, timeout: float = 10.0) -> MsmpClient:
+        """An MSMP client for this server's UNIX socket, not yet connected."""
+        return MsmpClient(path=str(self.admin_socket), timeout=timeout)
 
     def admin_client(self, host: str | None = None, timeout: float = 15.0) -> MsmpClient:
         """A connected, logged-in MSMP client; the caller closes it."""
@@ -426,7 +438,9 @@ def running_app(argv: Sequence[str]) -> Iterator[App]:
     from geventpop3.flags import parse_config
     from geventpop3.process.server import App
 
-    app = App(parse_config(list(argv)))
+    # MSMP over TCP only (callers give -P): the default socket is one per machine for root.
+    socket_args = [] if "--admin-socket" in argv else ["--admin-socket", "none"]
+    app = App(parse_config([*argv, *socket_args]))
     runner = gevent.spawn(app.run)
     wait_until(lambda: app.admin_servers or runner.dead)
     assert not runner.dead, runner.value

@@ -8,8 +8,11 @@ never accepts on a blocking socket.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
+import stat
 from collections.abc import Sequence
 
 from gevent import socket
@@ -54,8 +57,115 @@ def open_listeners(addresses: Sequence[str] | None, port: int, label: str,
     return listeners
 
 
+UNIX_BACKLOG = 128
+
+
+def open_unix_listener(path: str, label: str, owner: tuple[int, int] = (-1, -1),
+                       group_access: bool = False, notes: list[str] | None = None) -> socket.socket:
+    """A listening UNIX socket at `path`, made mode 0600 (0660 with `group_access`) from its
+    start (no moment wider), then given to `owner` (uid, gid; -1: unchanged) without
+    following a link. OSError whose text names the label and path otherwise.
+
+    Its directory is made (0755) if missing; it must be a directory that no one but root,
+    us or `owner` can write to (unless sticky), or anyone could replace the socket. What is
+    at `path` already: a socket no one listens on (left by a killed server) is replaced; a
+    live one is another server's, a link or any other file is not ours: the start stops
+    there, nothing followed or removed. A replaced socket is said in `notes` (for the log
+    once started: a start that fails later stays one line), else logged now."""
+    directory = os.path.dirname(path) or "."
+    try:
+        os.makedirs(directory, mode=0o755, exist_ok=True)
+        _check_directory(directory, owner[0])
+        if _clear_stale(path):
+            note = f"removed the stale socket {path}"
+            if notes is not None:
+                notes.append(note)
+            else:
+                log.info("%s", note)
+        old_umask = os.umask(0o117 if group_access else 0o177)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+        except BaseException:
+            sock.close()
+            raise
+        finally:
+            os.umask(old_umask)
+        try:
+            if owner != (-1, -1):
+                os.chown(path, owner[0], owner[1], follow_symlinks=False)
+            sock.listen(UNIX_BACKLOG)
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if why.startswith("cannot "):
+            raise
+        raise OSError(exc.errno, f"cannot listen for {label} on {path}: {why}") from None
+    return sock
+
+
+def _check_directory(directory: str, owner_uid: int) -> None:
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode):
+        raise OSError(errno.ENOTDIR, f"{directory} is not a directory")
+    if info.st_uid not in (0, os.geteuid(), owner_uid):
+        raise OSError(errno.EPERM, f"its directory {directory} belongs to uid {info.st_uid}, "
+                                   "who could replace the socket")
+    if info.st_mode & 0o022 and not info.st_mode & stat.S_ISVTX:
+        raise OSError(errno.EPERM, f"its directory {directory} is writable by others, who could replace the socket")
+
+
+def _clear_stale(path: str) -> bool:
+    """Remove a socket at `path` that no one listens on (True); OSError for anything else there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISSOCK(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a socket"
+        raise OSError(errno.EEXIST, f"it exists and is {kind}: not replaced")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except ConnectionRefusedError:
+        os.unlink(path)  # stale: a server that died without removing it
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass  # a full backlog, a timeout: someone is there
+    finally:
+        probe.close()
+    raise OSError(errno.EADDRINUSE, "another server listens there")
+
+
+def socket_inode(path: str) -> int | None:
+    """The inode of the socket at `path` (None if none is there): what `remove_unix_socket` checks."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    return info.st_ino if stat.S_ISSOCK(info.st_mode) else None
+
+
+def remove_unix_socket(path: str, inode: int | None) -> None:
+    """Remove the socket file at `path` if it is still the one we bound (`inode`): a later
+    server's socket stays. Quietly nothing when not allowed (a directory owned by root
+    after the drop: the next start replaces it)."""
+    if inode is not None and socket_inode(path) == inode:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 def describe(sock: socket.socket) -> str:
-    """`host:port` of a listener for the log, with IPv6 hosts in brackets."""
+    """`host:port` of a listener for the log, with IPv6 hosts in brackets; a UNIX socket's path."""
+    if sock.family == socket.AF_UNIX:
+        return str(sock.getsockname())
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

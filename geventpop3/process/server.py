@@ -173,6 +173,8 @@ class Server:
         self.store: Store | None = None
         self.persister: Persister | None = None
         self.bound: dict[str, list[socket]] = {}  # listening sockets by service, before they serve
+        self.admin_socket_file: tuple[int, int | None] = (0, None)  # (binding pid, inode): removed at the end
+        self.start_notes: list[str] = []  # said once started (log_start): a failed start stays one line
         self.hasher = Hasher()  # the password checks' threads: the context's (users and admins)
         self.users = UsersSource(config.users_file, config.users, [DEMO_USER] if config.demo else [])
         self.serving = False  # start-up done: SIGHUP reloads at once
@@ -358,10 +360,16 @@ class Server:
             self.bound["pop3"] = listen.open_listeners(config.pop3_addresses, config.pop3_port, "POP3")
             if config.tls is not None and config.pop3s_port:
                 self.bound["pop3s"] = listen.open_listeners(config.pop3_addresses, config.pop3s_port, "POP3S")
-            self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
-                                                       defaults=listen.LOOPBACK)
-            if not config.admin_tls:
-                config.warnings.extend(_plaintext_admin_warnings(self.bound["msmp"]))
+            if config.admin_socket is not None:
+                self.bound["msmp_socket"] = [listen.open_unix_listener(
+                    config.admin_socket, "MSMP", self._admin_socket_owner(), config.admin_group is not None,
+                    self.start_notes)]
+                self.admin_socket_file = (os.getpid(), listen.socket_inode(config.admin_socket))
+            if config.admin_port is not None:
+                self.bound["msmp"] = listen.open_listeners(config.admin_addresses, config.admin_port, "MSMP",
+                                                           defaults=listen.LOOPBACK)
+                if not config.admin_tls:
+                    config.warnings.extend(_plaintext_admin_warnings(self.bound["msmp"]))
             if config.metrics_port is not None:
                 self.bound["metrics"] = listen.open_listeners([config.metrics_address], config.metrics_port,
                                                               "metrics")
@@ -395,6 +403,13 @@ class Server:
         self.failed = True
         self.stopping.set()
 
+    def _admin_socket_owner(self) -> tuple[int, int]:
+        """Who owns the admin socket: the server's user (--run-as, else whoever starts it), and
+        `admin_group` when set (-1: unchanged)."""
+        run_as = self.config.run_as
+        gid = self.config.admin_group if self.config.admin_group is not None else (run_as.gid if run_as else -1)
+        return (run_as.uid if run_as else -1), gid
+
     def drop_privileges(self) -> None:
         """Become the --run-as user for good, before any Maildir, state or users file is read."""
         identity = self.config.run_as
@@ -421,6 +436,8 @@ class Server:
             log.info("listening: %s", ", ".join(self.listening))
         for warning in self.config.warnings:
             log.warning("%s", warning)
+        for note in self.start_notes:
+            log.info("%s", note)
         for note in self.users.notes:
             log.log(logging.INFO if identity else logging.DEBUG, "%s", note)  # a worker's: the supervisor's too
 
@@ -441,6 +458,7 @@ class Server:
         """Start MSMP (over `backend`, else the context's own) and the metrics endpoint."""
         self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
                                                  listeners=self.bound.pop("msmp", []), reload=self.reload,
+                                                 unix_listeners=self.bound.pop("msmp_socket", []),
                                                  server_tls=ctx.tls if self.config.admin_tls else None,
                                                  backend=backend)
         for listener in self.bound.pop("metrics", []):
@@ -543,6 +561,9 @@ class Server:
             for sock in sockets:
                 sock.close()
         self.bound.clear()
+        pid, inode = self.admin_socket_file
+        if self.config.admin_socket is not None and pid == os.getpid():  # never a forked child's
+            listen.remove_unix_socket(self.config.admin_socket, inode)
 
     def _on_setting(self, key: str, old: object, new: object) -> None:
         if key == "log_level":

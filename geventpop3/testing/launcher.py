@@ -56,6 +56,18 @@ def child_env(env: Mapping[str, str] | None = None, tmp: Path | None = None) -> 
     return merged
 
 
+def tcp_only_msmp(source: str | os.PathLike[str] = SOURCE) -> list[str]:
+    """`--admin-socket none` for the server of the tree at `source`, if it has that flag; for a
+    command line that gives MSMP a TCP port. The default socket is one per machine for root
+    (/run/geventpop3/msmp.sock): servers started side by side would contend for it. An older
+    tree has no socket, and no flag: nothing to add."""
+    try:
+        known = "--admin-socket" in Path(source, "geventpop3", "flags.py").read_text(encoding="utf-8")
+    except OSError:
+        known = False
+    return ["--admin-socket", "none"] if known else []
+
+
 def _prctl() -> Callable[..., int] | None:
     """libc's prctl, looked up now: between fork and exec only the call may run."""
     if sys.platform != "linux":

@@ -174,6 +174,8 @@ class Pop3TestServer:
         self._log_mark = 0
         self._initial = dict(self.users)  # what clear() brings the users back to
         self._users_file = self.root / "users"
+        socket_path = self.root / "msmp.sock"  # MSMP's UNIX socket (TCP on `admin_port` too)
+        self.admin_socket: Path | None = socket_path if len(bytes(socket_path)) <= 107 else None
         self._entries: dict[tuple[str, str], str] = {}  # (name, password) -> its line's hash, kept across rewrites
         self._changed: dict[str, str] = {}  # setting -> value before set()
         self._client: MsmpClient | None = None
@@ -195,6 +197,8 @@ class Pop3TestServer:
                                                         for key, value in config.items()))
         self._write_users_file()
         argv = [sys.executable, "-m", "geventpop3", "-l", self.host, "-p", "0", "-L", self.host, "-P", "0",
+                # a socket of its own (the default is one per machine for root), if its path fits one
+                "--admin-socket", str(self.admin_socket) if self.admin_socket is not None else "none",
                 "-d", str(self.maildir), "--no-state", "--config", str(self.root / "server.toml"),
                 "--users-file", str(self._users_file), "-a", f"{self.admin_user}:{cheap_hash(self.admin_password)}",
                 "--workers", "1"]  # one process: fastest to start; the launcher adds --ready-file

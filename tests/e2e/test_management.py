@@ -196,6 +196,7 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "max_connections_per_ip": "40",
         "max_sessions_per_user_ip": "3",
         "admin_max_connections": "15",
+        "admin_max_connections_per_source": "3",
         "admin_login_timeout": "20",
         "login_failure_delay": "0.05",
         "max_login_failures": "5",

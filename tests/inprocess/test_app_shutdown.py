@@ -101,7 +101,7 @@ def test_every_session_is_logged_out_before_shutdown_returns(app: App, monkeypat
 def test_no_server_greenlet_outlives_the_app(tmp_path: Path) -> None:
     config = parse_config([
         "-d", str(tmp_path / "mail"), "--state-dir", str(tmp_path / "state"), "-p", "0", "-l", "127.0.0.1",
-        "-P", "0", "-L", "127.0.0.1", "-u", "alice:alicepw", "-a", "admin:adminpw",
+        "-P", "0", "-L", "127.0.0.1", "-u", "alice:alicepw", "-a", "admin:adminpw", "--admin-socket", "none",
     ])
     app = App(config)
     runner = gevent.spawn(app.run)

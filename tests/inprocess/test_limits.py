@@ -8,6 +8,7 @@ Timeouts are made short through the settings; waits are polled, never slept.
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,6 +65,29 @@ def admin_port(ctx: ServerContext) -> Iterator[int]:
     yield servers[0].socket.getsockname()[1]
     for server in servers:
         server.stop(timeout=5)
+
+
+@pytest.fixture
+def admin_both(ctx: ServerContext, tmp_path: Path) -> Iterator[tuple[int, str]]:
+    """One MSMP service on 127.0.0.1 (TCP) and on a UNIX socket: (port, path)."""
+    path = str(tmp_path / "msmp.sock")
+    servers = start_admin_servers(ctx, [], 0, listeners=listen.open_listeners(["127.0.0.1"], 0, "MSMP"),
+                                  unix_listeners=[listen.open_unix_listener(path, "MSMP")])
+    yield servers[0].socket.getsockname()[1], path
+    for server in servers:
+        server.stop(timeout=5)
+
+
+def unix_client(path: str) -> LineClient:
+    """A LineClient on a UNIX socket: the class only needs `sock`, a buffer and a greeting."""
+    client = LineClient.__new__(LineClient)
+    client.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.sock.settimeout(10)
+    client.sock.connect(path)
+    client._buffer = bytearray()
+    client.max_line = None
+    client.greeting = client.line()
+    return client
 
 
 def trickle_until_closed(client: LineClient, pause: float = 0.1, limit: float = 10.0) -> tuple[bytes, float]:
@@ -285,3 +309,52 @@ def test_the_linger_after_quit_ends_in_time_however_the_client_trickles(admin_po
         time.sleep(0.1)  # the trickle's pace, not a wait for the server
     seconds = time.monotonic() - start
     assert seconds <= LINGER_SECONDS + SLACK, seconds
+
+
+TOO_MANY_FROM_SOURCE = b"-ERR Too many connections from your source, try again later\r\n"
+
+
+def source_client(port: int, source: str) -> LineClient:
+    client = LineClient.__new__(LineClient)
+    client.sock = socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0))
+    client._buffer = bytearray()
+    client.max_line = None
+    client.greeting = client.line()
+    return client
+
+
+def test_one_source_cannot_hold_every_admin_slot(ctx: ServerContext, admin_port: int) -> None:
+    """Over TCP: at most admin_max_connections_per_source from one address; another address still gets in."""
+    ctx.settings.apply("admin_max_connections", 5, "test")
+    ctx.settings.apply("admin_max_connections_per_source", 3, "test")
+    held = [source_client(admin_port, "127.0.0.2") for _ in range(3)]
+    assert all(client.greeting.startswith(b"+OK MSMP1") for client in held)
+    over = source_client(admin_port, "127.0.0.2")
+    assert over.greeting == TOO_MANY_FROM_SOURCE[:-2]
+    assert ctx.metrics.admin_refused == 1
+    admin = source_client(admin_port, "127.0.0.1")
+    assert admin.greeting.startswith(b"+OK MSMP1")
+    assert admin.login("admin", "pw") == b"+OK Logged in"
+    assert held[0].cmd("QUIT") == b"+OK Bye"
+
+    def accepted_again() -> LineClient | None:  # the freed slot, once the QUIT session's linger is over
+        client = source_client(admin_port, "127.0.0.2")
+        return client if client.greeting.startswith(b"+OK MSMP1") else None
+
+    assert wait_until(accepted_again, interval=0.1).login("admin", "pw") == b"+OK Logged in"
+
+
+def test_the_socket_has_slots_of_its_own_and_a_cap_per_uid(ctx: ServerContext, admin_both: tuple[int, str]) -> None:
+    """A TCP flood that takes every slot does not take the socket's; on the socket the source is the peer uid."""
+    admin_port, admin_socket = admin_both
+    ctx.settings.apply("admin_max_connections", 3, "test")
+    ctx.settings.apply("admin_max_connections_per_source", 2, "test")
+    tcp = [source_client(admin_port, f"127.0.0.{n}") for n in (2, 3, 4)]
+    assert all(client.greeting.startswith(b"+OK MSMP1") for client in tcp)
+    assert source_client(admin_port, "127.0.0.5").greeting.startswith(b"-ERR Too many connections, try")
+    local = [unix_client(admin_socket) for _ in range(2)]
+    assert all(client.greeting.startswith(b"+OK MSMP1") for client in local)
+    assert local[0].login("admin", "pw") == b"+OK Logged in"
+    assert local[0].cmd("STAT") == b"+OK"
+    over = unix_client(admin_socket)
+    assert over.greeting == TOO_MANY_FROM_SOURCE[:-2]

@@ -289,7 +289,8 @@ def test_idle_timeout_closes_the_session(ctx: ServerContext, connect) -> None:
     assert time.monotonic() - started >= 0.9
 
 
-def test_many_sessions_at_once(connect) -> None:
+def test_many_sessions_at_once(ctx: ServerContext, connect) -> None:
+    ctx.settings.apply("admin_max_connections_per_source", 10, "test")  # all from 127.0.0.1
     clients = [connect() for _ in range(10)]
     for number, client in enumerate(clients):
         client.send(f"ADD user{number} pw\r\n".encode())
