@@ -606,7 +606,7 @@ def _plaintext_admin_warnings(listeners: list[socket]) -> list[str]:
     return warnings
 
 
-SERVICE_NAMES = {"pop3": "POP3", "pop3s": "POP3S", "msmp": "MSMP", "metrics": "metrics"}
+SERVICE_NAMES = {"pop3": "POP3", "pop3s": "POP3S", "msmp_socket": "MSMP socket", "msmp": "MSMP", "metrics": "metrics"}
 
 
 def describe_listeners(bound: dict[str, list[socket]], admin_tls: bool) -> list[str]:

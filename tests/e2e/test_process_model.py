@@ -117,7 +117,8 @@ def check_the_tree(server: ServerProcess, tls_files: TlsFiles, pop3s: int, metri
     assert uids(keeper) == [0, 0, 0, 0]  # the one process that stays root
     log = server.log()
     assert (f"listening: POP3 on 127.0.0.1:{server.port}, POP3S on 127.0.0.1:{pop3s}, "
-            f"MSMP on 127.0.0.1:{server.admin_port}, metrics on 127.0.0.1:{metrics}") in log
+            f"MSMP socket on {server.admin_socket}, MSMP on 127.0.0.1:{server.admin_port}, "
+            f"metrics on 127.0.0.1:{metrics}") in log
     assert "geventpop3 ready:" in log and "workers=2 (worker 0 pid" in log
     assert log.count("INFO worker") == 0  # no line per worker at start: the supervisor says it once
 
