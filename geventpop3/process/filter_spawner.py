@@ -44,6 +44,7 @@ from gevent import socket
 from gevent.pool import Pool
 from gevent.subprocess import Popen
 
+from geventpop3.process.keeper import set_title
 from geventpop3.service import reaper
 from geventpop3.service.filters import FD_COUNT, MESSAGE_MAX, SPAWNER_ENV
 from geventpop3.service.privileges import Identity
@@ -131,7 +132,9 @@ def start(identity: Identity, server_uid: int, inherited: Iterable[socket.socket
 
 
 def _die_with_server() -> None:
-    """SIGTERM when the server dies (Linux); the parent check covers the rest. Named for `ps -o comm`."""
+    """SIGTERM when the server dies (Linux); the parent check covers the rest. Titled for `ps`,
+    named for `ps -o comm` (after the title, which would shorten it)."""
+    set_title("geventpop3: filter spawner")
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

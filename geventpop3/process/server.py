@@ -390,9 +390,9 @@ class Server:
         """Fork the keeper (geventpop3.process.keeper) now, before the drop: what it keeps of
         root serves only to start workers (`worker`, on `listeners`) and to read the key."""
         self.preload()
-        self.start_filter_spawner()  # first: the keeper's workers inherit its name in the environment
         gc.collect()
         gc.freeze()  # what the keeper and its workers share is never written by a collection
+        self.start_filter_spawner()  # before the keeper: its workers inherit the name in the environment
         self.keeper = Keeper.start(self, listeners, worker)
         self.keeper.on_gone = self._keeper_gone
 
