@@ -79,10 +79,19 @@ class Channel:
         try:
             for data in head:
                 self.sock.sendall(data)
+            outbox = self._outbox
             while True:
-                queued = self._outbox.get()
+                queued = outbox.get()
                 if queued is None:
                     return
+                if outbox.qsize():  # what was queued meanwhile goes in the same write (one syscall)
+                    batch = [queued]
+                    while outbox.qsize() and (queued := outbox.get_nowait()) is not None:
+                        batch.append(queued)
+                    self.sock.sendall(b"".join(batch))
+                    if queued is None:
+                        return
+                    continue
                 self.sock.sendall(queued)
         except OSError as exc:  # the peer is gone: its reader sees EOF and says so
             log.debug("channel: send failed: %s", exc)

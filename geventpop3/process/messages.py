@@ -13,7 +13,13 @@ worker that speaks another one (started from another checkout, say) before it se
 anything. Raise PROTOCOL_VERSION whenever a message or a field changes.
 
 Supervisor -> worker: Init (the answer to Hello), Set, User, DelUser, Reload,
-PenaltyClear, StoreState. Worker -> supervisor: Hello, Ready, Ack, Report.
+PenaltyClear, StoreState, Answer, Refresh. Worker -> supervisor: Hello, Ready, Ack, Report,
+Ask, Tell.
+
+Ask and Answer are a request and its answer, matched by `id`: the worker's questions to
+the supervisor's one accounting of connections, logins and failures
+(geventpop3.core.accounting, geventpop3.process.accountant); Tell is what needs no
+answer. Refresh asks a worker for a Report now (MSMP STAT, a Prometheus scrape).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, get_args, get_origin, get
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 
 class MessageError(ValueError):
@@ -131,7 +137,52 @@ class Report:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-ControlMessage = Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
+@dataclass(frozen=True)
+class Ask:
+    """A worker asks the supervisor's accounting (geventpop3.core.accounting), answered by an
+    `Answer` of the same `id`: `connect` (may `source` open a connection?), `login` (may `user`
+    log in from `source`? its failures), `failed` (a failed guess: its delay)."""
+
+    OP: ClassVar[str] = "ask"
+    id: int
+    what: Literal["connect", "login", "failed"]
+    source: str
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The supervisor's answer to the worker's `Ask` of the same `id`: `refused` names the
+    limit that refuses ("" if none); `value` is a login's failures or a failure's delay."""
+
+    OP: ClassVar[str] = "answer"
+    id: int
+    refused: str = ""
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Tell:
+    """What the supervisor's accounting is told and need not answer: a connection ended
+    (`disconnect`), a login ended (`login-done`; `verified`: the password was right)."""
+
+    OP: ClassVar[str] = "tell"
+    what: Literal["disconnect", "login-done"]
+    source: str
+    user: str = ""
+    verified: bool = False
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """The supervisor wants a `Report` now, carrying `refresh` = `id` (STAT, a scrape)."""
+
+    OP: ClassVar[str] = "refresh"
+    id: int
+
+
+ControlMessage = (Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
+                  | Ask | Answer | Tell | Refresh)
 TYPES: dict[str, type[ControlMessage]] = {cls.OP: cls for cls in get_args(ControlMessage)}
 
 
@@ -230,6 +281,9 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
     elif hint is int:
         if _is_int(value):
             return value
+    elif hint is float:
+        if _is_int(value) or isinstance(value, float):
+            return float(value)
     elif hint in (str, bool) and isinstance(value, hint):
         return value
     raise MessageError(f"{where} is not {getattr(hint, '__name__', hint)}: {value!r}"[:200])
