@@ -335,6 +335,12 @@ class WorkerPool:
             self.refreshed.set()
 
     def _ask(self, worker: WorkerState, process: subprocess.Popen[bytes], message: Ask) -> None:
+        if message.what == "failed":  # may wait for the shared database: the worker's other questions go on
+            gevent.spawn(self._answer, worker, message)
+        else:
+            self._answer(worker, message)
+
+    def _answer(self, worker: WorkerState, message: Ask) -> None:
         channel = self.channels.get(worker.index)
         if self.accounting is not None and channel is not None:
             channel.send(messages.encode(accountant.answer(self.accounting, message, worker.index)))
