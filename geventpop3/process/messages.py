@@ -224,7 +224,7 @@ def decode(frame: dict[str, Any]) -> Received:
             if required:
                 raise MessageError(f"{op}: no {name}")
             continue
-        values[name] = check(frame[name], op, name)
+        values[name] = check(frame[name], cls.OP, name)
     return Received(cls(**values), seq)
 
 
