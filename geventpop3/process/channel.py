@@ -121,8 +121,8 @@ class Channel:
                     dropping = False
                     continue
                 try:
-                    message = json.loads(line)
-                except ValueError:
+                    message = _DECODER.decode(line.decode())
+                except ValueError:  # UnicodeDecodeError too
                     log.error("channel: malformed message dropped")
                     continue
                 if isinstance(message, dict):
@@ -143,7 +143,13 @@ class Channel:
 
 
 def encode(message: Frame) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
+
+
+# One of each, made once: json.dumps with separators builds an encoder per call, and json.loads
+# of bytes guesses their encoding first; the accounting sends several messages per connection.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
 
 
 def sealed_copy(data: bytes) -> int:

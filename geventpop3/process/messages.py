@@ -254,7 +254,13 @@ _SPECS: dict[type[ControlMessage], list[tuple[str, bool, Check]]] = {}
 
 def _check(hint: Any) -> Check:
     """A check of one field's type, a direct one for the plain types (what _conform does, faster)."""
-    exact: type | None = hint if hint in (str, bool) else None
+    if hint is float:
+        def number(value: Any, op: str, name: str) -> Any:
+            if type(value) is float or type(value) is int:
+                return float(value)
+            return _conform(value, hint, f"{op}: {name}")  # raises
+        return number
+    exact: type | None = hint if hint in (str, bool, int) else None
     if exact is not None:
         def plain(value: Any, op: str, name: str) -> Any:
             if type(value) is exact:

@@ -11,10 +11,21 @@ from __future__ import annotations
 import os
 import signal
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
-from helpers import LineClient, ServerProcess, admin, counters, crlf, one_per_worker, wait_until, worker_serving
+from helpers import (
+    LineClient,
+    ServerProcess,
+    admin,
+    counters,
+    crlf,
+    free_port,
+    one_per_worker,
+    wait_until,
+    worker_serving,
+)
 
 PER_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
 BASE = 0.01
@@ -32,6 +43,20 @@ def refused(server: ServerProcess, source: str) -> bytes:
         return client.read_until_closed(timeout=5, reset_ok=True)
     finally:
         client.close()
+
+
+def admitted(server: ServerProcess, source: str) -> LineClient:
+    """A greeted connection from `source`, polled for: a place freed by a close counts once
+    the server saw the close."""
+    def attempt() -> LineClient | None:
+        client = LineClient(server.port, greet=False, source=source)
+        client.greeting = client.line()
+        if client.greeting.startswith(b"+OK"):
+            return client
+        client.close()
+        return None
+
+    return wait_until(attempt)
 
 
 @pytest.fixture
@@ -81,7 +106,7 @@ def test_the_per_address_cap_holds_across_two_workers(cluster: Callable[..., Ser
     """Regression: each worker admitted max_connections_per_ip, twice the setting in all."""
     server = cluster(config="max_connections_per_ip = 10\n")
     source = "127.0.0.8"
-    with one_per_worker(server, connect=lambda: LineClient(server.port, source=source)) as spread:
+    with one_per_worker(server, connect=lambda: admitted(server, source)) as spread:
         wait_until(lambda: current_connections(server) == 2)  # the extras one_per_worker closed are gone
         held = [LineClient(server.port, source=source) for _ in range(8)]
         try:
@@ -105,21 +130,14 @@ def test_the_per_address_cap_holds_across_two_workers(cluster: Callable[..., Ser
 def test_a_killed_workers_connections_no_longer_count(cluster: Callable[..., ServerProcess]) -> None:
     server = cluster(config="max_connections_per_ip = 2\n")
     source = "127.0.0.10"
-    with one_per_worker(server, connect=lambda: LineClient(server.port, source=source)) as spread:
+    with one_per_worker(server, connect=lambda: admitted(server, source)) as spread:
         wait_until(lambda: current_connections(server) == 2)
         assert refused(server, source) == PER_SOURCE
         victim, survivor = spread
         os.kill(victim, signal.SIGKILL)
         assert spread[victim].read_until_closed(timeout=5, reset_ok=True) == b""
 
-        def admitted() -> LineClient | None:
-            client = LineClient(server.port, greet=False, source=source)
-            if client.line().startswith(b"+OK"):  # greeted, not refused
-                return client
-            client.close()
-            return None
-
-        new = wait_until(admitted)
+        new = admitted(server, source)  # once the supervisor has seen the worker die
         try:
             assert refused(server, source) == PER_SOURCE  # the survivor's and the new one: 2 again
         finally:
@@ -127,12 +145,15 @@ def test_a_killed_workers_connections_no_longer_count(cluster: Callable[..., Ser
 
 
 def test_stat_right_after_five_connections_shows_them(cluster: Callable[..., ServerProcess]) -> None:
-    """Regression: workers reported twice a second, so STAT said 0 current connections for up to 0.5 s."""
-    server = cluster()
+    """Regression: workers reported twice a second, so STAT (and a scrape) said 0 current
+    connections for up to 0.5 s."""
+    metrics_port = free_port()
+    server = cluster(extra_args=["--metrics-port", str(metrics_port)])
     server.deliver("alice", crlf(b"Subject: one\n\nbody\n"))
     with admin(server) as client:
         before = wait_until(lambda: (stat := counters(client))["Current connections"] == 0 and stat)
-        with one_per_worker(server, made=(made := [])) as spread:
+        made: list[int] = []
+        with one_per_worker(server, made=made) as spread:
             extra = [LineClient(server.port) for _ in range(3)]
             first, second = spread.values()
             assert first.login("alice", "alicepw").startswith(b"+OK")
@@ -144,5 +165,8 @@ def test_stat_right_after_five_connections_shows_them(cluster: Callable[..., Ser
             assert stat["Logins ok"] == before["Logins ok"] + 2, stat
             assert stat["Messages retrieved"] == before["Messages retrieved"] + 1, stat
             assert stat["Historical maximum traffic"] >= 5, stat
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+                scraped = response.read().decode()
+            assert "geventpop3_current_connections 5.0" in scraped, scraped
             for c in extra:
                 c.close()

@@ -516,10 +516,14 @@ class Pop3Service:
             else:
                 self._refuse(sock, TOO_MANY, implicit_tls)
             return
+        try:
+            # Behind a proxy the server address is the one the client reached (the proxy's).
+            server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
+            session = Pop3Session(self, sock, peer, server)
+        except BaseException:
+            self.ctx.accounting.disconnect(peer.source)  # counted above: not a session after all
+            raise
         metrics.connection_opened()
-        # Behind a proxy the server address is the one the client reached (the proxy's).
-        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
-        session = Pop3Session(self, sock, peer, server)
         self.sessions.add(session)
         session.greenlet = cast("gevent.Greenlet[..., None]", gevent.getcurrent())  # the server spawned it
         session.start(implicit_tls)
