@@ -11,7 +11,7 @@ user from one source in flight) and the authentication penalty (geventpop3.core.
   failures its source has (a source with failures waits behind clean ones for a hash thread);
 - `login_done(user, source, verified)`: it ended; `verified`: the password was right, so the
   source's penalty is forgotten;
-- `failed(source)`: a guess failed; the seconds its answer waits.
+- `failed(source, user)`: a guess failed; the seconds its answer waits.
 
 `LocalAccounting` keeps all of it in this process: the single process (`--workers 1`) and
 the supervisor of `--workers N`, which holds it for every worker (each of its calls takes an
@@ -50,8 +50,8 @@ class Accounting(Protocol):
 
     def login_done(self, user: str, source: str, verified: bool) -> None: ...
 
-    def failed(self, source: str) -> float:
-        """Count a failed guess; the seconds its answer waits."""
+    def failed(self, source: str, user: str = "") -> float:
+        """Count a failed guess (at `user`, "" if none was named); the seconds its answer waits."""
         ...
 
 
@@ -110,8 +110,8 @@ class LocalAccounting:
         if verified:
             self.penalty.succeeded(source)
 
-    def failed(self, source: str, owner: int = 0) -> float:
-        return self.penalty.failed(source)
+    def failed(self, source: str, user: str = "", owner: int = 0) -> float:
+        return self.penalty.failed(source)  # by source alone (per user too: issue 22)
 
     def forget(self, owner: int) -> None:
         """Worker `owner` is gone: its connections and logins in flight with it (its

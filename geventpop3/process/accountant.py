@@ -61,9 +61,9 @@ class RemoteAccounting:
     def login_done(self, user: str, source: str, verified: bool) -> None:
         self.channel.send(messages.encode(Tell("login-done", source, user, verified)))
 
-    def failed(self, source: str) -> float:
-        answer = self._ask("failed", source)
-        return answer.value if answer is not None else self.local.failed(source)
+    def failed(self, source: str, user: str = "") -> float:
+        answer = self._ask("failed", source, user)
+        return answer.value if answer is not None else self.local.failed(source, user)
 
     def answered(self, answer: Answer) -> None:
         """The supervisor's `Answer`: wakes the greenlet that asked (none if it gave up)."""
@@ -95,7 +95,7 @@ def answer(accounting: LocalAccounting, ask: Ask, owner: int) -> Answer:
     if ask.what == "login":
         failures = accounting.login(ask.user, ask.source, owner)
         return Answer(ask.id, REFUSED_LOGIN) if failures is None else Answer(ask.id, value=failures)
-    return Answer(ask.id, value=accounting.failed(ask.source, owner))
+    return Answer(ask.id, value=accounting.failed(ask.source, ask.user, owner))
 
 
 def told(accounting: LocalAccounting, tell: Tell, owner: int) -> None:

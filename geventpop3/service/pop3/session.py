@@ -398,7 +398,8 @@ class Pop3Session:
                     self.peer.address, self.peer.port, mech, self._tls_description(), reason)
         if user is not None:  # AUTH refused before its exchange names nobody
             self._record("login-failed", user, detail=f"reason={reason}")
-        delay = self.ctx.accounting.failed(self.peer.source) if reason in DELAYED_FAILURES else None
+        failed = self.ctx.accounting.failed
+        delay = failed(self.peer.source, user or "") if reason in DELAYED_FAILURES else None
         return self.connection.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:

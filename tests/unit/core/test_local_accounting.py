@@ -46,8 +46,8 @@ def test_a_dead_owners_connections_and_logins_are_taken_back_and_its_late_ends_i
 
 def test_failures_escalate_whichever_owner_saw_them_and_a_right_password_forgets_them() -> None:
     acct = accounting()
-    assert [acct.failed("192.0.2.1", owner) for owner in (0, 1, 0, 1)] == [1, 2, 4, 8]
+    assert [acct.failed("192.0.2.1", "alice", owner) for owner in (0, 1, 0, 1)] == [1, 2, 4, 8]
     assert acct.login("bob", "192.0.2.1", 1) == 4  # its failures: the hash queue's priority
     acct.login_done("bob", "192.0.2.1", True, 1)
     assert acct.penalty.failures("192.0.2.1") == 0
-    assert acct.failed("192.0.2.1", 0) == 1
+    assert acct.failed("192.0.2.1", "alice", 0) == 1
