@@ -5,8 +5,11 @@ connections per source, logins per user and source, the authentication penalty),
 Dovecot's anvil does for its login processes, so the limits and the penalty are the
 server's, not each worker's. A worker's `RemoteAccounting` has the same interface and asks
 over its channel: `connect`, `login` and `failed` are an `Ask` answered by an `Answer` of
-the same id (the calling greenlet waits; others run on), `disconnect` and `login_done` a
-`Tell` (nothing to wait for). The supervisor answers each in its reader of that worker's
+the same id (the calling greenlet waits; others run on); `disconnect` and `login_done`
+are gathered for TELL_DELAY into one `Tell` (nothing to wait for), sent at the latest
+just before the next `Ask`, so the supervisor counts an end before any later question.
+Each message costs both processes a wake-up and JSON both ways: fewer of them is what
+keeps a connection cheap. The supervisor answers each in its reader of that worker's
 channel (`answer`, `told`), with the worker's slot as the owner, so a worker that dies
 takes its connections and logins in flight with it (`LocalAccounting.forget`).
 
@@ -20,6 +23,7 @@ import itertools
 import logging
 from typing import Literal
 
+import gevent
 from gevent import Timeout
 from gevent.event import AsyncResult
 
@@ -31,6 +35,10 @@ from geventpop3.process.messages import Answer, Ask, Tell
 log = logging.getLogger(__name__)
 
 ASK_TIMEOUT = 5.0  # seconds a worker waits for the supervisor's answer before deciding alone
+# Seconds the ends of connections and logins are gathered before they are told (unless a
+# question goes first): one message for several sessions. Counts stay high that much
+# longer at most, never lower than they are.
+TELL_DELAY = 0.005
 REFUSED_LOGIN = "max_sessions_per_user_ip"
 
 
@@ -44,13 +52,19 @@ class RemoteAccounting:
         self.pending: dict[int, AsyncResult[Answer]] = {}
         self._ids = itertools.count(1)
         self._warned = False
+        # Ends of connections and logins, gathered for TELL_DELAY (or until the next question)
+        self._disconnects: dict[str, int] = {}
+        self._logins: list[tuple[str, str, bool]] = []
+        self._timer = gevent.get_hub().loop.timer(TELL_DELAY)
+        self._scheduled = False
 
     def connect(self, source: str) -> str:
         answer = self._ask("connect", source)
         return answer.refused if answer is not None else ADMITTED
 
     def disconnect(self, source: str) -> None:
-        self.channel.send(messages.encode(Tell("disconnect", source)))
+        self._disconnects[source] = self._disconnects.get(source, 0) + 1
+        self._later()
 
     def login(self, user: str, source: str) -> int | None:
         answer = self._ask("login", source, user)
@@ -59,7 +73,8 @@ class RemoteAccounting:
         return None if answer.refused else int(answer.value)
 
     def login_done(self, user: str, source: str, verified: bool) -> None:
-        self.channel.send(messages.encode(Tell("login-done", source, user, verified)))
+        self._logins.append((user, source, verified))
+        self._later()
 
     def failed(self, source: str, user: str = "") -> float:
         answer = self._ask("failed", source, user)
@@ -71,7 +86,22 @@ class RemoteAccounting:
         if result is not None:
             result.set(answer)
 
+    def flush(self) -> None:
+        """Send what was told since the last flush, in one `Tell`."""
+        self._timer.stop()
+        self._scheduled = False
+        if self._disconnects or self._logins:
+            tell = Tell(self._disconnects, tuple(self._logins))
+            self._disconnects, self._logins = {}, []
+            self.channel.send(messages.encode(tell))
+
+    def _later(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            self._timer.start(self.flush)
+
     def _ask(self, what: Literal["connect", "login", "failed"], source: str, user: str = "") -> Answer | None:
+        self.flush()  # what was told goes first: an end told before a question counts before it
         ask_id = next(self._ids)
         result: AsyncResult[Answer] = AsyncResult()
         self.pending[ask_id] = result
@@ -100,7 +130,8 @@ def answer(accounting: LocalAccounting, ask: Ask, owner: int) -> Answer:
 
 def told(accounting: LocalAccounting, tell: Tell, owner: int) -> None:
     """What worker `owner` tells the supervisor's accounting."""
-    if tell.what == "disconnect":
-        accounting.disconnect(tell.source, owner)
-    else:
-        accounting.login_done(tell.user, tell.source, tell.verified, owner)
+    for source, count in tell.disconnects.items():
+        for _ in range(count):
+            accounting.disconnect(source, owner)
+    for user, source, verified in tell.logins:
+        accounting.login_done(user, source, verified, owner)

@@ -47,6 +47,7 @@ class Channel:
         self.max_line = max_line
         self._outbox: Queue[bytes | None] = Queue()
         self._writer: gevent.Greenlet[..., None] | None = None
+        self._idle = False  # the writer waits for the next message, everything before it written
         self.closed = False
 
     @classmethod
@@ -62,9 +63,22 @@ class Channel:
         self.send_encoded(encode(message))
 
     def send_encoded(self, data: bytes) -> None:
-        """A message already `encode`d: a broadcast encodes once for every worker."""
-        if not self.closed:
-            self._outbox.put(data)
+        """A message already `encode`d: a broadcast encodes once for every worker. Written at
+        once when nothing is waiting to go (without waking the writer: the accounting's
+        questions and answers are several per connection), else queued."""
+        if self.closed:
+            return
+        if self._idle and not self._outbox.qsize():
+            try:  # never blocks (the socket does not: gevent's): fine on the hub too
+                written = os.write(self.sock.fileno(), data)
+            except BlockingIOError:
+                written = 0
+            except OSError:
+                return  # the peer is gone: the reader sees the end
+            if written == len(data):
+                return
+            data = data[written:]
+        self._outbox.put(data)
 
     def send_now(self, message: Frame, timeout: float = 5.0) -> bool:
         """Send `message` after what is queued and wait until it is written (the last report)."""
@@ -81,7 +95,9 @@ class Channel:
                 self.sock.sendall(data)
             outbox = self._outbox
             while True:
+                self._idle = not outbox.qsize()
                 queued = outbox.get()
+                self._idle = False
                 if queued is None:
                     return
                 if outbox.qsize():  # what was queued meanwhile goes in the same write (one syscall)

@@ -19,7 +19,8 @@ Ask, Tell.
 Ask and Answer are a request and its answer, matched by `id`: the worker's questions to
 the supervisor's one accounting of connections, logins and failures
 (geventpop3.core.accounting, geventpop3.process.accountant); Tell is what needs no
-answer. Refresh asks a worker for a Report now (MSMP STAT, a Prometheus scrape).
+answer (several ends of connections and logins in one message). Refresh asks a worker
+for a Report now (MSMP STAT, a Prometheus scrape).
 """
 
 from __future__ import annotations
@@ -163,14 +164,13 @@ class Answer:
 
 @dataclass(frozen=True)
 class Tell:
-    """What the supervisor's accounting is told and need not answer: a connection ended
-    (`disconnect`), a login ended (`login-done`; `verified`: the password was right)."""
+    """What the supervisor's accounting is told and need not answer, gathered over a few
+    milliseconds: connections that ended (source -> how many), logins that ended (user,
+    source, whether the password was right)."""
 
     OP: ClassVar[str] = "tell"
-    what: Literal["disconnect", "login-done"]
-    source: str
-    user: str = ""
-    verified: bool = False
+    disconnects: dict[str, int] = field(default_factory=dict)
+    logins: tuple[tuple[str, str, bool], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -314,8 +314,10 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
             return None
         return _conform(value, next(arg for arg in args if arg is not type(None)), where)
     elif origin is tuple:
-        if isinstance(value, list):
+        if isinstance(value, list) and (len(args) == 2 and args[1] is Ellipsis):  # tuple[X, ...]
             return tuple(_conform(item, args[0], where) for item in value)
+        if isinstance(value, list) and len(value) == len(args):  # tuple[X, Y, Z]
+            return tuple(_conform(item, arg, where) for item, arg in zip(value, args, strict=True))
     elif origin is dict:
         if isinstance(value, dict):
             return {_conform(k, args[0], where): _conform(v, args[1], where) for k, v in value.items()}

@@ -57,7 +57,8 @@ any_message: st.SearchStrategy[ControlMessage] = st.one_of(
     st.builds(Report, st.dictionaries(text.filter(lambda key: key not in ("op", "seq")), json_values, max_size=4)),
     st.builds(Ask, st.integers(), st.sampled_from(["connect", "login", "failed"]), text, text),
     st.builds(Answer, st.integers(), text, st.floats(allow_nan=False, allow_infinity=False)),
-    st.builds(Tell, st.sampled_from(["disconnect", "login-done"]), text, text, st.booleans()),
+    st.builds(Tell, st.dictionaries(text, st.integers(), max_size=3),
+              st.lists(st.tuples(text, text, st.booleans()), max_size=3).map(tuple)),
     st.builds(Refresh, st.integers()),
 )
 
@@ -89,7 +90,9 @@ def test_every_message_type_has_its_own_op() -> None:
     {"op": "ask", "id": 1, "what": "guess", "source": "192.0.2.1"},
     {"op": "ask", "id": 1, "what": "connect", "source": ["192.0.2.1"]},
     {"op": "answer", "id": 1, "value": "0.5"},
-    {"op": "tell", "what": "disconnect", "source": "192.0.2.1", "verified": 1},
+    {"op": "tell", "disconnects": {"192.0.2.1": "1"}},
+    {"op": "tell", "logins": [["alice", "192.0.2.1"]]},
+    {"op": "tell", "logins": [["alice", "192.0.2.1", 1]]},
     {"op": "init", "settings": {}, "users": {"alice": 1}},
     {"op": "init", "settings": {}, "users": {}, "withdrawn": "alice"},
     {"op": "ready", "pid": 1, "seq": "one"},
