@@ -48,6 +48,7 @@ class Channel:
         self._outbox: Queue[bytes | None] = Queue()
         self._writer: gevent.Greenlet[..., None] | None = None
         self._idle = False  # the writer waits for the next message, everything before it written
+        self._batch: list[bytes] = []  # written in one go once this turn of the event loop ends
         self.closed = False
 
     @classmethod
@@ -63,27 +64,45 @@ class Channel:
         self.send_encoded(encode(message))
 
     def send_encoded(self, data: bytes) -> None:
-        """A message already `encode`d: a broadcast encodes once for every worker. Written at
-        once when nothing is waiting to go (without waking the writer: the accounting's
-        questions and answers are several per connection), else queued."""
+        """A message already `encode`d: a broadcast encodes once for every worker.
+
+        When nothing is waiting for the writer, what is sent during this turn of the event
+        loop is written in one go at its end, without waking the writer (the accounting's
+        questions and answers are several per connection: one wake-up of the other process
+        for all of them); else it is queued behind what waits."""
         if self.closed:
             return
-        if self._idle and not self._outbox.qsize():
-            try:  # never blocks (the socket does not: gevent's): fine on the hub too
-                written = os.write(self.sock.fileno(), data)
-            except BlockingIOError:
-                written = 0
-            except OSError:
-                return  # the peer is gone: the reader sees the end
-            if written == len(data):
-                return
-            data = data[written:]
-        self._outbox.put(data)
+        batch = self._batch
+        if batch:
+            batch.append(data)
+        elif self._idle and not self._outbox.qsize():
+            batch.append(data)
+            gevent.get_hub().loop.run_callback(self._write_batch)
+        else:
+            self._outbox.put(data)
+
+    def _write_batch(self) -> None:
+        """The batch, written without blocking (fine on the hub); what does not fit goes to the writer."""
+        if not self._batch:
+            return
+        data = b"".join(self._batch)
+        self._batch.clear()
+        if self.closed:
+            return
+        try:
+            written = os.write(self.sock.fileno(), data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the peer is gone: the reader sees the end
+        if written < len(data):
+            self._outbox.put(data[written:])
 
     def send_now(self, message: Frame, timeout: float = 5.0) -> bool:
         """Send `message` after what is queued and wait until it is written (the last report)."""
         if self.closed or self._writer is None:
             return False
+        self._write_batch()
         self._outbox.put(encode(message))
         self._outbox.put(None)  # the writer ends after the queued messages
         self._writer.join(timeout)
