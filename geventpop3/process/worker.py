@@ -261,7 +261,10 @@ class Worker:
             ctx.accounting.answered(message)
 
     def _refresh(self, server: Server, ctx: ServerContext, message: Refresh) -> None:
-        """A report now (MSMP STAT, a scrape), marked as the answer to `message`."""
+        """A report now (MSMP STAT, a scrape), marked as the answer to `message`; the ends of
+        connections and logins not yet told go first, so what STAT shows the limits know."""
+        if isinstance(ctx.accounting, RemoteAccounting):
+            ctx.accounting.flush()
         self.channel.send(messages.encode(Report({**report(ctx, self._sent_logged_in), "refresh": message.id})))
 
     def _store_state(self, server: Server, ctx: ServerContext, message: StoreState) -> None:
