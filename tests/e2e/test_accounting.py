@@ -21,6 +21,7 @@ from helpers import (
     admin,
     counters,
     crlf,
+    filter_tmp_dir,
     free_port,
     one_per_worker,
     wait_until,
@@ -28,6 +29,7 @@ from helpers import (
 )
 
 PER_SOURCE = b"-ERR [SYS/TEMP] Too many connections from your address, try again later\r\n"
+TOO_MANY_LOGINS = b"-ERR [IN-USE] Too many logins for this user from your address at once, try again later"
 BASE = 0.01
 CAP = 2.0
 
@@ -125,6 +127,30 @@ def test_the_per_address_cap_holds_across_two_workers(cluster: Callable[..., Ser
         finally:
             for client in held:
                 client.close()
+
+
+def test_logins_in_flight_per_user_and_address_count_across_workers(cluster: Callable[..., ServerProcess]) -> None:
+    """Regression: each worker counted its own logins in flight, so max_sessions_per_user_ip
+    let N parallel password checks of one name from one address through. A login is held
+    in flight on one worker by a filter that waits for a gate file."""
+    with filter_tmp_dir() as gates:
+        started, gate = gates / "started", gates / "gate"
+        script = gates / "held-filter"
+        script.write_text(f"#!/bin/sh\ntouch '{started}'\nwhile [ ! -e '{gate}' ]; do sleep 0.02; done\nexec cat\n")
+        script.chmod(0o755)
+        server = cluster(config="max_sessions_per_user_ip = 1\n", extra_args=["-t", str(script)])
+        server.deliver("alice", crlf(b"Subject: held\n\nbody\n"))
+        with one_per_worker(server) as clients:
+            first, second = clients.values()
+            assert first.cmd("USER alice") == b"+OK"
+            first.send(b"PASS alicepw\r\n")  # its login now waits for the filter, on the first worker
+            wait_until(started.exists)
+            assert second.login("alice", "alicepw") == TOO_MANY_LOGINS  # on the other worker
+            assert second.login("bob", "bobpw").startswith(b"+OK")  # another user: not this cap
+            gate.touch()
+            assert first.line().startswith(b"+OK")
+        with admin(server) as client:
+            assert counters(client)["Logins refused per user and IP"] == 1
 
 
 def test_a_killed_workers_connections_no_longer_count(cluster: Callable[..., ServerProcess]) -> None:
