@@ -65,6 +65,7 @@ class WorkerState:
     starts: int = 0
     ready: bool = False
     acked: int = 0  # the last broadcast it applied
+    refreshed: int = 0  # the last Refresh it answered
     counters: dict[str, float] = field(default_factory=dict)  # its last report's
     logged_in: dict[str, int] = field(default_factory=dict)
 
@@ -123,6 +124,7 @@ class Totals:
         worker.counters = {}
         worker.ready = False
         worker.acked = 0
+        worker.refreshed = 0
         self._gauges()
 
     def _gauges(self, reporting: WorkerState | None = None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,8 @@ class Channel:
         self.max_line = max_line
         self._outbox: Queue[bytes | None] = Queue()
         self._writer: gevent.Greenlet[..., None] | None = None
+        self._idle = False  # the writer waits for the next message, everything before it written
+        self._batch: list[bytes] = []  # written in one go once this turn of the event loop ends
         self.closed = False
 
     @classmethod
@@ -57,14 +60,45 @@ class Channel:
         self.send_encoded(encode(message))
 
     def send_encoded(self, data: bytes) -> None:
-        """A message already `encode`d: a broadcast encodes once for every worker."""
-        if not self.closed:
+        """A message already `encode`d: a broadcast encodes once for every worker.
+
+        When nothing is waiting for the writer, what is sent during this turn of the event
+        loop is written in one go at its end, without waking the writer (the accounting's
+        questions and answers are several per connection: one wake-up of the other process
+        for all of them); else it is queued behind what waits."""
+        if self.closed:
+            return
+        batch = self._batch
+        if batch:
+            batch.append(data)
+        elif self._idle and not self._outbox.qsize():
+            batch.append(data)
+            gevent.get_hub().loop.run_callback(self._write_batch)
+        else:
             self._outbox.put(data)
+
+    def _write_batch(self) -> None:
+        """The batch, written without blocking (fine on the hub); what does not fit goes to the writer."""
+        if not self._batch:
+            return
+        data = b"".join(self._batch)
+        self._batch.clear()
+        if self.closed:
+            return
+        try:
+            written = os.write(self.sock.fileno(), data)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            return  # the peer is gone: the reader sees the end
+        if written < len(data):
+            self._outbox.put(data[written:])
 
     def send_now(self, message: Frame, timeout: float = 5.0) -> bool:
         """Send `message` after what is queued and wait until it is written (the last report)."""
         if self.closed or self._writer is None:
             return False
+        self._write_batch()
         self._outbox.put(encode(message))
         self._outbox.put(None)  # the writer ends after the queued messages
         self._writer.join(timeout)
@@ -74,10 +108,21 @@ class Channel:
         try:
             for data in head:
                 self.sock.sendall(data)
+            outbox = self._outbox
             while True:
-                queued = self._outbox.get()
+                self._idle = not outbox.qsize()
+                queued = outbox.get()
+                self._idle = False
                 if queued is None:
                     return
+                if outbox.qsize():  # what was queued meanwhile goes in the same write (one syscall)
+                    batch = [queued]
+                    while outbox.qsize() and (queued := outbox.get_nowait()) is not None:
+                        batch.append(queued)
+                    self.sock.sendall(b"".join(batch))
+                    if queued is None:
+                        return
+                    continue
                 self.sock.sendall(queued)
         except OSError as exc:  # the peer is gone: its reader sees EOF and says so
             log.debug("channel: send failed: %s", exc)
@@ -107,8 +152,8 @@ class Channel:
                     dropping = False
                     continue
                 try:
-                    message = json.loads(line)
-                except ValueError:
+                    message = _DECODER.decode(line.decode())
+                except ValueError:  # UnicodeDecodeError too
                     log.error("channel: malformed message dropped")
                     continue
                 if isinstance(message, dict):
@@ -129,4 +174,11 @@ class Channel:
 
 
 def encode(message: Frame) -> bytes:
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+    return _ENCODER.encode(message).encode() + b"\n"
+
+
+# One of each, made once: json.dumps with separators builds an encoder per call, and json.loads
+# of bytes guesses their encoding first; the accounting sends several messages per connection.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_DECODER = json.JSONDecoder()
+

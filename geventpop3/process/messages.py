@@ -13,14 +13,21 @@ worker that speaks another one (started from another checkout, say) before it se
 anything. Raise PROTOCOL_VERSION whenever a message or a field changes.
 
 Supervisor -> worker: Init (the answer to Hello), Set, User, DelUser, Reload,
-PenaltyClear, StoreState. Worker -> supervisor: Hello, Ready, Ack, Report.
+PenaltyClear, StoreState, Answer, Refresh. Worker -> supervisor: Hello, Ready, Ack, Report,
+Ask, Tell.
+
+Ask and Answer are a request and its answer, matched by `id`: the worker's questions to
+the supervisor's one accounting of connections, logins and failures
+(geventpop3.core.accounting, geventpop3.process.accountant); Tell is what needs no
+answer (several ends of connections and logins in one message). Refresh asks a worker
+for a Report now (MSMP STAT, a Prometheus scrape).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal, NamedTuple, get_args, get_origin, get_type_hints
 
@@ -134,7 +141,51 @@ class Report:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
-ControlMessage = Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
+@dataclass(frozen=True)
+class Ask:
+    """A worker asks the supervisor's accounting (geventpop3.core.accounting), answered by an
+    `Answer` of the same `id`: `connect` (may `source` open a connection?), `login` (may `user`
+    log in from `source`? its failures), `failed` (a failed guess: its delay)."""
+
+    OP: ClassVar[str] = "ask"
+    id: int
+    what: Literal["connect", "login", "failed"]
+    source: str
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The supervisor's answer to the worker's `Ask` of the same `id`: `refused` names the
+    limit that refuses ("" if none); `value` is a login's failures or a failure's delay."""
+
+    OP: ClassVar[str] = "answer"
+    id: int
+    refused: str = ""
+    value: float = 0.0
+
+
+@dataclass(frozen=True)
+class Tell:
+    """What the supervisor's accounting is told and need not answer, gathered over a few
+    milliseconds: connections that ended (source -> how many), logins that ended (user,
+    source, whether the password was right)."""
+
+    OP: ClassVar[str] = "tell"
+    disconnects: dict[str, int] = field(default_factory=dict)
+    logins: tuple[tuple[str, str, bool], ...] = ()
+
+
+@dataclass(frozen=True)
+class Refresh:
+    """The supervisor wants a `Report` now, carrying `refresh` = `id` (STAT, a scrape)."""
+
+    OP: ClassVar[str] = "refresh"
+    id: int
+
+
+ControlMessage = (Hello | Init | Set | User | DelUser | Reload | PenaltyClear | StoreState | Ack | Ready | Report
+                  | Ask | Answer | Tell | Refresh)
 TYPES: dict[str, type[ControlMessage]] = {cls.OP: cls for cls in get_args(ControlMessage)}
 
 
@@ -151,9 +202,9 @@ def encode(message: ControlMessage, seq: int | None = None) -> dict[str, Any]:
         frame = {"op": Report.OP, **message.fields}
     else:
         frame = {"op": message.OP}
-        for item in dataclasses.fields(message):
-            value = getattr(message, item.name)
-            frame[item.name] = list(value) if isinstance(value, tuple) else value
+        for name, _, _ in _specs(type(message)):
+            value = getattr(message, name)
+            frame[name] = list(value) if isinstance(value, tuple) else value
     if seq is not None:
         frame["seq"] = seq
     return frame
@@ -171,12 +222,12 @@ def decode(frame: dict[str, Any]) -> Received:
     if cls is Report:
         return Received(Report({key: value for key, value in frame.items() if key not in ("op", "seq")}), seq)
     values = {}
-    for name, hint in _hints(cls).items():
+    for name, required, check in _specs(cls):
         if name not in frame:
-            if _required(cls, name):
+            if required:
                 raise MessageError(f"{op}: no {name}")
             continue
-        values[name] = _conform(frame[name], hint, f"{op}: {name}")
+        values[name] = check(frame[name], cls.OP, name)
     return Received(cls(**values), seq)
 
 
@@ -187,6 +238,47 @@ def decoded(frames: Iterable[dict[str, Any]], sender: str) -> Iterator[Received]
             yield decode(frame)
         except MessageError as exc:
             log.error("%s: message refused (another version of geventpop3?): %s", sender, exc)
+
+
+Check = Callable[[Any, str, str], Any]  # (value, op, field name) -> the value as the field wants it
+
+
+def _specs(cls: type[ControlMessage]) -> list[tuple[str, bool, Check]]:
+    """(name, required, check) of each field of `cls`, worked out once: the accounting
+    messages cross the channel several times per connection."""
+    specs = _SPECS.get(cls)
+    if specs is None:
+        specs = _SPECS[cls] = [(name, _required(cls, name), _check(hint)) for name, hint in _hints(cls).items()]
+    return specs
+
+
+_SPECS: dict[type[ControlMessage], list[tuple[str, bool, Check]]] = {}
+
+
+def _check(hint: Any) -> Check:
+    """A check of one field's type, a direct one for the plain types (what _conform does, faster)."""
+    if hint is float:
+        def number(value: Any, op: str, name: str) -> Any:
+            if type(value) is float or type(value) is int:
+                return float(value)
+            return _conform(value, hint, f"{op}: {name}")  # raises
+        return number
+    exact: type | None = hint if hint in (str, bool, int) else None
+    if exact is not None:
+        def plain(value: Any, op: str, name: str) -> Any:
+            if type(value) is exact:
+                return value
+            return _conform(value, hint, f"{op}: {name}")  # raises
+        return plain
+    if get_origin(hint) is Literal and all(isinstance(arg, str) for arg in get_args(hint)):
+        allowed = frozenset(get_args(hint))
+
+        def literal(value: Any, op: str, name: str) -> Any:
+            if type(value) is str and value in allowed:
+                return value
+            return _conform(value, hint, f"{op}: {name}")  # raises
+        return literal
+    return lambda value, op, name: _conform(value, hint, f"{op}: {name}")
 
 
 def _hints(cls: type[ControlMessage]) -> dict[str, Any]:
@@ -225,14 +317,19 @@ def _conform(value: Any, hint: Any, where: str) -> Any:
             return None
         return _conform(value, next(arg for arg in args if arg is not type(None)), where)
     elif origin is tuple:
-        if isinstance(value, list):
+        if isinstance(value, list) and (len(args) == 2 and args[1] is Ellipsis):  # tuple[X, ...]
             return tuple(_conform(item, args[0], where) for item in value)
+        if isinstance(value, list) and len(value) == len(args):  # tuple[X, Y, Z]
+            return tuple(_conform(item, arg, where) for item, arg in zip(value, args, strict=True))
     elif origin is dict:
         if isinstance(value, dict):
             return {_conform(k, args[0], where): _conform(v, args[1], where) for k, v in value.items()}
     elif hint is int:
         if _is_int(value):
             return value
+    elif hint is float:
+        if _is_int(value) or isinstance(value, float):
+            return float(value)
     elif hint in (str, bool) and isinstance(value, hint):
         return value
     raise MessageError(f"{where} is not {getattr(hint, '__name__', hint)}: {value!r}"[:200])

@@ -454,15 +454,17 @@ class Server:
                 log.log(level, "%s listening on %s", service, listen.describe(listener))
 
     def serve_admin(self, ctx: ServerContext, backend: ManagementBackend | None = None,
-                    collectors: Sequence[Any] = ()) -> None:
-        """Start MSMP (over `backend`, else the context's own) and the metrics endpoint."""
+                    collectors: Sequence[Any] = (), refresh: Callable[[], None] | None = None) -> None:
+        """Start MSMP (over `backend`, else the context's own) and the metrics endpoint
+        (`refresh`: called before each scrape, so it shows what already happened)."""
         self.admin_servers = start_admin_servers(ctx, None, 0, spawn=self.admin_sessions,
                                                  listeners=self.bound.pop("msmp", []), reload=self.reload,
                                                  unix_listeners=self.bound.pop("msmp_socket", []),
                                                  server_tls=ctx.tls if self.config.admin_tls else None,
                                                  backend=backend)
         for listener in self.bound.pop("metrics", []):
-            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=list(collectors)))
+            self.metrics_servers.append(start_prometheus_server(ctx.metrics, listener, collectors=list(collectors),
+                                                                refresh=refresh))
             log.info("prometheus metrics on http://%s/metrics", listen.describe(listener))
 
     def reload_local(self, users_file: Callable[[], UsersFile | None],

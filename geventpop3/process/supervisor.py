@@ -44,15 +44,17 @@ from gevent.event import Event
 from gevent.socket import socket
 
 from geventpop3.auth.users import UserDirectory
+from geventpop3.core.accounting import LocalAccounting
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import KEYS, Settings, format_value
-from geventpop3.process import messages
+from geventpop3.process import accountant, messages
 from geventpop3.process.aggregate import Totals, WorkerState
 from geventpop3.process.channel import Channel, encode, socketpair
 from geventpop3.process.keeper import Keeper, KeeperError
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    Ask,
     ControlMessage,
     DelUser,
     Hello,
@@ -60,9 +62,11 @@ from geventpop3.process.messages import (
     PenaltyClear,
     Ready,
     Received,
+    Refresh,
     Reload,
     Report,
     Set,
+    Tell,
     User,
 )
 from geventpop3.process.restarts import RestartPolicy, by_itself
@@ -79,6 +83,7 @@ log = logging.getLogger(__name__)
 START_TIMEOUT = 60.0  # every worker ready within this, or the start fails
 APPLY_WAIT = 1.0  # an MSMP change is answered once every serving worker applied it, or after this
 CLEAN_EXIT_GRACE = 0.2  # a worker that exits 0 on its own: maybe we are being stopped too (systemd)
+REFRESH_WAIT = 0.5  # STAT waits this long at most for the workers' fresh reports (then: their last ones)
 
 
 class RecordingUsers:
@@ -183,8 +188,12 @@ class WorkerPool:
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
+        # The whole server's connections, logins and penalty, which the workers ask (geventpop3.process.accountant).
+        self.accounting: LocalAccounting | None = None
+        self.refreshed = Event()  # a worker answered a Refresh
+        self._refreshes = 0
         self._handlers: dict[type[ControlMessage], Callable[[WorkerState, WorkerProcess, Any], None]] = {
-            Report: self._report, Ack: self._ack, Ready: self._ready}
+            Report: self._report, Ack: self._ack, Ready: self._ready, Ask: self._ask, Tell: self._tell}
 
     def launch(self) -> None:
         """Start every worker's interpreter now; each waits for its `init` (sent once `start` runs)."""
@@ -300,6 +309,8 @@ class WorkerPool:
             process.kill()
         status = process.wait()
         assert status is not None
+        if self.accounting is not None:  # its connections and logins in flight are gone with it
+            self.accounting.forget(worker.index)
         for exited in self.exited:
             exited(worker.index, process.pid)
         channel.close()
@@ -332,6 +343,45 @@ class WorkerPool:
     def _report(self, worker: WorkerState, process: WorkerProcess, message: Report) -> None:
         assert self.totals is not None
         self.totals.add(worker, message.fields)
+        refresh = message.fields.get("refresh")
+        if isinstance(refresh, int):
+            worker.refreshed = refresh
+            self.refreshed.set()
+
+    def _ask(self, worker: WorkerState, process: WorkerProcess, message: Ask) -> None:
+        if message.what == "failed":  # may wait for the shared database: the worker's other questions go on
+            gevent.spawn(self._answer, worker, message)
+        else:
+            self._answer(worker, message)
+
+    def _answer(self, worker: WorkerState, message: Ask) -> None:
+        channel = self.channels.get(worker.index)
+        if self.accounting is not None and channel is not None:
+            channel.send(messages.encode(accountant.answer(self.accounting, message, worker.index)))
+
+    def _tell(self, worker: WorkerState, process: WorkerProcess, message: Tell) -> None:
+        if self.accounting is not None:
+            accountant.told(self.accounting, message, worker.index)
+
+    def refresh(self, wait: float = REFRESH_WAIT) -> None:
+        """Every serving worker's report as of now (MSMP STAT, a scrape): asked, and waited
+        for at most `wait` seconds (a slower worker's last report counts then)."""
+        if self.totals is None:
+            return
+        self._refreshes += 1
+        number = self._refreshes
+        asked = [w for w in self.totals.workers if w.ready and w.index in self.channels]
+        data = encode(messages.encode(Refresh(number)))
+        for worker in asked:
+            self.channels[worker.index].send_encoded(data)
+        deadline = time.monotonic() + wait
+        while any(w.ready and w.refreshed < number for w in asked):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("not every worker reported within %.1f s for STAT", wait)
+                return
+            self.refreshed.clear()
+            self.refreshed.wait(left)
 
     def _ack(self, worker: WorkerState, process: WorkerProcess, message: Ack) -> None:
         worker.acked = message.applied
@@ -486,6 +536,8 @@ class ClusterBackend(ManagementBackend):
         self.pool.broadcast(Set(key, self.ctx.settings.get(key)), APPLY_WAIT)
 
     def stat_lines(self) -> list[str]:
+        """As of now: every worker reports first (at most REFRESH_WAIT)."""
+        self.pool.refresh()
         return [*super().stat_lines(), *self.totals.stat_lines()]
 
 
@@ -572,6 +624,8 @@ class Supervisor:
         if self.share is not None:
             self.pool.exited.append(self.share.worker_exited)
         relay = SettingsRelay(ctx.settings, self.pool)
+        assert isinstance(ctx.accounting, LocalAccounting)
+        self.pool.accounting = ctx.accounting  # the one for every worker
         try:
             self.pool.start(totals, server.stopping.is_set)
         except StartupError:
@@ -581,7 +635,7 @@ class Supervisor:
             return  # asked to stop during start-up: no MSMP, the workers are stopped at once
         backend = ClusterBackend(ctx, lambda: self.reload(server, APPLY_WAIT), self.pool, totals, self.recorded,
                                  relay)
-        server.serve_admin(ctx, backend, collectors=[totals])
+        server.serve_admin(ctx, backend, collectors=[totals], refresh=self.pool.refresh)
 
     def started(self, server: Server, ctx: ServerContext) -> None:
         server.log_start()

@@ -13,7 +13,9 @@ supervisor, so it serves exactly as a single process would, except that:
   another); later messages (geventpop3.process.messages) carry every SET, ADD, DELE,
   RELOAD (with the certificate and key the keeper read) and PENALTY CLEAR, each
   dispatched through a table and acknowledged; it reports its counters, logged-in users
-  and access-log entries twice a second;
+  and access-log entries twice a second, and at once when asked (`Refresh`: MSMP STAT);
+- its connection limits and authentication penalty are the supervisor's, asked over the
+  channel (geventpop3.process.accountant);
 - its settings are not checked against the machine (the supervisor checked them): a
   value is only parsed;
 - it dies with the keeper, which dies with the supervisor (PR_SET_PDEATHSIG, Linux:
@@ -34,20 +36,24 @@ from gevent import socket
 
 from geventpop3.auth.users import UserDirectory, Withdrawal
 from geventpop3.config import Config
+from geventpop3.core.accounting import LocalAccounting
 from geventpop3.core.names import UserError
 from geventpop3.core.settings import SettingError
 from geventpop3.process import messages
+from geventpop3.process.accountant import RemoteAccounting
 from geventpop3.process.aggregate import report
 from geventpop3.process.channel import MAX_LINE_FROM_SUPERVISOR, Channel
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    Answer,
     ControlMessage,
     DelUser,
     Hello,
     Init,
     PenaltyClear,
     Ready,
+    Refresh,
     Reload,
     Report,
     Set,
@@ -109,7 +115,8 @@ class Worker:
         self._certificate: tuple[bytes, bytes] | None = None  # the last Reload's certificate and key
         self._handlers: dict[type[ControlMessage], Callable[[Server, ServerContext, Any], None]] = {
             Set: self._set, User: self._user, DelUser: self._deluser, Reload: self._reload,
-            PenaltyClear: self._penalty_clear, StoreState: self._store_state}
+            PenaltyClear: self._penalty_clear, StoreState: self._store_state, Answer: self._answer,
+            Refresh: self._refresh}
 
     def bind(self, server: Server) -> None:
         for service, fds in self.listener_fds.items():
@@ -136,6 +143,9 @@ class Worker:
             self._apply_setting(ctx, key, text, "store")
         for name in init.withdrawn:  # an MSMP DELE in progress: no login before its end
             self._withdraw(ctx, name)
+        # The limits and the penalty are the whole server's: the supervisor's (geventpop3.process.accountant).
+        assert isinstance(ctx.accounting, LocalAccounting)
+        ctx.accounting = RemoteAccounting(self.channel, ctx.accounting)
         if server.config.state_url is not None:  # its own leases (geventpop3.process.shared_store)
             from geventpop3.process.shared_store import WorkerShare
 
@@ -253,6 +263,18 @@ class Worker:
     def _penalty_clear(self, server: Server, ctx: ServerContext, message: PenaltyClear) -> None:
         with contextlib.suppress(ValueError):
             ctx.penalty.clear(message.address)
+
+    def _answer(self, server: Server, ctx: ServerContext, message: Answer) -> None:
+        """The supervisor's answer to one of our accounting questions."""
+        if isinstance(ctx.accounting, RemoteAccounting):
+            ctx.accounting.answered(message)
+
+    def _refresh(self, server: Server, ctx: ServerContext, message: Refresh) -> None:
+        """A report now (MSMP STAT, a scrape), marked as the answer to `message`; the ends of
+        connections and logins not yet told go first, so what STAT shows the limits know."""
+        if isinstance(ctx.accounting, RemoteAccounting):
+            ctx.accounting.flush()
+        self.channel.send(messages.encode(Report({**report(ctx, self._sent_logged_in), "refresh": message.id})))
 
     def _store_state(self, server: Server, ctx: ServerContext, message: StoreState) -> None:
         """Whether the shared database answers."""

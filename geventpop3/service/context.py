@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from geventpop3.auth.users import Hasher, PasswordStore, UserDirectory
+from geventpop3.core.accounting import Accounting, LocalAccounting
 from geventpop3.core.metrics import AccessLog, Metrics
 from geventpop3.core.penalty import Penalty
 from geventpop3.core.settings import Settings
@@ -37,6 +38,9 @@ class ServerContext:
     shared: SessionShare | None = None
     # Failed logins by client source, shared by POP3 and MSMP (made from settings and metrics).
     penalty: Penalty = field(init=False)
+    # Open connections and logins in flight per source, and the penalty, as the POP3 limits
+    # ask for them: this process's (over `penalty`), or a worker's supervisor's (geventpop3.process.accountant).
+    accounting: Accounting = field(init=False)
     # The password-hashing threads every check of this process waits for: the users' (the
     # server makes the directory with the one it configures from the settings).
     hasher: Hasher = field(init=False)
@@ -49,3 +53,4 @@ class ServerContext:
         # Failed logins under names that are no user share one access-log bucket.
         self.access_log.known_user = self.users.__contains__
         self.penalty = Penalty(self.settings, self.metrics)
+        self.accounting = LocalAccounting(self.settings, self.penalty)

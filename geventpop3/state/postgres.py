@@ -102,6 +102,11 @@ CREATE TABLE IF NOT EXISTS leases (
     expires timestamptz NOT NULL
 );
 CREATE INDEX IF NOT EXISTS leases_owner ON leases (owner);
+CREATE TABLE IF NOT EXISTS auth_penalty (
+    source text PRIMARY KEY,
+    failures integer NOT NULL,
+    last timestamptz NOT NULL
+);
 """
 
 # AccessEntry field -> converter and PostgreSQL array type, in column order.
@@ -396,6 +401,36 @@ class PostgresStore:
         seen = {instance: (int(current), float(age)) for instance, current, age in alive}
         names = sorted(set(by_name) | set(seen))
         return [(name, by_name.get(name, {}), *seen.get(name, (0, None))) for name in names]
+
+    # -- the authentication penalty, shared by every instance (geventpop3.state.shared.SharedPenalty) --
+    def penalty_failed(self, source: str, forget: float) -> int:
+        """Count a failed login from `source` (its count starts again after `forget` quiet
+        seconds); its failures in a row, over every instance. One statement, the database's clock."""
+        row = self._run("write", lambda c: c.execute(
+            "INSERT INTO auth_penalty (source, failures, last) VALUES (%s, 1, now())"
+            " ON CONFLICT (source) DO UPDATE SET failures = CASE WHEN auth_penalty.last"
+            " < now() - make_interval(secs => %s) THEN 1 ELSE auth_penalty.failures + 1 END, last = now()"
+            " RETURNING failures", (source, forget)).fetchone(), wait=1.0)
+        return int(row[0]) if row else 1
+
+    def penalty_clear(self, source: str | None) -> int:
+        """Forget one source, or (None) every one; how many rows were removed."""
+        if source is None:
+            return int(self._run("write", lambda c: c.execute("DELETE FROM auth_penalty").rowcount))
+        return int(self._run("write", lambda c: c.execute("DELETE FROM auth_penalty WHERE source = %s",
+                                                          (source,)).rowcount, wait=1.0))
+
+    def penalty_entries(self, forget: float) -> list[tuple[str, int, float]]:
+        """(source, failures, seconds since its last failure) of the sources failing within
+        `forget` seconds, most recent first; older rows are removed on the way."""
+
+        def read(conn: psycopg.Connection[Any]) -> list[Any]:
+            conn.execute("DELETE FROM auth_penalty WHERE last < now() - make_interval(secs => %s)", (forget,))
+            return conn.execute("SELECT source, failures, extract(epoch FROM now() - last)::float8"
+                                " FROM auth_penalty ORDER BY last DESC").fetchall()
+
+        return [(str(source), int(failures), float(idle)) for source, failures, idle in
+                self._run("read", read, wait=1.0)]
 
     # -- access log ---------------------------------------------------------
     def append_access(self, entries: list[AccessEntry]) -> None:

@@ -1,6 +1,9 @@
 """What an instance shares with the other instances through a PostgreSQL store, beyond
 the `Store` calls: live settings and users, mailbox leases, and STAT over every instance.
 
+`SharedPenalty` counts failed logins in the database, so the authentication penalty is
+one for every instance (and every worker of each: their supervisor holds it).
+
 `Follower` keeps this instance in step with the others: a connection of its own
 LISTENs for what they change (an MSMP `SET`, `ADD`, `DELE` anywhere sends a NOTIFY at
 commit), and every change is re-read from the tables and applied here within a second.
@@ -27,13 +30,16 @@ from typing import TYPE_CHECKING
 import gevent
 from gevent.event import Event
 
+from geventpop3.core.accounting import LocalAccounting
 from geventpop3.core.metrics import Metrics
+from geventpop3.core.penalty import Penalty, PenaltyEntry, source_of
 from geventpop3.core.settings import SettingError, format_value
 from geventpop3.state import StoreError
 from geventpop3.state.leases import Leases
 from geventpop3.state.postgres import SETTINGS_CHANNEL, USERS_CHANNEL, Database, PostgresStore, psycopg
 
 if TYPE_CHECKING:  # the context these apply changes to; its module is a layer above
+    from geventpop3.core.settings import Settings
     from geventpop3.service.context import ServerContext
 
 log = logging.getLogger(__name__)
@@ -67,7 +73,7 @@ class SessionShare:
 
 
 class SharedState(SessionShare):
-    """The leases and the follower of one instance (single process, or a supervisor's)."""
+    """The leases, the follower and the penalty of one instance (single process, or a supervisor's)."""
 
     def __init__(self, ctx: ServerContext, store: PostgresStore, skip: Collection[str] = (),
                  reread_interval: float = 30.0) -> None:
@@ -75,6 +81,11 @@ class SharedState(SessionShare):
         self.ctx = ctx
         self.store = store
         self.follower = Follower(ctx, store, skip, reread_interval)
+        # One penalty for every instance: a guesser behind a load balancer meets one, wherever it lands.
+        penalty = SharedPenalty(ctx.settings, ctx.metrics, store)
+        ctx.penalty = penalty
+        if isinstance(ctx.accounting, LocalAccounting):
+            ctx.accounting.penalty = penalty
 
     def start(self) -> None:
         super().start()
@@ -114,6 +125,72 @@ class SharedState(SessionShare):
             ]
         totals.restore(summed)  # max_concurrent: the sum of the instances' maxima, an upper bound
         return [*totals.stat_lines(), f"Instances: {len(rows)}", f"Instances alive: {alive}", *lines]
+
+
+class SharedPenalty(Penalty):
+    """The authentication penalty counted in the shared database (`auth_penalty`: one row per
+    source, the database's clock), so every instance sees every instance's failures.
+
+    A failure is one upsert that returns the source's failures in a row over all instances
+    (this is what its delay doubles with); `PENALTY` and `PENALTY CLEAR` read and clear the
+    table, so they agree on every instance. This instance keeps its own count too (the
+    `Penalty` it extends): what orders the hash queue (`failures`, asked at every login, with
+    no round trip) and what it falls back to while the database does not answer. A right
+    password clears the source's row only when this instance saw failures of that source
+    (no write per login otherwise), in the background.
+    """
+
+    def __init__(self, settings: Settings, metrics: Metrics | None, store: PostgresStore) -> None:
+        super().__init__(settings, metrics)
+        self.store = store
+        self._clears: set[gevent.Greenlet[..., None]] = set()
+
+    def failed(self, address: str) -> float:
+        local = super().failed(address)
+        source = source_of(address) or address
+        try:
+            failures = self.store.penalty_failed(source, float(self._settings.auth_penalty_forget))
+        except StoreError:
+            return local  # this instance's own count meanwhile
+        entry = self._sources.get(source)
+        if entry is not None:
+            entry.failures = failures  # this instance's count follows the shared one
+        seconds = self.delay(failures)
+        if self._metrics is not None:  # counted above from the local count: the shared one decides
+            base = float(self._settings.login_failure_delay)
+            self._metrics.auth_penalty_delays += int(seconds > base) - int(local > base)
+        return seconds
+
+    def succeeded(self, address: str) -> None:
+        source = source_of(address) or address
+        if source in self._sources:
+            clear = gevent.spawn(self._clear_shared, source)
+            self._clears.add(clear)
+            clear.link(self._clears.discard)
+        super().succeeded(address)
+
+    def _clear_shared(self, source: str) -> None:
+        with contextlib.suppress(StoreError):
+            self.store.penalty_clear(source)
+
+    def clear(self, address: str | None) -> int:
+        cleared = super().clear(address)  # ValueError if not an IP
+        source = None if address is None else source_of(address.split("/", 1)[0])
+        try:
+            return max(cleared, self.store.penalty_clear(source))
+        except StoreError as exc:
+            log.warning("penalty cleared on this instance only: %s", exc)
+            return cleared
+
+    def entries(self) -> list[PenaltyEntry]:
+        try:
+            rows = self.store.penalty_entries(float(self._settings.auth_penalty_forget))
+        except StoreError:
+            return super().entries()
+        return [PenaltyEntry(source, failures, self.delay(failures + 1), idle) for source, failures, idle in rows]
+
+    def __len__(self) -> int:
+        return len(self.entries())
 
 
 class Follower:

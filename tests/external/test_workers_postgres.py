@@ -276,3 +276,41 @@ def test_postgresql_down_logins_are_temporary_on_every_worker_a_replaced_worker_
     wait_until(lambda: all(answer.startswith(b"+OK") for answer in on_every_worker(a, "alice", "alicepw")),
                timeout=20)
     assert "Traceback" not in a.log()
+
+
+def test_the_penalty_is_one_over_both_instances_and_every_worker(start_server: Callable[..., ServerProcess],
+                                                                 postgres: PostgresServer, tmp_path: Path) -> None:
+    """A guesser behind a load balancer meets one penalty: failures on A's two workers and on B
+    double the same delay, and PENALTY and PENALTY CLEAR on either instance see all of them."""
+    base, cap, source = 0.01, 2.0, "127.0.0.7"
+    url = postgres.create_database()
+    common: dict[str, Any] = {
+        "users": {"alice": "alicepw"}, "listen": ["127.0.0.1"], "admin_listen": ["127.0.0.1"],
+        "extra_args": ["--state-url", url], "config": f"auth_penalty_max = {cap}\n", "login_failure_delay": base}
+    a = start_server(workers=2, **common)
+    b = start_server(workers=1, **common)
+
+    def guess(client: LineClient) -> float:
+        assert client.cmd("USER alice") == b"+OK"
+        start = time.perf_counter()
+        assert client.cmd("PASS wrong").startswith(b"-ERR")
+        return time.perf_counter() - start
+
+    times: list[float] = []
+    for _ in range(2):  # each round: A's first worker, A's second worker, then B
+        with one_per_worker(a, connect=lambda: LineClient(a.port, source=source)) as clients:
+            times += [guess(client) for client in clients.values()]
+        with LineClient(b.port, source=source) as client:
+            times.append(guess(client))
+    for k, elapsed in enumerate(times):
+        assert elapsed >= min(base * 2 ** k, cap) - 0.005, times
+    for server in (a, b):
+        with admin(server) as client:
+            entry = client.penalties()[source]
+            assert entry["failures"] == "6" and float(entry["delay"]) == base * 2 ** 6, (server.port, entry)
+    with admin(b) as client:
+        assert client.clear_penalty(source) == "Cleared 1 source"
+    with admin(a) as client:
+        assert client.penalties() == {}
+    with LineClient(a.port, source=source) as client:
+        assert guess(client) < 0.5  # the base again

@@ -38,3 +38,31 @@ def test_an_over_long_line_is_dropped_and_the_next_message_kept() -> None:
     big = encode({"op": "flood", "data": "x" * 50_000})
     got = received([encode({"op": "before"}), big, b"not json\n", encode({"op": "after"})], max_line=10_000)
     assert got == [{"op": "before"}, {"op": "after"}]
+
+
+def test_what_one_turn_sends_is_written_in_order_also_past_a_full_socket_buffer() -> None:
+    """Sends of one turn of the loop are written in one go; what the socket does not take
+    then goes to the writer, and whatever is sent meanwhile queues behind it."""
+    ours, theirs = socketpair()
+    sender, reader = Channel(ours), Channel(theirs)
+    sender.start()
+    gevent.sleep(0)  # the writer waits: the next sends are batched
+    blob = "x" * 100_000
+    for n in range(50):  # 5 MB in one turn: far more than the socket buffer
+        sender.send({"op": "report", "n": n, "blob": blob})
+    got: list[int] = []
+
+    def read() -> None:
+        for message in reader.messages():
+            got.append(message["n"])
+            if len(got) == 60:
+                return
+
+    listener = gevent.spawn(read)
+    gevent.sleep(0.01)
+    for n in range(50, 60):  # sent while the writer still has the rest of the batch
+        sender.send({"op": "report", "n": n})
+    listener.join(timeout=30)
+    sender.close()
+    reader.close()
+    assert got == list(range(60))

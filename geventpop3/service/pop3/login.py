@@ -3,10 +3,10 @@
 `LoginPipeline.open` runs every step a POP3 login takes, in this order, and returns
 `Opened` (the mailbox locked, its snapshot filtered) or `Failed(reason)`:
 
-1. the per user+source limit (`max_sessions_per_user_ip`): logins in flight, counted
-   from here to the end of this call, whatever its outcome;
+1. the per user+source limit (`max_sessions_per_user_ip`): logins in flight, counted by
+   `ctx.accounting` (the whole server's) from here to the end of this call, whatever its outcome;
 2. the password check, a source with recent failures waiting behind clean ones for a
-   hash thread; a success clears the source's penalty;
+   hash thread; a right password clears the source's penalty (when the login ends);
 3. the Maildir opened (created at a user's first login) and its lock taken;
 4. with a shared store, the lease other instances see;
 5. the snapshot (scan, size cache) and the first run of the filters.
@@ -55,32 +55,28 @@ class LoginPipeline:
 
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
-        # (user, source) -> logins in flight (max_sessions_per_user_ip); empty between bursts of logins
-        self.in_flight: dict[tuple[str, str], int] = {}
 
     def open(self, login: Login, peer: Peer, client_gone: Callable[[], bool]) -> Opened | Failed:
         """Check, lock, lease, scan and filter, counted in max_sessions_per_user_ip while it runs.
         Raises ClientGone (nothing held then) when the client left during the first filter run."""
-        key = (login.user, peer.source)
-        in_flight = self.in_flight
-        if in_flight.get(key, 0) >= self.ctx.settings.max_sessions_per_user_ip:
+        accounting = self.ctx.accounting  # the whole server's (with workers: the supervisor's)
+        source = peer.source
+        failures = accounting.login(login.user, source)
+        if failures is None:
             self.ctx.metrics.refused_user_ip += 1
             return Failed("user-ip")
-        in_flight[key] = in_flight.get(key, 0) + 1
+        verified: list[bool] = []
         try:
-            return self._open(login, peer, client_gone)
-        finally:  # logged in, failed or killed: no longer in flight
-            count = in_flight.get(key, 0) - 1
-            if count > 0:
-                in_flight[key] = count
-            else:
-                in_flight.pop(key, None)
+            return self._open(login, peer, client_gone, failures, verified)
+        finally:  # logged in, failed or killed: no longer in flight; a right password forgets the penalty
+            accounting.login_done(login.user, source, bool(verified))
 
-    def _open(self, login: Login, peer: Peer, client_gone: Callable[[], bool]) -> Opened | Failed:
+    def _open(self, login: Login, peer: Peer, client_gone: Callable[[], bool], failures: int,
+              verified: list[bool]) -> Opened | Failed:
         ctx = self.ctx
         user = login.user
         try:  # a source with recent failures waits behind clean ones for a hash thread
-            ok = ctx.users.verify(user, login.password, priority=ctx.penalty.failures(peer.address))
+            ok = ctx.users.verify(user, login.password, priority=failures)
         except HashingBusy:
             return Failed("busy")
         if not ok:
@@ -88,7 +84,7 @@ class LoginPipeline:
             # current: every failure is temporary then (delayed all the same).
             shared = ctx.shared
             return Failed("auth" if shared is None or shared.available else "unverified")
-        ctx.penalty.succeeded(peer.address)
+        verified.append(True)
         try:
             mailbox = maildir.Mailbox(ctx.settings.maildir, user)
             mailbox.open()  # creates the Maildir at a user's first login

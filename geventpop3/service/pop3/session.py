@@ -23,9 +23,11 @@ Limits against slow and many connections (see docs/configuration.md):
   a session that is not logged in parks for min(idle timeout, time left to log in),
   and the park's one deadline says which of the two ran out. A client trickling one
   byte at a time is also checked at every read.
-- `max_connections_per_ip`: open connections per source (IPv4 address, IPv6 /64).
+- `max_connections` and `max_connections_per_ip`: open connections of the whole server,
+  and per source (IPv4 address, IPv6 /64), counted by `ctx.accounting` (with workers:
+  the supervisor's, asked at connect and told at the end).
 - `max_sessions_per_user_ip`: logins of one user from one source in flight (password
-  check, lock, scan, first filter run; counted by the LoginPipeline). Logged-in sessions
+  check, lock, scan, first filter run; counted by `ctx.accounting` for the LoginPipeline). Logged-in sessions
   are not counted here: the mailbox lock already allows one per user, and keeping a count
   per logged-in session would cost every held session memory.
 """
@@ -41,6 +43,7 @@ from typing import Any, assert_never, cast
 import gevent
 from gevent.server import StreamServer
 
+from geventpop3.core.accounting import MAX_CONNECTIONS_PER_IP
 from geventpop3.core.lines import Delayed
 from geventpop3.core.metrics import AccessEntry
 from geventpop3.core.peer import Peer, client_host
@@ -395,7 +398,8 @@ class Pop3Session:
                     self.peer.address, self.peer.port, mech, self._tls_description(), reason)
         if user is not None:  # AUTH refused before its exchange names nobody
             self._record("login-failed", user, detail=f"reason={reason}")
-        delay = self.ctx.penalty.failed(self.peer.address) if reason in DELAYED_FAILURES else None
+        failed = self.ctx.accounting.failed
+        delay = failed(self.peer.source, user or "") if reason in DELAYED_FAILURES else None
         return self.connection.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
@@ -483,7 +487,6 @@ class Pop3Service:
     def __init__(self, ctx: ServerContext) -> None:
         self.ctx = ctx
         self.sessions: set[Pop3Session] = set()  # every session not yet closed, busy or parked
-        self.per_source: dict[str, int] = {}  # Peer.source -> open connections (max_connections_per_ip)
         self.login = LoginPipeline(ctx)  # one for every session: it keeps nothing per session
         self.count_sent = self._count_sent  # one bound method shared by every transport
         self.runners = Runners()  # the greenlets that serve bursts (and first bursts, see Pop3Server)
@@ -502,20 +505,26 @@ class Pop3Service:
             if proxy is None:
                 return
         peer = Peer.accepted(address, proxy)
-        key = peer.source
-        if metrics.current_connections >= settings.max_connections:
+        if metrics.current_connections >= settings.max_connections:  # this process alone is full: no need to ask
             self._refuse(sock, TOO_MANY, implicit_tls)
             return
-        if self.per_source.get(key, 0) >= settings.max_connections_per_ip:
-            metrics.refused_per_ip += 1
-            log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", peer.address)
-            self._refuse(sock, TOO_MANY_FROM_SOURCE, implicit_tls)
+        refused = self.ctx.accounting.connect(peer.source)  # the whole server's counts
+        if refused:
+            if refused == MAX_CONNECTIONS_PER_IP:
+                metrics.refused_per_ip += 1
+                log.debug("pop3 connection refused: rip=%s over max_connections_per_ip", peer.address)
+                self._refuse(sock, TOO_MANY_FROM_SOURCE, implicit_tls)
+            else:
+                self._refuse(sock, TOO_MANY, implicit_tls)
             return
-        self.per_source[key] = self.per_source.get(key, 0) + 1
+        try:
+            # Behind a proxy the server address is the one the client reached (the proxy's).
+            server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
+            session = Pop3Session(self, sock, peer, server)
+        except BaseException:
+            self.ctx.accounting.disconnect(peer.source)  # counted above: not a session after all
+            raise
         metrics.connection_opened()
-        # Behind a proxy the server address is the one the client reached (the proxy's).
-        server = proxy.destination[0] if proxy is not None and proxy.destination else _server_address(sock)
-        session = Pop3Session(self, sock, peer, server)
         self.sessions.add(session)
         session.greenlet = cast("gevent.Greenlet[..., None]", gevent.getcurrent())  # the server spawned it
         session.start(implicit_tls)
@@ -559,12 +568,7 @@ class Pop3Service:
     def forget(self, session: Pop3Session) -> None:
         """A session has ended: out of the registry and the per-source count."""
         self.sessions.discard(session)
-        key = session.peer.source
-        count = self.per_source.get(key, 0) - 1
-        if count > 0:
-            self.per_source[key] = count
-        else:
-            self.per_source.pop(key, None)
+        self.ctx.accounting.disconnect(session.peer.source)
 
     def _count_sent(self, octets: int) -> None:
         self.ctx.metrics.bytes_sent += octets

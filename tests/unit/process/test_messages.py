@@ -15,6 +15,8 @@ from geventpop3.process import messages
 from geventpop3.process.messages import (
     PROTOCOL_VERSION,
     Ack,
+    Answer,
+    Ask,
     ControlMessage,
     DelUser,
     Hello,
@@ -23,10 +25,12 @@ from geventpop3.process.messages import (
     PenaltyClear,
     Ready,
     Received,
+    Refresh,
     Reload,
     Report,
     Set,
     StoreState,
+    Tell,
     User,
     decode,
     decoded,
@@ -51,6 +55,11 @@ any_message: st.SearchStrategy[ControlMessage] = st.one_of(
     st.builds(Ack, st.integers()),
     st.builds(Ready, st.integers()),
     st.builds(Report, st.dictionaries(text.filter(lambda key: key not in ("op", "seq")), json_values, max_size=4)),
+    st.builds(Ask, st.integers(), st.sampled_from(["connect", "login", "failed"]), text, text),
+    st.builds(Answer, st.integers(), text, st.floats(allow_nan=False, allow_infinity=False)),
+    st.builds(Tell, st.dictionaries(text, st.integers(), max_size=3),
+              st.lists(st.tuples(text, text, st.booleans()), max_size=3).map(tuple)),
+    st.builds(Refresh, st.integers()),
 )
 
 
@@ -64,7 +73,7 @@ def test_every_message_decodes_to_what_was_encoded(message: ControlMessage, seq:
 
 
 def test_every_message_type_has_its_own_op() -> None:
-    assert len(messages.TYPES) == 11
+    assert len(messages.TYPES) == 15
     assert {cls.OP for cls in messages.TYPES.values()} == set(messages.TYPES)
 
 
@@ -78,6 +87,12 @@ def test_every_message_type_has_its_own_op() -> None:
     {"op": "set", "key": "idle_timeout", "value": 600},
     {"op": "deluser", "name": "alice", "step": "maybe"},
     {"op": "ack", "applied": True},
+    {"op": "ask", "id": 1, "what": "guess", "source": "192.0.2.1"},
+    {"op": "ask", "id": 1, "what": "connect", "source": ["192.0.2.1"]},
+    {"op": "answer", "id": 1, "value": "0.5"},
+    {"op": "tell", "disconnects": {"192.0.2.1": "1"}},
+    {"op": "tell", "logins": [["alice", "192.0.2.1"]]},
+    {"op": "tell", "logins": [["alice", "192.0.2.1", 1]]},
     {"op": "init", "settings": {}, "users": {"alice": 1}},
     {"op": "init", "settings": {}, "users": {}, "withdrawn": "alice"},
     {"op": "ready", "pid": 1, "seq": "one"},
