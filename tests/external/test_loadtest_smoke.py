@@ -74,12 +74,12 @@ def _tail(path: Path) -> str:
 
 
 def test_instruction_count_is_repeatable() -> None:
-    """`loadtest.instructions` (callgrind) counts the same work the same, to well under 1 %."""
+    """`loadtest.instructions` (callgrind) counts the same work the same, to within 2 % over 40 sessions."""
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.instructions", "--tree", f"a={REPO}", "--tree", f"b={REPO}",
-         "--sessions", "10", "--warm-up", "3"],
+         "--sessions", "40", "--warm-up", "5"],
         cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stderr
     figures = [float(value) for value in re.findall(r"^[ab]: ([0-9.]+) M per session", done.stdout, re.M)]
     assert len(figures) == 2 and 0.5 < figures[0] < 20  # about 2.2 M instructions per full session here
-    assert abs(figures[1] / figures[0] - 1) < 0.01, done.stdout
+    assert abs(figures[1] / figures[0] - 1) < 0.02, done.stdout
