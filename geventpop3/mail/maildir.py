@@ -37,6 +37,7 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import hmac
 import logging
 import os
 import re
@@ -44,10 +45,9 @@ import socket
 import stat
 import struct
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import gevent
 from gevent import monkey
@@ -66,7 +66,8 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 64 * 1024
 SMALL_MESSAGE = CHUNK_SIZE  # octets on disk: RETR reads and sends such a message whole (whole_message)
 SIZE_CACHE = "geventpop3.sizes"
-SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
+SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <keyed MAC of the Maildir and entries>"
+SIZE_CACHE_KEY_BYTES = 32
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
 SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
 SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
@@ -79,6 +80,17 @@ THREADPOOL_THRESHOLD = 256
 # thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
 THREADPOOL_BYTES = 1 << 20
 UIDLIST_LOOP_MAX = 1 << 20  # a bigger dovecot-uidlist to (re)read goes to the thread pool
+# new/ and cur/ whose directory sizes add up to more than this are listed in the thread pool:
+# the listing and the sort of a huge mailbox are work too (500,000 names: about a second).
+DIR_LOOP_MAX = 32 << 10
+MAX_MESSAGES = 100_000  # the defaults of max_messages_per_mailbox and max_message_size
+MAX_MESSAGE_SIZE = 1 << 30
+POOL_JOBS_PER_MAILBOX = 2  # pool threads one Maildir may hold at once (an abandoned scan counts until it ends)
+POOL_POLL = 0.1  # seconds between two looks at the client while a pool thread works for it
+CANCEL_EVERY = 1024  # files between two looks at the cancel flag in a pool thread
+SKIP_EXAMPLES = 3  # examples per reason in the one line of skipped entries
+SKIP_EXAMPLE_CHARS = 120
+LOGGED_SKIPS = 10_000  # Maildirs whose last line of skipped entries is remembered (logged once per change)
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
 _DOT_LINE = re.compile(rb"\n\.")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -95,6 +107,23 @@ class MaildirError(Exception):
 
 class NotMail(OSError):
     """A Maildir entry that is not a regular file, or not the file the snapshot saw."""
+
+
+class TooManyMessages(MaildirError):
+    """More messages than `max_messages_per_mailbox`: the mailbox is refused, nothing touched."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} messages, over max_messages_per_mailbox ({limit})")
+        self.count = count
+        self.limit = limit
+
+
+class Cancelled(Exception):
+    """The client went away while a pool thread scanned for it: the scan was abandoned."""
+
+
+class MessageChanged(OSError):
+    """A message file no longer has the size the snapshot announced: not sent past it."""
 
 
 class Readable(Protocol):
@@ -247,22 +276,34 @@ class Mailbox:
         return True
 
     # -- content -----------------------------------------------------------------
-    def snapshot(self, uidl_format: str = UIDL_BASE_NAME) -> list[Message]:
+    def snapshot(self, uidl_format: str = UIDL_BASE_NAME, max_messages: int = MAX_MESSAGES,
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 client_gone: Callable[[], bool] | None = None) -> list[Message]:
         """The mailbox as a session sees it for its whole life (sizes as RETR sends them,
         UIDLs per `uidl_format` and the Maildir's dovecot-uidlist, if it has one).
 
         Warm cache: one directory listing and one lstat per file (and one for
-        dovecot-uidlist), nothing read. Many files, many uncached octets, and every
-        cache write (fsync) go to the thread pool."""
-        notes: list[str] = []
-        with _Subdirs(self.path, notes) as dirs:
-            names = dirs.names()
-            if len(names) > THREADPOOL_THRESHOLD:
-                messages = _in_pool(_scan, self.path, dirs, names, uidl_format, notes, False)
-            else:
-                messages = _scan(self.path, dirs, names, uidl_format, notes, True)
-        _log_notes(notes)
-        return messages
+        dovecot-uidlist), nothing read. A small mailbox is scanned on the event loop; one
+        whose directories are big (DIR_LOOP_MAX) or that lists more than THREADPOOL_THRESHOLD
+        files is listed, sorted and scanned in a pool thread, while this greenlet looks at
+        `client_gone` every POOL_POLL s: once it is true the scan is abandoned (Cancelled),
+        the thread stops at its next look at the flag and saves nothing. Many uncached
+        octets and every cache write (fsync) go to the thread pool too.
+
+        TooManyMessages when more than `max_messages` regular files are found; a file of
+        more than `max_message_size` octets, or a sparse one, is left out (one log line)."""
+        notes = _Notes()
+        cancel = _Cancel(client_gone)
+        limits = (max_messages, max_message_size)
+        try:
+            with _Subdirs(self.path, notes) as dirs:
+                names = dirs.names() if dirs.small() else None
+                if names is not None and len(names) <= THREADPOOL_THRESHOLD:
+                    return _scan(self.path, dirs, names, uidl_format, limits, notes, cancel, True)
+            return _in_pool(self.path, cancel, _scan_in_thread, self.path, uidl_format, limits, notes, cancel)
+        finally:
+            if not cancel.set:  # an abandoned thread may still be adding to `notes`
+                _log_notes(self.path, notes)
 
     def delete(self, messages: list[Message]) -> list[Message]:
         """UPDATE: remove the files of `messages`, then fsync the directories that lost one,
@@ -270,32 +311,145 @@ class Mailbox:
         could not be removed. In the thread pool (fsync is disk work)."""
         if not messages:
             return []
-        return _in_pool(_delete, self.path, messages)
+        return _in_pool(self.path, None, _delete, self.path, messages)
 
-    def size(self) -> tuple[int, int]:
+    def size(self, max_message_size: int = MAX_MESSAGE_SIZE) -> tuple[int, int]:
         """(messages, octets as stored) of what a snapshot would list: MSMP `LIST <user>`.
 
         A directory scan and one lstat per file, no reading; a missing Maildir is (0, 0)."""
-        notes: list[str] = []
-        with _Subdirs(self.path, notes) as dirs:
-            names = dirs.names()
-            if len(names) > THREADPOOL_THRESHOLD:
-                found = _in_pool(dirs.regular_files, names, notes)
-            else:
-                found = dirs.regular_files(names, notes)
-        _log_notes(notes)
-        return len(found), sum(raw for _, _, raw, _ in found)
+        notes = _Notes()
+        try:
+            with _Subdirs(self.path, notes) as dirs:
+                names = dirs.names() if dirs.small() else None
+                if names is not None and len(names) <= THREADPOOL_THRESHOLD:
+                    found = dirs.regular_files(names, notes, max_message_size, None)
+                    return len(found), sum(raw for _, _, raw, _ in found)
+            return _in_pool(self.path, None, _size_in_thread, self.path, max_message_size, notes)
+        finally:
+            _log_notes(self.path, notes)
 
 
-def _in_pool(function: Callable[..., T], *args: object) -> T:
-    """Run `function` in gevent's thread pool; this greenlet waits, the others run."""
-    return gevent.get_hub().threadpool.apply(function, args)
+def _size_in_thread(maildir: str, max_message_size: int, notes: _Notes) -> tuple[int, int]:
+    with _Subdirs(maildir, notes) as dirs:
+        found = dirs.regular_files(dirs.names(), notes, max_message_size, None)
+    return len(found), sum(raw for _, _, raw, _ in found)
 
 
-def _log_notes(notes: list[str]) -> None:
-    """Log on the event loop what a scan skipped (workers only collect: logging's locks are gevent's)."""
-    for note in notes:
+class _Cancel:
+    """The flag a pool thread looks at: set once the client that waits for the work is gone."""
+
+    __slots__ = ("client_gone", "set")
+
+    def __init__(self, client_gone: Callable[[], bool] | None) -> None:
+        self.client_gone = client_gone
+        self.set = False
+
+    def check(self) -> None:
+        """In the thread: stop (Cancelled) once the waiting side gave up."""
+        if self.set:
+            raise Cancelled
+
+
+# Pool jobs running per Maildir (POOL_JOBS_PER_MAILBOX), counted until the thread ends,
+# not until its greenlet stops waiting: an abandoned scan still holds its thread.
+_pool_jobs: dict[str, int] = {}
+
+
+def _in_pool(maildir: str, cancel: _Cancel | None, function: Callable[..., T], *args: object) -> T:
+    """Run `function` in gevent's thread pool; this greenlet waits, the others run.
+
+    At most POOL_JOBS_PER_MAILBOX threads work for one Maildir at once (others wait their
+    turn), so one mailbox cannot hold the whole pool. With a `cancel` whose `client_gone`
+    says so, the wait ends (Cancelled) and the flag tells the thread to stop; so does a
+    kill of this greenlet."""
+    gone = cancel.client_gone if cancel is not None else None
+    while _pool_jobs.get(maildir, 0) >= POOL_JOBS_PER_MAILBOX:
+        gevent.sleep(POOL_POLL)
+        if gone is not None and gone():
+            assert cancel is not None
+            cancel.set = True
+            raise Cancelled
+    _pool_jobs[maildir] = _pool_jobs.get(maildir, 0) + 1
+
+    def done(_: object) -> None:
+        left = _pool_jobs.get(maildir, 1) - 1
+        if left > 0:
+            _pool_jobs[maildir] = left
+        else:
+            _pool_jobs.pop(maildir, None)
+
+    try:
+        result = gevent.get_hub().threadpool.spawn(function, *args)
+    except BaseException:
+        done(None)
+        raise
+    result.rawlink(done)
+    try:
+        if gone is None:
+            return cast(T, result.get())
+        while True:
+            try:
+                return cast(T, result.get(timeout=POOL_POLL))
+            except gevent.Timeout:
+                if gone():
+                    raise Cancelled from None
+    except BaseException:
+        if cancel is not None:
+            cancel.set = True  # abandoned (client gone, greenlet killed): the thread stops soon
+        raise
+
+
+class _Notes(list[str]):
+    """What a scan could not use, for the caller to log on the event loop (pool threads only
+    collect: logging's locks are gevent's): lines (`append`), and skipped entries
+    (`skip`), counted by reason with a few examples, logged as one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, tuple[int, list[str]]] = {}
+        self.total = 0
+
+    def skip(self, path: str, reason: str) -> None:
+        self.total += 1
+        count, examples = self.skipped.get(reason, (0, []))
+        if len(examples) < SKIP_EXAMPLES:
+            examples.append(path)
+        self.skipped[reason] = (count + 1, examples)
+
+    def summary(self, maildir: str) -> str | None:
+        """The one line of skipped entries (None: nothing skipped)."""
+        if not self.total:
+            return None
+        inside = os.path.join(maildir, "")
+
+        def shown(paths: list[str]) -> str:
+            return ", ".join(ascii(path.removeprefix(inside))[:SKIP_EXAMPLE_CHARS] for path in paths)
+
+        reasons = "; ".join(f"{count} {reason} (e.g. {shown(examples)})"
+                            for reason, (count, examples) in sorted(self.skipped.items()))
+        return f"{ascii(maildir)[:SKIP_EXAMPLE_CHARS]}: skipped {self.total} entries: {reasons}"
+
+
+# Maildir -> its last line of skipped entries: a line is logged once per change of what is skipped.
+_logged_skips: OrderedDict[str, str] = OrderedDict()
+
+
+def _log_notes(maildir: str, notes: _Notes) -> None:
+    """Log what a scan skipped: one line, and only when it differs from the last one logged for
+    this Maildir (100,000 planted symlinks cost one line once, not a line per entry per login)."""
+    for note in list(notes):
         log.warning("maildir: %s", note)
+    line = notes.summary(maildir)
+    if line is None:
+        return
+    if _logged_skips.get(maildir) == line:
+        _logged_skips.move_to_end(maildir)
+        return
+    _logged_skips[maildir] = line
+    _logged_skips.move_to_end(maildir)
+    while len(_logged_skips) > LOGGED_SKIPS:
+        _logged_skips.popitem(last=False)
+    log.warning("maildir: %s", line)
 
 
 # One descriptor per Maildir root for the whole process, and the locks this process holds.
@@ -344,11 +498,12 @@ class _Subdirs:
 
     Entries are looked at relative to these descriptors (lstat, unlink), so swapping
     cur/ for a symlink after the open cannot lead anywhere else. What cannot be used
-    goes to `notes` (one line each), for the caller to log."""
+    goes to `notes`, for the caller to log. The thread that opens them closes them: a
+    scan handed to a pool thread opens its own."""
 
     __slots__ = ("maildir", "fds")
 
-    def __init__(self, maildir: str, notes: list[str]) -> None:
+    def __init__(self, maildir: str, notes: _Notes) -> None:
         self.maildir = maildir
         self.fds: dict[str, int] = {}
         for sub in _SCANNED:
@@ -357,7 +512,7 @@ class _Subdirs:
             except FileNotFoundError:
                 continue
             except OSError as exc:  # ELOOP/ENOTDIR: a symlink or a file where the directory should be
-                notes.append(f"skipped {ascii(os.path.join(maildir, sub))}: not a directory ({exc.strerror})")
+                notes.skip(os.path.join(maildir, sub), f"not a directory ({exc.strerror})")
 
     def __enter__(self) -> _Subdirs:
         return self
@@ -366,6 +521,12 @@ class _Subdirs:
         for fd in self.fds.values():
             _close_fd(fd)
         self.fds.clear()
+
+    def small(self) -> bool:
+        """True when new/ and cur/ are small directories (DIR_LOOP_MAX), listed on the event loop
+        at once: one fstat each. A directory's size grows with its entries (ext4: 4 KiB per
+        ~60 names, never shrinking; tmpfs: 20 octets a name)."""
+        return sum(os.fstat(fd).st_size for fd in self.fds.values()) <= DIR_LOOP_MAX
 
     def names(self) -> list[tuple[str, tuple[str, str]]]:
         """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
@@ -382,59 +543,101 @@ class _Subdirs:
                         found[uid] = (sub, name)
         return sorted(found.items())
 
-    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]],
-                      notes: list[str]) -> list[tuple[str, str, int, int]]:
-        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each."""
+    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]], notes: _Notes,
+                      max_message_size: int = MAX_MESSAGE_SIZE,
+                      cancel: _Cancel | None = None) -> list[tuple[str, str, int, int]]:
+        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each.
+
+        Left out (in `notes`): anything but a regular file, a file over `max_message_size`
+        octets, and a sparse file (`_sparse`: measuring 8 GiB of holes cost 18 s of CPU)."""
         prefix = {sub: os.path.join(self.maildir, sub, "") for sub in self.fds}
         fds = self.fds
         found = []
-        for uid, (sub, name) in names:
+        for count, (uid, (sub, name)) in enumerate(names):
+            if cancel is not None and not count % CANCEL_EVERY:
+                cancel.check()
             try:
                 info = os.lstat(name, dir_fd=fds[sub])
             except OSError:
                 continue  # vanished between listing and stat: not part of the snapshot
-            if stat.S_ISREG(info.st_mode):
-                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
+            if not stat.S_ISREG(info.st_mode):
+                notes.skip(prefix[sub] + name, "not a regular file")
+            elif info.st_size > max_message_size:
+                notes.skip(prefix[sub] + name, "over max_message_size")
+            elif info.st_size > SMALL_MESSAGE and info.st_blocks * 512 < info.st_size and _sparse(fds[sub], name):
+                notes.skip(prefix[sub] + name, "sparse file")
             else:
-                notes.append(f"skipped {ascii(prefix[sub] + name)}: not a regular file")
+                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
         return found
 
-    def find(self, uid: str) -> tuple[str, str] | None:
-        """(subdir, name) of the file whose UIDL is `uid` now (another program renamed it)."""
+    def uid_map(self) -> dict[str, tuple[str, str]]:
+        """UIDL -> (subdir, name) of every file now (another program may have renamed some):
+        one listing of new/ and cur/, new/ first."""
+        found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
             try:
                 names = os.listdir(fd)
             except OSError:
                 continue
             for name in names:
-                if name[0] != "." and uid_of(name) == uid:
-                    return sub, name
-        return None
+                if name[0] != ".":
+                    found.setdefault(uid_of(name), (sub, name))
+        return found
+
+
+def _sparse(dir_fd: int, name: str) -> bool:
+    """True if the file has a hole before its end (SEEK_HOLE). Asked only of a file whose
+    st_blocks cover less than its size, which a compressing filesystem (btrfs, ZFS) also
+    shows for a whole file: such a file has no hole and is mail as any other."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False  # vanished, or not a file: the open for measuring decides
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < os.fstat(fd).st_size
+    except OSError:
+        return False  # no SEEK_HOLE here: measured, up to max_message_size
+    finally:
+        _close_fd(fd)
 
 
 # -- snapshot ----------------------------------------------------------------
 
+def _scan_in_thread(maildir: str, uidl_format: str, limits: tuple[int, int], notes: _Notes,
+                    cancel: _Cancel) -> list[Message]:
+    """The whole snapshot in a pool thread: its own directory descriptors, the listing, the sort."""
+    with _Subdirs(maildir, notes) as dirs:
+        names = dirs.names()
+        cancel.check()
+        return _scan(maildir, dirs, names, uidl_format, limits, notes, cancel, False)
+
+
 def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
-          notes: list[str], on_loop: bool) -> list[Message]:
-    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order."""
+          limits: tuple[int, int], notes: _Notes, cancel: _Cancel, on_loop: bool) -> list[Message]:
+    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order.
+    `limits`: (max_messages, max_message_size)."""
+    max_messages, max_message_size = limits
+    files = dirs.regular_files(names, notes, max_message_size, None if on_loop else cancel)
+    if len(files) > max_messages:
+        raise TooManyMessages(len(files), max_messages)
     try:
         uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
     except dovecot_uidlist.ReadOnLoopTooBig:
-        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
-    messages = _build_snapshot(maildir, dirs, names, uidlist, notes, on_loop)
+        uidlist = _in_pool(maildir, cancel, dovecot_uidlist.load, maildir, notes)
+    messages = _build_snapshot(maildir, files, uidlist, notes, cancel, on_loop)
     if uidlist is None:
         return messages  # UIDLs are the base names, unique already
     return _name_messages(maildir, messages, uidlist, uidl_format, notes)
 
 
-def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]],
-                    uidlist: dovecot_uidlist.UidList | None, notes: list[str], on_loop: bool) -> list[Message]:
-    """Stat every file, take sizes from names (W=), Dovecot's uidlist (W) or the cache,
-    measure the rest, save the cache if it changed.
+def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
+                    uidlist: dovecot_uidlist.UidList | None, notes: _Notes, cancel: _Cancel,
+                    on_loop: bool) -> list[Message]:
+    """Take sizes from names (W=), Dovecot's uidlist (W) or the cache, measure the rest,
+    save the cache if it changed.
 
     `on_loop`: called on the event loop, so the cache read is capped lower and what reads
     many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
-    files = dirs.regular_files(names, notes)
     cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
     fresh: dict[str, tuple[int, int]] = {}
     messages = []
@@ -458,9 +661,9 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
             pending.append((uid, path, raw, fid))
     if pending:
         if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
-            measured = _in_pool(_measure, pending, notes)
+            measured = _in_pool(maildir, cancel, _measure, pending, notes, cancel)
         else:
-            measured = _measure(pending, notes)
+            measured = _measure(pending, notes, cancel)
         for uid, path, raw, fid in pending:
             if uid in measured:  # else vanished or swapped: not part of the snapshot
                 fresh[uid] = (raw, measured[uid])
@@ -468,9 +671,9 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
         messages.sort(key=_by_uid)
     if fresh != cache:
         if on_loop:
-            _in_pool(_save_size_cache, maildir, fresh)
+            _in_pool(maildir, cancel, _save_size_cache, maildir, fresh, cancel)
         else:
-            _save_size_cache(maildir, fresh)
+            _save_size_cache(maildir, fresh, cancel)
     return messages
 
 
@@ -533,14 +736,14 @@ def _make_unique(messages: list[Message]) -> int:
     return repeated
 
 
-def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:
+def _measure(pending: list[tuple[str, str, int, int]], notes: _Notes, cancel: _Cancel) -> dict[str, int]:
     """uid -> CRLF size of each pending file that is still the regular file the scan saw."""
     sizes = {}
     for uid, path, _, fid in pending:
         try:
-            sizes[uid] = crlf_size(path, fid)
+            sizes[uid] = crlf_size(path, fid, cancel.check)
         except NotMail as exc:
-            notes.append(f"skipped {ascii(path)}: {exc.strerror}")
+            notes.skip(path, exc.strerror or "not mail")
         except OSError:
             continue  # vanished meanwhile
     return sizes
@@ -564,8 +767,9 @@ def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
 
 def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
-    file or not whole (its trailer counts the entries and checksums them: a torn write or a
-    stray edit is never read as a wrong size, every size is then measured again).
+    file or not whole and ours (its trailer counts the entries and carries their keyed MAC: a
+    torn write or an edit by the mailbox owner is never read as a wrong size, every size is
+    then measured again).
 
     What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
     (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
@@ -589,7 +793,7 @@ def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
         return {}
     finally:
         _close_fd(fd)
-    cache = _parse_size_cache(data)
+    cache = _parse_size_cache(maildir, data)
     if cache and _identity(info) == _identity(seen):
         _size_memo.put(maildir, _identity(seen), cache)
     return cache
@@ -631,38 +835,72 @@ class _SizeMemo:
                 _, (_, dropped) = self._memo.popitem(last=False)
                 self.entries -= len(dropped)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._memo.clear()
+            self.entries = 0
+
 
 _size_memo = _SizeMemo(SIZE_MEMO_ENTRIES)
 
 
-def _parse_size_cache(data: bytes | None) -> dict[str, tuple[int, int]]:
-    """The entries of a size cache file's content; empty unless it is whole (trailer)."""
+_size_cache_key = os.urandom(SIZE_CACHE_KEY_BYTES)  # per process until `use_size_cache_key`
+
+
+def use_size_cache_key(key: bytes) -> None:
+    """Authenticate size caches with `key` (the installation's, from the state directory):
+    a cache is read only if this key wrote it. Until called, a random key per process."""
+    global _size_cache_key
+    if len(key) < 16:
+        raise ValueError("size cache key too short")
+    _size_cache_key = bytes(key)
+    _size_memo.clear()
+
+
+def _size_cache_mac(maildir: str, body: bytes) -> bytes:
+    """The keyed MAC of a size cache: its Maildir's path and its entries (a cache copied from
+    another Maildir, or edited by the mailbox owner, does not verify)."""
+    keyed = hashlib.blake2b(key=_size_cache_key, digest_size=16)
+    keyed.update(os.fsencode(maildir) + b"\0")
+    keyed.update(body)
+    return keyed.hexdigest().encode()
+
+
+def _parse_size_cache(maildir: str, data: bytes | None) -> dict[str, tuple[int, int]]:
+    """The entries of a size cache file's content; empty unless it is whole and ours (the
+    trailer counts the entries and carries their keyed MAC). An entry whose size is out of
+    range for its raw size (see `plausible_size`) is ignored."""
     if not data or not data.endswith(b"\n"):
         return {}
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
     body = data[:end]
-    if data[end:-1] != b"%s %d %08x" % (SIZE_CACHE_TRAILER, body.count(b"\n"), zlib.crc32(body)):
+    expected = b"%s %d %s" % (SIZE_CACHE_TRAILER, body.count(b"\n"), _size_cache_mac(maildir, body))
+    if not hmac.compare_digest(data[end:-1], expected):
         return {}
     cache: dict[str, tuple[int, int]] = {}
     try:
         for line in body.decode("ascii").splitlines():
-            uid, raw, size = line.split(" ")
-            cache[uid] = (int(raw), int(size))
-    except ValueError:  # checksummed but not ours (UnicodeDecodeError is a ValueError)
+            uid, raw_text, size_text = line.split(" ")
+            raw, size = int(raw_text), int(size_text)
+            if 0 <= raw <= size <= 2 * raw + 2:
+                cache[uid] = (raw, size)
+    except ValueError:  # authenticated but not ours (UnicodeDecodeError is a ValueError)
         return {}
     return cache
 
 
-def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
+def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]], cancel: _Cancel | None = None) -> None:
     """Write a unique new file (O_EXCL | O_NOFOLLOW: nothing planted is written through),
-    fsync it, rename it over the cache.
+    fsync it, rename it over the cache. Nothing once `cancel` is set.
 
     The directory is not fsynced: after a power loss the name gives the old cache or the
     new one, both whole (the file was synced before the rename) and both right, since an
     entry counts only for a file of the same UIDL and raw size; the fsync spares a full
-    re-measure of the mailbox after a crash, the trailer catches what a disk still tears."""
+    re-measure of the mailbox after a crash, the MAC catches what a disk still tears."""
+    if cancel is not None and cancel.set:
+        return
     body = "".join(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items()).encode("ascii")
-    data = body + b"%s %d %08x\n" % (SIZE_CACHE_TRAILER, len(cache), zlib.crc32(body))
+    data = body + b"%s %d %s\n" % (SIZE_CACHE_TRAILER, len(cache), _size_cache_mac(maildir, body))
     final = os.path.join(maildir, SIZE_CACHE)
     if len(data) > SIZE_CACHE_MAX:
         return  # beyond what a load would accept; the old file stays right for what it lists
@@ -776,23 +1014,31 @@ def _crlf_chunks(handle: Readable, chunk_size: int = CHUNK_SIZE) -> Iterator[byt
         yield b"\r\n"
 
 
-def crlf_size(path: str, file_id: int = 0) -> int:
+def crlf_size(path: str, file_id: int = 0, check: Callable[[], None] | None = None) -> int:
     """Octets RETR sends for this file (CRLF line ends, before dot-stuffing).
 
     Reads the whole file: a caller on the event loop sends big files to the thread pool.
-    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
+    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it.
+    `check` is called before each chunk (a pool thread's cancel flag: it raises)."""
     with open_regular(path, file_id) as handle:
-        return sum(len(chunk) for chunk in _crlf_chunks(handle))
+        if check is None:
+            return sum(len(chunk) for chunk in _crlf_chunks(handle))
+        total = 0
+        for chunk in _crlf_chunks(handle):
+            check()
+            total += len(chunk)
+        return total
 
 
-def whole_message(handle: _FileReader) -> bytes | None:
+def whole_message(handle: _FileReader, announced: int | None = None) -> bytes | None:
     """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
     piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
     small, and RETR is most of a session's commands).
 
     The read asks one octet more than the size fstat gave at the open: getting exactly the
     size is the end of a regular file. None, the file rewound, for a bigger file or one
-    whose size changed since: `message_chunks` streams it then."""
+    whose size changed since: `message_chunks` streams it then. MessageChanged, before
+    anything is sent, when the CRLF octets are not the `announced` size (the snapshot's)."""
     size = handle.size
     if not 0 <= size <= SMALL_MESSAGE:
         return None
@@ -806,6 +1052,9 @@ def whole_message(handle: _FileReader) -> bytes | None:
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if data and data[-1:] != b"\n":
         data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
+    if announced is not None and len(data) != announced:
+        raise MessageChanged(errno.ESTALE, f"changed since the snapshot ({announced} octets announced, "
+                                           f"{len(data)} now)")
     if b"\n." in data:
         data = _DOT_LINE.sub(b"\n..", data)
     if data[:1] == b".":
@@ -845,12 +1094,27 @@ def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
         return
 
 
-def message_chunks(handle: Readable, body_lines: int | None = None) -> Iterator[bytes]:
+def _capped(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """`chunks` while they add up to at most `limit` octets; MessageChanged before the chunk
+    that would go past it."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise MessageChanged(errno.EFBIG, f"grew since the snapshot (past the {limit} octets announced)")
+        yield chunk
+
+
+def message_chunks(handle: Readable, body_lines: int | None = None, limit: int | None = None) -> Iterator[bytes]:
     """RETR (body_lines None) or TOP content: CRLF, dot-stuffed, ending in CRLF.
 
     The terminating `.` line is the caller's. Memory is one chunk whatever the size.
+    `limit`: the size announced (the snapshot's): a file that grew past it raises
+    MessageChanged rather than send more than that.
     """
     chunks = _crlf_chunks(handle)
+    if limit is not None:
+        chunks = _capped(chunks, limit)
     if body_lines is not None:
         chunks = _top_chunks(chunks, body_lines)
     at_line_start = True
@@ -875,12 +1139,14 @@ def _delete(maildir: str, messages: list[Message]) -> list[Message]:
     that could not be removed (or whose removal could not be made durable).
 
     Unlinks go through the directory descriptors (no symlink followed on the way). A file
-    that another program renamed (flags changed) is looked up by its UIDL; one that is
-    already gone counts as deleted.
+    that another program renamed (flags changed) is looked up by its UIDL in one map of
+    new/ and cur/, listed at the first such miss (linear in the deletions however many
+    files were renamed); one that is already gone counts as deleted.
     """
     failed = []
     removed: dict[str, list[Message]] = {}
-    with _Subdirs(maildir, []) as dirs:
+    current: dict[str, tuple[str, str]] | None = None
+    with _Subdirs(maildir, _Notes()) as dirs:
         for message in messages:
             sub = os.path.basename(os.path.dirname(message.source))
             target: tuple[str, str] | None = (sub, os.path.basename(message.source))
@@ -891,7 +1157,9 @@ def _delete(maildir: str, messages: list[Message]) -> list[Message]:
                         removed.setdefault(target[0], []).append(message)
                         break
                     except (FileNotFoundError, KeyError):
-                        found = dirs.find(message.uid)
+                        if current is None:
+                            current = dirs.uid_map()
+                        found = current.pop(message.uid, None)
                         target = None if found == target else found
             except OSError:
                 failed.append(message)
