@@ -1030,7 +1030,7 @@ def crlf_size(path: str, file_id: int = 0, check: Callable[[], None] | None = No
         return total
 
 
-def whole_message(handle: _FileReader, announced: int | None = None) -> bytes | None:
+def whole_message(handle: _FileReader, limit: int | None = None) -> bytes | None:
     """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
     piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
     small, and RETR is most of a session's commands).
@@ -1038,7 +1038,7 @@ def whole_message(handle: _FileReader, announced: int | None = None) -> bytes | 
     The read asks one octet more than the size fstat gave at the open: getting exactly the
     size is the end of a regular file. None, the file rewound, for a bigger file or one
     whose size changed since: `message_chunks` streams it then. MessageChanged, before
-    anything is sent, when the CRLF octets are not the `announced` size (the snapshot's)."""
+    anything is sent, when the CRLF octets are more than `limit` (the size announced)."""
     size = handle.size
     if not 0 <= size <= SMALL_MESSAGE:
         return None
@@ -1052,9 +1052,8 @@ def whole_message(handle: _FileReader, announced: int | None = None) -> bytes | 
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if data and data[-1:] != b"\n":
         data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
-    if announced is not None and len(data) != announced:
-        raise MessageChanged(errno.ESTALE, f"changed since the snapshot ({announced} octets announced, "
-                                           f"{len(data)} now)")
+    if limit is not None and len(data) > limit:
+        raise MessageChanged(errno.EFBIG, f"grew since the snapshot ({len(data)} octets now)")
     if b"\n." in data:
         data = _DOT_LINE.sub(b"\n..", data)
     if data[:1] == b".":
@@ -1101,7 +1100,7 @@ def _capped(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
     for chunk in chunks:
         total += len(chunk)
         if total > limit:
-            raise MessageChanged(errno.EFBIG, f"grew since the snapshot (past the {limit} octets announced)")
+            raise MessageChanged(errno.EFBIG, f"grew since the snapshot (past {limit} octets)")
         yield chunk
 
 

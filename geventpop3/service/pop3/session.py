@@ -33,6 +33,7 @@ Limits against slow and many connections (see docs/configuration.md):
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import time
@@ -42,6 +43,7 @@ import gevent
 from gevent.server import StreamServer
 
 from geventpop3.core.lines import Delayed
+from geventpop3.core.message import Message
 from geventpop3.core.metrics import AccessEntry
 from geventpop3.core.peer import Peer, client_host
 from geventpop3.core.peer import source_key as source_key  # where the limits' tests look for it
@@ -50,6 +52,7 @@ from geventpop3.core.pop3.protocol import (
     DELAYED_FAILURES,
     STLS_OK,
     Action,
+    Listing,
     Login,
     Pop3Protocol,
     Refused,
@@ -131,7 +134,7 @@ class Pop3Session:
                         return None
                 case NeedData() | Close():
                     return event
-                case Retrieve() | Update() | Login() | Refused() | StartTls():  # the most frequent first
+                case Retrieve() | Update() | Login() | Refused() | StartTls() | Listing():  # the most frequent first
                     if on_hub:
                         return event
                     self._act(event)
@@ -152,6 +155,8 @@ class Pop3Session:
                 self._answer(self._login_failed(action.user, "insecure", action.mech))
             case StartTls():
                 self._stls()
+            case Listing():
+                self._send_listing(action)
             case _:
                 assert_never(action)
 
@@ -399,24 +404,55 @@ class Pop3Session:
         return self.connection.protocol.login_failed(reason, delay)
 
     def _retrieve(self, action: Retrieve) -> None:
+        """RETR/TOP: never more than the size announced (LIST, `+OK <n> octets`), plus the final
+        CRLF a file may lack (Dovecot's W= size does not count it). A message found bigger
+        before the `+OK` is refused (and offered as -ERR from then on); one that grows while
+        it is sent ends the connection at the announced size."""
+        message = action.message
         try:
-            handle = maildir.open_message(action.message)  # only the regular file the snapshot saw
+            handle = maildir.open_message(message)  # only the regular file the snapshot saw
         except OSError:
             self.transport.write(self.connection.protocol.retrieve_failed())
             return
         write = self.transport.write
+        limit = message.size + 2
         with handle:
-            whole = maildir.whole_message(handle) if action.body_lines is None else None
+            try:
+                if handle.size > message.size:  # CRLF octets are never fewer than the octets stored
+                    raise maildir.MessageChanged(
+                        errno.EFBIG, f"grew since the snapshot ({message.size} octets announced, {handle.size} stored)")
+                whole = maildir.whole_message(handle, limit) if action.body_lines is None else None
+            except maildir.MessageChanged as exc:
+                self._message_changed(message, exc)
+                message.error = "Message changed since the session started"
+                write(self.connection.protocol.retrieve_failed())
+                return
             if whole is not None:
                 write(b"".join((action.header, whole, b".\r\n")))
             else:
                 write(action.header)
                 # Past the +OK line a read error can only end the connection (OSError).
-                for chunk in maildir.message_chunks(handle, action.body_lines):
-                    write(chunk)
+                try:
+                    for chunk in maildir.message_chunks(handle, action.body_lines, limit):
+                        write(chunk)
+                except maildir.MessageChanged as exc:
+                    self._message_changed(message, exc)
+                    raise
                 write(b".\r\n")
         if action.body_lines is None:
             self.ctx.metrics.messages_retrieved += 1
+
+    def _message_changed(self, message: Message, exc: maildir.MessageChanged) -> None:
+        log.warning("pop3 message not sent: user=%s file=%s: %s", loggable(self.connection.protocol.user),
+                    ascii(message.path), exc.strerror)
+
+    def _send_listing(self, listing: Listing) -> None:
+        """A long LIST/UIDL, chunk by chunk, the other sessions served between two chunks
+        (a chunk waits for the client only when its socket is full)."""
+        write = self.transport.write
+        for chunk in listing.chunks():
+            write(chunk)
+            gevent.sleep(0)
 
     def _update(self, action: Update) -> bytes:
         self.ended = "quit"
