@@ -254,7 +254,8 @@ class Pop3Session:
         LIST, UIDL, DELE, RSET, CAPA, errors) are answered right here by `_step`, and the
         session stays parked: no greenlet, no watcher stop and start. One read per wake:
         more input wakes the watcher again at the loop's next turn, after the other
-        sessions ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close,
+        sessions ready now. Whatever needs to wait (RETR/TOP, QUIT, the client's close, a
+        LIST/UIDL of more than LISTING_INLINE messages,
         answers the client is slow to read, over FLUSH_THRESHOLD queued) goes on in a
         runner (`serve`), the lines not answered yet still in the connection. False
         before login: `on_ready` then."""
