@@ -2,8 +2,9 @@
 
 Sizes: RFC 1939 wants the octets RETR really sends (CRLF line ends, no dot-stuffing).
 Files may use bare LF, so the size is computed once by reading the message and kept
-in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size; a later
-login only stats the files (Dovecot keeps the same fact in its index).
+in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size and
+authenticated by a keyed MAC (the installation's key: the mailbox owner can write the file,
+not forge it); a later login only stats the files (Dovecot keeps the same fact in its index).
 
 Lock: a one-byte record lock (Linux OFD lock) per user in one shared file per
 Maildir root, `.geventpop3.locks`: no descriptor per session, so 10,000 held sessions
@@ -14,8 +15,9 @@ sharing the Maildir root.
 Safety (whoever can write into a Maildir is not trusted): only regular files are mail.
 cur/ and new/ are opened as directories without following a symlink, every entry is
 lstat'ed (never followed), and a message is opened with O_NOFOLLOW | O_NONBLOCK and
-fstat'ed: anything but a regular file (symlink, FIFO, device, directory), or a file
-that is not the one the snapshot saw (device and inode), is skipped with one log line.
+fstat'ed: anything but a regular file (symlink, FIFO, device, directory), a sparse file,
+one over `max_message_size`, or a file that is not the one the snapshot saw (device and
+inode), is skipped; what a scan skipped is one log line, logged once per change.
 Every file this module creates uses O_CREAT | O_EXCL | O_NOFOLLOW (the lock file, which
 is shared, O_NOFOLLOW and a regular-file check). A name that is not a safe UIDL (not
 printable ASCII, over 70 octets, not UTF-8, CR/LF...) is still mail: its UIDL is `~`
