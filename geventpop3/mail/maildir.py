@@ -36,9 +36,11 @@ in dovecot-uidlist, is taken as the size without reading the file when it is pla
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
+import heapq
 import hmac
 import logging
 import os
@@ -46,6 +48,7 @@ import re
 import socket
 import stat
 import struct
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
@@ -71,28 +74,30 @@ SIZE_CACHE = "geventpop3.sizes"
 SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <keyed MAC of the Maildir and entries>"
 SIZE_CACHE_KEY_BYTES = 32
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
-SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
+SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop; a bigger cache is read in the thread pool
 SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 SUBDIRS = ("cur", "new", "tmp")
-# Past this many files, stat and size work moves to the thread pool so a big
-# mailbox does not stall the other sessions (one system call per file).
-THREADPOOL_THRESHOLD = 256
 # Past this many octets of messages without a cached size, measuring them moves to the
 # thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
 THREADPOOL_BYTES = 1 << 20
 UIDLIST_LOOP_MAX = 1 << 20  # a bigger dovecot-uidlist to (re)read goes to the thread pool
-# new/ and cur/ whose directory sizes add up to more than this are listed in the thread pool:
-# the listing and the sort of a huge mailbox are work too (500,000 names: about a second).
-DIR_LOOP_MAX = 32 << 10
 MAX_MESSAGES = 100_000  # the defaults of max_messages_per_mailbox and max_message_size
 MAX_MESSAGE_SIZE = 1 << 30
 POOL_JOBS_PER_MAILBOX = 2  # pool threads one Maildir may hold at once (an abandoned scan counts until it ends)
 POOL_POLL = 0.1  # seconds between two looks at the client while a pool thread works for it
-CANCEL_EVERY = 1024  # files between two looks at the cancel flag in a pool thread
+CANCEL_EVERY = 64  # items between two calls of `_Cancel.check` in a scan's loops
+# A scan on the event loop gives the other sessions their turn (gevent.idle: every event
+# ready is handled first) after each TURN s of work, and then looks at its client. Not a
+# pool thread: a Python-busy thread holds the GIL, and on a loaded 2-core machine the event
+# loop's thread waited for it 160 ms (p99) to 1.9 s per turn.
+TURN = 0.002
 SKIP_EXAMPLES = 3  # examples per reason in the one line of skipped entries
 SKIP_EXAMPLE_CHARS = 120
 LOGGED_SKIPS = 10_000  # Maildirs whose last line of skipped entries is remembered (logged once per change)
+# Sorts of a scan are done in runs of this many items, merged in Python, with turns between:
+# one sort of 500,000 names is one C call of 0.4 s.
+SORT_RUN = 4096
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
 _DOT_LINE = re.compile(rb"\n\.")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -285,26 +290,27 @@ class Mailbox:
         UIDLs per `uidl_format` and the Maildir's dovecot-uidlist, if it has one).
 
         Warm cache: one directory listing and one lstat per file (and one for
-        dovecot-uidlist), nothing read. A small mailbox is scanned on the event loop; one
-        whose directories are big (DIR_LOOP_MAX) or that lists more than THREADPOOL_THRESHOLD
-        files is listed, sorted and scanned in a pool thread, while this greenlet looks at
-        `client_gone` every POOL_POLL s: once it is true the scan is abandoned (Cancelled),
-        the thread stops at its next look at the flag and saves nothing. Many uncached
-        octets and every cache write (fsync) go to the thread pool too.
+        dovecot-uidlist), nothing read. The scan runs in this greenlet, on the event loop,
+        in turns of TURN s (`_Cancel.check`): a mailbox of 500,000 files takes seconds, and
+        the other sessions are served between two turns. After each turn it looks at
+        `client_gone`: once true the scan is abandoned (Cancelled) and saves nothing. What
+        waits for the disk (measuring big files, reading a big size cache or dovecot-uidlist,
+        writing the cache with its fsync) goes to the thread pool.
 
         TooManyMessages when more than `max_messages` regular files are found; a file of
         more than `max_message_size` octets, or a sparse one, is left out (one log line)."""
         notes = _Notes()
         cancel = _Cancel(client_gone)
-        limits = (max_messages, max_message_size)
         try:
             with _Subdirs(self.path, notes) as dirs:
-                names = dirs.names() if dirs.small() else None
-                if names is not None and len(names) <= THREADPOOL_THRESHOLD:
-                    return _scan(self.path, dirs, names, uidl_format, limits, notes, cancel, True)
-            return _in_pool(self.path, cancel, _scan_in_thread, self.path, uidl_format, limits, notes, cancel)
+                names = dirs.names(cancel)
+                try:
+                    return _scan(self.path, dirs, names, uidl_format, (max_messages, max_message_size), notes,
+                                 cancel)
+                finally:
+                    _release(names, cancel)
         finally:
-            if not cancel.set:  # an abandoned thread may still be adding to `notes`
+            if not cancel.set:  # an abandoned pool thread may still be adding to `notes`
                 _log_notes(self.path, notes)
 
     def delete(self, messages: list[Message]) -> list[Message]:
@@ -320,36 +326,65 @@ class Mailbox:
 
         A directory scan and one lstat per file, no reading; a missing Maildir is (0, 0)."""
         notes = _Notes()
+        cancel = _Cancel(None)
         try:
             with _Subdirs(self.path, notes) as dirs:
-                names = dirs.names() if dirs.small() else None
-                if names is not None and len(names) <= THREADPOOL_THRESHOLD:
-                    found = dirs.regular_files(names, notes, max_message_size, None)
-                    return len(found), sum(raw for _, _, raw, _ in found)
-            return _in_pool(self.path, None, _size_in_thread, self.path, max_message_size, notes)
+                found = dirs.regular_files(dirs.names(cancel), notes, max_message_size, cancel)
+            return len(found), sum(raw for _, _, raw, _ in found)
         finally:
             _log_notes(self.path, notes)
 
 
-def _size_in_thread(maildir: str, max_message_size: int, notes: _Notes) -> tuple[int, int]:
-    with _Subdirs(maildir, notes) as dirs:
-        found = dirs.regular_files(dirs.names(), notes, max_message_size, None)
-    return len(found), sum(raw for _, _, raw, _ in found)
-
-
 class _Cancel:
-    """The flag a pool thread looks at: set once the client that waits for the work is gone."""
+    """The turns of one scan and its end: `check()`, called every few items, gives the event
+    loop a turn after TURN s of work and then looks at the client; `set` once the client is
+    gone (pool threads working for the scan look at it too)."""
 
-    __slots__ = ("client_gone", "set")
+    __slots__ = ("client_gone", "set", "since", "loop_thread")
 
     def __init__(self, client_gone: Callable[[], bool] | None) -> None:
         self.client_gone = client_gone
         self.set = False
+        self.since = _clock()
+        self.loop_thread = _get_ident()
 
     def check(self) -> None:
-        """In the thread: stop (Cancelled) once the waiting side gave up."""
+        """Cancelled once the client is gone; on the event loop, a turn for the others every TURN s."""
         if self.set:
             raise Cancelled
+        if self.turn() and self.client_gone is not None and self.client_gone():
+            self.set = True
+            raise Cancelled
+
+    def turn(self) -> bool:
+        """On the event loop, after TURN s of work: let every event ready now be handled
+        (gevent.sleep(0) would handle none), and say so."""
+        if _clock() - self.since < TURN or _get_ident() != self.loop_thread:
+            return False
+        gevent.idle()
+        self.since = _clock()
+        return True
+
+
+_get_ident = monkey.get_original("_thread", "get_ident")
+
+
+def _untracked(message: Message) -> Message:
+    """`message`, out of the cyclic garbage collector's sight (CPython's PyObject_GC_UnTrack): its
+    fields are strings, ints and None, so it can be in no cycle. A snapshot makes one object per
+    message, and the collections of 300,000 new ones each took 100 to 250 ms on the event loop
+    (young generations, then the whole heap), several times per login and after it."""
+    if _gc_untrack is not None:
+        _gc_untrack(message)
+    return message
+
+
+_gc_untrack = None
+if sys.implementation.name == "cpython":
+    _gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+    _gc_untrack.argtypes = (ctypes.py_object,)
+    _gc_untrack.restype = None
+_clock = time.perf_counter
 
 
 # Pool jobs running per Maildir (POOL_JOBS_PER_MAILBOX), counted until the thread ends,
@@ -524,18 +559,15 @@ class _Subdirs:
             _close_fd(fd)
         self.fds.clear()
 
-    def small(self) -> bool:
-        """True when new/ and cur/ are small directories (DIR_LOOP_MAX), listed on the event loop
-        at once: one fstat each. A directory's size grows with its entries (ext4: 4 KiB per
-        ~60 names, never shrinking; tmpfs: 20 octets a name)."""
-        return sum(os.fstat(fd).st_size for fd in self.fds.values()) <= DIR_LOOP_MAX
-
-    def names(self) -> list[tuple[str, tuple[str, str]]]:
+    def names(self, cancel: _Cancel | None = None) -> list[tuple[str, tuple[str, str]]]:
         """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
-        (delivery order); a UIDL met twice is served once. No stat: the listing only."""
+        (delivery order); a UIDL met twice is served once. No stat: the listing only.
+        `cancel`: in a pool thread, looked at (and paced) as it goes."""
         found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
-            for name in os.listdir(fd):
+            for count, name in enumerate(_entries(fd)):
+                if cancel is not None and not count % CANCEL_EVERY:
+                    cancel.check()
                 if name[0] != ".":
                     uid = name.split(":", 1)[0]  # uid_of(), inlined: this runs once per file per login
                     if not (uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70
@@ -543,7 +575,12 @@ class _Subdirs:
                         uid = _hashed_uid(name)
                     if uid not in found:
                         found[uid] = (sub, name)
-        return sorted(found.items())
+        items = []
+        for count, item in enumerate(found.items()):
+            if cancel is not None and not count % (4 * CANCEL_EVERY):
+                cancel.check()
+            items.append(item)
+        return sorted_in_steps(items, _first, cancel)
 
     def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]], notes: _Notes,
                       max_message_size: int = MAX_MESSAGE_SIZE,
@@ -587,6 +624,14 @@ class _Subdirs:
         return found
 
 
+def _entries(fd: int) -> Iterator[str]:
+    """The names in a directory, read a few at a time (os.listdir of 500,000 names is one
+    call of 0.3 s)."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            yield entry.name
+
+
 def _sparse(dir_fd: int, name: str) -> bool:
     """True if the file has a hole before its end (SEEK_HOLE). Asked only of a file whose
     st_blocks cover less than its size, which a compressing filesystem (btrfs, ZFS) also
@@ -605,47 +650,43 @@ def _sparse(dir_fd: int, name: str) -> bool:
 
 # -- snapshot ----------------------------------------------------------------
 
-def _scan_in_thread(maildir: str, uidl_format: str, limits: tuple[int, int], notes: _Notes,
-                    cancel: _Cancel) -> list[Message]:
-    """The whole snapshot in a pool thread: its own directory descriptors, the listing, the sort."""
-    with _Subdirs(maildir, notes) as dirs:
-        names = dirs.names()
-        cancel.check()
-        return _scan(maildir, dirs, names, uidl_format, limits, notes, cancel, False)
-
-
 def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
-          limits: tuple[int, int], notes: _Notes, cancel: _Cancel, on_loop: bool) -> list[Message]:
+          limits: tuple[int, int], notes: _Notes, cancel: _Cancel) -> list[Message]:
     """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order.
     `limits`: (max_messages, max_message_size)."""
     max_messages, max_message_size = limits
-    files = dirs.regular_files(names, notes, max_message_size, None if on_loop else cancel)
-    if len(files) > max_messages:
-        raise TooManyMessages(len(files), max_messages)
+    files = dirs.regular_files(names, notes, max_message_size, cancel)
     try:
-        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
-    except dovecot_uidlist.ReadOnLoopTooBig:
-        uidlist = _in_pool(maildir, cancel, dovecot_uidlist.load, maildir, notes)
-    messages = _build_snapshot(maildir, files, uidlist, notes, cancel, on_loop)
+        if len(files) > max_messages:
+            raise TooManyMessages(len(files), max_messages)
+        try:
+            uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX)
+        except dovecot_uidlist.ReadOnLoopTooBig:
+            uidlist = _in_pool(maildir, cancel, dovecot_uidlist.load, maildir, notes)
+        messages = _build_snapshot(maildir, files, uidlist, notes, cancel)
+    finally:
+        _release(files, cancel)
     if uidlist is None:
         return messages  # UIDLs are the base names, unique already
-    return _name_messages(maildir, messages, uidlist, uidl_format, notes)
+    return _name_messages(maildir, messages, uidlist, uidl_format, notes, cancel)
 
 
 def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
-                    uidlist: dovecot_uidlist.UidList | None, notes: _Notes, cancel: _Cancel,
-                    on_loop: bool) -> list[Message]:
+                    uidlist: dovecot_uidlist.UidList | None, notes: _Notes, cancel: _Cancel) -> list[Message]:
     """Take sizes from names (W=), Dovecot's uidlist (W) or the cache, measure the rest,
     save the cache if it changed.
 
-    `on_loop`: called on the event loop, so the cache read is capped lower and what reads
-    many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
-    cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
+    On the event loop, in turns: what reads many octets (measuring files over SMALL_MESSAGE
+    once they add up to THREADPOOL_BYTES, a size cache over SIZE_CACHE_LOOP_MAX) or waits
+    for the disk (saving, with fsync) goes to the thread pool."""
+    cache = _load_size_cache(maildir, cancel)
     fresh: dict[str, tuple[int, int]] = {}
     messages = []
     pending = []
     records = uidlist.records if uidlist is not None else {}
-    for uid, path, raw, fid in files:
+    for count, (uid, path, raw, fid) in enumerate(files):
+        if not count % CANCEL_EVERY:
+            cancel.check()
         # No cache entry for these: the name, or Dovecot's file, keeps the size.
         named = size_from_name(path[path.rindex("/") + 1:], raw) if ",W=" in path else None
         if named is None and records:
@@ -653,38 +694,79 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
             if record is not None:
                 named = plausible_size(raw, record.virtual_size, record.physical_size)
         if named is not None:
-            messages.append(Message(uid, path, named, path, None, fid))
+            messages.append(_untracked(Message(uid, path, named, path, None, fid)))
             continue
         cached = cache.get(uid)
         if cached is not None and cached[0] == raw:
             fresh[uid] = cached
-            messages.append(Message(uid, path, cached[1], path, None, fid))
+            messages.append(_untracked(Message(uid, path, cached[1], path, None, fid)))
         else:
             pending.append((uid, path, raw, fid))
+    measured: dict[str, int] = {}
     if pending:
-        if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
-            measured = _in_pool(maildir, cancel, _measure, pending, notes, cancel)
+        big = [entry for entry in pending if entry[2] > SMALL_MESSAGE]
+        if sum(raw for _, _, raw, _ in big) > THREADPOOL_BYTES:
+            measured = _measure([entry for entry in pending if entry[2] <= SMALL_MESSAGE], notes, cancel)
+            measured.update(_in_pool(maildir, cancel, _measure, big, notes, cancel))
         else:
             measured = _measure(pending, notes, cancel)
-        for uid, path, raw, fid in pending:
+        for count, (uid, path, raw, fid) in enumerate(pending):
+            if not count % CANCEL_EVERY:
+                cancel.check()
             if uid in measured:  # else vanished or swapped: not part of the snapshot
                 fresh[uid] = (raw, measured[uid])
-                messages.append(Message(uid, path, measured[uid], path, None, fid))
-        messages.sort(key=_by_uid)
-    if fresh != cache:
-        if on_loop:
-            _in_pool(maildir, cancel, _save_size_cache, maildir, fresh, cancel)
-        else:
-            _save_size_cache(maildir, fresh, cancel)
+                messages.append(_untracked(Message(uid, path, measured[uid], path, None, fid)))
+        messages = sorted_in_steps(messages, _by_uid, cancel)
+    _release(pending, cancel)
+    # Changed when a size was measured or a cached one dropped (comparing 300,000 entries is one long call).
+    if len(fresh) != len(cache) or any(cache.get(uid) != fresh.get(uid) for uid in measured):
+        body = _size_cache_body(fresh, cancel)
+        _in_pool(maildir, cancel, _save_size_cache, maildir, body, cancel)
+    while fresh:  # freed in steps too
+        for _ in range(min(len(fresh), SORT_RUN)):
+            fresh.popitem()
+        cancel.turn()
     return messages
+
+
+def _release(items: list[T], cancel: _Cancel) -> None:
+    """Empty `items` a run at a time, in turns: freeing the 500,000 entries of a listing at once
+    held the event loop 0.5 s."""
+    while items:
+        del items[-SORT_RUN:]
+        cancel.turn()  # also for an abandoned scan
 
 
 def _by_uid(message: Message) -> str:
     return message.uid
 
 
+def _first(item: tuple[str, tuple[str, str]]) -> str:
+    return item[0]
+
+
+def sorted_in_steps(items: list[T], key: Callable[[T], object], cancel: _Cancel | None = None) -> list[T]:
+    """`sorted(items, key=key)` (stable) that never holds the GIL long: runs of SORT_RUN
+    sorted in C, merged by heapq.merge (Python), so a pool thread sorting 500,000 names
+    lets the event loop's thread run between two steps (`cancel`: looked at, and paced,
+    between runs and as the merge goes)."""
+    if len(items) <= SORT_RUN:
+        return sorted(items, key=key)  # type: ignore[arg-type]
+    runs = []
+    for start in range(0, len(items), SORT_RUN):
+        if cancel is not None:
+            cancel.check()
+        runs.append(sorted(items[start:start + SORT_RUN], key=key))  # type: ignore[arg-type]
+    merged = []
+    for count, item in enumerate(heapq.merge(*runs, key=key)):  # type: ignore[arg-type]
+        if cancel is not None and not count % SORT_RUN:
+            cancel.check()
+        merged.append(item)
+    return merged
+
+
 def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidlist.UidList, uidl_format: str,
-                   notes: list[str]) -> list[Message]:
+                   notes: list[str], cancel: _Cancel) -> list[Message]:
     """The snapshot with Dovecot's UIDLs and order (see the module docstring).
 
     `%08Xu%08Xv` is written as Dovecot writes it: Dovecot's `X` modifier prints lower-case
@@ -694,6 +776,8 @@ def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidli
     dovecot_format = uidl_format == UIDL_DOVECOT
     keyed: list[tuple[tuple[int, int], int, Message]] = []
     for position, message in enumerate(messages):  # position: unlisted ones keep base name order
+        if not position % CANCEL_EVERY:
+            cancel.check()
         record = records.get(_base_name(message.source))
         if record is None:
             keyed.append(((1 << 33, 0), position, message))
@@ -705,9 +789,9 @@ def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidli
             message.uidl = f"{record.uid:08x}{suffix}"
         order = record.pop3_order if record.pop3_order is not None else 0xFFFFFFFF
         keyed.append(((order, record.uid), position, message))
-    keyed.sort(key=_first_two)
+    keyed = sorted_in_steps(keyed, _first_two, cancel)
     ordered = [message for _, _, message in keyed]
-    repeated = _make_unique(ordered)
+    repeated = _make_unique(ordered, cancel)
     if repeated:
         notes.append(f"{ascii(maildir)}: {repeated} UIDLs from {dovecot_uidlist.NAME} repeated one listed "
                      "before; those messages got hashed UIDLs")
@@ -722,12 +806,14 @@ def _base_name(path: str) -> str:
     return path[path.rindex("/") + 1:].split(":", 1)[0]
 
 
-def _make_unique(messages: list[Message]) -> int:
+def _make_unique(messages: list[Message], cancel: _Cancel) -> int:
     """Give a message whose UIDL an earlier one has a `~` hash of its base name instead;
     returns how many needed it. Base names are unique, so their hashes are."""
     seen: set[str] = set()
     repeated = 0
-    for message in messages:
+    for count, message in enumerate(messages):
+        if not count % CANCEL_EVERY:
+            cancel.check()
         uidl = message.uidl or message.uid
         if uidl in seen:
             repeated += 1
@@ -742,6 +828,7 @@ def _measure(pending: list[tuple[str, str, int, int]], notes: _Notes, cancel: _C
     """uid -> CRLF size of each pending file that is still the regular file the scan saw."""
     sizes = {}
     for uid, path, _, fid in pending:
+        cancel.check()
         try:
             sizes[uid] = crlf_size(path, fid, cancel.check)
         except NotMail as exc:
@@ -767,7 +854,7 @@ def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
     return b"".join(parts), info
 
 
-def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
+def _load_size_cache(maildir: str, cancel: _Cancel) -> dict[str, tuple[int, int]]:
     """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
     file or not whole and ours (its trailer counts the entries and carries their keyed MAC: a
     torn write or an edit by the mailbox owner is never read as a wrong size, every size is
@@ -776,7 +863,8 @@ def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
     (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
     server replaces the file by a rename, never in place, so a new cache is a new inode.
-    The dict returned is shared: read only."""
+    The dict returned is shared: read only. A file over SIZE_CACHE_LOOP_MAX is read and
+    its MAC checked in the thread pool; the entries are parsed here, in turns."""
     path = os.path.join(maildir, SIZE_CACHE)
     try:
         seen = os.lstat(path)
@@ -785,20 +873,35 @@ def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     remembered = _size_memo.get(maildir, _identity(seen))
     if remembered is not None:
         return remembered
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
+    if seen.st_size > SIZE_CACHE_MAX:
         return {}
-    try:
-        data, info = _read_capped(fd, cap)
-    except OSError:
+    if seen.st_size > SIZE_CACHE_LOOP_MAX:
+        read = _in_pool(maildir, cancel, _read_size_cache, maildir, path)
+    else:
+        read = _read_size_cache(maildir, path)
+    if read is None:
         return {}
-    finally:
-        _close_fd(fd)
-    cache = _parse_size_cache(maildir, data)
+    body, info = read
+    cache = _parse_size_cache(body, cancel)
     if cache and _identity(info) == _identity(seen):
         _size_memo.put(maildir, _identity(seen), cache)
     return cache
+
+
+def _read_size_cache(maildir: str, path: str) -> tuple[bytes, os.stat_result] | None:
+    """The entries of the size cache file, if it is whole and ours (its MAC), and its fstat."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        data, info = _read_capped(fd, SIZE_CACHE_MAX)
+    except OSError:
+        return None
+    finally:
+        _close_fd(fd)
+    body = _verified_body(maildir, data)
+    return None if body is None else (body, info)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -868,32 +971,62 @@ def _size_cache_mac(maildir: str, body: bytes) -> bytes:
     return keyed.hexdigest().encode()
 
 
-def _parse_size_cache(maildir: str, data: bytes | None) -> dict[str, tuple[int, int]]:
-    """The entries of a size cache file's content; empty unless it is whole and ours (the
-    trailer counts the entries and carries their keyed MAC). An entry whose size is out of
-    range for its raw size (see `plausible_size`) is ignored."""
+def _verified_body(maildir: str, data: bytes | None) -> bytes | None:
+    """The entries of a size cache file's content; None unless it is whole and ours (the
+    trailer counts the entries and carries their keyed MAC)."""
     if not data or not data.endswith(b"\n"):
-        return {}
+        return None
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
     body = data[:end]
     expected = b"%s %d %s" % (SIZE_CACHE_TRAILER, body.count(b"\n"), _size_cache_mac(maildir, body))
     if not hmac.compare_digest(data[end:-1], expected):
-        return {}
+        return None
+    return body
+
+
+PARSE_BLOCK = 1 << 16  # octets of size cache entries parsed between two looks at the turn
+
+
+def _parse_size_cache(body: bytes, cancel: _Cancel | None = None) -> dict[str, tuple[int, int]]:
+    """uid -> (raw, size) of authenticated entries, in blocks (`cancel.check` between two). An
+    entry whose size is out of range for its raw size (see `plausible_size`) is ignored."""
     cache: dict[str, tuple[int, int]] = {}
+    start = 0
     try:
-        for line in body.decode("ascii").splitlines():
-            uid, raw_text, size_text = line.split(" ")
-            raw, size = int(raw_text), int(size_text)
-            if 0 <= raw <= size <= 2 * raw + 2:
-                cache[uid] = (raw, size)
+        while start < len(body):
+            if cancel is not None:
+                cancel.check()
+            end = body.find(b"\n", start + PARSE_BLOCK)
+            end = len(body) if end < 0 else end + 1
+            for line in body[start:end].decode("ascii").splitlines():
+                uid, raw_text, size_text = line.split(" ")
+                raw, size = int(raw_text), int(size_text)
+                if 0 <= raw <= size <= 2 * raw + 2:
+                    cache[uid] = (raw, size)
+            start = end
     except ValueError:  # authenticated but not ours (UnicodeDecodeError is a ValueError)
         return {}
     return cache
 
 
-def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]], cancel: _Cancel | None = None) -> None:
-    """Write a unique new file (O_EXCL | O_NOFOLLOW: nothing planted is written through),
-    fsync it, rename it over the cache. Nothing once `cancel` is set.
+def _size_cache_body(cache: dict[str, tuple[int, int]], cancel: _Cancel) -> bytes:
+    """The entries of a size cache file, built in turns."""
+    blocks = []
+    lines: list[str] = []
+    for uid, (raw, size) in cache.items():
+        lines.append(f"{uid} {raw} {size}\n")
+        if len(lines) >= 4 * CANCEL_EVERY:
+            blocks.append("".join(lines))
+            lines.clear()
+            cancel.check()
+    blocks.append("".join(lines))
+    return "".join(blocks).encode("ascii")
+
+
+def _save_size_cache(maildir: str, body: bytes, cancel: _Cancel | None = None) -> None:
+    """Write `body` (`_size_cache_body`) and its trailer to a unique new file (O_EXCL |
+    O_NOFOLLOW: nothing planted is written through), fsync it, rename it over the cache.
+    Nothing once `cancel` is set.
 
     The directory is not fsynced: after a power loss the name gives the old cache or the
     new one, both whole (the file was synced before the rename) and both right, since an
@@ -901,8 +1034,7 @@ def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]], cancel: _C
     re-measure of the mailbox after a crash, the MAC catches what a disk still tears."""
     if cancel is not None and cancel.set:
         return
-    body = "".join(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items()).encode("ascii")
-    data = body + b"%s %d %s\n" % (SIZE_CACHE_TRAILER, len(cache), _size_cache_mac(maildir, body))
+    data = body + b"%s %d %s\n" % (SIZE_CACHE_TRAILER, body.count(b"\n"), _size_cache_mac(maildir, body))
     final = os.path.join(maildir, SIZE_CACHE)
     if len(data) > SIZE_CACHE_MAX:
         return  # beyond what a load would accept; the old file stays right for what it lists

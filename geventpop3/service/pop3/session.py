@@ -50,6 +50,8 @@ from geventpop3.core.peer import source_key as source_key  # where the limits' t
 from geventpop3.core.pop3.connection import Close, NeedData, Pop3Connection
 from geventpop3.core.pop3.protocol import (
     DELAYED_FAILURES,
+    LISTING_CHUNK,
+    LISTING_INLINE,
     STLS_OK,
     Action,
     Listing,
@@ -453,7 +455,7 @@ class Pop3Session:
         write = self.transport.write
         for chunk in listing.chunks():
             write(chunk)
-            gevent.sleep(0)
+            gevent.idle()  # every event ready is handled first (gevent.sleep(0) would handle none)
 
     def _update(self, action: Update) -> bytes:
         self.ended = "quit"
@@ -503,6 +505,9 @@ class Pop3Session:
         failures = sum(1 for message in protocol.messages if message.error is not None)
         detail = f"filter_failures={failures}" if failures else ""
         self._record("logout", user, detail=detail)
+        if len(protocol.messages) > LISTING_INLINE:  # freeing 300,000 messages at once took 0.2 s
+            gevent.spawn(_free_in_steps, protocol.messages)
+            protocol.messages = []
 
     def _record(self, event: str, user: str, detail: str = "") -> None:
         protocol = self.connection.protocol
@@ -511,6 +516,13 @@ class Pop3Session:
             retr=protocol.retrieved, dele=protocol.expunged, top=protocol.tops, bytes=self.transport.sent,
             duration=time.monotonic() - self.started, ended=self.ended if event == "logout" else "", detail=detail,
         ))
+
+
+def _free_in_steps(messages: list[Message]) -> None:
+    """Let go of a big snapshot a few thousand messages at a time, the other sessions served between."""
+    while messages:
+        del messages[-LISTING_CHUNK:]
+        gevent.idle()
 
 
 class Pop3Service:

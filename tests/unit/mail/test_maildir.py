@@ -461,7 +461,6 @@ def test_size_memo_is_bounded() -> None:
 
 
 def test_big_snapshot_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
     box = make_maildir(tmp_path)
     for number in range(10):
         put(box, "new", f"{1000 + number}.host", b"x\n" * number)
@@ -654,7 +653,6 @@ def test_size_counts_what_a_snapshot_lists_without_reading(tmp_path: Path, monke
 
 
 def test_big_mailbox_size_and_delete_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
     box = make_maildir(tmp_path)
     for number in range(10):
         put(box, "new", f"{1000 + number}.host", b"x" * number)

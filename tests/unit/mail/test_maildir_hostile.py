@@ -282,7 +282,6 @@ def test_more_messages_than_the_limit_refuse_the_snapshot_and_touch_nothing(tmp_
 
 def test_a_scan_in_the_pool_is_abandoned_once_the_client_is_gone(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 1)
     box = make_box(tmp_path)
     first = put(box, "new", "1000.host", b"x" * 63 + b"\n")
     with open(first, "ab") as handle:
