@@ -126,7 +126,7 @@ class TooManyMessages(MaildirError):
 
 
 class Cancelled(Exception):
-    """The client went away while a pool thread scanned for it: the scan was abandoned."""
+    """The client went away while its mailbox was scanned: the scan was abandoned."""
 
 
 class MessageChanged(OSError):
@@ -535,8 +535,7 @@ class _Subdirs:
 
     Entries are looked at relative to these descriptors (lstat, unlink), so swapping
     cur/ for a symlink after the open cannot lead anywhere else. What cannot be used
-    goes to `notes`, for the caller to log. The thread that opens them closes them: a
-    scan handed to a pool thread opens its own."""
+    goes to `notes`, for the caller to log."""
 
     __slots__ = ("maildir", "fds")
 
@@ -562,7 +561,7 @@ class _Subdirs:
     def names(self, cancel: _Cancel | None = None) -> list[tuple[str, tuple[str, str]]]:
         """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
         (delivery order); a UIDL met twice is served once. No stat: the listing only.
-        `cancel`: in a pool thread, looked at (and paced) as it goes."""
+        `cancel`: looked at (turns, the client) as it goes."""
         found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
             for count, name in enumerate(_entries(fd)):
@@ -747,9 +746,8 @@ def _first(item: tuple[str, tuple[str, str]]) -> str:
 
 def sorted_in_steps(items: list[T], key: Callable[[T], object], cancel: _Cancel | None = None) -> list[T]:
     """`sorted(items, key=key)` (stable) that never holds the GIL long: runs of SORT_RUN
-    sorted in C, merged by heapq.merge (Python), so a pool thread sorting 500,000 names
-    lets the event loop's thread run between two steps (`cancel`: looked at, and paced,
-    between runs and as the merge goes)."""
+    sorted in C, merged by heapq.merge (Python), with `cancel.check` (turns for the other
+    sessions) between runs and as the merge goes: one sort of 500,000 names is 0.4 s."""
     if len(items) <= SORT_RUN:
         return sorted(items, key=key)  # type: ignore[arg-type]
     runs = []
