@@ -328,3 +328,29 @@ def test_update_after_renames_maps_the_directories_once(tmp_path: Path, monkeypa
     monkeypatch.setattr(maildir._Subdirs, "uid_map", lambda self: maps.append(1) or real(self))
     assert box.delete(messages) == []
     assert len(maps) == 1 and os.listdir(Path(box.path) / "cur") == []
+
+
+def test_a_scan_of_many_files_gives_turns_and_stops_once_the_client_is_gone(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    new = Path(box.path) / "new"
+    for number in range(30_000):
+        os.close(os.open(new / f"{1_700_000_000 + number}.M{number}.host", os.O_CREAT | os.O_WRONLY, 0o600))
+    ticks: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(time.thread_time())  # this thread's CPU between ticks: a busy machine adds none
+            gevent.sleep(0.001)
+
+    clock = gevent.spawn(ticker)
+    try:
+        gevent.sleep(0.01)
+        assert len(box.snapshot()) == 30_000
+        busiest = max(later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False))
+        asked: list[float] = []
+        with pytest.raises(maildir.Cancelled):
+            box.snapshot(client_gone=lambda: bool(asked.append(time.monotonic())) or len(asked) > 3)
+    finally:
+        clock.kill()
+    assert busiest < 0.05, busiest  # the loop's thread never worked 50 ms without a turn
+    assert len(asked) == 4  # asked at each turn, given up at once
