@@ -98,6 +98,11 @@ LOGGED_SKIPS = 10_000  # Maildirs whose last line of skipped entries is remember
 # Sorts of a scan are done in runs of this many items, merged in Python, with turns between:
 # one sort of 500,000 names is one C call of 0.4 s.
 SORT_RUN = 4096
+# A directory of at most this size (its st_size: ext4 4 KiB per ~60 names, tmpfs 20 octets a
+# name) is listed in one call; a bigger one with os.scandir, a few names between two turns.
+LISTDIR_MAX = 64 << 10
+# Snapshots of more messages than this have their Message objects untracked by the GC.
+UNTRACK_OVER = 1000
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
 _DOT_LINE = re.compile(rb"\n\.")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -369,6 +374,10 @@ class _Cancel:
 _get_ident = monkey.get_original("_thread", "get_ident")
 
 
+def _as_is(message: Message) -> Message:
+    return message
+
+
 def _untracked(message: Message) -> Message:
     """`message`, out of the cyclic garbage collector's sight (CPython's PyObject_GC_UnTrack): its
     fields are strings, ints and None, so it can be in no cycle. A snapshot makes one object per
@@ -564,7 +573,9 @@ class _Subdirs:
         `cancel`: looked at (turns, the client) as it goes."""
         found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
-            for count, name in enumerate(_entries(fd)):
+            # A small directory in one call (the usual mailbox); a big one a few names at a time.
+            entries = os.listdir(fd) if os.fstat(fd).st_size <= LISTDIR_MAX else _entries(fd)
+            for count, name in enumerate(entries):
                 if cancel is not None and not count % CANCEL_EVERY:
                     cancel.check()
                 if name[0] != ".":
@@ -574,6 +585,8 @@ class _Subdirs:
                         uid = _hashed_uid(name)
                     if uid not in found:
                         found[uid] = (sub, name)
+        if len(found) <= SORT_RUN:
+            return sorted(found.items(), key=_first)
         items = []
         for count, item in enumerate(found.items()):
             if cancel is not None and not count % (4 * CANCEL_EVERY):
@@ -683,6 +696,7 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
     messages = []
     pending = []
     records = uidlist.records if uidlist is not None else {}
+    track = _untracked if len(files) > UNTRACK_OVER else _as_is
     for count, (uid, path, raw, fid) in enumerate(files):
         if not count % CANCEL_EVERY:
             cancel.check()
@@ -693,12 +707,12 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
             if record is not None:
                 named = plausible_size(raw, record.virtual_size, record.physical_size)
         if named is not None:
-            messages.append(_untracked(Message(uid, path, named, path, None, fid)))
+            messages.append(track(Message(uid, path, named, path, None, fid)))
             continue
         cached = cache.get(uid)
         if cached is not None and cached[0] == raw:
             fresh[uid] = cached
-            messages.append(_untracked(Message(uid, path, cached[1], path, None, fid)))
+            messages.append(track(Message(uid, path, cached[1], path, None, fid)))
         else:
             pending.append((uid, path, raw, fid))
     measured: dict[str, int] = {}
@@ -714,14 +728,14 @@ def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
                 cancel.check()
             if uid in measured:  # else vanished or swapped: not part of the snapshot
                 fresh[uid] = (raw, measured[uid])
-                messages.append(_untracked(Message(uid, path, measured[uid], path, None, fid)))
+                messages.append(track(Message(uid, path, measured[uid], path, None, fid)))
         messages = sorted_in_steps(messages, _by_uid, cancel)
     _release(pending, cancel)
     # Changed when a size was measured or a cached one dropped (comparing 300,000 entries is one long call).
     if len(fresh) != len(cache) or any(cache.get(uid) != fresh.get(uid) for uid in measured):
         body = _size_cache_body(fresh, cancel)
         _in_pool(maildir, cancel, _save_size_cache, maildir, body, cancel)
-    while fresh:  # freed in steps too
+    while len(fresh) > SORT_RUN:  # freed in steps too
         for _ in range(min(len(fresh), SORT_RUN)):
             fresh.popitem()
         cancel.turn()
