@@ -771,7 +771,7 @@ def sorted_in_steps(items: list[T], key: Callable[[T], object], cancel: _Cancel 
         runs.append(sorted(items[start:start + SORT_RUN], key=key))  # type: ignore[arg-type]
     merged = []
     for count, item in enumerate(heapq.merge(*runs, key=key)):  # type: ignore[arg-type]
-        if cancel is not None and not count % SORT_RUN:
+        if cancel is not None and not count % (8 * CANCEL_EVERY):
             cancel.check()
         merged.append(item)
     return merged
