@@ -74,7 +74,7 @@ class Update:
     deleted: list[Message]
 
 
-# A whole-mailbox LIST or UIDL of more messages than this is a `Listing` action, sent in
+# A whole-mailbox LIST, UIDL or STAT of more messages than this is a `Listing` action, sent in
 # chunks from a runner: built in one piece on the event loop, 500,000 UIDLs (20.8 MB)
 # stalled every other session of the process for 1.3 s.
 LISTING_INLINE = 1000
@@ -83,19 +83,28 @@ LISTING_CHUNK = 2000  # lines per chunk of a Listing (about 80 KB of UIDLs, 1 to
 
 @dataclass(slots=True)
 class Listing:
-    """LIST (`uidl` False) or UIDL of every live message, too long to build on the event loop:
-    send `chunks()` in order, giving the other sessions a turn between two of them. Pure:
-    the chunks are computed from the snapshot, without I/O."""
+    """LIST, UIDL (`command`) or STAT over every live message, too long to compute on the event
+    loop: send `chunks()` in order, giving the other sessions a turn between two of them.
+    Pure: the chunks are computed from the snapshot, without I/O."""
 
     messages: list[Message]
     deleted: frozenset[int]
-    uidl: bool
+    command: bytes  # b"LIST", b"UIDL" or b"STAT"
 
     def chunks(self, lines: int = LISTING_CHUNK) -> Iterator[bytes]:
-        """The `+OK` line, the listing in pieces of at most `lines` lines, then `.`."""
+        """The `+OK` line, the listing in pieces of at most `lines` lines, then `.`; for STAT,
+        empty pieces while the sizes are added up, then the one line."""
         messages = self.messages
         deleted = self.deleted
-        uidl = self.uidl
+        if self.command == b"STAT":
+            octets = 0
+            for start in range(0, len(messages), lines):
+                octets += sum([m.size for index, m in enumerate(messages[start:start + lines], start)
+                               if index not in deleted])
+                yield b""
+            yield f"+OK {len(messages) - len(deleted)} {octets}\r\n".encode()
+            return
+        uidl = self.command == b"UIDL"
         yield f"+OK {len(messages) - len(deleted)} messages\r\n".encode()
         for start in range(0, len(messages), lines):
             part = [f"{index + 1} {(m.uidl or m.uid) if uidl else m.size}\r\n"
@@ -372,6 +381,8 @@ class Pop3Protocol:
     def _stat(self, args: list[bytes]) -> Outcome:
         if args:
             return ERR_SYNTAX
+        if len(self.messages) > LISTING_INLINE:
+            return Listing(self.messages, frozenset(self.deleted), b"STAT")
         if not self.deleted:
             messages = self.messages
             return f"+OK {len(messages)} {sum([m.size for m in messages])}\r\n".encode()
@@ -381,14 +392,14 @@ class Pop3Protocol:
     def _list(self, args: list[bytes]) -> Outcome:
         if not args:
             if len(self.messages) > LISTING_INLINE:
-                return Listing(self.messages, frozenset(self.deleted), uidl=False)
+                return Listing(self.messages, frozenset(self.deleted), b"LIST")
             return self._listing_all([f"{i + 1} {m.size}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: str(m.size))
 
     def _uidl(self, args: list[bytes]) -> Outcome:
         if not args:
             if len(self.messages) > LISTING_INLINE:
-                return Listing(self.messages, frozenset(self.deleted), uidl=True)
+                return Listing(self.messages, frozenset(self.deleted), b"UIDL")
             return self._listing_all([f"{i + 1} {m.uidl or m.uid}\r\n" for i, m in self._live()])
         return self._listing(args, lambda m: m.uidl or m.uid)
 

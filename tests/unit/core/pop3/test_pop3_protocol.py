@@ -485,6 +485,17 @@ def test_a_long_whole_mailbox_listing_is_a_listing_action_in_chunks(command: byt
     assert protocol.handle(command + b" 1") == b"+OK 1 " + field(1) + b"\r\n"  # one message: bytes
 
 
+def test_stat_of_a_long_mailbox_is_a_listing_action_added_up_in_steps() -> None:
+    count = LISTING_INLINE + 500
+    protocol = logged_in(count)
+    assert protocol.handle(b"DELE 2") == b"+OK Message 2 deleted\r\n"
+    stat = protocol.handle(b"STAT")
+    assert isinstance(stat, Listing)
+    chunks = list(stat.chunks(lines=300))
+    assert chunks[:-1] == [b""] * 5  # a turn for the others between two steps
+    assert chunks[-1] == b"+OK %d %d\r\n" % (count - 1, sum(100 * i for i in range(1, count + 1)) - 200)
+
+
 def test_a_listing_up_to_the_inline_limit_stays_bytes() -> None:
     protocol = logged_in(LISTING_INLINE)
     assert len(multiline(protocol.handle(b"UIDL"))) == LISTING_INLINE
