@@ -185,6 +185,10 @@ KEYS: dict[str, Key] = {
             "with a PostgreSQL store: seconds before the mailbox leases of a dead instance expire"),
         Key("auth_hash_memory", _int_range(16, 65_536), 256,
             "MiB that memory-hard password checks (scrypt, argon2) may use at once"),
+        Key("max_messages_per_mailbox", _int_range(1, 100_000_000), 100_000,
+            "messages a mailbox may hold; a login to one holding more is refused (-ERR [SYS/PERM])"),
+        Key("max_message_size", _int_range(1024, 1 << 50), 1 << 30,
+            "octets a message file may have; bigger files are left out of the snapshot"),
         Key("uidl_format", _choice(*UIDL_FORMATS), UIDL_BASE_NAME,
             "UIDLs: %f (the Maildir base name) or %08Xu%08Xv (Dovecot's, from dovecot-uidlist)", msmp=False),
     )

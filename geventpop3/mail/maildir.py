@@ -2,8 +2,9 @@
 
 Sizes: RFC 1939 wants the octets RETR really sends (CRLF line ends, no dot-stuffing).
 Files may use bare LF, so the size is computed once by reading the message and kept
-in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size; a later
-login only stats the files (Dovecot keeps the same fact in its index).
+in `geventpop3.sizes` in the user's Maildir, keyed by UIDL and raw file size and
+authenticated by a keyed MAC (the installation's key: the mailbox owner can write the file,
+not forge it); a later login only stats the files (Dovecot keeps the same fact in its index).
 
 Lock: a one-byte record lock (Linux OFD lock) per user in one shared file per
 Maildir root, `.geventpop3.locks`: no descriptor per session, so 10,000 held sessions
@@ -14,8 +15,9 @@ sharing the Maildir root.
 Safety (whoever can write into a Maildir is not trusted): only regular files are mail.
 cur/ and new/ are opened as directories without following a symlink, every entry is
 lstat'ed (never followed), and a message is opened with O_NOFOLLOW | O_NONBLOCK and
-fstat'ed: anything but a regular file (symlink, FIFO, device, directory), or a file
-that is not the one the snapshot saw (device and inode), is skipped with one log line.
+fstat'ed: anything but a regular file (symlink, FIFO, device, directory), a sparse file,
+one over `max_message_size`, or a file that is not the one the snapshot saw (device and
+inode), is skipped; what a scan skipped is one log line, logged once per change.
 Every file this module creates uses O_CREAT | O_EXCL | O_NOFOLLOW (the lock file, which
 is shared, O_NOFOLLOW and a regular-file check). A name that is not a safe UIDL (not
 printable ASCII, over 70 octets, not UTF-8, CR/LF...) is still mail: its UIDL is `~`
@@ -34,20 +36,23 @@ in dovecot-uidlist, is taken as the size without reading the file when it is pla
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
+import heapq
+import hmac
 import logging
 import os
 import re
 import socket
 import stat
 import struct
+import sys
 import time
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
-from typing import Protocol, TypeVar
+from typing import Protocol, TypeVar, cast
 
 import gevent
 from gevent import monkey
@@ -66,19 +71,38 @@ log = logging.getLogger(__name__)
 CHUNK_SIZE = 64 * 1024
 SMALL_MESSAGE = CHUNK_SIZE  # octets on disk: RETR reads and sends such a message whole (whole_message)
 SIZE_CACHE = "geventpop3.sizes"
-SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <crc32 of the entries>"
+SIZE_CACHE_TRAILER = b"#geventpop3.sizes"  # last line: "<trailer> <entries> <keyed MAC of the Maildir and entries>"
+SIZE_CACHE_KEY_BYTES = 32
 SIZE_CACHE_MAX = 16 << 20  # octets (~150,000 entries); a bigger cache file is ignored
-SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop (a mailbox of <= THREADPOOL_THRESHOLD files)
+SIZE_CACHE_LOOP_MAX = 1 << 20  # read on the event loop; a bigger cache is read in the thread pool
 SIZE_MEMO_ENTRIES = 100_000  # size cache entries remembered in memory for all Maildirs (~200 octets each)
 LOCK_FILE = ".geventpop3.locks"  # in the Maildir root
 SUBDIRS = ("cur", "new", "tmp")
-# Past this many files, stat and size work moves to the thread pool so a big
-# mailbox does not stall the other sessions (one system call per file).
-THREADPOOL_THRESHOLD = 256
 # Past this many octets of messages without a cached size, measuring them moves to the
 # thread pool: reading is what costs, however few the files (12 x 40 MB stalled 100 ms).
 THREADPOOL_BYTES = 1 << 20
 UIDLIST_LOOP_MAX = 1 << 20  # a bigger dovecot-uidlist to (re)read goes to the thread pool
+MAX_MESSAGES = 100_000  # the defaults of max_messages_per_mailbox and max_message_size
+MAX_MESSAGE_SIZE = 1 << 30
+POOL_JOBS_PER_MAILBOX = 2  # pool threads one Maildir may hold at once (an abandoned scan counts until it ends)
+POOL_POLL = 0.1  # seconds between two looks at the client while a pool thread works for it
+CANCEL_EVERY = 64  # items between two calls of `_Cancel.check` in a scan's loops
+# A scan on the event loop gives the other sessions their turn (gevent.idle: every event
+# ready is handled first) after each TURN s of work, and then looks at its client. Not a
+# pool thread: a Python-busy thread holds the GIL, and on a loaded 2-core machine the event
+# loop's thread waited for it 160 ms (p99) to 1.9 s per turn.
+TURN = 0.002
+SKIP_EXAMPLES = 3  # examples per reason in the one line of skipped entries
+SKIP_EXAMPLE_CHARS = 120
+LOGGED_SKIPS = 10_000  # Maildirs whose last line of skipped entries is remembered (logged once per change)
+# Sorts of a scan are done in runs of this many items, merged in Python, with turns between:
+# one sort of 500,000 names is one C call of 0.4 s.
+SORT_RUN = 4096
+# A directory of at most this size (its st_size: ext4 4 KiB per ~60 names, tmpfs 20 octets a
+# name) is listed in one call; a bigger one with os.scandir, a few names between two turns.
+LISTDIR_MAX = 64 << 10
+# Snapshots of more messages than this have their Message objects untracked by the GC.
+UNTRACK_OVER = 1000
 _SIZE_FIELD = re.compile(r",([SW])=([0-9]{1,19})(?=[,:]|$)")
 _DOT_LINE = re.compile(rb"\n\.")
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -95,6 +119,23 @@ class MaildirError(Exception):
 
 class NotMail(OSError):
     """A Maildir entry that is not a regular file, or not the file the snapshot saw."""
+
+
+class TooManyMessages(MaildirError):
+    """More messages than `max_messages_per_mailbox`: the mailbox is refused, nothing touched."""
+
+    def __init__(self, count: int, limit: int) -> None:
+        super().__init__(f"{count} messages, over max_messages_per_mailbox ({limit})")
+        self.count = count
+        self.limit = limit
+
+
+class Cancelled(Exception):
+    """The client went away while its mailbox was scanned: the scan was abandoned."""
+
+
+class MessageChanged(OSError):
+    """A message file no longer has the size the snapshot announced: not sent past it."""
 
 
 class Readable(Protocol):
@@ -247,22 +288,35 @@ class Mailbox:
         return True
 
     # -- content -----------------------------------------------------------------
-    def snapshot(self, uidl_format: str = UIDL_BASE_NAME) -> list[Message]:
+    def snapshot(self, uidl_format: str = UIDL_BASE_NAME, max_messages: int = MAX_MESSAGES,
+                 max_message_size: int = MAX_MESSAGE_SIZE,
+                 client_gone: Callable[[], bool] | None = None) -> list[Message]:
         """The mailbox as a session sees it for its whole life (sizes as RETR sends them,
         UIDLs per `uidl_format` and the Maildir's dovecot-uidlist, if it has one).
 
         Warm cache: one directory listing and one lstat per file (and one for
-        dovecot-uidlist), nothing read. Many files, many uncached octets, and every
-        cache write (fsync) go to the thread pool."""
-        notes: list[str] = []
-        with _Subdirs(self.path, notes) as dirs:
-            names = dirs.names()
-            if len(names) > THREADPOOL_THRESHOLD:
-                messages = _in_pool(_scan, self.path, dirs, names, uidl_format, notes, False)
-            else:
-                messages = _scan(self.path, dirs, names, uidl_format, notes, True)
-        _log_notes(notes)
-        return messages
+        dovecot-uidlist), nothing read. The scan runs in this greenlet, on the event loop,
+        in turns of TURN s (`_Cancel.check`): a mailbox of 500,000 files takes seconds, and
+        the other sessions are served between two turns. After each turn it looks at
+        `client_gone`: once true the scan is abandoned (Cancelled) and saves nothing. What
+        waits for the disk (measuring big files, reading a big size cache or dovecot-uidlist,
+        writing the cache with its fsync) goes to the thread pool.
+
+        TooManyMessages when more than `max_messages` regular files are found; a file of
+        more than `max_message_size` octets, or a sparse one, is left out (one log line)."""
+        notes = _Notes()
+        cancel = _Cancel(client_gone)
+        try:
+            with _Subdirs(self.path, notes) as dirs:
+                names = dirs.names(cancel)
+                try:
+                    return _scan(self.path, dirs, names, uidl_format, (max_messages, max_message_size), notes,
+                                 cancel)
+                finally:
+                    _release(names, cancel)
+        finally:
+            if not cancel.set:  # an abandoned pool thread may still be adding to `notes`
+                _log_notes(self.path, notes)
 
     def delete(self, messages: list[Message]) -> list[Message]:
         """UPDATE: remove the files of `messages`, then fsync the directories that lost one,
@@ -270,32 +324,178 @@ class Mailbox:
         could not be removed. In the thread pool (fsync is disk work)."""
         if not messages:
             return []
-        return _in_pool(_delete, self.path, messages)
+        return _in_pool(self.path, None, _delete, self.path, messages)
 
-    def size(self) -> tuple[int, int]:
+    def size(self, max_message_size: int = MAX_MESSAGE_SIZE) -> tuple[int, int]:
         """(messages, octets as stored) of what a snapshot would list: MSMP `LIST <user>`.
 
         A directory scan and one lstat per file, no reading; a missing Maildir is (0, 0)."""
-        notes: list[str] = []
-        with _Subdirs(self.path, notes) as dirs:
-            names = dirs.names()
-            if len(names) > THREADPOOL_THRESHOLD:
-                found = _in_pool(dirs.regular_files, names, notes)
-            else:
-                found = dirs.regular_files(names, notes)
-        _log_notes(notes)
-        return len(found), sum(raw for _, _, raw, _ in found)
+        notes = _Notes()
+        cancel = _Cancel(None)
+        try:
+            with _Subdirs(self.path, notes) as dirs:
+                found = dirs.regular_files(dirs.names(cancel), notes, max_message_size, cancel)
+            return len(found), sum(raw for _, _, raw, _ in found)
+        finally:
+            _log_notes(self.path, notes)
 
 
-def _in_pool(function: Callable[..., T], *args: object) -> T:
-    """Run `function` in gevent's thread pool; this greenlet waits, the others run."""
-    return gevent.get_hub().threadpool.apply(function, args)
+class _Cancel:
+    """The turns of one scan and its end: `check()`, called every few items, gives the event
+    loop a turn after TURN s of work and then looks at the client; `set` once the client is
+    gone (pool threads working for the scan look at it too)."""
+
+    __slots__ = ("client_gone", "set", "since", "loop_thread")
+
+    def __init__(self, client_gone: Callable[[], bool] | None) -> None:
+        self.client_gone = client_gone
+        self.set = False
+        self.since = _clock()
+        self.loop_thread = _get_ident()
+
+    def check(self) -> None:
+        """Cancelled once the client is gone; on the event loop, a turn for the others every TURN s."""
+        if self.set:
+            raise Cancelled
+        if self.turn() and self.client_gone is not None and self.client_gone():
+            self.set = True
+            raise Cancelled
+
+    def turn(self) -> bool:
+        """On the event loop, after TURN s of work: let every event ready now be handled
+        (gevent.sleep(0) would handle none), and say so."""
+        if _clock() - self.since < TURN or _get_ident() != self.loop_thread:
+            return False
+        gevent.idle()
+        self.since = _clock()
+        return True
 
 
-def _log_notes(notes: list[str]) -> None:
-    """Log on the event loop what a scan skipped (workers only collect: logging's locks are gevent's)."""
-    for note in notes:
+_get_ident = monkey.get_original("_thread", "get_ident")
+
+
+def _as_is(message: Message) -> Message:
+    return message
+
+
+def _untracked(message: Message) -> Message:
+    """`message`, out of the cyclic garbage collector's sight (CPython's PyObject_GC_UnTrack): its
+    fields are strings, ints and None, so it can be in no cycle. A snapshot makes one object per
+    message, and the collections of 300,000 new ones each took 100 to 250 ms on the event loop
+    (young generations, then the whole heap), several times per login and after it."""
+    if _gc_untrack is not None:
+        _gc_untrack(message)
+    return message
+
+
+_gc_untrack = None
+if sys.implementation.name == "cpython":
+    _gc_untrack = ctypes.pythonapi.PyObject_GC_UnTrack
+    _gc_untrack.argtypes = (ctypes.py_object,)
+    _gc_untrack.restype = None
+_clock = time.perf_counter
+
+
+# Pool jobs running per Maildir (POOL_JOBS_PER_MAILBOX), counted until the thread ends,
+# not until its greenlet stops waiting: an abandoned scan still holds its thread.
+_pool_jobs: dict[str, int] = {}
+
+
+def _in_pool(maildir: str, cancel: _Cancel | None, function: Callable[..., T], *args: object) -> T:
+    """Run `function` in gevent's thread pool; this greenlet waits, the others run.
+
+    At most POOL_JOBS_PER_MAILBOX threads work for one Maildir at once (others wait their
+    turn), so one mailbox cannot hold the whole pool. With a `cancel` whose `client_gone`
+    says so, the wait ends (Cancelled) and the flag tells the thread to stop; so does a
+    kill of this greenlet."""
+    gone = cancel.client_gone if cancel is not None else None
+    while _pool_jobs.get(maildir, 0) >= POOL_JOBS_PER_MAILBOX:
+        gevent.sleep(POOL_POLL)
+        if gone is not None and gone():
+            assert cancel is not None
+            cancel.set = True
+            raise Cancelled
+    _pool_jobs[maildir] = _pool_jobs.get(maildir, 0) + 1
+
+    def done(_: object) -> None:
+        left = _pool_jobs.get(maildir, 1) - 1
+        if left > 0:
+            _pool_jobs[maildir] = left
+        else:
+            _pool_jobs.pop(maildir, None)
+
+    try:
+        result = gevent.get_hub().threadpool.spawn(function, *args)
+    except BaseException:
+        done(None)
+        raise
+    result.rawlink(done)
+    try:
+        if gone is None:
+            return cast(T, result.get())
+        while True:
+            try:
+                return cast(T, result.get(timeout=POOL_POLL))
+            except gevent.Timeout:
+                if gone():
+                    raise Cancelled from None
+    except BaseException:
+        if cancel is not None:
+            cancel.set = True  # abandoned (client gone, greenlet killed): the thread stops soon
+        raise
+
+
+class _Notes(list[str]):
+    """What a scan could not use, for the caller to log on the event loop (pool threads only
+    collect: logging's locks are gevent's): lines (`append`), and skipped entries
+    (`skip`), counted by reason with a few examples, logged as one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.skipped: dict[str, tuple[int, list[str]]] = {}
+        self.total = 0
+
+    def skip(self, path: str, reason: str) -> None:
+        self.total += 1
+        count, examples = self.skipped.get(reason, (0, []))
+        if len(examples) < SKIP_EXAMPLES:
+            examples.append(path)
+        self.skipped[reason] = (count + 1, examples)
+
+    def summary(self, maildir: str) -> str | None:
+        """The one line of skipped entries (None: nothing skipped)."""
+        if not self.total:
+            return None
+        inside = os.path.join(maildir, "")
+
+        def shown(paths: list[str]) -> str:
+            return ", ".join(ascii(path.removeprefix(inside))[:SKIP_EXAMPLE_CHARS] for path in paths)
+
+        reasons = "; ".join(f"{count} {reason} (e.g. {shown(examples)})"
+                            for reason, (count, examples) in sorted(self.skipped.items()))
+        return f"{ascii(maildir)[:SKIP_EXAMPLE_CHARS]}: skipped {self.total} entries: {reasons}"
+
+
+# Maildir -> its last line of skipped entries: a line is logged once per change of what is skipped.
+_logged_skips: OrderedDict[str, str] = OrderedDict()
+
+
+def _log_notes(maildir: str, notes: _Notes) -> None:
+    """Log what a scan skipped: one line, and only when it differs from the last one logged for
+    this Maildir (100,000 planted symlinks cost one line once, not a line per entry per login)."""
+    for note in list(notes):
         log.warning("maildir: %s", note)
+    line = notes.summary(maildir)
+    if line is None:
+        return
+    if _logged_skips.get(maildir) == line:
+        _logged_skips.move_to_end(maildir)
+        return
+    _logged_skips[maildir] = line
+    _logged_skips.move_to_end(maildir)
+    while len(_logged_skips) > LOGGED_SKIPS:
+        _logged_skips.popitem(last=False)
+    log.warning("maildir: %s", line)
 
 
 # One descriptor per Maildir root for the whole process, and the locks this process holds.
@@ -344,11 +544,11 @@ class _Subdirs:
 
     Entries are looked at relative to these descriptors (lstat, unlink), so swapping
     cur/ for a symlink after the open cannot lead anywhere else. What cannot be used
-    goes to `notes` (one line each), for the caller to log."""
+    goes to `notes`, for the caller to log."""
 
     __slots__ = ("maildir", "fds")
 
-    def __init__(self, maildir: str, notes: list[str]) -> None:
+    def __init__(self, maildir: str, notes: _Notes) -> None:
         self.maildir = maildir
         self.fds: dict[str, int] = {}
         for sub in _SCANNED:
@@ -357,7 +557,7 @@ class _Subdirs:
             except FileNotFoundError:
                 continue
             except OSError as exc:  # ELOOP/ENOTDIR: a symlink or a file where the directory should be
-                notes.append(f"skipped {ascii(os.path.join(maildir, sub))}: not a directory ({exc.strerror})")
+                notes.skip(os.path.join(maildir, sub), f"not a directory ({exc.strerror})")
 
     def __enter__(self) -> _Subdirs:
         return self
@@ -367,12 +567,17 @@ class _Subdirs:
             _close_fd(fd)
         self.fds.clear()
 
-    def names(self) -> list[tuple[str, tuple[str, str]]]:
+    def names(self, cancel: _Cancel | None = None) -> list[tuple[str, tuple[str, str]]]:
         """(uid, (subdir, name)) of every entry of new/ and cur/ but dot files, sorted by uid
-        (delivery order); a UIDL met twice is served once. No stat: the listing only."""
+        (delivery order); a UIDL met twice is served once. No stat: the listing only.
+        `cancel`: looked at (turns, the client) as it goes."""
         found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
-            for name in os.listdir(fd):
+            # A small directory in one call (the usual mailbox); a big one a few names at a time.
+            entries = os.listdir(fd) if os.fstat(fd).st_size <= LISTDIR_MAX else _entries(fd)
+            for count, name in enumerate(entries):
+                if cancel is not None and not count % CANCEL_EVERY:
+                    cancel.check()
                 if name[0] != ".":
                     uid = name.split(":", 1)[0]  # uid_of(), inlined: this runs once per file per login
                     if not (uid.isascii() and uid.isprintable() and " " not in uid and 0 < len(uid) <= 70
@@ -380,67 +585,121 @@ class _Subdirs:
                         uid = _hashed_uid(name)
                     if uid not in found:
                         found[uid] = (sub, name)
-        return sorted(found.items())
+        if len(found) <= SORT_RUN:
+            return sorted(found.items(), key=_first)
+        items = []
+        for count, item in enumerate(found.items()):
+            if cancel is not None and not count % (4 * CANCEL_EVERY):
+                cancel.check()
+            items.append(item)
+        return sorted_in_steps(items, _first, cancel)
 
-    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]],
-                      notes: list[str]) -> list[tuple[str, str, int, int]]:
-        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each."""
+    def regular_files(self, names: Iterable[tuple[str, tuple[str, str]]], notes: _Notes,
+                      max_message_size: int = MAX_MESSAGE_SIZE,
+                      cancel: _Cancel | None = None) -> list[tuple[str, str, int, int]]:
+        """(uid, path, raw size, file id) of the regular files among `names`: one lstat each.
+
+        Left out (in `notes`): anything but a regular file, a file over `max_message_size`
+        octets, and a sparse file (`_sparse`: measuring 8 GiB of holes cost 18 s of CPU)."""
         prefix = {sub: os.path.join(self.maildir, sub, "") for sub in self.fds}
         fds = self.fds
         found = []
-        for uid, (sub, name) in names:
+        for count, (uid, (sub, name)) in enumerate(names):
+            if cancel is not None and not count % CANCEL_EVERY:
+                cancel.check()
             try:
                 info = os.lstat(name, dir_fd=fds[sub])
             except OSError:
                 continue  # vanished between listing and stat: not part of the snapshot
-            if stat.S_ISREG(info.st_mode):
-                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
+            if not stat.S_ISREG(info.st_mode):
+                notes.skip(prefix[sub] + name, "not a regular file")
+            elif info.st_size > max_message_size:
+                notes.skip(prefix[sub] + name, "over max_message_size")
+            elif info.st_size > SMALL_MESSAGE and info.st_blocks * 512 < info.st_size and _sparse(fds[sub], name):
+                notes.skip(prefix[sub] + name, "sparse file")
             else:
-                notes.append(f"skipped {ascii(prefix[sub] + name)}: not a regular file")
+                found.append((uid, prefix[sub] + name, info.st_size, _file_id(info)))
         return found
 
-    def find(self, uid: str) -> tuple[str, str] | None:
-        """(subdir, name) of the file whose UIDL is `uid` now (another program renamed it)."""
+    def uid_map(self) -> dict[str, tuple[str, str]]:
+        """UIDL -> (subdir, name) of every file now (another program may have renamed some):
+        one listing of new/ and cur/, new/ first."""
+        found: dict[str, tuple[str, str]] = {}
         for sub, fd in self.fds.items():
             try:
                 names = os.listdir(fd)
             except OSError:
                 continue
             for name in names:
-                if name[0] != "." and uid_of(name) == uid:
-                    return sub, name
-        return None
+                if name[0] != ".":
+                    found.setdefault(uid_of(name), (sub, name))
+        return found
+
+
+def _entries(fd: int) -> Iterator[str]:
+    """The names in a directory, read a few at a time (os.listdir of 500,000 names is one
+    call of 0.3 s)."""
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            yield entry.name
+
+
+def _sparse(dir_fd: int, name: str) -> bool:
+    """True if the file has a hole before its end (SEEK_HOLE). Asked only of a file whose
+    st_blocks cover less than its size, which a compressing filesystem (btrfs, ZFS) also
+    shows for a whole file: such a file has no hole and is mail as any other."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dir_fd)
+    except OSError:
+        return False  # vanished, or not a file: the open for measuring decides
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < os.fstat(fd).st_size
+    except OSError:
+        return False  # no SEEK_HOLE here: measured, up to max_message_size
+    finally:
+        _close_fd(fd)
 
 
 # -- snapshot ----------------------------------------------------------------
 
 def _scan(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]], uidl_format: str,
-          notes: list[str], on_loop: bool) -> list[Message]:
-    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order."""
+          limits: tuple[int, int], notes: _Notes, cancel: _Cancel) -> list[Message]:
+    """The snapshot: Dovecot's uidlist if there is one, then sizes, then UIDLs and order.
+    `limits`: (max_messages, max_message_size)."""
+    max_messages, max_message_size = limits
+    files = dirs.regular_files(names, notes, max_message_size, cancel)
     try:
-        uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX if on_loop else dovecot_uidlist.MAX_SIZE)
-    except dovecot_uidlist.ReadOnLoopTooBig:
-        uidlist = _in_pool(dovecot_uidlist.load, maildir, notes)
-    messages = _build_snapshot(maildir, dirs, names, uidlist, notes, on_loop)
+        if len(files) > max_messages:
+            raise TooManyMessages(len(files), max_messages)
+        try:
+            uidlist = dovecot_uidlist.load(maildir, notes, UIDLIST_LOOP_MAX)
+        except dovecot_uidlist.ReadOnLoopTooBig:
+            uidlist = _in_pool(maildir, cancel, dovecot_uidlist.load, maildir, notes)
+        messages = _build_snapshot(maildir, files, uidlist, notes, cancel)
+    finally:
+        _release(files, cancel)
     if uidlist is None:
         return messages  # UIDLs are the base names, unique already
-    return _name_messages(maildir, messages, uidlist, uidl_format, notes)
+    return _name_messages(maildir, messages, uidlist, uidl_format, notes, cancel)
 
 
-def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[str, str]]],
-                    uidlist: dovecot_uidlist.UidList | None, notes: list[str], on_loop: bool) -> list[Message]:
-    """Stat every file, take sizes from names (W=), Dovecot's uidlist (W) or the cache,
-    measure the rest, save the cache if it changed.
+def _build_snapshot(maildir: str, files: list[tuple[str, str, int, int]],
+                    uidlist: dovecot_uidlist.UidList | None, notes: _Notes, cancel: _Cancel) -> list[Message]:
+    """Take sizes from names (W=), Dovecot's uidlist (W) or the cache, measure the rest,
+    save the cache if it changed.
 
-    `on_loop`: called on the event loop, so the cache read is capped lower and what reads
-    many octets (measuring) or waits for the disk (saving, with fsync) goes to the thread pool."""
-    files = dirs.regular_files(names, notes)
-    cache = _load_size_cache(maildir, SIZE_CACHE_LOOP_MAX if on_loop else SIZE_CACHE_MAX)
+    On the event loop, in turns: what reads many octets (measuring files over SMALL_MESSAGE
+    once they add up to THREADPOOL_BYTES, a size cache over SIZE_CACHE_LOOP_MAX) or waits
+    for the disk (saving, with fsync) goes to the thread pool."""
+    cache = _load_size_cache(maildir, cancel)
     fresh: dict[str, tuple[int, int]] = {}
     messages = []
     pending = []
     records = uidlist.records if uidlist is not None else {}
-    for uid, path, raw, fid in files:
+    track = _untracked if len(files) > UNTRACK_OVER else _as_is
+    for count, (uid, path, raw, fid) in enumerate(files):
+        if not count % CANCEL_EVERY:
+            cancel.check()
         # No cache entry for these: the name, or Dovecot's file, keeps the size.
         named = size_from_name(path[path.rindex("/") + 1:], raw) if ",W=" in path else None
         if named is None and records:
@@ -448,38 +707,78 @@ def _build_snapshot(maildir: str, dirs: _Subdirs, names: list[tuple[str, tuple[s
             if record is not None:
                 named = plausible_size(raw, record.virtual_size, record.physical_size)
         if named is not None:
-            messages.append(Message(uid, path, named, path, None, fid))
+            messages.append(track(Message(uid, path, named, path, None, fid)))
             continue
         cached = cache.get(uid)
         if cached is not None and cached[0] == raw:
             fresh[uid] = cached
-            messages.append(Message(uid, path, cached[1], path, None, fid))
+            messages.append(track(Message(uid, path, cached[1], path, None, fid)))
         else:
             pending.append((uid, path, raw, fid))
+    measured: dict[str, int] = {}
     if pending:
-        if on_loop and sum(raw for _, _, raw, _ in pending) > THREADPOOL_BYTES:
-            measured = _in_pool(_measure, pending, notes)
+        big = [entry for entry in pending if entry[2] > SMALL_MESSAGE]
+        if sum(raw for _, _, raw, _ in big) > THREADPOOL_BYTES:
+            measured = _measure([entry for entry in pending if entry[2] <= SMALL_MESSAGE], notes, cancel)
+            measured.update(_in_pool(maildir, cancel, _measure, big, notes, cancel))
         else:
-            measured = _measure(pending, notes)
-        for uid, path, raw, fid in pending:
+            measured = _measure(pending, notes, cancel)
+        for count, (uid, path, raw, fid) in enumerate(pending):
+            if not count % CANCEL_EVERY:
+                cancel.check()
             if uid in measured:  # else vanished or swapped: not part of the snapshot
                 fresh[uid] = (raw, measured[uid])
-                messages.append(Message(uid, path, measured[uid], path, None, fid))
-        messages.sort(key=_by_uid)
-    if fresh != cache:
-        if on_loop:
-            _in_pool(_save_size_cache, maildir, fresh)
-        else:
-            _save_size_cache(maildir, fresh)
+                messages.append(track(Message(uid, path, measured[uid], path, None, fid)))
+        messages = sorted_in_steps(messages, _by_uid, cancel)
+    _release(pending, cancel)
+    # Changed when a size was measured or a cached one dropped (comparing 300,000 entries is one long call).
+    if len(fresh) != len(cache) or any(cache.get(uid) != fresh.get(uid) for uid in measured):
+        body = _size_cache_body(fresh, cancel)
+        _in_pool(maildir, cancel, _save_size_cache, maildir, body, cancel)
+    while len(fresh) > SORT_RUN:  # freed in steps too
+        for _ in range(min(len(fresh), SORT_RUN)):
+            fresh.popitem()
+        cancel.turn()
     return messages
+
+
+def _release(items: list[T], cancel: _Cancel) -> None:
+    """Empty `items` a run at a time, in turns: freeing the 500,000 entries of a listing at once
+    held the event loop 0.5 s."""
+    while items:
+        del items[-SORT_RUN:]
+        cancel.turn()  # also for an abandoned scan
 
 
 def _by_uid(message: Message) -> str:
     return message.uid
 
 
+def _first(item: tuple[str, tuple[str, str]]) -> str:
+    return item[0]
+
+
+def sorted_in_steps(items: list[T], key: Callable[[T], object], cancel: _Cancel | None = None) -> list[T]:
+    """`sorted(items, key=key)` (stable) that never holds the GIL long: runs of SORT_RUN
+    sorted in C, merged by heapq.merge (Python), with `cancel.check` (turns for the other
+    sessions) between runs and as the merge goes: one sort of 500,000 names is 0.4 s."""
+    if len(items) <= SORT_RUN:
+        return sorted(items, key=key)  # type: ignore[arg-type]
+    runs = []
+    for start in range(0, len(items), SORT_RUN):
+        if cancel is not None:
+            cancel.check()
+        runs.append(sorted(items[start:start + SORT_RUN], key=key))  # type: ignore[arg-type]
+    merged = []
+    for count, item in enumerate(heapq.merge(*runs, key=key)):  # type: ignore[arg-type]
+        if cancel is not None and not count % (8 * CANCEL_EVERY):
+            cancel.check()
+        merged.append(item)
+    return merged
+
+
 def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidlist.UidList, uidl_format: str,
-                   notes: list[str]) -> list[Message]:
+                   notes: list[str], cancel: _Cancel) -> list[Message]:
     """The snapshot with Dovecot's UIDLs and order (see the module docstring).
 
     `%08Xu%08Xv` is written as Dovecot writes it: Dovecot's `X` modifier prints lower-case
@@ -489,6 +788,8 @@ def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidli
     dovecot_format = uidl_format == UIDL_DOVECOT
     keyed: list[tuple[tuple[int, int], int, Message]] = []
     for position, message in enumerate(messages):  # position: unlisted ones keep base name order
+        if not position % CANCEL_EVERY:
+            cancel.check()
         record = records.get(_base_name(message.source))
         if record is None:
             keyed.append(((1 << 33, 0), position, message))
@@ -500,9 +801,9 @@ def _name_messages(maildir: str, messages: list[Message], uidlist: dovecot_uidli
             message.uidl = f"{record.uid:08x}{suffix}"
         order = record.pop3_order if record.pop3_order is not None else 0xFFFFFFFF
         keyed.append(((order, record.uid), position, message))
-    keyed.sort(key=_first_two)
+    keyed = sorted_in_steps(keyed, _first_two, cancel)
     ordered = [message for _, _, message in keyed]
-    repeated = _make_unique(ordered)
+    repeated = _make_unique(ordered, cancel)
     if repeated:
         notes.append(f"{ascii(maildir)}: {repeated} UIDLs from {dovecot_uidlist.NAME} repeated one listed "
                      "before; those messages got hashed UIDLs")
@@ -517,12 +818,14 @@ def _base_name(path: str) -> str:
     return path[path.rindex("/") + 1:].split(":", 1)[0]
 
 
-def _make_unique(messages: list[Message]) -> int:
+def _make_unique(messages: list[Message], cancel: _Cancel) -> int:
     """Give a message whose UIDL an earlier one has a `~` hash of its base name instead;
     returns how many needed it. Base names are unique, so their hashes are."""
     seen: set[str] = set()
     repeated = 0
-    for message in messages:
+    for count, message in enumerate(messages):
+        if not count % CANCEL_EVERY:
+            cancel.check()
         uidl = message.uidl or message.uid
         if uidl in seen:
             repeated += 1
@@ -533,14 +836,15 @@ def _make_unique(messages: list[Message]) -> int:
     return repeated
 
 
-def _measure(pending: list[tuple[str, str, int, int]], notes: list[str]) -> dict[str, int]:
+def _measure(pending: list[tuple[str, str, int, int]], notes: _Notes, cancel: _Cancel) -> dict[str, int]:
     """uid -> CRLF size of each pending file that is still the regular file the scan saw."""
     sizes = {}
     for uid, path, _, fid in pending:
+        cancel.check()
         try:
-            sizes[uid] = crlf_size(path, fid)
+            sizes[uid] = crlf_size(path, fid, cancel.check)
         except NotMail as exc:
-            notes.append(f"skipped {ascii(path)}: {exc.strerror}")
+            notes.skip(path, exc.strerror or "not mail")
         except OSError:
             continue  # vanished meanwhile
     return sizes
@@ -562,15 +866,17 @@ def _read_capped(fd: int, cap: int) -> tuple[bytes | None, os.stat_result]:
     return b"".join(parts), info
 
 
-def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
+def _load_size_cache(maildir: str, cancel: _Cancel) -> dict[str, tuple[int, int]]:
     """uid -> (raw size, CRLF size); empty when the file is missing, too big, not a regular
-    file or not whole (its trailer counts the entries and checksums them: a torn write or a
-    stray edit is never read as a wrong size, every size is then measured again).
+    file or not whole and ours (its trailer counts the entries and carries their keyed MAC: a
+    torn write or an edit by the mailbox owner is never read as a wrong size, every size is
+    then measured again).
 
     What a file read gave is remembered (`_SizeMemo`): while an lstat shows the same file
     (device, inode, size, mtime, ctime) the next login of the mailbox reads nothing. The
     server replaces the file by a rename, never in place, so a new cache is a new inode.
-    The dict returned is shared: read only."""
+    The dict returned is shared: read only. A file over SIZE_CACHE_LOOP_MAX is read and
+    its MAC checked in the thread pool; the entries are parsed here, in turns."""
     path = os.path.join(maildir, SIZE_CACHE)
     try:
         seen = os.lstat(path)
@@ -579,20 +885,35 @@ def _load_size_cache(maildir: str, cap: int) -> dict[str, tuple[int, int]]:
     remembered = _size_memo.get(maildir, _identity(seen))
     if remembered is not None:
         return remembered
-    try:
-        fd = os.open(path, _READ_FLAGS)
-    except OSError:
+    if seen.st_size > SIZE_CACHE_MAX:
         return {}
-    try:
-        data, info = _read_capped(fd, cap)
-    except OSError:
+    if seen.st_size > SIZE_CACHE_LOOP_MAX:
+        read = _in_pool(maildir, cancel, _read_size_cache, maildir, path)
+    else:
+        read = _read_size_cache(maildir, path)
+    if read is None:
         return {}
-    finally:
-        _close_fd(fd)
-    cache = _parse_size_cache(data)
+    body, info = read
+    cache = _parse_size_cache(body, cancel)
     if cache and _identity(info) == _identity(seen):
         _size_memo.put(maildir, _identity(seen), cache)
     return cache
+
+
+def _read_size_cache(maildir: str, path: str) -> tuple[bytes, os.stat_result] | None:
+    """The entries of the size cache file, if it is whole and ours (its MAC), and its fstat."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError:
+        return None
+    try:
+        data, info = _read_capped(fd, SIZE_CACHE_MAX)
+    except OSError:
+        return None
+    finally:
+        _close_fd(fd)
+    body = _verified_body(maildir, data)
+    return None if body is None else (body, info)
 
 
 def _identity(info: os.stat_result) -> tuple[int, int, int, int, int]:
@@ -631,38 +952,101 @@ class _SizeMemo:
                 _, (_, dropped) = self._memo.popitem(last=False)
                 self.entries -= len(dropped)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._memo.clear()
+            self.entries = 0
+
 
 _size_memo = _SizeMemo(SIZE_MEMO_ENTRIES)
 
 
-def _parse_size_cache(data: bytes | None) -> dict[str, tuple[int, int]]:
-    """The entries of a size cache file's content; empty unless it is whole (trailer)."""
+_size_cache_key = os.urandom(SIZE_CACHE_KEY_BYTES)  # per process until `use_size_cache_key`
+
+
+def use_size_cache_key(key: bytes) -> None:
+    """Authenticate size caches with `key` (the installation's, from the state directory):
+    a cache is read only if this key wrote it. Until called, a random key per process."""
+    global _size_cache_key
+    if len(key) < 16:
+        raise ValueError("size cache key too short")
+    _size_cache_key = bytes(key)
+    _size_memo.clear()
+
+
+def _size_cache_mac(maildir: str, body: bytes) -> bytes:
+    """The keyed MAC of a size cache: its Maildir's path and its entries (a cache copied from
+    another Maildir, or edited by the mailbox owner, does not verify)."""
+    keyed = hashlib.blake2b(key=_size_cache_key, digest_size=16)
+    keyed.update(os.fsencode(maildir) + b"\0")
+    keyed.update(body)
+    return keyed.hexdigest().encode()
+
+
+def _verified_body(maildir: str, data: bytes | None) -> bytes | None:
+    """The entries of a size cache file's content; None unless it is whole and ours (the
+    trailer counts the entries and carries their keyed MAC)."""
     if not data or not data.endswith(b"\n"):
-        return {}
+        return None
     end = data.rfind(b"\n", 0, len(data) - 1) + 1
     body = data[:end]
-    if data[end:-1] != b"%s %d %08x" % (SIZE_CACHE_TRAILER, body.count(b"\n"), zlib.crc32(body)):
-        return {}
+    expected = b"%s %d %s" % (SIZE_CACHE_TRAILER, body.count(b"\n"), _size_cache_mac(maildir, body))
+    if not hmac.compare_digest(data[end:-1], expected):
+        return None
+    return body
+
+
+PARSE_BLOCK = 1 << 16  # octets of size cache entries parsed between two looks at the turn
+
+
+def _parse_size_cache(body: bytes, cancel: _Cancel | None = None) -> dict[str, tuple[int, int]]:
+    """uid -> (raw, size) of authenticated entries, in blocks (`cancel.check` between two). An
+    entry whose size is out of range for its raw size (see `plausible_size`) is ignored."""
     cache: dict[str, tuple[int, int]] = {}
+    start = 0
     try:
-        for line in body.decode("ascii").splitlines():
-            uid, raw, size = line.split(" ")
-            cache[uid] = (int(raw), int(size))
-    except ValueError:  # checksummed but not ours (UnicodeDecodeError is a ValueError)
+        while start < len(body):
+            if cancel is not None:
+                cancel.check()
+            end = body.find(b"\n", start + PARSE_BLOCK)
+            end = len(body) if end < 0 else end + 1
+            for line in body[start:end].decode("ascii").splitlines():
+                uid, raw_text, size_text = line.split(" ")
+                raw, size = int(raw_text), int(size_text)
+                if 0 <= raw <= size <= 2 * raw + 2:
+                    cache[uid] = (raw, size)
+            start = end
+    except ValueError:  # authenticated but not ours (UnicodeDecodeError is a ValueError)
         return {}
     return cache
 
 
-def _save_size_cache(maildir: str, cache: dict[str, tuple[int, int]]) -> None:
-    """Write a unique new file (O_EXCL | O_NOFOLLOW: nothing planted is written through),
-    fsync it, rename it over the cache.
+def _size_cache_body(cache: dict[str, tuple[int, int]], cancel: _Cancel) -> bytes:
+    """The entries of a size cache file, built in turns."""
+    blocks = []
+    lines: list[str] = []
+    for uid, (raw, size) in cache.items():
+        lines.append(f"{uid} {raw} {size}\n")
+        if len(lines) >= 4 * CANCEL_EVERY:
+            blocks.append("".join(lines))
+            lines.clear()
+            cancel.check()
+    blocks.append("".join(lines))
+    return "".join(blocks).encode("ascii")
+
+
+def _save_size_cache(maildir: str, body: bytes, cancel: _Cancel | None = None) -> None:
+    """Write `body` (`_size_cache_body`) and its trailer to a unique new file (O_EXCL |
+    O_NOFOLLOW: nothing planted is written through), fsync it, rename it over the cache.
+    Nothing once `cancel` is set.
 
     The directory is not fsynced: after a power loss the name gives the old cache or the
     new one, both whole (the file was synced before the rename) and both right, since an
     entry counts only for a file of the same UIDL and raw size; the fsync spares a full
-    re-measure of the mailbox after a crash, the trailer catches what a disk still tears."""
-    body = "".join(f"{uid} {raw} {size}\n" for uid, (raw, size) in cache.items()).encode("ascii")
-    data = body + b"%s %d %08x\n" % (SIZE_CACHE_TRAILER, len(cache), zlib.crc32(body))
+    re-measure of the mailbox after a crash, the MAC catches what a disk still tears."""
+    if cancel is not None and cancel.set:
+        return
+    data = body + b"%s %d %s\n" % (SIZE_CACHE_TRAILER, body.count(b"\n"), _size_cache_mac(maildir, body))
     final = os.path.join(maildir, SIZE_CACHE)
     if len(data) > SIZE_CACHE_MAX:
         return  # beyond what a load would accept; the old file stays right for what it lists
@@ -776,23 +1160,31 @@ def _crlf_chunks(handle: Readable, chunk_size: int = CHUNK_SIZE) -> Iterator[byt
         yield b"\r\n"
 
 
-def crlf_size(path: str, file_id: int = 0) -> int:
+def crlf_size(path: str, file_id: int = 0, check: Callable[[], None] | None = None) -> int:
     """Octets RETR sends for this file (CRLF line ends, before dot-stuffing).
 
     Reads the whole file: a caller on the event loop sends big files to the thread pool.
-    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it."""
+    Only a regular file is read (NotMail otherwise), so a FIFO or /dev/zero cannot hang it.
+    `check` is called before each chunk (a pool thread's cancel flag: it raises)."""
     with open_regular(path, file_id) as handle:
-        return sum(len(chunk) for chunk in _crlf_chunks(handle))
+        if check is None:
+            return sum(len(chunk) for chunk in _crlf_chunks(handle))
+        total = 0
+        for chunk in _crlf_chunks(handle):
+            check()
+            total += len(chunk)
+        return total
 
 
-def whole_message(handle: _FileReader) -> bytes | None:
+def whole_message(handle: _FileReader, limit: int | None = None) -> bytes | None:
     """What RETR sends of a small message (at most SMALL_MESSAGE octets on disk), in one
     piece: as `message_chunks` gives it, from one read(2) and no generators (most mail is
     small, and RETR is most of a session's commands).
 
     The read asks one octet more than the size fstat gave at the open: getting exactly the
     size is the end of a regular file. None, the file rewound, for a bigger file or one
-    whose size changed since: `message_chunks` streams it then."""
+    whose size changed since: `message_chunks` streams it then. MessageChanged, before
+    anything is sent, when the CRLF octets are more than `limit` (the size announced)."""
     size = handle.size
     if not 0 <= size <= SMALL_MESSAGE:
         return None
@@ -806,6 +1198,8 @@ def whole_message(handle: _FileReader) -> bytes | None:
         data = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if data and data[-1:] != b"\n":
         data += b"\r\n"  # also after a trailing lone CR, as _crlf_chunks does
+    if limit is not None and len(data) > limit:
+        raise MessageChanged(errno.EFBIG, f"grew since the snapshot ({len(data)} octets now)")
     if b"\n." in data:
         data = _DOT_LINE.sub(b"\n..", data)
     if data[:1] == b".":
@@ -845,12 +1239,27 @@ def _top_chunks(chunks: Iterator[bytes], body_lines: int) -> Iterator[bytes]:
         return
 
 
-def message_chunks(handle: Readable, body_lines: int | None = None) -> Iterator[bytes]:
+def _capped(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
+    """`chunks` while they add up to at most `limit` octets; MessageChanged before the chunk
+    that would go past it."""
+    total = 0
+    for chunk in chunks:
+        total += len(chunk)
+        if total > limit:
+            raise MessageChanged(errno.EFBIG, f"grew since the snapshot (past {limit} octets)")
+        yield chunk
+
+
+def message_chunks(handle: Readable, body_lines: int | None = None, limit: int | None = None) -> Iterator[bytes]:
     """RETR (body_lines None) or TOP content: CRLF, dot-stuffed, ending in CRLF.
 
     The terminating `.` line is the caller's. Memory is one chunk whatever the size.
+    `limit`: the size announced (the snapshot's): a file that grew past it raises
+    MessageChanged rather than send more than that.
     """
     chunks = _crlf_chunks(handle)
+    if limit is not None:
+        chunks = _capped(chunks, limit)
     if body_lines is not None:
         chunks = _top_chunks(chunks, body_lines)
     at_line_start = True
@@ -875,12 +1284,14 @@ def _delete(maildir: str, messages: list[Message]) -> list[Message]:
     that could not be removed (or whose removal could not be made durable).
 
     Unlinks go through the directory descriptors (no symlink followed on the way). A file
-    that another program renamed (flags changed) is looked up by its UIDL; one that is
-    already gone counts as deleted.
+    that another program renamed (flags changed) is looked up by its UIDL in one map of
+    new/ and cur/, listed at the first such miss (linear in the deletions however many
+    files were renamed); one that is already gone counts as deleted.
     """
     failed = []
     removed: dict[str, list[Message]] = {}
-    with _Subdirs(maildir, []) as dirs:
+    current: dict[str, tuple[str, str]] | None = None
+    with _Subdirs(maildir, _Notes()) as dirs:
         for message in messages:
             sub = os.path.basename(os.path.dirname(message.source))
             target: tuple[str, str] | None = (sub, os.path.basename(message.source))
@@ -891,7 +1302,9 @@ def _delete(maildir: str, messages: list[Message]) -> list[Message]:
                         removed.setdefault(target[0], []).append(message)
                         break
                     except (FileNotFoundError, KeyError):
-                        found = dirs.find(message.uid)
+                        if current is None:
+                            current = dirs.uid_map()
+                        found = current.pop(message.uid, None)
                         target = None if found == target else found
             except OSError:
                 failed.append(message)

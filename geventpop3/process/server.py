@@ -51,7 +51,7 @@ from geventpop3.service.msmp.backend import ManagementBackend
 from geventpop3.service.msmp.session import start_admin_servers
 from geventpop3.service.pop3.session import Pop3Server, Pop3Service
 from geventpop3.service.prometheus import start_prometheus_server
-from geventpop3.state import Store, StoreError
+from geventpop3.state import Store, StoreError, keys
 from geventpop3.state.persister import Persister
 from geventpop3.state.settings import persist_settings, restore_settings
 from geventpop3.state.sqlite import SqliteStore
@@ -279,6 +279,11 @@ class Server:
             self.store = open_store(config.state_dir, config.state_url, self.instance_name())
             if config.state_dir is not None and config.state_url is None:
                 config.warnings.extend(_open_warning(config.state_dir, "state directory", "chmod 0700"))
+        if config.state_dir is not None:  # else (--no-state) a random key per process
+            try:
+                maildir.use_size_cache_key(keys.installation_key(config.state_dir))
+            except OSError as exc:
+                raise StartupError(f"cannot use the size cache key in {config.state_dir}: {exc.strerror}") from None
         self._configure_hasher()
         try:
             users = directory()

@@ -221,6 +221,8 @@ def settable_values(server: ServerProcess) -> dict[str, str]:
         "auth_hash_queue": "20",
         "lease_timeout": "12",
         "auth_hash_memory": "512",
+        "max_messages_per_mailbox": "5000",
+        "max_message_size": "2097152",
     }
 
 

@@ -71,7 +71,7 @@ def test_every_session_is_logged_out_before_shutdown_returns(app: App, monkeypat
     assert app.ctx is not None and app.pop3 is not None
     streaming = gevent.event.Event()
 
-    def stubborn_chunks(handle: object, body_lines: int | None = None) -> Iterator[bytes]:
+    def stubborn_chunks(handle: object, body_lines: int | None = None, limit: int | None = None) -> Iterator[bytes]:
         streaming.set()
         deadline = time.monotonic() + 3
         while time.monotonic() < deadline:
@@ -82,7 +82,7 @@ def test_every_session_is_logged_out_before_shutdown_returns(app: App, monkeypat
         yield b"late\r\n"
 
     monkeypatch.setattr(maildir, "message_chunks", stubborn_chunks)
-    monkeypatch.setattr(maildir, "whole_message", lambda handle: None)  # streamed, even a small message
+    monkeypatch.setattr(maildir, "whole_message", lambda handle, limit=None: None)  # streamed, even a small message
     maildir.deliver(maildir.user_maildir(app.ctx.settings.maildir, "alice"), b"Subject: x\n\nbody\n")
     client = LineClient(port_of(app.pop3_servers))
     assert client.login("alice", "alicepw").startswith(b"+OK")

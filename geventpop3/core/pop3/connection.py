@@ -8,7 +8,9 @@ close). Every other event answers one command line, in order:
 - an action (`Login`, `Refused`, `Retrieve`, `Update`, `StartTls`): what needs the
   disk, the user database, a lock or the socket; the session carries it out and reports
   back to `protocol` (`login_succeeded`, `login_failed`, `update_done`, ...), which
-  gives the bytes to send.
+  gives the bytes to send. `Listing` (a whole-mailbox LIST or UIDL of more than
+  LISTING_INLINE messages) needs none of those, only more time than an answer on the
+  event loop may take: a runner sends it in chunks.
 
 **The contract that makes parked answers safe:** every `bytes` event is computed without
 I/O and without yielding (no file, no socket, no lock, no clock, no password check);
@@ -31,7 +33,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from geventpop3.core.lines import LineBuffer, single_line
-from geventpop3.core.pop3.protocol import Login, Pop3Protocol, Refused, Retrieve, StartTls, Update
+from geventpop3.core.pop3.protocol import Listing, Login, Pop3Protocol, Refused, Retrieve, StartTls, Update
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +51,7 @@ NEED_DATA = NeedData()
 CLOSE = Close()
 
 # Every event `next_event` returns; a session matches them all (`typing.assert_never`).
-Event = bytes | Login | Refused | Retrieve | Update | StartTls | NeedData | Close
+Event = bytes | Login | Refused | Retrieve | Update | StartTls | Listing | NeedData | Close
 
 
 class Pop3Connection:

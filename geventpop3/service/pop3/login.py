@@ -9,7 +9,8 @@
    hash thread; a right password clears the source's penalty (when the login ends);
 3. the Maildir opened (created at a user's first login) and its lock taken;
 4. with a shared store, the lease other instances see;
-5. the snapshot (scan, size cache) and the first run of the filters.
+5. the snapshot (scan, size cache; `max_messages_per_mailbox` and `max_message_size`) and
+   the first run of the filters; a client gone meanwhile ends the login (ClientGone).
 
 A failure after step 3 gives the lock (and lease) back. `reason` is one of the protocol
 core's `LOGIN_FAILURES` keys; the session counts, logs and answers it (with the penalty's
@@ -98,16 +99,25 @@ class LoginPipeline:
             if lease != leases.HELD:
                 mailbox.release()
                 return Failed("in-use" if lease == leases.IN_USE else "temp")
+        settings = ctx.settings
         try:
-            messages = mailbox.snapshot(ctx.settings.uidl_format)
+            messages = mailbox.snapshot(settings.uidl_format, settings.max_messages_per_mailbox,
+                                        settings.max_message_size, client_gone)
             if ctx.filters is not None:
                 messages = ctx.filters.prepare(messages, user=user, address=peer.address, port=peer.port,
                                                client_gone=client_gone)
-        except ClientGone:  # nobody to answer: free the mailbox now, the session ends as a disconnect
+        except (ClientGone, maildir.Cancelled) as exc:  # nobody to answer: free the mailbox now (a disconnect)
             self.release(mailbox)
-            log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while filtering",
-                     loggable(user), peer.address, peer.port)
-            raise
+            log.info("pop3 login abandoned: user=%s rip=%s rport=%d: client gone while %s",
+                     loggable(user), peer.address, peer.port,
+                     "scanning" if isinstance(exc, maildir.Cancelled) else "filtering")
+            if isinstance(exc, ClientGone):
+                raise
+            raise ClientGone("client gone while its mailbox was being scanned") from None
+        except maildir.TooManyMessages as exc:  # refused, nothing touched: the owner must clean up
+            self.release(mailbox)
+            log.error("pop3 mailbox refused: user=%s %s; nothing deleted", loggable(user), exc)
+            return Failed("perm")
         except Exception as exc:
             self.release(mailbox)
             log.error("pop3 mailbox scan failed: user=%s error=%s", loggable(user), exc)

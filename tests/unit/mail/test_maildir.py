@@ -413,15 +413,40 @@ def test_size_cache_read_once_while_the_file_stays(tmp_path: Path, monkeypatch: 
     assert snapshot(box)[0].size == 6
     assert opened.count(cache_path) == 1
     # Replaced (as the server does: a new file renamed over it) with another size: read again.
-    body = b"1000.host 4 99\n"
-    data = body + b"%s 1 %08x\n" % (maildir.SIZE_CACHE_TRAILER, zlib.crc32(body))
-    (box / "new-cache").write_bytes(data)
+    (box / "new-cache").write_bytes(signed_cache(box, b"1000.host 4 9\n"))
     os.replace(box / "new-cache", cache_path)
-    assert snapshot(box)[0].size == 99  # a planted size for the same raw size: trusted as before
+    assert snapshot(box)[0].size == 9  # another size for the same raw size, signed with our key: trusted
     # Changed in place (another length): read again.
-    body = b"1000.host 4 7\n"
-    (box / maildir.SIZE_CACHE).write_bytes(body + b"%s 1 %08x\n" % (maildir.SIZE_CACHE_TRAILER, zlib.crc32(body)))
+    (box / maildir.SIZE_CACHE).write_bytes(signed_cache(box, b"1000.host 4 7\n"))
     assert snapshot(box)[0].size == 7
+
+
+def signed_cache(box: Path, body: bytes) -> bytes:
+    """A size cache file as this process's key signs it for the Maildir `box`."""
+    return body + b"%s %d %s\n" % (maildir.SIZE_CACHE_TRAILER, body.count(b"\n"),
+                                   maildir._size_cache_mac(str(box), body))
+
+
+def test_size_cache_edited_or_out_of_range_is_not_trusted(tmp_path: Path) -> None:
+    box = make_maildir(tmp_path)
+    put(box, "new", "1000.host", b"a\nb\n")
+    put(box, "new", "1001.host", b"abcd")
+    assert [m.size for m in snapshot(box)] == [6, 6]
+    cache = box / maildir.SIZE_CACHE
+    data = cache.read_bytes()
+    cache.write_bytes(data.replace(b"1000.host 4 6", b"1000.host 4 5"))  # the owner edits a size: MAC fails
+    assert [m.size for m in snapshot(box)] == [6, 6]
+    old_crc = b"1000.host 4 9\n"  # the format before the MAC (a CRC) is not read
+    cache.write_bytes(old_crc + b"%s 1 %08x\n" % (maildir.SIZE_CACHE_TRAILER, zlib.crc32(old_crc)))
+    assert [m.size for m in snapshot(box)] == [6, 6]
+    # Signed but out of range (a -5, or more than 2 raw + 2): that entry is ignored, measured again.
+    cache.write_bytes(signed_cache(box, b"1000.host 4 -5\n1001.host 4 11\n"))
+    assert [m.size for m in snapshot(box)] == [6, 6]
+    # Another Maildir's key or path: not ours.
+    (tmp_path / "other").mkdir()
+    other = make_maildir(tmp_path / "other")
+    cache.write_bytes(signed_cache(other, b"1000.host 4 9\n"))
+    assert [m.size for m in snapshot(box)] == [6, 6]
 
 
 def test_size_memo_is_bounded() -> None:
@@ -436,7 +461,6 @@ def test_size_memo_is_bounded() -> None:
 
 
 def test_big_snapshot_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
     box = make_maildir(tmp_path)
     for number in range(10):
         put(box, "new", f"{1000 + number}.host", b"x\n" * number)
@@ -629,7 +653,6 @@ def test_size_counts_what_a_snapshot_lists_without_reading(tmp_path: Path, monke
 
 
 def test_big_mailbox_size_and_delete_in_thread_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(maildir, "THREADPOOL_THRESHOLD", 3)
     box = make_maildir(tmp_path)
     for number in range(10):
         put(box, "new", f"{1000 + number}.host", b"x" * number)

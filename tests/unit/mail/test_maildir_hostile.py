@@ -7,6 +7,7 @@ loop kept ticking, what the size cache holds.
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from collections.abc import Iterator
@@ -50,7 +51,13 @@ def test_only_regular_files_are_listed_sized_or_opened(tmp_path: Path, caplog: p
     assert [m.uid for m in messages] == ["1000.host"]
     assert box.size() == (1, 2)
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(skipped) == 2 * 4  # one line per entry, per snapshot and per size()
+    # One line for the four entries, once: size() skipped the same ones, the mailbox has not changed.
+    assert len(skipped) == 1 and "skipped 4 entries: 4 not a regular file" in skipped[0], skipped
+    assert box.snapshot() == messages and len([r for r in caplog.records if "skipped" in r.getMessage()]) == 1
+    (Path(box.path) / "new" / "1005.link").symlink_to(secret)  # a change: one more line
+    box.snapshot()
+    skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert len(skipped) == 2 and "skipped 5 entries" in skipped[1]
     with pytest.raises(maildir.NotMail):
         maildir.crlf_size(str(Path(box.path) / "new" / "1003.fifo"))  # never blocks
     with pytest.raises(OSError):
@@ -244,3 +251,110 @@ def test_measuring_big_files_does_not_block_the_event_loop(tmp_path: Path) -> No
     cpu = cpu_ticks[first_tick:]
     cpu_gaps = [b - a for a, b in zip(cpu, cpu[1:], strict=False)]
     assert max(cpu_gaps) < 0.05, (took, sorted(cpu_gaps)[-3:])
+
+
+# -- issue 22: bounded mailbox work ------------------------------------------------
+
+def test_sparse_and_oversized_files_are_left_out_unread(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    box = make_box(tmp_path)
+    put(box, "new", "1000.host", b"a\n" * 50_000)  # 100 KB, not sparse: mail
+    with open(Path(box.path) / "new" / "1001.sparse", "wb") as handle:
+        handle.truncate(1 << 30)
+    put(box, "new", "1002.big", b"b" * 200_000)
+    started = time.process_time()
+    messages = box.snapshot()
+    assert time.process_time() - started < 0.5  # 1 GiB of holes was not read
+    assert [m.uid for m in messages] == ["1000.host", "1002.big"] and messages[0].size == 150_000
+    assert [m.uid for m in box.snapshot(max_message_size=180_000)] == ["1000.host"]
+    lines = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    assert lines[0].endswith("skipped 1 entries: 1 sparse file (e.g. 'new/1001.sparse')")
+    assert lines[1].endswith("skipped 2 entries: 2 over max_message_size (e.g. 'new/1001.sparse', 'new/1002.big')")
+
+
+def test_more_messages_than_the_limit_refuse_the_snapshot_and_touch_nothing(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    for number in range(3):
+        put(box, "new", f"100{number}.host", b"x\n")
+    with pytest.raises(maildir.TooManyMessages, match="3 messages, over max_messages_per_mailbox"):
+        box.snapshot(max_messages=2)
+    assert len(os.listdir(Path(box.path) / "new")) == 3
+    assert len(box.snapshot(max_messages=3)) == 3
+
+
+def test_a_scan_in_the_pool_is_abandoned_once_the_client_is_gone(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_box(tmp_path)
+    first = put(box, "new", "1000.host", b"x" * 63 + b"\n")
+    with open(first, "ab") as handle:
+        handle.write((b"x" * 63 + b"\n") * (1 << 20))  # 64 MiB
+    for number in range(1, 16):
+        os.link(first, Path(box.path) / "new" / f"{1000 + number}.host")
+    gone = False
+
+    def _set_gone() -> None:
+        nonlocal gone
+        gone = True
+
+    gevent.spawn_later(0.2, _set_gone)
+    started = time.monotonic()
+    with pytest.raises(maildir.Cancelled):
+        box.snapshot(client_gone=lambda: gone)
+    assert time.monotonic() - started < 0.2 + 2 * maildir.POOL_POLL + 0.3
+    wait = time.monotonic() + 5
+    while maildir._pool_jobs and time.monotonic() < wait:  # the thread stops at its next look at the flag
+        gevent.sleep(0.01)
+    assert not maildir._pool_jobs
+    assert not (Path(box.path) / maildir.SIZE_CACHE).exists()  # an abandoned scan saves nothing
+
+
+def test_message_chunks_stop_at_the_announced_size(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    path = put(box, "new", "1000.host", b"line\n" * 100_000)
+    with open(path, "rb") as handle, pytest.raises(maildir.MessageChanged):
+        for _ in maildir.message_chunks(handle, None, limit=300_000):
+            pass
+    with open(path, "rb") as handle:
+        assert sum(len(c) for c in maildir.message_chunks(handle, None, limit=600_000)) == 600_000
+
+
+def test_update_after_renames_maps_the_directories_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    box = make_box(tmp_path)
+    for number in range(200):
+        put(box, "new", f"{1000 + number}.host", b"x\n")
+    messages = box.snapshot()
+    for name in os.listdir(Path(box.path) / "new"):
+        os.rename(Path(box.path) / "new" / name, Path(box.path) / "cur" / f"{name}:2,S")
+    maps = []
+    real = maildir._Subdirs.uid_map
+    monkeypatch.setattr(maildir._Subdirs, "uid_map", lambda self: maps.append(1) or real(self))
+    assert box.delete(messages) == []
+    assert len(maps) == 1 and os.listdir(Path(box.path) / "cur") == []
+
+
+def test_a_scan_of_many_files_gives_turns_and_stops_once_the_client_is_gone(tmp_path: Path) -> None:
+    box = make_box(tmp_path)
+    new = Path(box.path) / "new"
+    for number in range(30_000):
+        os.close(os.open(new / f"{1_700_000_000 + number}.M{number}.host", os.O_CREAT | os.O_WRONLY, 0o600))
+    ticks: list[float] = []
+
+    def ticker() -> None:
+        while True:
+            ticks.append(time.thread_time())  # this thread's CPU between ticks: a busy machine adds none
+            gevent.sleep(0.001)
+
+    clock = gevent.spawn(ticker)
+    gc.collect()
+    gc.freeze()  # the test process's own heap (every test so far) out of the collections measured here
+    try:
+        gevent.sleep(0.01)
+        assert len(box.snapshot()) == 30_000
+        busiest = max(later - earlier for earlier, later in zip(ticks, ticks[1:], strict=False))
+        asked: list[float] = []
+        with pytest.raises(maildir.Cancelled):
+            box.snapshot(client_gone=lambda: bool(asked.append(time.monotonic())) or len(asked) > 3)
+    finally:
+        gc.unfreeze()
+        clock.kill()
+    assert busiest < 0.05, busiest  # the loop's thread never worked 50 ms without a turn
+    assert len(asked) == 4  # asked at each turn, given up at once

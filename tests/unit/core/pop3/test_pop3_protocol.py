@@ -7,7 +7,7 @@ import pytest
 from geventpop3 import IMPLEMENTATION
 from geventpop3.core.lines import LINE_TOO_LONG, Delayed
 from geventpop3.core.message import Message
-from geventpop3.core.pop3.protocol import Login, Pop3Protocol, Retrieve, State, Update
+from geventpop3.core.pop3.protocol import LISTING_INLINE, Listing, Login, Pop3Protocol, Retrieve, State, Update
 
 TRANSACTION_ONLY = [b"STAT", b"LIST", b"LIST 1", b"UIDL", b"UIDL 1", b"RETR 1", b"TOP 1 0", b"DELE 1", b"NOOP",
                     b"RSET"]
@@ -464,3 +464,38 @@ def test_a_wrong_password_is_answered_after_the_delay_the_core_decides() -> None
     # A busy or broken mailbox is no guess: answered at once.
     assert protocol.login_failed("in-use").startswith(b"-ERR [IN-USE]")
     assert protocol.login_failed("temp").startswith(b"-ERR [SYS/TEMP]")
+
+
+# -- long listings: an action, sent in chunks ---------------------------------------
+
+@pytest.mark.parametrize("command", [b"LIST", b"UIDL"])
+def test_a_long_whole_mailbox_listing_is_a_listing_action_in_chunks(command: bytes) -> None:
+    count = LISTING_INLINE + 500
+    protocol = logged_in(count)
+    assert protocol.handle(b"DELE 2") == b"+OK Message 2 deleted\r\n"
+    listing = protocol.handle(command)
+    assert isinstance(listing, Listing)
+    protocol.handle(b"DELE 3")  # after the action: not in it (it was taken when the command came)
+    chunks = list(listing.chunks(lines=300))
+    assert all(len(chunk.split(b"\r\n")) <= 301 for chunk in chunks)
+    lines = multiline(b"".join(chunks))
+    assert chunks[0] == b"+OK %d messages\r\n" % (count - 1) and len(lines) == count - 1
+    field = (lambda i: b"uid%d" % i) if command == b"UIDL" else (lambda i: b"%d" % (100 * i))
+    assert lines[:2] == [b"1 " + field(1), b"3 " + field(3)] and lines[-1] == b"%d " % count + field(count)
+    assert protocol.handle(command + b" 1") == b"+OK 1 " + field(1) + b"\r\n"  # one message: bytes
+
+
+def test_stat_of_a_long_mailbox_is_a_listing_action_added_up_in_steps() -> None:
+    count = LISTING_INLINE + 500
+    protocol = logged_in(count)
+    assert protocol.handle(b"DELE 2") == b"+OK Message 2 deleted\r\n"
+    stat = protocol.handle(b"STAT")
+    assert isinstance(stat, Listing)
+    chunks = list(stat.chunks(lines=300))
+    assert chunks[:-1] == [b""] * 5  # a turn for the others between two steps
+    assert chunks[-1] == b"+OK %d %d\r\n" % (count - 1, sum(100 * i for i in range(1, count + 1)) - 200)
+
+
+def test_a_listing_up_to_the_inline_limit_stays_bytes() -> None:
+    protocol = logged_in(LISTING_INLINE)
+    assert len(multiline(protocol.handle(b"UIDL"))) == LISTING_INLINE
