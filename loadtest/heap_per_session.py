@@ -25,6 +25,12 @@ import tempfile
 WARM_UP = 20  # sessions opened and closed first: imports, caches, the first hash of each cost class
 
 
+def tcp_only(tree: str) -> list[str]:
+    """`--admin-socket none` where the tree has that flag: the default socket is one per machine."""
+    flags = os.path.join(tree, "geventpop3", "flags.py")
+    return ["--admin-socket", "none"] if os.path.exists(flags) and "--admin-socket" in open(flags).read() else []
+
+
 def measure(root: str, sessions: int, top: int) -> dict[str, object]:
     """In a child whose PYTHONPATH is one tree: serve, hold `sessions` logins, trace the growth."""
     from gevent import monkey
@@ -48,7 +54,7 @@ def measure(root: str, sessions: int, top: int) -> dict[str, object]:
     tracemalloc.start(1)
     config = parse_config(["-d", os.path.join(root, "mail"), "--users-file", os.path.join(root, "users"),
                            "--config", os.path.join(root, "limits.toml"), "-p", "0", "-l", "127.0.0.1",
-                           "-P", "0", "-L", "127.0.0.1", "--no-state"])
+                           "-P", "0", "-L", "127.0.0.1", "--no-state", *tcp_only(tree)])
     app = App(config)
     gevent.spawn(app.run)
     while not app.pop3_servers:

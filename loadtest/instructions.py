@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from geventpop3.testing import launcher
 from geventpop3.testing.ports import free_port
 from loadtest.launch import interleaved, make_users, ratio_to
 
@@ -86,7 +87,7 @@ def measure(tree: str, sessions: int, warm_up: int) -> float:
              "--collect-atstart=yes", os.path.realpath(sys.executable), "-P", "-m", "geventpop3",
              "-l", "127.0.0.1", "-p", str(port), "-L", "127.0.0.1", "-P", str(free_port()),
              "-d", os.path.join(root, "mail"), "--users-file", os.path.join(root, "users"),
-             "--workers", "1", "--no-state", "--log-level", "WARNING"],
+             "--workers", "1", "--no-state", "--log-level", "WARNING", *launcher.tcp_only_msmp(tree)],
             env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

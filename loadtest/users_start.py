@@ -34,6 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from geventpop3.testing import launcher
 from geventpop3.testing.ports import free_port
 from loadtest.launch import tree_cpu_seconds
 
@@ -153,7 +154,8 @@ def one_run(root: Path, users_file: Path, count: int, templates: list[str], tree
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [tree, os.environ.get("PYTHONPATH")])))
     args = [sys.executable, "-m", "geventpop3", "-l", "127.0.0.1", "-p", str(port), "-P", str(free_port()),
             "-L", "127.0.0.1", "-d", str(root / "mail"), "--no-state", "--users-file", str(users_file),
-            "--login-failure-delay", "0", "--log-level", "WARNING", "--workers", str(workers)]
+            "--login-failure-delay", "0", "--log-level", "WARNING", "--workers", str(workers),
+            *launcher.tcp_only_msmp(tree or launcher.SOURCE)]
     with open(root / "server.log", "ab") as log:
         started = time.perf_counter()
         process = subprocess.Popen(args, cwd=tree, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
