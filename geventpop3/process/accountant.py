@@ -98,10 +98,10 @@ class RemoteAccounting:
             result.set(answer)
 
 
-def answer(accounting: LocalAccounting, ask: Ask, owner: int) -> Answer:
-    """The supervisor's answer to worker `owner`'s failed guess (its penalty publishes the
+def answer(accounting: LocalAccounting, ask: Ask) -> Answer:
+    """The supervisor's answer to a worker's failed guess (its penalty publishes the
     source's failures into the table: `Penalty.changed`)."""
-    return Answer(ask.id, value=accounting.failed(ask.source, ask.user, owner))
+    return Answer(ask.id, value=accounting.failed(ask.source, ask.user))
 
 
 def told(accounting: LocalAccounting, tell: Tell) -> None:

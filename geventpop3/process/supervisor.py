@@ -357,7 +357,7 @@ class WorkerPool:
     def _answer(self, worker: WorkerState, message: Ask) -> None:
         channel = self.channels.get(worker.index)
         if self.accounting is not None and channel is not None:
-            channel.send(messages.encode(accountant.answer(self.accounting, message, worker.index)))
+            channel.send(messages.encode(accountant.answer(self.accounting, message)))
 
     def _tell(self, worker: WorkerState, process: WorkerProcess, message: Tell) -> None:
         if self.accounting is not None:

@@ -43,7 +43,7 @@ def test_counts_go_to_the_table_and_failures_to_the_supervisor() -> None:
             message = received.message
             seen.append(message.OP)
             if isinstance(message, Ask):
-                supervisor.send(messages.encode(accountant.answer(shared, message, 0)))
+                supervisor.send(messages.encode(accountant.answer(shared, message)))
             elif isinstance(message, Tell):
                 accountant.told(shared, message)
 
