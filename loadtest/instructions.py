@@ -105,9 +105,13 @@ def measure(tree: str, sessions: int, warm_up: int, workers: int = 1) -> tuple[f
              "-d", os.path.join(root, "mail"), "--users-file", os.path.join(root, "users"),
              "--workers", str(workers), *(["--no-state"] if workers == 1 else []), "--log-level", "WARNING"],
             env=dict(os.environ, PYTHONPATH=os.path.abspath(tree)), cwd=root,
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=open(os.path.join(root, "server.log"), "wb"))  # noqa: SIM115
         try:
-            wait_serving(port, server)
+            try:
+                wait_serving(port, server)
+            except RuntimeError:
+                sys.stderr.write(Path(root, "server.log").read_text(errors="replace")[-3000:])
+                raise
             for _ in range(warm_up):
                 session(port)
             pids = tree_pids(server.pid)
