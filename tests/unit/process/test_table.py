@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 from geventpop3.core.accounting import ADMITTED, MAX_CONNECTIONS, MAX_CONNECTIONS_PER_IP
 from geventpop3.core.settings import Settings
@@ -99,28 +100,52 @@ def test_published_failures_are_read_at_login_until_forgotten_by_time_or_cleared
     assert table.login("bob", "2001:db8::3", 0, limits) == 0 and table.failures.used() == 0
 
 
-def test_check_and_count_is_atomic_across_forked_processes() -> None:
-    """Four processes (forked after the table, as the workers are) race for one source's
-    10 places, 50 tries each: exactly 10 are admitted, then every place is given back."""
-    table = AccountingTable(4, 100, 100)
-    limits = settings(max_connections_per_ip=10)
-    pids: list[tuple[int, int]] = []
-    for slot in range(4):
+def race(table: AccountingTable, work: Callable[[int], int], processes: int = 4) -> list[int]:
+    """`work(slot)` in `processes` forked processes (forked after the table, as the workers
+    are), started together; what each returned."""
+    go_read, go_write = os.pipe()
+    children: list[tuple[int, int]] = []
+    for slot in range(processes):
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child
-            os.close(read)
-            admitted = sum(table.connect("192.0.2.1", slot, limits) == ADMITTED for _ in range(50))
-            os.write(write, str(admitted).encode())
-            os._exit(0)
+            status = 1
+            try:
+                os.read(go_read, 1)
+                os.write(write, str(work(slot)).encode())
+                status = 0
+            finally:
+                os._exit(status)
         os.close(write)
-        pids.append((pid, read))
-    admitted = 0
-    for pid, read in pids:
-        admitted += int(os.read(read, 16))
+        children.append((pid, read))
+    os.write(go_write, b"g" * processes)
+    results = []
+    for pid, read in children:
+        results.append(int(os.read(read, 32) or b"-1"))
         os.close(read)
         assert os.waitpid(pid, 0)[1] == 0
-    assert admitted == 10 and table.count("192.0.2.1") == 10
+    os.close(go_read)
+    os.close(go_write)
+    return results
+
+
+def test_check_and_count_is_atomic_across_forked_processes() -> None:
+    """Four processes race for one source's 10 places, 200 tries each: exactly 10 are
+    admitted; then they connect and disconnect 3,000 times each at once: no count is lost."""
+    table = AccountingTable(4, 100, 100)
+    limits = settings(max_connections_per_ip=10)
+    admitted = race(table, lambda slot: sum(table.connect("192.0.2.1", slot, limits) == ADMITTED
+                                            for _ in range(200)))
+    assert sum(admitted) == 10 and table.count("192.0.2.1") == 10
+
+    def churn(slot: int) -> int:
+        for n in range(3000):
+            if table.connect(f"192.0.2.{n % 3 + 2}", slot, limits) == ADMITTED:
+                table.disconnect(f"192.0.2.{n % 3 + 2}", slot)
+        return 0
+
+    race(table, churn)
+    assert table.connections() == 10 and table.counts.used() == 1
     for slot in range(4):
         table.forget(slot)
     assert table.connections() == 0 and table.counts.used() == 0
