@@ -20,9 +20,9 @@ the end of its socket. Its workers die with it in turn (their own PR_SET_PDEATHS
 and with the end of their channel to the supervisor.
 
 The keeper runs no event loop: it is a plain loop over poll() of its socket and one
-pidfd per worker, with the unpatched functions of the standard library (gevent's hub,
-inherited half-made from the forking process, is made new only in each worker,
-`gevent.reinit()`).
+pidfd per worker (or, without pidfd_open, the end of a pipe each worker holds), with
+the unpatched functions of the standard library (gevent's hub, inherited half-made from
+the forking process, is made new only in each worker, `gevent.reinit()`).
 """
 
 from __future__ import annotations
