@@ -69,8 +69,7 @@ class RemoteAccounting:
         return self.table.login(user, source, self.owner, self.settings)
 
     def login_done(self, user: str, source: str, verified: bool) -> None:
-        failures = self.table.login_done(user, source, self.owner, float(self.settings.auth_penalty_forget))
-        if verified and failures:
+        if self.table.login_done(user, source, self.owner, float(self.settings.auth_penalty_forget), verified):
             self.channel.send(messages.encode(Tell(source)))
 
     def failed(self, source: str, user: str = "") -> float:

@@ -10,14 +10,16 @@ counts its own connections and logins under a short cross-process lock (a POSIX 
 lock, `lockf`, on the memory file: held by the process, not inherited by a fork, released
 by the kernel if its holder dies), so check-and-count is atomic across workers.
 
-Layout: a header with each worker slot's open connections, then two open-addressing
-hash tables (linear probing, backward-shift deletion, at most half full):
+Layout, in 64-bit words (read and written through a memoryview: no struct packing on
+the hot path): a header with each worker slot's open connections and the tables' use,
+then two open-addressing hash tables (linear probing, backward-shift deletion, at most
+half full):
 
 - counts: a key's hash (of the source, or of (user, source) for logins in flight), then
   one count per worker slot: the supervisor forgets a dead worker's share by zeroing its
   column (`forget`);
-- failures: a penalty source's hash, its recent failures and the time (CLOCK_MONOTONIC,
-  the same in every process) of the last one, published by the supervisor, which alone
+- failures: a penalty source's hash, its recent failures and the time (CLOCK_MONOTONIC
+  in nanoseconds, the same in every process) of the last one, published by the supervisor, which alone
   owns the penalty (`publish`), read by a worker's `login` (a source with failures waits
   behind clean ones for a hash thread).
 
@@ -29,11 +31,11 @@ keys' counts). Sized from the limits at start; a full table refuses (counts) or 
 
 from __future__ import annotations
 
+import array
 import fcntl
 import logging
 import mmap
 import os
-import struct
 import time
 from typing import TYPE_CHECKING
 
@@ -45,7 +47,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_MASK64 = (1 << 64) - 1
 MAX_COUNT_SLOTS = 1 << 20  # entries of the counts table at most (the limits may be larger than memory wants)
 MAX_FAILURE_SLOTS = 1 << 18
 
@@ -60,34 +61,33 @@ def _slots(wanted: int, most: int) -> int:
 
 def _key(value: object) -> int:
     """A nonzero 64-bit key (0 marks a free entry)."""
-    return (hash(value) & _MASK64) or 1
+    return hash(value) or 1
 
 
 class _Region:
-    """One open-addressing table of fixed-size entries (`layout`, the key first) in `memory`."""
+    """One open-addressing table of entries of `stride` words (the key first) in `words`."""
 
-    def __init__(self, memory: mmap.mmap, offset: int, slots: int, layout: str, used_at: int) -> None:
-        self.memory = memory
-        self.used_at = used_at  # where the number of entries in use is kept (in the header)
-        self.offset = offset
+    def __init__(self, words: memoryview, base: int, slots: int, stride: int, used_at: int) -> None:
+        self.words = words
+        self.base = base  # the first word
         self.slots = slots
         self.mask = slots - 1
-        self.entry = struct.Struct(layout)
-        self.size = slots * self.entry.size
-
-    def at(self, index: int) -> int:
-        return self.offset + index * self.entry.size
+        self.stride = stride
+        self.used_at = used_at  # the header word counting the entries in use
+        self.size = slots * stride  # in words
+        self._zeros = array.array("q", bytes(8 * stride))
 
     def find(self, key: int) -> tuple[int, bool]:
-        """The index of `key`'s entry (True) or of the free entry where it would go (False)."""
-        memory, entry, mask = self.memory, self.entry, self.mask
+        """The first word of `key`'s entry (True) or of the free entry where it would go (False)."""
+        words, base, stride, mask = self.words, self.base, self.stride, self.mask
         index = key & mask
         while True:
-            stored = struct.unpack_from("<Q", memory, self.offset + index * entry.size)[0]
+            at = base + index * stride
+            stored = words[at]
             if stored == key:
-                return index, True
+                return at, True
             if stored == 0:
-                return index, False
+                return at, False
             index = (index + 1) & mask
 
     def full(self) -> bool:
@@ -95,40 +95,42 @@ class _Region:
         return self.used() * 2 >= self.slots
 
     def used(self) -> int:
-        return int(struct.unpack_from("<i", self.memory, self.used_at)[0])
+        return int(self.words[self.used_at])
 
-    def _count(self, by: int) -> None:
-        struct.pack_into("<i", self.memory, self.used_at, self.used() + by)
+    def insert(self, at: int, values: list[int]) -> None:
+        """Fill the free entry at word `at` (from `find`)."""
+        self.words[at:at + self.stride] = array.array("q", values)
+        self.words[self.used_at] += 1
 
-    def insert(self, index: int, *values: int | float) -> None:
-        """Fill free entry `index` (from `find`)."""
-        self.entry.pack_into(self.memory, self.at(index), *values)
-        self._count(1)
-
-    def delete(self, index: int) -> None:
-        """Free entry `index`, shifting back the entries after it whose probe passed it."""
-        memory, size, mask = self.memory, self.entry.size, self.mask
-        free = index
-        probe = index
+    def delete(self, at: int) -> None:
+        """Free the entry at word `at`, shifting back the entries after it whose probe passed it."""
+        words, base, stride, mask = self.words, self.base, self.stride, self.mask
+        free = (at - base) // stride
+        probe = free
         while True:
             probe = (probe + 1) & mask
-            key = struct.unpack_from("<Q", memory, self.offset + probe * size)[0]
+            key = words[base + probe * stride]
             if key == 0:
                 break
             home = key & mask
             # the entry at `probe` may move to `free` unless its home lies in (free, probe]
             if (free < probe and free < home <= probe) or (free > probe and (home > free or home <= probe)):
                 continue
-            start = self.offset + probe * size
-            memory[self.offset + free * size:self.offset + free * size + size] = memory[start:start + size]
+            words[base + free * stride:base + free * stride + stride] = words[base + probe * stride:
+                                                                              base + probe * stride + stride]
             free = probe
-        start = self.offset + free * size
-        memory[start:start + size] = bytes(size)
-        self._count(-1)
+        words[base + free * stride:base + free * stride + stride] = self._zeros
+        words[self.used_at] -= 1
+
+    def entries(self) -> list[list[int]]:
+        """Every entry in use (its words)."""
+        words, stride = self.words, self.stride
+        return [words[at:at + stride].tolist() for at in range(self.base, self.base + self.size, stride)
+                if words[at]]
 
     def clear(self) -> None:
-        self.memory[self.offset:self.offset + self.size] = bytes(self.size)
-        struct.pack_into("<i", self.memory, self.used_at, 0)
+        self.words[self.base:self.base + self.size] = array.array("q", bytes(8 * self.size))
+        self.words[self.used_at] = 0
 
 
 class AccountingTable:
@@ -137,16 +139,15 @@ class AccountingTable:
     def __init__(self, workers: int, max_connections: int, penalty_sources: int) -> None:
         self.workers = workers
         self.fd = os.memfd_create("geventpop3-accounting", os.MFD_CLOEXEC)
-        self._header = struct.Struct(f"<{workers}i")  # open connections per slot, then the tables' use
         counts = _slots(2 * max_connections, MAX_COUNT_SLOTS)  # a source and a login per connection at most
         failures = _slots(penalty_sources, MAX_FAILURE_SLOTS)
-        used_at = self._header.size
-        offset = (used_at + 8 + 7) // 8 * 8
-        size = offset + counts * (8 + 4 * workers) + failures * 20
-        os.ftruncate(self.fd, size)
-        self.memory = mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        self.counts = _Region(self.memory, offset, counts, f"<Q{workers}i", used_at)
-        self.failures = _Region(self.memory, offset + self.counts.size, failures, "<Qid", used_at + 4)
+        header = workers + 2  # open connections per slot, then each table's entries in use
+        size = header + counts * (1 + workers) + failures * 3
+        os.ftruncate(self.fd, 8 * size)
+        self.memory = mmap.mmap(self.fd, 8 * size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.words = memoryview(self.memory).cast("q")
+        self.counts = _Region(self.words, header, counts, 1 + workers, workers)
+        self.failures = _Region(self.words, header + counts * (1 + workers), failures, 3, workers + 1)
         self._full_logged = False
         self._failures_full_logged = False
 
@@ -162,15 +163,15 @@ class AccountingTable:
         """ADMITTED (counted for `owner`) or the limit that refuses it, over every worker."""
         self._lock()
         try:
-            connections = self._header.unpack_from(self.memory, 0)
-            if sum(connections) >= settings.max_connections:
+            words = self.words
+            if sum(words[:self.workers]) >= settings.max_connections:
                 return MAX_CONNECTIONS
             refused = self._add(_key(source), owner, settings.max_connections_per_ip)
             if refused is None:
                 return MAX_CONNECTIONS  # the table is full
             if refused:
                 return MAX_CONNECTIONS_PER_IP
-            self._add_header(owner, 1)
+            words[owner] += 1
             return ADMITTED
         finally:
             self._unlock()
@@ -179,7 +180,7 @@ class AccountingTable:
         self._lock()
         try:
             if self._remove(_key(source), owner):
-                self._add_header(owner, -1)
+                self.words[owner] -= 1
         finally:
             self._unlock()
 
@@ -194,12 +195,13 @@ class AccountingTable:
         finally:
             self._unlock()
 
-    def login_done(self, user: str, source: str, owner: int, forget: float) -> int:
-        """The login ended; the source's recent failures (the supervisor forgets them after a right password)."""
+    def login_done(self, user: str, source: str, owner: int, forget: float, verified: bool = True) -> int:
+        """The login ended; if `verified`, the source's recent failures (the supervisor
+        forgets them after a right password), else 0."""
         self._lock()
         try:
             self._remove(_key((user, source)), owner)
-            return self._failures(source, forget)
+            return self._failures(source, forget) if verified else 0
         finally:
             self._unlock()
 
@@ -209,75 +211,66 @@ class AccountingTable:
         self._lock()
         try:
             region = self.counts
-            kept: list[tuple[int, ...]] = []
-            for index in range(region.slots):
-                values = region.entry.unpack_from(self.memory, region.at(index))
-                if values[0] == 0:
-                    continue
-                counts = list(values[1:])
-                counts[owner] = 0
-                if any(counts):
-                    kept.append((values[0], *counts))
+            kept = []
+            for values in region.entries():
+                values[1 + owner] = 0
+                if any(values[1:]):
+                    kept.append(values)
             region.clear()
             for values in kept:
-                index, _ = region.find(values[0])
-                region.insert(index, *values)
-            self._header.pack_into(self.memory, 0, *[0 if slot == owner else count for slot, count in
-                                                     enumerate(self._header.unpack_from(self.memory, 0))])
+                at, _ = region.find(values[0])
+                region.insert(at, values)
+            self.words[owner] = 0
         finally:
             self._unlock()
 
     def publish(self, address: str | None, failures: int, last: float) -> None:
-        """The penalty of `address`'s source is now `failures` (0: none), the last at `last`;
-        `address` None with 0: every source's is cleared."""
+        """The penalty of `address`'s source is now `failures` (0: none), the last at `last`
+        (time.monotonic()); `address` None: every source's is cleared."""
         self._lock()
         try:
             region = self.failures
             if address is None:
                 region.clear()
                 return
-            index, found = region.find(_key(source_of(address) or address))
+            key = _key(source_of(address) or address)
+            at, found = region.find(key)
             if failures <= 0:
                 if found:
-                    region.delete(index)
+                    region.delete(at)
                 return
-            if not found and region.full():
+            if found:
+                self.words[at + 1:at + 3] = array.array("q", [failures, int(last * 1e9)])
+            elif region.full():
                 if not self._failures_full_logged:
                     self._failures_full_logged = True
                     log.warning("the shared penalty table is full (%d sources): a worker sees no failures of "
                                 "further sources before a login (their delays stay right)", region.slots // 2)
-                return
-            key = _key(source_of(address) or address)
-            if found:
-                region.entry.pack_into(self.memory, region.at(index), key, failures, last)
             else:
-                region.insert(index, key, failures, last)
+                region.insert(at, [key, failures, int(last * 1e9)])
         finally:
             self._unlock()
 
     def connections(self) -> int:
         """Open connections over every worker (what the header counts)."""
-        return sum(self._header.unpack_from(self.memory, 0))
+        return sum(self.words[:self.workers])
 
     def count(self, value: object) -> int:
         """Over every worker: open connections of a source (`value` a str), logins in flight
         of a (user, source) tuple."""
-        region = self.counts
-        index, found = region.find(_key(value))
-        return sum(region.entry.unpack_from(self.memory, region.at(index))[1:]) if found else 0
+        at, found = self.counts.find(_key(value))
+        return sum(self.words[at + 1:at + 1 + self.workers]) if found else 0
 
     # -- under the lock --------------------------------------------------------------------
     def _add(self, key: int, owner: int, limit: int) -> bool | None:
         """Count one more of `key` for `owner` unless `limit` is reached (True); None: the table is full."""
         region = self.counts
-        index, found = region.find(key)
-        start = region.at(index)
+        at, found = region.find(key)
+        words = self.words
         if found:
-            values = list(region.entry.unpack_from(self.memory, start))
-            if sum(values[1:]) >= limit:
+            if sum(words[at + 1:at + 1 + self.workers]) >= limit:
                 return True
-            values[1 + owner] += 1
-            region.entry.pack_into(self.memory, start, *values)
+            words[at + 1 + owner] += 1
             return False
         if region.full():
             if not self._full_logged:
@@ -288,35 +281,27 @@ class AccountingTable:
         values = [0] * (1 + self.workers)
         values[0] = key
         values[1 + owner] = 1
-        region.insert(index, *values)
+        region.insert(at, values)
         return False
 
     def _remove(self, key: int, owner: int) -> bool:
         """One fewer of `key` for `owner`; False if `owner` held none (forgotten already)."""
         region = self.counts
-        index, found = region.find(key)
+        at, found = region.find(key)
         if not found:
             return False
-        start = region.at(index)
-        values = list(region.entry.unpack_from(self.memory, start))
-        if values[1 + owner] <= 0:
+        words = self.words
+        held = words[at + 1 + owner]
+        if held <= 0:
             return False
-        values[1 + owner] -= 1
-        if any(values[1:]):
-            region.entry.pack_into(self.memory, start, *values)
-        else:
-            region.delete(index)
+        words[at + 1 + owner] = held - 1
+        if not any(words[at + 1:at + 1 + self.workers]):
+            region.delete(at)
         return True
 
-    def _add_header(self, owner: int, by: int) -> None:
-        at = owner * 4
-        (count,) = struct.unpack_from("<i", self.memory, at)
-        struct.pack_into("<i", self.memory, at, count + by)
-
     def _failures(self, address: str, forget: float) -> int:
-        region = self.failures
-        index, found = region.find(_key(source_of(address) or address))
+        at, found = self.failures.find(_key(source_of(address) or address))
         if not found:
             return 0
-        _, failures, last = region.entry.unpack_from(self.memory, region.at(index))
-        return int(failures) if time.monotonic() - last < forget else 0
+        words = self.words
+        return int(words[at + 1]) if time.monotonic_ns() - words[at + 2] < forget * 1e9 else 0
