@@ -13,11 +13,11 @@ user from one source in flight) and the authentication penalty (geventpop3.core.
   source's penalty is forgotten;
 - `failed(source, user)`: a guess failed; the seconds its answer waits.
 
-`LocalAccounting` keeps all of it in this process: the single process (`--workers 1`) and
-the supervisor of `--workers N`, which holds it for every worker (each of its calls takes an
-`owner`, the worker slot, so a worker that dies takes its connections and logins with it).
-A worker asks the supervisor over its channel instead (geventpop3.process.accountant).
-Pure: dicts and the clock, no I/O.
+`LocalAccounting` keeps all of it in this process: the single process (`--workers 1`); in
+the supervisor of `--workers N` its penalty is the one for every worker. A worker counts
+connections and logins in a table shared by every worker and asks the supervisor at a
+failure (geventpop3.process.accountant, geventpop3.process.table). Pure: dicts and the
+clock, no I/O.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ class Accounting(Protocol):
 
 
 class LocalAccounting:
-    """The counts and the penalty, in this process; `owner` names the worker a call is for."""
+    """The counts and the penalty, in this process."""
 
     def __init__(self, settings: Settings, penalty: Penalty) -> None:
         self.settings = settings
@@ -64,11 +64,8 @@ class LocalAccounting:
         self.connections = 0
         self.per_source: dict[str, int] = {}  # source -> open connections
         self.in_flight: dict[tuple[str, str], int] = {}  # (user, source) -> logins in flight
-        # owner -> what it holds, so that a dead worker's share can be taken back
-        self._owned_sources: dict[int, dict[str, int]] = {}
-        self._owned_logins: dict[int, dict[tuple[str, str], int]] = {}
 
-    def connect(self, source: str, owner: int = 0) -> str:
+    def connect(self, source: str) -> str:
         settings = self.settings
         if self.connections >= settings.max_connections:
             return MAX_CONNECTIONS
@@ -78,49 +75,29 @@ class LocalAccounting:
             return MAX_CONNECTIONS_PER_IP
         per_source[source] = count + 1
         self.connections += 1
-        owned = self._owned_sources.setdefault(owner, {})
-        owned[source] = owned.get(source, 0) + 1
         return ADMITTED
 
-    def disconnect(self, source: str, owner: int = 0) -> None:
-        owned = self._owned_sources.get(owner)
-        if owned is None or source not in owned:
-            return  # taken back already (forget), or never counted
-        _decrement(owned, source)
-        _decrement(self.per_source, source)
-        self.connections -= 1
+    def disconnect(self, source: str) -> None:
+        if source in self.per_source:
+            _decrement(self.per_source, source)
+            self.connections -= 1
 
-    def login(self, user: str, source: str, owner: int = 0) -> int | None:
+    def login(self, user: str, source: str) -> int | None:
         key = (user, source)
         in_flight = self.in_flight
         count = in_flight.get(key, 0)
         if count >= self.settings.max_sessions_per_user_ip:
             return None
         in_flight[key] = count + 1
-        owned = self._owned_logins.setdefault(owner, {})
-        owned[key] = owned.get(key, 0) + 1
         return self.penalty.failures(source)
 
-    def login_done(self, user: str, source: str, verified: bool, owner: int = 0) -> None:
-        key = (user, source)
-        owned = self._owned_logins.get(owner)
-        if owned is not None and key in owned:
-            _decrement(owned, key)
-            _decrement(self.in_flight, key)
+    def login_done(self, user: str, source: str, verified: bool) -> None:
+        _decrement(self.in_flight, (user, source))
         if verified:
             self.penalty.succeeded(source)
 
-    def failed(self, source: str, user: str = "", owner: int = 0) -> float:
+    def failed(self, source: str, user: str = "") -> float:
         return self.penalty.failed(source)  # by source alone (per user too: issue 22)
-
-    def forget(self, owner: int) -> None:
-        """Worker `owner` is gone: its connections and logins in flight with it (its
-        sources' failures stay: they happened)."""
-        for source, count in self._owned_sources.pop(owner, {}).items():
-            self.connections -= count
-            _decrement(self.per_source, source, count)
-        for key, count in self._owned_logins.pop(owner, {}).items():
-            _decrement(self.in_flight, key, count)
 
 
 def _decrement(counts: dict[K, int], key: K, by: int = 1) -> None:

@@ -88,6 +88,9 @@ class Penalty:
         self._clock = clock
         # Ordered by last failure, oldest first: forgetting and eviction pop from the front.
         self._sources: OrderedDict[str, _Source] = OrderedDict()
+        # Called with a source whose failures changed (None: every source's), so that a
+        # supervisor publishes them to its workers (geventpop3.process.table).
+        self.changed: Callable[[str | None], None] | None = None
         if metrics is not None:
             metrics.penalised_sources = self.__len__
 
@@ -111,7 +114,8 @@ class Penalty:
         entry.last = now
         self._sources[source] = entry
         while len(self._sources) > self._settings.auth_penalty_sources:
-            self._sources.popitem(last=False)
+            self._changed(self._sources.popitem(last=False)[0])
+        self._changed(source)
         seconds = self.delay(entry.failures)
         if self._metrics is not None and seconds > self._settings.login_failure_delay:
             self._metrics.auth_penalty_delays += 1
@@ -125,18 +129,23 @@ class Penalty:
 
     def succeeded(self, address: str) -> None:
         """A successful login: its source starts afresh (others keep theirs)."""
-        self._sources.pop(source_of(address) or address, None)
+        source = source_of(address) or address
+        if self._sources.pop(source, None) is not None:
+            self._changed(source)
 
     def clear(self, address: str | None) -> int:
         """Forget one source (any address in it) or, with None, all; how many were forgotten."""
         if address is None:
             count = len(self._sources)
             self._sources.clear()
+            self._changed(None)
             return count
         source = source_of(address.split("/", 1)[0])
         if source is None:
             raise ValueError("not an IP address")
-        return 1 if self._sources.pop(source, None) is not None else 0
+        cleared = self._sources.pop(source, None) is not None
+        self._changed(source)  # (with --state-url other hosts' failures may be cleared too)
+        return 1 if cleared else 0
 
     def entries(self) -> list[PenaltyEntry]:
         """The sources with recent failures, most recent first."""
@@ -148,6 +157,10 @@ class Penalty:
     def __len__(self) -> int:
         self._forget(self._clock())
         return len(self._sources)
+
+    def _changed(self, source: str | None) -> None:
+        if self.changed is not None:
+            self.changed(source)
 
     def _forget(self, now: float) -> None:
         horizon = now - float(self._settings.auth_penalty_forget)

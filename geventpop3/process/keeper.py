@@ -20,9 +20,9 @@ the end of its socket. Its workers die with it in turn (their own PR_SET_PDEATHS
 and with the end of their channel to the supervisor.
 
 The keeper runs no event loop: it is a plain loop over poll() of its socket and one
-pidfd per worker, with the unpatched functions of the standard library (gevent's hub,
-inherited half-made from the forking process, is made new only in each worker,
-`gevent.reinit()`).
+pidfd per worker (or, without pidfd_open, the end of a pipe each worker holds), with
+the unpatched functions of the standard library (gevent's hub, inherited half-made from
+the forking process, is made new only in each worker, `gevent.reinit()`).
 """
 
 from __future__ import annotations
@@ -288,6 +288,17 @@ def _keep(parent: int, fd: int, server: Server, listeners: dict[str, list[socket
     return _KeeperLoop(ctl, server, kept, worker).run()
 
 
+def _pidfd_works() -> bool:
+    try:
+        _close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return False
+    return True
+
+
+_HAS_PIDFD = _pidfd_works()
+
+
 class _KeeperLoop:
     """poll() over the request socket and one pidfd per worker."""
 
@@ -353,6 +364,9 @@ class _KeeperLoop:
         keeper = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
+        # Without pidfd_open (Linux before 5.3, valgrind): the end of a pipe the child holds
+        # open until it exits (close-on-exec: no program it runs keeps it) tells its exit.
+        exit_pipe = None if _HAS_PIDFD else os.pipe()
         pid = _fork()
         if pid == 0:
             status = 1
@@ -360,6 +374,8 @@ class _KeeperLoop:
                 self.ctl.close()
                 for pidfd in self.children:
                     _close(pidfd)
+                if exit_pipe is not None:
+                    _close(exit_pipe[0])
                 status = _run_worker(keeper, index, channel, self.listeners, self.server, self.worker)
             except SystemExit as exc:
                 status = exc.code if isinstance(exc.code, int) else 1
@@ -368,7 +384,11 @@ class _KeeperLoop:
             finally:
                 logging.shutdown()
                 os._exit(status)
-        pidfd = os.pidfd_open(pid)
+        if exit_pipe is not None:
+            _close(exit_pipe[1])
+            pidfd = exit_pipe[0]
+        else:
+            pidfd = os.pidfd_open(pid)
         self.children[pidfd] = pid
         self.poller.register(pidfd, 0x001)
         return pid

@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Literal, NamedTuple, get_args, get_origin, get
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 
 class MessageError(ValueError):
@@ -143,37 +143,32 @@ class Report:
 
 @dataclass(frozen=True)
 class Ask:
-    """A worker asks the supervisor's accounting (geventpop3.core.accounting), answered by an
-    `Answer` of the same `id`: `connect` (may `source` open a connection?), `login` (may `user`
-    log in from `source`? its failures), `failed` (a failed guess: its delay)."""
+    """A failed guess from `source` (at `user`): the supervisor, which owns the penalty,
+    counts it and answers its delay in an `Answer` of the same `id`. Connections and
+    logins are counted in shared memory instead (geventpop3.process.table)."""
 
     OP: ClassVar[str] = "ask"
     id: int
-    what: Literal["connect", "login", "failed"]
     source: str
     user: str = ""
 
 
 @dataclass(frozen=True)
 class Answer:
-    """The supervisor's answer to the worker's `Ask` of the same `id`: `refused` names the
-    limit that refuses ("" if none); `value` is a login's failures or a failure's delay."""
+    """The supervisor's answer to the worker's `Ask` of the same `id`: the failure's delay."""
 
     OP: ClassVar[str] = "answer"
     id: int
-    refused: str = ""
     value: float = 0.0
 
 
 @dataclass(frozen=True)
 class Tell:
-    """What the supervisor's accounting is told and need not answer, gathered over a few
-    milliseconds: connections that ended (source -> how many), logins that ended (user,
-    source, whether the password was right)."""
+    """A right password from `source`, which had recent failures: the supervisor forgets
+    its penalty (nothing to answer)."""
 
     OP: ClassVar[str] = "tell"
-    disconnects: dict[str, int] = field(default_factory=dict)
-    logins: tuple[tuple[str, str, bool], ...] = ()
+    succeeded: str
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from geventpop3.process.messages import (
 )
 from geventpop3.process.restarts import RestartPolicy, by_itself
 from geventpop3.process.server import SHUTDOWN_GRACE, Endpoints, Server, StartupError
+from geventpop3.process.table import AccountingTable
 from geventpop3.service.context import ServerContext
 from geventpop3.service.msmp.backend import ManagementBackend
 from geventpop3.state import Store
@@ -188,8 +189,10 @@ class WorkerPool:
         self.exited: list[Callable[[int, int], None]] = []  # called with (slot, pid) once a worker is reaped
         self.withdrawn: set[str] = set()  # users whose MSMP DELE is in progress: a worker started meanwhile too
         self._watchers: list[gevent.Greenlet[..., None]] = []
-        # The whole server's connections, logins and penalty, which the workers ask (geventpop3.process.accountant).
+        # The whole server's penalty, which the workers ask (geventpop3.process.accountant), and
+        # the table where they count connections and logins (geventpop3.process.table).
         self.accounting: LocalAccounting | None = None
+        self.table: AccountingTable | None = None
         self.refreshed = Event()  # a worker answered a Refresh
         self._refreshes = 0
         self._handlers: dict[type[ControlMessage], Callable[[WorkerState, WorkerProcess, Any], None]] = {
@@ -309,8 +312,8 @@ class WorkerPool:
             process.kill()
         status = process.wait()
         assert status is not None
-        if self.accounting is not None:  # its connections and logins in flight are gone with it
-            self.accounting.forget(worker.index)
+        if self.table is not None:  # its connections and logins in flight are gone with it
+            self.table.forget(worker.index)
         for exited in self.exited:
             exited(worker.index, process.pid)
         channel.close()
@@ -349,19 +352,16 @@ class WorkerPool:
             self.refreshed.set()
 
     def _ask(self, worker: WorkerState, process: WorkerProcess, message: Ask) -> None:
-        if message.what == "failed":  # may wait for the shared database: the worker's other questions go on
-            gevent.spawn(self._answer, worker, message)
-        else:
-            self._answer(worker, message)
+        gevent.spawn(self._answer, worker, message)  # may wait for the shared database: the reading goes on
 
     def _answer(self, worker: WorkerState, message: Ask) -> None:
         channel = self.channels.get(worker.index)
         if self.accounting is not None and channel is not None:
-            channel.send(messages.encode(accountant.answer(self.accounting, message, worker.index)))
+            channel.send(messages.encode(accountant.answer(self.accounting, message)))
 
     def _tell(self, worker: WorkerState, process: WorkerProcess, message: Tell) -> None:
         if self.accounting is not None:
-            accountant.told(self.accounting, message, worker.index)
+            accountant.told(self.accounting, message)
 
     def refresh(self, wait: float = REFRESH_WAIT) -> None:
         """Every serving worker's report as of now (MSMP STAT, a scrape): asked, and waited
@@ -549,6 +549,7 @@ class Supervisor:
         self.pool: WorkerPool | None = None
         self.recorded = RecordingUsers(None)
         self.share: SupervisorShare | None = None  # with --state-url (geventpop3.process.shared_store)
+        self.table: AccountingTable | None = None  # the workers' shared counts (made before the keeper)
 
     def bind(self, server: Server) -> None:
         server.bind_all()
@@ -561,7 +562,10 @@ class Supervisor:
         config = server.config
         listeners: dict[str, list[socket]] = {service: list(server.bound[service]) for service in ("pop3", "pop3s")
                                               if service in server.bound}
-        server.start_keeper(listeners, lambda index, fd, fds: worker.run_forked(config, index, fd, fds))
+        # Mapped before the fork: every worker the keeper forks counts in it (geventpop3.process.table).
+        table = self.table = AccountingTable(config.workers, config.settings.max_connections,
+                                             config.settings.auth_penalty_sources)
+        server.start_keeper(listeners, lambda index, fd, fds: worker.run_forked(config, index, fd, fds, table))
         server.drop_privileges()
 
     def prepare(self, server: Server) -> ServerContext:
@@ -625,7 +629,15 @@ class Supervisor:
             self.pool.exited.append(self.share.worker_exited)
         relay = SettingsRelay(ctx.settings, self.pool)
         assert isinstance(ctx.accounting, LocalAccounting)
-        self.pool.accounting = ctx.accounting  # the one for every worker
+        self.pool.accounting = ctx.accounting  # the one penalty for every worker
+        if self.table is not None:
+            self.pool.table = table = self.table
+            penalty = ctx.penalty
+
+            def publish(source: str | None) -> None:  # what a worker's login reads of the penalty
+                table.publish(source, penalty.failures(source) if source is not None else 0, time.monotonic())
+
+            penalty.changed = publish
         try:
             self.pool.start(totals, server.stopping.is_set)
         except StartupError:

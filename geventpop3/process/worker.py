@@ -14,8 +14,9 @@ supervisor, so it serves exactly as a single process would, except that:
   RELOAD (with the certificate and key the keeper read) and PENALTY CLEAR, each
   dispatched through a table and acknowledged; it reports its counters, logged-in users
   and access-log entries twice a second, and at once when asked (`Refresh`: MSMP STAT);
-- its connection limits and authentication penalty are the supervisor's, asked over the
-  channel (geventpop3.process.accountant);
+- its connection limits are the whole server's, counted in the supervisor's shared table
+  (geventpop3.process.table), and its authentication penalty the supervisor's, asked
+  over the channel at a failure (geventpop3.process.accountant);
 - its settings are not checked against the machine (the supervisor checked them): a
   value is only parsed;
 - it dies with the keeper, which dies with the supervisor (PR_SET_PDEATHSIG, Linux:
@@ -61,6 +62,7 @@ from geventpop3.process.messages import (
     User,
 )
 from geventpop3.process.server import Endpoints, Server
+from geventpop3.process.table import AccountingTable
 from geventpop3.service.context import ServerContext
 
 log = logging.getLogger(__name__)
@@ -88,7 +90,8 @@ class SeededUsers:
         self.users.pop(name, None)
 
 
-def run_forked(config: Config, index: int, channel_fd: int, listeners: dict[str, list[int]]) -> int:
+def run_forked(config: Config, index: int, channel_fd: int, listeners: dict[str, list[int]],
+               table: AccountingTable) -> int:
     """Worker `index` in a child of the keeper (geventpop3.process.keeper), which has dropped
     privileges already: the configuration is the supervisor's as it was at the fork (the
     config file as it read it, the certificate as the keeper last loaded it), the settings
@@ -97,14 +100,16 @@ def run_forked(config: Config, index: int, channel_fd: int, listeners: dict[str,
     config.settings.drop_checks()  # values come checked by the supervisor: parsed only
     gevent.sleep(0.001)  # one turn of the loop made new: a signal the supervisor had pending at the fork is not ours
     channel = Channel.from_fd(channel_fd, MAX_LINE_FROM_SUPERVISOR)
-    return Server(config, Worker(index, channel, listeners)).run()
+    return Server(config, Worker(index, channel, listeners, table)).run()
 
 
 class Worker:
     """The role of a worker process (see the module docstring)."""
 
-    def __init__(self, index: int, channel: Channel, listeners: dict[str, list[int]]) -> None:
+    def __init__(self, index: int, channel: Channel, listeners: dict[str, list[int]],
+                 table: AccountingTable) -> None:
         self.index = index
+        self.table = table  # the supervisor's, mapped before the keeper was forked
         self.channel = channel
         self.listener_fds = listeners
         self._inbox = messages.decoded(channel.messages(), f"worker {index}")
@@ -145,7 +150,7 @@ class Worker:
             self._withdraw(ctx, name)
         # The limits and the penalty are the whole server's: the supervisor's (geventpop3.process.accountant).
         assert isinstance(ctx.accounting, LocalAccounting)
-        ctx.accounting = RemoteAccounting(self.channel, ctx.accounting)
+        ctx.accounting = RemoteAccounting(self.channel, self.table, self.index, ctx.settings, ctx.accounting)
         if server.config.state_url is not None:  # its own leases (geventpop3.process.shared_store)
             from geventpop3.process.shared_store import WorkerShare
 
@@ -270,10 +275,7 @@ class Worker:
             ctx.accounting.answered(message)
 
     def _refresh(self, server: Server, ctx: ServerContext, message: Refresh) -> None:
-        """A report now (MSMP STAT, a scrape), marked as the answer to `message`; the ends of
-        connections and logins not yet told go first, so what STAT shows the limits know."""
-        if isinstance(ctx.accounting, RemoteAccounting):
-            ctx.accounting.flush()
+        """A report now (MSMP STAT, a scrape), marked as the answer to `message`."""
         self.channel.send(messages.encode(Report({**report(ctx, self._sent_logged_in), "refresh": message.id})))
 
     def _store_state(self, server: Server, ctx: ServerContext, message: StoreState) -> None:

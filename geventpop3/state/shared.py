@@ -155,6 +155,7 @@ class SharedPenalty(Penalty):
         entry = self._sources.get(source)
         if entry is not None:
             entry.failures = failures  # this instance's count follows the shared one
+            self._changed(source)
         seconds = self.delay(failures)
         if self._metrics is not None:  # counted above from the local count: the shared one decides
             base = float(self._settings.login_failure_delay)

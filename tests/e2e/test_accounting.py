@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
@@ -196,3 +197,58 @@ def test_stat_right_after_five_connections_shows_them(cluster: Callable[..., Ser
             assert "geventpop3_current_connections 5.0" in scraped, scraped
             for c in extra:
                 c.close()
+
+
+def test_racing_connections_from_one_address_admit_exactly_the_cap(cluster: Callable[..., ServerProcess]) -> None:
+    """40 connections opened at once from threads over 2 workers, each counting in the shared
+    table: the check and the count are one step under its lock, so exactly 10 are admitted."""
+    server = cluster(config="max_connections_per_ip = 10\n")
+    source = "127.0.0.11"
+    barrier = threading.Barrier(40)
+    clients: list[LineClient] = []
+    answers: list[bytes] = []
+    lock = threading.Lock()
+
+    def connect() -> None:
+        barrier.wait()
+        client = LineClient(server.port, greet=False, source=source)
+        answer = client.line()
+        with lock:
+            clients.append(client)
+            answers.append(answer)
+
+    threads = [threading.Thread(target=connect) for _ in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    try:
+        assert len(answers) == 40
+        assert sum(answer.startswith(b"+OK") for answer in answers) == 10, answers
+        assert all(answer.startswith(b"+OK") or answer == PER_SOURCE.rstrip(b"\r\n") for answer in answers), answers
+        assert current_connections(server) == 10
+    finally:
+        for client in clients:
+            client.close()
+    wait_until(lambda: current_connections(server) == 0)
+    held = [admitted(server, source) for _ in range(10)]  # every place was given back
+    for client in held:
+        client.close()
+
+
+def test_a_right_password_on_one_worker_forgets_failures_counted_on_the_other(
+        cluster: Callable[..., ServerProcess]) -> None:
+    """The penalty is the supervisor's: failures from one worker, the success from the other
+    (told over its channel, since the shared table shows the source's failures)."""
+    server = cluster(login_failure_delay=BASE)
+    source = "127.0.0.12"
+    with one_per_worker(server, connect=lambda: LineClient(server.port, source=source)) as clients:
+        failing, succeeding = clients.values()
+        for _ in range(2):
+            assert failing.cmd("USER alice") == b"+OK"
+            assert failing.cmd("PASS wrong").startswith(b"-ERR")
+        with admin(server) as client:
+            assert client.penalties()[source]["failures"] == "2"
+        assert succeeding.login("alice", "alicepw").startswith(b"+OK")
+        with admin(server) as client:
+            wait_until(lambda: client.penalties() == {})
