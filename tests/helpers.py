@@ -65,6 +65,12 @@ def crlf(content: bytes) -> bytes:
     return text if text.endswith(CRLF) else text + CRLF
 
 
+def chown_tree(root: Path, uid: int, gid: int) -> None:
+    """Give `root` and everything below it to uid:gid (a server dropped to that user serves it); links not followed."""
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, uid, gid, follow_symlinks=False)
+
+
 @contextlib.contextmanager
 def filter_tmp_dir() -> Iterator[Path]:
     """A temporary directory that filters can use: under a root server they run as `nobody`,

@@ -46,7 +46,7 @@ from gevent.subprocess import Popen
 
 from geventpop3.process.keeper import set_title
 from geventpop3.service import reaper
-from geventpop3.service.filters import FD_COUNT, MESSAGE_MAX, SPAWNER_ENV
+from geventpop3.service.filters import FD_COUNT, MESSAGE_MAX, SPAWNER_ENV, kill_group
 from geventpop3.service.privileges import Identity
 from geventpop3.service.sandbox import Sandbox, empty_dir, remove_empty_dir
 
@@ -281,7 +281,7 @@ def run_request(request: Request, fds: list[int], identity: Identity, conn: sock
             finally:
                 closed.kill()
     finally:  # also when this greenlet is killed (the spawner stops): never leave a filter behind
-        _kill_group(proc)
+        kill_group(proc)
         del _running[token]
         reaper.kill_leftovers(set(_running.values()), set(_running), tokenless=0 not in _running.values())
     _send(conn, {"exit": proc.returncode, "timeout": timed_out})
@@ -296,11 +296,3 @@ def _wait_closed(conn: socket.socket) -> None:
     with contextlib.suppress(OSError):
         conn.recv(1)
 
-
-def _kill_group(proc: Popen[bytes]) -> None:
-    """SIGKILL the filter and whatever it started in its session, then reap it."""
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        proc.kill()
-    proc.wait()

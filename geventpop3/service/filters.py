@@ -199,7 +199,7 @@ def _drain(pipe: IO[bytes]) -> bytes:
             kept += chunk[: STDERR_KEEP - len(kept)]
 
 
-def _kill_group(proc: Popen[bytes]) -> None:
+def kill_group(proc: Popen[bytes]) -> None:
     """SIGKILL the filter and whatever it started (it leads its own session), then reap it."""
     with contextlib.suppress(OSError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -329,12 +329,12 @@ def _run_local(argv: Sequence[str], source: str, output: str, env: dict[str, str
         try:
             code = proc.wait(timeout=timeout)
         except TimeoutExpired:
-            _kill_group(proc)
+            kill_group(proc)
             kind = "timeout"
             code = proc.returncode
         reader.join(timeout=STDERR_GRACE)  # a grandchild may still hold stderr open
     finally:  # also when the session was killed (shutdown, client gone): never leave a child behind
-        _kill_group(proc)  # nothing it left behind may write into the output after this
+        kill_group(proc)  # nothing it left behind may write into the output after this
         reader.kill()
         proc.stderr.close()
         del _running[limits.token]

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LineClient, ServerProcess, filter_tmp_dir, run_server, wait_until
+from helpers import LineClient, ServerProcess, chown_tree, filter_tmp_dir, run_server, wait_until
 
 from geventpop3.mail import maildir
 
@@ -40,10 +40,6 @@ def tmp_path() -> Iterator[Path]:
     with filter_tmp_dir() as path:
         yield path
 
-
-def chown_tree(root: Path, uid: int, gid: int) -> None:
-    for path in [root, *root.rglob("*")]:
-        os.chown(path, uid, gid, follow_symlinks=False)
 
 
 def give_to_daemon(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import LineClient, ServerProcess, filter_tmp_dir, run_server, wait_until
+from helpers import LineClient, ServerProcess, chown_tree, filter_tmp_dir, run_server, wait_until
 
 from geventpop3.service.privileges import ROOT_WARNING
 
@@ -34,10 +34,6 @@ def tmp_path() -> Iterator[Path]:
     with filter_tmp_dir() as path:
         yield path
 
-
-def chown_tree(root: Path, uid: int, gid: int) -> None:
-    for path in [root, *root.rglob("*")]:
-        os.chown(path, uid, gid)
 
 
 def ids(pid: int) -> tuple[list[int], list[int], list[int]]:
